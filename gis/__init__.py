@@ -1,0 +1,1 @@
+"""Adapters between QGIS and the headless core: layers, CRSs, result layers, logging."""

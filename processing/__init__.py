@@ -1,0 +1,1 @@
+"""Processing provider and algorithms: every Lookalike job in the toolbox and qgis_process."""

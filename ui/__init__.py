@@ -1,0 +1,1 @@
+"""Dock widget, map tools and results views."""
