@@ -1,0 +1,476 @@
+"""Raster reading on real rasters: band choice, validity, value stretch, reprojection and identity."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal, osr
+
+from lookalike.core.errors import RasterError
+from lookalike.core.grid import TileGrid
+from lookalike.core.raster import (
+    SKIP_BLANK,
+    SKIP_MOSTLY_INVALID,
+    STRETCH_KIND_BYTE,
+    STRETCH_KIND_PERCENTILE,
+    RasterSource,
+    apply_stretch,
+    chip_skip_reason,
+)
+
+
+def geo(shared_data: Path, relative: str) -> Path:
+    return shared_data / "geo" / relative
+
+
+def window_bounds(path: Path, col_off: int, row_off: int, size: int) -> tuple:
+    """Return the bounds of a size x size pixel window of a north-up raster in its own CRS."""
+    dataset = gdal.Open(str(path))
+    x0, dx, _, y0, _, dy = dataset.GetGeoTransform()
+    return (x0 + col_off * dx, y0 + (row_off + size) * dy, x0 + (col_off + size) * dx, y0 + row_off * dy)
+
+
+def read_window(path: Path, col_off: int, row_off: int, size: int) -> np.ndarray:
+    """Read a window of all bands with plain GDAL, padding with 0 outside the raster."""
+    dataset = gdal.Open(str(path))
+    out = np.zeros((dataset.RasterCount, size, size), dtype=np.float64)
+    x_start, y_start = max(col_off, 0), max(row_off, 0)
+    x_end = min(col_off + size, dataset.RasterXSize)
+    y_end = min(row_off + size, dataset.RasterYSize)
+    block = dataset.ReadAsArray(x_start, y_start, x_end - x_start, y_end - y_start).reshape(
+        (dataset.RasterCount, y_end - y_start, x_end - x_start)
+    )
+    out[:, y_start - row_off : y_end - row_off, x_start - col_off : x_end - col_off] = block
+    return out
+
+
+def epsg_wkt(code: int) -> str:
+    spatial_ref = osr.SpatialReference()
+    spatial_ref.ImportFromEPSG(code)
+    return spatial_ref.ExportToWkt()
+
+
+# Bands and colour interpretation
+
+
+def test_rgb_bands_from_colour_interpretation(shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    assert source.band_indexes == (1, 2, 3)
+    assert (source.width, source.height, source.band_count) == (791, 718, 3)
+    assert source.bounds == pytest.approx((101985.0, 2611485.0, 339315.0, 2826915.0), abs=1.0)
+    assert source.pixel_size == pytest.approx((300.0379, 300.0418), abs=1e-3)
+    assert not source.is_geographic
+    assert source.grid_crs_wkt() == source.crs_wkt
+
+
+def test_alpha_band_excluded_and_rejected(shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGBA.byte.tif"))
+    assert source.band_indexes == (1, 2, 3)
+    assert source.alpha_band_index == 4
+    with pytest.raises(RasterError, match=r"band 4 of .*RGBA\.byte\.tif' is its alpha band"):
+        RasterSource(geo(shared_data, "rasterio/RGBA.byte.tif"), band_indexes=[1, 2, 4])
+
+
+def test_naip_first_three_bands_and_mapping(shared_data):
+    path = geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20090818.tif")
+    assert RasterSource(path).band_indexes == (1, 2, 3)
+    false_colour = RasterSource(path, band_indexes=[4, 1, 2])
+    stretch = false_colour.value_stretch(255)
+    chip, valid = false_colour.read_chip(window_bounds(path, 300, 200, 64), false_colour.crs_wkt, 64, stretch)
+    raw = read_window(path, 300, 200, 64)
+    assert valid.all()
+    np.testing.assert_array_equal(chip, raw[[3, 0, 1]].astype(np.float32))
+
+
+@pytest.mark.parametrize("name", ["rgb1_fake_nir_epsg3857.tif", "shade.tif"])
+def test_single_band_repeated(shared_data, name):
+    source = RasterSource(geo(shared_data, f"rasterio/{name}"))
+    assert source.band_indexes == (1, 1, 1)
+    chip, valid = source.read_chip(source.bounds, source.crs_wkt, 32, source.value_stretch(255))
+    assert chip.shape == (3, 32, 32)
+    np.testing.assert_array_equal(chip[0], chip[1])
+    np.testing.assert_array_equal(chip[0], chip[2])
+
+
+def test_eurosat_thirteen_bands_mapping(shared_data):
+    path = sorted((shared_data / "labelled/eurosat_ms_subset100/tif/Forest").glob("*.tif"))[0]
+    source = RasterSource(path, band_indexes=[4, 3, 2])  # Sentinel-2 B04, B03, B02
+    assert source.band_count == 13
+    assert source.data_type_name == "UInt16"
+    stretch = source.value_stretch(10000)
+    assert stretch["kind"] == STRETCH_KIND_PERCENTILE
+    chip, valid = source.read_chip(window_bounds(path, 0, 0, 64), source.crs_wkt, 64, stretch)
+    raw = read_window(path, 0, 0, 64)
+    assert valid.all()
+    low, high = stretch["low"][0], stretch["high"][0]
+    expected_red = np.clip((raw[3] - low) / (high - low), 0, 1) * 10000
+    np.testing.assert_allclose(chip[0], expected_red, rtol=1e-5, atol=0.05)
+    with pytest.raises(RasterError, match=r"band index 14 is out of range .* has 13 band\(s\)"):
+        RasterSource(path, band_indexes=[14, 3, 2])
+    with pytest.raises(RasterError, match=r"band index 0 is out of range"):
+        RasterSource(path, band_indexes=[0])
+    with pytest.raises(RasterError, match=r"band_indexes \[\] is invalid"):
+        RasterSource(path, band_indexes=[])
+
+
+# Validity
+
+
+def test_nodata_collar_invalid(shared_data):
+    path = geo(shared_data, "rasterio/RGB.byte.tif")
+    source = RasterSource(path)
+    stretch = source.value_stretch(255)
+    chip, valid = source.read_chip(window_bounds(path, 0, 0, 128), source.crs_wkt, 128, stretch)
+    raw = read_window(path, 0, 0, 128)
+    expected_valid = ~(raw == 0).all(axis=0)
+    np.testing.assert_array_equal(valid, expected_valid)
+    assert not valid[:50, :50].any()  # the top-left corner is collar
+    assert (chip[:, ~valid] == 0).all()
+    np.testing.assert_array_equal(chip[:, valid], raw[:, valid].astype(np.float32))
+
+    grid = TileGrid.covering(source.bounds, source.crs_wkt, 300.0, 224)
+    corner_chip, corner_valid = source.read_chip(grid.tile_bounds(0, 0), grid.crs_wkt, 224, stretch)
+    assert chip_skip_reason(corner_chip, corner_valid, 255) == SKIP_MOSTLY_INVALID
+    centre_chip, centre_valid = source.read_chip(grid.tile_bounds(1, 1), grid.crs_wkt, 224, stretch)
+    assert centre_valid.mean() > 0.9
+    assert chip_skip_reason(centre_chip, centre_valid, 255) is None
+
+
+def test_alpha_marks_invalid(shared_data):
+    path = geo(shared_data, "rasterio/RGBA.byte.tif")
+    source = RasterSource(path)
+    chip, valid = source.read_chip(window_bounds(path, 0, 300, 100), source.crs_wkt, 100, source.value_stretch(255))
+    raw = read_window(path, 0, 300, 100)
+    np.testing.assert_array_equal(valid, raw[3] > 0)
+    assert 0 < valid.mean() < 1
+
+
+def test_alpha_with_out_of_range_nodata(shared_data):
+    path = geo(shared_data, "rio_tiler/pix4d_alpha_nodata.tif")
+    source = RasterSource(path)
+    assert source.band_indexes == (1, 2, 3)
+    chip, valid = source.read_chip(source.bounds, source.crs_wkt, 128, source.value_stretch(255))
+    dataset = gdal.Open(str(path))
+    alpha = dataset.GetRasterBand(4).ReadAsArray(buf_xsize=128, buf_ysize=128)
+    # Whole-raster read resampled: validity follows the alpha band except at its edges.
+    agreement = (valid == (alpha > 0)).mean()
+    assert agreement > 0.97
+    assert 0.8 < valid.mean() < 0.95  # about 88 % of the drone image is inside the alpha
+    assert chip[:, valid].max() > 100
+
+
+def test_per_dataset_mask_marks_invalid(tmp_path):
+    path = tmp_path / "masked.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 40, 40, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0))
+    dataset.SetProjection(epsg_wkt(32633))
+    rng = np.random.default_rng(0)
+    for index in range(1, 4):
+        dataset.GetRasterBand(index).WriteArray(rng.integers(1, 255, (40, 40), dtype=np.uint8))
+    dataset.CreateMaskBand(gdal.GMF_PER_DATASET)
+    mask = np.full((40, 40), 255, dtype=np.uint8)
+    mask[10:20, 5:35] = 0
+    dataset.GetRasterBand(1).GetMaskBand().WriteArray(mask)
+    dataset = None
+
+    source = RasterSource(path)
+    chip, valid = source.read_chip(source.bounds, source.crs_wkt, 40, source.value_stretch(255))
+    np.testing.assert_array_equal(valid, mask > 0)
+
+
+def test_shade_nodata_255_invalid(shared_data):
+    path = geo(shared_data, "rasterio/shade.tif")
+    source = RasterSource(path)
+    chip, valid = source.read_chip(window_bounds(path, 400, 400, 200), source.crs_wkt, 200, source.value_stretch(255))
+    raw = read_window(path, 400, 400, 200)[0]
+    np.testing.assert_array_equal(valid, raw != 255)
+    assert 0 < valid.mean() < 1
+    np.testing.assert_array_equal(chip[0][valid], raw[valid].astype(np.float32))
+
+
+def test_out_of_range_nodata_matches_nothing(tmp_path):
+    path = tmp_path / "byte_nodata_minus_10000.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 20, 20, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0))
+    dataset.SetProjection(epsg_wkt(32633))
+    ramp = np.tile(np.arange(20, dtype=np.uint8), (20, 1))  # includes 0 and every value 0-19
+    for index in range(1, 4):
+        dataset.GetRasterBand(index).SetNoDataValue(-10000)
+        dataset.GetRasterBand(index).WriteArray(ramp)
+    dataset = None
+    source = RasterSource(path)
+    chip, valid = source.read_chip(source.bounds, source.crs_wkt, 20, source.value_stretch(255))
+    assert valid.all()
+    np.testing.assert_array_equal(chip[0], ramp.astype(np.float32))
+
+
+def test_chip_outside_raster_all_invalid(shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    far_away = (900000.0, 100000.0, 910000.0, 110000.0)
+    chip, valid = source.read_chip(far_away, source.crs_wkt, 16, source.value_stretch(255))
+    assert not valid.any()
+    assert not chip.any()
+
+
+def test_raster_smaller_than_one_tile(shared_data):
+    path = geo(shared_data, "rasterio/rgb-byte-tenth.tif")
+    source = RasterSource(path)
+    grid = TileGrid.covering(source.bounds, source.crs_wkt, source.pixel_size[0], 224)
+    assert grid.tile_count == 1
+    chip, valid = source.read_chip(grid.tile_bounds(0, 0), grid.crs_wkt, 224, source.value_stretch(255))
+    raw = gdal.Open(str(path)).ReadAsArray()
+    valid_source_pixels = int((~(raw == 0).all(axis=0)).sum())
+    # The overhanging part of the tile is invalid; the raster's valid pixels fill the top-left.
+    assert not valid[:, 80:].any()
+    assert not valid[72:, :].any()
+    assert abs(int(valid.sum()) - valid_source_pixels) <= 0.02 * valid_source_pixels
+    assert chip_skip_reason(chip, valid, 255) == SKIP_MOSTLY_INVALID
+
+
+# Value stretch
+
+
+def test_byte_passes_through(shared_data):
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20140720.tif"))
+    stretch = source.value_stretch(255)
+    assert stretch["kind"] == STRETCH_KIND_BYTE
+    values = np.array([[[0.0, 17.0, 255.0]]], dtype=np.float32)
+    np.testing.assert_array_equal(apply_stretch(values, stretch), values)
+    # A 0-1 encoder gets the full Byte range mapped linearly, not a percentile stretch.
+    np.testing.assert_allclose(apply_stretch(values, source.value_stretch(1.0)), values / 255.0)
+
+
+def test_uint16_percentile_stretch(shared_data):
+    path = geo(shared_data, "rio_tiler/mosaic_cog1.tif")
+    source = RasterSource(path)
+    stretch = source.value_stretch(255)
+    assert stretch["kind"] == STRETCH_KIND_PERCENTILE
+    raw = gdal.Open(str(path)).ReadAsArray().astype(np.float64)
+    for channel in range(3):
+        band = raw[channel][raw[channel] != 0]
+        expected_low, expected_high = np.percentile(band, [2, 98])
+        assert stretch["low"][channel] == pytest.approx(expected_low)
+        assert stretch["high"][channel] == pytest.approx(expected_high)
+    assert json.loads(json.dumps(stretch)) == stretch
+
+    chip, valid = source.read_chip(window_bounds(path, 0, 0, 790), source.crs_wkt, 790, stretch)
+    assert chip.min() == 0.0
+    assert chip.max() == 255.0
+    red = chip[0][valid]
+    # 2 % of valid pixels lie below the low percentile and 2 % above the high one.
+    assert 0.01 < (red == 0).mean() < 0.04
+    assert 0.01 < (red == 255).mean() < 0.04
+
+
+def test_float64_reflectance_stretch(shared_data):
+    source = RasterSource(geo(shared_data, "opengeos_misc/sentinel2_like_float64_epsg4326.tif"))
+    assert source.data_type_name == "Float64"
+    stretch = source.value_stretch(10000)
+    for low, high in zip(stretch["low"], stretch["high"]):
+        assert 300 <= low < high <= 4300
+    grid_crs = source.grid_crs_wkt()
+    chip, valid = source.read_chip(source.bounds_in(grid_crs), grid_crs, 128, stretch)
+    assert chip.dtype == np.float32
+    assert chip.min() >= 0.0
+    assert chip.max() == pytest.approx(10000.0)
+    assert valid.mean() > 0.9
+
+
+def test_int16_scale_offset_applied(shared_data):
+    path = geo(shared_data, "rio_tiler/cog_scale_epsg4326.tif")
+    source = RasterSource(path, band_indexes=[1, 2])
+    stretch = source.value_stretch(255)
+    assert stretch["scale"] == [0.0001, 0.001]
+    assert stretch["offset"] == [1000.0, 2000.0]
+    raw = gdal.Open(str(path)).ReadAsArray().astype(np.float64)
+    first = raw[0][raw[0] != 0] * 0.0001 + 1000.0
+    assert stretch["low"][0] == pytest.approx(np.percentile(first, 2))
+    assert stretch["high"][0] == pytest.approx(np.percentile(first, 98))
+    assert 1000.0 < stretch["low"][0] < stretch["high"][0] < 1002.0
+
+    chip, valid = source.read_chip(window_bounds(path, 100, 100, 32), source.crs_wkt, 32, stretch)
+    window = read_window(path, 100, 100, 32)[0] * 0.0001 + 1000.0
+    expected = np.clip((window - stretch["low"][0]) / (stretch["high"][0] - stretch["low"][0]), 0, 1) * 255
+    np.testing.assert_allclose(chip[0][valid], expected[valid], atol=0.01)
+
+
+def test_constant_band_maps_to_zero(tmp_path):
+    path = tmp_path / "constant.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 20, 20, 1, gdal.GDT_UInt16)
+    dataset.SetGeoTransform((500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0))
+    dataset.SetProjection(epsg_wkt(32633))
+    dataset.GetRasterBand(1).Fill(500)
+    dataset = None
+    source = RasterSource(path)
+    stretch = source.value_stretch(255)
+    assert stretch["low"] == [500.0, 500.0, 500.0]
+    assert stretch["high"] == [500.0, 500.0, 500.0]
+    chip, valid = source.read_chip(source.bounds, source.crs_wkt, 20, stretch)
+    assert valid.all()
+    assert np.isfinite(chip).all()
+    assert not chip.any()
+    assert chip_skip_reason(chip, valid, 255) == SKIP_BLANK
+    # Pixels that the decimated sample missed map to 0 as well, whatever their value.
+    other_values = np.tile(np.array([[[0.0, 499.0, 501.0, 65535.0]]]), (3, 1, 1))
+    assert not apply_stretch(other_values, stretch).any()
+
+
+def test_stretch_of_other_bands_rejected(shared_data):
+    path = geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif")
+    stretch = RasterSource(path, band_indexes=[4, 3, 2]).value_stretch(255)
+    source = RasterSource(path)
+    with pytest.raises(RasterError, match=r"computed for bands \[4, 3, 2\] but .* reads bands \[1, 2, 3\]"):
+        source.read_chip(source.bounds, source.crs_wkt, 16, stretch)
+    with pytest.raises(RasterError, match=r"value_scale 0 is invalid"):
+        source.value_stretch(0)
+
+
+# Reprojection
+
+
+def test_geographic_source_gets_utm_grid_crs(shared_data):
+    source = RasterSource(geo(shared_data, "landsat_timeseries/1985.tif"))
+    assert source.is_geographic
+    grid_crs = osr.SpatialReference(wkt=source.grid_crs_wkt())
+    # The raster's centre is near 74.4 W, 8.4 S: UTM zone 18 south.
+    assert grid_crs.GetAuthorityCode(None) == "32718"
+    assert grid_crs.GetLinearUnitsName() == "metre"
+    xmin, ymin, xmax, ymax = source.bounds_in(source.grid_crs_wkt())
+    # 697 x 377 pixels of 0.000808 degrees are about 62 x 34 km at this latitude.
+    assert xmax - xmin == pytest.approx(62_300, rel=0.02)
+    assert ymax - ymin == pytest.approx(33_700, rel=0.02)
+
+
+def test_reprojected_chip_lands_on_source_pixels(shared_data):
+    path = geo(shared_data, "landsat_timeseries/1985.tif")
+    source = RasterSource(path)
+    grid_crs_wkt = source.grid_crs_wkt()
+    xmin, ymin, xmax, ymax = source.bounds_in(grid_crs_wkt)
+    centre_x, centre_y = (xmin + xmax) / 2, (ymin + ymax) / 2
+    size, gsd = 96, 90.0
+    half = size * gsd / 2
+    chip_bounds = (centre_x - half, centre_y - half, centre_x + half, centre_y + half)
+    chip, valid = source.read_chip(chip_bounds, grid_crs_wkt, size, source.value_stretch(255))
+    assert valid.all()
+
+    # Sample the source by hand at each chip pixel's centre (nearest neighbour).
+    to_lonlat = osr.CoordinateTransformation(
+        osr.SpatialReference(wkt=grid_crs_wkt), osr.SpatialReference(wkt=source.crs_wkt)
+    )
+    dataset = gdal.Open(str(path))
+    x0, dx, _, y0, _, dy = dataset.GetGeoTransform()
+    band = dataset.GetRasterBand(1).ReadAsArray().astype(np.float64)
+    columns = centre_x - half + (np.arange(size) + 0.5) * gsd
+    rows = centre_y + half - (np.arange(size) + 0.5) * gsd
+    points = [(x, y) for y in rows for x in columns]
+    lonlat = np.array(to_lonlat.TransformPoints(points))
+    # EPSG:4326 in GDAL 3 is latitude-first unless the axis order is set to traditional GIS.
+    latitudes, longitudes = lonlat[:, 0], lonlat[:, 1]
+    source_cols = np.floor((longitudes - x0) / dx).astype(int)
+    source_rows = np.floor((latitudes - y0) / dy).astype(int)
+    expected = band[source_rows, source_cols].reshape(size, size)
+
+    error = np.abs(chip[0] - expected).mean()
+    flipped_error = np.abs(chip[0][::-1] - expected).mean()
+    # Bilinear against nearest sampling differs a little; a misplaced or mirrored chip differs a lot.
+    assert error < 0.25 * flipped_error
+    assert np.corrcoef(chip[0].ravel(), expected.ravel())[0, 1] > 0.9
+
+
+def test_vrt_mosaic_matches_original(shared_data, tmp_path):
+    quadrants = [str(geo(shared_data, f"rasterio/rgb{number}.tif")) for number in range(1, 5)]
+    vrt_path = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(vrt_path), quadrants).FlushCache()
+    mosaic = RasterSource(vrt_path)
+    original = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    assert mosaic.bounds == pytest.approx(original.bounds, abs=1.0)
+    assert mosaic.band_indexes == (1, 2, 3)
+    grid = TileGrid.covering(original.bounds, original.crs_wkt, 300.0, 224, overlap_fraction=0.5)
+    for row, col in [(1, 1), (2, 3), (3, 2)]:
+        bounds = grid.tile_bounds(row, col)
+        mosaic_chip, mosaic_valid = mosaic.read_chip(bounds, grid.crs_wkt, 224, mosaic.value_stretch(255))
+        original_chip, original_valid = original.read_chip(bounds, grid.crs_wkt, 224, original.value_stretch(255))
+        assert (mosaic_valid == original_valid).mean() > 0.99
+        both = mosaic_valid & original_valid
+        assert np.abs(mosaic_chip[:, both] - original_chip[:, both]).mean() < 1.0
+    assert mosaic.checksum() != original.checksum()
+
+
+# Identity and errors
+
+
+def test_checksum_of_file_and_connection_string(shared_data):
+    path = geo(shared_data, "rasterio/RGB.byte.tif")
+    source = RasterSource(path)
+    assert source.checksum() == hashlib.sha256(path.read_bytes()).hexdigest()
+    connection = f"GTIFF_DIR:1:{path}"
+    by_connection = RasterSource(connection)
+    expected = hashlib.sha256(f"{connection}|791x718x3".encode()).hexdigest()
+    assert by_connection.checksum() == expected
+    assert RasterSource(connection).checksum() == expected
+
+
+def test_to_dict_is_json_safe(shared_data):
+    source = RasterSource(geo(shared_data, "rio_tiler/mosaic_cog1.tif"))
+    record = json.loads(json.dumps(source.to_dict()))
+    assert record["band_indexes"] == [1, 2, 3]
+    assert record["data_type"] == "UInt16"
+    assert record["width"] == 779
+    assert len(record["checksum"]) == 64
+    assert record["crs_wkt"] == source.crs_wkt
+
+
+def test_open_errors_name_the_path(tmp_path):
+    missing = tmp_path / "missing.tif"
+    with pytest.raises(RasterError, match=r"cannot open raster .*missing\.tif.*check the path"):
+        RasterSource(missing)
+
+    no_crs = tmp_path / "no_crs.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(no_crs), 4, 4, 1, gdal.GDT_Byte)
+    dataset.SetGeoTransform((0.0, 1.0, 0.0, 4.0, 0.0, -1.0))
+    dataset = None
+    with pytest.raises(RasterError, match=r"no_crs\.tif' has no CRS"):
+        RasterSource(no_crs)
+
+    no_georeferencing = tmp_path / "plain.tif"
+    gdal.GetDriverByName("GTiff").Create(str(no_georeferencing), 4, 4, 1, gdal.GDT_Byte).FlushCache()
+    with pytest.raises(RasterError, match=r"plain\.tif' has no georeferencing"):
+        RasterSource(no_georeferencing)
+
+
+def test_read_chip_rejects_invalid_requests(shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    stretch = source.value_stretch(255)
+    with pytest.raises(RasterError, match=r"size_px 0 is invalid"):
+        source.read_chip(source.bounds, source.crs_wkt, 0, stretch)
+    with pytest.raises(RasterError, match=r"chip bounds .* are empty or inverted"):
+        source.read_chip((10.0, 10.0, 0.0, 20.0), source.crs_wkt, 16, stretch)
+
+
+# Skip rule
+
+
+def test_chip_skip_reason():
+    rng = np.random.default_rng(1)
+    textured = rng.uniform(0, 255, (3, 8, 8)).astype(np.float32)
+    all_valid = np.ones((8, 8), dtype=bool)
+    assert chip_skip_reason(textured, all_valid, 255) is None
+
+    half_valid = all_valid.copy()
+    half_valid[:4] = False
+    assert chip_skip_reason(textured, half_valid, 255) is None
+    half_valid[4] = False
+    assert chip_skip_reason(textured, half_valid, 255) == SKIP_MOSTLY_INVALID
+    assert chip_skip_reason(textured, half_valid, 255, min_valid_fraction=0.3) is None
+    assert chip_skip_reason(textured, np.zeros((8, 8), dtype=bool), 255, min_valid_fraction=0.0) == (
+        SKIP_MOSTLY_INVALID
+    )
+
+    flat = np.full((3, 8, 8), 120.0, dtype=np.float32)
+    flat[0, 0, 0] = 120.2  # sensor noise well under half a grey level
+    assert chip_skip_reason(flat, all_valid, 255) == SKIP_BLANK
+    one_textured_band = flat.copy()
+    one_textured_band[2] = textured[2]
+    assert chip_skip_reason(one_textured_band, all_valid, 255) is None
