@@ -1,0 +1,815 @@
+"""The tile index: an HNSW graph over tile embeddings, kept in a folder on disk.
+
+An index folder contains:
+
+- ``manifest.json``: format version, encoder, sources (path, CRS, checksum, tile grid, band
+  mapping, value stretch, tile and skip counts), metric, counts, build and HNSW parameters,
+  timestamps, and the names and sizes of the data files of the current generation;
+- ``graph.<generation>.hnsw``: the hnswlib graph, whose labels are tile ids;
+- ``embeddings.<generation>.npy``: the L2-normalised embeddings as float16 ``(count, dim)``;
+- ``tiles.<generation>.npy``: the tile table, a structured array ``(source_id, row, col)`` of
+  int32 whose position is the tile id.
+
+Tile ids are ``0 .. count - 1`` in the order tiles were added. Footprints are not stored: they
+are recomputed from each source's tile grid (``core.grid.TileGrid``).
+
+Writes are atomic. ``save()`` writes every data file under the names of a new generation (temp
+file, fsync, rename), then replaces ``manifest.json``, which names the files of its generation,
+and only then removes the files of older generations. A crash at any point leaves either the old
+manifest with its complete old files or the new manifest with its complete new files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import numpy as np
+
+from . import get_logger
+from .errors import SearchError, SearchIndexError
+from .grid import TileGrid
+
+logger = get_logger("index")
+
+FORMAT_NAME = "lookalike-index"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+SUPPORTED_METRICS = ("cosine",)
+
+TILE_TABLE_DTYPE = np.dtype([("source_id", "<i4"), ("row", "<i4"), ("col", "<i4")])
+EMBEDDING_DTYPE = np.dtype("<f2")
+
+# HNSW parameters. The trade-offs are those described in hnswlib's ALGO_PARAMS.md:
+# - M is the number of links per node. Recall on high-dimensional data rises with M, and so do
+#   memory (about M * 8-10 bytes per element) and build time. The graph stores each vector as
+#   float32, so a 1280-dim embedding takes 5 KiB and M=32 adds about 0.3 KiB to it.
+# - ef_construction is the candidate-list size while inserting. It sets graph quality against
+#   build time. A build spends most of its time in the encoder's forward passes (an estimate,
+#   not measured here), so the cost of a high value is hidden.
+# - ef_search is the candidate-list size at query time: recall against latency. knn() raises it
+#   to k when k is larger, because hnswlib requires ef >= k.
+# tests/unit/test_index.py checks recall@10 >= 0.98 against exact search with these values.
+DEFAULT_M = 32
+DEFAULT_EF_CONSTRUCTION = 200
+DEFAULT_EF_SEARCH = 128
+DEFAULT_RANDOM_SEED = 100
+DEFAULT_INITIAL_CAPACITY_TILES = 1024
+
+# Below this many tiles, knn() uses brute force, which is exact and costs one small matrix
+# product. The recall test uses more tiles so that it exercises HNSW.
+EXACT_SEARCH_MAX_TILES = 2000
+# When k is this fraction of the index or more, a graph search visits most nodes anyway, so
+# knn() uses brute force. NOTE: the cut-over fraction is an estimate, not a measurement.
+EXACT_SEARCH_MIN_FRACTION = 0.125
+
+# Rows per block in exact_knn() and when copying embeddings: a float64 block of 1280-dim rows
+# takes 80 MiB.
+EXACT_SEARCH_BLOCK_ROWS = 8192
+
+# Embeddings whose norm differs from 1 by more than this are renormalised on add.
+NORM_TOLERANCE = 1e-3
+
+DATA_FILE_KINDS = ("graph", "embeddings", "tiles")
+DATA_FILE_PATTERN = re.compile(r"^(graph|embeddings|tiles)\.(\d{6})\.(hnsw|npy)(\.tmp)?$")
+DATA_FILE_EXTENSIONS = {"graph": "hnsw", "embeddings": "npy", "tiles": "npy"}
+
+ENCODER_KEYS = ("name", "checksum", "embedding_dim", "spec")
+SOURCE_REQUIRED_KEYS = ("path", "grid")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def make_tile_table(source_id: int, rows: Sequence[int], cols: Sequence[int]) -> np.ndarray:
+    """Build a tile table for tiles of one source, in the dtype ``TileIndex.add`` expects."""
+    rows_array = np.asarray(rows, dtype=np.int64).ravel()
+    cols_array = np.asarray(cols, dtype=np.int64).ravel()
+    if rows_array.shape != cols_array.shape:
+        raise SearchIndexError(
+            f"rows ({rows_array.size}) and cols ({cols_array.size}) differ in length; "
+            "pass one row and one column per tile"
+        )
+    table = np.empty(rows_array.size, dtype=TILE_TABLE_DTYPE)
+    table["source_id"] = source_id
+    table["row"] = rows_array
+    table["col"] = cols_array
+    return table
+
+
+def exact_knn(embeddings: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Find the k rows of ``embeddings`` with the largest inner product with each query vector.
+
+    With L2-normalised inputs the inner product is the cosine similarity. Returns
+    ``(ids int64 (q, k'), similarities float32 (q, k'))`` with ``k' = min(k, len(embeddings))``,
+    sorted by similarity, ties broken by the lower id so that duplicate vectors keep a stable
+    order. ``embeddings`` may be float16 or a memory map: it is read in blocks of
+    ``EXACT_SEARCH_BLOCK_ROWS`` rows.
+    """
+    # Products are taken in float64 and rounded to float32: BLAS sums different columns in
+    # different orders, so in float32 two identical rows can score a few ulps apart and
+    # duplicates would lose their id order. The float64 differences vanish in the rounding.
+    queries = np.atleast_2d(np.asarray(vectors, dtype=np.float64))
+    n_rows = int(embeddings.shape[0])
+    n_results = min(int(k), n_rows)
+    best_ids = np.empty((queries.shape[0], 0), dtype=np.int64)
+    best_similarities = np.empty((queries.shape[0], 0), dtype=np.float32)
+    if n_results <= 0:
+        return best_ids, best_similarities
+
+    for block_start in range(0, n_rows, EXACT_SEARCH_BLOCK_ROWS):
+        block = np.asarray(embeddings[block_start : block_start + EXACT_SEARCH_BLOCK_ROWS], dtype=np.float64)
+        block_similarities = (queries @ block.T).astype(np.float32)
+        block_ids = np.broadcast_to(
+            np.arange(block_start, block_start + block.shape[0], dtype=np.int64), block_similarities.shape
+        )
+        merged_ids = np.concatenate([best_ids, block_ids], axis=1)
+        merged_similarities = np.concatenate([best_similarities, block_similarities], axis=1)
+        best_ids, best_similarities = _top_k_stable(merged_ids, merged_similarities, n_results)
+
+    return best_ids, np.clip(best_similarities, -1.0, 1.0)
+
+
+def _top_k_stable(ids: np.ndarray, similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the k best columns per row, ordered by similarity and then by id."""
+    k = min(k, ids.shape[1])
+    out_ids = np.empty((ids.shape[0], k), dtype=np.int64)
+    out_similarities = np.empty((ids.shape[0], k), dtype=np.float32)
+    for query_index in range(ids.shape[0]):
+        row_ids = ids[query_index]
+        row_similarities = similarities[query_index]
+        if row_ids.size > k:
+            # Keep everything tied with the k-th value too, so the id tie-break below considers all
+            # candidates for the last places.
+            kth_value = np.partition(row_similarities, row_ids.size - k)[row_ids.size - k]
+            keep = row_similarities >= kth_value
+            row_ids = row_ids[keep]
+            row_similarities = row_similarities[keep]
+        order = np.lexsort((row_ids, -row_similarities))[:k]
+        out_ids[query_index] = row_ids[order]
+        out_similarities[query_index] = row_similarities[order]
+    return out_ids, out_similarities
+
+
+def _utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_path(path: Path) -> None:
+    with open(path, "rb+") as handle:
+        os.fsync(handle.fileno())
+
+
+def _fsync_directory(folder: Path) -> None:
+    # Directories cannot be opened for fsync on Windows; the rename is still atomic there.
+    if os.name != "posix":
+        return
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _data_file_name(kind: str, generation: int) -> str:
+    return f"{kind}.{generation:06d}.{DATA_FILE_EXTENSIONS[kind]}"
+
+
+def _validate_encoder_info(encoder_info: Mapping[str, Any]) -> dict[str, Any]:
+    missing = [key for key in ENCODER_KEYS if key not in encoder_info]
+    if missing:
+        raise SearchIndexError(
+            f"encoder_info lacks {', '.join(missing)}; pass name, checksum (sha256), embedding_dim "
+            "and spec (the ModelSpec as a dict) of the encoder that embeds the tiles"
+        )
+    embedding_dim = encoder_info["embedding_dim"]
+    if isinstance(embedding_dim, bool) or not isinstance(embedding_dim, int) or embedding_dim < 1:
+        raise SearchIndexError(
+            f"encoder_info embedding_dim {embedding_dim!r} is invalid; pass the encoder's output "
+            "dimension as a positive integer"
+        )
+    info = {key: encoder_info[key] for key in ENCODER_KEYS}
+    try:
+        json.dumps(info)
+    except TypeError as error:
+        raise SearchIndexError(
+            f"encoder_info cannot be stored as JSON ({error}); pass the spec as a dict of plain values"
+        ) from error
+    return info
+
+
+class TileIndex:
+    """An HNSW index over tile embeddings, stored in a folder. Use ``create`` or ``open``.
+
+    Not safe for concurrent writers: one process at a time may add and save.
+    """
+
+    def __init__(
+        self, folder: Path, manifest: dict[str, Any], graph: Any, embeddings: np.ndarray, tile_table: np.ndarray
+    ) -> None:
+        self._folder = folder
+        self._manifest = manifest
+        self._graph = graph
+        # Embeddings and tiles of the current generation on disk, plus blocks added since.
+        self._stored_embeddings = embeddings
+        self._stored_tile_table = tile_table
+        self._pending_embeddings: list[np.ndarray] = []
+        self._pending_tile_tables: list[np.ndarray] = []
+        self._grids: dict[int, TileGrid] = {}
+
+    # -- creating and opening ---------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        folder: PathLike,
+        encoder_info: Mapping[str, Any],
+        metric: str = "cosine",
+        m: int = DEFAULT_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        ef_search: int = DEFAULT_EF_SEARCH,
+        initial_capacity_tiles: int = DEFAULT_INITIAL_CAPACITY_TILES,
+        build_parameters: Optional[Mapping[str, Any]] = None,
+        overwrite: bool = False,
+        random_seed: int = DEFAULT_RANDOM_SEED,
+    ) -> TileIndex:
+        """Create an empty index in ``folder`` and save it.
+
+        ``encoder_info`` has ``name``, ``checksum`` (sha256), ``embedding_dim`` and ``spec`` (a
+        JSON-serialisable dict). ``folder`` may be missing or empty. A folder that contains an
+        index is replaced only with ``overwrite=True``, atomically, and files in it that are not
+        the index's stay. A non-empty folder that is not an index is never written to.
+        """
+        import hnswlib
+
+        folder = Path(folder)
+        info = _validate_encoder_info(encoder_info)
+        if metric not in SUPPORTED_METRICS:
+            raise SearchIndexError(f"metric {metric!r} is not supported; use one of {', '.join(SUPPORTED_METRICS)}")
+        for name, value in (
+            ("m", m),
+            ("ef_construction", ef_construction),
+            ("ef_search", ef_search),
+            ("initial_capacity_tiles", initial_capacity_tiles),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SearchIndexError(f"{name} {value!r} is invalid; pass a positive integer")
+
+        previous_generation = 0
+        if folder.exists() and not folder.is_dir():
+            raise SearchIndexError(f"index folder {folder} is a file; choose a folder path")
+        if folder.is_dir() and any(folder.iterdir()):
+            manifest_path = folder / MANIFEST_NAME
+            if not manifest_path.is_file():
+                raise SearchIndexError(
+                    f"folder {folder} is not empty and contains no index ({MANIFEST_NAME} is missing); "
+                    "choose an empty or new folder for the index"
+                )
+            if not overwrite:
+                raise SearchIndexError(
+                    f"folder {folder} already contains an index; open it with TileIndex.open, or pass "
+                    "overwrite=True to replace it"
+                )
+            previous_generation = _read_generation_for_overwrite(manifest_path)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        # The graph stores L2-normalised vectors in hnswlib's "ip" space, whose distance is
+        # 1 - dot product, so cosine similarity is 1 - distance. hnswlib's "cosine" space would
+        # normalise its own copy only; normalising once here keeps the graph, the float16
+        # embeddings and exact_knn() consistent with each other.
+        graph = hnswlib.Index(space="ip", dim=info["embedding_dim"])
+        graph.init_index(
+            max_elements=initial_capacity_tiles, M=m, ef_construction=ef_construction, random_seed=random_seed
+        )
+        graph.set_ef(ef_search)
+
+        now = _utc_now()
+        manifest: dict[str, Any] = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "generation": previous_generation,
+            "files": {},
+            "encoder": info,
+            "metric": metric,
+            "tile_count": 0,
+            "sources": [],
+            "build_parameters": dict(build_parameters or {}),
+            "hnsw": {
+                "space": "ip",
+                "m": m,
+                "ef_construction": ef_construction,
+                "ef_search": ef_search,
+                "random_seed": random_seed,
+            },
+            "created_at": now,
+            "updated_at": now,
+        }
+        index = cls(
+            folder,
+            manifest,
+            graph,
+            np.empty((0, info["embedding_dim"]), dtype=EMBEDDING_DTYPE),
+            np.empty(0, dtype=TILE_TABLE_DTYPE),
+        )
+        index.save()
+        logger.info("created index %s (encoder %s, dim %d)", folder, info["name"], info["embedding_dim"])
+        return index
+
+    @classmethod
+    def open(cls, folder: PathLike) -> TileIndex:
+        """Open an index folder; embeddings are memory-mapped, the graph is loaded into memory.
+
+        Raises ``SearchIndexError`` when the folder or a file is missing, the format version is
+        not this one, or the files disagree with the manifest or with each other.
+        """
+        import hnswlib
+
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise SearchIndexError(f"index folder {folder} not found; check the path or build an index there")
+        manifest = _read_manifest(folder)
+        count = manifest["tile_count"]
+        embedding_dim = manifest["encoder"]["embedding_dim"]
+        paths = _check_data_files(folder, manifest)
+
+        embeddings = np.load(paths["embeddings"], mmap_mode="r", allow_pickle=False)
+        if embeddings.dtype != EMBEDDING_DTYPE or embeddings.shape != (count, embedding_dim):
+            raise SearchIndexError(
+                f"embeddings file {paths['embeddings']} contains {embeddings.dtype} {embeddings.shape} but the "
+                f"manifest expects float16 ({count}, {embedding_dim}); the index is damaged, rebuild it"
+            )
+        tile_table = np.load(paths["tiles"], allow_pickle=False)
+        if tile_table.dtype != TILE_TABLE_DTYPE or tile_table.shape != (count,):
+            raise SearchIndexError(
+                f"tile table {paths['tiles']} contains {tile_table.dtype} {tile_table.shape} but the manifest "
+                f"expects {count} rows of (source_id, row, col); the index is damaged, rebuild it"
+            )
+
+        graph = hnswlib.Index(space=manifest["hnsw"]["space"], dim=embedding_dim)
+        try:
+            graph.load_index(str(paths["graph"]), max_elements=max(count, 1))
+        except RuntimeError as error:
+            raise SearchIndexError(
+                f"HNSW graph {paths['graph']} cannot be loaded ({error}); the index is damaged, rebuild it"
+            ) from error
+        if graph.element_count != count:
+            raise SearchIndexError(
+                f"HNSW graph {paths['graph']} contains {graph.element_count} tiles but the manifest expects "
+                f"{count}; the index is damaged, rebuild it"
+            )
+        graph.set_ef(manifest["hnsw"]["ef_search"])
+        return cls(folder, manifest, graph, embeddings, tile_table)
+
+    # -- properties ---------------------------------------------------------------------------
+
+    @property
+    def folder(self) -> Path:
+        return self._folder
+
+    @property
+    def count(self) -> int:
+        """Number of tiles in the index, including those added since the last save."""
+        return int(self._manifest["tile_count"])
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self._manifest["encoder"]["embedding_dim"])
+
+    @property
+    def encoder_info(self) -> dict[str, Any]:
+        """Encoder name, sha256 checksum, embedding dimension and spec, as given to ``create``."""
+        return dict(self._manifest["encoder"])
+
+    @property
+    def metric(self) -> str:
+        return str(self._manifest["metric"])
+
+    @property
+    def hnsw_parameters(self) -> dict[str, Any]:
+        return dict(self._manifest["hnsw"])
+
+    @property
+    def build_parameters(self) -> dict[str, Any]:
+        return dict(self._manifest["build_parameters"])
+
+    def set_build_parameters(self, build_parameters: Mapping[str, Any]) -> None:
+        """Replace the stored build parameters; written by the next ``save()``."""
+        self._manifest["build_parameters"] = _json_copy(build_parameters, "build_parameters")
+
+    @property
+    def sources(self) -> list[dict[str, Any]]:
+        """Copies of the source records; the position in the list is the source id."""
+        return json.loads(json.dumps(self._manifest["sources"]))
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """All embeddings as float16 ``(count, dim)``, memory-mapped from disk after ``open``.
+
+        After ``add`` and before ``save`` the stored and added blocks are joined in memory.
+        """
+        if self._pending_embeddings:
+            self._stored_embeddings = np.concatenate([self._stored_embeddings, *self._pending_embeddings])
+            self._pending_embeddings = []
+        return self._stored_embeddings
+
+    @property
+    def tile_table(self) -> np.ndarray:
+        """The ``(source_id, row, col)`` int32 structured array; the position is the tile id."""
+        if self._pending_tile_tables:
+            self._stored_tile_table = np.concatenate([self._stored_tile_table, *self._pending_tile_tables])
+            self._pending_tile_tables = []
+        return self._stored_tile_table
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """A copy of the manifest as it will be written by the next ``save()``."""
+        return json.loads(json.dumps(self._manifest))
+
+    # -- encoder check ------------------------------------------------------------------------
+
+    def check_encoder(self, name: str, checksum: str) -> None:
+        """Raise ``SearchIndexError`` unless the encoder is the one that built the index.
+
+        The sha256 checksum decides; the names only make the message readable.
+        """
+        built_with = self._manifest["encoder"]
+        if checksum == built_with["checksum"]:
+            return
+        raise SearchIndexError(
+            f"index {self._folder} was built with encoder '{built_with['name']}' "
+            f"(sha256 {built_with['checksum'][:12]}), but the query uses encoder '{name}' "
+            f"(sha256 {str(checksum)[:12]}); query with '{built_with['name']}' or rebuild the index "
+            f"with '{name}'"
+        )
+
+    # -- sources ------------------------------------------------------------------------------
+
+    def add_source(self, source_record: Mapping[str, Any]) -> int:
+        """Register a raster source and return its id.
+
+        The record needs ``path`` and ``grid`` (``TileGrid.to_dict()``); ``crs_wkt``,
+        ``checksum``, ``band_indexes``, ``value_stretch``, ``skipped_counts`` and any other
+        JSON-serialisable keys are stored as given. ``id`` and ``tile_count`` are set here.
+        """
+        missing = [key for key in SOURCE_REQUIRED_KEYS if key not in source_record]
+        if missing:
+            raise SearchIndexError(
+                f"source record lacks {', '.join(missing)}; pass at least the raster path and the "
+                "tile grid as TileGrid.to_dict()"
+            )
+        record = _json_copy(source_record, "source record")
+        source_id = len(self._manifest["sources"])
+        # Parse the grid now so that a bad grid fails here, not at the first search.
+        self._grids[source_id] = TileGrid.from_dict(record["grid"])
+        record["id"] = source_id
+        record["tile_count"] = 0
+        self._manifest["sources"].append(record)
+        return source_id
+
+    def update_source(self, source_id: int, fields: Mapping[str, Any]) -> None:
+        """Merge ``fields`` (e.g. ``skipped_counts``) into a source record; saved by ``save()``."""
+        record = self._source_record(source_id)
+        protected = {"id", "tile_count", "grid"} & set(fields)
+        if protected:
+            raise SearchIndexError(
+                f"source fields {', '.join(sorted(protected))} cannot be updated; the index maintains "
+                "id and tile_count, and a new grid needs a new source"
+            )
+        record.update(_json_copy(fields, "source fields"))
+
+    def _source_record(self, source_id: int) -> dict[str, Any]:
+        sources = self._manifest["sources"]
+        if not 0 <= int(source_id) < len(sources):
+            raise SearchIndexError(
+                f"source id {source_id} not found; the index has {len(sources)} sources, add one with add_source first"
+            )
+        return sources[int(source_id)]
+
+    def _grid(self, source_id: int) -> TileGrid:
+        if source_id not in self._grids:
+            self._grids[source_id] = TileGrid.from_dict(self._source_record(source_id)["grid"])
+        return self._grids[source_id]
+
+    # -- adding tiles -------------------------------------------------------------------------
+
+    def add(self, embeddings: np.ndarray, tile_table: np.ndarray) -> np.ndarray:
+        """Add tiles and return their new tile ids (int64).
+
+        ``embeddings`` is float32 ``(n, dim)``; rows are L2-normalised here if they are not
+        already. ``tile_table`` is a ``TILE_TABLE_DTYPE`` array (see ``make_tile_table``) or an
+        integer ``(n, 3)`` array of ``(source_id, row, col)``. All-zero and non-finite
+        embeddings are rejected: blank and nodata tiles must be skipped before encoding, because
+        a zero vector has no direction to compare. The graph is resized when it is full.
+        Changes are on disk only after ``save()``.
+
+        NOTE: a tile already in the index is not detected; a resumed build must skip the
+        ``(source_id, row, col)`` rows already in ``tile_table``.
+        """
+        vectors = np.asarray(embeddings, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.embedding_dim:
+            raise SearchIndexError(
+                f"embeddings have shape {vectors.shape} but the index stores {self.embedding_dim}-dim "
+                f"vectors of encoder '{self._manifest['encoder']['name']}'; embed the tiles with that encoder"
+            )
+        tiles = self._as_tile_table(tile_table)
+        if tiles.shape[0] != vectors.shape[0]:
+            raise SearchIndexError(
+                f"{vectors.shape[0]} embeddings but {tiles.shape[0]} tile table rows; pass one row per embedding"
+            )
+        if vectors.shape[0] == 0:
+            return np.empty(0, dtype=np.int64)
+        vectors = _normalise_rows_for_index(vectors)
+        self._check_tiles_in_grids(tiles)
+
+        start = self.count
+        needed = start + vectors.shape[0]
+        capacity = self._graph.get_max_elements()
+        if needed > capacity:
+            # Doubling keeps the total cost of resizes linear in the number of tiles.
+            new_capacity = max(needed, 2 * capacity)
+            logger.debug("resizing HNSW graph from %d to %d tiles", capacity, new_capacity)
+            self._graph.resize_index(new_capacity)
+        tile_ids = np.arange(start, needed, dtype=np.int64)
+        self._graph.add_items(vectors, tile_ids)
+
+        self._pending_embeddings.append(vectors.astype(EMBEDDING_DTYPE))
+        self._pending_tile_tables.append(tiles)
+        self._manifest["tile_count"] = needed
+        source_ids, tile_counts = np.unique(tiles["source_id"], return_counts=True)
+        for source_id, tile_count in zip(source_ids.tolist(), tile_counts.tolist()):
+            self._manifest["sources"][source_id]["tile_count"] += tile_count
+        return tile_ids
+
+    def _as_tile_table(self, tile_table: np.ndarray) -> np.ndarray:
+        array = np.asarray(tile_table)
+        if array.dtype.names is not None:
+            if not set(TILE_TABLE_DTYPE.names) <= set(array.dtype.names):
+                raise SearchIndexError(
+                    f"tile table fields {array.dtype.names} lack source_id, row or col; build it with make_tile_table"
+                )
+            tiles = np.empty(array.shape[0], dtype=TILE_TABLE_DTYPE)
+            for field in TILE_TABLE_DTYPE.names:
+                tiles[field] = array[field]
+            return tiles
+        if array.ndim == 2 and array.shape[1] == 3 and np.issubdtype(array.dtype, np.integer):
+            return _table_from_columns(array)
+        raise SearchIndexError(
+            f"tile table of dtype {array.dtype} and shape {array.shape} is invalid; pass make_tile_table(...) "
+            "or an integer (n, 3) array of (source_id, row, col)"
+        )
+
+    def _check_tiles_in_grids(self, tiles: np.ndarray) -> None:
+        for source_id in np.unique(tiles["source_id"]).tolist():
+            grid = self._grid(source_id)
+            of_source = tiles[tiles["source_id"] == source_id]
+            outside = (
+                (of_source["row"] < 0)
+                | (of_source["row"] >= grid.n_rows)
+                | (of_source["col"] < 0)
+                | (of_source["col"] >= grid.n_cols)
+            )
+            if outside.any():
+                first = of_source[np.argmax(outside)]
+                raise SearchIndexError(
+                    f"tile (row {first['row']}, col {first['col']}) is outside the {grid.n_rows} x "
+                    f"{grid.n_cols} grid of source {source_id}; pass tile ids from that source's grid"
+                )
+
+    # -- saving -------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        """Write the index atomically as a new generation and remove older generations."""
+        generation = int(self._manifest["generation"]) + 1
+        embeddings = self.embeddings
+        tile_table = self.tile_table
+        paths = {kind: self._folder / _data_file_name(kind, generation) for kind in DATA_FILE_KINDS}
+
+        self._write_atomically(paths["graph"], lambda temp: self._graph.save_index(str(temp)))
+        self._write_atomically(paths["embeddings"], lambda temp: _write_embeddings(temp, embeddings))
+        self._write_atomically(paths["tiles"], lambda temp: _write_npy(temp, tile_table))
+
+        manifest = dict(self._manifest)
+        manifest["generation"] = generation
+        manifest["files"] = {
+            kind: {"name": paths[kind].name, "size_bytes": paths[kind].stat().st_size} for kind in DATA_FILE_KINDS
+        }
+        manifest["updated_at"] = _utc_now()
+        manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+        # The manifest is replaced last: until then it names the previous generation's files,
+        # which are all still present, so an interrupted save leaves the previous index intact.
+        self._write_atomically(
+            self._folder / MANIFEST_NAME, lambda temp: temp.write_text(manifest_text, encoding="utf-8")
+        )
+        self._manifest = manifest
+
+        # Drop the reference to the old memory map before removing its file (Windows cannot
+        # delete a mapped file).
+        self._stored_embeddings = np.load(paths["embeddings"], mmap_mode="r", allow_pickle=False)
+        self._stored_tile_table = tile_table
+        self._remove_stale_files(keep={path.name for path in paths.values()})
+        logger.info("saved index %s: %d tiles, generation %d", self._folder, self.count, generation)
+
+    def _write_atomically(self, path: Path, write: Any) -> None:
+        temp_path = path.with_name(path.name + ".tmp")
+        write(temp_path)
+        _fsync_path(temp_path)
+        os.replace(temp_path, path)
+        _fsync_directory(self._folder)
+
+    def _remove_stale_files(self, keep: set[str]) -> None:
+        for path in self._folder.iterdir():
+            is_data_file = DATA_FILE_PATTERN.match(path.name) is not None
+            is_manifest_temp = path.name == MANIFEST_NAME + ".tmp"
+            if (is_data_file or is_manifest_temp) and path.name not in keep:
+                try:
+                    path.unlink()
+                except OSError as error:
+                    # Still mapped by a caller (Windows) or read-only: the next save retries.
+                    logger.warning("could not remove old index file %s: %s", path, error)
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def knn(self, vectors: np.ndarray, k: int, ef: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+        """Find the k nearest tiles of each query vector.
+
+        Returns ``(tile_ids int64 (q, k'), similarities float32 (q, k'))`` with
+        ``k' = min(k, count)``, so an empty index gives ``(q, 0)`` arrays. Similarity is the
+        cosine similarity in [-1, 1], best first. ``ef`` overrides the stored ``ef_search`` and is
+        raised to k' when smaller. Small indexes and large k use exact search.
+        """
+        queries = _as_query_matrix(vectors, self.embedding_dim)
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise SearchError(f"k {k!r} is invalid; pass the number of neighbours as a positive integer")
+        n_results = min(int(k), self.count)
+        if n_results == 0:
+            return np.empty((queries.shape[0], 0), dtype=np.int64), np.empty((queries.shape[0], 0), dtype=np.float32)
+
+        if self.count <= EXACT_SEARCH_MAX_TILES or n_results >= EXACT_SEARCH_MIN_FRACTION * self.count:
+            return exact_knn(self.embeddings, queries, n_results)
+
+        ef_search = max(int(ef) if ef is not None else int(self._manifest["hnsw"]["ef_search"]), n_results)
+        self._graph.set_ef(ef_search)
+        try:
+            labels, distances = self._graph.knn_query(queries, k=n_results)
+        except RuntimeError as error:
+            # hnswlib raises when the graph search reaches fewer than k tiles.
+            logger.warning("HNSW search for k=%d failed (%s); using exact search", n_results, error)
+            return exact_knn(self.embeddings, queries, n_results)
+        similarities = np.clip(1.0 - distances, -1.0, 1.0).astype(np.float32)
+        return labels.astype(np.int64), similarities
+
+    def tile_bounds(self, tile_id: int) -> tuple[float, float, float, float]:
+        """Return the footprint ``(xmin, ymin, xmax, ymax)`` of a tile in its grid's CRS."""
+        tile = self._tile(tile_id)
+        return tuple(self._grid(int(tile["source_id"])).tile_bounds(int(tile["row"]), int(tile["col"])))
+
+    def tile_crs_wkt(self, tile_id: int) -> str:
+        """Return the WKT of the CRS that ``tile_bounds(tile_id)`` is in (the source's grid CRS)."""
+        tile = self._tile(tile_id)
+        return self._grid(int(tile["source_id"])).crs_wkt
+
+    def _tile(self, tile_id: int) -> np.void:
+        if not 0 <= int(tile_id) < self.count:
+            raise SearchIndexError(f"tile id {tile_id} not found; the index has {self.count} tiles")
+        return self.tile_table[int(tile_id)]
+
+
+def _table_from_columns(array: np.ndarray) -> np.ndarray:
+    tiles = np.empty(array.shape[0], dtype=TILE_TABLE_DTYPE)
+    tiles["source_id"] = array[:, 0]
+    tiles["row"] = array[:, 1]
+    tiles["col"] = array[:, 2]
+    return tiles
+
+
+def _normalise_rows_for_index(vectors: np.ndarray) -> np.ndarray:
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        first = int(np.argmin(finite))
+        raise SearchIndexError(
+            f"{int((~finite).sum())} embeddings contain NaN or infinity (first at row {first}); check the "
+            "encoder input for nodata values"
+        )
+    norms = np.linalg.norm(vectors, axis=1)
+    zero = norms == 0
+    if zero.any():
+        first = int(np.argmax(zero))
+        raise SearchIndexError(
+            f"{int(zero.sum())} embeddings are all zeros (first at row {first}); skip blank or nodata tiles "
+            "before encoding them"
+        )
+    if np.abs(norms - 1.0).max() > NORM_TOLERANCE:
+        vectors = vectors / norms[:, None]
+    return np.ascontiguousarray(vectors, dtype=np.float32)
+
+
+def _as_query_matrix(vectors: np.ndarray, embedding_dim: int) -> np.ndarray:
+    """Check query vectors and return them L2-normalised as float32 ``(q, dim)``."""
+    queries = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    if queries.ndim != 2 or queries.shape[1] != embedding_dim:
+        raise SearchError(
+            f"query vectors have shape {np.shape(vectors)} but the index contains {embedding_dim}-dim embeddings; "
+            "embed the query with the index's encoder"
+        )
+    if not np.isfinite(queries).all():
+        raise SearchError("a query embedding contains NaN or infinity; check the query area for nodata values")
+    norms = np.linalg.norm(queries, axis=1)
+    if (norms == 0).any():
+        raise SearchError(
+            "a query embedding is all zeros, so the query area is blank or nodata; draw the query over "
+            "imagery with content"
+        )
+    return np.ascontiguousarray(queries / norms[:, None], dtype=np.float32)
+
+
+def _write_embeddings(path: Path, embeddings: np.ndarray) -> None:
+    # Written block by block so that copying a memory-mapped generation does not load it.
+    output = np.lib.format.open_memmap(path, mode="w+", dtype=EMBEDDING_DTYPE, shape=embeddings.shape)
+    for block_start in range(0, embeddings.shape[0], EXACT_SEARCH_BLOCK_ROWS):
+        block_stop = block_start + EXACT_SEARCH_BLOCK_ROWS
+        output[block_start:block_stop] = embeddings[block_start:block_stop]
+    output.flush()
+    del output
+
+
+def _write_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+
+
+def _json_copy(value: Mapping[str, Any], what: str) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(value)))
+    except (TypeError, ValueError) as error:
+        raise SearchIndexError(
+            f"{what} cannot be stored as JSON ({error}); pass plain values (str, number, list, dict)"
+        ) from error
+
+
+def _read_generation_for_overwrite(manifest_path: Path) -> int:
+    """Return the generation of an index about to be replaced, or 0 if its manifest is unreadable."""
+    try:
+        generation = json.loads(manifest_path.read_text(encoding="utf-8")).get("generation", 0)
+    except (OSError, ValueError) as error:
+        logger.warning("replacing index with unreadable manifest %s: %s", manifest_path, error)
+        return 0
+    return int(generation) if isinstance(generation, int) else 0
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    manifest_path = folder / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise SearchIndexError(
+            f"{manifest_path} not found, so {folder} is not a Lookalike index; choose the index folder "
+            "or build an index there"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise SearchIndexError(
+            f"{manifest_path} cannot be read as JSON ({error}); the index is damaged, rebuild it"
+        ) from error
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise SearchIndexError(f"{manifest_path} is not a Lookalike index manifest; choose the index folder")
+
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        newer = isinstance(version, int) and version > FORMAT_VERSION
+        fix = "update the Lookalike plugin" if newer else "rebuild the index with this version of Lookalike"
+        raise SearchIndexError(
+            f"index {folder} has format version {version!r} but this plugin reads version {FORMAT_VERSION}; {fix}"
+        )
+
+    required = ("generation", "files", "encoder", "metric", "tile_count", "sources", "hnsw", "build_parameters")
+    missing = [key for key in required if key not in manifest]
+    if missing:
+        raise SearchIndexError(f"{manifest_path} lacks {', '.join(missing)}; the index is damaged, rebuild it")
+    count = manifest["tile_count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise SearchIndexError(f"{manifest_path} has tile_count {count!r}; the index is damaged, rebuild it")
+    return manifest
+
+
+def _check_data_files(folder: Path, manifest: dict[str, Any]) -> dict[str, Path]:
+    paths: dict[str, Path] = {}
+    for kind in DATA_FILE_KINDS:
+        entry = manifest["files"].get(kind)
+        if not isinstance(entry, dict) or "name" not in entry or "size_bytes" not in entry:
+            raise SearchIndexError(
+                f"{folder / MANIFEST_NAME} does not name the {kind} file; the index is damaged, rebuild it"
+            )
+        path = folder / entry["name"]
+        if not path.is_file():
+            raise SearchIndexError(f"index file {path} is missing; the index is damaged, rebuild it")
+        size_bytes = path.stat().st_size
+        if size_bytes != entry["size_bytes"]:
+            raise SearchIndexError(
+                f"index file {path} has {size_bytes} bytes but the manifest expects {entry['size_bytes']}; "
+                "the file was truncated or replaced, rebuild the index"
+            )
+        paths[kind] = path
+    return paths

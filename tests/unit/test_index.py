@@ -1,0 +1,582 @@
+"""Tests of the on-disk tile index: layout, validation, atomic saves and HNSW recall."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import osr
+
+from lookalike.core import index as index_module
+from lookalike.core.errors import GridError, SearchError, SearchIndexError
+from lookalike.core.grid import TileGrid
+from lookalike.core.index import TILE_TABLE_DTYPE, TileIndex, exact_knn, make_tile_table
+
+EMBEDDING_DIM = 16
+
+
+def utm_wkt() -> str:
+    reference = osr.SpatialReference()
+    reference.ImportFromEPSG(32633)
+    return reference.ExportToWkt()
+
+
+def encoder_info(name: str = "test-encoder", checksum: str = "a" * 64, dim: int = EMBEDDING_DIM) -> dict:
+    return {"name": name, "checksum": checksum, "embedding_dim": dim, "spec": {"input_size_px": 32}}
+
+
+def small_grid(n_rows: int = 10, n_cols: int = 10) -> TileGrid:
+    # 100 m tiles every 50 m: neighbouring tiles overlap by half, as in a real build.
+    return TileGrid(
+        crs_wkt=utm_wkt(),
+        origin_x=500000.0,
+        origin_y=4000000.0,
+        gsd=1.0,
+        tile_size_px=100,
+        stride_px=50,
+        n_rows=n_rows,
+        n_cols=n_cols,
+    )
+
+
+def source_record(grid: TileGrid, path: str = "/data/scene.tif") -> dict:
+    return {
+        "path": path,
+        "crs_wkt": grid.crs_wkt,
+        "checksum": "b" * 64,
+        "grid": grid.to_dict(),
+        "band_indexes": [1, 2, 3],
+        "value_stretch": {"low": [0, 0, 0], "high": [255, 255, 255]},
+    }
+
+
+def unit_vectors(n: int, dim: int = EMBEDDING_DIM, seed: int = 0) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def first_tiles(source_id: int, n: int, n_cols: int = 10) -> np.ndarray:
+    return make_tile_table(source_id, np.arange(n) // n_cols, np.arange(n) % n_cols)
+
+
+def filled_index(folder: Path, n: int = 30, **create_options) -> TileIndex:
+    index = TileIndex.create(folder, encoder_info(), **create_options)
+    source_id = index.add_source(source_record(small_grid()))
+    index.add(unit_vectors(n), first_tiles(source_id, n))
+    index.save()
+    return index
+
+
+@pytest.fixture
+def force_hnsw(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make knn() use the graph even for tiny indexes and large k."""
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_TILES", 0)
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MIN_FRACTION", 2.0)
+
+
+def data_file_names(folder: Path) -> set:
+    return {path.name for path in folder.iterdir() if path.name != "manifest.json"}
+
+
+# -- create and open -------------------------------------------------------------------------------
+
+
+def test_round_trip_keeps_everything(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    built = filled_index(folder, n=30, build_parameters={"overlap_fraction": 0.5})
+    built_ids, built_similarities = built.knn(unit_vectors(3, seed=9), k=5)
+
+    opened = TileIndex.open(folder)
+
+    assert opened.count == 30
+    assert isinstance(opened.embeddings, np.memmap)
+    assert opened.embeddings.dtype == np.float16
+    np.testing.assert_allclose(opened.embeddings, unit_vectors(30), atol=1e-3)
+    np.testing.assert_array_equal(opened.tile_table, first_tiles(0, 30))
+    assert opened.encoder_info == encoder_info()
+    assert opened.metric == "cosine"
+    assert opened.build_parameters == {"overlap_fraction": 0.5}
+    assert opened.hnsw_parameters["m"] == index_module.DEFAULT_M
+    assert opened.hnsw_parameters["space"] == "ip"
+    source = opened.sources[0]
+    assert source["id"] == 0
+    assert source["tile_count"] == 30
+    assert source["path"] == "/data/scene.tif"
+    assert source["band_indexes"] == [1, 2, 3]
+    assert TileGrid.from_dict(source["grid"]) == small_grid()
+    opened_ids, opened_similarities = opened.knn(unit_vectors(3, seed=9), k=5)
+    np.testing.assert_array_equal(opened_ids, built_ids)
+    np.testing.assert_allclose(opened_similarities, built_similarities, atol=1e-6)
+
+
+def test_manifest_layout(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=4)
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+
+    assert manifest["format"] == "lookalike-index"
+    assert manifest["format_version"] == index_module.FORMAT_VERSION
+    assert manifest["tile_count"] == 4
+    assert manifest["encoder"]["checksum"] == "a" * 64
+    assert set(manifest["files"]) == {"graph", "embeddings", "tiles"}
+    for entry in manifest["files"].values():
+        assert (folder / entry["name"]).stat().st_size == entry["size_bytes"]
+    assert data_file_names(folder) == {entry["name"] for entry in manifest["files"].values()}
+    assert manifest["created_at"] <= manifest["updated_at"]
+
+
+def test_create_rejects_foreign_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "holiday.jpg").write_bytes(b"jpeg")
+
+    with pytest.raises(SearchIndexError, match="not empty and contains no index"):
+        TileIndex.create(folder, encoder_info())
+    with pytest.raises(SearchIndexError, match="not empty and contains no index"):
+        TileIndex.create(folder, encoder_info(), overwrite=True)
+    assert data_file_names(folder) == {"holiday.jpg"}
+
+
+def test_create_existing_index_needs_overwrite(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=5)
+    (folder / "notes.txt").write_text("analyst notes")
+
+    with pytest.raises(SearchIndexError, match="overwrite=True"):
+        TileIndex.create(folder, encoder_info())
+    assert TileIndex.open(folder).count == 5
+
+    replaced = TileIndex.create(folder, encoder_info(dim=8), overwrite=True)
+
+    assert replaced.count == 0
+    reopened = TileIndex.open(folder)
+    assert reopened.count == 0
+    assert reopened.embedding_dim == 8
+    assert "notes.txt" in data_file_names(folder)
+    assert len(data_file_names(folder)) == 4
+
+
+def test_create_rejects_bad_encoder_info(tmp_path: Path) -> None:
+    info = encoder_info()
+    del info["checksum"]
+    with pytest.raises(SearchIndexError, match="checksum"):
+        TileIndex.create(tmp_path / "a", info)
+    with pytest.raises(SearchIndexError, match="embedding_dim 0"):
+        TileIndex.create(tmp_path / "b", encoder_info(dim=0))
+    with pytest.raises(SearchIndexError, match="metric 'l2'"):
+        TileIndex.create(tmp_path / "c", encoder_info(), metric="l2")
+
+
+def test_open_missing_folder_names_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-index"
+    with pytest.raises(SearchIndexError, match=str(missing)):
+        TileIndex.open(missing)
+
+
+def test_open_folder_without_manifest(tmp_path: Path) -> None:
+    with pytest.raises(SearchIndexError, match="manifest.json not found"):
+        TileIndex.open(tmp_path)
+
+
+def test_open_rejects_other_format_version(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+
+    manifest["format_version"] = 99
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SearchIndexError, match="format version 99.*update the Lookalike plugin"):
+        TileIndex.open(folder)
+
+    manifest["format_version"] = 0
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(SearchIndexError, match="format version 0.*rebuild the index"):
+        TileIndex.open(folder)
+
+
+def test_open_rejects_unparsable_manifest(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    (folder / "manifest.json").write_text("{ not json")
+
+    with pytest.raises(SearchIndexError, match="cannot be read as JSON"):
+        TileIndex.open(folder)
+
+
+@pytest.mark.parametrize("kind", ["graph", "embeddings", "tiles"])
+def test_open_names_missing_file(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    name = json.loads((folder / "manifest.json").read_text())["files"][kind]["name"]
+    (folder / name).unlink()
+
+    with pytest.raises(SearchIndexError, match=f"{name} is missing"):
+        TileIndex.open(folder)
+
+
+@pytest.mark.parametrize("kind", ["graph", "embeddings", "tiles"])
+def test_open_detects_truncated_file(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"][kind]["name"]
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size - 8)
+
+    with pytest.raises(SearchIndexError, match="truncated or replaced"):
+        TileIndex.open(folder)
+
+
+def test_open_detects_count_mismatch(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["tile_count"] = 4
+    manifest_path.write_text(json.dumps(manifest))
+
+    with pytest.raises(SearchIndexError, match="expects float16 \\(4, 16\\)"):
+        TileIndex.open(folder)
+
+
+def test_open_detects_corrupt_graph(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    path = folder / manifest["files"]["graph"]["name"]
+    # Same size, so only hnswlib's own checks can notice.
+    path.write_bytes(b"\xff" * manifest["files"]["graph"]["size_bytes"])
+
+    with pytest.raises(SearchIndexError, match="cannot be loaded"):
+        TileIndex.open(folder)
+
+
+# -- encoder and sources -----------------------------------------------------------------------------
+
+
+def test_check_encoder_accepts_same_checksum(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+    index.check_encoder("renamed-but-same-file", "a" * 64)
+
+
+def test_check_encoder_mismatch_names_both(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info(name="resnet-rgb"))
+
+    with pytest.raises(SearchIndexError) as raised:
+        index.check_encoder("vit-naip", "f" * 64)
+
+    message = str(raised.value)
+    assert "'resnet-rgb'" in message
+    assert "'vit-naip'" in message
+    assert "aaaaaaaaaaaa" in message
+    assert "ffffffffffff" in message
+
+
+def test_add_source_rejects_bad_records(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+    with pytest.raises(SearchIndexError, match="grid"):
+        index.add_source({"path": "/data/x.tif"})
+    broken_grid = small_grid().to_dict()
+    del broken_grid["gsd"]
+    with pytest.raises(GridError, match="gsd"):
+        index.add_source({"path": "/data/x.tif", "grid": broken_grid})
+    with pytest.raises(SearchIndexError, match="JSON"):
+        index.add_source({"path": Path("/data/x.tif"), "grid": small_grid().to_dict()})
+    assert index.sources == []
+
+
+def test_update_source_is_saved(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = filled_index(folder, n=3)
+
+    index.update_source(0, {"skipped_counts": {"nodata": 7, "masked": 2}})
+    with pytest.raises(SearchIndexError, match="tile_count"):
+        index.update_source(0, {"tile_count": 1})
+    with pytest.raises(SearchIndexError, match="source id 5 not found"):
+        index.update_source(5, {"skipped_counts": {}})
+    index.save()
+
+    assert TileIndex.open(folder).sources[0]["skipped_counts"] == {"nodata": 7, "masked": 2}
+
+
+def test_tile_bounds_from_source_grid(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+    grid = small_grid()
+    other_grid = TileGrid(
+        crs_wkt='LOCAL_CS["local"]',
+        origin_x=0.0,
+        origin_y=0.0,
+        gsd=2.0,
+        tile_size_px=10,
+        stride_px=10,
+        n_rows=2,
+        n_cols=2,
+    )
+    first = index.add_source(source_record(grid))
+    second = index.add_source(source_record(other_grid, path="/data/other.tif"))
+    index.add(unit_vectors(2), np.array([[first, 3, 4], [second, 1, 1]], dtype=np.int64))
+
+    assert index.tile_bounds(0) == grid.tile_bounds(3, 4)
+    assert index.tile_bounds(0) == (500200.0, 3999750.0, 500300.0, 3999850.0)
+    assert index.tile_crs_wkt(0) == grid.crs_wkt
+    assert index.tile_bounds(1) == (20.0, -40.0, 40.0, -20.0)
+    assert index.tile_crs_wkt(1) == 'LOCAL_CS["local"]'
+    with pytest.raises(SearchIndexError, match="tile id 2 not found"):
+        index.tile_bounds(2)
+
+
+# -- adding ------------------------------------------------------------------------------------------
+
+
+def test_add_rejects_invalid_input(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+    source_id = index.add_source(source_record(small_grid()))
+    vectors = unit_vectors(3)
+
+    with pytest.raises(SearchIndexError, match="16-dim"):
+        index.add(unit_vectors(3, dim=8), first_tiles(source_id, 3))
+    with pytest.raises(SearchIndexError, match="3 embeddings but 2 tile table rows"):
+        index.add(vectors, first_tiles(source_id, 2))
+    zero = vectors.copy()
+    zero[1] = 0.0
+    with pytest.raises(SearchIndexError, match="all zeros \\(first at row 1\\).*blank or nodata"):
+        index.add(zero, first_tiles(source_id, 3))
+    nan = vectors.copy()
+    nan[2, 5] = np.nan
+    with pytest.raises(SearchIndexError, match="NaN.*row 2"):
+        index.add(nan, first_tiles(source_id, 3))
+    with pytest.raises(SearchIndexError, match="outside the 10 x 10 grid"):
+        index.add(vectors, make_tile_table(source_id, [0, 0, 10], [0, 1, 2]))
+    with pytest.raises(SearchIndexError, match="source id 1 not found"):
+        index.add(vectors, first_tiles(1, 3))
+    with pytest.raises(SearchIndexError, match="tile table"):
+        index.add(vectors, np.zeros((3, 2), dtype=np.int64))
+
+    assert index.count == 0
+    assert index.sources[0]["tile_count"] == 0
+
+
+def test_add_normalises_embeddings(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+    source_id = index.add_source(source_record(small_grid()))
+
+    index.add(3.0 * unit_vectors(2), first_tiles(source_id, 2))
+
+    np.testing.assert_allclose(np.linalg.norm(index.embeddings.astype(np.float32), axis=1), 1.0, atol=1e-3)
+    _, similarities = index.knn(unit_vectors(2)[:1], k=1)
+    assert similarities[0, 0] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_add_accepts_column_array(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+    source_id = index.add_source(source_record(small_grid()))
+
+    tile_ids = index.add(unit_vectors(2), np.array([[source_id, 2, 3], [source_id, 4, 5]]))
+
+    np.testing.assert_array_equal(tile_ids, [0, 1])
+    assert index.tile_table.dtype == TILE_TABLE_DTYPE
+    assert index.tile_table[1].tolist() == (source_id, 4, 5)
+
+
+def test_incremental_add_resizes_graph(tmp_path: Path, force_hnsw: None) -> None:
+    folder = tmp_path / "index"
+    index = TileIndex.create(folder, encoder_info(), initial_capacity_tiles=8)
+    source_id = index.add_source(source_record(small_grid()))
+    vectors = unit_vectors(50)
+
+    tiles = first_tiles(source_id, 50)
+    for batch_start in range(0, 50, 10):
+        batch = slice(batch_start, batch_start + 10)
+        tile_ids = index.add(vectors[batch], tiles[batch])
+        np.testing.assert_array_equal(tile_ids, np.arange(batch_start, batch_start + 10))
+        if batch_start == 20:
+            index.save()
+
+    assert index.count == 50
+    assert index.sources[0]["tile_count"] == 50
+    nearest, similarities = index.knn(vectors, k=1)
+    np.testing.assert_array_equal(nearest[:, 0], np.arange(50))
+    np.testing.assert_allclose(similarities[:, 0], 1.0, atol=1e-5)
+
+    index.save()
+    reopened = TileIndex.open(folder)
+    source_id = 0
+    more = unit_vectors(20, seed=3)
+    reopened.add(more, make_tile_table(source_id, np.full(20, 9), np.arange(20) % 10))
+    nearest, _ = reopened.knn(np.concatenate([vectors, more]), k=1)
+    np.testing.assert_array_equal(nearest[:, 0], np.arange(70))
+
+
+# -- atomic saves ------------------------------------------------------------------------------------
+
+
+def test_crash_before_manifest_keeps_old_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "index"
+    index = filled_index(folder, n=10)
+    files_before = data_file_names(folder)
+    index.add(unit_vectors(5, seed=4), make_tile_table(0, np.full(5, 5), np.arange(5)))
+
+    real_replace = os.replace
+
+    def crash_on_manifest(source: str, target: str) -> None:
+        if Path(target).name == "manifest.json":
+            raise OSError("simulated power loss")
+        real_replace(source, target)
+
+    monkeypatch.setattr(index_module.os, "replace", crash_on_manifest)
+    with pytest.raises(OSError, match="simulated power loss"):
+        index.save()
+    monkeypatch.setattr(index_module.os, "replace", real_replace)
+
+    survivor = TileIndex.open(folder)
+    assert survivor.count == 10
+    assert survivor.sources[0]["tile_count"] == 10
+    np.testing.assert_allclose(survivor.embeddings, unit_vectors(10), atol=1e-3)
+    assert files_before < data_file_names(folder)
+
+    # The next successful save publishes the tiles and removes the orphaned files.
+    index.save()
+    assert TileIndex.open(folder).count == 15
+    assert len(data_file_names(folder)) == 3
+
+
+def test_crash_between_data_files_keeps_old_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "index"
+    index = filled_index(folder, n=10)
+    index.add(unit_vectors(5, seed=4), make_tile_table(0, np.full(5, 5), np.arange(5)))
+
+    def crash_writing_tiles(path: Path, array: np.ndarray) -> None:
+        path.write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_module, "_write_npy", crash_writing_tiles)
+    with pytest.raises(OSError, match="disk full"):
+        index.save()
+
+    assert TileIndex.open(folder).count == 10
+
+
+def test_save_removes_old_generations(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = filled_index(folder, n=4)
+    for step in range(3):
+        index.add(unit_vectors(2, seed=10 + step), make_tile_table(0, [6 + step, 6 + step], [0, 1]))
+        index.save()
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert data_file_names(folder) == {entry["name"] for entry in manifest["files"].values()}
+    assert TileIndex.open(folder).count == 10
+
+
+# -- nearest neighbours ------------------------------------------------------------------------------
+
+
+def test_knn_k_larger_than_count(tmp_path: Path, force_hnsw: None) -> None:
+    index = filled_index(tmp_path / "index", n=6)
+
+    tile_ids, similarities = index.knn(unit_vectors(2, seed=5), k=50)
+
+    assert tile_ids.shape == (2, 6)
+    assert similarities.shape == (2, 6)
+    assert sorted(tile_ids[0].tolist()) == list(range(6))
+    assert (np.diff(similarities, axis=1) <= 1e-6).all()
+
+
+def test_knn_empty_index(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info())
+
+    tile_ids, similarities = index.knn(unit_vectors(3), k=10)
+
+    assert tile_ids.shape == (3, 0)
+    assert similarities.shape == (3, 0)
+
+
+def test_knn_raises_ef_to_k(tmp_path: Path, force_hnsw: None) -> None:
+    index = filled_index(tmp_path / "index", n=60)
+    query = unit_vectors(1, seed=6)
+
+    tile_ids, _ = index.knn(query, k=40, ef=1)
+
+    expected_ids, _ = exact_knn(index.embeddings, query, 40)
+    assert tile_ids.shape == (1, 40)
+    assert len(set(tile_ids[0].tolist()) & set(expected_ids[0].tolist())) >= 38
+
+
+def test_knn_rejects_invalid_queries(tmp_path: Path) -> None:
+    index = filled_index(tmp_path / "index", n=3)
+    with pytest.raises(SearchError, match="16-dim"):
+        index.knn(unit_vectors(1, dim=8), k=1)
+    with pytest.raises(SearchError, match="blank or nodata"):
+        index.knn(np.zeros(EMBEDDING_DIM), k=1)
+    with pytest.raises(SearchError, match="k 0 is invalid"):
+        index.knn(unit_vectors(1), k=0)
+
+
+def test_exact_knn_orders_ties_by_id() -> None:
+    vectors = unit_vectors(3)
+    embeddings = np.stack([vectors[0], vectors[1], vectors[0], vectors[2], vectors[0]]).astype(np.float16)
+
+    tile_ids, similarities = exact_knn(embeddings, vectors[:1], k=4)
+
+    assert tile_ids[0, :3].tolist() == [0, 2, 4]
+    assert similarities[0, 0] == similarities[0, 2]
+
+
+def test_exact_knn_blocks_match_full_sort(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_BLOCK_ROWS", 7)
+    embeddings = unit_vectors(100, seed=7)
+    queries = unit_vectors(4, seed=8)
+
+    tile_ids, similarities = exact_knn(embeddings, queries, k=12)
+
+    expected = np.argsort(-(queries @ embeddings.T), axis=1, kind="stable")[:, :12]
+    np.testing.assert_array_equal(tile_ids, expected)
+    np.testing.assert_allclose(similarities, np.take_along_axis(queries @ embeddings.T, expected, 1), atol=1e-6)
+
+
+def clustered_embeddings(n: int, n_queries: int, seed: int) -> tuple:
+    """Return ``(tiles, queries)`` shaped like encoder embeddings: clusters in a subspace.
+
+    The model assumed here: encoder embeddings use a low-dimensional part of their 1280
+    dimensions and cluster by what the tiles show. Here 50 cluster centres live in a 512-dim
+    subspace, points spread around them, and a little full-dimensional noise is added. Queries
+    are fresh points from the same clusters.
+    """
+    rng = np.random.default_rng(seed)
+    dim, subspace_dim, n_clusters = 1280, 512, 50
+    projection = rng.standard_normal((subspace_dim, dim)).astype(np.float32) / np.sqrt(subspace_dim)
+    centres = rng.standard_normal((n_clusters, subspace_dim)).astype(np.float32)
+
+    def draw(count: int) -> np.ndarray:
+        latent = centres[rng.integers(0, n_clusters, count)]
+        latent = latent + rng.standard_normal((count, subspace_dim)).astype(np.float32)
+        points = latent @ projection + 0.1 * rng.standard_normal((count, dim)).astype(np.float32)
+        return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+    return draw(n), draw(n_queries)
+
+
+def hnsw_recall_at_10(folder: Path, **create_options) -> float:
+    tiles, queries = clustered_embeddings(n=4000, n_queries=200, seed=11)
+    index = TileIndex.create(folder, encoder_info(dim=1280), **create_options)
+    source_id = index.add_source(source_record(small_grid(n_rows=40, n_cols=100)))
+    index.add(tiles, make_tile_table(source_id, np.arange(4000) // 100, np.arange(4000) % 100))
+    assert index.count > index_module.EXACT_SEARCH_MAX_TILES, "the index must be large enough to use HNSW"
+
+    found, _ = index.knn(queries, k=10)
+    expected, _ = exact_knn(tiles, queries, k=10)
+    return float(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found.tolist(), expected.tolist())]))
+
+
+def test_hnsw_recall_at_10(tmp_path: Path) -> None:
+    # Recall on real encoder embeddings is measured by the benchmarks. This test checks that the
+    # default M, ef_construction and ef_search keep HNSW close to exact search.
+    assert hnsw_recall_at_10(tmp_path / "index") >= 0.98
+
+
+def test_recall_data_is_not_trivial(tmp_path: Path) -> None:
+    # A starved graph must fail the threshold, or the recall test above could never fail.
+    starved = hnsw_recall_at_10(tmp_path / "index", m=4, ef_construction=16, ef_search=10)
+    assert starved < 0.9

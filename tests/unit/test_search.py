@@ -1,0 +1,386 @@
+"""Tests of search(): query strategies, negatives, overlap suppression and widening."""
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import osr
+
+from lookalike.core import index as index_module
+from lookalike.core import search as search_module
+from lookalike.core.errors import SearchError
+from lookalike.core.grid import TileGrid
+from lookalike.core.index import TileIndex, make_tile_table
+from lookalike.core.search import Match, compare_query_strategies, overlap_fraction, search
+
+EMBEDDING_DIM = 32
+N_ROWS = 8
+N_COLS = 8
+
+
+def crs_wkt(epsg: int) -> str:
+    reference = osr.SpatialReference()
+    reference.ImportFromEPSG(epsg)
+    return reference.ExportToWkt()
+
+
+UTM_WKT = crs_wkt(32633)
+
+
+def overlapping_grid() -> TileGrid:
+    # 100 m tiles every 50 m, so each tile overlaps its neighbours by half, as in a build with
+    # overlap_fraction=0.5.
+    return TileGrid(
+        crs_wkt=UTM_WKT,
+        origin_x=500000.0,
+        origin_y=4000000.0,
+        gsd=1.0,
+        tile_size_px=100,
+        stride_px=50,
+        n_rows=N_ROWS,
+        n_cols=N_COLS,
+    )
+
+
+def unit(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def random_unit_vectors(n: int, seed: int) -> np.ndarray:
+    return unit(np.random.default_rng(seed).standard_normal((n, EMBEDDING_DIM)))
+
+
+def build_index(folder: Path, embeddings: np.ndarray) -> TileIndex:
+    """Index one embedding per grid tile in row-major order, so tile id = row * N_COLS + col."""
+    index = TileIndex.create(folder, {"name": "test", "checksum": "c" * 64, "embedding_dim": EMBEDDING_DIM, "spec": {}})
+    grid = overlapping_grid()
+    source_id = index.add_source({"path": "/data/scene.tif", "crs_wkt": UTM_WKT, "grid": grid.to_dict()})
+    n = embeddings.shape[0]
+    index.add(embeddings, make_tile_table(source_id, np.arange(n) // N_COLS, np.arange(n) % N_COLS))
+    return index
+
+
+def smooth_field_embeddings(query: np.ndarray, seed: int) -> np.ndarray:
+    """Return tile embeddings whose similarity to ``query`` falls off with distance from tile (3, 3).
+
+    Neighbouring tiles then score almost as high as the best one, like the overlapping tiles
+    around an object in real imagery.
+    """
+    rows, cols = np.divmod(np.arange(N_ROWS * N_COLS), N_COLS)
+    distance = np.hypot(rows - 3, cols - 3)
+    noise = random_unit_vectors(N_ROWS * N_COLS, seed)
+    return unit(query[None, :] * (4.0 - 0.4 * distance[:, None]) + 0.6 * noise)
+
+
+def intersection_over_smaller(first: tuple, second: tuple) -> float:
+    width = max(0.0, min(first[2], second[2]) - max(first[0], second[0]))
+    height = max(0.0, min(first[3], second[3]) - max(first[1], second[1]))
+    smaller = min((first[2] - first[0]) * (first[3] - first[1]), (second[2] - second[0]) * (second[3] - second[1]))
+    return width * height / smaller
+
+
+def greedy_reference(index: TileIndex, query: np.ndarray, k: int, max_overlap: float) -> list:
+    """Rank all tiles by exact cosine and suppress greedily: what search() must reproduce."""
+    scores = index.embeddings.astype(np.float64) @ unit(query)[0].astype(np.float64)
+    order = np.lexsort((np.arange(scores.size), -scores.astype(np.float32)))
+    kept_tile_ids: list = []
+    for tile_id in order.tolist():
+        bounds = index.tile_bounds(tile_id)
+        overlaps = [intersection_over_smaller(bounds, index.tile_bounds(other)) for other in kept_tile_ids]
+        if all(overlap <= max_overlap for overlap in overlaps):
+            kept_tile_ids.append(tile_id)
+        if len(kept_tile_ids) == k:
+            break
+    return kept_tile_ids
+
+
+# -- results -------------------------------------------------------------------------------------------
+
+
+def test_best_match_fields(tmp_path: Path) -> None:
+    embeddings = random_unit_vectors(N_ROWS * N_COLS, seed=1)
+    index = build_index(tmp_path / "index", embeddings)
+
+    matches = search(index, embeddings[19], k=3)
+
+    best = matches[0]
+    assert isinstance(best, Match)
+    assert best.rank == 1
+    assert best.tile_id == 19
+    assert best.score == pytest.approx(1.0, abs=1e-3)
+    assert (best.source_id, best.row, best.col) == (0, 2, 3)
+    assert best.bounds == overlapping_grid().tile_bounds(2, 3)
+    assert best.crs_wkt == UTM_WKT
+    assert best.source_path == "/data/scene.tif"
+    assert [match.rank for match in matches] == [1, 2, 3]
+    assert [match.score for match in matches] == sorted((match.score for match in matches), reverse=True)
+
+
+def test_overlapping_neighbours_suppressed(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=2)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=3))
+
+    unsuppressed = search(index, query, k=5, max_overlap=1.0)
+    suppressed = search(index, query, k=5, max_overlap=0.25)
+
+    assert unsuppressed[0].tile_id == suppressed[0].tile_id == 27
+    # Without suppression the runners-up are the half-overlapping neighbours of the best tile.
+    assert intersection_over_smaller(unsuppressed[0].bounds, unsuppressed[1].bounds) == pytest.approx(0.5)
+    assert len(suppressed) == 5
+    for position, match in enumerate(suppressed):
+        for better in suppressed[:position]:
+            assert intersection_over_smaller(match.bounds, better.bounds) <= 0.25
+
+
+def test_suppression_matches_greedy_reference(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=4)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=5))
+
+    for max_overlap in (0.0, 0.25, 0.5):
+        matches = search(index, query, k=6, max_overlap=max_overlap)
+        assert [match.tile_id for match in matches] == greedy_reference(index, query, 6, max_overlap)
+
+
+def test_widening_until_k_survivors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search_module, "INITIAL_CANDIDATES_PER_MATCH", 1)
+    query = random_unit_vectors(1, seed=6)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=7))
+    requested_sizes: list = []
+    real_knn = index.knn
+
+    def recording_knn(vectors: np.ndarray, k: int, ef: object = None) -> tuple:
+        requested_sizes.append(k)
+        return real_knn(vectors, k, ef)
+
+    monkeypatch.setattr(index, "knn", recording_knn)
+
+    # max_overlap=0 keeps only tiles that share no area, so most candidates are suppressed.
+    expected = greedy_reference(index, query, 12, 0.0)
+    assert len(expected) == 12
+    matches = search(index, query, k=12, max_overlap=0.0)
+
+    assert [match.tile_id for match in matches] == expected
+    assert requested_sizes[0] == 12
+    assert len(requested_sizes) > 1
+    assert requested_sizes == sorted(requested_sizes)
+
+
+def test_widening_stops_when_index_exhausted(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=8)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=9))
+
+    expected = greedy_reference(index, query, 40, 0.0)
+    assert len(expected) < 40
+
+    matches = search(index, query, k=40, max_overlap=0.0)
+
+    assert [match.tile_id for match in matches] == expected
+
+
+def test_search_through_hnsw_graph(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_TILES", 0)
+    monkeypatch.setattr(index_module, "EXACT_SEARCH_MIN_FRACTION", 2.0)
+    query = random_unit_vectors(1, seed=10)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=11))
+
+    matches = search(index, query, k=6, max_overlap=0.25)
+
+    assert [match.tile_id for match in matches] == greedy_reference(index, query, 6, 0.25)
+
+
+# -- exclusion of the query footprint --------------------------------------------------------------------
+
+
+def test_query_footprint_excluded(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=12)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
+    query_footprint = index.tile_bounds(27)
+
+    matches = search(index, query, k=5, exclude=[(query_footprint, UTM_WKT)])
+
+    assert 27 not in [match.tile_id for match in matches]
+    for match in matches:
+        assert intersection_over_smaller(match.bounds, query_footprint) <= 0.25
+
+
+def test_query_footprint_in_other_crs(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=12)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
+    xmin, ymin, xmax, ymax = index.tile_bounds(27)
+    to_wgs84 = osr.CoordinateTransformation(_gis_order(UTM_WKT), _gis_order(crs_wkt(4326)))
+    footprint_degrees = to_wgs84.TransformBounds(xmin, ymin, xmax, ymax, 21)
+
+    # The round trip through degrees widens the box by millimetres, so max_overlap stays clear
+    # of the 0.25 that diagonal neighbours share exactly.
+    in_utm = search(index, query, k=5, exclude=[((xmin, ymin, xmax, ymax), UTM_WKT)], max_overlap=0.3)
+    in_degrees = search(index, query, k=5, exclude=[(footprint_degrees, crs_wkt(4326))], max_overlap=0.3)
+
+    assert [match.tile_id for match in in_degrees] == [match.tile_id for match in in_utm]
+
+
+def _gis_order(wkt: str) -> osr.SpatialReference:
+    reference = osr.SpatialReference()
+    reference.ImportFromWkt(wkt)
+    reference.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return reference
+
+
+def test_overlap_fraction_cases() -> None:
+    tile = (0.0, 0.0, 100.0, 100.0)
+    assert overlap_fraction(tile, (50.0, 0.0, 150.0, 100.0)) == pytest.approx(0.5)
+    assert overlap_fraction(tile, (100.0, 0.0, 200.0, 100.0)) == 0.0
+    assert overlap_fraction(tile, (10.0, 10.0, 20.0, 20.0)) == 1.0
+    assert overlap_fraction(tile, (40.0, 40.0, 40.0, 40.0)) == 1.0
+    assert overlap_fraction(tile, (140.0, 40.0, 140.0, 40.0)) == 0.0
+
+
+# -- edge cases --------------------------------------------------------------------------------------------
+
+
+def test_k_larger_than_index(tmp_path: Path) -> None:
+    embeddings = random_unit_vectors(10, seed=14)
+    index = build_index(tmp_path / "index", embeddings)
+
+    matches = search(index, embeddings[0], k=100, max_overlap=1.0)
+
+    assert len(matches) == 10
+    assert sorted(match.tile_id for match in matches) == list(range(10))
+
+
+def test_empty_index_returns_nothing(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    index = build_index(tmp_path / "index", np.empty((0, EMBEDDING_DIM), dtype=np.float32))
+
+    with caplog.at_level(logging.WARNING, logger="lookalike"):
+        matches = search(index, random_unit_vectors(1, seed=15), k=5)
+
+    assert matches == []
+    assert "is empty" in caplog.text
+
+
+def test_duplicates_rank_by_tile_id(tmp_path: Path) -> None:
+    embeddings = random_unit_vectors(N_ROWS * N_COLS, seed=16)
+    duplicate_ids = [40, 5, 63, 22]
+    embeddings[duplicate_ids] = embeddings[30]
+    index = build_index(tmp_path / "index", embeddings)
+
+    for strategy in ("mean", "max"):
+        matches = search(index, embeddings[30], k=5, max_overlap=1.0, strategy=strategy)
+        assert [match.tile_id for match in matches] == [5, 22, 30, 40, 63]
+        assert len({match.score for match in matches}) == 1
+
+
+def test_blank_query_rejected(tmp_path: Path) -> None:
+    index = build_index(tmp_path / "index", random_unit_vectors(4, seed=17))
+    with pytest.raises(SearchError, match="blank or nodata"):
+        search(index, np.zeros(EMBEDDING_DIM), k=3)
+    with pytest.raises(SearchError, match="negative embedding 1 is all zeros"):
+        negatives = np.vstack([random_unit_vectors(1, seed=19), np.zeros((1, EMBEDDING_DIM))])
+        search(index, random_unit_vectors(1, seed=18), negatives)
+    with pytest.raises(SearchError, match="NaN"):
+        search(index, np.full(EMBEDDING_DIM, np.nan), k=3)
+
+
+def test_invalid_parameters_rejected(tmp_path: Path) -> None:
+    index = build_index(tmp_path / "index", random_unit_vectors(4, seed=20))
+    query = random_unit_vectors(1, seed=21)
+    with pytest.raises(SearchError, match="32-dim"):
+        search(index, np.ones(8), k=3)
+    with pytest.raises(SearchError, match="k 0"):
+        search(index, query, k=0)
+    with pytest.raises(SearchError, match="max_overlap 1.5"):
+        search(index, query, max_overlap=1.5)
+    with pytest.raises(SearchError, match="strategy 'median'"):
+        search(index, query, strategy="median")
+    with pytest.raises(SearchError, match="negative_weight -1"):
+        search(index, query, negative_weight=-1.0)
+
+
+def test_min_score_drops_weak_matches(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=22)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=23))
+    everything = search(index, query, k=64, max_overlap=1.0)
+    threshold = everything[9].score
+
+    matches = search(index, query, k=64, max_overlap=1.0, min_score=threshold)
+
+    assert len(matches) >= 10
+    assert all(match.score >= threshold for match in matches)
+    assert len(matches) < len(everything)
+    assert search(index, query, k=5, min_score=1.01) == []
+
+
+# -- positives and negatives ------------------------------------------------------------------------------
+
+
+def negative_demotion_index(folder: Path) -> tuple:
+    """Return an index and query vectors where tile 9 resembles positive and negative, tile 54 only the positive."""
+    rng = np.random.default_rng(24)
+    basis = np.linalg.qr(rng.standard_normal((EMBEDDING_DIM, EMBEDDING_DIM)))[0].astype(np.float32)
+    positive, negative, other = basis[0], basis[1], basis[2]
+    embeddings = unit(0.2 * rng.standard_normal((N_ROWS * N_COLS, EMBEDDING_DIM)) + basis[3:4])
+    # Tiles 9 (row 1, col 1) and 54 (row 6, col 6) are far apart, so suppression stays out of it.
+    embeddings[9] = unit(positive + 0.8 * negative)[0]
+    embeddings[54] = unit(positive + 0.9 * other)[0]
+    return build_index(folder, embeddings), positive, negative
+
+
+@pytest.mark.parametrize("strategy", ["mean", "max"])
+def test_negative_demotes_similar_tile(tmp_path: Path, strategy: str) -> None:
+    index, positive, negative = negative_demotion_index(tmp_path / "index")
+
+    plain = search(index, positive, k=2, strategy=strategy)
+    with_negative = search(index, positive, negative, k=2, strategy=strategy)
+
+    assert [match.tile_id for match in plain] == [9, 54]
+    assert [match.tile_id for match in with_negative] == [54, 9]
+
+
+def test_max_strategy_widens_past_demoted_tile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One candidate per match: the first round finds only tile 9, which the negative demotes
+    # below tiles not yet seen, so search() must widen before it can trust the ranking.
+    monkeypatch.setattr(search_module, "INITIAL_CANDIDATES_PER_MATCH", 1)
+    index, positive, negative = negative_demotion_index(tmp_path / "index")
+
+    matches = search(index, positive, negative, k=1, strategy="max")
+
+    assert [match.tile_id for match in matches] == [54]
+
+
+def test_mean_strategy_score_is_cosine(tmp_path: Path) -> None:
+    index, positive, negative = negative_demotion_index(tmp_path / "index")
+
+    matches = search(index, positive, negative, k=64, max_overlap=1.0, strategy="mean")
+
+    assert all(-1.0 <= match.score <= 1.0 for match in matches)
+
+
+def test_cancelling_negatives_rejected(tmp_path: Path) -> None:
+    index, positive, _ = negative_demotion_index(tmp_path / "index")
+    with pytest.raises(SearchError, match="cancel out"):
+        search(index, positive, positive, negative_weight=1.0, strategy="mean")
+
+
+def test_max_strategy_serves_each_positive(tmp_path: Path) -> None:
+    rng = np.random.default_rng(25)
+    basis = np.linalg.qr(rng.standard_normal((EMBEDDING_DIM, EMBEDDING_DIM)))[0].astype(np.float32)
+    embeddings = unit(0.3 * rng.standard_normal((N_ROWS * N_COLS, EMBEDDING_DIM)) + basis[2:3])
+    # Two kinds of the same object: tiles 0 and 63 each copy one positive exactly.
+    embeddings[0] = basis[0]
+    embeddings[63] = basis[1]
+    index = build_index(tmp_path / "index", embeddings)
+
+    matches = search(index, basis[:2], k=2, strategy="max")
+
+    assert [match.tile_id for match in matches] == [0, 63]
+    assert matches[0].score == pytest.approx(1.0, abs=1e-3)
+
+
+def test_compare_query_strategies_reports_precision(tmp_path: Path) -> None:
+    index, positive, negative = negative_demotion_index(tmp_path / "index")
+
+    precision = compare_query_strategies(index, positive, negative, relevant_tile_ids=[54], k=1)
+
+    assert precision == {"mean": 1.0, "max": 1.0}
+    assert compare_query_strategies(index, positive, None, relevant_tile_ids=[54], k=1) == {"mean": 0.0, "max": 0.0}
