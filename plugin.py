@@ -47,7 +47,6 @@ class LookalikePlugin:
         if self.actions:
             return
         self.log_handler = install_message_log_handler()
-        dependencies.add_packages_folder_to_path()
         self.initProcessing()
 
         icon = QIcon(str(self.plugin_folder / "icon.svg"))

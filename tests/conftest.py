@@ -6,6 +6,9 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# "python -m pytest" puts the working folder first on sys.path; from the repository root that would
+# make "import processing" find the plugin's subpackage instead of QGIS's Processing framework.
+sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 
 from devimport import import_lookalike  # noqa: E402

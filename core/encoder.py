@@ -1,0 +1,371 @@
+"""Image encoder: an ONNX model that maps chips to L2-normalised embeddings, run with onnxruntime.
+
+onnxruntime is imported inside the functions that need it, so this module and the rest of the
+package import on a Python without it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+
+from . import get_logger
+from .errors import EncoderError
+from .spec import ModelSpec
+
+LOGGER = get_logger("encoder")
+
+FP32_MODEL_FILENAME = "efficientnet_lite0.onnx"
+INT8_MODEL_FILENAME = "efficientnet_lite0_int8.onnx"
+# The int8 copy is the default because, measured by tools/eval_encoder_aid.py on a 2-core Xeon with
+# AVX-512 VNNI, it ran about 1.7x faster than fp32 and its AID precision@10 stayed within 0.01.
+# NOTE: int8 speed and accuracy on x86 CPUs without VNNI and on ARM have not been measured.
+DEFAULT_MODEL_FILENAME = INT8_MODEL_FILENAME
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+DEFAULT_BATCH_SIZE = 16
+
+# Tried in this order; onnxruntime keeps only those that its build offers.
+PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+# Element types onnxruntime reports for inputs that encode() can feed.
+FLOAT_INPUT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+
+PathLike = Union[str, Path]
+
+
+def default_model_path() -> Path:
+    """Return the path of the default encoder bundled with the plugin, under ``models/``."""
+    return MODELS_DIR / DEFAULT_MODEL_FILENAME
+
+
+def fp32_model_path() -> Path:
+    """Return the path of the bundled fp32 encoder, the reference the int8 default was made from."""
+    return MODELS_DIR / FP32_MODEL_FILENAME
+
+
+def load_encoder(path: Optional[PathLike] = None, **kwargs: Any) -> OnnxEncoder:
+    """Open the encoder at ``path``, or the bundled one when ``path`` is None."""
+    return OnnxEncoder(path if path is not None else default_model_path(), **kwargs)
+
+
+def file_sha256(path: Path) -> str:
+    """Return the SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class OnnxEncoder:
+    """An ONNX image encoder with its model spec, validated when it is opened.
+
+    Attributes:
+        path: the model file.
+        checksum: SHA-256 hex digest of the file, stored with an index to detect a changed model.
+        spec: the model spec read from the file's metadata_props.
+        name: ``spec.name``.
+        execution_provider: the onnxruntime execution provider that runs the model, such as
+            ``CPUExecutionProvider``.
+    """
+
+    def __init__(
+        self,
+        path: PathLike,
+        providers: Optional[Sequence[str]] = None,
+        intra_op_threads: Optional[int] = None,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        """Open and validate an encoder.
+
+        Args:
+            path: the ``.onnx`` file.
+            providers: onnxruntime execution providers in order of preference; by default CUDA
+                where this onnxruntime build has it, then the CPU.
+            intra_op_threads: threads onnxruntime uses inside one operator; None lets
+                onnxruntime choose (one per physical core).
+            batch_size: chips per session run in ``encode``.
+
+        Raises:
+            EncoderError: the file is missing, is not ONNX, needs a newer onnxruntime, has an
+                input the spec cannot feed or lacks a valid spec.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EncoderError(
+                f"Encoder model file not found: {self.path}; choose an existing .onnx file."
+            )
+        self.checksum = file_sha256(self.path)
+        self._session = _open_session(self.path, providers, intra_op_threads)
+        self.execution_provider = self._session.get_providers()[0]
+
+        inputs = self._session.get_inputs()
+        outputs = self._session.get_outputs()
+        if len(inputs) != 1:
+            names = [item.name for item in inputs]
+            raise EncoderError(
+                f"Encoder {self.path.name} has {len(inputs)} inputs {names}; export a model with "
+                "one image input of shape (N, bands, height, width)."
+            )
+        self._input = inputs[0]
+        self._output = outputs[0]
+        _check_input_type(self.path, self._input)
+        _check_input_rank(self.path, self._input)
+
+        self.spec = ModelSpec.from_metadata(
+            self._session.get_modelmeta().custom_metadata_map,
+            input_channels=_static_dim(self._input.shape[1]),
+            input_size_px=_static_square_size(self._input.shape),
+            embedding_dim=_static_embedding_dim(self._output.shape),
+            name=self.path.stem,
+        )
+        self.name = self.spec.name
+        _check_input_matches_spec(self.path, self._input, self.spec)
+        _check_output_matches_spec(self.path, self._output, self.spec)
+
+        self._input_dtype = FLOAT_INPUT_TYPES[self._input.type]
+        # A graph exported with a fixed batch size only accepts batches of exactly that size.
+        self._fixed_batch_size = _static_dim(self._input.shape[0])
+        self.batch_size = self._fixed_batch_size or batch_size
+
+        # (raw / value_scale - mean) / std is applied as raw * gain + offset per band.
+        std = np.asarray(self.spec.std, dtype=np.float64)
+        mean = np.asarray(self.spec.mean, dtype=np.float64)
+        self._gain = (1.0 / (self.spec.value_scale * std)).astype(np.float32).reshape(1, -1, 1, 1)
+        self._offset = (-mean / std).astype(np.float32).reshape(1, -1, 1, 1)
+
+        LOGGER.info(
+            "Loaded encoder %s %s from %s (sha256 %s) on %s",
+            self.spec.name,
+            self.spec.version,
+            self.path,
+            self.checksum[:12],
+            self.execution_provider,
+        )
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.spec.embedding_dim
+
+    def encode(self, chips: np.ndarray) -> np.ndarray:
+        """Embed chips given in raw pixel units.
+
+        Args:
+            chips: ``(N, bands, H, W)`` array with ``H == W == spec.input_size_px`` and values in
+                ``[0, spec.value_scale]``, bands in the order of ``spec.bands``.
+
+        Returns:
+            float32 ``(N, spec.embedding_dim)``, each row of unit L2 norm, except that a row the
+            model returns as all zeros stays all zeros.
+
+        Raises:
+            ValueError: ``chips`` has the wrong shape or non-finite values.
+            EncoderError: the model returns an output of the wrong size or non-finite values.
+        """
+        self._check_chips(chips)
+        chip_count = chips.shape[0]
+        embeddings = np.empty((chip_count, self.spec.embedding_dim), dtype=np.float32)
+        for start in range(0, chip_count, self.batch_size):
+            batch = chips[start : start + self.batch_size]
+            embeddings[start : start + len(batch)] = self._run_batch(batch)
+        return _l2_normalize(embeddings)
+
+    def _check_chips(self, chips: np.ndarray) -> None:
+        size_px = self.spec.input_size_px
+        expected = f"(N, {self.spec.band_count}, {size_px}, {size_px})"
+        if not isinstance(chips, np.ndarray) or chips.ndim != 4:
+            shape = getattr(chips, "shape", type(chips).__name__)
+            raise ValueError(f"chips must be a 4-D array of shape {expected}, got shape {shape}")
+        if chips.shape[1:] != (self.spec.band_count, size_px, size_px):
+            raise ValueError(
+                f"chips have shape {chips.shape} but encoder {self.name} expects {expected}; "
+                "resample the tiles to the spec's input_size_px and select the spec's bands"
+            )
+        if not np.isfinite(chips).all():
+            raise ValueError("chips contain NaN or infinite values; fill nodata before encoding")
+
+    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+        real_count = len(batch)
+        model_input = batch.astype(np.float32) * self._gain + self._offset
+        if self._fixed_batch_size and real_count < self._fixed_batch_size:
+            padding = np.zeros((self._fixed_batch_size - real_count, *model_input.shape[1:]), np.float32)
+            model_input = np.concatenate([model_input, padding])
+        model_input = model_input.astype(self._input_dtype, copy=False)
+
+        (output,) = self._session.run([self._output.name], {self._input.name: model_input})
+        output = np.asarray(output)[:real_count].reshape(real_count, -1)
+        if output.shape[1] != self.spec.embedding_dim:
+            raise EncoderError(
+                f"Encoder {self.name} returned {output.shape[1]} values per chip but its spec sets "
+                f"embedding_dim {self.spec.embedding_dim}; correct 'embedding_dim' in the metadata."
+            )
+        if not np.isfinite(output).all():
+            raise EncoderError(
+                f"Encoder {self.name} returned NaN or infinite values; check that the model "
+                "runs correctly in onnxruntime on the same input."
+            )
+        return output.astype(np.float32, copy=False)
+
+
+def _l2_normalize(embeddings: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    # An all-zero row has no direction; it stays zero instead of becoming NaN.
+    return np.divide(embeddings, norms, out=np.zeros_like(embeddings), where=norms > 0)
+
+
+def _import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise EncoderError(
+            "The Python package onnxruntime is not installed; install it with "
+            "'python -m pip install onnxruntime' in the Python that runs QGIS."
+        ) from error
+    return onnxruntime
+
+
+def _onnxruntime_load_errors(onnxruntime: Any) -> tuple[type[BaseException], ...]:
+    # onnxruntime raises its own exception classes, which derive from Exception directly.
+    state = onnxruntime.capi.onnxruntime_pybind11_state
+    names = ("Fail", "InvalidArgument", "InvalidGraph", "InvalidProtobuf", "NoSuchFile",
+             "NotImplemented", "RuntimeException", "EPFail", "NoModel")
+    return tuple(getattr(state, name) for name in names if hasattr(state, name))
+
+
+def _open_session(path: Path, providers: Optional[Sequence[str]], intra_op_threads: Optional[int]) -> Any:
+    onnxruntime = _import_onnxruntime()
+    available = onnxruntime.get_available_providers()
+    if providers is None:
+        providers = [name for name in PREFERRED_PROVIDERS if name in available]
+    else:
+        unknown = [name for name in providers if name not in available]
+        if unknown:
+            raise EncoderError(
+                f"onnxruntime {onnxruntime.__version__} has no execution provider {unknown}; "
+                f"choose from {available}."
+            )
+    options = onnxruntime.SessionOptions()
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if intra_op_threads is not None:
+        if intra_op_threads < 1:
+            raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
+        options.intra_op_num_threads = intra_op_threads
+    try:
+        return onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
+    except _onnxruntime_load_errors(onnxruntime) as error:
+        raise _translate_load_error(path, onnxruntime.__version__, error) from error
+
+
+def _translate_load_error(path: Path, runtime_version: str, error: BaseException) -> EncoderError:
+    message = str(error)
+    lowered = message.lower()
+    ir_match = re.search(r"IR version: (\d+), max supported IR version: (\d+)", message)
+    if ir_match or "ir version" in lowered:
+        detail = (
+            f"the file has IR version {ir_match.group(1)}, this onnxruntime reads up to {ir_match.group(2)}"
+            if ir_match
+            else message
+        )
+        return EncoderError(
+            f"Encoder {path.name} uses an ONNX IR version that onnxruntime {runtime_version} cannot "
+            f"run ({detail}); upgrade onnxruntime or re-export the model with an older IR version."
+        )
+    if "opset" in lowered:
+        declared = re.search(r"[Oo]pset (\d+) is under development", message)
+        supported = re.search(r"till opset (\d+)", message)
+        detail = (
+            f"the file declares opset {declared.group(1)}, this onnxruntime supports up to {supported.group(1)}"
+            if declared and supported
+            else message
+        )
+        return EncoderError(
+            f"Encoder {path.name} uses an ONNX opset that onnxruntime {runtime_version} cannot run "
+            f"({detail}); upgrade onnxruntime or re-export the model with an older opset."
+        )
+    if "protobuf parsing failed" in lowered or "no graph was found" in lowered:
+        return EncoderError(
+            f"{path} is not an ONNX model (onnxruntime could not parse it); choose an .onnx "
+            "file exported from a deep-learning framework."
+        )
+    return EncoderError(
+        f"onnxruntime {runtime_version} failed to load encoder {path.name}: {message}; check "
+        "the file with onnx.checker.check_model or re-export it."
+    )
+
+
+def _static_dim(dim: Any) -> Optional[int]:
+    # onnxruntime reports a symbolic dimension as a string (its name) or None.
+    return dim if isinstance(dim, int) and dim > 0 else None
+
+
+def _static_square_size(shape: Sequence[Any]) -> Optional[int]:
+    height, width = _static_dim(shape[2]), _static_dim(shape[3])
+    return height if height is not None and height == width else None
+
+
+def _static_embedding_dim(shape: Sequence[Any]) -> Optional[int]:
+    trailing = [_static_dim(dim) for dim in shape[1:]]
+    if not trailing or None in trailing:
+        return None
+    return int(np.prod(trailing))
+
+
+def _check_input_type(path: Path, model_input: Any) -> None:
+    if model_input.type in FLOAT_INPUT_TYPES:
+        return
+    if "int" in model_input.type:
+        raise EncoderError(
+            f"Encoder {path.name} takes {model_input.type} input '{model_input.name}', but "
+            "Lookalike feeds standardised float chips; re-export the model with a float32 input."
+        )
+    raise EncoderError(
+        f"Encoder {path.name} takes {model_input.type} input '{model_input.name}'; re-export the "
+        "model with a float32 input."
+    )
+
+
+def _check_input_rank(path: Path, model_input: Any) -> None:
+    if len(model_input.shape) != 4:
+        raise EncoderError(
+            f"Encoder {path.name} input '{model_input.name}' has shape {model_input.shape} (rank "
+            f"{len(model_input.shape)}); export an image input of rank 4: (N, bands, height, width)."
+        )
+
+
+def _check_input_matches_spec(path: Path, model_input: Any, spec: ModelSpec) -> None:
+    channels = _static_dim(model_input.shape[1])
+    if channels is not None and channels != spec.band_count:
+        raise EncoderError(
+            f"Encoder {path.name} input has {channels} channels but its spec lists "
+            f"{spec.band_count} bands {list(spec.bands)}; make 'bands', 'mean' and 'std' in the "
+            "metadata name one entry per input channel."
+        )
+    for axis, label in ((2, "height"), (3, "width")):
+        size_px = _static_dim(model_input.shape[axis])
+        if size_px is not None and size_px != spec.input_size_px:
+            raise EncoderError(
+                f"Encoder {path.name} input {label} is fixed at {size_px} px but its spec says "
+                f"input_size_px {spec.input_size_px}; set 'input_size_px' to {size_px}."
+            )
+
+
+def _check_output_matches_spec(path: Path, model_output: Any, spec: ModelSpec) -> None:
+    if "float" not in model_output.type and "double" not in model_output.type:
+        raise EncoderError(
+            f"Encoder {path.name} output '{model_output.name}' is {model_output.type}; an encoder "
+            "must return float embeddings."
+        )
+    output_dim = _static_embedding_dim(model_output.shape)
+    if output_dim is not None and output_dim != spec.embedding_dim:
+        raise EncoderError(
+            f"Encoder {path.name} output '{model_output.name}' has shape {model_output.shape} "
+            f"({output_dim} values per chip) but its spec says embedding_dim "
+            f"{spec.embedding_dim}; set 'embedding_dim' to {output_dim}."
+        )
