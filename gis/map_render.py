@@ -1,0 +1,197 @@
+"""Render a PNG map of a search: the raster, the query outline and the ranked matches.
+
+Rendering goes through ``QgsMapSettings`` and ``QgsMapRendererParallelJob``, so it works without
+a map canvas (headless tools, Processing, tests under ``QT_QPA_PLATFORM=offscreen``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsFillSymbol,
+    QgsGeometry,
+    QgsMapLayer,
+    QgsMapRendererParallelJob,
+    QgsMapSettings,
+    QgsPalLayerSettings,
+    QgsProject,
+    QgsProperty,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsSingleSymbolRenderer,
+    QgsSymbolLayer,
+    QgsTextBufferSettings,
+    QgsTextFormat,
+    QgsVectorLayer,
+    QgsVectorLayerSimpleLabeling,
+)
+from qgis.PyQt.QtCore import QSize
+from qgis.PyQt.QtGui import QColor, QFont
+
+from ..core import get_logger
+from ..core.errors import LookalikeError
+from .matches import FIELD_RANK, FIELD_SCORE
+
+LOGGER = get_logger("gis.map_render")
+
+QUERY_OUTLINE_COLOR = "#00e5ff"
+# Match outlines run from MATCH_COLOR_LOW (lowest score shown) to MATCH_COLOR_HIGH (best).
+MATCH_COLOR_LOW = "#ffd400"
+MATCH_COLOR_HIGH = "#ff1744"
+DEFAULT_MAP_SIZE_PX = (1400, 700)
+
+Bounds = tuple[float, float, float, float]
+
+
+def query_outline_layer(
+    query_bounds: Sequence[Bounds],
+    crs: QgsCoordinateReferenceSystem,
+    name: str = "Lookalike query",
+) -> QgsVectorLayer:
+    """Create a memory layer with one rectangle per query region, styled as a thick outline.
+
+    ``query_bounds`` are ``(xmin, ymin, xmax, ymax)`` tuples in ``crs``.
+    """
+    layer = QgsVectorLayer("Polygon", name, "memory")
+    layer.setCrs(crs)
+    features = []
+    for bounds in query_bounds:
+        feature = QgsFeature()
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*bounds)))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    layer.updateExtents()
+
+    symbol = QgsFillSymbol.createSimple(
+        {"style": "no", "outline_color": QUERY_OUTLINE_COLOR, "outline_width": "0.9",
+         "outline_width_unit": "MM", "outline_style": "dash"}
+    )
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+    return layer
+
+
+def style_match_layer(layer: QgsVectorLayer) -> None:
+    """Style a match layer as outlines coloured by score, each labelled with its rank.
+
+    The colour scale spans the scores present in the layer, so the best match is always
+    MATCH_COLOR_HIGH and the weakest MATCH_COLOR_LOW, whatever the encoder's score range.
+    """
+    score_index = layer.fields().indexOf(FIELD_SCORE)
+    if score_index < 0 or layer.fields().indexOf(FIELD_RANK) < 0:
+        raise LookalikeError(
+            f"The layer {layer.name()!r} has no '{FIELD_SCORE}' or '{FIELD_RANK}' field; style a "
+            "layer made by gis.matches.matches_to_memory_layer."
+        )
+    scores = [feature[FIELD_SCORE] for feature in layer.getFeatures()]
+    low_score = min(scores) if scores else 0.0
+    high_score = max(scores) if scores else 1.0
+    # Equal scores (one match, or duplicates) would divide by zero in scale_linear.
+    if high_score - low_score < 1e-9:
+        low_score = high_score - 1.0
+
+    symbol = QgsFillSymbol.createSimple(
+        {"style": "no", "outline_width": "0.6", "outline_width_unit": "MM"}
+    )
+    colour_expression = (
+        f"ramp_color(create_ramp(map(0, '{MATCH_COLOR_LOW}', 1, '{MATCH_COLOR_HIGH}')), "
+        f"scale_linear(\"{FIELD_SCORE}\", {low_score!r}, {high_score!r}, 0, 1))"
+    )
+    symbol.symbolLayer(0).setDataDefinedProperty(
+        QgsSymbolLayer.PropertyStrokeColor, QgsProperty.fromExpression(colour_expression)
+    )
+    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
+
+    text_format = QgsTextFormat()
+    font = QFont()
+    font.setBold(True)
+    text_format.setFont(font)
+    text_format.setSize(11)
+    text_format.setColor(QColor("white"))
+    buffer = QgsTextBufferSettings()
+    buffer.setEnabled(True)
+    buffer.setSize(1.0)
+    buffer.setColor(QColor("black"))
+    text_format.setBuffer(buffer)
+
+    label_settings = QgsPalLayerSettings()
+    label_settings.fieldName = FIELD_RANK
+    label_settings.setFormat(text_format)
+    # Overlapping tiles would otherwise hide each other's labels in the collision check.
+    label_settings.displayAll = True
+    layer.setLabeling(QgsVectorLayerSimpleLabeling(label_settings))
+    layer.setLabelsEnabled(True)
+
+
+def render_map_png(
+    raster_layer: QgsRasterLayer,
+    output_path: Union[str, Path],
+    *,
+    match_layer: Optional[QgsVectorLayer] = None,
+    query_layer: Optional[QgsVectorLayer] = None,
+    extent: Optional[QgsRectangle] = None,
+    size_px: tuple[int, int] = DEFAULT_MAP_SIZE_PX,
+    overwrite: bool = False,
+) -> Path:
+    """Render the raster with the query outline and the matches on top to a PNG file.
+
+    The map is drawn in the raster's CRS over ``extent`` (in that CRS; default: the raster's
+    full extent), at ``size_px`` (width, height) pixels. ``match_layer`` is styled with
+    :func:`style_match_layer` when it has the match fields; ``query_layer`` is drawn as is.
+
+    Raises:
+        LookalikeError: the output exists and ``overwrite`` is false, a layer is invalid, or
+            rendering or saving fails.
+    """
+    output_path = Path(output_path)
+    if output_path.exists() and not overwrite:
+        raise LookalikeError(
+            f"The map image {output_path} already exists; choose another path or pass "
+            "overwrite=True to replace it."
+        )
+    if not raster_layer.isValid():
+        raise LookalikeError(
+            f"The raster layer {raster_layer.name()!r} ({raster_layer.source()}) is invalid; "
+            "check that the file exists and GDAL can open it."
+        )
+
+    layers: list[QgsMapLayer] = []
+    if query_layer is not None:
+        layers.append(query_layer)
+    if match_layer is not None:
+        style_match_layer(match_layer)
+        layers.append(match_layer)
+    layers.append(raster_layer)
+
+    settings = QgsMapSettings()
+    settings.setLayers(layers)
+    settings.setDestinationCrs(raster_layer.crs())
+    settings.setTransformContext(QgsProject.instance().transformContext())
+    settings.setOutputSize(QSize(*size_px))
+    settings.setBackgroundColor(QColor("white"))
+    settings.setExtent(extent if extent is not None else raster_layer.extent())
+    settings.setFlag(QgsMapSettings.Antialiasing, True)
+    settings.setFlag(QgsMapSettings.DrawLabeling, True)
+
+    job = QgsMapRendererParallelJob(settings)
+    job.start()
+    job.waitForFinished()
+    for error in job.errors():
+        LOGGER.warning("Rendering layer %s reported: %s", error.layerID, error.message)
+    image = job.renderedImage()
+    if image.isNull():
+        raise LookalikeError(
+            f"Rendering the map for {output_path} produced no image; check the QGIS message log "
+            "for layer errors."
+        )
+    if not image.save(str(output_path), "PNG"):
+        raise LookalikeError(
+            f"Saving the map image to {output_path} failed; check that the folder exists and "
+            "is writable."
+        )
+    LOGGER.info("Rendered the match map to %s", output_path)
+    return output_path
+

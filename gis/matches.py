@@ -1,0 +1,237 @@
+"""Result layers: the schema of ranked matches shared by the dock and Processing, and its writers.
+
+Every caller that turns a ``core.search.Match`` list into features goes through this module, so
+the dock's layer, Processing's output and the demo's GeoPackage carry the same fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCoordinateTransformContext,
+    QgsCsException,
+    QgsFeature,
+    QgsField,
+    QgsFields,
+    QgsGeometry,
+    QgsProject,
+    QgsRectangle,
+    QgsVectorFileWriter,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+
+from ..core import get_logger
+from ..core.errors import LookalikeError
+
+LOGGER = get_logger("gis.matches")
+
+# Field names are part of the output format: styles, models and scripts refer to them.
+FIELD_RANK = "rank"
+FIELD_SCORE = "score"
+FIELD_TILE_ID = "tile_id"
+FIELD_SOURCE = "source"
+FIELD_ROW = "row"
+FIELD_COL = "col"
+FIELD_ENCODER = "encoder"
+FIELD_QUERY = "query"
+
+DEFAULT_LAYER_NAME = "Lookalike matches"
+
+
+def match_fields() -> QgsFields:
+    """Build the fields of a match layer: rank, score, tile_id, source, row, col, encoder, query.
+
+    ``rank`` starts at 1 for the best match. ``score`` is the similarity that ``core.search``
+    returns (higher is more similar). ``source`` is the path of the raster the tile was read
+    from, ``row`` and ``col`` the tile's position in that raster's grid, ``encoder`` the model
+    name and ``query`` a free-text label of the query that produced the match.
+    """
+    fields = QgsFields()
+    fields.append(QgsField(FIELD_RANK, QVariant.Int))
+    fields.append(QgsField(FIELD_SCORE, QVariant.Double))
+    fields.append(QgsField(FIELD_TILE_ID, QVariant.LongLong))
+    fields.append(QgsField(FIELD_SOURCE, QVariant.String))
+    fields.append(QgsField(FIELD_ROW, QVariant.Int))
+    fields.append(QgsField(FIELD_COL, QVariant.Int))
+    fields.append(QgsField(FIELD_ENCODER, QVariant.String))
+    fields.append(QgsField(FIELD_QUERY, QVariant.String))
+    return fields
+
+
+def matches_to_features(
+    matches: Iterable,
+    fields: QgsFields,
+    destination_crs: QgsCoordinateReferenceSystem,
+    *,
+    encoder_name: str = "",
+    query_label: str = "",
+    transform_context: Optional[QgsCoordinateTransformContext] = None,
+) -> list[QgsFeature]:
+    """Convert matches to polygon features of their tile footprints in ``destination_crs``.
+
+    Each match's ``bounds`` are in its own ``crs_wkt`` (the grid CRS of its source raster), so
+    matches from several rasters of one index can end up in one layer. ``fields`` must contain
+    the fields of :func:`match_fields`; other fields stay null.
+
+    Raises:
+        LookalikeError: a match's CRS is invalid or its footprint cannot be transformed to
+            ``destination_crs``.
+    """
+    context = transform_context or QgsProject.instance().transformContext()
+    transforms: dict[str, QgsCoordinateTransform] = {}
+    features = []
+    for match in matches:
+        transform = transforms.get(match.crs_wkt)
+        if transform is None:
+            transform = _transform_from_wkt(match.crs_wkt, destination_crs, context)
+            transforms[match.crs_wkt] = transform
+
+        geometry = QgsGeometry.fromRect(QgsRectangle(*match.bounds))
+        # A rectangle in a projected CRS becomes a curved quadrilateral elsewhere, so the
+        # footprint is densified first and its sides stay close to the true edges.
+        geometry = geometry.densifyByCount(8)
+        try:
+            geometry.transform(transform)
+        except QgsCsException as error:
+            raise LookalikeError(
+                f"The footprint of match rank {match.rank} (tile {match.tile_id}) cannot be "
+                f"transformed to {destination_crs.authid() or destination_crs.description()}: "
+                f"{error}; choose a destination CRS that covers the indexed rasters."
+            ) from error
+
+        feature = QgsFeature(fields)
+        feature.setGeometry(geometry)
+        feature[FIELD_RANK] = int(match.rank)
+        feature[FIELD_SCORE] = float(match.score)
+        feature[FIELD_TILE_ID] = int(match.tile_id)
+        feature[FIELD_SOURCE] = str(match.source_path)
+        feature[FIELD_ROW] = int(match.row)
+        feature[FIELD_COL] = int(match.col)
+        feature[FIELD_ENCODER] = encoder_name
+        feature[FIELD_QUERY] = query_label
+        features.append(feature)
+    return features
+
+
+def matches_to_memory_layer(
+    matches: Sequence,
+    name: str = DEFAULT_LAYER_NAME,
+    crs: Optional[QgsCoordinateReferenceSystem] = None,
+    *,
+    encoder_name: str = "",
+    query_label: str = "",
+) -> QgsVectorLayer:
+    """Create an in-memory polygon layer of the matches, one feature per match in rank order.
+
+    With no ``crs`` the layer takes the CRS of the first match, or EPSG:4326 when there are no
+    matches, so an empty result still gives a valid layer.
+    """
+    if crs is None:
+        if matches:
+            crs = QgsCoordinateReferenceSystem.fromWkt(matches[0].crs_wkt)
+        else:
+            crs = QgsCoordinateReferenceSystem("EPSG:4326")
+    if not crs.isValid():
+        raise LookalikeError(
+            f"The CRS for the match layer {name!r} is invalid; pass a valid "
+            "QgsCoordinateReferenceSystem, e.g. the project CRS."
+        )
+
+    layer = QgsVectorLayer(f"Polygon?crs={crs.authid() or 'EPSG:4326'}", name, "memory")
+    # An authid-less CRS (custom WKT) cannot go in the URI, so it is set on the layer instead.
+    layer.setCrs(crs)
+    provider = layer.dataProvider()
+    fields = match_fields()
+    provider.addAttributes(fields.toList())
+    layer.updateFields()
+
+    features = matches_to_features(
+        matches, layer.fields(), crs, encoder_name=encoder_name, query_label=query_label
+    )
+    if not provider.addFeatures(features):
+        raise LookalikeError(
+            f"Adding {len(features)} matches to the memory layer {name!r} failed: "
+            f"{provider.lastError()}."
+        )
+    layer.updateExtents()
+    return layer
+
+
+def write_matches(
+    layer: QgsVectorLayer,
+    path: Union[str, Path],
+    *,
+    overwrite: bool = False,
+    driver_name: Optional[str] = None,
+    layer_name: Optional[str] = None,
+) -> Path:
+    """Write a match layer to a vector file and return its path.
+
+    The OGR driver comes from the file extension (``.gpkg``, ``.shp``, ``.geojson``, ...) unless
+    ``driver_name`` is given. An existing file is replaced only with ``overwrite=True``, and
+    then the whole file is replaced, not only the layer of that name.
+
+    Raises:
+        LookalikeError: the file exists and ``overwrite`` is false, the extension names no
+            vector format, or the writer fails.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise LookalikeError(
+            f"The output file {path} already exists; choose another path or pass overwrite=True "
+            "to replace it."
+        )
+
+    if driver_name is None:
+        driver_name = QgsVectorFileWriter.driverForExtension(path.suffix)
+    if not driver_name:
+        raise LookalikeError(
+            f"The extension {path.suffix!r} of {path} names no vector format that QGIS can write; "
+            "use .gpkg, .shp, .geojson or pass driver_name."
+        )
+
+    if path.exists():
+        # Removing the old file first gives the same result with every driver, whatever each
+        # driver does with other layers of an existing file.
+        path.unlink()
+        LOGGER.info("Replacing the existing file %s", path)
+
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = driver_name
+    options.fileEncoding = "UTF-8"
+    options.layerName = layer_name or layer.name() or "matches"
+    options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteFile
+    error_code, error_message, _written_path, _written_layer = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, str(path), QgsProject.instance().transformContext(), options
+    )
+    if error_code != QgsVectorFileWriter.NoError:
+        raise LookalikeError(
+            f"Writing the match layer to {path} with the {driver_name} driver failed: "
+            f"{error_message or error_code}."
+        )
+    LOGGER.info("Wrote %d matches to %s", layer.featureCount(), path)
+    return path
+
+
+def _transform_from_wkt(
+    crs_wkt: str,
+    destination_crs: QgsCoordinateReferenceSystem,
+    context: QgsCoordinateTransformContext,
+) -> QgsCoordinateTransform:
+    source_crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
+    if not source_crs.isValid():
+        raise LookalikeError(
+            f"A match carries a CRS that QGIS cannot read ({crs_wkt[:80]!r}...); rebuild the "
+            "index so that its grids store valid WKT."
+        )
+    if not destination_crs.isValid():
+        raise LookalikeError(
+            "The destination CRS for the match features is invalid; pass a valid "
+            "QgsCoordinateReferenceSystem, e.g. the project CRS."
+        )
+    return QgsCoordinateTransform(source_crs, destination_crs, context)

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Run the headless ship demo: index sample_data/'s RapidEye clip with the bundled encoder, search
+# with a box around one ship, and write output/matches.gpkg and output/matches.png.
+# Extra arguments go to tools/run_demo.py (e.g. --overwrite, --k 10, --output-folder DIR).
+set -euo pipefail
+
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo_root"
+
+bash scripts/setup.sh
+
+export QT_QPA_PLATFORM=offscreen
+exec .venv/bin/python tools/run_demo.py "$@"

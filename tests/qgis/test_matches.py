@@ -1,0 +1,202 @@
+"""Match layers: the shared schema, CRS transforms, GeoPackage writing and the map image."""
+
+import pytest
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsPointXY,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+from qgis.PyQt.QtCore import QVariant
+from qgis.PyQt.QtGui import QImage
+
+from lookalike.core.errors import LookalikeError
+from lookalike.core.search import Match
+from lookalike.gis.map_render import query_outline_layer, render_map_png
+from lookalike.gis.matches import (
+    match_fields,
+    matches_to_features,
+    matches_to_memory_layer,
+    write_matches,
+)
+
+UTM_10N = QgsCoordinateReferenceSystem("EPSG:32610")
+WEB_MERCATOR = QgsCoordinateReferenceSystem("EPSG:3857")
+WGS84 = QgsCoordinateReferenceSystem("EPSG:4326")
+SAMPLE_RASTER_NAME = "1056417_2017-03-08_RE3_3A_Visual_clip.tif"
+
+
+def make_match(rank, bounds, crs, score=None, source_path="/data/scene.tif", row=3, col=7):
+    return Match(
+        rank=rank,
+        score=0.9 - 0.1 * rank if score is None else score,
+        tile_id=100 + rank,
+        source_id=0,
+        row=row,
+        col=col,
+        bounds=bounds,
+        crs_wkt=crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED),
+        source_path=source_path,
+    )
+
+
+@pytest.fixture()
+def utm_matches():
+    return [
+        make_match(1, (557700.0, 4176100.0, 558020.0, 4176420.0), UTM_10N),
+        make_match(2, (558500.0, 4175900.0, 558820.0, 4176220.0), UTM_10N, row=4, col=9),
+    ]
+
+
+def test_match_fields_schema():
+    fields = match_fields()
+
+    assert fields.names() == ["rank", "score", "tile_id", "source", "row", "col", "encoder", "query"]
+    assert fields.field("rank").type() == QVariant.Int
+    assert fields.field("score").type() == QVariant.Double
+    assert fields.field("tile_id").type() == QVariant.LongLong
+    assert fields.field("source").type() == QVariant.String
+
+
+def test_features_carry_match_attributes(utm_matches):
+    features = matches_to_features(utm_matches, match_fields(), UTM_10N, encoder_name="tiny", query_label="box")
+
+    assert len(features) == 2
+    first = features[0]
+    assert first["rank"] == 1
+    assert first["score"] == pytest.approx(0.8)
+    assert first["tile_id"] == 101
+    assert first["source"] == "/data/scene.tif"
+    assert (first["row"], first["col"]) == (3, 7)
+    assert first["encoder"] == "tiny"
+    assert first["query"] == "box"
+    bounding_box = first.geometry().boundingBox()
+    assert bounding_box.xMinimum() == pytest.approx(557700.0)
+    assert bounding_box.yMaximum() == pytest.approx(4176420.0)
+
+
+def test_features_are_transformed_to_destination_crs(utm_matches):
+    features = matches_to_features(utm_matches, match_fields(), WGS84)
+
+    to_wgs84 = QgsCoordinateTransform(UTM_10N, WGS84, QgsProject.instance())
+    expected_centre = to_wgs84.transform(QgsPointXY(557860.0, 4176260.0))
+    centre = features[0].geometry().centroid().asPoint()
+    assert centre.x() == pytest.approx(expected_centre.x(), abs=1e-6)
+    assert centre.y() == pytest.approx(expected_centre.y(), abs=1e-6)
+    # San Francisco Bay, so the transform really ran.
+    assert -123.0 < centre.x() < -122.0
+    assert 37.0 < centre.y() < 38.0
+
+
+def test_memory_layer_mixes_source_crs():
+    to_mercator = QgsCoordinateTransform(UTM_10N, WEB_MERCATOR, QgsProject.instance())
+    mercator_box = to_mercator.transformBoundingBox(QgsRectangle(558500.0, 4175900.0, 558820.0, 4176220.0))
+    matches = [
+        make_match(1, (557700.0, 4176100.0, 558020.0, 4176420.0), UTM_10N),
+        make_match(2, (mercator_box.xMinimum(), mercator_box.yMinimum(), mercator_box.xMaximum(),
+                       mercator_box.yMaximum()), WEB_MERCATOR),
+    ]
+
+    layer = matches_to_memory_layer(matches, "mixed", UTM_10N)
+
+    assert layer.isValid()
+    assert layer.crs().authid() == "EPSG:32610"
+    assert layer.featureCount() == 2
+    second = next(feature for feature in layer.getFeatures() if feature["rank"] == 2)
+    centre = second.geometry().centroid().asPoint()
+    assert centre.x() == pytest.approx(558660.0, abs=2.0)
+    assert centre.y() == pytest.approx(4176060.0, abs=2.0)
+
+
+def test_memory_layer_defaults_to_first_match_crs(utm_matches):
+    layer = matches_to_memory_layer(utm_matches)
+
+    assert layer.crs().authid() == "EPSG:32610"
+    assert layer.name() == "Lookalike matches"
+
+
+def test_empty_memory_layer_is_valid():
+    layer = matches_to_memory_layer([], "none")
+
+    assert layer.isValid()
+    assert layer.featureCount() == 0
+    assert layer.fields().names() == match_fields().names()
+
+
+def test_write_geopackage_round_trip(utm_matches, tmp_path):
+    layer = matches_to_memory_layer(utm_matches, "matches", UTM_10N, encoder_name="tiny", query_label="box")
+    path = tmp_path / "matches.gpkg"
+
+    written = write_matches(layer, path)
+
+    reopened = QgsVectorLayer(f"{written}|layername=matches", "reopened", "ogr")
+    assert reopened.isValid()
+    assert reopened.featureCount() == 2
+    assert reopened.crs().authid() == "EPSG:32610"
+    for name in match_fields().names():
+        assert reopened.fields().indexOf(name) >= 0
+    ranks = sorted(feature["rank"] for feature in reopened.getFeatures())
+    assert ranks == [1, 2]
+
+
+def test_write_rejects_existing_file(utm_matches, tmp_path):
+    path = tmp_path / "matches.gpkg"
+    path.write_bytes(b"user data")
+    layer = matches_to_memory_layer(utm_matches, "matches", UTM_10N)
+
+    with pytest.raises(LookalikeError, match="already exists"):
+        write_matches(layer, path)
+
+    assert path.read_bytes() == b"user data"
+
+
+def test_write_overwrite_replaces_file(utm_matches, tmp_path):
+    path = tmp_path / "matches.gpkg"
+    first = matches_to_memory_layer(utm_matches, "matches", UTM_10N)
+    write_matches(first, path)
+    second = matches_to_memory_layer(utm_matches[:1], "matches", UTM_10N)
+
+    write_matches(second, path, overwrite=True)
+
+    reopened = QgsVectorLayer(f"{path}|layername=matches", "reopened", "ogr")
+    assert reopened.featureCount() == 1
+
+
+def test_write_geojson_by_extension(utm_matches, tmp_path):
+    layer = matches_to_memory_layer(utm_matches, "matches", UTM_10N)
+
+    path = write_matches(layer, tmp_path / "matches.geojson")
+
+    assert QgsVectorLayer(str(path), "reopened", "ogr").featureCount() == 2
+
+
+def test_write_unknown_extension_is_rejected(utm_matches, tmp_path):
+    layer = matches_to_memory_layer(utm_matches, "matches", UTM_10N)
+
+    with pytest.raises(LookalikeError, match="names no vector format"):
+        write_matches(layer, tmp_path / "matches.unknown")
+
+
+def test_invalid_match_crs_is_rejected(tmp_path):
+    match = make_match(1, (0.0, 0.0, 1.0, 1.0), UTM_10N)
+    broken = Match(**{**match.__dict__, "crs_wkt": "not a crs"})
+
+    with pytest.raises(LookalikeError, match="CRS that QGIS cannot read"):
+        matches_to_features([broken], match_fields(), UTM_10N)
+
+
+def test_render_map_png(utm_matches, repo_root, tmp_path):
+    raster = QgsRasterLayer(str(repo_root / "sample_data" / SAMPLE_RASTER_NAME), "clip")
+    layer = matches_to_memory_layer(utm_matches, "matches", UTM_10N)
+    query = query_outline_layer([(557670.0, 4176095.0, 557780.0, 4176355.0)], UTM_10N)
+    path = tmp_path / "map.png"
+
+    render_map_png(raster, path, match_layer=layer, query_layer=query, size_px=(700, 350))
+
+    image = QImage(str(path))
+    assert (image.width(), image.height()) == (700, 350)
+    with pytest.raises(LookalikeError, match="already exists"):
+        render_map_png(raster, path, match_layer=layer)

@@ -1,0 +1,581 @@
+"""Build and query pipeline on small real rasters with the tiny test encoder."""
+
+import json
+import time
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+from osgeo import gdal, osr
+
+from lookalike.core.encoder import OnnxEncoder
+from lookalike.core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
+from lookalike.core.grid import TileGrid
+from lookalike.core.index import TileIndex
+from lookalike.core.pipeline import (
+    SKIP_MASKED,
+    BuildParameters,
+    Region,
+    build_index,
+    embed_query,
+    partial_folder_for,
+    run_search,
+)
+from lookalike.core.raster import SKIP_BLANK, SKIP_MOSTLY_INVALID, RasterSource
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_ENCODER = REPO_ROOT / "tests" / "data" / "tiny_encoder.onnx"
+
+
+def geo(shared_data: Path, relative: str) -> str:
+    return str(shared_data / "geo" / relative)
+
+
+def epsg_wkt(code: int) -> str:
+    spatial_ref = osr.SpatialReference()
+    spatial_ref.ImportFromEPSG(code)
+    return spatial_ref.ExportToWkt()
+
+
+def parameters(sources, index_folder, **overrides) -> BuildParameters:
+    values = dict(
+        source_paths=tuple(str(path) for path in sources),
+        index_folder=str(index_folder),
+        encoder_path=str(TINY_ENCODER),
+        tile_size_source_px=64,
+        overlap_fraction=0.5,
+        batch_size=16,
+    )
+    values.update(overrides)
+    return BuildParameters(**values)
+
+
+@pytest.fixture(scope="module")
+def encoder() -> OnnxEncoder:
+    return OnnxEncoder(TINY_ENCODER)
+
+
+# -- parameters
+
+
+def test_parameters_reject_two_tile_sizes(tmp_path):
+    with pytest.raises(LookalikeError, match="tile_size_source_px"):
+        parameters(["a.tif"], tmp_path / "index", tile_ground_size_m=100.0)
+
+
+def test_parameters_reject_full_overlap(tmp_path):
+    with pytest.raises(LookalikeError, match="overlap_fraction"):
+        parameters(["a.tif"], tmp_path / "index", overlap_fraction=1.0)
+
+
+def test_parameters_reject_duplicate_sources(tmp_path):
+    with pytest.raises(LookalikeError, match="twice"):
+        parameters(["a.tif", "a.tif"], tmp_path / "index")
+
+
+def test_parameters_are_json_safe(tmp_path):
+    extent = Region(crs_wkt="EPSG:4326", bounds=(0.0, 0.0, 1.0, 1.0))
+    params = parameters(["a.tif"], tmp_path / "index", extent=extent, band_indexes=[1, 2, 3])
+    restored = json.loads(json.dumps(params.to_dict()))
+    assert restored["extent"]["bounds"] == [0.0, 0.0, 1.0, 1.0]
+    assert restored["band_indexes"] == [1, 2, 3]
+
+
+# -- counts
+
+
+def test_build_counts_add_up_with_nodata_collar(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    report = build_index(parameters([source], tmp_path / "index"))
+
+    grid = report.grids[0]
+    assert report.tiles_total == grid.n_rows * grid.n_cols
+    assert report.tiles_embedded + report.tiles_skipped == report.tiles_total
+    # The scene is rotated inside a nodata collar, so the corner tiles are mostly invalid.
+    assert report.skipped_by_reason[SKIP_MOSTLY_INVALID] > 0
+    assert report.skipped_by_reason[SKIP_MASKED] == 0
+
+    index = TileIndex.open(tmp_path / "index")
+    assert index.count == report.tiles_embedded
+    record = index.sources[0]
+    assert record["tile_count"] == report.tiles_embedded
+    assert record["skipped_counts"] == report.skipped_by_reason
+    assert record["value_stretch"]["kind"] == "byte_range"
+    assert not partial_folder_for(tmp_path / "index").exists()
+
+
+def test_build_tile_size_sets_grid(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    report = build_index(parameters([source], tmp_path / "index", tile_size_source_px=100, overlap_fraction=0.0))
+
+    grid = report.grids[0]
+    pixel_width, pixel_height = RasterSource(source).pixel_size
+    # The grid uses the mean of the pixel width and height, which differ by 0.001 % here.
+    assert grid.tile_ground_size == pytest.approx(100 * pixel_width, rel=1e-4)
+    assert grid.tile_ground_size == pytest.approx(100 * pixel_height, rel=1e-4)
+    assert grid.stride_px == grid.tile_size_px
+    # 791 x 718 pixels in tiles of 100: ceil(691 / 100) + 1 = 8 columns, ceil(618 / 100) + 1 = 8 rows.
+    assert (grid.n_rows, grid.n_cols) == (8, 8)
+
+
+def test_build_extent_and_mask_counts(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    raster = RasterSource(source)
+    xmin, ymin, xmax, ymax = raster.bounds
+    # The extent is the raster's central half; the mask covers the extent's western half.
+    extent = (xmin + (xmax - xmin) / 4, ymin + (ymax - ymin) / 4, xmax - (xmax - xmin) / 4, ymax - (ymax - ymin) / 4)
+    mask_wkt = (
+        f"POLYGON (({extent[0]} {extent[1]}, {(extent[0] + extent[2]) / 2} {extent[1]}, "
+        f"{(extent[0] + extent[2]) / 2} {extent[3]}, {extent[0]} {extent[3]}, {extent[0]} {extent[1]}))"
+    )
+    whole = build_index(parameters([source], tmp_path / "whole"))
+    report = build_index(
+        parameters(
+            [source],
+            tmp_path / "index",
+            extent=Region(crs_wkt=raster.crs_wkt, bounds=extent),
+            mask=Region(crs_wkt=raster.crs_wkt, polygons_wkt=(mask_wkt,)),
+        )
+    )
+
+    assert report.tiles_total < whole.tiles_total
+    assert report.skipped_by_reason[SKIP_MASKED] > 0
+    assert report.tiles_embedded + report.tiles_skipped == report.tiles_total
+    grid = report.grids[0]
+    index = TileIndex.open(tmp_path / "index")
+    for tile_id in range(index.count):
+        tile_xmin, _, tile_xmax, _ = index.tile_bounds(tile_id)
+        # Kept tiles lie mostly east of the mask's edge.
+        assert (tile_xmin + tile_xmax) / 2 > (extent[0] + extent[2]) / 2 - grid.tile_ground_size / 2
+
+
+def test_build_extent_in_other_crs(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    raster = RasterSource(source)
+    transform = osr.CoordinateTransformation(
+        _traditional(raster.crs_wkt), _traditional(epsg_wkt(4326))
+    )
+    centre_x = (raster.bounds[0] + raster.bounds[2]) / 2
+    centre_y = (raster.bounds[1] + raster.bounds[3]) / 2
+    lon, lat, _ = transform.TransformPoint(centre_x, centre_y)
+    extent = Region(crs_wkt=epsg_wkt(4326), bounds=(lon - 0.05, lat - 0.05, lon + 0.05, lat + 0.05))
+
+    report = build_index(parameters([source], tmp_path / "index", extent=extent))
+
+    assert 0 < report.tiles_total < 30
+    assert report.tiles_embedded > 0
+
+
+def _traditional(wkt: str) -> osr.SpatialReference:
+    spatial_ref = osr.SpatialReference()
+    spatial_ref.ImportFromWkt(wkt)
+    spatial_ref.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    return spatial_ref
+
+
+def test_build_skips_blank_tiles(tmp_path):
+    # A 128 x 128 UTM raster: the left half constant grey, the right half noise.
+    path = tmp_path / "half_blank.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 128, 128, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0))
+    dataset.SetProjection(epsg_wkt(32610))
+    generator = np.random.default_rng(0)
+    for band_index in range(1, 4):
+        values = np.full((128, 128), 120, dtype=np.uint8)
+        values[:, 64:] = generator.integers(0, 255, size=(128, 64), dtype=np.uint8)
+        dataset.GetRasterBand(band_index).WriteArray(values)
+    dataset = None
+
+    report = build_index(parameters([path], tmp_path / "index", tile_size_source_px=32, overlap_fraction=0.0))
+
+    # 4 x 4 tiles, of which the 8 in the left half are flat.
+    assert report.tiles_total == 16
+    assert report.skipped_by_reason[SKIP_BLANK] == 8
+    assert report.tiles_embedded == 8
+
+
+# -- progress, cancellation and resume
+
+
+def test_progress_is_monotonic(shared_data, tmp_path):
+    seen = []
+    report = build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"),
+                         progress=seen.append)
+
+    assert len(seen) > 2
+    done = [item.tiles_done for item in seen]
+    skipped = [item.tiles_skipped for item in seen]
+    assert done == sorted(done)
+    assert len(set(done)) == len(done)
+    assert skipped == sorted(skipped)
+    assert all(item.tiles_total == report.tiles_total for item in seen)
+    assert seen[-1].tiles_done == report.tiles_total
+    assert seen[-1].tiles_skipped == report.tiles_skipped
+    assert seen[-1].eta_s == pytest.approx(0.0)
+    assert all(item.rate_tiles_per_s > 0 for item in seen)
+
+
+def test_cancel_before_first_batch(shared_data, tmp_path):
+    params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index")
+
+    with pytest.raises(CancelledError, match="run it again"):
+        build_index(params, is_cancelled=lambda: True)
+
+    assert not (tmp_path / "index" / "manifest.json").exists()
+    assert partial_folder_for(tmp_path / "index").is_dir()
+
+
+def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    uninterrupted = build_index(parameters([source], tmp_path / "reference"))
+
+    params = parameters([source], tmp_path / "index")
+    batches_seen = []
+
+    def cancel_after_three_batches() -> bool:
+        return len(batches_seen) >= 3
+
+    with pytest.raises(CancelledError):
+        build_index(params, progress=batches_seen.append, is_cancelled=cancel_after_three_batches)
+    partial = partial_folder_for(tmp_path / "index")
+    assert len(list(partial.glob("chunk_*.npz"))) == 3
+    assert not (tmp_path / "index" / "manifest.json").exists()
+
+    resumed_progress = []
+    resumed = build_index(params, progress=resumed_progress.append)
+
+    assert resumed.tiles_resumed == batches_seen[-1].tiles_done
+    assert resumed_progress[0].tiles_done > resumed.tiles_resumed
+    assert resumed.tiles_embedded == uninterrupted.tiles_embedded
+    assert resumed.skipped_by_reason == uninterrupted.skipped_by_reason
+    assert not partial.exists()
+    reference_index = TileIndex.open(tmp_path / "reference")
+    resumed_index = TileIndex.open(tmp_path / "index")
+    np.testing.assert_array_equal(resumed_index.tile_table, reference_index.tile_table)
+    np.testing.assert_array_equal(np.asarray(resumed_index.embeddings), np.asarray(reference_index.embeddings))
+
+
+def test_resume_with_other_batch_size(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    uninterrupted = build_index(parameters([source], tmp_path / "reference"))
+    calls = []
+    with pytest.raises(CancelledError):
+        build_index(parameters([source], tmp_path / "index", batch_size=8), progress=calls.append,
+                    is_cancelled=lambda: len(calls) >= 2)
+
+    resumed = build_index(parameters([source], tmp_path / "index", batch_size=32))
+
+    assert resumed.tiles_resumed > 0
+    np.testing.assert_array_equal(
+        TileIndex.open(tmp_path / "index").tile_table, TileIndex.open(tmp_path / "reference").tile_table
+    )
+    assert resumed.tiles_embedded == uninterrupted.tiles_embedded
+
+
+def test_changed_parameters_discard_checkpoints(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    calls = []
+    with pytest.raises(CancelledError):
+        build_index(parameters([source], tmp_path / "index"), progress=calls.append,
+                    is_cancelled=lambda: len(calls) >= 2)
+
+    report = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+
+    assert report.tiles_resumed == 0
+    assert report.tiles_embedded + report.tiles_skipped == report.tiles_total
+
+
+def test_rerun_after_commit_only_cleans_up(shared_data, tmp_path):
+    params = parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "index")
+    first = build_index(params)
+    # A crash between writing the index and removing the checkpoints leaves both behind.
+    build_id = TileIndex.open(tmp_path / "index").sources[0]["build_id"]
+    partial = partial_folder_for(tmp_path / "index")
+    partial.mkdir()
+    marker = {"format": "lookalike-partial-build", "format_version": 1, "build_id": build_id}
+    (partial / "partial_build.json").write_text(json.dumps(marker), encoding="utf-8")
+
+    again = build_index(params)
+
+    assert again.already_complete
+    assert again.tiles_embedded == first.tiles_embedded
+    assert again.skipped_by_reason == first.skipped_by_reason
+    assert TileIndex.open(tmp_path / "index").count == first.tiles_embedded
+    assert not partial.exists()
+
+
+def test_rerun_replaces_own_unfinished_index(shared_data, tmp_path, encoder):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    reference = build_index(parameters([source], tmp_path / "reference"))
+    params = parameters([source], tmp_path / "index")
+    calls = []
+    with pytest.raises(CancelledError):
+        build_index(params, progress=calls.append, is_cancelled=lambda: len(calls) >= 1)
+    # A crash right after the commit created the empty index leaves it beside the checkpoints.
+    marker = json.loads((partial_folder_for(tmp_path / "index") / "partial_build.json").read_text(encoding="utf-8"))
+    encoder_info = {"name": encoder.name, "checksum": encoder.checksum, "embedding_dim": encoder.spec.embedding_dim,
+                    "spec": {}}
+    TileIndex.create(tmp_path / "index", encoder_info, build_parameters={"build_id": marker["build_id"]})
+
+    resumed = build_index(params)
+
+    assert resumed.tiles_resumed > 0
+    assert TileIndex.open(tmp_path / "index").count == reference.tiles_embedded
+
+
+# -- index folder safety
+
+
+def test_non_index_folder_is_never_written(shared_data, tmp_path):
+    folder = tmp_path / "my_documents"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me", encoding="utf-8")
+
+    with pytest.raises(SearchIndexError, match="contains no Lookalike index"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder))
+
+    assert sorted(path.name for path in folder.iterdir()) == ["notes.txt"]
+    assert not partial_folder_for(folder).exists()
+
+
+def test_foreign_partial_folder_is_never_removed(shared_data, tmp_path):
+    foreign = partial_folder_for(tmp_path / "index")
+    foreign.mkdir()
+    (foreign / "data.bin").write_bytes(b"\x00")
+
+    with pytest.raises(SearchIndexError, match="not a Lookalike checkpoint folder"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
+
+    assert (foreign / "data.bin").exists()
+
+
+def test_existing_index_needs_a_flag(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    build_index(parameters([source], tmp_path / "index"))
+
+    with pytest.raises(SearchIndexError, match="already contains an index"):
+        build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+    replaced = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0,
+                                      overwrite_existing_index=True))
+
+    assert TileIndex.open(tmp_path / "index").count == replaced.tiles_embedded
+
+
+# -- several sources
+
+
+def test_add_to_existing_second_raster(shared_data, tmp_path):
+    first = geo(shared_data, "rasterio/rgb1.tif")
+    second = geo(shared_data, "rasterio/rgb2.tif")
+    first_report = build_index(parameters([first], tmp_path / "index"))
+
+    second_report = build_index(
+        parameters([second], tmp_path / "index", tile_size_source_px=None, add_to_existing=True)
+    )
+
+    index = TileIndex.open(tmp_path / "index")
+    assert [record["path"] for record in index.sources] == [first, second]
+    assert second_report.source_ids == [1]
+    assert index.count == first_report.tiles_embedded + second_report.tiles_embedded
+    first_grid = TileGrid.from_dict(index.sources[0]["grid"])
+    second_grid = TileGrid.from_dict(index.sources[1]["grid"])
+    assert second_grid.gsd == pytest.approx(first_grid.gsd)
+    assert second_grid.stride_px == first_grid.stride_px
+    assert set(index.tile_table["source_id"].tolist()) == {0, 1}
+
+
+def test_add_to_existing_rejects_other_overlap(shared_data, tmp_path):
+    build_index(parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "index"))
+
+    with pytest.raises(LookalikeError, match="overlap_fraction=0.5"):
+        build_index(parameters([geo(shared_data, "rasterio/rgb2.tif")], tmp_path / "index",
+                               overlap_fraction=0.0, add_to_existing=True))
+
+
+def test_add_same_raster_twice_is_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    build_index(parameters([source], tmp_path / "index"))
+
+    with pytest.raises(SearchIndexError, match="already in index"):
+        build_index(parameters([source], tmp_path / "index", add_to_existing=True))
+
+
+def test_two_sources_in_one_build(shared_data, tmp_path):
+    sources = [geo(shared_data, "rasterio/rgb1.tif"), geo(shared_data, "rasterio/rgb2.tif")]
+    report = build_index(parameters(sources, tmp_path / "index"))
+
+    index = TileIndex.open(tmp_path / "index")
+    assert report.source_ids == [0, 1]
+    assert report.tiles_total == sum(grid.tile_count for grid in report.grids)
+    per_source = [int((index.tile_table["source_id"] == source_id).sum()) for source_id in (0, 1)]
+    assert per_source == [record["tile_count"] for record in index.sources]
+
+
+# -- memory
+
+
+def test_reader_holds_at_most_queue_depth_batches(shared_data, tmp_path):
+    params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index",
+                        batch_size=8, prefetch_batches=2)
+
+    # A slow consumer lets the reader run ahead as far as the bound allows.
+    report = build_index(params, progress=lambda item: time.sleep(0.02))
+
+    assert report.peak_batches_in_memory == params.prefetch_batches + 1
+
+
+def test_memory_does_not_follow_raster_size(shared_data, tmp_path):
+    # 6008 x 3333 pixels: 20 MB as bytes, 240 MB as three float32 channels.
+    source = geo(shared_data, "planet/difference.tif")
+    params = parameters([source], tmp_path / "index", tile_size_source_px=256, overlap_fraction=0.0,
+                        batch_size=8, prefetch_batches=1)
+
+    tracemalloc.start()
+    try:
+        report = build_index(params)
+        _, peak_bytes = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert report.tiles_total == 24 * 14
+    assert report.peak_batches_in_memory <= params.prefetch_batches + 1
+    assert peak_bytes < 10 * 1024 * 1024
+
+
+# -- queries
+
+
+@pytest.fixture(scope="module")
+def rgb_index(shared_data, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("query") / "index"
+    build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder))
+    return TileIndex.open(folder)
+
+
+def test_query_on_indexed_tile_matches_its_embedding(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    tile_id = rgb_index.count // 2
+    bounds = rgb_index.tile_bounds(tile_id)
+
+    embeddings, footprints = embed_query(rgb_index, encoder, source, bounds, rgb_index.tile_crs_wkt(tile_id))
+
+    assert embeddings.shape == (1, encoder.spec.embedding_dim)
+    assert footprints[0] == pytest.approx(bounds)
+    stored = np.asarray(rgb_index.embeddings[tile_id], dtype=np.float32)
+    # Stored embeddings are float16, so they agree to about 1e-3.
+    np.testing.assert_allclose(embeddings[0], stored, atol=2e-3)
+
+
+def test_query_accepts_manifest_dict(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    tile_id = rgb_index.count // 2
+
+    from_index = embed_query(rgb_index, encoder, source, rgb_index.tile_bounds(tile_id), source.crs_wkt)
+    from_manifest = embed_query(rgb_index.manifest, encoder, source, rgb_index.tile_bounds(tile_id), source.crs_wkt)
+
+    np.testing.assert_array_equal(from_index.embeddings, from_manifest.embeddings)
+
+
+def test_query_point_gives_centred_tile(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    centre_x = (source.bounds[0] + source.bounds[2]) / 2
+    centre_y = (source.bounds[1] + source.bounds[3]) / 2
+
+    query = embed_query(rgb_index, encoder, source, f"POINT ({centre_x} {centre_y})", source.crs_wkt)
+
+    assert len(query.footprints) == 1
+    xmin, ymin, xmax, ymax = query.footprints[0]
+    assert (xmin + xmax) / 2 == pytest.approx(centre_x)
+    assert (ymin + ymax) / 2 == pytest.approx(centre_y)
+    grid = TileGrid.from_dict(rgb_index.sources[0]["grid"])
+    assert xmax - xmin == pytest.approx(grid.tile_ground_size)
+
+
+def test_query_small_box_gives_one_centred_chip(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    grid = TileGrid.from_dict(rgb_index.sources[0]["grid"])
+    centre_x = (source.bounds[0] + source.bounds[2]) / 2
+    centre_y = (source.bounds[1] + source.bounds[3]) / 2
+    half = grid.tile_ground_size / 4
+    box = (centre_x - half, centre_y - half / 2, centre_x + half, centre_y + half / 2)
+
+    query = embed_query(rgb_index, encoder, source, box, source.crs_wkt)
+
+    assert query.embeddings.shape[0] == 1
+    xmin, ymin, xmax, ymax = query.footprints[0]
+    assert ((xmin + xmax) / 2, (ymin + ymax) / 2) == pytest.approx((centre_x, centre_y))
+
+
+def test_query_large_box_gives_covering_tiles(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    grid = TileGrid.from_dict(rgb_index.sources[0]["grid"])
+    centre_x = (source.bounds[0] + source.bounds[2]) / 2
+    centre_y = (source.bounds[1] + source.bounds[3]) / 2
+    size = grid.tile_ground_size
+    # 2.5 tiles wide and 1.5 tiles high: 3 x 2 chips without overlap.
+    box = (centre_x - 1.25 * size, centre_y - 0.75 * size, centre_x + 1.25 * size, centre_y + 0.75 * size)
+
+    query = embed_query(rgb_index, encoder, source, box, source.crs_wkt)
+
+    assert query.embeddings.shape == (6, encoder.spec.embedding_dim)
+    assert len(query.footprints) == 6
+    for xmin, ymin, xmax, ymax in query.footprints:
+        assert xmax - xmin == pytest.approx(size)
+        assert xmin < box[2] and xmax > box[0] and ymin < box[3] and ymax > box[1]
+
+
+def test_query_in_geographic_crs(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    transform = osr.CoordinateTransformation(_traditional(source.crs_wkt), _traditional(epsg_wkt(4326)))
+    centre_x = (source.bounds[0] + source.bounds[2]) / 2
+    centre_y = (source.bounds[1] + source.bounds[3]) / 2
+    lon, lat, _ = transform.TransformPoint(centre_x, centre_y)
+
+    query = embed_query(rgb_index, encoder, source, f"POINT ({lon} {lat})", epsg_wkt(4326))
+
+    xmin, ymin, xmax, ymax = query.footprints[0]
+    assert (xmin + xmax) / 2 == pytest.approx(centre_x, abs=1.0)
+    assert (ymin + ymax) / 2 == pytest.approx(centre_y, abs=1.0)
+
+
+def test_query_over_nodata_is_rejected(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    xmin, _, _, ymax = source.bounds
+    # The top-left corner of the scene is nodata collar.
+    corner = f"POINT ({xmin + 300} {ymax - 300})"
+
+    with pytest.raises(SearchError, match="no valid pixels"):
+        embed_query(rgb_index, encoder, source, corner, source.crs_wkt)
+
+
+def test_query_with_other_encoder_is_rejected(rgb_index, shared_data):
+    other = OnnxEncoder(REPO_ROOT / "models" / "efficientnet_lite0.onnx") if (
+        REPO_ROOT / "models" / "efficientnet_lite0.onnx").is_file() else None
+    if other is None:
+        pytest.skip("the bundled encoder is not in models/")
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+
+    with pytest.raises(SearchIndexError, match="query with the index's encoder"):
+        embed_query(rgb_index, other, source, "POINT (0 0)", source.crs_wkt)
+
+
+def test_run_search_excludes_the_query_tile(rgb_index, shared_data):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    tile_id = rgb_index.count // 2
+    bounds = rgb_index.tile_bounds(tile_id)
+
+    matches = run_search(rgb_index.folder, source, [bounds], k=5, crs_wkt=rgb_index.tile_crs_wkt(tile_id))
+
+    assert len(matches) == 5
+    assert [match.rank for match in matches] == [1, 2, 3, 4, 5]
+    scores = [match.score for match in matches]
+    assert scores == sorted(scores, reverse=True)
+    for match in matches:
+        assert match.tile_id != tile_id
+        assert match.source_path == source
+
+
+def test_run_search_needs_a_positive(rgb_index, shared_data):
+    with pytest.raises(SearchError, match="No positive geometry"):
+        run_search(rgb_index.folder, geo(shared_data, "rasterio/RGB.byte.tif"), [], k=5)
