@@ -26,4 +26,9 @@ class LookalikeProvider(QgsProcessingProvider):
 
 
 def _algorithm_classes() -> list:
-    return []
+    from .build_index import BuildIndexAlgorithm
+    from .export_chips import ExportChipsAlgorithm
+    from .index_info import IndexInfoAlgorithm
+    from .search import SearchAlgorithm
+
+    return [BuildIndexAlgorithm, SearchAlgorithm, ExportChipsAlgorithm, IndexInfoAlgorithm]

@@ -1,0 +1,381 @@
+"""Chip export: cut image chips under match footprints out of a raster, plus a labels CSV.
+
+The chips contain the values the encoder receives, not raw sensor values: each is read with
+``core.raster.RasterSource.read_chip`` under the raster's value stretch at a value scale of 255,
+so 8-bit imagery keeps its values and other data types get the 2-98 % stretch described in
+``core.raster``. A fourth (alpha) band marks valid pixels (255) and nodata or off-raster pixels
+(0). That makes the chips ready to label, view or train on without further scaling.
+
+Shared by the Processing algorithm ``lookalike:exportchips`` and the dock's export action.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import numpy as np
+from osgeo import gdal
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCoordinateTransformContext,
+    QgsCsException,
+    QgsFeatureRequest,
+    QgsProject,
+    QgsVectorLayer,
+)
+
+from ..core import get_logger
+from ..core.errors import CancelledError, LookalikeError, RasterError
+from ..core.raster import RasterSource
+from . import matches
+
+LOGGER = get_logger("gis.chip_export")
+
+FORMAT_GEOTIFF = "GTiff"
+FORMAT_PNG = "PNG"
+FILE_EXTENSIONS = {FORMAT_GEOTIFF: "tif", FORMAT_PNG: "png"}
+
+LABELS_CSV_NAME = "labels.csv"
+# 8-bit output: the chip values are the encoder's raw units at this value scale.
+CHIP_VALUE_SCALE = 255.0
+ALPHA_VALID = 255
+
+# A footprint read at native resolution becomes at most this many pixels on its long side, so a
+# footprint drawn over a whole scene cannot allocate gigabytes.
+MAX_NATIVE_CHIP_SIZE_PX = 4096
+
+# Attributes of a match layer copied into the labels CSV when the layer has them.
+MATCH_COLUMNS = (
+    matches.FIELD_RANK,
+    matches.FIELD_SCORE,
+    matches.FIELD_TILE_ID,
+    matches.FIELD_SOURCE,
+    matches.FIELD_ROW,
+    matches.FIELD_COL,
+)
+CSV_COLUMNS = ("chip", "label", "feature_id", *MATCH_COLUMNS, "xmin", "ymin", "xmax", "ymax", "crs")
+
+
+@dataclass(frozen=True)
+class ChipRequest:
+    """One chip to cut: a footprint's bounding box in a CRS, the raster to read and the CSV row.
+
+    ``source_path`` is the GDAL path to read from. ``attributes`` contains the match fields that go
+    into the CSV (absent ones are written empty).
+    """
+
+    feature_id: int
+    bounds: tuple[float, float, float, float]
+    crs_wkt: str
+    crs_authid: str
+    source_path: str
+    label: str
+    attributes: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ChipExportReport:
+    """Result of ``export_chips``: chip files in request order, the CSV path and the skipped requests."""
+
+    folder: Path
+    csv_path: Path
+    chip_paths: list[Path] = field(default_factory=list)
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+
+    @property
+    def written_count(self) -> int:
+        return len(self.chip_paths)
+
+
+def chip_requests_from_layer(
+    layer: QgsVectorLayer,
+    raster_path: Optional[str] = None,
+    label: str = "",
+    label_field: Optional[str] = None,
+    feature_ids: Optional[Iterable[int]] = None,
+    transform_context: Optional[QgsCoordinateTransformContext] = None,
+) -> list[ChipRequest]:
+    """Build one chip request per feature of a match layer (or of ``feature_ids``), best rank first.
+
+    Each footprint is reprojected to the CRS of the raster it is read from, and its bounding box
+    becomes the chip extent. With ``raster_path`` every chip comes from that raster. Without it,
+    each feature's ``source`` field names the raster, as a match layer from ``gis.matches``
+    records it. The CSV label is the value of ``label_field`` when given, else ``label``.
+
+    Raises:
+        LookalikeError: the layer has no ``source`` field and no raster is given, a label field
+            is missing, a feature has no geometry, or a footprint cannot be reprojected.
+    """
+    field_names = layer.fields().names()
+    if raster_path is None and matches.FIELD_SOURCE not in field_names:
+        raise LookalikeError(
+            f"Layer {layer.name()!r} has no {matches.FIELD_SOURCE!r} field naming the raster of each "
+            "match; choose the raster to read the chips from."
+        )
+    if label_field and label_field not in field_names:
+        raise LookalikeError(
+            f"Label field {label_field!r} not found in layer {layer.name()!r}; choose one of "
+            f"{', '.join(field_names)}."
+        )
+
+    request = QgsFeatureRequest()
+    if feature_ids is not None:
+        request.setFilterFids(list(feature_ids))
+    features = list(layer.getFeatures(request))
+    if matches.FIELD_RANK in field_names:
+        # Null ranks (hand-made features) go last, in feature-id order.
+        features.sort(key=lambda feature: (_rank_sort_key(feature[matches.FIELD_RANK]), feature.id()))
+
+    context = transform_context or QgsProject.instance().transformContext()
+    layer_crs = layer.crs()
+    crs_by_source: dict[str, QgsCoordinateReferenceSystem] = {}
+    requests = []
+    for feature in features:
+        source_path = raster_path or str(feature[matches.FIELD_SOURCE] or "")
+        if not source_path:
+            raise LookalikeError(
+                f"Feature {feature.id()} of layer {layer.name()!r} has an empty {matches.FIELD_SOURCE!r} "
+                "field; choose the raster to read the chips from."
+            )
+        if source_path not in crs_by_source:
+            crs_by_source[source_path] = _raster_crs(source_path)
+        raster_crs = crs_by_source[source_path]
+
+        geometry = feature.geometry()
+        if geometry is None or geometry.isEmpty():
+            raise LookalikeError(
+                f"Feature {feature.id()} of layer {layer.name()!r} has no geometry; remove it or "
+                "select only features with footprints."
+            )
+        if layer_crs != raster_crs:
+            try:
+                geometry.transform(QgsCoordinateTransform(layer_crs, raster_crs, context))
+            except QgsCsException as error:
+                raise LookalikeError(
+                    f"The footprint of feature {feature.id()} cannot be reprojected from "
+                    f"{layer_crs.authid()} to the CRS of {source_path}: {error}."
+                ) from error
+        box = geometry.boundingBox()
+        attributes = {name: feature[name] for name in MATCH_COLUMNS if name in field_names}
+        requests.append(
+            ChipRequest(
+                feature_id=int(feature.id()),
+                bounds=(box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum()),
+                crs_wkt=raster_crs.toWkt(QgsCoordinateReferenceSystem.WKT_PREFERRED_GDAL),
+                crs_authid=raster_crs.authid(),
+                source_path=source_path,
+                label=str(feature[label_field]) if label_field else label,
+                attributes=attributes,
+            )
+        )
+    return requests
+
+
+def export_chips(
+    requests: Sequence[ChipRequest],
+    folder: os.PathLike | str,
+    image_format: str = FORMAT_GEOTIFF,
+    chip_size_px: Optional[int] = None,
+    band_indexes: Optional[Sequence[int]] = None,
+    progress: Optional[Callable[[int, int], None]] = None,
+    is_cancelled: Optional[Callable[[], bool]] = None,
+) -> ChipExportReport:
+    """Write one chip per request into ``folder`` and a ``labels.csv`` that lists them.
+
+    Chips are named ``chip_00001.<ext>`` in request order. ``chip_size_px`` makes every chip that
+    many pixels square; None reads each footprint at the raster's native resolution (capped at
+    ``MAX_NATIVE_CHIP_SIZE_PX`` on the long side). ``band_indexes`` are 1-based source bands,
+    None picks RGB by colour interpretation as the index build does. GeoTIFF chips are
+    georeferenced in the raster's CRS. PNG chips are not, so the CSV carries every chip's bounds
+    and CRS. A footprint with no valid pixel (entirely off the raster or nodata) is skipped and
+    reported instead of writing an empty chip. ``progress(done, total)`` is called after each
+    chip and ``is_cancelled()`` is polled before each.
+
+    Raises:
+        LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
+            that PNG cannot store, or a raster that cannot be read.
+        CancelledError: ``is_cancelled`` returned True; the chips written so far stay, with a
+            CSV that lists them.
+    """
+    if image_format not in FILE_EXTENSIONS:
+        raise LookalikeError(
+            f"Chip format {image_format!r} is not supported; use {FORMAT_GEOTIFF!r} or {FORMAT_PNG!r}."
+        )
+    if chip_size_px is not None and (isinstance(chip_size_px, bool) or int(chip_size_px) != chip_size_px
+                                     or chip_size_px < 1):
+        raise LookalikeError(f"Chip size {chip_size_px!r} px is invalid; pass a whole number of pixels >= 1.")
+
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LookalikeError(
+            f"The chip folder {folder} cannot be created ({error}); choose a writable folder."
+        ) from error
+
+    report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
+    rows: list[dict[str, Any]] = []
+    sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
+    total = len(requests)
+    try:
+        for position, request in enumerate(requests, start=1):
+            if is_cancelled is not None and is_cancelled():
+                raise CancelledError(
+                    f"Chip export cancelled after {report.written_count} of {total} chips; the chips "
+                    f"written so far are listed in {report.csv_path}."
+                )
+            if request.source_path not in sources:
+                source = RasterSource(request.source_path, band_indexes)
+                if image_format == FORMAT_PNG and len(source.band_indexes) not in (1, 3):
+                    raise LookalikeError(
+                        f"PNG chips hold 1 or 3 image bands plus alpha, but {len(source.band_indexes)} "
+                        f"bands {list(source.band_indexes)} were chosen; choose 1 or 3 bands or export GeoTIFF."
+                    )
+                sources[request.source_path] = (source, source.value_stretch(CHIP_VALUE_SCALE))
+            source, stretch = sources[request.source_path]
+
+            chip_path = folder / f"chip_{position:05d}.{FILE_EXTENSIONS[image_format]}"
+            written = _write_chip(source, stretch, request, chip_path, image_format, chip_size_px)
+            if written:
+                report.chip_paths.append(chip_path)
+                rows.append(_csv_row(chip_path.name, request))
+            else:
+                report.skipped.append((request.feature_id, "no valid pixel under the footprint"))
+                LOGGER.info("Skipped feature %d: no valid pixel of %s under its footprint",
+                            request.feature_id, request.source_path)
+            if progress is not None:
+                progress(position, total)
+    finally:
+        _write_csv(report.csv_path, rows)
+        for source, _stretch in sources.values():
+            source.close()
+    LOGGER.info("Wrote %d chips and %s (%d skipped)", report.written_count, report.csv_path, len(report.skipped))
+    return report
+
+
+def _write_chip(
+    source: RasterSource,
+    stretch: Mapping[str, Any],
+    request: ChipRequest,
+    path: Path,
+    image_format: str,
+    chip_size_px: Optional[int],
+) -> bool:
+    width_px, height_px = _chip_shape(source, request.bounds, chip_size_px)
+    # read_chip reads squares, so a non-square footprint is read at its long side and cropped
+    # back; both axes keep the same ground sample distance.
+    side_px = max(width_px, height_px)
+    xmin, ymin, xmax, ymax = request.bounds
+    pixel_size = max(xmax - xmin, ymax - ymin) / side_px
+    square = (xmin, ymax - side_px * pixel_size, xmin + side_px * pixel_size, ymax)
+    chip, valid = source.read_chip(square, request.crs_wkt, side_px, stretch)
+    chip = chip[:, :height_px, :width_px]
+    valid = valid[:height_px, :width_px]
+    if not valid.any():
+        return False
+
+    band_count = chip.shape[0]
+    memory = gdal.GetDriverByName("MEM").Create("", width_px, height_px, band_count + 1, gdal.GDT_Byte)
+    for band_number in range(1, band_count + 1):
+        band = memory.GetRasterBand(band_number)
+        band.WriteArray(np.clip(np.rint(chip[band_number - 1]), 0, 255).astype(np.uint8))
+        if band_count == 3:
+            band.SetColorInterpretation((gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)[band_number - 1])
+        elif band_count == 1:
+            band.SetColorInterpretation(gdal.GCI_GrayIndex)
+    alpha = memory.GetRasterBand(band_count + 1)
+    alpha.WriteArray(np.where(valid, ALPHA_VALID, 0).astype(np.uint8))
+    alpha.SetColorInterpretation(gdal.GCI_AlphaBand)
+
+    options: list[str] = []
+    if image_format == FORMAT_GEOTIFF:
+        memory.SetGeoTransform((xmin, pixel_size, 0.0, ymax, 0.0, -pixel_size))
+        memory.SetProjection(request.crs_wkt)
+        options = ["COMPRESS=DEFLATE", "ALPHA=YES"]
+        if band_count == 3:
+            options.append("PHOTOMETRIC=RGB")
+    driver = gdal.GetDriverByName(image_format)
+    written = driver.CreateCopy(str(path), memory, strict=0, options=options)
+    if written is None:
+        raise RasterError(
+            f"Writing the chip {path} failed ({gdal.GetLastErrorMsg()}); check that the folder is writable."
+        )
+    written.FlushCache()
+    written = None
+    return True
+
+
+def _chip_shape(
+    source: RasterSource, bounds: Sequence[float], chip_size_px: Optional[int]
+) -> tuple[int, int]:
+    xmin, ymin, xmax, ymax = bounds
+    if xmax <= xmin or ymax <= ymin:
+        raise LookalikeError(f"The footprint {tuple(bounds)} is empty; only polygons can be exported as chips.")
+    if chip_size_px is not None:
+        side = int(chip_size_px)
+        # A fixed size applies to the long side, so non-square footprints keep their shape.
+        if xmax - xmin >= ymax - ymin:
+            return side, max(1, round(side * (ymax - ymin) / (xmax - xmin)))
+        return max(1, round(side * (xmax - xmin) / (ymax - ymin))), side
+    # Request bounds are in the raster's own CRS, so its pixel size gives the native resolution.
+    pixel_width, pixel_height = source.pixel_size
+    width_px = max(1, math.ceil((xmax - xmin) / pixel_width - 1e-6))
+    height_px = max(1, math.ceil((ymax - ymin) / pixel_height - 1e-6))
+    long_side = max(width_px, height_px)
+    if long_side > MAX_NATIVE_CHIP_SIZE_PX:
+        factor = MAX_NATIVE_CHIP_SIZE_PX / long_side
+        width_px = max(1, round(width_px * factor))
+        height_px = max(1, round(height_px * factor))
+    return width_px, height_px
+
+
+def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "chip": chip_name,
+        "label": request.label,
+        "feature_id": request.feature_id,
+        "crs": request.crs_authid or request.crs_wkt,
+    }
+    for name in MATCH_COLUMNS:
+        value = request.attributes.get(name)
+        row[name] = "" if value is None or _is_null(value) else value
+    for name, value in zip(("xmin", "ymin", "xmax", "ymax"), request.bounds):
+        row[name] = repr(float(value))
+    return row
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _raster_crs(path: str) -> QgsCoordinateReferenceSystem:
+    source = RasterSource(path)
+    try:
+        crs = QgsCoordinateReferenceSystem.fromWkt(source.crs_wkt)
+    finally:
+        source.close()
+    if not crs.isValid():
+        raise RasterError(f"QGIS cannot read the CRS of raster {path}; assign an EPSG CRS to it.")
+    return crs
+
+
+def _is_null(value: Any) -> bool:
+    # QGIS returns NULL attributes as QVariant objects that compare false to everything but
+    # report isNull().
+    is_null = getattr(value, "isNull", None)
+    return bool(is_null()) if callable(is_null) else False
+
+
+def _rank_sort_key(value: Any) -> float:
+    if value is None or _is_null(value):
+        return math.inf
+    return float(value)

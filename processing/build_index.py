@@ -1,0 +1,330 @@
+"""``lookalike:buildindex``: embed the tiles of one or more rasters into an index folder."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from qgis.core import (
+    QgsProcessing,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterBoolean,
+    QgsProcessingParameterEnum,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSource,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFolderDestination,
+    QgsProcessingParameterMultipleLayers,
+    QgsProcessingParameterNumber,
+    QgsProcessingParameterString,
+)
+
+from ..core.encoder import OnnxEncoder, default_model_path
+from ..core.pipeline import BuildParameters, Progress, Region, build_index
+from .support import (
+    ENCODER_PACKAGES,
+    INDEX_PACKAGES,
+    LookalikeAlgorithm,
+    cancel_check,
+    core_errors,
+    crs_wkt,
+    feature_geometries_wkt,
+    gdal_source_path,
+    require_packages,
+    set_progress,
+    tr,
+)
+
+TILE_SIZE_UNIT_SOURCE_PX = 0
+TILE_SIZE_UNIT_GROUND = 1
+TILE_SIZE_UNITS = ("Source pixels (of the first raster)", "Map units of the tile grid (metres)")
+
+# Processing names of the core's BuildParameters fields, for core messages that name a field.
+PARAMETER_NAMES = {
+    "source_paths": "INPUT_RASTERS",
+    "index_folder": "OUTPUT",
+    "encoder_path": "ENCODER",
+    "tile_size_source_px": "TILE_SIZE with TILE_SIZE_UNIT=0",
+    "tile_ground_size_m": "TILE_SIZE with TILE_SIZE_UNIT=1",
+    "overlap_fraction": "OVERLAP_PERCENT",
+    "band_indexes": "BANDS",
+    "add_to_existing": "APPEND",
+    "overwrite_existing_index": "OVERWRITE",
+}
+
+
+class BuildIndexAlgorithm(LookalikeAlgorithm):
+    """Build (or extend) a Lookalike index folder from rasters; wraps ``core.pipeline.build_index``."""
+
+    ALGORITHM_ID = "buildindex"
+    DISPLAY_NAME = "Build similarity index"
+    SUMMARY = (
+        "Cuts the rasters into a grid of square tiles, embeds every tile with the ONNX encoder and "
+        "stores the embeddings in an HNSW index folder that 'Search similar tiles' queries. Tiles "
+        "that are mostly nodata, blank or under the mask are skipped. A cancelled build keeps its "
+        "finished batches in '<index folder>.partial' and continues from there when it is run again "
+        "with the same parameters."
+    )
+
+    INPUT_RASTERS = "INPUT_RASTERS"
+    ENCODER = "ENCODER"
+    TILE_SIZE = "TILE_SIZE"
+    TILE_SIZE_UNIT = "TILE_SIZE_UNIT"
+    OVERLAP_PERCENT = "OVERLAP_PERCENT"
+    GSD = "GSD"
+    EXTENT = "EXTENT"
+    MASK = "MASK"
+    BANDS = "BANDS"
+    APPEND = "APPEND"
+    OVERWRITE = "OVERWRITE"
+    OUTPUT = "OUTPUT"
+
+    TILES_TOTAL = "TILES_TOTAL"
+    TILES_EMBEDDED = "TILES_EMBEDDED"
+    TILES_SKIPPED = "TILES_SKIPPED"
+    TILES_RESUMED = "TILES_RESUMED"
+    GSD_USED = "GSD_USED"
+    ENCODER_NAME = "ENCODER_NAME"
+
+    def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
+        rasters = QgsProcessingParameterMultipleLayers(
+            self.INPUT_RASTERS, tr("Rasters to index"), QgsProcessing.TypeRaster
+        )
+        rasters.setHelp(tr(
+            "One or more rasters read by GDAL (GeoTIFF, COG, VRT...). All of them share the tile "
+            "size and GSD of the first one, so dates or strips of one area can be searched together."
+        ))
+        self.addParameter(rasters)
+
+        encoder = QgsProcessingParameterFile(
+            self.ENCODER, tr("Encoder (ONNX model)"), extension="onnx",
+            defaultValue=str(default_model_path()), optional=True,
+        )
+        encoder.setHelp(tr(
+            "ONNX image encoder with a Lookalike or Deepness model spec in its metadata. Empty selects "
+            "the bundled EfficientNet-Lite0. Searches must use the same encoder file."
+        ))
+        self.addParameter(encoder)
+
+        tile_size = QgsProcessingParameterNumber(
+            self.TILE_SIZE, tr("Tile size"), QgsProcessingParameterNumber.Double, optional=True, minValue=0.0
+        )
+        tile_size.setHelp(tr(
+            "Side of one square tile, in the unit chosen below. Empty uses the encoder's suggested "
+            "ground size, or 224 source pixels when it has none. Choose it about the size of the "
+            "objects to find. Each tile is resampled to the encoder's input size."
+        ))
+        self.addParameter(tile_size)
+
+        unit = QgsProcessingParameterEnum(
+            self.TILE_SIZE_UNIT, tr("Tile size unit"), options=[tr(option) for option in TILE_SIZE_UNITS],
+            defaultValue=TILE_SIZE_UNIT_SOURCE_PX,
+        )
+        unit.setHelp(tr(
+            "0: pixels of the first raster. 1: units of the tile grid's CRS, which is the raster's "
+            "CRS when it is projected (metres for metric CRSs) and the WGS 84 UTM zone (metres) when "
+            "the raster is in degrees."
+        ))
+        self.addParameter(unit)
+
+        overlap = QgsProcessingParameterNumber(
+            self.OVERLAP_PERCENT, tr("Tile overlap (%)"), QgsProcessingParameterNumber.Double,
+            defaultValue=0.0, minValue=0.0, maxValue=95.0,
+        )
+        overlap.setHelp(tr(
+            "Overlap between neighbouring tiles, in percent of the tile side (0 to 95). 50 halves the "
+            "stride, so an object is more likely to sit whole in some tile, at four times the tiles."
+        ))
+        self.addParameter(overlap)
+
+        gsd = QgsProcessingParameterNumber(
+            self.GSD, tr("Ground sample distance override (grid units per encoder pixel)"),
+            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0,
+        )
+        gsd.setHelp(tr(
+            "Ground size of one encoder input pixel, in grid CRS units (metres for metric and UTM "
+            "grids). Sets the tile size to GSD x the encoder's input size, so leave Tile size empty "
+            "when using it."
+        ))
+        self.addParameter(gsd)
+
+        extent = QgsProcessingParameterExtent(self.EXTENT, tr("Extent to index"), optional=True)
+        extent.setHelp(tr("Only tiles that overlap this extent are indexed. Empty indexes the whole rasters."))
+        self.addParameter(extent)
+
+        mask = QgsProcessingParameterFeatureSource(
+            self.MASK, tr("Mask polygons (areas to leave out)"), [QgsProcessing.TypeVectorPolygon], optional=True
+        )
+        mask.setHelp(tr(
+            "Polygons over areas that must not be indexed, such as clouds or the query area itself. "
+            "A tile is skipped when more than half of it lies under the polygons."
+        ))
+        self.addParameter(mask)
+
+        bands = QgsProcessingParameterString(self.BANDS, tr("Band mapping"), optional=True)
+        bands.setHelp(tr(
+            "Comma-separated 1-based band numbers of each raster, one per encoder input band and in "
+            "the encoder's order, e.g. '3,2,1' for the RGB encoders when the file stores B,G,R. Empty "
+            "picks red, green and blue by colour interpretation."
+        ))
+        self.addParameter(bands)
+
+        append = QgsProcessingParameterBoolean(self.APPEND, tr("Add to the existing index in the folder"), False)
+        append.setHelp(tr(
+            "Add the rasters to the index already in the output folder instead of creating one. The "
+            "tile size, GSD, overlap and encoder must match the index's; leave the tile size empty to "
+            "use the index's."
+        ))
+        self.addParameter(append)
+
+        overwrite = QgsProcessingParameterBoolean(self.OVERWRITE, tr("Replace an existing index"), False)
+        overwrite.setHelp(tr("Replace the index already in the output folder. Cannot be combined with APPEND."))
+        self.addParameter(overwrite)
+
+        output = QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Index folder"))
+        output.setHelp(tr(
+            "Folder that receives manifest.json, the HNSW graph, the embeddings and the tile table. It "
+            "must be new, empty or (with APPEND or OVERWRITE) contain an index."
+        ))
+        self.addParameter(output)
+
+        self.addOutput(QgsProcessingOutputNumber(self.TILES_TOTAL, tr("Tiles in the grids")))
+        self.addOutput(QgsProcessingOutputNumber(self.TILES_EMBEDDED, tr("Tiles embedded")))
+        self.addOutput(QgsProcessingOutputNumber(self.TILES_SKIPPED, tr("Tiles skipped")))
+        self.addOutput(QgsProcessingOutputNumber(self.TILES_RESUMED, tr("Tiles taken from an interrupted run")))
+        self.addOutput(QgsProcessingOutputNumber(self.GSD_USED, tr("GSD of the tile grid (grid units per pixel)")))
+        self.addOutput(QgsProcessingOutputString(self.ENCODER_NAME, tr("Encoder name")))
+
+    def processAlgorithm(  # noqa: N802 - QGIS API
+        self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback
+    ) -> dict[str, Any]:
+        require_packages(ENCODER_PACKAGES + INDEX_PACKAGES)
+        build_parameters = self._build_parameters(parameters, context)
+
+        def report_progress(progress: Progress) -> None:
+            set_progress(feedback, progress.tiles_done, progress.tiles_total)
+
+        feedback.pushInfo(tr(
+            f"Indexing {len(build_parameters.source_paths)} raster(s) into {build_parameters.index_folder}"
+        ))
+        with core_errors(PARAMETER_NAMES):
+            report = build_index(build_parameters, progress=report_progress, is_cancelled=cancel_check(feedback))
+
+        skipped = ", ".join(f"{count} {reason}" for reason, count in report.skipped_by_reason.items())
+        feedback.pushInfo(tr(
+            f"{report.tiles_embedded} of {report.tiles_total} tiles embedded with {report.encoder_name} "
+            f"(skipped: {skipped or 'none'}) in {report.elapsed_s:.1f} s."
+        ))
+        if report.tiles_total and not report.tiles_embedded:
+            feedback.reportError(
+                tr("Every tile was skipped, so the index is empty; check the nodata value, mask and extent."),
+                fatalError=False,
+            )
+        set_progress(feedback, 1, 1)
+        return {
+            self.OUTPUT: report.index_folder,
+            self.TILES_TOTAL: report.tiles_total,
+            self.TILES_EMBEDDED: report.tiles_embedded,
+            self.TILES_SKIPPED: report.tiles_skipped,
+            self.TILES_RESUMED: report.tiles_resumed,
+            self.GSD_USED: report.grids[0].gsd if report.grids else None,
+            self.ENCODER_NAME: report.encoder_name,
+        }
+
+    def _build_parameters(self, parameters: dict, context: QgsProcessingContext) -> BuildParameters:
+        layers = self.parameterAsLayerList(parameters, self.INPUT_RASTERS, context)
+        if not layers:
+            raise QgsProcessingException(tr(f"{self.INPUT_RASTERS} is empty; choose at least one raster to index."))
+        source_paths = tuple(gdal_source_path(layer, self.INPUT_RASTERS) for layer in layers)
+
+        encoder_path = self.parameterAsFile(parameters, self.ENCODER, context) or None
+        tile_size_source_px, tile_ground_size_m = self._tile_size(parameters, context, encoder_path)
+
+        extent = None
+        if parameters.get(self.EXTENT):
+            rectangle = self.parameterAsExtent(parameters, self.EXTENT, context)
+            extent_crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
+            if not rectangle.isEmpty():
+                extent = Region(
+                    crs_wkt=crs_wkt(extent_crs, self.EXTENT),
+                    bounds=(rectangle.xMinimum(), rectangle.yMinimum(), rectangle.xMaximum(), rectangle.yMaximum()),
+                )
+
+        mask = None
+        mask_source = self.parameterAsSource(parameters, self.MASK, context)
+        if mask_source is not None:
+            polygons = feature_geometries_wkt(mask_source, self.MASK)
+            if polygons:
+                mask = Region(crs_wkt=crs_wkt(mask_source.sourceCrs(), self.MASK), polygons_wkt=tuple(polygons))
+
+        with core_errors(PARAMETER_NAMES):
+            return BuildParameters(
+                source_paths=source_paths,
+                index_folder=self.parameterAsString(parameters, self.OUTPUT, context),
+                encoder_path=encoder_path,
+                tile_size_source_px=tile_size_source_px,
+                tile_ground_size_m=tile_ground_size_m,
+                overlap_fraction=self.parameterAsDouble(parameters, self.OVERLAP_PERCENT, context) / 100.0,
+                extent=extent,
+                mask=mask,
+                band_indexes=parse_band_indexes(self.parameterAsString(parameters, self.BANDS, context), self.BANDS),
+                add_to_existing=self.parameterAsBool(parameters, self.APPEND, context),
+                overwrite_existing_index=self.parameterAsBool(parameters, self.OVERWRITE, context),
+            )
+
+    def _tile_size(
+        self, parameters: dict, context: QgsProcessingContext, encoder_path: Optional[str]
+    ) -> tuple[Optional[float], Optional[float]]:
+        """Return ``(tile_size_source_px, tile_ground_size_m)`` from TILE_SIZE, its unit and GSD."""
+        tile_size = _optional_number(self, parameters, self.TILE_SIZE, context)
+        gsd = _optional_number(self, parameters, self.GSD, context)
+        if tile_size is not None and gsd is not None:
+            raise QgsProcessingException(tr(
+                f"Both {self.TILE_SIZE}={tile_size:g} and {self.GSD}={gsd:g} were given, but the GSD "
+                "fixes the tile size; leave one of them empty."
+            ))
+        for name, value in ((self.TILE_SIZE, tile_size), (self.GSD, gsd)):
+            if value is not None and value <= 0:
+                raise QgsProcessingException(
+                    tr(f"{name}={value:g} is invalid; give a positive number or leave it empty.")
+                )
+        if gsd is not None:
+            # The tile is always read at the encoder's input size, so a GSD is a ground tile size.
+            with core_errors(PARAMETER_NAMES):
+                input_size_px = OnnxEncoder(encoder_path or default_model_path()).spec.input_size_px
+            return None, gsd * input_size_px
+        if tile_size is None:
+            return None, None
+        if self.parameterAsEnum(parameters, self.TILE_SIZE_UNIT, context) == TILE_SIZE_UNIT_GROUND:
+            return None, tile_size
+        return tile_size, None
+
+
+def parse_band_indexes(text: str, parameter_name: str) -> Optional[tuple[int, ...]]:
+    """Parse '3,2,1' into (3, 2, 1); an empty text means "choose by colour interpretation"."""
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        band_indexes = tuple(int(part) for part in text.replace(";", ",").split(","))
+    except ValueError as error:
+        raise QgsProcessingException(tr(
+            f"{parameter_name}={text!r} is invalid; give comma-separated 1-based band numbers such as '3,2,1'."
+        )) from error
+    if any(index < 1 for index in band_indexes):
+        raise QgsProcessingException(tr(
+            f"{parameter_name}={text!r} contains a band number below 1; band numbers start at 1."
+        ))
+    return band_indexes
+
+
+def _optional_number(
+    algorithm: LookalikeAlgorithm, parameters: dict, name: str, context: QgsProcessingContext
+) -> Optional[float]:
+    # parameterAsDouble returns 0 for an unset optional number, which is a valid-looking value.
+    if parameters.get(name) in (None, ""):
+        return None
+    return algorithm.parameterAsDouble(parameters, name, context)

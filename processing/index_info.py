@@ -1,0 +1,192 @@
+"""``lookalike:indexinfo``: report what an index folder's manifest records."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsProcessingContext,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterFile,
+    QgsProcessingParameterFileDestination,
+)
+
+from ..core.grid import TileGrid
+from ..core.index import TileIndex
+from .support import INDEX_PACKAGES, LookalikeAlgorithm, core_errors, require_packages, tr
+
+
+class IndexInfoAlgorithm(LookalikeAlgorithm):
+    """Summarise an index folder: encoder, tile grid, sources and counts, as outputs, HTML and JSON."""
+
+    ALGORITHM_ID = "indexinfo"
+    DISPLAY_NAME = "Index information"
+    SUMMARY = (
+        "Opens an index folder, checks that its files agree with its manifest, and reports the "
+        "encoder, tile grid, rasters and tile counts it records. The HTML report opens in the "
+        "Results Viewer; the JSON file is the complete manifest."
+    )
+
+    INDEX = "INDEX"
+    OUTPUT_HTML = "OUTPUT_HTML"
+    OUTPUT_JSON = "OUTPUT_JSON"
+
+    TILE_COUNT = "TILE_COUNT"
+    SOURCE_COUNT = "SOURCE_COUNT"
+    SOURCE_PATHS = "SOURCE_PATHS"
+    ENCODER_NAME = "ENCODER_NAME"
+    ENCODER_CHECKSUM = "ENCODER_CHECKSUM"
+    EMBEDDING_DIM = "EMBEDDING_DIM"
+    METRIC = "METRIC"
+    FORMAT_VERSION = "FORMAT_VERSION"
+    TILE_SIZE_PX = "TILE_SIZE_PX"
+    STRIDE_PX = "STRIDE_PX"
+    GSD = "GSD"
+    TILE_GROUND_SIZE = "TILE_GROUND_SIZE"
+    GRID_CRS = "GRID_CRS"
+    CREATED_AT = "CREATED_AT"
+    UPDATED_AT = "UPDATED_AT"
+
+    def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
+        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder"), QgsProcessingParameterFile.Folder)
+        index.setHelp(tr("Folder written by 'Build similarity index' (it contains manifest.json)."))
+        self.addParameter(index)
+
+        report = QgsProcessingParameterFileDestination(
+            self.OUTPUT_HTML, tr("Report (HTML)"), tr("HTML files (*.html)"), optional=True
+        )
+        report.setHelp(tr("HTML summary of the index. Not written when left empty (the default in qgis_process)."))
+        self.addParameter(report)
+
+        manifest = QgsProcessingParameterFileDestination(
+            self.OUTPUT_JSON, tr("Manifest (JSON)"), tr("JSON files (*.json)"), optional=True,
+            createByDefault=False,
+        )
+        manifest.setHelp(tr("Copy of the index's manifest.json as it was read, for scripts."))
+        self.addParameter(manifest)
+
+        numbers = (
+            (self.TILE_COUNT, "Tiles in the index"),
+            (self.SOURCE_COUNT, "Rasters in the index"),
+            (self.EMBEDDING_DIM, "Embedding dimension"),
+            (self.FORMAT_VERSION, "Index format version"),
+            (self.TILE_SIZE_PX, "Tile size (encoder pixels)"),
+            (self.STRIDE_PX, "Stride between tiles (encoder pixels)"),
+            (self.GSD, "GSD of the first grid (grid CRS units per encoder pixel)"),
+            (self.TILE_GROUND_SIZE, "Tile side on the ground (grid CRS units)"),
+        )
+        for name, description in numbers:
+            self.addOutput(QgsProcessingOutputNumber(name, tr(description)))
+        strings = (
+            (self.SOURCE_PATHS, "Raster paths, separated by ';'"),
+            (self.ENCODER_NAME, "Encoder name"),
+            (self.ENCODER_CHECKSUM, "Encoder SHA-256"),
+            (self.METRIC, "Similarity metric"),
+            (self.GRID_CRS, "CRS of the first grid"),
+            (self.CREATED_AT, "Created (UTC)"),
+            (self.UPDATED_AT, "Last updated (UTC)"),
+        )
+        for name, description in strings:
+            self.addOutput(QgsProcessingOutputString(name, tr(description)))
+
+    def processAlgorithm(  # noqa: N802 - QGIS API
+        self, parameters: dict, context: QgsProcessingContext, feedback: QgsProcessingFeedback
+    ) -> dict[str, Any]:
+        require_packages(INDEX_PACKAGES)
+        index_folder = self.parameterAsFile(parameters, self.INDEX, context)
+        with core_errors({"index folder": self.INDEX}):
+            index = TileIndex.open(index_folder)
+        manifest = index.manifest
+        encoder = index.encoder_info
+        sources = index.sources
+
+        results: dict[str, Any] = {
+            self.TILE_COUNT: index.count,
+            self.SOURCE_COUNT: len(sources),
+            self.SOURCE_PATHS: ";".join(str(source["path"]) for source in sources),
+            self.ENCODER_NAME: encoder.get("name", ""),
+            self.ENCODER_CHECKSUM: encoder.get("checksum", ""),
+            self.EMBEDDING_DIM: index.embedding_dim,
+            self.METRIC: index.metric,
+            self.FORMAT_VERSION: manifest.get("format_version"),
+            self.CREATED_AT: manifest.get("created_at", ""),
+            self.UPDATED_AT: manifest.get("updated_at", ""),
+        }
+        if sources:
+            grid = TileGrid.from_dict(sources[0]["grid"])
+            results.update({
+                self.TILE_SIZE_PX: grid.tile_size_px,
+                self.STRIDE_PX: grid.stride_px,
+                self.GSD: grid.gsd,
+                self.TILE_GROUND_SIZE: grid.tile_ground_size,
+                self.GRID_CRS: _crs_name(grid.crs_wkt),
+            })
+        for name, value in results.items():
+            feedback.pushInfo(f"{name}: {value}")
+
+        html_path = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context)
+        if html_path:
+            _write_text(html_path, _html_report(index_folder, results, sources), self.OUTPUT_HTML)
+            results[self.OUTPUT_HTML] = html_path
+        json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
+        if json_path:
+            _write_text(json_path, json.dumps(manifest, indent=2), self.OUTPUT_JSON)
+            results[self.OUTPUT_JSON] = json_path
+        return results
+
+
+def _crs_name(crs_wkt: str) -> str:
+    crs = QgsCoordinateReferenceSystem.fromWkt(crs_wkt)
+    if crs.isValid() and crs.authid():
+        return f"{crs.authid()} ({crs.description()})"
+    return crs.description() if crs.isValid() else crs_wkt[:80]
+
+
+def _write_text(path: str, text: str, parameter_name: str) -> None:
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as error:
+        raise QgsProcessingException(
+            tr(f"Writing {parameter_name} to {path} failed ({error}); choose a writable file.")
+        ) from error
+
+
+def _html_report(index_folder: str, results: dict[str, Any], sources: list[dict[str, Any]]) -> str:
+    summary_rows = "\n".join(
+        f"<tr><th align='left'>{html.escape(name)}</th><td>{html.escape(str(value))}</td></tr>"
+        for name, value in results.items()
+        if name != IndexInfoAlgorithm.SOURCE_PATHS
+    )
+    source_rows = []
+    for source in sources:
+        grid = TileGrid.from_dict(source["grid"])
+        skipped = source.get("skipped_counts", {})
+        skipped_text = ", ".join(f"{reason} {count}" for reason, count in skipped.items()) or "–"
+        source_rows.append(
+            "<tr>"
+            f"<td>{source['id']}</td>"
+            f"<td>{html.escape(str(source['path']))}</td>"
+            f"<td>{html.escape(_crs_name(grid.crs_wkt))}</td>"
+            f"<td>{grid.n_rows} x {grid.n_cols}</td>"
+            f"<td>{source.get('tile_count', 0)}</td>"
+            f"<td>{html.escape(skipped_text)}</td>"
+            f"<td>{html.escape(str(source.get('band_indexes', '')))}</td>"
+            "</tr>"
+        )
+    return (
+        "<html><head><meta charset='utf-8'><title>Lookalike index</title></head><body>"
+        f"<h2>Lookalike index {html.escape(index_folder)}</h2>"
+        f"<table border='1' cellspacing='0' cellpadding='3'>{summary_rows}</table>"
+        "<h3>Rasters</h3><table border='1' cellspacing='0' cellpadding='3'>"
+        "<tr><th>id</th><th>path</th><th>grid CRS</th><th>grid rows x cols</th><th>tiles embedded</th>"
+        "<th>tiles skipped</th><th>bands</th></tr>"
+        + "\n".join(source_rows)
+        + "</table></body></html>"
+    )

@@ -1,0 +1,203 @@
+"""Pieces every Lookalike algorithm shares: the base class, core error translation, progress and
+cancellation adapters, and raster-layer inputs.
+
+Nothing here repeats engine logic: the algorithms only turn Processing parameters into the core's
+arguments and the core's results into Processing outputs.
+"""
+
+from __future__ import annotations
+
+import html
+from contextlib import contextmanager
+from typing import Callable, Iterator, Mapping, Optional, Sequence
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsFeatureSource,
+    QgsGeometry,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsRasterLayer,
+)
+from qgis.PyQt.QtCore import QCoreApplication
+
+from ..core import dependencies as core_dependencies
+from ..core.errors import LookalikeError
+from ..gis import dependencies
+from ..gis.raster_layers import crs_to_wkt, gdal_path_of
+
+GROUP_ID = "similarity"
+GROUP_NAME = "Similarity search"
+
+# Algorithms that need only GDAL and QGIS (export, index info) leave out the packages they do
+# not import; building and searching need both.
+ENCODER_PACKAGES = ("onnxruntime",)
+INDEX_PACKAGES = ("hnswlib",)
+
+
+class LookalikeAlgorithm(QgsProcessingAlgorithm):
+    """Base of the Lookalike algorithms: group, instance creation and generated help.
+
+    Subclasses set ``ALGORITHM_ID``, ``DISPLAY_NAME`` and ``SUMMARY`` and give every parameter a
+    help text with ``setHelp``. ``shortHelpString`` lists those texts, so the toolbox dialog,
+    ``qgis_process help`` and the parameter tooltips read the same words.
+    """
+
+    ALGORITHM_ID = ""
+    DISPLAY_NAME = ""
+    SUMMARY = ""
+
+    def name(self) -> str:
+        return self.ALGORITHM_ID
+
+    def displayName(self) -> str:  # noqa: N802 - QGIS API
+        return tr(self.DISPLAY_NAME)
+
+    def group(self) -> str:
+        return tr(GROUP_NAME)
+
+    def groupId(self) -> str:  # noqa: N802 - QGIS API
+        return GROUP_ID
+
+    def createInstance(self) -> QgsProcessingAlgorithm:  # noqa: N802 - QGIS API
+        return type(self)()
+
+    def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
+        lines = [f"<p>{tr(self.SUMMARY)}</p>"]
+        definitions = [definition for definition in self.parameterDefinitions() if definition.help()]
+        if definitions:
+            lines.append("<dl>")
+            for definition in definitions:
+                lines.append(
+                    f"<dt><b>{html.escape(definition.description())}</b> "
+                    f"(<code>{definition.name()}</code>)</dt><dd>{html.escape(definition.help())}</dd>"
+                )
+            lines.append("</dl>")
+        return "\n".join(lines)
+
+
+def tr(text: str) -> str:
+    return QCoreApplication.translate("Lookalike", text)
+
+
+def require_packages(import_names: Sequence[str]) -> None:
+    """Raise QgsProcessingException when a runtime package the algorithm needs cannot be imported.
+
+    Packages installed by the plugin's Install action live in a profile folder that the GUI adds
+    to ``sys.path`` at start. ``qgis_process`` starts only the provider, so the folder is added
+    here as well.
+    """
+    dependencies.add_packages_folder_to_path()
+    missing = core_dependencies.missing_packages(import_names)
+    if not missing:
+        return
+    requirements = " ".join(core_dependencies.RUNTIME_REQUIREMENTS[name] for name in missing)
+    raise QgsProcessingException(
+        tr(
+            f"Lookalike needs the Python package(s) {', '.join(missing)}, which QGIS's Python "
+            "cannot import. In QGIS, click Install in the Lookalike message bar (shown when the "
+            "plugin starts), or install them into the folder the plugin reads with: "
+            f"python3 -m pip install --target {dependencies.packages_folder()} --no-deps "
+            f"{requirements} {' '.join(core_dependencies.SUPPORT_REQUIREMENTS)}"
+        )
+    )
+
+
+@contextmanager
+def core_errors(parameter_names: Optional[Mapping[str, str]] = None) -> Iterator[None]:
+    """Re-raise the core's LookalikeError (cancellation included) as QgsProcessingException.
+
+    The core's messages already name the invalid value and the fix, in the core's own argument
+    names. ``parameter_names`` maps those names to the algorithm's parameters, and the mapping of
+    each core name a message mentions is appended, so the fix can be applied in Processing.
+    """
+    try:
+        yield
+    except LookalikeError as error:
+        message = str(error)
+        mentioned = [
+            f"{core_name} is {parameter}"
+            for core_name, parameter in (parameter_names or {}).items()
+            if core_name in message
+        ]
+        if mentioned:
+            message += " " + tr(f"(In this algorithm {'; '.join(mentioned)}.)")
+        raise QgsProcessingException(message) from error
+
+
+def cancel_check(feedback: Optional[QgsProcessingFeedback]) -> Callable[[], bool]:
+    """Return the ``is_cancelled`` callable the core polls between batches."""
+    if feedback is None:
+        return lambda: False
+    return feedback.isCanceled
+
+
+def set_progress(
+    feedback: Optional[QgsProcessingFeedback], done: float, total: float, start: float = 0.0, end: float = 100.0
+) -> None:
+    """Map ``done`` of ``total`` onto the percentage span ``start``..``end``; a zero total shows ``start``."""
+    if feedback is None:
+        return
+    fraction = min(max(done / total, 0.0), 1.0) if total > 0 else 0.0
+    feedback.setProgress(start + (end - start) * fraction)
+
+
+def gdal_source_path(layer: Optional[QgsRasterLayer], parameter_name: str) -> str:
+    """Return the GDAL dataset name of a raster layer, for the core's GDAL reader.
+
+    Web and virtual layers (WMS, XYZ, WCS, in-memory) have no GDAL source the core can open, so
+    they are rejected with the name of the layer and the fix.
+    """
+    if layer is None or not layer.isValid():
+        raise QgsProcessingException(
+            tr(f"The raster given for {parameter_name} is missing or invalid; choose a raster layer or a file.")
+        )
+    path = gdal_path_of(layer)
+    if path is None:
+        raise QgsProcessingException(
+            tr(
+                f"The raster layer {layer.name()!r} given for {parameter_name} comes from the "
+                f"{layer.providerType()!r} data provider, but Processing can only read rasters "
+                "that GDAL opens (files, GeoPackage rasters, VRTs). Save the layer to a GeoTIFF "
+                "(Export > Save As…) and use that file, or use the Lookalike panel."
+            )
+        )
+    return path
+
+
+def crs_wkt(crs: QgsCoordinateReferenceSystem, parameter_name: str) -> str:
+    """Return a CRS as the GDAL-flavoured WKT the core's OSR calls read."""
+    if not crs.isValid():
+        raise QgsProcessingException(
+            tr(f"The CRS of {parameter_name} is unknown; set the layer's CRS (Layer Properties > Source).")
+        )
+    return crs_to_wkt(crs)
+
+
+def geometry_wkt(geometry: QgsGeometry) -> str:
+    """Return 2D WKT with straight segments, which OGR parses for every QGIS geometry type."""
+    flat = QgsGeometry(geometry)
+    flat.convertToStraightSegment()
+    abstract = flat.get()
+    abstract.dropZValue()
+    abstract.dropMValue()
+    return flat.asWkt()
+
+
+def feature_geometries_wkt(source: QgsFeatureSource, parameter_name: str) -> list[str]:
+    """Return the WKT of every non-empty geometry of a feature source, in the source's CRS."""
+    geometries = []
+    for feature in source.getFeatures():
+        geometry = feature.geometry()
+        if geometry is None or geometry.isEmpty():
+            continue
+        if not geometry.isGeosValid():
+            geometry = geometry.makeValid()
+            if geometry.isEmpty():
+                raise QgsProcessingException(
+                    tr(f"Feature {feature.id()} of {parameter_name} has an invalid geometry that cannot be "
+                       "repaired; fix it with 'Fix geometries' first.")
+                )
+        geometries.append(geometry_wkt(geometry))
+    return geometries

@@ -1,0 +1,471 @@
+"""The Processing algorithms run through ``processing.run`` on real rasters.
+
+Structural checks use the tiny test encoder (32 px input, 16-dim output), so builds take
+seconds. The ship search uses the bundled EfficientNet-Lite0, because only its ranking is
+meaningful.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from osgeo import gdal
+from qgis.core import (
+    QgsApplication,
+    QgsFeature,
+    QgsGeometry,
+    QgsPointXY,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+
+from lookalike.core.index import MANIFEST_NAME, TileIndex
+from lookalike.core.pipeline import partial_folder_for
+from lookalike.gis import matches as match_layers
+from lookalike.processing.provider import LookalikeProvider
+
+ALGORITHM_IDS = ("buildindex", "search", "exportchips", "indexinfo")
+
+SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+SHIPS_CRS = "EPSG:32610"
+# Centres of the four ships in SHIPS_RASTER (EPSG:32610), read off the image.
+SHIP_CENTRES = ((557715.0, 4176235.0), (558585.0, 4176120.0), (559275.0, 4176035.0), (558875.0, 4174935.0))
+NAIP_2009 = Path("geo/naip_timeseries/m_4709963_se_14_1_20090818.tif")
+NAIP_2014 = Path("geo/naip_timeseries/m_4709963_se_14_1_20140720.tif")
+
+
+def _use_qgis_processing_package() -> None:
+    """Make ``import processing`` find QGIS's Processing plugin, not this repository's subpackage.
+
+    ``python -m pytest`` puts the working directory, which is the plugin folder, first on
+    sys.path, where ``processing`` is the plugin's own subpackage.
+    """
+    plugins_folder = str(Path(QgsApplication.pkgDataPath()) / "python" / "plugins")
+    if plugins_folder in sys.path:
+        sys.path.remove(plugins_folder)
+    sys.path.insert(0, plugins_folder)
+    loaded = sys.modules.get("processing")
+    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(plugins_folder):
+        for name in [name for name in sys.modules if name == "processing" or name.startswith("processing.")]:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_app):
+    _use_qgis_processing_package()
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    lookalike_provider = LookalikeProvider()
+    assert QgsApplication.processingRegistry().addProvider(lookalike_provider)
+    yield lookalike_provider
+    QgsApplication.processingRegistry().removeProvider(lookalike_provider)
+
+
+def run_algorithm(algorithm_id: str, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
+    import processing
+
+    return processing.run(f"lookalike:{algorithm_id}", parameters, feedback=feedback or QgsProcessingFeedback())
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(repo_root: Path) -> str:
+    return str(repo_root / "tests" / "data" / "tiny_encoder.onnx")
+
+
+@pytest.fixture(scope="session")
+def ships_raster(shared_data: Path) -> str:
+    return str(shared_data / SHIPS_RASTER)
+
+
+@pytest.fixture(scope="module")
+def tiny_index(provider, tmp_path_factory, ships_raster: str, tiny_encoder: str) -> tuple[str, dict]:
+    """Index of the ships raster built with the tiny encoder: 32 source px tiles, no overlap."""
+    folder = tmp_path_factory.mktemp("tiny") / "index"
+    results = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 32,
+        "TILE_SIZE_UNIT": 0,
+        "OVERLAP_PERCENT": 0,
+        "OUTPUT": str(folder),
+    })
+    return str(folder), results
+
+
+def point_layer(points, crs: str = SHIPS_CRS, name: str = "examples") -> QgsVectorLayer:
+    layer = QgsVectorLayer(f"Point?crs={crs}", name, "memory")
+    features = []
+    for x, y in points:
+        feature = QgsFeature()
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    return layer
+
+
+def polygon_layer(rectangles, crs: str = SHIPS_CRS, name: str = "footprints") -> QgsVectorLayer:
+    layer = QgsVectorLayer(f"Polygon?crs={crs}", name, "memory")
+    features = []
+    for rectangle in rectangles:
+        feature = QgsFeature()
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*rectangle)))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    return layer
+
+
+def output_layer(results: dict, key: str = "OUTPUT") -> QgsVectorLayer:
+    value = results[key]
+    if isinstance(value, QgsVectorLayer):
+        return value
+    layer = QgsVectorLayer(value, "output", "ogr")
+    assert layer.isValid(), f"output {value!r} is not a valid vector layer"
+    return layer
+
+
+# -- provider ----------------------------------------------------------------------------------
+
+
+def test_provider_registers_algorithms(provider):
+    ids = sorted(algorithm.id() for algorithm in provider.algorithms())
+    assert ids == sorted(f"lookalike:{name}" for name in ALGORITHM_IDS)
+
+
+@pytest.mark.parametrize("name", ALGORITHM_IDS)
+def test_algorithm_help_texts(provider, name):
+    algorithm = QgsApplication.processingRegistry().algorithmById(f"lookalike:{name}")
+    assert algorithm is not None
+    assert algorithm.shortHelpString()
+    for definition in algorithm.parameterDefinitions():
+        assert definition.name() == definition.name().upper()
+        assert definition.help(), f"{name}: parameter {definition.name()} has no help text"
+    assert algorithm.outputDefinitions()
+
+
+# -- buildindex --------------------------------------------------------------------------------
+
+
+def test_build_writes_manifest(tiny_index, ships_raster):
+    folder, results = tiny_index
+    manifest = json.loads((Path(folder) / MANIFEST_NAME).read_text(encoding="utf-8"))
+    assert results["OUTPUT"] == folder
+    assert results["ENCODER_NAME"] == "tiny_test_encoder"
+    assert results["TILES_TOTAL"] == results["TILES_EMBEDDED"] + results["TILES_SKIPPED"]
+    assert results["TILES_EMBEDDED"] == manifest["tile_count"] > 0
+    assert len(manifest["sources"]) == 1
+    assert manifest["sources"][0]["path"] == str(Path(ships_raster).resolve())
+    # 32 source pixels of 5 m on a 32 px encoder: one encoder pixel per source pixel.
+    assert results["GSD_USED"] == pytest.approx(5.0)
+    assert manifest["sources"][0]["grid"]["stride_px"] == 32
+    assert not partial_folder_for(folder).exists()
+
+
+def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder):
+    folder = tmp_path / "naip"
+    extent = "486000,486800,5206000,5206800 [EPSG:26914]"
+    first = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(shared_data / NAIP_2009)],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 160,
+        "TILE_SIZE_UNIT": 1,
+        "EXTENT": extent,
+        "OUTPUT": str(folder),
+    })
+    second = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(shared_data / NAIP_2014)],
+        "ENCODER": tiny_encoder,
+        "EXTENT": extent,
+        "APPEND": True,
+        "OUTPUT": str(folder),
+    })
+    index = TileIndex.open(folder)
+    assert len(index.sources) == 2
+    assert index.count == first["TILES_EMBEDDED"] + second["TILES_EMBEDDED"]
+    assert second["GSD_USED"] == pytest.approx(first["GSD_USED"]) == pytest.approx(5.0)
+
+
+def test_build_mask_skips_tiles(provider, tmp_path, ships_raster, tiny_encoder):
+    # The mask covers the western half of the raster (x 557050 to 558780).
+    mask = polygon_layer([(557000.0, 4174700.0, 558780.0, 4176500.0)], name="mask")
+    results = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 32,
+        "MASK": mask,
+        "OUTPUT": str(tmp_path / "masked"),
+    })
+    manifest = json.loads((tmp_path / "masked" / MANIFEST_NAME).read_text(encoding="utf-8"))
+    masked = manifest["sources"][0]["skipped_counts"]["masked"]
+    assert masked > 0
+    assert results["TILES_SKIPPED"] >= masked
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"BANDS": "red,green"}, "BANDS"),
+        ({"BANDS": "0,1,2"}, "BANDS"),
+        ({"TILE_SIZE": 32, "GSD": 2.0}, "GSD"),
+        ({"BANDS": "1,2,9"}, "band index 9"),
+        ({"ENCODER": "/nonexistent/encoder.onnx"}, "/nonexistent/encoder.onnx"),
+        ({"APPEND": True}, "APPEND"),
+    ],
+)
+def test_build_rejects_bad_input(provider, tmp_path, ships_raster, tiny_encoder, overrides, named):
+    parameters = {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 32,
+        "OUTPUT": str(tmp_path / "index"),
+        **overrides,
+    }
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("buildindex", parameters)
+    assert named in str(raised.value)
+
+
+def test_build_rejects_folder_without_index(provider, tmp_path, ships_raster, tiny_encoder):
+    folder = tmp_path / "busy"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an index", encoding="utf-8")
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("buildindex", {
+            "INPUT_RASTERS": [ships_raster], "ENCODER": tiny_encoder, "OUTPUT": str(folder),
+        })
+    assert str(folder) in str(raised.value)
+
+
+def test_build_cancel_writes_no_index(provider, tmp_path, ships_raster, tiny_encoder):
+    feedback = QgsProcessingFeedback()
+    feedback.cancel()
+    folder = tmp_path / "cancelled"
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("buildindex", {
+            "INPUT_RASTERS": [ships_raster], "ENCODER": tiny_encoder, "TILE_SIZE": 32, "OUTPUT": str(folder),
+        }, feedback)
+    assert "cancelled" in str(raised.value)
+    assert not (folder / MANIFEST_NAME).exists()
+
+
+def test_build_reports_missing_package(provider, tmp_path, ships_raster, monkeypatch):
+    from lookalike.core import dependencies
+
+    monkeypatch.setattr(dependencies, "missing_packages", lambda names=None: ["hnswlib"])
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("buildindex", {"INPUT_RASTERS": [ships_raster], "OUTPUT": str(tmp_path / "index")})
+    message = str(raised.value)
+    assert "hnswlib" in message
+    assert "Install" in message
+    assert "hnswlib==" in message
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def test_search_output_fields(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    results = run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "ENCODER": tiny_encoder,
+        "K": 7,
+        "OUTPUT": "memory:",
+    })
+    layer = output_layer(results)
+    assert layer.fields().names() == match_layers.match_fields().names()
+    assert layer.crs().authid() == SHIPS_CRS
+    features = sorted(layer.getFeatures(), key=lambda feature: feature["rank"])
+    assert results["MATCH_COUNT"] == len(features) == 7
+    assert [feature["rank"] for feature in features] == list(range(1, 8))
+    scores = [feature["score"] for feature in features]
+    assert scores == sorted(scores, reverse=True)
+    assert results["BEST_SCORE"] == pytest.approx(scores[0])
+    assert {feature["encoder"] for feature in features} == {"tiny_test_encoder"}
+    for feature in features:
+        box = feature.geometry().boundingBox()
+        assert box.width() == pytest.approx(160.0)
+        assert box.height() == pytest.approx(160.0)
+
+
+def test_search_min_score_and_negatives(tiny_index, tiny_encoder, ships_raster):
+    folder, _results = tiny_index
+    results = run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "NEGATIVES": point_layer([(558000.0, 4175500.0)], name="water"),
+        "RASTER": ships_raster,
+        "ENCODER": tiny_encoder,
+        "K": 50,
+        "MIN_SCORE": 0.9,
+        "MAX_OVERLAP": 1.0,
+        "STRATEGY": 1,
+        "OUTPUT": "memory:",
+    })
+    layer = output_layer(results)
+    scores = [feature["score"] for feature in layer.getFeatures()]
+    assert all(score >= 0.9 for score in scores)
+    assert results["MATCH_COUNT"] == len(scores) < 50
+    queries = {feature["query"] for feature in layer.getFeatures()}
+    assert all("counter-example" in query for query in queries)
+
+
+def test_search_rejects_missing_index(provider, tmp_path):
+    missing = tmp_path / "no_index_here"
+    missing.mkdir()
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("search", {
+            "INDEX": str(missing), "POSITIVES": point_layer([SHIP_CENTRES[0]]), "OUTPUT": "memory:",
+        })
+    assert str(missing) in str(raised.value)
+
+
+def test_search_rejects_empty_examples(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("search", {
+            "INDEX": folder, "POSITIVES": point_layer([]), "ENCODER": tiny_encoder, "OUTPUT": "memory:",
+        })
+    assert "POSITIVES" in str(raised.value)
+
+
+def test_search_uses_index_encoder(tiny_index):
+    folder, _results = tiny_index
+    results = run_algorithm(
+        "search", {"INDEX": folder, "POSITIVES": point_layer([SHIP_CENTRES[0]]), "OUTPUT": "memory:"}
+    )
+    assert {feature["encoder"] for feature in output_layer(results).getFeatures()} == {"tiny_test_encoder"}
+
+
+def test_search_rejects_other_encoder(tiny_index):
+    from lookalike.core.encoder import default_model_path
+
+    folder, _results = tiny_index
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("search", {
+            "INDEX": folder,
+            "POSITIVES": point_layer([SHIP_CENTRES[0]]),
+            "ENCODER": str(default_model_path()),
+            "OUTPUT": "memory:",
+        })
+    assert "tiny_test_encoder" in str(raised.value)
+
+
+def test_search_finds_other_ships(provider, tmp_path, ships_raster):
+    """With the bundled encoder, a query on one ship ranks tiles over the other ships first."""
+    folder = tmp_path / "ships"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster], "TILE_SIZE": 32, "OVERLAP_PERCENT": 50, "OUTPUT": str(folder),
+    })
+    results = run_algorithm("search", {
+        "INDEX": str(folder),
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "K": 2,
+        "MAX_OVERLAP": 0.0,
+        "OUTPUT": str(tmp_path / "matches.gpkg"),
+    })
+    layer = output_layer(results)
+    other_ships = [QgsPointXY(x, y) for x, y in (SHIP_CENTRES[0], SHIP_CENTRES[2], SHIP_CENTRES[3])]
+    for feature in layer.getFeatures():
+        footprint = feature.geometry()
+        assert any(footprint.contains(QgsGeometry.fromPointXY(centre)) or
+                   footprint.distance(QgsGeometry.fromPointXY(centre)) < 40.0 for centre in other_ships), (
+            f"match rank {feature['rank']} at {footprint.boundingBox().toString()} is not over a ship"
+        )
+    assert layer.featureCount() == 2
+
+
+# -- exportchips -------------------------------------------------------------------------------
+
+
+def test_export_geotiff_chips(tiny_index, tiny_encoder, tmp_path):
+    folder, _results = tiny_index
+    search = run_algorithm("search", {
+        "INDEX": folder, "POSITIVES": point_layer([SHIP_CENTRES[1]]), "ENCODER": tiny_encoder, "K": 4,
+        "OUTPUT": str(tmp_path / "matches.gpkg"),
+    })
+    results = run_algorithm("exportchips", {"INPUT": search["OUTPUT"], "OUTPUT": str(tmp_path / "chips")})
+    assert results["CHIP_COUNT"] == 4
+    assert results["SKIPPED_COUNT"] == 0
+    with open(results["LABELS_CSV"], newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [int(row["rank"]) for row in rows] == [1, 2, 3, 4]
+    assert {row["label"] for row in rows} == {"match"}
+    for row in rows:
+        chip = gdal.Open(str(tmp_path / "chips" / row["chip"]))
+        assert chip.RasterCount == 4
+        # 160 m tiles of 5 m pixels read at native resolution.
+        assert (chip.RasterXSize, chip.RasterYSize) == (32, 32)
+        origin_x, pixel_width, _, origin_y, _, pixel_height = chip.GetGeoTransform()
+        assert origin_x == pytest.approx(float(row["xmin"]))
+        assert origin_y == pytest.approx(float(row["ymax"]))
+        assert pixel_width == pytest.approx(5.0)
+        assert pixel_height == pytest.approx(-5.0)
+
+
+def test_export_png_chips_with_size(provider, tmp_path, ships_raster):
+    inside = (558505.0, 4176040.0, 558665.0, 4176200.0)
+    off_raster = (600000.0, 4100000.0, 600160.0, 4100160.0)
+    footprints = polygon_layer([inside, off_raster])
+    results = run_algorithm("exportchips", {
+        "INPUT": footprints,
+        "RASTER": ships_raster,
+        "FORMAT": 1,
+        "CHIP_SIZE_PX": 64,
+        "LABEL": "ship",
+        "OUTPUT": str(tmp_path / "png"),
+    })
+    assert results["CHIP_COUNT"] == 1
+    assert results["SKIPPED_COUNT"] == 1
+    chip = gdal.Open(str(tmp_path / "png" / "chip_00001.png"))
+    assert (chip.RasterXSize, chip.RasterYSize, chip.RasterCount) == (64, 64, 4)
+    with open(results["LABELS_CSV"], newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    assert [row["label"] for row in rows] == ["ship"]
+    assert rows[0]["crs"] == SHIPS_CRS
+
+
+def test_export_needs_raster_without_source_field(provider, tmp_path):
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("exportchips", {
+            "INPUT": polygon_layer([(558505.0, 4176040.0, 558665.0, 4176200.0)], name="drawn"),
+            "OUTPUT": str(tmp_path / "chips"),
+        })
+    assert "'source'" in str(raised.value)
+
+
+# -- indexinfo ---------------------------------------------------------------------------------
+
+
+def test_indexinfo_reports_manifest(tiny_index, tmp_path, ships_raster):
+    folder, build_results = tiny_index
+    results = run_algorithm("indexinfo", {
+        "INDEX": folder,
+        "OUTPUT_HTML": str(tmp_path / "info.html"),
+        "OUTPUT_JSON": str(tmp_path / "manifest.json"),
+    })
+    assert results["TILE_COUNT"] == build_results["TILES_EMBEDDED"]
+    assert results["SOURCE_COUNT"] == 1
+    assert results["SOURCE_PATHS"] == str(Path(ships_raster).resolve())
+    assert results["ENCODER_NAME"] == "tiny_test_encoder"
+    assert results["EMBEDDING_DIM"] == 16
+    assert results["TILE_SIZE_PX"] == 32
+    assert results["STRIDE_PX"] == 32
+    assert results["GSD"] == pytest.approx(5.0)
+    assert results["TILE_GROUND_SIZE"] == pytest.approx(160.0)
+    assert results["GRID_CRS"].startswith(SHIPS_CRS)
+    assert "tiny_test_encoder" in Path(results["OUTPUT_HTML"]).read_text(encoding="utf-8")
+    written = json.loads(Path(results["OUTPUT_JSON"]).read_text(encoding="utf-8"))
+    assert written["tile_count"] == results["TILE_COUNT"]
+
+
+def test_indexinfo_rejects_missing_folder(provider, tmp_path):
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("indexinfo", {"INDEX": str(tmp_path / "missing")})
+    assert "missing" in str(raised.value)
