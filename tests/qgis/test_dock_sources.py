@@ -1,0 +1,256 @@
+"""Dock builds from sources other than a local GeoTIFF, cancellation with resume, and bad input.
+
+The XYZ layer is served from ``file://`` PNG tiles cut from a shared raster, so the cloned-provider
+path runs without a network.
+"""
+
+import math
+import time
+from pathlib import Path
+
+import pytest
+from osgeo import gdal, osr
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
+from qgis.PyQt.QtCore import QPoint, Qt
+from qgis.PyQt.QtTest import QTest
+
+from lookalike.gis.raster_layers import ProviderBlockReader, rasters_folder_for, source_spec_for_layer
+from lookalike.gis.tasks import TaskOutcome
+from lookalike.ui.dock import EXTENT_MAP_VIEW, OTHER_ENCODER, LookalikeDockWidget
+
+SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+LARGE_RASTER = Path("geo/planet/difference.tif")
+WEB_MERCATOR_HALF_WIDTH_M = 20037508.342789244
+XYZ_ZOOM = 15
+TASK_TIMEOUT_S = 180.0
+
+
+def wait_until(condition, timeout_s: float = TASK_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"condition not met within {timeout_s} s")
+        QgsApplication.processEvents()
+        time.sleep(0.01)
+
+
+def wait_for_tasks(dock: LookalikeDockWidget, timeout_s: float = TASK_TIMEOUT_S) -> None:
+    wait_until(lambda: not dock.running_tasks(), timeout_s)
+    QgsApplication.processEvents()
+
+
+def xyz_tile_bounds(zoom: int, x: int, y: int):
+    size = 2 * WEB_MERCATOR_HALF_WIDTH_M / 2**zoom
+    xmin = -WEB_MERCATOR_HALF_WIDTH_M + x * size
+    ymax = WEB_MERCATOR_HALF_WIDTH_M - y * size
+    return xmin, ymax - size, xmin + size, ymax
+
+
+def write_xyz_tiles(raster: Path, folder: Path, zoom: int):
+    """Cut 256 px PNG tiles {z}/{x}/{y}.png covering ``raster``; return the covered EPSG:3857 bounds."""
+    dataset = gdal.Open(str(raster))
+    source_ref = dataset.GetSpatialRef()
+    source_ref.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    mercator = osr.SpatialReference()
+    mercator.ImportFromEPSG(3857)
+    mercator.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
+    origin_x, pixel_x, _, origin_y, _, pixel_y = dataset.GetGeoTransform()
+    corners = (origin_x, origin_y + pixel_y * dataset.RasterYSize, origin_x + pixel_x * dataset.RasterXSize, origin_y)
+    xmin, ymin, xmax, ymax = osr.CoordinateTransformation(source_ref, mercator).TransformBounds(*corners, 21)
+    tile_size = 2 * WEB_MERCATOR_HALF_WIDTH_M / 2**zoom
+    columns = range(math.floor((xmin + WEB_MERCATOR_HALF_WIDTH_M) / tile_size),
+                    math.floor((xmax + WEB_MERCATOR_HALF_WIDTH_M) / tile_size) + 1)
+    rows = range(math.floor((WEB_MERCATOR_HALF_WIDTH_M - ymax) / tile_size),
+                 math.floor((WEB_MERCATOR_HALF_WIDTH_M - ymin) / tile_size) + 1)
+    for x in columns:
+        for y in rows:
+            path = folder / str(zoom) / str(x) / f"{y}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            warped = gdal.Warp("", dataset, format="MEM", outputBounds=xyz_tile_bounds(zoom, x, y), width=256,
+                               height=256, dstSRS="EPSG:3857", dstAlpha=True)
+            gdal.Translate(str(path), warped, format="PNG")
+    return xmin, ymin, xmax, ymax
+
+
+@pytest.fixture()
+def dock(qgis_iface, qgis_new_project, repo_root):
+    qgis_iface.messageBar().clear_messages()
+    widget = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+    # Mouse clicks reach only visible buttons.
+    widget.show()
+    widget.encoder_combo.setCurrentIndex(widget.encoder_combo.findData(OTHER_ENCODER))
+    widget.encoder_file.setFilePath(str(repo_root / "tests" / "data" / "tiny_encoder.onnx"))
+    wait_until(lambda: widget.encoder_spec is not None and widget.encoder_spec.name == "tiny_test_encoder")
+    yield widget
+    for task in widget.running_tasks():
+        task.cancel()
+    wait_for_tasks(widget)
+    widget.cleanup()
+    widget.deleteLater()
+    QgsApplication.processEvents()
+
+
+def show_layer(canvas, layer, extent=None) -> None:
+    QgsProject.instance().addMapLayer(layer)
+    canvas.resize(700, 340)
+    # A hidden canvas keeps its initial map size; showing its window applies the new size.
+    canvas.window().show()
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setLayers([layer])
+    canvas.setExtent(extent or layer.extent())
+    canvas.refresh()
+    QgsApplication.processEvents()
+
+
+def test_xyz_layer_indexed_through_cloned_provider(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    bounds = write_xyz_tiles(shared_data / SHIPS_RASTER, tmp_path / "tiles", XYZ_ZOOM)
+    url = (tmp_path / "tiles").as_uri() + "/{z}/{x}/{y}.png"
+    # zmin = zmax makes QGIS read the only zoom level written, whatever the requested resolution.
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin={XYZ_ZOOM}&zmax={XYZ_ZOOM}", "ships xyz", "wms")
+    assert layer.isValid()
+    from qgis.core import QgsRectangle
+
+    show_layer(qgis_canvas, layer, QgsRectangle(*bounds))
+    dock.raster_combo.setLayer(layer)
+
+    spec = source_spec_for_layer(layer)
+    assert not spec.uses_gdal
+    assert spec.provider is not layer.dataProvider()
+    values, valid = ProviderBlockReader(spec.provider, "ships xyz").read(bounds, layer.crs().toWkt(), 64, 32)
+    assert values.shape == (3, 32, 64)
+    assert valid.mean() > 0.5
+
+    dock.extent_combo.setCurrentIndex(dock.extent_combo.findData(EXTENT_MAP_VIEW))
+    dock.gsd_spin.setValue(5.0)
+    folder = tmp_path / "xyz_index"
+    dock.index_folder.setFilePath(str(folder))
+    task = dock.start_build()
+    assert task is not None
+    wait_for_tasks(dock)
+
+    assert not qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert dock.index is not None
+    assert dock.index.count > 20
+    written = list(rasters_folder_for(str(folder)).glob("*.tif"))
+    assert len(written) == 1
+    assert dock.index.sources[0]["path"] == str(written[0])
+    # The written raster is in the local UTM zone, so the GSD is in ground metres.
+    assert "UTM zone 10N" in dock.index.sources[0]["crs_wkt"]
+
+    dock.k_spin.setValue(5)
+    dock.activate_tool("point")
+    centre = qgis_canvas.getCoordinateTransform().transform(qgis_canvas.extent().center())
+    QTest.mouseClick(qgis_canvas.viewport(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                     QPoint(round(centre.x()), round(centre.y())))
+    wait_for_tasks(dock)
+    assert dock.result_layer() is not None
+    assert dock.result_layer().featureCount() == 5
+
+
+def test_xyz_whole_layer_extent_is_rejected(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    write_xyz_tiles(shared_data / SHIPS_RASTER, tmp_path / "tiles", XYZ_ZOOM)
+    url = (tmp_path / "tiles").as_uri() + "/{z}/{x}/{y}.png"
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin={XYZ_ZOOM}&zmax={XYZ_ZOOM}", "ships xyz", "wms")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+
+    assert dock.start_build() is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("covers the whole world" in text for text in warnings)
+
+
+def test_build_cancel_then_resume(dock, shared_data, tmp_path, qgis_canvas):
+    layer = QgsRasterLayer(str(shared_data / LARGE_RASTER), "difference")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    dock.overlap_spin.setValue(0)
+    dock.gsd_spin.setValue(3.1)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    task = dock.start_build()
+    progress = []
+    task.tileProgress.connect(progress.append)
+    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    QTest.mouseClick(dock.cancel_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    assert task.outcome is TaskOutcome.CANCELLED
+    assert dock.index is None
+    assert "cancelled" in dock.status_label.text()
+    assert dock.build_button.isEnabled()
+    tiles_total = progress[-1].tiles_total
+    assert progress[-1].tiles_done < tiles_total
+
+    resumed = dock.run_build(dock.last_build_request)
+    wait_for_tasks(dock, timeout_s=600)
+    assert resumed.outcome is TaskOutcome.SUCCEEDED
+    assert resumed.result.tiles_resumed > 0
+    assert resumed.result.tiles_total == tiles_total
+    assert dock.index is not None
+
+
+def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
+    layer = QgsRasterLayer(str(shared_data / SHIPS_RASTER), "ships")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    dock.index_folder.setFilePath("")
+
+    assert dock.start_build() is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("No index folder is set" in text for text in warnings)
+
+
+def test_bad_encoder_file_reaches_message_bar(dock, tmp_path, qgis_iface):
+    broken = tmp_path / "broken.onnx"
+    broken.write_bytes(b"not an onnx model")
+    dock.encoder_file.setFilePath(str(broken))
+    wait_for_tasks(dock)
+
+    assert dock.encoder_spec is None
+    critical = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert any("broken.onnx" in text for text in critical)
+    assert "cannot be used" in dock.encoder_info.text()
+
+
+def test_query_outside_index_reports_error(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    layer = QgsRasterLayer(str(shared_data / SHIPS_RASTER), "ships")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert dock.index is not None
+
+    from qgis.core import QgsGeometry, QgsPointXY
+
+    far_away = layer.extent().xMaximum() + 50000.0
+    dock.add_query_geometry(QgsGeometry.fromPointXY(QgsPointXY(far_away, layer.extent().center().y())), False)
+    wait_for_tasks(dock)
+    critical = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert any("outside every indexed raster" in text for text in critical)
+
+
+def test_geographic_raster_gets_metric_defaults(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    raster = sorted((shared_data / "geo" / "landsat_timeseries").glob("*.tif"))[0]
+    layer = QgsRasterLayer(str(raster), "landsat")
+    assert layer.crs().isGeographic()
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+
+    # About 90 m pixels: the default GSD is the pixel size in metres, not in degrees.
+    assert 50.0 < dock.gsd_spin.value() < 150.0
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert dock.index is not None
+    assert "UTM" in dock.index.sources[0]["grid"]["crs_wkt"]
+
+    dock.k_spin.setValue(4)
+    dock.activate_tool("point")
+    centre = qgis_canvas.getCoordinateTransform().transform(layer.extent().center())
+    QTest.mouseClick(qgis_canvas.viewport(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier,
+                     QPoint(round(centre.x()), round(centre.y())))
+    wait_for_tasks(dock)
+    assert not qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert dock.result_layer().featureCount() == 4
+    assert dock.result_layer().crs().isGeographic()

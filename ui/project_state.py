@@ -1,0 +1,74 @@
+"""The dock's settings stored in the QGIS project, so reopening a project restores the index.
+
+Entries live under the ``lookalike`` scope of the project file. Paths are stored as QGIS writes
+them (relative to the project file when the project uses relative paths), so a project folder
+moved together with its index keeps working.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from qgis.core import QgsProject
+
+SCOPE = "lookalike"
+
+
+@dataclass
+class DockState:
+    """Settings the dock restores from a project; GSD in metres per encoder pixel, overlap in percent."""
+
+    index_folder: str = ""
+    raster_layer_id: str = ""
+    encoder_path: str = ""
+    overlap_percent: int = 0
+    gsd: float = 0.0
+    extent_mode: str = ""
+    k: int = 0
+
+
+def _absolute(project: QgsProject, path: str) -> str:
+    if not path:
+        return path
+    return project.pathResolver().readPath(path)
+
+
+def _relative(project: QgsProject, path: str) -> str:
+    if not path:
+        return path
+    return project.pathResolver().writePath(path)
+
+
+def write_state(state: DockState, project: Optional[QgsProject] = None) -> None:
+    project = project or QgsProject.instance()
+    for field in fields(DockState):
+        value = getattr(state, field.name)
+        key = f"/{field.name}"
+        if field.name in ("index_folder", "encoder_path"):
+            project.writeEntry(SCOPE, key, _relative(project, value))
+        elif isinstance(value, bool) or field.type == "str":
+            project.writeEntry(SCOPE, key, str(value))
+        elif field.type == "int":
+            project.writeEntry(SCOPE, key, int(value))
+        else:
+            project.writeEntryDouble(SCOPE, key, float(value))
+
+
+def read_state(project: Optional[QgsProject] = None) -> DockState:
+    """Read the stored state; missing entries keep the dataclass defaults."""
+    project = project or QgsProject.instance()
+    defaults = asdict(DockState())
+    values = {}
+    for field in fields(DockState):
+        key = f"/{field.name}"
+        if field.type == "int":
+            value, found = project.readNumEntry(SCOPE, key, defaults[field.name])
+        elif field.type == "float":
+            value, found = project.readDoubleEntry(SCOPE, key, defaults[field.name])
+        else:
+            value, found = project.readEntry(SCOPE, key, defaults[field.name])
+            if found and field.name in ("index_folder", "encoder_path"):
+                value = _absolute(project, value)
+        values[field.name] = value if found else defaults[field.name]
+    return DockState(**values)
