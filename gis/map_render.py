@@ -14,16 +14,16 @@ from qgis.core import (
     QgsFeature,
     QgsFillSymbol,
     QgsGeometry,
+    QgsGraduatedSymbolRenderer,
     QgsMapLayer,
     QgsMapRendererParallelJob,
     QgsMapSettings,
     QgsPalLayerSettings,
     QgsProject,
-    QgsProperty,
     QgsRasterLayer,
     QgsRectangle,
+    QgsRendererRange,
     QgsSingleSymbolRenderer,
-    QgsSymbolLayer,
     QgsTextBufferSettings,
     QgsTextFormat,
     QgsVectorLayer,
@@ -42,6 +42,7 @@ QUERY_OUTLINE_COLOR = "#00e5ff"
 # Match outlines run from MATCH_COLOR_LOW (lowest score shown) to MATCH_COLOR_HIGH (best).
 MATCH_COLOR_LOW = "#ffd400"
 MATCH_COLOR_HIGH = "#ff1744"
+SCORE_CLASS_COUNT = 5
 DEFAULT_MAP_SIZE_PX = (1400, 700)
 
 Bounds = tuple[float, float, float, float]
@@ -74,42 +75,13 @@ def query_outline_layer(
     return layer
 
 
-def style_match_layer(layer: QgsVectorLayer) -> None:
-    """Style a match layer as outlines coloured by score, each labelled with its rank.
-
-    The colour scale spans the scores present in the layer, so the best match is always
-    MATCH_COLOR_HIGH and the weakest MATCH_COLOR_LOW, whatever the encoder's score range.
-    """
-    score_index = layer.fields().indexOf(FIELD_SCORE)
-    if score_index < 0 or layer.fields().indexOf(FIELD_RANK) < 0:
-        raise LookalikeError(
-            f"The layer {layer.name()!r} has no '{FIELD_SCORE}' or '{FIELD_RANK}' field; style a "
-            "layer made by gis.matches.matches_to_memory_layer."
-        )
-    scores = [feature[FIELD_SCORE] for feature in layer.getFeatures()]
-    low_score = min(scores) if scores else 0.0
-    high_score = max(scores) if scores else 1.0
-    # Equal scores (one match, or duplicates) would divide by zero in scale_linear.
-    if high_score - low_score < 1e-9:
-        low_score = high_score - 1.0
-
-    symbol = QgsFillSymbol.createSimple(
-        {"style": "no", "outline_width": "0.6", "outline_width_unit": "MM"}
-    )
-    colour_expression = (
-        f"ramp_color(create_ramp(map(0, '{MATCH_COLOR_LOW}', 1, '{MATCH_COLOR_HIGH}')), "
-        f"scale_linear(\"{FIELD_SCORE}\", {low_score!r}, {high_score!r}, 0, 1))"
-    )
-    symbol.symbolLayer(0).setDataDefinedProperty(
-        QgsSymbolLayer.PropertyStrokeColor, QgsProperty.fromExpression(colour_expression)
-    )
-    layer.setRenderer(QgsSingleSymbolRenderer(symbol))
-
+def rank_labeling() -> QgsVectorLayerSimpleLabeling:
+    """Return labels that write each match's rank in white with a black buffer."""
     text_format = QgsTextFormat()
     font = QFont()
     font.setBold(True)
     text_format.setFont(font)
-    text_format.setSize(11)
+    text_format.setSize(10)
     text_format.setColor(QColor("white"))
     buffer = QgsTextBufferSettings()
     buffer.setEnabled(True)
@@ -122,7 +94,65 @@ def style_match_layer(layer: QgsVectorLayer) -> None:
     label_settings.setFormat(text_format)
     # Overlapping tiles would otherwise hide each other's labels in the collision check.
     label_settings.displayAll = True
-    layer.setLabeling(QgsVectorLayerSimpleLabeling(label_settings))
+    return QgsVectorLayerSimpleLabeling(label_settings)
+
+
+def _blend(low: QColor, high: QColor, fraction: float) -> QColor:
+    return QColor(
+        round(low.red() + (high.red() - low.red()) * fraction),
+        round(low.green() + (high.green() - low.green()) * fraction),
+        round(low.blue() + (high.blue() - low.blue()) * fraction),
+    )
+
+
+def score_class_breaks(scores: Sequence[float], class_count: int = SCORE_CLASS_COUNT) -> list[tuple[float, float]]:
+    """Split the score range into equal intervals; a single score value still gives one class."""
+    if not scores:
+        return [(0.0, 1.0)]
+    low, high = min(scores), max(scores)
+    if high - low < 1e-9:
+        return [(low - 1e-6, high + 1e-6)]
+    step = (high - low) / class_count
+    breaks = [(low + step * index, low + step * (index + 1)) for index in range(class_count)]
+    # The last upper bound is the exact maximum, so rounding never leaves the best match unclassed.
+    breaks[-1] = (breaks[-1][0], high)
+    return breaks
+
+
+def style_match_layer(layer: QgsVectorLayer) -> None:
+    """Style a match layer as outlines coloured by score, each labelled with its rank.
+
+    The colour scale spans the scores present in the layer, so the best match is always
+    MATCH_COLOR_HIGH and the weakest MATCH_COLOR_LOW, whatever the encoder's score range.
+    """
+    score_index = layer.fields().indexOf(FIELD_SCORE)
+    if score_index < 0 or layer.fields().indexOf(FIELD_RANK) < 0:
+        raise LookalikeError(
+            f"The layer {layer.name()!r} has no '{FIELD_SCORE}' or '{FIELD_RANK}' field; style a "
+            "layer made by gis.matches.matches_to_memory_layer."
+        )
+    scores = [float(feature[FIELD_SCORE]) for feature in layer.getFeatures()]
+    breaks = score_class_breaks(scores)
+    low_color, high_color = QColor(MATCH_COLOR_LOW), QColor(MATCH_COLOR_HIGH)
+    ranges = []
+    for position, (lower, upper) in enumerate(breaks):
+        fraction = position / max(len(breaks) - 1, 1)
+        color = _blend(low_color, high_color, fraction)
+        fill = QColor(color)
+        fill.setAlpha(40)
+        symbol = QgsFillSymbol.createSimple(
+            {
+                "color": f"{fill.red()},{fill.green()},{fill.blue()},{fill.alpha()}",
+                "outline_color": color.name(),
+                "outline_width": "0.6",
+                "outline_width_unit": "MM",
+            }
+        )
+        ranges.append(QgsRendererRange(lower, upper, symbol, f"{lower:.3f} – {upper:.3f}"))
+    renderer = QgsGraduatedSymbolRenderer(FIELD_SCORE, ranges)
+    layer.setRenderer(renderer)
+
+    layer.setLabeling(rank_labeling())
     layer.setLabelsEnabled(True)
 
 
