@@ -33,6 +33,7 @@ import numpy as np
 from . import get_logger
 from .errors import SearchError, SearchIndexError
 from .grid import TileGrid
+from .lock import index_lock
 
 logger = get_logger("index")
 
@@ -269,6 +270,13 @@ class TileIndex:
                     f"folder {folder} is not empty and contains no index ({MANIFEST_NAME} is missing); "
                     "choose an empty or new folder for the index"
                 )
+            # Another program's manifest.json (a web app, a dataset) does not make the folder
+            # ours, so even overwrite=True must not write there.
+            if not is_index_manifest(manifest_path):
+                raise SearchIndexError(
+                    f"folder {folder} is not a Lookalike index: its {MANIFEST_NAME} has no format "
+                    f"{FORMAT_NAME!r}; choose an empty or new folder for the index"
+                )
             if not overwrite:
                 raise SearchIndexError(
                     f"folder {folder} already contains an index; open it with TileIndex.open, or pass "
@@ -329,6 +337,10 @@ class TileIndex:
         import hnswlib
 
         folder = Path(folder)
+        if folder.is_file():
+            raise SearchIndexError(
+                f"index folder {folder} is a file, not a folder; pass the folder that contains {MANIFEST_NAME}"
+            )
         if not folder.is_dir():
             raise SearchIndexError(f"index folder {folder} not found; check the path or build an index there")
         manifest = _read_manifest(folder)
@@ -582,7 +594,14 @@ class TileIndex:
     # -- saving -------------------------------------------------------------------------------
 
     def save(self) -> None:
-        """Write the index atomically as a new generation and remove older generations."""
+        """Write the index atomically as a new generation and remove older generations.
+
+        Raises ``core.lock.IndexLockedError`` when another build or save holds the folder's lock.
+        """
+        with index_lock(self._folder):
+            self._save_unlocked()
+
+    def _save_unlocked(self) -> None:
         generation = int(self._manifest["generation"]) + 1
         embeddings = self.embeddings
         tile_table = self.tile_table
@@ -750,14 +769,29 @@ def _json_copy(value: Mapping[str, Any], what: str) -> dict[str, Any]:
         ) from error
 
 
+def read_manifest_json(manifest_path: Path) -> Optional[dict[str, Any]]:
+    """Return ``manifest_path`` parsed as a JSON object, or None when it is unreadable or not an object."""
+    try:
+        content = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return content if isinstance(content, dict) else None
+
+
+def is_index_manifest(manifest_path: Path) -> bool:
+    """Tell whether ``manifest_path`` is a Lookalike manifest: a JSON object whose format is ours."""
+    content = read_manifest_json(manifest_path)
+    return content is not None and content.get("format") == FORMAT_NAME
+
+
 def _read_generation_for_overwrite(manifest_path: Path) -> int:
     """Return the generation of an index about to be replaced, or 0 if its manifest is unreadable."""
-    try:
-        generation = json.loads(manifest_path.read_text(encoding="utf-8")).get("generation", 0)
-    except (OSError, ValueError) as error:
-        logger.warning("replacing index with unreadable manifest %s: %s", manifest_path, error)
+    content = read_manifest_json(manifest_path)
+    if content is None:
+        logger.warning("replacing index with unreadable manifest %s", manifest_path)
         return 0
-    return int(generation) if isinstance(generation, int) else 0
+    generation = content.get("generation", 0)
+    return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
 
 
 def _read_manifest(folder: Path) -> dict[str, Any]:

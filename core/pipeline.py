@@ -46,9 +46,11 @@ from .grid import (
     stride_from_overlap,
     validate_bounds,
 )
-from .index import MANIFEST_NAME, TileIndex, make_tile_table
+from .index import MANIFEST_NAME, TileIndex, is_index_manifest, make_tile_table, read_manifest_json
+from .lock import index_lock
 from .raster import (
     DEFAULT_BLANK_STD_FRACTION,
+    DEFAULT_MIN_VALID_FRACTION,
     SKIP_BLANK,
     SKIP_MOSTLY_INVALID,
     RasterSource,
@@ -70,6 +72,27 @@ SKIP_REASONS = (SKIP_MASKED, SKIP_MOSTLY_INVALID, SKIP_BLANK)
 # Tile size when neither the parameters nor the encoder spec give one: the input size of the
 # common ImageNet encoders, so chips are read at the source's native resolution.
 DEFAULT_TILE_SIZE_SOURCE_PX = 224.0
+
+# An explicit tile must span at least this many source pixels. At 8 px a 224 px encoder already
+# upsamples every source pixel to a 28 px block. Below that a chip is a few flat squares with no
+# texture for the encoder to see, while the tile count grows with the square of the shrinkage.
+MIN_TILE_SIZE_SOURCE_PX = 8.0
+
+# A tile size taken from the encoder spec (a ground size) is raised to at least this many source
+# pixels. The spec's ground size suits imagery near the encoder's training resolution; on coarser
+# rasters (e.g. 112 m tiles on 3 km pixels) it would be sub-pixel. 32 px stays close to the
+# intended scale while a chip still shows some structure.
+MIN_DEFAULT_TILE_SIZE_SOURCE_PX = 32.0
+
+# A plan is rejected when a source gets more tiles than its pixel count divided by this. At 16,
+# 8 px tiles at 50 % overlap (4 px stride) are the densest grid allowed. Denser grids read the
+# same pixels over and over without adding information.
+MIN_SOURCE_PIXELS_PER_TILE = 16
+
+# Absolute cap on the tiles of one build, lifted with BuildParameters.max_tile_count. Five million
+# tiles take days on a CPU with the bundled encoder (an estimate) and about 10 GiB of float16
+# embeddings at 1280 dims, so a larger plan is much more likely a mistake than an intent.
+DEFAULT_MAX_TILE_COUNT = 5_000_000
 
 PARTIAL_SUFFIX = ".partial"
 PARTIAL_MARKER_NAME = "partial_build.json"
@@ -158,7 +181,10 @@ class BuildParameters:
         hnsw_ef_construction: candidate list size while inserting (graph quality against time).
         add_to_existing: add the sources to the index in ``index_folder`` instead of creating
             one; the grid's GSD and stride must match the index's.
-        overwrite_existing_index: replace an index already in ``index_folder``.
+        overwrite_existing_index: replace an index already in ``index_folder``. Only a folder
+            whose ``manifest.json`` is a Lookalike manifest is an index; other folders are never
+            written, with or without this flag.
+        max_tile_count: the build is rejected before any work when its plan has more tiles.
     """
 
     source_paths: tuple[str, ...]
@@ -177,6 +203,7 @@ class BuildParameters:
     hnsw_ef_construction: int = 200
     add_to_existing: bool = False
     overwrite_existing_index: bool = False
+    max_tile_count: int = DEFAULT_MAX_TILE_COUNT
 
     def __post_init__(self) -> None:
         paths = (self.source_paths,) if isinstance(self.source_paths, (str, os.PathLike)) else self.source_paths
@@ -192,9 +219,12 @@ class BuildParameters:
         """Raise LookalikeError naming the first invalid parameter and its valid range."""
         if not self.source_paths:
             raise LookalikeError("source_paths is empty; pass at least one raster to index.")
-        if len(set(self.source_paths)) != len(self.source_paths):
+        # realpath resolves "..", symbolic links and relative spellings of one file.
+        real_paths = [os.path.realpath(path) if os.path.exists(path) else path for path in self.source_paths]
+        if len(set(real_paths)) != len(real_paths):
             raise LookalikeError(
-                f"source_paths {list(self.source_paths)} lists a raster twice; pass each raster once."
+                f"source_paths {list(self.source_paths)} lists a raster twice (some paths resolve to "
+                "the same file); pass each raster once."
             )
         if not self.index_folder:
             raise LookalikeError("index_folder is empty; pass the folder to write the index to.")
@@ -216,7 +246,7 @@ class BuildParameters:
             raise LookalikeError(
                 f"min_valid_fraction {self.min_valid_fraction!r} is out of range; pass a value in (0, 1]."
             )
-        for name in ("batch_size", "prefetch_batches", "hnsw_m", "hnsw_ef_construction"):
+        for name in ("batch_size", "prefetch_batches", "hnsw_m", "hnsw_ef_construction", "max_tile_count"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LookalikeError(f"{name} {value!r} is invalid; pass a positive integer.")
@@ -272,6 +302,11 @@ class BuildReport:
     encoder_name: str = ""
     already_complete: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    # 1-based source bands fed to the encoder, one tuple per source in source_paths order.
+    band_indexes: list[tuple[int, ...]] = field(default_factory=list)
+    # Things the caller should show the user: a tile size other than the one requested, or a
+    # source that contributed no tiles.
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def tiles_skipped(self) -> int:
@@ -366,29 +401,66 @@ class _SourcePlan:
     # Tile ids overlapping the extent polygons, or None to walk the whole grid lazily.
     selected_tiles: Optional[tuple[tuple[int, int], ...]]
     mask_polygons_wkt: tuple[str, ...]
+    # The build's min_valid_fraction, scaled down for a raster smaller than one tile (see
+    # _min_valid_fraction_for) so that its single tile is judged against the raster's own area.
+    min_valid_fraction: float
+    width_px: int
+    height_px: int
+    # Mean source pixel size in grid CRS units.
+    pixel_size: float
+
+    @property
+    def tile_size_source_px(self) -> float:
+        return self.grid.tile_ground_size / self.pixel_size
 
     @property
     def tile_count(self) -> int:
         return len(self.selected_tiles) if self.selected_tiles is not None else self.grid.tile_count
 
 
-def _choose_gsd(params: BuildParameters, spec: ModelSpec, first_source: RasterSource, grid_crs_wkt: str) -> float:
+def _choose_gsd(
+    params: BuildParameters, spec: ModelSpec, first_source: RasterSource, grid_crs_wkt: str
+) -> tuple[float, Optional[str]]:
+    """Return the GSD of a new grid, and a warning when the tile size differs from the requested one."""
     # NOTE: ground sizes are taken as grid CRS units, so for a projected CRS in feet the
     # "_m" sizes (parameter and spec) are read as feet.
     tile_size_px = spec.input_size_px
+    pixel_size = _pixel_size_in(first_source, grid_crs_wkt)
     if params.tile_ground_size_m is not None:
-        return gsd_from_tile_ground_size(params.tile_ground_size_m, tile_size_px)
+        tile_size_source_px = params.tile_ground_size_m / pixel_size
+        if tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
+            raise GridError(
+                f"tile_ground_size_m {params.tile_ground_size_m:g} is only {tile_size_source_px:.3g} source "
+                f"pixels of {first_source.path!r} ({pixel_size:.4g} CRS units per pixel); pass "
+                f"tile_ground_size_m >= {MIN_TILE_SIZE_SOURCE_PX * pixel_size:.4g} "
+                f"({MIN_TILE_SIZE_SOURCE_PX:g} source pixels)."
+            )
+        return gsd_from_tile_ground_size(params.tile_ground_size_m, tile_size_px), None
     if params.tile_size_source_px is not None:
-        return gsd_from_source_pixels(
-            params.tile_size_source_px, _pixel_size_in(first_source, grid_crs_wkt), tile_size_px
-        )
-    if spec.tile_ground_size_m is not None:
-        return gsd_from_tile_ground_size(spec.tile_ground_size_m, tile_size_px)
-    if spec.gsd_m is not None:
-        return float(spec.gsd_m)
-    return gsd_from_source_pixels(
-        DEFAULT_TILE_SIZE_SOURCE_PX, _pixel_size_in(first_source, grid_crs_wkt), tile_size_px
+        if params.tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
+            raise GridError(
+                f"tile_size_source_px {params.tile_size_source_px:g} is below the minimum of "
+                f"{MIN_TILE_SIZE_SOURCE_PX:g} source pixels, so a chip would hold no texture; pass "
+                f"tile_size_source_px >= {MIN_TILE_SIZE_SOURCE_PX:g}, e.g. 64."
+            )
+        return gsd_from_source_pixels(params.tile_size_source_px, pixel_size, tile_size_px), None
+
+    spec_ground_size = spec.tile_ground_size_m
+    if spec_ground_size is None and spec.gsd_m is not None:
+        spec_ground_size = float(spec.gsd_m) * tile_size_px
+    if spec_ground_size is None:
+        return gsd_from_source_pixels(DEFAULT_TILE_SIZE_SOURCE_PX, pixel_size, tile_size_px), None
+    if spec_ground_size >= MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size:
+        return gsd_from_tile_ground_size(spec_ground_size, tile_size_px), None
+    warning = (
+        f"The encoder's suggested tile of {spec_ground_size:g} CRS units is only "
+        f"{spec_ground_size / pixel_size:.3g} source pixels of {first_source.path!r} ({pixel_size:.4g} units "
+        f"per pixel); using tiles of {MIN_DEFAULT_TILE_SIZE_SOURCE_PX:g} source pixels "
+        f"({MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size:.4g} units) instead. Pass tile_size_source_px or "
+        "tile_ground_size_m to choose another size."
     )
+    LOGGER.warning("%s", warning)
+    return gsd_from_source_pixels(MIN_DEFAULT_TILE_SIZE_SOURCE_PX, pixel_size, tile_size_px), warning
 
 
 def _pixel_size_in(source: RasterSource, crs_wkt: str) -> float:
@@ -398,9 +470,12 @@ def _pixel_size_in(source: RasterSource, crs_wkt: str) -> float:
 
 
 def _plan_sources(
-    params: BuildParameters, spec: ModelSpec, existing_grid: Optional[TileGrid]
+    params: BuildParameters, spec: ModelSpec, existing_grid: Optional[TileGrid], warnings: list[str]
 ) -> list[_SourcePlan]:
-    """Open every source once to lay its grid and compute its value stretch."""
+    """Open every source once to lay its grid and compute its value stretch.
+
+    Warnings for the user (e.g. a tile size other than the encoder's) are appended to ``warnings``.
+    """
     plans: list[_SourcePlan] = []
     gsd: Optional[float] = None
     stride_px = stride_from_overlap(spec.input_size_px, overlap_fraction=params.overlap_fraction)
@@ -413,9 +488,13 @@ def _plan_sources(
                     f"encoder {spec.name} takes {spec.band_count} ({', '.join(spec.bands)}); pass "
                     f"band_indexes with {spec.band_count} band numbers."
                 )
+            LOGGER.info("Source %s: encoder bands %s read from bands %s (%s)", path, list(spec.bands),
+                        list(source.band_indexes), source.band_selection_reason)
             grid_crs_wkt = source.grid_crs_wkt()
             if gsd is None:
-                gsd = _resolve_gsd(params, spec, source, grid_crs_wkt, existing_grid)
+                gsd, warning = _resolve_gsd(params, spec, source, grid_crs_wkt, existing_grid)
+                if warning is not None:
+                    warnings.append(warning)
                 if existing_grid is not None and existing_grid.stride_px != stride_px:
                     raise GridError(
                         f"overlap_fraction {params.overlap_fraction!r} gives a stride of {stride_px} px, but "
@@ -449,6 +528,10 @@ def _plan_sources(
                     record=record,
                     selected_tiles=selected,
                     mask_polygons_wkt=mask_polygons,
+                    min_valid_fraction=_min_valid_fraction_for(params.min_valid_fraction, raster_bounds, grid),
+                    width_px=source.width,
+                    height_px=source.height,
+                    pixel_size=_pixel_size_in(source, grid_crs_wkt),
                 )
             )
             LOGGER.info(
@@ -456,9 +539,56 @@ def _plan_sources(
                 path, grid.n_rows, grid.n_cols, grid.tile_ground_size, grid.gsd, grid.stride_px,
                 plans[-1].tile_count,
             )
+            _check_tile_count(plans[-1])
         finally:
             source.close()
+    _check_distinct_checksums(plans)
+    tiles_total = sum(plan.tile_count for plan in plans)
+    if tiles_total > params.max_tile_count:
+        raise GridError(
+            f"the build would read {tiles_total} tiles, more than max_tile_count {params.max_tile_count}; "
+            "pass a larger tile size, a smaller overlap_fraction or an extent, or raise max_tile_count "
+            "if that many tiles are intended."
+        )
     return plans
+
+
+def _min_valid_fraction_for(min_valid_fraction: float, raster_bounds: Bounds, grid: TileGrid) -> float:
+    """Scale ``min_valid_fraction`` by the share of a tile that a raster smaller than one tile fills.
+
+    Without this, a raster smaller than one tile could never be indexed: its only tile is mostly
+    outside the raster. Rasters that span at least one tile along both axes keep the threshold.
+    """
+    tile = grid.tile_ground_size
+    width_share = min(1.0, (raster_bounds[2] - raster_bounds[0]) / tile)
+    height_share = min(1.0, (raster_bounds[3] - raster_bounds[1]) / tile)
+    return min_valid_fraction * width_share * height_share
+
+
+def _check_tile_count(plan: _SourcePlan) -> None:
+    max_tiles = max(1, plan.width_px * plan.height_px // MIN_SOURCE_PIXELS_PER_TILE)
+    if plan.tile_count > max_tiles:
+        raise GridError(
+            f"raster {plan.path!r} ({plan.width_px} x {plan.height_px} px) would give {plan.tile_count} tiles, "
+            f"more than one per {MIN_SOURCE_PIXELS_PER_TILE} source pixels ({max_tiles}), so its tiles of "
+            f"{plan.grid.tile_ground_size:.4g} CRS units at a stride of {plan.grid.stride_ground:.4g} read the "
+            "same pixels many times; pass a larger tile size or a smaller overlap_fraction."
+        )
+
+
+def _check_distinct_checksums(plans: Sequence[_SourcePlan]) -> None:
+    """Reject two sources with equal content, such as a raster and its copy under another path."""
+    seen: dict[str, str] = {}
+    for plan in plans:
+        checksum = plan.record.get("checksum")
+        if not checksum or not os.path.isfile(plan.path):
+            continue
+        if checksum in seen:
+            raise LookalikeError(
+                f"source_paths {seen[checksum]!r} and {plan.path!r} are the same raster (equal checksums); "
+                "pass each raster once."
+            )
+        seen[checksum] = plan.path
 
 
 def _resolve_gsd(
@@ -467,7 +597,8 @@ def _resolve_gsd(
     source: RasterSource,
     grid_crs_wkt: str,
     existing_grid: Optional[TileGrid],
-) -> float:
+) -> tuple[float, Optional[str]]:
+    """Return the GSD of this build, and a warning when the tile size differs from the requested one."""
     tile_size_given = params.tile_size_source_px is not None or params.tile_ground_size_m is not None
     if existing_grid is None:
         return _choose_gsd(params, spec, source, grid_crs_wkt)
@@ -477,8 +608,8 @@ def _resolve_gsd(
             f"{spec.input_size_px} px; add the sources with the index's encoder."
         )
     if not tile_size_given:
-        return existing_grid.gsd
-    gsd = _choose_gsd(params, spec, source, grid_crs_wkt)
+        return existing_grid.gsd, None
+    gsd, _ = _choose_gsd(params, spec, source, grid_crs_wkt)
     if not math.isclose(gsd, existing_grid.gsd, rel_tol=1e-6):
         raise GridError(
             f"the tile size gives a GSD of {gsd:.6g} but the index was built at {existing_grid.gsd:.6g} "
@@ -486,7 +617,7 @@ def _resolve_gsd(
             "use the index's, or pass tile_ground_size_m="
             f"{existing_grid.tile_ground_size:.6g}."
         )
-    return gsd
+    return gsd, None
 
 
 def _clip_bounds(raster_bounds: Bounds, polygons_wkt: Sequence[str], path: str) -> Bounds:
@@ -712,7 +843,7 @@ class _TileReader(threading.Thread):
         chip, valid = source.read_chip(
             plan.grid.tile_bounds(row, col), plan.grid.crs_wkt, plan.grid.tile_size_px, plan.stretch
         )
-        reason = chip_skip_reason(chip, valid, self._spec.value_scale, self._params.min_valid_fraction)
+        reason = chip_skip_reason(chip, valid, self._spec.value_scale, plan.min_valid_fraction)
         if reason is not None:
             batch.skipped[plan.position, SKIP_REASONS.index(reason)] += 1
             return
@@ -762,8 +893,8 @@ class _PartialBuild:
                 )
             if stored_id == build_id:
                 return cls(folder, build_id)
-            LOGGER.info("Discarding the checkpoints in %s: they belong to a build with other parameters",
-                        folder)
+            LOGGER.warning("Discarding the checkpoints in %s: they belong to a build with other parameters, "
+                           "sources or encoder, so their tiles are read again", folder)
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
         _write_atomically(
@@ -882,7 +1013,14 @@ def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
     folder = Path(params.index_folder)
     if folder.exists() and not folder.is_dir():
         raise SearchIndexError(f"index folder {folder} is a file; choose a folder path for the index.")
-    has_index = (folder / MANIFEST_NAME).is_file()
+    manifest_path = folder / MANIFEST_NAME
+    has_index = manifest_path.is_file() and is_index_manifest(manifest_path)
+    if manifest_path.is_file() and not has_index:
+        # Another program's manifest.json: the folder is the user's and is never written to.
+        raise SearchIndexError(
+            f"folder {folder} is not a Lookalike index: its {MANIFEST_NAME} is not a Lookalike manifest "
+            "(no \"format\": \"lookalike-index\"); choose a new or empty folder for the index."
+        )
     if folder.is_dir() and any(folder.iterdir()) and not has_index:
         raise SearchIndexError(
             f"folder {folder} is not empty and contains no Lookalike index ({MANIFEST_NAME} is missing); "
@@ -911,21 +1049,37 @@ def build_index(
 
     Raises:
         CancelledError: ``is_cancelled`` returned True.
+        IndexLockedError: another build or save holds ``<index folder>.lock``.
         LookalikeError: invalid parameters, an unreadable raster or encoder, an index folder that
-            must not be written, or sources already in the index.
+            must not be written, sources already in the index, a tile size below
+            ``MIN_TILE_SIZE_SOURCE_PX`` source pixels, a plan with more tiles than the rasters'
+            pixels justify or than ``max_tile_count``, or a build in which no tile was embedded
+            (then nothing is written and the checkpoints are removed).
     """
+    # The lock covers the folder checks too, so two builds cannot both find the folder free.
+    with index_lock(params.index_folder):
+        return _build_index_locked(params, progress, is_cancelled)
+
+
+def _build_index_locked(
+    params: BuildParameters,
+    progress: Optional[ProgressCallback],
+    is_cancelled: Optional[CancelCheck],
+) -> BuildReport:
     started_at = time.monotonic()
     encoder = OnnxEncoder(params.encoder_path or default_model_path(), batch_size=params.batch_size)
     existing_index = _check_index_folder(params)
     if existing_index is not None:
         existing_index.check_encoder(encoder.name, encoder.checksum)
     existing_grid = _first_grid(existing_index)
-    plans = _plan_sources(params, encoder.spec, existing_grid)
+    warnings: list[str] = []
+    plans = _plan_sources(params, encoder.spec, existing_grid, warnings)
     build_id = _build_id(params, encoder, plans)
     partial_folder = partial_folder_for(params.index_folder)
 
     finished = _finished_report(params, plans, build_id, partial_folder, encoder, started_at)
     if finished is not None:
+        finished.warnings = warnings
         return finished
     if existing_index is not None:
         _check_not_indexed_yet(existing_index, plans)
@@ -949,6 +1103,12 @@ def build_index(
     peak_batches = _embed_tiles(
         plans, encoder, params, partial, start_position, embedded, skipped, tiles_total, progress, is_cancelled
     )
+    embedded_by_source, skipped = _counts_from_checkpoints(partial, len(plans))
+    if not embedded_by_source.any():
+        # Nothing is committed: an empty index would look like a valid one to a later search.
+        partial.remove()
+        raise LookalikeError(_nothing_embedded_message(params, plans, skipped))
+    warnings.extend(_empty_source_warnings(plans, embedded_by_source, skipped))
     source_ids = _commit(params, encoder, plans, partial, build_id, existing_index)
     partial.remove()
 
@@ -967,6 +1127,8 @@ def build_index(
         rate_tiles_per_s=processed / elapsed_s if elapsed_s > 0 else 0.0,
         peak_batches_in_memory=peak_batches,
         encoder_name=encoder.name,
+        band_indexes=[plan.band_indexes for plan in plans],
+        warnings=warnings,
     )
     LOGGER.info(
         "Built %s: %d tiles embedded, %d skipped %s, in %.1f s (%.1f tiles/s)",
@@ -974,6 +1136,69 @@ def build_index(
         elapsed_s, report.rate_tiles_per_s,
     )
     return report
+
+
+def _counts_from_checkpoints(partial: _PartialBuild, n_sources: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the embedded tiles per source and the skip counts ``(source, reason)`` of all chunks."""
+    embedded = np.zeros(n_sources, dtype=np.int64)
+    skipped = np.zeros((n_sources, len(SKIP_REASONS)), dtype=np.int64)
+    for chunk in partial.load_chunks():
+        embedded += np.bincount(chunk.source_positions, minlength=n_sources)[:n_sources]
+        skipped += chunk.skipped
+    return embedded, skipped
+
+
+def _describe_skips(counts: np.ndarray) -> str:
+    return ", ".join(f"{int(count)} {reason}" for reason, count in zip(SKIP_REASONS, counts) if count)
+
+
+def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray) -> str:
+    """Return why every tile of ``plan`` was skipped and what to change, from the main skip reason."""
+    dominant = SKIP_REASONS[int(np.argmax(counts))]
+    if dominant == SKIP_MASKED:
+        return "the mask covers every tile; shrink the mask or leave it unset"
+    if dominant == SKIP_BLANK:
+        return "every tile is uniform (a fill value or cloud); check the band selection and the nodata value"
+    if plan.tile_size_source_px > max(plan.width_px, plan.height_px):
+        return (
+            f"tile size {plan.tile_size_source_px:.4g} source px is larger than the raster "
+            f"({plan.width_px}x{plan.height_px} px); pass tile_size_source_px <= "
+            f"{min(plan.width_px, plan.height_px)}"
+        )
+    return (
+        f"too few valid pixels per tile; lower min_valid_fraction (now {params.min_valid_fraction:g}), pass a "
+        "smaller tile size, or check that the raster's nodata value does not mark image pixels"
+    )
+
+
+def _nothing_embedded_message(params: BuildParameters, plans: Sequence[_SourcePlan], skipped: np.ndarray) -> str:
+    totals = skipped.sum(axis=0)
+    parts = [
+        f"0 tiles embedded into {params.index_folder} (skipped: {_describe_skips(totals) or 'none'}), so no "
+        "index was written."
+    ]
+    for plan in plans:
+        counts = skipped[plan.position]
+        parts.append(
+            f"Raster {plan.path!r}: {_describe_skips(counts) or 'no tiles'}; {_skip_advice(params, plan, counts)}."
+        )
+    return " ".join(parts)
+
+
+def _empty_source_warnings(
+    plans: Sequence[_SourcePlan], embedded_by_source: np.ndarray, skipped: np.ndarray
+) -> list[str]:
+    warnings = []
+    for plan in plans:
+        if embedded_by_source[plan.position]:
+            continue
+        warning = (
+            f"Raster {plan.path!r} contributed 0 tiles ({_describe_skips(skipped[plan.position]) or 'no tiles'}); "
+            "search will never return it. Check its nodata value, the extent and the mask."
+        )
+        LOGGER.warning("%s", warning)
+        warnings.append(warning)
+    return warnings
 
 
 def _first_grid(index: Optional[TileIndex]) -> Optional[TileGrid]:
@@ -1175,13 +1400,11 @@ def _commit(
 
 
 def _is_own_unfinished_index(folder: Path, build_id: str) -> bool:
-    if not (folder / MANIFEST_NAME).is_file():
+    manifest = read_manifest_json(folder / MANIFEST_NAME)
+    if manifest is None or not is_index_manifest(folder / MANIFEST_NAME):
         return False
-    try:
-        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return manifest.get("build_parameters", {}).get("build_id") == build_id
+    build_parameters = manifest.get("build_parameters")
+    return isinstance(build_parameters, dict) and build_parameters.get("build_id") == build_id
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -1214,9 +1437,11 @@ def _query_stretch(manifest: Mapping[str, Any], source: RasterSource, value_scal
     """Return the stretch the index used for this raster, or a new one for a raster not indexed."""
     path = _normalised_path(source.path)
     for record in manifest["sources"]:
-        # NOTE: sources are matched by path, so a copy of an indexed raster at another path gets
+        # NOTE: sources are matched by the file their path resolves to, so a copy of an indexed raster gets
         # its own stretch (identical for 8-bit data, close for percentile stretches).
-        if record.get("path") == path and tuple(record.get("band_indexes", ())) == tuple(source.band_indexes):
+        if _same_source_path(record.get("path"), path) and tuple(record.get("band_indexes", ())) == tuple(
+            source.band_indexes
+        ):
             stretch = record.get("value_stretch")
             if stretch is not None:
                 return dict(stretch)
@@ -1268,11 +1493,14 @@ def embed_query(
         footprints = _query_footprints(_geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid)
         chips = []
         kept_footprints = []
+        best_valid_fraction = 0.0
         for bounds in footprints:
             chip, valid = raster.read_chip(bounds, grid_crs_wkt, index_grid.tile_size_px, stretch)
             reason = chip_skip_reason(chip, valid, encoder.spec.value_scale)
             if reason == SKIP_MOSTLY_INVALID:
-                LOGGER.info("Dropping query chip %s: mostly nodata", bounds)
+                valid_fraction = float(np.count_nonzero(valid)) / valid.size
+                best_valid_fraction = max(best_valid_fraction, valid_fraction)
+                LOGGER.info("Dropping query chip %s: %.0f %% valid pixels", bounds, 100 * valid_fraction)
                 continue
             chips.append(chip)
             kept_footprints.append(bounds)
@@ -1280,17 +1508,37 @@ def embed_query(
         if raster is not source:
             raster.close()
     if not chips:
-        raise SearchError(
-            f"The query geometry covers no valid pixels of {raster.path!r}; draw it over the imagery."
-        )
+        raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size))
     embeddings = encoder.encode(np.stack(chips))
     return QueryChips(embeddings=embeddings, footprints=kept_footprints, crs_wkt=grid_crs_wkt)
+
+
+def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size: float) -> str:
+    if best_valid_fraction == 0.0:
+        return f"The query geometry covers no valid pixels of {path!r}; draw it over the imagery."
+    # The geometry may well sit on image pixels: the chip is a whole tile around it, and that
+    # tile reaches past the raster edge or into nodata.
+    return (
+        f"The query chip ({tile_ground_size:.4g} CRS units wide, centred on the geometry) has only "
+        f"{100 * best_valid_fraction:.0f} % valid pixels of {path!r}, below the threshold of "
+        f"{100 * DEFAULT_MIN_VALID_FRACTION:.0f} %: most of it lies outside the raster or on nodata. Draw the "
+        "query at least half a tile away from the raster edge and from nodata areas."
+    )
+
+
+def _same_source_path(recorded: Any, path: str) -> bool:
+    """Compare an indexed source path with another spelling of a path, by the file it resolves to."""
+    if not isinstance(recorded, str):
+        return False
+    if recorded == path:
+        return True
+    return os.path.exists(recorded) and os.path.exists(path) and os.path.realpath(recorded) == os.path.realpath(path)
 
 
 def _band_indexes_for(manifest: Mapping[str, Any], path: PathLike) -> Optional[tuple[int, ...]]:
     normalised = _normalised_path(os.fspath(path))
     for record in manifest["sources"]:
-        if record.get("path") == normalised:
+        if _same_source_path(record.get("path"), normalised):
             return tuple(record["band_indexes"])
     return None
 

@@ -72,6 +72,11 @@ DEFAULT_MIN_VALID_FRACTION = 0.5
 # 0.002 is half a grey level on a 0-255 scale.
 DEFAULT_BLANK_STD_FRACTION = 0.002
 
+# Limits for tiling a geographic raster in one UTM zone (see RasterSource._check_fits_utm).
+MAX_GEOGRAPHIC_WIDTH_DEGREES = 24.0
+UTM_MIN_LATITUDE = -80.0
+UTM_MAX_LATITUDE = 84.0
+
 _CHECKSUM_BLOCK_BYTES = 1 << 20
 _RGB_INTERPRETATIONS = (gdal.GCI_RedBand, gdal.GCI_GreenBand, gdal.GCI_BlueBand)
 _DEFAULT_CHANNEL_COUNT = 3
@@ -123,6 +128,8 @@ class RasterSource:
         )
 
         self.alpha_band_index: Optional[int] = _alpha_band_index(dataset)
+        # Why these bands were chosen, for the build log and report.
+        self.band_selection_reason = "given by the caller"
         if band_indexes is None:
             self.band_indexes = self._default_band_indexes()
         else:
@@ -146,11 +153,16 @@ class RasterSource:
             for index in range(self.band_count, 0, -1)
         }
         if all(interpretation in interpretations for interpretation in _RGB_INTERPRETATIONS):
+            self.band_selection_reason = "red, green and blue colour interpretation"
             return tuple(interpretations[interpretation] for interpretation in _RGB_INTERPRETATIONS)
         data_bands = [index for index in range(1, self.band_count + 1) if index != self.alpha_band_index]
         if not data_bands:
             raise RasterError(f"raster {self.path!r} has only an alpha band; open a raster with image bands.")
         chosen = tuple(data_bands[channel % len(data_bands)] for channel in range(_DEFAULT_CHANNEL_COUNT))
+        self.band_selection_reason = (
+            f"no red, green and blue colour interpretation; the first {_DEFAULT_CHANNEL_COUNT} non-alpha "
+            "bands, repeated when fewer"
+        )
         if len(data_bands) < _DEFAULT_CHANNEL_COUNT:
             LOGGER.info(
                 "%s has %d image band(s); feeding bands %s to the encoder's three channels",
@@ -203,11 +215,30 @@ class RasterSource:
         if not self.is_geographic:
             return self.crs_wkt
         xmin, ymin, xmax, ymax = self.bounds
+        self._check_fits_utm(xmax - xmin, ymin, ymax)
         longitude = _normalise_longitude((xmin + xmax) / 2.0)
         latitude = (ymin + ymax) / 2.0
-        # NOTE: one UTM zone spans 6 degrees of longitude; a raster much wider than that (e.g.
-        # a global mosaic) is strongly distorted at its far edges in the chosen zone.
         return utm_crs_wkt(longitude, latitude)
+
+    def _check_fits_utm(self, width_degrees: float, south: float, north: float) -> None:
+        # A geographic raster is tiled in the UTM zone of its centre. The edges of a raster at most
+        # 24 degrees wide lie within 15 degrees of that zone's central meridian (12 from the centre
+        # plus up to 3 inside the zone). There the UTM scale error is about 3.5 % at the equator
+        # (an estimate from k = k0 * (1 + (dlon * cos(lat))^2 / 2)), so tiles keep nearly their
+        # ground size across the raster. Wider rasters would get tiles of visibly different
+        # ground sizes, and a global one a grid thousands of kilometres tall. Rejecting them is
+        # preferred over a world CRS (EPSG:3857 or 6933), whose scale or shape changes with
+        # latitude just as much, because the user can choose a suitable projection and warp once.
+        # UTM is defined between 80 S and 84 N.
+        if width_degrees <= MAX_GEOGRAPHIC_WIDTH_DEGREES and south >= UTM_MIN_LATITUDE and north <= UTM_MAX_LATITUDE:
+            return
+        raise RasterError(
+            f"raster {self.path!r} is in geographic coordinates and spans {width_degrees:.4g} degrees of "
+            f"longitude and latitudes {south:.4g} to {north:.4g}, too much for one UTM zone (at most "
+            f"{MAX_GEOGRAPHIC_WIDTH_DEGREES:g} degrees wide, within {UTM_MIN_LATITUDE:g} to "
+            f"{UTM_MAX_LATITUDE:g} degrees); reproject it to a projected CRS that suits the area, e.g. "
+            "gdalwarp -t_srs EPSG:6933 in.tif out.tif for equal-area global data or a local UTM zone."
+        )
 
     def bounds_in(self, crs_wkt: str) -> Bounds:
         """Return the raster's bounds transformed to ``crs_wkt``, with densified edges."""

@@ -41,10 +41,20 @@ DEFAULT_STRATEGY = "mean"
 # Half weight lets a negative push down tiles that resemble it without letting a negative
 # that also resembles the positives cancel the query. NOTE: not yet tuned on real data.
 DEFAULT_NEGATIVE_WEIGHT = 0.5
+# At 0.25, diagonal neighbours on a 50 % overlap grid both come back, so one object can appear
+# twice. 0.0 (only edge-sharing matches) gives distinct places, but on the shipped demo it keeps a
+# tile over part of the south ship and drops the tile over its centre, so the demo ship test
+# (ship centre inside a top-5 match) fails for the north-centre query.
+# TODO: lower the default once the demo check measures "object found" by overlap, not by centre.
 DEFAULT_MAX_OVERLAP = 0.25
-# At 50 % tile overlap diagonal neighbours share exactly a quarter of their area. This slack
-# keeps rounding in grid coordinates from deciding whether such a tile passes max_overlap=0.25.
+# Slack on max_overlap, so that rounding in grid coordinates does not decide whether a tile that
+# shares exactly the threshold (e.g. a quarter for diagonal neighbours at 50 % tile overlap, or
+# only an edge at 0.0) passes.
 OVERLAP_TOLERANCE = 1e-9
+# A tile is dropped as the query itself when it shares more than this fraction with a query
+# footprint, whatever the value of max_overlap. The slack absorbs the millimetres that a footprint gains
+# when it is reprojected, so that tiles which only share an edge with the query stay.
+QUERY_OVERLAP_TOLERANCE = 1e-3
 
 # With 50 % tile overlap one object appears in about four tiles, and suppression keeps one of
 # them, so the first round requests four candidates per match.
@@ -89,12 +99,15 @@ def search(
 
     ``positives`` ``(p, dim)`` and ``negatives`` ``(m, dim)`` are embeddings of query chips (a
     single vector may be passed as ``(dim,)``). ``exclude`` lists query footprints as
-    ``(bounds, crs_wkt)``. A tile is dropped when it overlaps an excluded footprint or a
-    better-ranked match by more than ``max_overlap``, measured as the intersection area over the
-    smaller of the two areas. That measure counts a small tile inside a large footprint as fully
-    overlapping, where IoU would not. With tiles at 50 % overlap, the default 0.25 drops the
-    side neighbours of a match (0.5) and keeps the diagonal ones (exactly 0.25).
-    ``max_overlap=1`` turns suppression off. Tiles scoring below ``min_score`` are dropped.
+    ``(bounds, crs_wkt)``; a tile that overlaps one of them is always dropped, because it shows
+    the query itself (tiles sharing only an edge with it stay). ``max_overlap`` is only about
+    matches overlapping each other: a tile is dropped when it overlaps a better-ranked match by
+    more than ``max_overlap``, measured as the intersection area over the smaller of the two
+    areas. That measure counts a small tile inside a large footprint as fully overlapping, where
+    IoU would not. With tiles at 50 % overlap, the default 0.25 keeps diagonal neighbours
+    (exactly 0.25) and drops side neighbours (0.5). Pass 0.0 to keep only matches that share at
+    most an edge, so each is a distinct place. ``max_overlap=1`` turns suppression between matches off.
+    Tiles scoring below ``min_score`` are dropped.
 
     When suppression leaves fewer than k matches, the candidate set doubles until k matches
     survive or the index is exhausted, so fewer than k matches come back only when the index
@@ -311,7 +324,7 @@ def _suppress(
         if min_score is not None and score < min_score:
             break
         bounds, crs_wkt = footprints.bounds(tile_id)
-        if footprints.overlaps_any(bounds, crs_wkt, excluded, max_overlap):
+        if footprints.overlaps_any(bounds, crs_wkt, excluded, QUERY_OVERLAP_TOLERANCE):
             continue
         if footprints.overlaps_any(bounds, crs_wkt, kept_footprints, max_overlap):
             continue

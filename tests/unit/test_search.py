@@ -384,3 +384,30 @@ def test_compare_query_strategies_reports_precision(tmp_path: Path) -> None:
 
     assert precision == {"mean": 1.0, "max": 1.0}
     assert compare_query_strategies(index, positive, None, relevant_tile_ids=[54], k=1) == {"mean": 0.0, "max": 0.0}
+
+
+# -- query exclusion and default suppression ------------------------------------------------------
+
+
+def test_query_footprint_excluded_without_suppression(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=12)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
+    query_footprint = index.tile_bounds(27)
+
+    matches = search(index, query, k=5, exclude=[(query_footprint, UTM_WKT)], max_overlap=1.0)
+
+    for match in matches:
+        assert intersection_over_smaller(match.bounds, query_footprint) == 0.0
+
+
+def test_zero_max_overlap_gives_distinct_places(tmp_path: Path) -> None:
+    query = random_unit_vectors(1, seed=2)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=3))
+
+    matches = search(index, query, k=8, max_overlap=0.0)
+
+    assert len(matches) == 8
+    for position, match in enumerate(matches):
+        for better in matches[:position]:
+            # Tiles that only share an edge are distinct places and stay.
+            assert intersection_over_smaller(match.bounds, better.bounds) == 0.0

@@ -1,0 +1,122 @@
+"""An exclusive, non-blocking write lock for one index folder: ``<index folder>.lock``.
+
+The lock file sits beside the index folder, not inside it, so it also guards the creation of
+the folder and of ``<index folder>.partial/``. On POSIX the lock is ``fcntl.flock``, on Windows
+``msvcrt.locking`` on the file's first byte. The operating system releases both when the
+process dies, so a crashed build leaves no stale lock, only the (unlocked) file, which the next
+writer reuses.
+
+Within one process the lock is re-entrant for the thread that holds it, so ``build_index`` can
+hold it for the whole build while ``TileIndex.save`` takes it again for each save. Another
+thread of the same process is rejected like another process.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Iterator, Union
+
+from .errors import LookalikeError
+
+LOCK_SUFFIX = ".lock"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_holders_guard = threading.Lock()
+# Lock file path -> [owning thread id, hold count, open lock file].
+_holders: dict[str, list] = {}
+
+
+class IndexLockedError(LookalikeError):
+    """Another build or save is writing the index folder."""
+
+
+def lock_path_for(index_folder: PathLike) -> Path:
+    """Return the lock file of ``index_folder``: ``<index folder>.lock`` beside it."""
+    folder = Path(os.path.abspath(os.fspath(index_folder)))
+    return folder.with_name(folder.name + LOCK_SUFFIX)
+
+
+@contextmanager
+def index_lock(index_folder: PathLike) -> Iterator[None]:
+    """Hold the write lock of ``index_folder`` for the ``with`` block.
+
+    Raises:
+        IndexLockedError: another process, or another thread of this one, holds the lock.
+    """
+    path = lock_path_for(index_folder)
+    key = str(path)
+    thread_id = threading.get_ident()
+    with _holders_guard:
+        holder = _holders.get(key)
+        if holder is not None and holder[0] != thread_id:
+            raise _locked_error(index_folder, path)
+        if holder is not None:
+            holder[1] += 1
+        else:
+            stream = _acquire(path, index_folder)
+            _holders[key] = [thread_id, 1, stream]
+    try:
+        yield
+    finally:
+        with _holders_guard:
+            holder = _holders[key]
+            holder[1] -= 1
+            if holder[1] == 0:
+                del _holders[key]
+                _release(holder[2])
+
+
+def _acquire(path: Path, index_folder: PathLike) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The file stays open while the lock is held, so no context manager here.
+    stream = open(path, "a+b")  # noqa: SIM115
+    try:
+        _lock_file(stream)
+    except OSError:
+        stream.close()
+        raise _locked_error(index_folder, path) from None
+    # The PID is only for people who find the file; the OS lock is what excludes writers.
+    stream.seek(0)
+    stream.truncate()
+    stream.write(f"{os.getpid()}\n".encode("ascii"))
+    stream.flush()
+    return stream
+
+
+def _release(stream: IO[bytes]) -> None:
+    try:
+        _unlock_file(stream)
+    finally:
+        stream.close()
+
+
+def _locked_error(index_folder: PathLike, path: Path) -> IndexLockedError:
+    return IndexLockedError(
+        f"another build is writing index folder {os.fspath(index_folder)} (lock {path} is held); wait "
+        "for it to finish or cancel it, or write to another folder."
+    )
+
+
+if os.name == "nt":
+    import msvcrt
+
+    def _lock_file(stream: IO[bytes]) -> None:
+        stream.seek(0)
+        msvcrt.locking(stream.fileno(), msvcrt.LK_NBLCK, 1)
+
+    def _unlock_file(stream: IO[bytes]) -> None:
+        stream.seek(0)
+        msvcrt.locking(stream.fileno(), msvcrt.LK_UNLCK, 1)
+
+else:
+    import fcntl
+
+    def _lock_file(stream: IO[bytes]) -> None:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def _unlock_file(stream: IO[bytes]) -> None:
+        fcntl.flock(stream.fileno(), fcntl.LOCK_UN)

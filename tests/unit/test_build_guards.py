@@ -1,0 +1,312 @@
+"""Build and query guards: tile sizes, empty builds, foreign folders, locking, duplicate sources."""
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import pytest
+from osgeo import gdal
+
+from lookalike.core.encoder import OnnxEncoder
+from lookalike.core.errors import LookalikeError, SearchError, SearchIndexError
+from lookalike.core.index import TileIndex
+from lookalike.core.lock import index_lock
+from lookalike.core.pipeline import (
+    MIN_TILE_SIZE_SOURCE_PX,
+    BuildParameters,
+    build_index,
+    embed_query,
+    partial_folder_for,
+    run_search,
+)
+from lookalike.core.raster import RasterSource
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY_ENCODER = REPO_ROOT / "tests" / "data" / "tiny_encoder.onnx"
+
+
+def geo(shared_data: Path, relative: str) -> str:
+    return str(shared_data / "geo" / relative)
+
+
+def parameters(sources, index_folder, **overrides) -> BuildParameters:
+    values = dict(
+        source_paths=tuple(str(path) for path in sources),
+        index_folder=str(index_folder),
+        encoder_path=str(TINY_ENCODER),
+        tile_size_source_px=64,
+        overlap_fraction=0.5,
+        batch_size=16,
+    )
+    values.update(overrides)
+    return BuildParameters(**values)
+
+
+# -- tile size and tile count
+
+
+def test_default_tile_falls_back_on_coarse_raster(shared_data, tmp_path, caplog):
+    source = geo(shared_data, "rasterio/rgb-byte-tenth.tif")
+    # The bundled encoder suggests 112 m tiles; this raster has ~3 km pixels.
+    params = BuildParameters(source_paths=(source,), index_folder=str(tmp_path / "index"))
+
+    with caplog.at_level(logging.WARNING, logger="lookalike"):
+        report = build_index(params)
+
+    assert report.tiles_total < 100
+    assert report.tiles_embedded >= 1
+    assert any("source pixels" in warning for warning in report.warnings)
+    assert any("source pixels" in record.getMessage() for record in caplog.records)
+
+
+def test_explicit_subpixel_tile_is_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+
+    with pytest.raises(LookalikeError, match=r"tile_size_source_px 1 .*8"):
+        build_index(parameters([source], tmp_path / "index", tile_size_source_px=1))
+    assert not (tmp_path / "index").exists()
+    assert MIN_TILE_SIZE_SOURCE_PX == 8
+
+
+def test_explicit_tiny_ground_size_is_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+
+    # RGB.byte.tif has ~300 m pixels, so 100 m tiles are a third of a pixel.
+    with pytest.raises(LookalikeError, match="tile_ground_size_m 100"):
+        build_index(parameters([source], tmp_path / "index", tile_size_source_px=None, tile_ground_size_m=100.0))
+
+
+def test_tile_count_beyond_pixels_is_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+
+    # 8 px tiles at 90 % overlap advance less than one source pixel per tile.
+    with pytest.raises(LookalikeError, match=r"\d+ tiles"):
+        build_index(parameters([source], tmp_path / "index", tile_size_source_px=8, overlap_fraction=0.9))
+    assert not partial_folder_for(tmp_path / "index").exists()
+
+
+def test_absolute_tile_cap_can_be_lifted(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+
+    with pytest.raises(LookalikeError, match="max_tile_count"):
+        build_index(parameters([source], tmp_path / "index", max_tile_count=10))
+    report = build_index(parameters([source], tmp_path / "index", max_tile_count=10_000))
+    assert report.tiles_embedded > 0
+
+
+# -- builds that embed nothing
+
+
+def test_build_with_no_embedded_tiles_fails(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    folder = tmp_path / "index"
+
+    # The nodata collar of the rotated scene reaches into every 700 px tile, so with
+    # min_valid_fraction=1.0 every tile is skipped as mostly invalid.
+    with pytest.raises(LookalikeError, match="0 tiles embedded") as error:
+        build_index(parameters([source], folder, min_valid_fraction=1.0, tile_size_source_px=700))
+    assert "mostly_invalid" in str(error.value)
+    assert not (folder / "manifest.json").exists()
+    assert not partial_folder_for(folder).exists()
+
+
+def test_raster_smaller_than_tile_is_indexed(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/rgb-byte-tenth.tif")
+
+    # 79 x 71 px raster in one 200 px tile: about 14 % of the tile is raster.
+    report = build_index(parameters([source], tmp_path / "index", tile_size_source_px=200))
+
+    assert report.tiles_total == 1
+    assert report.tiles_embedded == 1
+
+
+def test_query_chip_mostly_outside_names_fraction(shared_data, tmp_path):
+    source_path = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([source_path], tmp_path / "index"))
+    index = TileIndex.open(tmp_path / "index")
+    encoder = OnnxEncoder(TINY_ENCODER)
+    source = RasterSource(source_path)
+    # Pixel (row 114, col 766) is image data 3 px inside the east corner of the rotated scene,
+    # so the point is on valid pixels while most of the chip around it is nodata collar.
+    edge_point = "POINT (331964 2792560)"
+
+    with pytest.raises(SearchError, match=r"\d+ % valid pixels.*threshold of 50 %") as error:
+        embed_query(index, encoder, source, edge_point, source.crs_wkt)
+    assert "covers no valid pixels" not in str(error.value)
+
+
+# -- foreign folders and manifests
+
+
+def make_user_folder(folder: Path, manifest_text: str) -> None:
+    (folder / "photos").mkdir(parents=True)
+    (folder / "manifest.json").write_text(manifest_text)
+    (folder / "thesis.docx").write_bytes(b"thesis")
+    (folder / "photos" / "a.jpg").write_bytes(b"jpeg")
+    (folder / "graph.000001.hnsw").write_bytes(b"not a graph")
+
+
+def folder_contents(folder: Path) -> dict:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+@pytest.mark.parametrize("manifest_text", ['{"name": "My App", "icons": []}', "[1, 2, 3]"])
+@pytest.mark.parametrize("flags", [{}, {"overwrite_existing_index": True}, {"add_to_existing": True}])
+def test_user_folder_is_left_untouched(shared_data, tmp_path, manifest_text, flags):
+    folder = tmp_path / "user"
+    make_user_folder(folder, manifest_text)
+    before = folder_contents(folder)
+
+    with pytest.raises(SearchIndexError, match="not a Lookalike index") as error:
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder, **flags))
+    assert "already contains an index" not in str(error.value)
+    assert folder_contents(folder) == before
+
+
+def test_create_rejects_foreign_manifest(tmp_path):
+    folder = tmp_path / "user"
+    make_user_folder(folder, "[1, 2, 3]")
+    encoder = OnnxEncoder(TINY_ENCODER)
+    info = {"name": encoder.name, "checksum": encoder.checksum, "embedding_dim": encoder.spec.embedding_dim,
+            "spec": {}}
+
+    with pytest.raises(SearchIndexError, match="not a Lookalike index"):
+        TileIndex.create(folder, info, overwrite=True)
+    assert (folder / "graph.000001.hnsw").read_bytes() == b"not a graph"
+
+
+# -- locking
+
+
+def test_second_writer_is_rejected_while_locked(shared_data, tmp_path):
+    folder = tmp_path / "index"
+    acquired = threading.Event()
+    release = threading.Event()
+
+    def hold_lock():
+        with index_lock(folder):
+            acquired.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert acquired.wait(10)
+        with pytest.raises(LookalikeError, match="another build is writing") as error:
+            build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder))
+        assert str(folder) in str(error.value)
+    finally:
+        release.set()
+        holder.join()
+    assert build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder)).tiles_embedded > 0
+
+
+def test_two_concurrent_builds_one_wins(shared_data, tmp_path):
+    folder = tmp_path / "index"
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    outcomes = []
+
+    def build():
+        try:
+            outcomes.append(build_index(parameters([source], folder, tile_size_source_px=32)))
+        except LookalikeError as error:
+            outcomes.append(error)
+
+    threads = [threading.Thread(target=build) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    errors = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+    assert len(outcomes) == 2
+    assert len(errors) == 1
+    assert "another build is writing" in str(errors[0])
+    assert TileIndex.open(folder).count > 0
+
+
+# -- duplicate sources
+
+
+def test_same_raster_under_two_spellings_is_rejected(shared_data, tmp_path):
+    plain = geo(shared_data, "rasterio/RGB.byte.tif")
+    detour = geo(shared_data, "rasterio/../rasterio/RGB.byte.tif")
+
+    with pytest.raises(LookalikeError, match="twice"):
+        parameters([plain, detour], tmp_path / "index")
+
+
+def test_copy_of_raster_is_rejected_by_checksum(shared_data, tmp_path):
+    plain = geo(shared_data, "rasterio/RGB.byte.tif")
+    copy = tmp_path / "copy.tif"
+    copy.write_bytes(Path(plain).read_bytes())
+
+    with pytest.raises(LookalikeError, match="same raster"):
+        build_index(parameters([plain, str(copy)], tmp_path / "index"))
+
+
+def test_manifest_keeps_given_abspath(shared_data, tmp_path):
+    detour = geo(shared_data, "rasterio/../rasterio/RGB.byte.tif")
+    build_index(parameters([detour], tmp_path / "index"))
+
+    assert TileIndex.open(tmp_path / "index").sources[0]["path"] == os.path.abspath(detour)
+
+
+# -- geographic rasters
+
+
+def test_global_geographic_raster_is_rejected(shared_data, tmp_path):
+    with pytest.raises(LookalikeError, match="gdalwarp -t_srs"):
+        build_index(parameters([geo(shared_data, "rasterio/world.rgb.tif")], tmp_path / "index"))
+
+
+# -- reports, warnings and messages
+
+
+def test_report_names_band_indexes(shared_data, tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        report = build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
+
+    assert report.band_indexes == [(1, 2, 3)]
+    assert any("bands [1, 2, 3]" in record.getMessage() for record in caplog.records)
+
+
+def test_source_without_tiles_gives_warning(shared_data, tmp_path):
+    good = geo(shared_data, "rasterio/RGB.byte.tif")
+    blank = tmp_path / "blank.tif"
+    # A uniform raster without nodata on the same georeferencing: every tile is "blank".
+    template = gdal.Open(good)
+    dataset = gdal.GetDriverByName("GTiff").Create(str(blank), template.RasterXSize, template.RasterYSize, 3)
+    dataset.SetGeoTransform(template.GetGeoTransform())
+    dataset.SetProjection(template.GetProjection())
+    for band_number in (1, 2, 3):
+        dataset.GetRasterBand(band_number).Fill(7)
+    dataset = None
+
+    report = build_index(parameters([good, str(blank)], tmp_path / "index"))
+
+    assert report.tiles_embedded > 0
+    assert any(str(blank) in warning and "0 tiles" in warning for warning in report.warnings)
+
+
+def test_run_search_on_file_says_file(shared_data, tmp_path):
+    not_a_folder = tmp_path / "index.txt"
+    not_a_folder.write_text("x")
+
+    with pytest.raises(SearchIndexError, match="is a file"):
+        run_search(not_a_folder, geo(shared_data, "rasterio/RGB.byte.tif"), [(0, 0, 1, 1)])
+
+
+def test_discarded_checkpoints_log_warning(shared_data, tmp_path, caplog):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    folder = tmp_path / "index"
+    with pytest.raises(LookalikeError):
+        build_index(parameters([source], folder), is_cancelled=iter([False, True]).__next__)
+    assert partial_folder_for(folder).exists()
+
+    with caplog.at_level(logging.WARNING, logger="lookalike"):
+        build_index(parameters([source], folder, overlap_fraction=0.0))
+
+    warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
+    assert any(str(partial_folder_for(folder)) in record.getMessage() for record in warnings)
