@@ -69,6 +69,15 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         "with the same parameters."
     )
 
+    VALUE_HINTS = {
+        "OVERLAP_PERCENT": (
+            "It is in percent of the tile side: 50 halves the stride between tiles, and at 100 the "
+            "tiles would not advance."
+        ),
+        "TILE_SIZE": "Its unit is set by TILE_SIZE_UNIT: 0 for source pixels, 1 for grid CRS units.",
+        "GSD": "It is in grid CRS units per encoder input pixel.",
+    }
+
     INPUT_RASTERS = "INPUT_RASTERS"
     ENCODER = "ENCODER"
     TILE_SIZE = "TILE_SIZE"

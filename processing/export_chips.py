@@ -42,6 +42,10 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
         "band that is 0 over nodata. Footprints with no valid pixel are skipped."
     )
 
+    VALUE_HINTS = {
+        "CHIP_SIZE_PX": "It is the long side of each chip in pixels; 0 keeps the raster's native resolution.",
+    }
+
     INPUT = "INPUT"
     RASTER = "RASTER"
     FORMAT = "FORMAT"

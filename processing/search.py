@@ -60,9 +60,19 @@ class SearchAlgorithm(LookalikeAlgorithm):
         "Reads a chip under each example geometry from the query raster, embeds it with the index's "
         "encoder and returns the k indexed tiles most similar to the examples (and least similar to "
         "the negative examples) as polygons with rank and score. A point queries the tile centred on "
-        "it; a polygon larger than one tile queries every tile it covers. Tiles that overlap an "
-        "example or a better match are left out."
+        "it; a polygon larger than one tile queries every tile it covers. Tiles that overlap the area "
+        "read for an example are always left out, and MAX_OVERLAP sets how much the matches may "
+        "overlap each other."
     )
+
+    VALUE_HINTS = {
+        "K": "K is the maximum number of matches returned.",
+        "MIN_SCORE": "The score is the cosine similarity of embeddings: 1 is identical, 0 unrelated.",
+        "MAX_OVERLAP": (
+            "It is a fraction of the smaller footprint, not a percentage: 0 allows no overlap "
+            "between matches and 1 turns the suppression off."
+        ),
+    }
 
     INDEX = "INDEX"
     POSITIVES = "POSITIVES"
@@ -136,8 +146,11 @@ class SearchAlgorithm(LookalikeAlgorithm):
             defaultValue=DEFAULT_MAX_OVERLAP, minValue=0.0, maxValue=1.0,
         )
         max_overlap.setHelp(tr(
-            "A tile is dropped when it overlaps an example or a better match by more than this fraction "
-            "of the smaller of the two areas (0 to 1). 1 turns the suppression off."
+            "A tile is dropped when it overlaps a better-ranked match by more than this fraction of "
+            f"the smaller of the two footprints (0 to 1, default {DEFAULT_MAX_OVERLAP:g}). 0 keeps only "
+            "matches that do not overlap each other (sharing an edge is allowed); 1 turns this "
+            "suppression off. Tiles that overlap the area read for an example are left out whatever "
+            "this value, so the examples do not find themselves."
         ))
         self.addParameter(max_overlap)
 

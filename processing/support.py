@@ -16,6 +16,7 @@ from qgis.core import (
     QgsFeatureSource,
     QgsGeometry,
     QgsProcessingAlgorithm,
+    QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsRasterLayer,
@@ -47,6 +48,9 @@ class LookalikeAlgorithm(QgsProcessingAlgorithm):
     ALGORITHM_ID = ""
     DISPLAY_NAME = ""
     SUMMARY = ""
+    # Unit and meaning of numeric parameters, keyed by parameter name, appended to their
+    # out-of-range messages.
+    VALUE_HINTS: Mapping[str, str] = {}
 
     def name(self) -> str:
         return self.ALGORITHM_ID
@@ -62,6 +66,23 @@ class LookalikeAlgorithm(QgsProcessingAlgorithm):
 
     def createInstance(self) -> QgsProcessingAlgorithm:  # noqa: N802 - QGIS API
         return type(self)()
+
+    def checkParameterValues(  # noqa: N802 - QGIS API
+        self, parameters: dict, context: QgsProcessingContext
+    ) -> tuple[bool, str]:
+        """Reject invalid values with a message that names the parameter, the value and the fix.
+
+        QGIS's own check, which runs afterwards, only reports "Incorrect parameter value for K".
+        """
+        # Imported here because parameter_checks imports tr from this module.
+        from .parameter_checks import invalid_value_message
+
+        for definition in self.parameterDefinitions():
+            name = definition.name()
+            message = invalid_value_message(definition, parameters.get(name), context, self.VALUE_HINTS.get(name, ""))
+            if message is not None:
+                return False, message
+        return super().checkParameterValues(parameters, context)
 
     def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
         lines = [f"<p>{tr(self.SUMMARY)}</p>"]

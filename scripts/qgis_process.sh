@@ -60,9 +60,46 @@ if [ -d "${venv_site_packages[0]}" ]; then
   export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}${venv_site_packages[0]}
 fi
 
+# QGIS 3.22's Python start-up (QgsPythonUtilsImpl) runs "sip.setapi('QVariant', 2)" and the like
+# as "<string>", and the sip 6 module of Debian 12 warns that setapi() is deprecated, so without
+# this filter every call starts with that DeprecationWarning. It hides that one warning and no other.
+export PYTHONWARNINGS="${PYTHONWARNINGS:+$PYTHONWARNINGS,}ignore:setapi() is deprecated:DeprecationWarning"
+
 settings_file=$config_folder/profiles/default/QGIS/QGIS3.ini
 if ! grep -qx 'lookalike=true' "$settings_file" 2>/dev/null; then
   "$qgis_process_bin" plugins enable lookalike >/dev/null
 fi
 
-exec "$qgis_process_bin" "$@"
+# qgis_process 3.22 writes the message of an exception raised while an algorithm runs three times
+# to stderr: QgsProcessingAlgorithm::run logs it as Critical, the console feedback prints it after
+# "ERROR:" and then logs it as Critical again, and qgis_process echoes every Critical log message.
+# This filter drops the two bare echoes around an "ERROR:" line, and any line that repeats the line
+# before it (in --json mode the two echoes are adjacent). It holds each other line back until the
+# next one arrives, so the last line of stderr can appear only when qgis_process exits.
+# NOTE: the echoes are matched line by line, so a message of several lines still appears 3 times.
+drop_repeated_errors() {
+  # Ignore Ctrl+C here: qgis_process handles SIGINT by cancelling and still has to report.
+  trap '' INT
+  exec awk '
+    function flush_held() { if (has_held) { print held; fflush(); has_held = 0 } }
+    /^ERROR:\t/ {
+      error_text = substr($0, 8)
+      if (has_held && held == error_text) { has_held = 0 } else { flush_held() }
+      print; fflush()
+      last_error = error_text; drop_next_echo = 1
+      next
+    }
+    drop_next_echo && $0 == last_error { drop_next_echo = 0; next }
+    { drop_next_echo = 0 }
+    has_held && $0 == held { next }
+    { flush_held(); held = $0; has_held = 1 }
+    END { flush_held() }
+  '
+}
+
+# stdout goes straight to descriptor 3 (the terminal or the caller's pipe), and only stderr
+# passes through the filter. The pipeline waits for the filter, so its last line is written
+# before this script returns, and PIPESTATUS keeps qgis_process's exit status.
+set +e
+{ "$qgis_process_bin" "$@" 2>&1 1>&3 3>&- | drop_repeated_errors >&2; } 3>&1
+exit "${PIPESTATUS[0]}"

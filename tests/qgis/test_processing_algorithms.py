@@ -232,6 +232,30 @@ def test_build_rejects_bad_input(provider, tmp_path, ships_raster, tiny_encoder,
     assert named in str(raised.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"OVERLAP_PERCENT": 100}, ["OVERLAP_PERCENT=100", "from 0 to 95", "percent of the tile side"]),
+        ({"INPUT_RASTERS": ["/nonexistent/scene.tif"]}, ["INPUT_RASTERS", "/nonexistent/scene.tif", "check the path"]),
+        ({"ENCODER": "/nonexistent/encoder.onnx"}, ["ENCODER", "/nonexistent/encoder.onnx", "does not exist"]),
+    ],
+)
+def test_build_names_invalid_value(provider, tmp_path, ships_raster, tiny_encoder, overrides, expected):
+    parameters = {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / "index"),
+        **overrides,
+    }
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("buildindex", parameters)
+    message = str(raised.value)
+    assert "Incorrect parameter value" not in message
+    for text in expected:
+        assert text in message
+    assert not (tmp_path / "index").exists()
+
+
 def test_build_rejects_folder_without_index(provider, tmp_path, ships_raster, tiny_encoder):
     folder = tmp_path / "busy"
     folder.mkdir()
@@ -325,6 +349,29 @@ def test_search_rejects_missing_index(provider, tmp_path):
             "INDEX": str(missing), "POSITIVES": point_layer([SHIP_CENTRES[0]]), "OUTPUT": "memory:",
         })
     assert str(missing) in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"K": 0}, ["K=0", "at least 1", "maximum number of matches"]),
+        ({"MAX_OVERLAP": 25}, ["MAX_OVERLAP=25", "from 0 to 1", "not a percentage"]),
+        ({"MIN_SCORE": 5}, ["MIN_SCORE=5", "from -2 to 1"]),
+        ({"RASTER": "/nonexistent/query.tif"}, ["RASTER", "/nonexistent/query.tif", "check the path"]),
+    ],
+)
+def test_search_names_invalid_value(tiny_index, tiny_encoder, overrides, expected):
+    folder, _results = tiny_index
+    parameters = {
+        "INDEX": folder, "POSITIVES": point_layer([SHIP_CENTRES[0]]), "ENCODER": tiny_encoder, "OUTPUT": "memory:",
+        **overrides,
+    }
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("search", parameters)
+    message = str(raised.value)
+    assert "Incorrect parameter value" not in message
+    for text in expected:
+        assert text in message
 
 
 def test_search_rejects_empty_examples(tiny_index, tiny_encoder):

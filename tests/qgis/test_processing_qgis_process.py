@@ -30,6 +30,17 @@ def qgis_process(repo_root: Path, home: Path, *arguments: str) -> dict:
     return json.loads(completed.stdout[completed.stdout.index("{"):])
 
 
+def qgis_process_failure(repo_root: Path, home: Path, *arguments: str) -> str:
+    """Run ``scripts/qgis_process.sh run ...``, expect a non-zero exit status and return stderr."""
+    environment = dict(os.environ, LOOKALIKE_QGIS_PROCESS_HOME=str(home))
+    completed = subprocess.run(
+        ["bash", str(repo_root / "scripts" / "qgis_process.sh"), "run", *arguments],
+        capture_output=True, text=True, env=environment, timeout=QGIS_PROCESS_TIMEOUT_S, check=False,
+    )
+    assert completed.returncode != 0, f"qgis_process succeeded:\n{completed.stdout}"
+    return completed.stderr
+
+
 @pytest.fixture(scope="module")
 def qgis_process_available() -> None:
     if shutil.which("qgis_process.bin") is None and not Path("/usr/bin/qgis_process.bin").is_file():
@@ -88,3 +99,31 @@ def test_build_search_export(qgis_process_available, repo_root, shared_data, tmp
         assert chip is not None, f"{row['chip']} is not readable"
         assert chip.RasterCount == 4
         assert chip.GetSpatialRef().GetAuthorityCode(None) == "32610"
+
+
+def test_invalid_values_reported_once(qgis_process_available, repo_root, tmp_path):
+    home = tmp_path / "qgis_process_home"
+    raster = str(repo_root / "sample_data" / "1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+    index_folder = tmp_path / "not_an_index"
+    index_folder.mkdir()
+    examples = tmp_path / "ship.geojson"
+    examples.write_text(json.dumps({
+        "type": "FeatureCollection",
+        "features": [{"type": "Feature", "properties": {}, "geometry": {"type": "Point", "coordinates": [0, 0]}}],
+    }), encoding="utf-8")
+    cases = [
+        (["lookalike:buildindex", "--", f"INPUT_RASTERS={raster}", "OVERLAP_PERCENT=100",
+          f"OUTPUT={tmp_path / 'index'}"], "OVERLAP_PERCENT=100 is out of range"),
+        (["lookalike:buildindex", "--", f"INPUT_RASTERS={tmp_path / 'missing.tif'}", f"OUTPUT={tmp_path / 'index'}"],
+         f"INPUT_RASTERS: {tmp_path / 'missing.tif'} is neither a layer"),
+        (["lookalike:search", "--", f"INDEX={index_folder}", f"POSITIVES={examples}", "K=0",
+          f"OUTPUT={tmp_path / 'matches.gpkg'}"], "K=0 is out of range"),
+        # Raised by the core while the algorithm runs, not by the parameter check.
+        (["lookalike:search", "--", f"INDEX={index_folder}", f"POSITIVES={examples}",
+          f"OUTPUT={tmp_path / 'matches.gpkg'}"], "is not a Lookalike index"),
+    ]
+    for arguments, expected in cases:
+        stderr = qgis_process_failure(repo_root, home, *arguments)
+        assert "setapi" not in stderr
+        assert "Incorrect parameter value" not in stderr
+        assert stderr.count(expected) == 1, stderr
