@@ -26,7 +26,7 @@ PACKAGES_FOLDER_NAME = "lookalike_packages"
 
 
 def packages_folder() -> Path:
-    """Return the profile folder that holds the packages the plugin installed."""
+    """Return the profile folder that contains the packages the plugin installed."""
     return Path(QgsApplication.qgisSettingsDirPath()) / "python" / PACKAGES_FOLDER_NAME
 
 

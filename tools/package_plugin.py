@@ -11,7 +11,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PLUGIN_FOLDER_NAME = "lookalike"
 
-# What QGIS needs at run time. Tests, benchmarks, tools, docs and sample data stay out.
+# Files and folders QGIS needs at run time; tests, benchmarks, tools, docs and sample data stay out.
 RUNTIME_FILES = ("metadata.txt", "__init__.py", "plugin.py", "icon.svg", "LICENSE")
 RUNTIME_FOLDERS = ("core", "gis", "processing", "ui", "models")
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")

@@ -46,7 +46,8 @@ def test_init_gui_adds_action_provider_and_log_handler(plugin, qgis_iface):
     plugin.initGui()
 
     assert len(plugin.actions) == 1
-    assert plugin.toolbar is not None and plugin.actions[0] in plugin.toolbar.actions()
+    assert plugin.toolbar is not None
+    assert plugin.actions[0] in plugin.toolbar.actions()
     assert _provider_ids().count("lookalike") == 1
     assert len(_lookalike_handlers()) == 1
 
@@ -116,7 +117,7 @@ def test_install_task_runs_pip_command_and_reports(plugin, qgis_iface, monkeypat
 
     arguments = recorded.read_text().split()
     assert arguments[:2] == ["-m", "pip"]
-    assert "--target" in arguments and str(tmp_path / "packages") in arguments
+    assert arguments[arguments.index("--target") + 1] == str(tmp_path / "packages")
     constraint_index = arguments.index("--constraint") + 1
     assert constraint_index < len(arguments)
     assert "hnswlib==0.8.0" in arguments
