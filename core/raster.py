@@ -15,16 +15,20 @@ Value rule (what :meth:`RasterSource.value_stretch` computes and :func:`apply_st
 The stretch is a JSON-safe dict. It is stored in the index manifest, so query chips, which are
 read later, get exactly the mapping that the indexed tiles got.
 
-Validity: a chip pixel is valid when the GDAL warper found valid source data under it. Valid
+Validity: a chip pixel is valid when the GDAL warper found valid source data under it (a chip
+read directly has only valid pixels by construction). Valid
 data excludes the band nodata value, an alpha band, a per-dataset mask and any area outside the
 raster. A pixel is nodata only when all bands equal their nodata value (the warper's default
 for multi-band nodata), so a dark pixel in one band stays valid. A nodata value outside the data
 type's range (e.g. -10000 on Byte) matches no pixel. Non-finite values are invalid too. Invalid
 pixels are set to 0 in the returned chip.
 
-Each chip is one ``gdal.Warp`` call into an in-memory dataset. Warping a whole row of tiles in
-one call and cutting it into chips was measured no faster (GDAL 3.6.2, 2 CPU cores, 224 px
-chips from the NAIP, Landsat and deepforest test rasters), so there is no batch read.
+A chip that lies inside a north-up raster, in the raster's own CRS, over valid pixels only is
+read with one resampling RasterIO call. Every other chip is one ``gdal.Warp`` call into an
+in-memory dataset, which reprojects and leaves invalid source pixels out of the resampling.
+Warping a whole row of tiles in one call and cutting it into chips was measured no faster
+(GDAL 3.6.2, 2 CPU cores, 224 px chips from the NAIP, Landsat and deepforest test rasters), so
+there is no batch read.
 
 A ``RasterSource`` keeps its GDAL dataset open. GDAL datasets are not thread-safe, so use one
 source object per thread.
@@ -128,6 +132,7 @@ class RasterSource:
         )
 
         self.alpha_band_index: Optional[int] = _alpha_band_index(dataset)
+        self._is_source_crs_by_wkt: dict[str, bool] = {}
         # Why these bands were chosen, for the build log and report.
         self.band_selection_reason = "given by the caller"
         if band_indexes is None:
@@ -357,8 +362,95 @@ class RasterSource:
             RasterError: on invalid bounds or size, a stretch made for other bands, or a GDAL
                 read failure.
         """
-        values, valid = self._warp(bounds, crs_wkt, size_px, size_px)
+        window = self._direct_read(bounds, crs_wkt, size_px)
+        if window is None:
+            window = self._warp(bounds, crs_wkt, size_px, size_px)
+        values, valid = window
         return self._finish_chip(values, valid, stretch)
+
+    def _direct_read(
+        self, bounds: Sequence[float], crs_wkt: str, size_px: int
+    ) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """Read a chip with GDAL's resampling RasterIO, or return None where only the warper is exact.
+
+        Most tiles lie inside a north-up raster in its own CRS and contain no invalid pixel. For
+        them a RasterIO read with a floating-point window and buffer resampling gives the warper's
+        result at about three times its speed (GDAL 3.6.2, 224 px chips from NAIP). Tiles that
+        need reprojection, reach past the raster's edge or touch nodata, alpha or a mask go
+        through :meth:`_warp`, whose resampling leaves invalid source pixels out.
+        """
+        origin_x, pixel_width, row_rotation, origin_y, column_rotation, pixel_height = self._geotransform
+        if row_rotation or column_rotation or pixel_height >= 0 or pixel_width <= 0:
+            return None
+        if not self._is_source_crs(crs_wkt):
+            return None
+        try:
+            xmin, ymin, xmax, ymax = validate_bounds(bounds, "chip bounds")
+        except GridError as error:
+            raise RasterError(str(error)) from error
+        if isinstance(size_px, bool) or int(size_px) != size_px or size_px < 1:
+            return None
+        column_offset = (xmin - origin_x) / pixel_width
+        row_offset = (ymax - origin_y) / pixel_height
+        window_width = (xmax - xmin) / pixel_width
+        window_height = (ymin - ymax) / pixel_height
+        if column_offset < 0 or row_offset < 0:
+            return None
+        if column_offset + window_width > self.width or row_offset + window_height > self.height:
+            return None
+
+        size = int(size_px)
+        window = (column_offset, row_offset, window_width, window_height)
+        if not self._window_is_all_valid(window, size):
+            return None
+        source_pixels_per_chip_pixel = math.sqrt(window_width * window_height) / size
+        resample = (
+            gdal.GRIORA_Average if source_pixels_per_chip_pixel > AVERAGE_RESAMPLING_MIN_RATIO else gdal.GRIORA_Bilinear
+        )
+        unique_bands = sorted(set(self.band_indexes))
+        with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}"):
+            stack = self._dataset.ReadAsArray(
+                *window, buf_xsize=size, buf_ysize=size, buf_type=gdal.GDT_Float32,
+                resample_alg=resample, band_list=unique_bands,
+            )
+        if stack is None:
+            return None
+        stack = stack.reshape((len(unique_bands), size, size))
+        values = stack[[unique_bands.index(index) for index in self.band_indexes]]
+        return values, np.ones((size, size), dtype=bool)
+
+    def _is_source_crs(self, crs_wkt: str) -> bool:
+        if crs_wkt not in self._is_source_crs_by_wkt:
+            self._is_source_crs_by_wkt[crs_wkt] = crs_wkt == self.crs_wkt or _same_crs(crs_wkt, self.crs_wkt)
+        return self._is_source_crs_by_wkt[crs_wkt]
+
+    def _window_is_all_valid(self, window: tuple[float, float, float, float], size: int) -> bool:
+        """Tell whether every source pixel under ``window`` is valid in every band's mask."""
+        mask_bands = []
+        for index in range(1, self.band_count + 1):
+            if index == self.alpha_band_index:
+                continue
+            band = self._dataset.GetRasterBand(index)
+            flags = band.GetMaskFlags()
+            if flags & gdal.GMF_ALL_VALID:
+                continue
+            mask_bands.append(band.GetMaskBand())
+            if flags & gdal.GMF_PER_DATASET:
+                # One mask (alpha or a dataset mask) serves every band.
+                break
+        if self.alpha_band_index is not None and not mask_bands:
+            mask_bands.append(self._dataset.GetRasterBand(self.alpha_band_index))
+        # Nearest-neighbour sampling at chip resolution would miss isolated nodata pixels, so the
+        # mask is read over the whole covering window at source resolution.
+        column_offset, row_offset, window_width, window_height = window
+        first_column, first_row = int(math.floor(column_offset)), int(math.floor(row_offset))
+        last_column = min(self.width, int(math.ceil(column_offset + window_width)))
+        last_row = min(self.height, int(math.ceil(row_offset + window_height)))
+        for mask_band in mask_bands:
+            mask = mask_band.ReadAsArray(first_column, first_row, last_column - first_column, last_row - first_row)
+            if mask is None or not np.all(mask == 255):
+                return False
+        return True
 
     def _warp(
         self, bounds: Sequence[float], crs_wkt: str, width_px: int, height_px: int

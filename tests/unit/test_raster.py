@@ -474,3 +474,51 @@ def test_chip_skip_reason():
     one_textured_band = flat.copy()
     one_textured_band[2] = textured[2]
     assert chip_skip_reason(one_textured_band, all_valid, 255) is None
+
+
+def _interior_and_edge_bounds(source):
+    xmin, ymin, xmax, ymax = source.bounds
+    pixel = source.pixel_size[0]
+    interior = (xmin + 100.5 * pixel, ymax - 140.25 * pixel, xmin + 132.5 * pixel, ymax - 108.25 * pixel)
+    edge = (xmin - 8 * pixel, ymax - 24 * pixel, xmin + 24 * pixel, ymax + 8 * pixel)
+    return interior, edge
+
+
+def test_direct_read_matches_warp_inside_raster(shared_data):
+    source = RasterSource(shared_data / "geo" / "naip_timeseries" / "m_4709963_se_14_1_20200831.tif")
+    stretch = source.value_stretch(255.0)
+    interior, _ = _interior_and_edge_bounds(source)
+
+    direct = source._direct_read(interior, source.crs_wkt, 224)
+    warped_values, warped_valid = source._warp(interior, source.crs_wkt, 224, 224)
+
+    assert direct is not None
+    direct_values, direct_valid = direct
+    assert direct_valid.all()
+    assert warped_valid.all()
+    # Both resample bilinearly; they differ by rounding only, far below one grey level.
+    assert np.abs(direct_values - warped_values).max() <= 1.0
+    chip, valid = source.read_chip(interior, source.crs_wkt, 224, stretch)
+    assert np.array_equal(chip, direct_values)
+
+
+def test_direct_read_declines_edges_and_reprojection(shared_data):
+    source = RasterSource(shared_data / "geo" / "naip_timeseries" / "m_4709963_se_14_1_20200831.tif")
+    interior, edge = _interior_and_edge_bounds(source)
+    utm_15n = osr.SpatialReference()
+    utm_15n.ImportFromEPSG(32615)
+
+    assert source._direct_read(edge, source.crs_wkt, 64) is None
+    assert source._direct_read(interior, utm_15n.ExportToWkt(), 64) is None
+
+
+def test_direct_read_declines_nodata_collar(shared_data):
+    source = RasterSource(shared_data / "geo" / "rasterio" / "RGB.byte.tif")
+    xmin, ymin, xmax, ymax = source.bounds
+    pixel = source.pixel_size[0]
+    # The top-left corner of this Landsat scene is nodata collar, inside the raster's extent.
+    collar = (xmin + 2 * pixel, ymax - 34 * pixel, xmin + 34 * pixel, ymax - 2 * pixel)
+
+    assert source._direct_read(collar, source.crs_wkt, 64) is None
+    chip, valid = source.read_chip(collar, source.crs_wkt, 64, source.value_stretch(255.0))
+    assert not valid.all()
