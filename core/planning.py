@@ -1,0 +1,310 @@
+"""Planning of a build: one grid, value stretch and tile selection per source, and the build id."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from . import get_logger
+from .checkpoints import PARTIAL_FORMAT_VERSION
+from .encoder import OnnxEncoder
+from .errors import GridError, LookalikeError, SearchIndexError
+from .grid import Bounds, TileGrid, gsd_from_source_pixels, gsd_from_tile_ground_size, stride_from_overlap
+from .parameters import (
+    DEFAULT_TILE_SIZE_SOURCE_PX,
+    MIN_DEFAULT_TILE_SIZE_SOURCE_PX,
+    MIN_SOURCE_PIXELS_PER_TILE,
+    MIN_TILE_SIZE_SOURCE_PX,
+    BuildParameters,
+    _normalised_path,
+    _parse_geometry,
+)
+from .raster import DEFAULT_BLANK_STD_FRACTION, RasterSource
+from .spec import ModelSpec
+
+LOGGER = get_logger("pipeline")
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _SourcePlan:
+    """One source of a build: its grid, value stretch, tile selection and manifest record."""
+
+    position: int
+    path: str
+    band_indexes: tuple[int, ...]
+    grid: TileGrid
+    stretch: dict[str, Any]
+    record: dict[str, Any]
+    # Tile ids overlapping the extent polygons, or None to walk the whole grid lazily.
+    selected_tiles: Optional[tuple[tuple[int, int], ...]]
+    mask_polygons_wkt: tuple[str, ...]
+    # The build's min_valid_fraction, scaled down for a raster smaller than one tile (see
+    # _min_valid_fraction_for) so that its single tile is judged against the raster's own area.
+    min_valid_fraction: float
+    width_px: int
+    height_px: int
+    # Mean source pixel size in grid CRS units.
+    pixel_size: float
+
+    @property
+    def tile_size_source_px(self) -> float:
+        return self.grid.tile_ground_size / self.pixel_size
+
+    @property
+    def tile_count(self) -> int:
+        return len(self.selected_tiles) if self.selected_tiles is not None else self.grid.tile_count
+
+
+def _choose_gsd(
+    params: BuildParameters, spec: ModelSpec, first_source: RasterSource, grid_crs_wkt: str
+) -> tuple[float, Optional[str]]:
+    """Return the GSD of a new grid, and a warning when the tile size differs from the requested one."""
+    # NOTE: ground sizes are taken as grid CRS units, so for a projected CRS in feet the
+    # "_m" sizes (parameter and spec) are read as feet.
+    tile_size_px = spec.input_size_px
+    pixel_size = _pixel_size_in(first_source, grid_crs_wkt)
+    if params.tile_ground_size_m is not None:
+        tile_size_source_px = params.tile_ground_size_m / pixel_size
+        if tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
+            raise GridError(
+                f"tile_ground_size_m {params.tile_ground_size_m:g} is only {tile_size_source_px:.3g} source "
+                f"pixels of {first_source.path!r} ({pixel_size:.4g} CRS units per pixel); pass "
+                f"tile_ground_size_m >= {MIN_TILE_SIZE_SOURCE_PX * pixel_size:.4g} "
+                f"({MIN_TILE_SIZE_SOURCE_PX:g} source pixels)."
+            )
+        return gsd_from_tile_ground_size(params.tile_ground_size_m, tile_size_px), None
+    if params.tile_size_source_px is not None:
+        if params.tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
+            raise GridError(
+                f"tile_size_source_px {params.tile_size_source_px:g} is below the minimum of "
+                f"{MIN_TILE_SIZE_SOURCE_PX:g} source pixels, so a chip would hold no texture; pass "
+                f"tile_size_source_px >= {MIN_TILE_SIZE_SOURCE_PX:g}, e.g. 64."
+            )
+        return gsd_from_source_pixels(params.tile_size_source_px, pixel_size, tile_size_px), None
+
+    spec_ground_size = spec.tile_ground_size_m
+    if spec_ground_size is None and spec.gsd_m is not None:
+        spec_ground_size = float(spec.gsd_m) * tile_size_px
+    if spec_ground_size is None:
+        return gsd_from_source_pixels(DEFAULT_TILE_SIZE_SOURCE_PX, pixel_size, tile_size_px), None
+    if spec_ground_size >= MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size:
+        return gsd_from_tile_ground_size(spec_ground_size, tile_size_px), None
+    warning = (
+        f"The encoder's suggested tile of {spec_ground_size:g} CRS units is only "
+        f"{spec_ground_size / pixel_size:.3g} source pixels of {first_source.path!r} ({pixel_size:.4g} units "
+        f"per pixel); using tiles of {MIN_DEFAULT_TILE_SIZE_SOURCE_PX:g} source pixels "
+        f"({MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size:.4g} units) instead. Pass tile_size_source_px or "
+        "tile_ground_size_m to choose another size."
+    )
+    LOGGER.warning("%s", warning)
+    return gsd_from_source_pixels(MIN_DEFAULT_TILE_SIZE_SOURCE_PX, pixel_size, tile_size_px), warning
+
+
+def _pixel_size_in(source: RasterSource, crs_wkt: str) -> float:
+    """Return the source's mean pixel size in ``crs_wkt`` units."""
+    xmin, ymin, xmax, ymax = source.bounds_in(crs_wkt)
+    return math.sqrt((xmax - xmin) / source.width * (ymax - ymin) / source.height)
+
+
+def _plan_sources(
+    params: BuildParameters, spec: ModelSpec, existing_grid: Optional[TileGrid], warnings: list[str]
+) -> list[_SourcePlan]:
+    """Open every source once to lay its grid and compute its value stretch.
+
+    Warnings for the user (e.g. a tile size other than the encoder's) are appended to ``warnings``.
+    """
+    plans: list[_SourcePlan] = []
+    gsd: Optional[float] = None
+    stride_px = stride_from_overlap(spec.input_size_px, overlap_fraction=params.overlap_fraction)
+    for position, path in enumerate(params.source_paths):
+        source = RasterSource(path, params.band_indexes)
+        try:
+            if len(source.band_indexes) != spec.band_count:
+                raise LookalikeError(
+                    f"raster {path!r} gives {len(source.band_indexes)} bands {list(source.band_indexes)} but "
+                    f"encoder {spec.name} takes {spec.band_count} ({', '.join(spec.bands)}); pass "
+                    f"band_indexes with {spec.band_count} band numbers."
+                )
+            LOGGER.info("Source %s: encoder bands %s read from bands %s (%s)", path, list(spec.bands),
+                        list(source.band_indexes), source.band_selection_reason)
+            grid_crs_wkt = source.grid_crs_wkt()
+            if gsd is None:
+                gsd, warning = _resolve_gsd(params, spec, source, grid_crs_wkt, existing_grid)
+                if warning is not None:
+                    warnings.append(warning)
+                if existing_grid is not None and existing_grid.stride_px != stride_px:
+                    raise GridError(
+                        f"overlap_fraction {params.overlap_fraction!r} gives a stride of {stride_px} px, but "
+                        f"the index was built with a stride of {existing_grid.stride_px} of "
+                        f"{existing_grid.tile_size_px} px; pass overlap_fraction="
+                        f"{1 - existing_grid.stride_px / existing_grid.tile_size_px:g}."
+                    )
+
+            raster_bounds = source.bounds_in(grid_crs_wkt)
+            extent_polygons = params.extent.polygons_in(grid_crs_wkt) if params.extent is not None else None
+            grid_bounds = raster_bounds
+            if extent_polygons is not None:
+                grid_bounds = _clip_bounds(raster_bounds, extent_polygons, path)
+            overlap_px = spec.input_size_px - stride_px
+            grid = TileGrid.covering(grid_bounds, grid_crs_wkt, gsd, spec.input_size_px, overlap_px=overlap_px)
+            selected = None
+            if extent_polygons is not None:
+                selected = tuple(grid.tiles_intersecting_polygons(extent_polygons))
+            mask_polygons = tuple(params.mask.polygons_in(grid_crs_wkt)) if params.mask is not None else ()
+
+            stretch = source.value_stretch(spec.value_scale)
+            record = source.to_dict()
+            record.update(path=_normalised_path(path), grid=grid.to_dict(), value_stretch=stretch)
+            plans.append(
+                _SourcePlan(
+                    position=position,
+                    path=path,
+                    band_indexes=tuple(source.band_indexes),
+                    grid=grid,
+                    stretch=stretch,
+                    record=record,
+                    selected_tiles=selected,
+                    mask_polygons_wkt=mask_polygons,
+                    min_valid_fraction=_min_valid_fraction_for(params.min_valid_fraction, raster_bounds, grid),
+                    width_px=source.width,
+                    height_px=source.height,
+                    pixel_size=_pixel_size_in(source, grid_crs_wkt),
+                )
+            )
+            LOGGER.info(
+                "Source %s: grid of %d x %d tiles of %.1f CRS units (gsd %.4g, stride %d px), %d to read",
+                path, grid.n_rows, grid.n_cols, grid.tile_ground_size, grid.gsd, grid.stride_px,
+                plans[-1].tile_count,
+            )
+            _check_tile_count(plans[-1])
+        finally:
+            source.close()
+    _check_distinct_checksums(plans)
+    tiles_total = sum(plan.tile_count for plan in plans)
+    if tiles_total > params.max_tile_count:
+        raise GridError(
+            f"the build would read {tiles_total} tiles, more than max_tile_count {params.max_tile_count}; "
+            "pass a larger tile size, a smaller overlap_fraction or an extent, or raise max_tile_count "
+            "if that many tiles are intended."
+        )
+    return plans
+
+
+def _min_valid_fraction_for(min_valid_fraction: float, raster_bounds: Bounds, grid: TileGrid) -> float:
+    """Scale ``min_valid_fraction`` by the share of a tile that a raster smaller than one tile fills.
+
+    Without this, a raster smaller than one tile could never be indexed: its only tile is mostly
+    outside the raster. Rasters that span at least one tile along both axes keep the threshold.
+    """
+    tile = grid.tile_ground_size
+    width_share = min(1.0, (raster_bounds[2] - raster_bounds[0]) / tile)
+    height_share = min(1.0, (raster_bounds[3] - raster_bounds[1]) / tile)
+    return min_valid_fraction * width_share * height_share
+
+
+def _check_tile_count(plan: _SourcePlan) -> None:
+    max_tiles = max(1, plan.width_px * plan.height_px // MIN_SOURCE_PIXELS_PER_TILE)
+    if plan.tile_count > max_tiles:
+        raise GridError(
+            f"raster {plan.path!r} ({plan.width_px} x {plan.height_px} px) would give {plan.tile_count} tiles, "
+            f"more than one per {MIN_SOURCE_PIXELS_PER_TILE} source pixels ({max_tiles}), so its tiles of "
+            f"{plan.grid.tile_ground_size:.4g} CRS units at a stride of {plan.grid.stride_ground:.4g} read the "
+            "same pixels many times; pass a larger tile size or a smaller overlap_fraction."
+        )
+
+
+def _check_distinct_checksums(plans: Sequence[_SourcePlan]) -> None:
+    """Reject two sources with equal content, such as a raster and its copy under another path."""
+    seen: dict[str, str] = {}
+    for plan in plans:
+        checksum = plan.record.get("checksum")
+        if not checksum or not os.path.isfile(plan.path):
+            continue
+        if checksum in seen:
+            raise LookalikeError(
+                f"source_paths {seen[checksum]!r} and {plan.path!r} are the same raster (equal checksums); "
+                "pass each raster once."
+            )
+        seen[checksum] = plan.path
+
+
+def _resolve_gsd(
+    params: BuildParameters,
+    spec: ModelSpec,
+    source: RasterSource,
+    grid_crs_wkt: str,
+    existing_grid: Optional[TileGrid],
+) -> tuple[float, Optional[str]]:
+    """Return the GSD of this build, and a warning when the tile size differs from the requested one."""
+    tile_size_given = params.tile_size_source_px is not None or params.tile_ground_size_m is not None
+    if existing_grid is None:
+        return _choose_gsd(params, spec, source, grid_crs_wkt)
+    if existing_grid.tile_size_px != spec.input_size_px:
+        raise SearchIndexError(
+            f"the index grid reads {existing_grid.tile_size_px} px chips but encoder {spec.name} takes "
+            f"{spec.input_size_px} px; add the sources with the index's encoder."
+        )
+    if not tile_size_given:
+        return existing_grid.gsd, None
+    gsd, _ = _choose_gsd(params, spec, source, grid_crs_wkt)
+    if not math.isclose(gsd, existing_grid.gsd, rel_tol=1e-6):
+        raise GridError(
+            f"the tile size gives a GSD of {gsd:.6g} but the index was built at {existing_grid.gsd:.6g} "
+            f"(tiles of {existing_grid.tile_ground_size:.6g} CRS units); leave the tile size unset to "
+            "use the index's, or pass tile_ground_size_m="
+            f"{existing_grid.tile_ground_size:.6g}."
+        )
+    return gsd, None
+
+
+def _clip_bounds(raster_bounds: Bounds, polygons_wkt: Sequence[str], path: str) -> Bounds:
+    """Return the part of ``raster_bounds`` under the envelope of the extent polygons."""
+    envelopes = [_parse_geometry(wkt).GetEnvelope() for wkt in polygons_wkt]
+    xmin = max(raster_bounds[0], min(envelope[0] for envelope in envelopes))
+    xmax = min(raster_bounds[2], max(envelope[1] for envelope in envelopes))
+    ymin = max(raster_bounds[1], min(envelope[2] for envelope in envelopes))
+    ymax = min(raster_bounds[3], max(envelope[3] for envelope in envelopes))
+    if not (xmin < xmax and ymin < ymax):
+        raise GridError(
+            f"the extent does not overlap raster {path!r} (raster bounds {tuple(raster_bounds)} in its "
+            "grid CRS); choose an extent over the raster or leave it unset."
+        )
+    return xmin, ymin, xmax, ymax
+
+
+def _build_id(params: BuildParameters, encoder: OnnxEncoder, plans: Sequence[_SourcePlan]) -> str:
+    """Hash everything that decides which tiles get which embeddings.
+
+    ``batch_size`` and ``prefetch_batches`` are left out: chunks are keyed by tile position, so
+    a build can resume with another batch size. The HNSW parameters are left out because the
+    chunks contain embeddings only.
+    """
+    content = {
+        "format_version": PARTIAL_FORMAT_VERSION,
+        "encoder_checksum": encoder.checksum,
+        "sources": [
+            {
+                "path": plan.record["path"],
+                "checksum": plan.record["checksum"],
+                "band_indexes": list(plan.band_indexes),
+                "grid": plan.grid.to_dict(),
+                "stretch": plan.stretch,
+                "selected_tiles": None if plan.selected_tiles is None else len(plan.selected_tiles),
+                "mask": list(plan.mask_polygons_wkt),
+            }
+            for plan in plans
+        ],
+        "extent": params.extent.to_dict() if params.extent is not None else None,
+        "min_valid_fraction": params.min_valid_fraction,
+        "blank_std_fraction": DEFAULT_BLANK_STD_FRACTION,
+        "add_to_existing": params.add_to_existing,
+    }
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()

@@ -1,0 +1,253 @@
+"""The query pipeline: example geometries to query chip embeddings, and the search of an index with them."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import numpy as np
+from osgeo import ogr
+
+from . import get_logger
+from .encoder import OnnxEncoder, default_model_path
+from .errors import SearchError, SearchIndexError
+from .grid import Bounds, TileGrid
+from .index import TileIndex
+from .parameters import Geometry, PathLike, _geometry_to_wkt, _normalised_path, _parse_geometry, transform_geometry_wkt
+from .raster import DEFAULT_MIN_VALID_FRACTION, SKIP_MOSTLY_INVALID, RasterSource, chip_skip_reason
+from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, search
+
+LOGGER = get_logger("pipeline")
+
+
+# -- queries ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class QueryChips:
+    """Embeddings of query chips and where each chip was read, in the query raster's grid CRS."""
+
+    embeddings: np.ndarray
+    footprints: list[Bounds]
+    crs_wkt: str
+
+    def __iter__(self) -> Iterator[Any]:
+        # Unpacks as (embeddings, footprints), the two values most callers need.
+        return iter((self.embeddings, self.footprints))
+
+
+def _manifest_of(index_or_manifest: Union[TileIndex, Mapping[str, Any]]) -> Mapping[str, Any]:
+    if isinstance(index_or_manifest, TileIndex):
+        return index_or_manifest.manifest
+    if isinstance(index_or_manifest, Mapping) and "sources" in index_or_manifest:
+        return index_or_manifest
+    raise SearchIndexError(
+        f"{type(index_or_manifest).__name__} is not an index; pass a TileIndex or its manifest dict."
+    )
+
+
+def _query_stretch(manifest: Mapping[str, Any], source: RasterSource, value_scale: float) -> dict[str, Any]:
+    """Return the stretch the index used for this raster, or a new one for a raster not indexed."""
+    path = _normalised_path(source.path)
+    for record in manifest["sources"]:
+        # NOTE: sources are matched by the file their path resolves to, so a copy of an indexed raster gets
+        # its own stretch (identical for 8-bit data, close for percentile stretches).
+        if _same_source_path(record.get("path"), path) and tuple(record.get("band_indexes", ())) == tuple(
+            source.band_indexes
+        ):
+            stretch = record.get("value_stretch")
+            if stretch is not None:
+                return dict(stretch)
+    return source.value_stretch(value_scale)
+
+
+def embed_query(
+    index_or_manifest: Union[TileIndex, Mapping[str, Any]],
+    encoder: OnnxEncoder,
+    source: Union[RasterSource, PathLike],
+    geometry: Geometry,
+    crs_wkt: str,
+) -> QueryChips:
+    """Read and embed the query chips for one geometry, at the index's GSD and tile size.
+
+    ``geometry`` is ``(xmin, ymin, xmax, ymax)`` or WKT (POINT, POLYGON, MULTIPOLYGON) in
+    ``crs_wkt``. A point gives the tile centred on it. A region that fits in one tile gives one
+    chip centred on the region. A larger region gives the tiles (without overlap) that cover it,
+    each a separate query chip. Chips that are mostly nodata are dropped.
+
+    The raster may be an indexed source or any other raster. Indexed sources are read with the
+    stretch stored in the index, so query and tiles see the same values.
+
+    Raises:
+        SearchIndexError: the index is empty or was built with another encoder.
+        SearchError: every chip of the geometry is nodata.
+    """
+    manifest = _manifest_of(index_or_manifest)
+    if not manifest["sources"]:
+        raise SearchIndexError("The index has no sources yet; build it before querying.")
+    built_with = manifest["encoder"]
+    if built_with.get("checksum") != encoder.checksum:
+        raise SearchIndexError(
+            f"The index was built with encoder '{built_with.get('name')}' but the query uses "
+            f"'{encoder.name}'; query with the index's encoder."
+        )
+    index_grid = TileGrid.from_dict(manifest["sources"][0]["grid"])
+    raster = source if isinstance(source, RasterSource) else RasterSource(os.fspath(source),
+                                                                          _band_indexes_for(manifest, source))
+    try:
+        if len(raster.band_indexes) != encoder.spec.band_count:
+            raise SearchError(
+                f"raster {raster.path!r} gives {len(raster.band_indexes)} bands {list(raster.band_indexes)} but "
+                f"encoder {encoder.name} takes {encoder.spec.band_count}; open the raster with "
+                f"{encoder.spec.band_count} band_indexes."
+            )
+        stretch = _query_stretch(manifest, raster, encoder.spec.value_scale)
+        grid_crs_wkt = raster.grid_crs_wkt()
+        footprints = _query_footprints(_geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid)
+        chips = []
+        kept_footprints = []
+        best_valid_fraction = 0.0
+        for bounds in footprints:
+            chip, valid = raster.read_chip(bounds, grid_crs_wkt, index_grid.tile_size_px, stretch)
+            reason = chip_skip_reason(chip, valid, encoder.spec.value_scale)
+            if reason == SKIP_MOSTLY_INVALID:
+                valid_fraction = float(np.count_nonzero(valid)) / valid.size
+                best_valid_fraction = max(best_valid_fraction, valid_fraction)
+                LOGGER.info("Dropping query chip %s: %.0f %% valid pixels", bounds, 100 * valid_fraction)
+                continue
+            chips.append(chip)
+            kept_footprints.append(bounds)
+    finally:
+        if raster is not source:
+            raster.close()
+    if not chips:
+        raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size))
+    embeddings = encoder.encode(np.stack(chips))
+    return QueryChips(embeddings=embeddings, footprints=kept_footprints, crs_wkt=grid_crs_wkt)
+
+
+def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size: float) -> str:
+    if best_valid_fraction == 0.0:
+        return f"The query geometry covers no valid pixels of {path!r}; draw it over the imagery."
+    # The geometry may well sit on image pixels: the chip is a whole tile around it, and that
+    # tile reaches past the raster edge or into nodata.
+    return (
+        f"The query chip ({tile_ground_size:.4g} CRS units wide, centred on the geometry) has only "
+        f"{100 * best_valid_fraction:.0f} % valid pixels of {path!r}, below the threshold of "
+        f"{100 * DEFAULT_MIN_VALID_FRACTION:.0f} %: most of it lies outside the raster or on nodata. Draw the "
+        "query at least half a tile away from the raster edge and from nodata areas."
+    )
+
+
+def _same_source_path(recorded: Any, path: str) -> bool:
+    """Compare an indexed source path with another spelling of a path, by the file it resolves to."""
+    if not isinstance(recorded, str):
+        return False
+    if recorded == path:
+        return True
+    return os.path.exists(recorded) and os.path.exists(path) and os.path.realpath(recorded) == os.path.realpath(path)
+
+
+def _band_indexes_for(manifest: Mapping[str, Any], path: PathLike) -> Optional[tuple[int, ...]]:
+    normalised = _normalised_path(os.fspath(path))
+    for record in manifest["sources"]:
+        if _same_source_path(record.get("path"), normalised):
+            return tuple(record["band_indexes"])
+    return None
+
+
+def _query_footprints(wkt: str, crs_wkt: str, grid_crs_wkt: str, index_grid: TileGrid) -> list[Bounds]:
+    geometry = _parse_geometry(transform_geometry_wkt(wkt, crs_wkt, grid_crs_wkt))
+    tile = index_grid.tile_ground_size
+    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+    geometry_type = ogr.GT_Flatten(geometry.GetGeometryType())
+    if geometry_type not in (ogr.wkbPoint, ogr.wkbPolygon, ogr.wkbMultiPolygon):
+        raise SearchError(
+            f"query geometry of type {geometry.GetGeometryName()} is not supported; draw a point, "
+            "a rectangle or a polygon."
+        )
+    if geometry_type == ogr.wkbPoint or (xmax - xmin <= tile and ymax - ymin <= tile):
+        centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
+        half = tile / 2.0
+        return [(centre_x - half, centre_y - half, centre_x + half, centre_y + half)]
+    grid = TileGrid.covering((xmin, ymin, xmax, ymax), grid_crs_wkt, index_grid.gsd, index_grid.tile_size_px)
+    if geometry_type == ogr.wkbPolygon and _is_rectangle(geometry):
+        tile_ids = list(grid.tile_ids())
+    else:
+        tile_ids = grid.tiles_intersecting_polygons([geometry.ExportToWkt()])
+    return [grid.tile_bounds(row, col) for row, col in tile_ids]
+
+
+def _is_rectangle(geometry: ogr.Geometry) -> bool:
+    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+    envelope_area = (xmax - xmin) * (ymax - ymin)
+    return envelope_area > 0 and math.isclose(geometry.GetArea(), envelope_area, rel_tol=1e-9)
+
+
+def run_search(
+    index_folder: PathLike,
+    source: PathLike,
+    positives: Sequence[Geometry],
+    negatives: Sequence[Geometry] = (),
+    k: int = 10,
+    crs_wkt: Optional[str] = None,
+    encoder_path: Optional[PathLike] = None,
+    max_overlap: float = DEFAULT_MAX_OVERLAP,
+    min_score: Optional[float] = None,
+    strategy: str = DEFAULT_STRATEGY,
+) -> list[Match]:
+    """Search an index for tiles like the positive geometries of one raster, unlike the negatives.
+
+    This is the one search entry point of the dock, the Processing algorithm and the CLI.
+    Geometries are ``(xmin, ymin, xmax, ymax)`` tuples or WKT in ``crs_wkt`` (default: the CRS
+    of ``source``); each is read with :func:`embed_query`. Matches that overlap a positive's
+    footprint are dropped, so the query object itself does not come back. ``encoder_path``
+    defaults to the encoder recorded in the index, then the bundled one.
+
+    Raises:
+        SearchIndexError: the index is missing, damaged or was built with another encoder.
+        SearchError: no positive geometry was given or one covers only nodata.
+    """
+    if not positives:
+        raise SearchError("No positive geometry was given; draw at least one example of what to find.")
+    index = TileIndex.open(index_folder)
+    encoder = OnnxEncoder(encoder_path or _index_encoder_path(index))
+    index.check_encoder(encoder.name, encoder.checksum)
+    raster = RasterSource(os.fspath(source), _band_indexes_for(index.manifest, source))
+    try:
+        query_crs_wkt = crs_wkt or raster.crs_wkt
+        positive_chips = [embed_query(index, encoder, raster, geometry, query_crs_wkt) for geometry in positives]
+        negative_chips = [embed_query(index, encoder, raster, geometry, query_crs_wkt) for geometry in negatives]
+    finally:
+        raster.close()
+
+    positive_embeddings = np.concatenate([chips.embeddings for chips in positive_chips])
+    negative_embeddings = (
+        np.concatenate([chips.embeddings for chips in negative_chips]) if negative_chips else None
+    )
+    exclude = [(bounds, chips.crs_wkt) for chips in positive_chips for bounds in chips.footprints]
+    matches = search(
+        index,
+        positive_embeddings,
+        negative_embeddings,
+        k=k,
+        exclude=exclude,
+        max_overlap=max_overlap,
+        min_score=min_score,
+        strategy=strategy,
+    )
+    LOGGER.info("Search in %s with %d positive and %d negative chips returned %d matches",
+                index_folder, len(positive_embeddings),
+                0 if negative_embeddings is None else len(negative_embeddings), len(matches))
+    return matches
+
+
+def _index_encoder_path(index: TileIndex) -> Path:
+    """Return the encoder file recorded in the index when it still exists, else the bundled model."""
+    recorded = index.build_parameters.get("encoder_path")
+    if recorded and Path(recorded).is_file():
+        return Path(recorded)
+    return default_model_path()

@@ -1,0 +1,491 @@
+"""The index group of the Lookalike dock: encoder, raster layer, extent, tile size, build and index folder."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from qgis.core import Qgis, QgsGeometry, QgsMapLayer, QgsRasterDataProvider, QgsRasterLayer, QgsVectorLayer
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.PyQt.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+)
+
+from ..core.encoder import MODELS_DIR, OnnxEncoder
+from ..core.errors import LookalikeError
+from ..core.index import MANIFEST_NAME, TileIndex
+from ..core.pipeline import BuildParameters, Region
+from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
+from ..gis.tasks import LookalikeTask, TaskOutcome, TileProgress
+from . import jobs
+from .compat import POLYGON_LAYER_FILTER, RASTER_LAYER_FILTER
+from .dock_constants import (
+    DEFAULT_OVERLAP_PERCENT,
+    EXTENT_LABELS,
+    EXTENT_MAP_VIEW,
+    EXTENT_POLYGONS,
+    EXTENT_SELECTED,
+    EXTENT_WHOLE_LAYER,
+    MESSAGE_TITLE,
+    METRES_PER_DEGREE,
+    OTHER_ENCODER,
+)
+
+
+def _format_duration(seconds: Optional[float]) -> str:
+    if seconds is None:
+        return "estimating…"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
+
+
+def progress_text(progress: TileProgress) -> str:
+    """Describe build progress for the status line, e.g. ``120 of 400 tiles · 35.2 tiles/s · 8 s left``."""
+    if progress.tiles_total <= 0:
+        return "Reading the layer…"
+    parts = [f"{progress.tiles_done} of {progress.tiles_total} tiles"]
+    if progress.tiles_skipped:
+        parts.append(f"{progress.tiles_skipped} skipped")
+    if progress.rate_tiles_per_s > 0:
+        parts.append(f"{progress.rate_tiles_per_s:.1f} tiles/s")
+        parts.append(f"{_format_duration(progress.eta_s)} left")
+    return " · ".join(parts)
+
+
+class BuildPanelMixin:
+    """Widgets and slots of the "Index a raster" group, mixed into ``LookalikeDockWidget``.
+
+    The dock's ``__init__`` creates the shared state (``iface``, ``index``, ``_tasks``) that these methods use.
+    """
+
+    def _build_index_group(self) -> QGroupBox:
+        group = QGroupBox("1 · Index a raster")
+        form = QFormLayout(group)
+
+        self.raster_combo = QgsMapLayerComboBox()
+        self.raster_combo.setObjectName("lookalikeRasterLayer")
+        self.raster_combo.setFilters(RASTER_LAYER_FILTER)
+        self.raster_combo.layerChanged.connect(self._on_raster_layer_changed)
+        form.addRow("Raster layer", self.raster_combo)
+
+        self.encoder_combo = QComboBox()
+        self.encoder_combo.setObjectName("lookalikeEncoder")
+        for model_path in sorted(MODELS_DIR.glob("*.onnx")):
+            self.encoder_combo.addItem(f"{model_path.stem} (bundled)", str(model_path))
+        self.encoder_combo.addItem("Other ONNX file…", OTHER_ENCODER)
+        self.encoder_combo.currentIndexChanged.connect(self._on_encoder_choice_changed)
+        form.addRow("Encoder", self.encoder_combo)
+        self.encoder_file = QgsFileWidget()
+        self.encoder_file.setObjectName("lookalikeEncoderFile")
+        self.encoder_file.setFilter("ONNX models (*.onnx)")
+        self.encoder_file.fileChanged.connect(self._on_encoder_choice_changed)
+        form.addRow("", self.encoder_file)
+        self.encoder_info = QLabel("–")
+        self.encoder_info.setWordWrap(True)
+        form.addRow("", self.encoder_info)
+
+        self.gsd_spin = QDoubleSpinBox()
+        self.gsd_spin.setObjectName("lookalikeGsd")
+        self.gsd_spin.setDecimals(3)
+        self.gsd_spin.setRange(0.001, 100000.0)
+        self.gsd_spin.setSuffix(" m/px")
+        self.gsd_spin.setToolTip(
+            "Ground sample distance of the chips the encoder sees, in metres per encoder pixel"
+        )
+        self.gsd_spin.valueChanged.connect(self._update_tile_size_label)
+        form.addRow("GSD", self.gsd_spin)
+        self.tile_size_label = QLabel("–")
+        form.addRow("Tile size", self.tile_size_label)
+        self.overlap_spin = QSpinBox()
+        self.overlap_spin.setObjectName("lookalikeOverlap")
+        self.overlap_spin.setRange(0, 90)
+        self.overlap_spin.setValue(DEFAULT_OVERLAP_PERCENT)
+        self.overlap_spin.setSuffix(" %")
+        self.overlap_spin.setToolTip("Overlap between neighbouring tiles; 50 % halves the step between tiles")
+        form.addRow("Overlap", self.overlap_spin)
+
+        self.extent_combo = QComboBox()
+        self.extent_combo.setObjectName("lookalikeExtent")
+        for key, label in EXTENT_LABELS.items():
+            self.extent_combo.addItem(label, key)
+        self.extent_combo.currentIndexChanged.connect(self._on_extent_mode_changed)
+        form.addRow("Extent", self.extent_combo)
+        self.extent_layer_combo = QgsMapLayerComboBox()
+        self.extent_layer_combo.setObjectName("lookalikeExtentLayer")
+        self.extent_layer_combo.setFilters(POLYGON_LAYER_FILTER)
+        form.addRow("", self.extent_layer_combo)
+        self.mask_combo = QgsMapLayerComboBox()
+        self.mask_combo.setObjectName("lookalikeMaskLayer")
+        self.mask_combo.setFilters(POLYGON_LAYER_FILTER)
+        self.mask_combo.setAllowEmptyLayer(True)
+        self.mask_combo.setLayer(None)
+        self.mask_combo.setToolTip("Tiles mostly under these polygons (clouds, water…) are skipped")
+        form.addRow("Mask (optional)", self.mask_combo)
+
+        self.index_folder = QgsFileWidget()
+        self.index_folder.setObjectName("lookalikeIndexFolder")
+        self.index_folder.setStorageMode(QgsFileWidget.StorageMode.GetDirectory)
+        self.index_folder.setToolTip("Folder the index is written to, or an existing index to open")
+        self.index_folder.fileChanged.connect(self._on_index_folder_changed)
+        form.addRow("Index folder", self.index_folder)
+        self.add_to_index_check = QCheckBox("Add this raster to the existing index")
+        self.add_to_index_check.setObjectName("lookalikeAddToIndex")
+        form.addRow("", self.add_to_index_check)
+
+        buttons = QHBoxLayout()
+        self.build_button = QPushButton("Build index")
+        self.build_button.setObjectName("lookalikeBuild")
+        self.build_button.clicked.connect(self.start_build)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setObjectName("lookalikeCancelBuild")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel_build)
+        buttons.addWidget(self.build_button)
+        buttons.addWidget(self.cancel_button)
+        form.addRow(buttons)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setObjectName("lookalikeBuildProgress")
+        self.progress_bar.setRange(0, 100)
+        self.progress_bar.setValue(0)
+        form.addRow(self.progress_bar)
+        self.status_label = QLabel("No index open.")
+        self.status_label.setObjectName("lookalikeIndexStatus")
+        self.status_label.setWordWrap(True)
+        form.addRow(self.status_label)
+        self._on_extent_mode_changed()
+        return group
+
+    # -- encoder -------------------------------------------------------------------------------
+
+    def encoder_path(self) -> str:
+        choice = self.encoder_combo.currentData()
+        if choice == OTHER_ENCODER:
+            return self.encoder_file.filePath()
+        return choice or ""
+
+    def _on_encoder_choice_changed(self, *_args) -> None:
+        self.encoder_file.setVisible(self.encoder_combo.currentData() == OTHER_ENCODER)
+        path = self.encoder_path()
+        self.encoder_spec = None
+        if not path:
+            self.encoder_info.setText("Choose an ONNX encoder file.")
+            return
+        self.encoder_info.setText("Reading the model spec…")
+        self._start_task(
+            LookalikeTask(
+                f"Lookalike: read encoder {Path(path).name}",
+                lambda task: OnnxEncoder(path),
+                self._on_encoder_loaded,
+                can_cancel=False,
+            )
+        )
+
+    def _on_encoder_loaded(self, task: LookalikeTask) -> None:
+        if task.outcome is not TaskOutcome.SUCCEEDED:
+            self.encoder_info.setText("This encoder cannot be used; see the message bar.")
+            self._report_failure("Reading the encoder", task)
+            return
+        encoder: OnnxEncoder = task.result
+        if str(encoder.path) != self.encoder_path():
+            return
+        self._encoder_cache = encoder
+        spec = encoder.spec
+        self.encoder_spec = spec
+        gsd_text = f"{spec.gsd_m:g} m/px" if spec.gsd_m else "any (set below)"
+        self.encoder_info.setText(
+            f"{spec.name} {spec.version}: {spec.input_size_px} px input, bands {', '.join(spec.bands)}, "
+            f"GSD {gsd_text}, {spec.embedding_dim}-d embeddings"
+        )
+        if spec.gsd_m and not self._restoring:
+            self.gsd_spin.setValue(spec.gsd_m)
+        self._update_tile_size_label()
+
+    def _update_tile_size_label(self, *_args) -> None:
+        if self.encoder_spec is None:
+            self.tile_size_label.setText("–")
+            return
+        size_px = self.encoder_spec.input_size_px
+        ground_m = size_px * self.gsd_spin.value()
+        self.tile_size_label.setText(f"{size_px} px × {self.gsd_spin.value():g} m = {ground_m:g} m")
+
+    # -- raster and extent ---------------------------------------------------------------------
+
+    def _on_raster_layer_changed(self, layer: Optional[QgsMapLayer]) -> None:
+        if self._restoring or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+            return
+        self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
+        if self.encoder_spec is not None and self.encoder_spec.gsd_m:
+            self.gsd_spin.setValue(self.encoder_spec.gsd_m)
+
+    def _on_extent_mode_changed(self, *_args) -> None:
+        mode = self.extent_combo.currentData()
+        self.extent_layer_combo.setEnabled(mode in (EXTENT_POLYGONS, EXTENT_SELECTED))
+
+    def _extent_polygons(self) -> Tuple[List[str], QgsVectorLayer]:
+        layer = self.extent_layer_combo.currentLayer()
+        if not isinstance(layer, QgsVectorLayer):
+            raise LookalikeError("No polygon layer is chosen for the extent; choose one or another extent.")
+        selected_only = self.extent_combo.currentData() == EXTENT_SELECTED
+        features = layer.selectedFeatures() if selected_only else layer.getFeatures()
+        wkts = [feature.geometry().asWkt() for feature in features if feature.hasGeometry()]
+        if not wkts:
+            which = "selected polygons" if selected_only else "polygons"
+            raise LookalikeError(
+                f"Layer {layer.name()!r} has no {which} to use as the extent; select polygons or change the extent."
+            )
+        return wkts, layer
+
+    def build_region(self) -> Tuple[Optional[Region], Optional[Tuple[Tuple[float, float, float, float], str]]]:
+        """Return the extent as a core ``Region`` and as bounds with their CRS (None for the whole layer)."""
+        mode = self.extent_combo.currentData()
+        if mode == EXTENT_WHOLE_LAYER:
+            return None, None
+        if mode == EXTENT_MAP_VIEW:
+            extent = self.canvas.extent()
+            crs_wkt = crs_to_wkt(self.canvas.mapSettings().destinationCrs())
+            bounds = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
+            return Region(crs_wkt=crs_wkt, bounds=bounds), (bounds, crs_wkt)
+        wkts, layer = self._extent_polygons()
+        crs_wkt = crs_to_wkt(layer.crs())
+        envelope = QgsGeometry.unaryUnion([QgsGeometry.fromWkt(wkt) for wkt in wkts]).boundingBox()
+        bounds = (envelope.xMinimum(), envelope.yMinimum(), envelope.xMaximum(), envelope.yMaximum())
+        return Region(crs_wkt=crs_wkt, polygons_wkt=tuple(wkts)), (bounds, crs_wkt)
+
+    def _mask_region(self) -> Optional[Region]:
+        layer = self.mask_combo.currentLayer()
+        if not isinstance(layer, QgsVectorLayer):
+            return None
+        wkts = [feature.geometry().asWkt() for feature in layer.getFeatures() if feature.hasGeometry()]
+        if not wkts:
+            return None
+        return Region(crs_wkt=crs_to_wkt(layer.crs()), polygons_wkt=tuple(wkts))
+
+    # -- build ---------------------------------------------------------------------------------
+
+    def prepare_build(self) -> jobs.BuildRequest:
+        """Gather the build settings into a request; raises LookalikeError naming what is missing."""
+        layer = self.raster_combo.currentLayer()
+        if not isinstance(layer, QgsRasterLayer):
+            raise LookalikeError("No raster layer is chosen; add a raster to the project and choose it.")
+        folder = self.index_folder.filePath().strip()
+        if not folder:
+            raise LookalikeError("No index folder is set; choose a folder to write the index to.")
+        encoder_path = self.encoder_path()
+        if not encoder_path or not Path(encoder_path).is_file():
+            raise LookalikeError(f"The encoder file {encoder_path or '(none)'} is missing; choose an ONNX model.")
+        if self.encoder_spec is None:
+            raise LookalikeError("The encoder is still loading or cannot be used; wait or choose another model.")
+
+        source = source_spec_for_layer(layer)
+        region, bounds_and_crs = self.build_region()
+        gsd = self.gsd_spin.value()
+        provider_bounds = None
+        provider_bounds_crs = ""
+        if source.uses_gdal:
+            source_paths = (source.gdal_path,)
+        else:
+            if bounds_and_crs is None:
+                if not layer.dataProvider().capabilities() & QgsRasterDataProvider.Size:
+                    raise LookalikeError(
+                        f"Layer {layer.name()!r} is a tile or web service that covers the whole world; set the "
+                        "extent to the current map view or to polygons."
+                    )
+                extent = layer.extent()
+                bounds_and_crs = (
+                    (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()),
+                    crs_to_wkt(layer.crs()),
+                )
+            provider_bounds, provider_bounds_crs = bounds_and_crs
+            written_crs = target_crs_wkt(layer.crs(), provider_bounds, provider_bounds_crs)
+            envelope = Region(crs_wkt=provider_bounds_crs, bounds=provider_bounds).polygons_in(written_crs)[0]
+            box = QgsGeometry.fromWkt(envelope).boundingBox()
+            written_bounds = (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
+            source_paths = (str(written_raster_path(folder, source.provider_uri, written_bounds, written_crs, gsd)),)
+
+        params = BuildParameters(
+            source_paths=source_paths,
+            index_folder=folder,
+            encoder_path=encoder_path,
+            tile_ground_size_m=gsd * self.encoder_spec.input_size_px,
+            overlap_fraction=self.overlap_spin.value() / 100.0,
+            extent=region,
+            mask=self._mask_region(),
+            add_to_existing=self.add_to_index_check.isChecked(),
+        )
+        return jobs.BuildRequest(
+            params=params,
+            source=source,
+            gsd=gsd,
+            provider_bounds=provider_bounds,
+            provider_bounds_crs_wkt=provider_bounds_crs,
+        )
+
+    def start_build(self) -> Optional[LookalikeTask]:
+        if self.build_task is not None:
+            return None
+        try:
+            request = self.prepare_build()
+        except LookalikeError as error:
+            self.push_message(str(error), Qgis.MessageLevel.Warning)
+            return None
+        folder = Path(request.params.index_folder)
+        if (folder / MANIFEST_NAME).is_file() and not request.params.add_to_existing:
+            answer = QMessageBox.question(
+                self,
+                MESSAGE_TITLE,
+                f"{folder} already contains an index. Replace it with a new index of this raster?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.No,
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return None
+            request = replace(request, params=replace(request.params, overwrite_existing_index=True))
+        return self.run_build(request)
+
+    def run_build(self, request: jobs.BuildRequest) -> LookalikeTask:
+        """Start a build task; rerunning a cancelled request resumes it from its checkpoints."""
+        self.last_build_request = request
+        if self.index is not None and Path(self.index.folder) == Path(request.params.index_folder):
+            # The build replaces the files of the open index.
+            self.index = None
+        task = LookalikeTask(
+            f"Lookalike: index {request.source.layer_name}",
+            lambda running: jobs.build_work(request, running),
+            self._on_build_finished,
+        )
+        task.tileProgress.connect(self._on_build_progress)
+        task.progressChanged.connect(lambda value: self.progress_bar.setValue(int(value)))
+        self.build_task = task
+        self.build_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.progress_bar.setValue(0)
+        self.status_label.setText(f"Building the index of {request.source.layer_name}…")
+        self._start_task(task)
+        return task
+
+    def cancel_build(self) -> None:
+        if self.build_task is not None:
+            self.build_task.cancel()
+            self.status_label.setText("Cancelling after the current batch…")
+
+    def _on_build_progress(self, progress: TileProgress) -> None:
+        if progress.tiles_total > 0:
+            self.progress_bar.setValue(int(progress.percent))
+        self.status_label.setText(progress_text(progress))
+
+    def _on_build_finished(self, task: LookalikeTask) -> None:
+        self.build_task = None
+        self.build_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        request = self.last_build_request
+        if task.outcome is TaskOutcome.SUCCEEDED:
+            report = task.result
+            self.progress_bar.setValue(100)
+            self.open_index(report.index_folder)
+            skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
+            self.push_message(
+                f"Index built: {report.tiles_embedded} tiles embedded{skipped} in "
+                f"{_format_duration(report.elapsed_s)}. Draw on the map to search.",
+                Qgis.MessageLevel.Success,
+            )
+            return
+        if task.outcome is TaskOutcome.CANCELLED:
+            self.status_label.setText("Build cancelled; Resume continues where it stopped.")
+            self._push_with_button(
+                "The build was cancelled. Its finished tiles are kept; resume to continue.",
+                "Resume",
+                lambda: self.run_build(request) if self.build_task is None else None,
+                Qgis.MessageLevel.Info,
+            )
+            return
+        self.status_label.setText("The build failed; see the message bar.")
+        self._report_failure("Building the index", task)
+
+    # -- index ---------------------------------------------------------------------------------
+
+    def _on_index_folder_changed(self, path: str) -> None:
+        if self._restoring:
+            return
+        if path and (Path(path) / MANIFEST_NAME).is_file():
+            self.open_index(path)
+        else:
+            self._store_state()
+
+    def open_index(self, folder: str) -> LookalikeTask:
+        """Open the index in ``folder`` in a task, because the HNSW graph loads slower as it grows.
+
+        A missing or damaged index gets a message-bar message with a Locate button.
+        """
+        self._opening_index_folder = str(folder)
+        self.status_label.setText(f"Opening the index in {folder}…")
+        task = LookalikeTask(
+            f"Lookalike: open index {Path(folder).name}",
+            lambda _running: TileIndex.open(folder),
+            lambda done: self._on_index_opened(str(folder), done),
+            can_cancel=False,
+        )
+        return self._start_task(task)
+
+    def _on_index_opened(self, folder: str, task: LookalikeTask) -> None:
+        if folder != self._opening_index_folder:
+            # The analyst chose another folder while this one was loading.
+            return
+        if task.outcome is not TaskOutcome.SUCCEEDED:
+            self.index = None
+            self.status_label.setText("No index open.")
+            self._push_with_button(
+                f"The Lookalike index at {folder} cannot be opened ({task.error}). Locate the moved index "
+                "folder, or build the index again.",
+                "Locate…",
+                self.locate_index,
+            )
+            return
+        self.index = task.result
+        if self.index_folder.filePath() != folder:
+            self._restoring, previous = True, self._restoring
+            self.index_folder.setFilePath(folder)
+            self._restoring = previous
+        encoder = self.index.encoder_info
+        self.status_label.setText(
+            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s), "
+            f"encoder {encoder.get('name', '?')}."
+        )
+        self._store_state()
+
+    def locate_index(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Locate the Lookalike index folder")
+        if folder:
+            self.open_index(folder)
+
+
+def default_gsd_m(layer: QgsRasterLayer, canvas) -> float:
+    """Return the layer's native pixel size in metres, or the map view's for tile services."""
+    provider = layer.dataProvider()
+    if provider.capabilities() & QgsRasterDataProvider.Size and layer.width() > 0:
+        size = (layer.rasterUnitsPerPixelX() + layer.rasterUnitsPerPixelY()) / 2.0
+        if layer.crs().isGeographic():
+            centre_latitude = layer.extent().center().y()
+            from math import cos, radians
+
+            size *= METRES_PER_DEGREE * max(cos(radians(centre_latitude)), 0.01)
+        return size
+    return canvas.mapUnitsPerPixel() if not canvas.mapSettings().destinationCrs().isGeographic() else 1.0
+

@@ -1,0 +1,244 @@
+"""The results group of the Lookalike dock: score histogram, results table, thumbnails and export."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Optional
+
+from qgis.core import Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QMessageBox,
+    QPushButton,
+    QSlider,
+    QVBoxLayout,
+)
+
+from ..core import get_logger
+from ..core.errors import LookalikeError
+from ..gis import matches as match_layers
+from ..gis.tasks import LookalikeTask, TaskOutcome
+from . import jobs
+from .dock_constants import CHIP_FORMATS, EXPORT_FORMATS, MESSAGE_TITLE, THRESHOLD_STEPS
+from .results import Relevance, ResultsTable, ScoreHistogram
+
+LOGGER = get_logger("ui.dock")
+
+
+class ResultsPanelMixin:
+    """Widgets and slots of the "Results" group, mixed into ``LookalikeDockWidget``."""
+
+    def _build_results_group(self) -> QGroupBox:
+        group = QGroupBox("3 · Results")
+        layout = QVBoxLayout(group)
+        self.histogram = ScoreHistogram()
+        layout.addWidget(self.histogram)
+        threshold_row = QHBoxLayout()
+        threshold_row.addWidget(QLabel("Min score"))
+        self.threshold_slider = QSlider(Qt.Orientation.Horizontal)
+        self.threshold_slider.setObjectName("lookalikeThreshold")
+        self.threshold_slider.setRange(0, THRESHOLD_STEPS)
+        self.threshold_slider.setValue(0)
+        self.threshold_slider.valueChanged.connect(self._on_threshold_changed)
+        threshold_row.addWidget(self.threshold_slider, 1)
+        self.threshold_label = QLabel("–")
+        self.threshold_label.setMinimumWidth(90)
+        threshold_row.addWidget(self.threshold_label)
+        layout.addLayout(threshold_row)
+
+        self.results_table = ResultsTable()
+        self.results_table.matchActivated.connect(self.zoom_to_match)
+        layout.addWidget(self.results_table)
+
+        marks_row = QHBoxLayout()
+        for label, relevance, name in (
+            ("Relevant", Relevance.RELEVANT, "lookalikeMarkRelevant"),
+            ("Not relevant", Relevance.NOT_RELEVANT, "lookalikeMarkNotRelevant"),
+            ("Clear mark", Relevance.UNMARKED, "lookalikeClearMark"),
+        ):
+            button = QPushButton(label)
+            button.setObjectName(name)
+            button.clicked.connect(lambda _checked, mark=relevance: self.mark_selected(mark))
+            marks_row.addWidget(button)
+        layout.addLayout(marks_row)
+
+        export_row = QHBoxLayout()
+        self.export_format_combo = QComboBox()
+        self.export_format_combo.setObjectName("lookalikeExportFormat")
+        self.export_format_combo.addItems(list(EXPORT_FORMATS))
+        self.export_button = QPushButton("Export layer…")
+        self.export_button.setObjectName("lookalikeExportLayer")
+        self.export_button.clicked.connect(self.export_layer_with_dialog)
+        export_row.addWidget(self.export_format_combo, 1)
+        export_row.addWidget(self.export_button)
+        layout.addLayout(export_row)
+
+        chips_row = QHBoxLayout()
+        self.chip_format_combo = QComboBox()
+        self.chip_format_combo.setObjectName("lookalikeChipFormat")
+        self.chip_format_combo.addItems(list(CHIP_FORMATS))
+        self.export_chips_button = QPushButton("Export chips…")
+        self.export_chips_button.setObjectName("lookalikeExportChips")
+        self.export_chips_button.setToolTip(
+            "Write the chips of the selected rows (all shown rows when none is selected) and a labels CSV"
+        )
+        self.export_chips_button.clicked.connect(self.export_chips_with_dialog)
+        chips_row.addWidget(self.chip_format_combo, 1)
+        chips_row.addWidget(self.export_chips_button)
+        layout.addLayout(chips_row)
+        return group
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _load_thumbnails(self, found: list) -> None:
+        if not found or self.index is None:
+            return
+        sources = self.index.sources
+        task = LookalikeTask(
+            "Lookalike: read match thumbnails",
+            lambda running: jobs.thumbnails_work(found, sources, running),
+            self._on_thumbnails_loaded,
+        )
+        self._start_task(task)
+
+    def _on_thumbnails_loaded(self, task: LookalikeTask) -> None:
+        if task.outcome is not TaskOutcome.SUCCEEDED:
+            if task.outcome is TaskOutcome.FAILED:
+                LOGGER.warning("Reading thumbnails failed: %s", task.error)
+            return
+        for tile_id, image in task.result.items():
+            self.results_table.set_thumbnail(tile_id, image)
+
+    def match_geometry(self, tile_id: int) -> Optional[QgsGeometry]:
+        layer = self.result_layer()
+        if layer is None:
+            return None
+        request = QgsFeatureRequest().setFilterExpression(f'"{match_layers.FIELD_TILE_ID}" = {int(tile_id)}')
+        # The subset string may hide the feature; it still exists in the provider.
+        for feature in layer.dataProvider().getFeatures(request):
+            return QgsGeometry(feature.geometry())
+        return None
+
+    def zoom_to_match(self, tile_id: int) -> None:
+        """Centre the map on a match and flash its footprint."""
+        layer = self.result_layer()
+        geometry = self.match_geometry(tile_id)
+        if layer is None or geometry is None:
+            return
+        transform = QgsCoordinateTransform(layer.crs(), self.canvas.mapSettings().destinationCrs(), self.project)
+        centre = transform.transform(geometry.centroid().asPoint())
+        self.canvas.setCenter(centre)
+        self.canvas.refresh()
+        self.canvas.flashGeometries([geometry], layer.crs())
+
+    def mark_selected(self, relevance: Relevance) -> None:
+        tile_ids = self.results_table.selected_tile_ids()
+        if not tile_ids:
+            self.push_message("Select result rows to mark them.", Qgis.MessageLevel.Info)
+            return
+        for tile_id in tile_ids:
+            self.results_table.set_relevance(tile_id, relevance)
+
+    # -- export --------------------------------------------------------------------------------
+
+    def export_layer_with_dialog(self) -> None:
+        layer = self.result_layer()
+        if layer is None:
+            self.push_message("There is no result layer to export; run a search first.", Qgis.MessageLevel.Info)
+            return
+        format_name = self.export_format_combo.currentText()
+        _driver, extension = EXPORT_FORMATS[format_name]
+        # The file dialog requests confirmation before replacing an existing file.
+        path, _filter = QFileDialog.getSaveFileName(
+            self, "Export the result layer", f"{layer.name()}.{extension}", f"{format_name} (*.{extension})"
+        )
+        if path:
+            if not path.lower().endswith(f".{extension}"):
+                path = f"{path}.{extension}"
+            self.export_layer(path, format_name, overwrite=True)
+
+    def export_layer(self, path: str, format_name: str = "GeoPackage", overwrite: bool = False) -> Optional[Path]:
+        """Write the current result layer with QGIS's vector writer; returns the path or None on failure."""
+        layer = self.result_layer()
+        if layer is None:
+            self.push_message("There is no result layer to export; run a search first.", Qgis.MessageLevel.Info)
+            return None
+        driver, _extension = EXPORT_FORMATS[format_name]
+        try:
+            written = match_layers.write_matches(layer, path, overwrite=overwrite, driver_name=driver)
+        except LookalikeError as error:
+            self.push_message(str(error), Qgis.MessageLevel.Critical)
+            return None
+        self.push_message(f"Exported {layer.featureCount()} matches to {written}.", Qgis.MessageLevel.Success)
+        return written
+
+    def export_chips_with_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder for the chips and labels.csv")
+        if not folder:
+            return
+        if any(Path(folder).iterdir()):
+            answer = QMessageBox.question(
+                self,
+                MESSAGE_TITLE,
+                f"{folder} is not empty. Chips and labels.csv there will be replaced. Continue?",
+                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                QMessageBox.StandardButton.No,
+            )
+            if answer != QMessageBox.StandardButton.Yes:
+                return
+        self.export_chips(folder, self.chip_format_combo.currentText())
+
+    def export_chips(self, folder: str, format_name: str = "GeoTIFF") -> Optional[LookalikeTask]:
+        """Write chips of the selected (else all shown) matches in a task; labels are the relevance marks."""
+        from ..gis.chip_export import chip_requests_from_layer, export_chips
+
+        layer = self.result_layer()
+        if layer is None:
+            self.push_message("There is no result layer to export; run a search first.", Qgis.MessageLevel.Info)
+            return None
+        tile_ids = self.results_table.selected_tile_ids() or [
+            match.tile_id for match in self.matches if match.score >= self.score_threshold()
+        ]
+        feature_ids = []
+        label_by_feature = {}
+        for feature in layer.dataProvider().getFeatures():
+            tile_id = int(feature[match_layers.FIELD_TILE_ID])
+            if tile_id in tile_ids:
+                feature_ids.append(feature.id())
+                label_by_feature[feature.id()] = self.results_table.relevance(tile_id).value
+        try:
+            requests = chip_requests_from_layer(layer, feature_ids=feature_ids)
+        except LookalikeError as error:
+            self.push_message(str(error), Qgis.MessageLevel.Critical)
+            return None
+        requests = [replace(request, label=label_by_feature.get(request.feature_id, "")) for request in requests]
+        image_format = CHIP_FORMATS[format_name]
+
+        def work(running: LookalikeTask):
+            return export_chips(
+                requests,
+                folder,
+                image_format=image_format,
+                progress=lambda done, total: running.setProgress(100.0 * done / max(total, 1)),
+                is_cancelled=running.isCanceled,
+            )
+
+        task = LookalikeTask(f"Lookalike: export {len(requests)} chips", work, self._on_chips_exported)
+        return self._start_task(task)
+
+    def _on_chips_exported(self, task: LookalikeTask) -> None:
+        if task.outcome is TaskOutcome.SUCCEEDED:
+            report = task.result
+            skipped = f"; {len(report.skipped)} without valid pixels were skipped" if report.skipped else ""
+            self.push_message(
+                f"Exported {report.written_count} chips and {report.csv_path.name} to {report.folder}{skipped}.",
+                Qgis.MessageLevel.Success,
+            )
+        elif task.outcome is TaskOutcome.FAILED:
+            self._report_failure("Exporting chips", task)

@@ -1,0 +1,277 @@
+"""The search group of the Lookalike dock: query drawing tools, query geometries and running a search."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+from qgis.core import Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsVectorLayer
+from qgis.gui import QgsMapLayerComboBox
+from qgis.PyQt.QtWidgets import (
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QToolButton,
+    QVBoxLayout,
+)
+
+from ..core.errors import LookalikeError
+from ..gis import matches as match_layers
+from ..gis.raster_layers import crs_to_wkt
+from ..gis.tasks import LookalikeTask, TaskOutcome
+from . import jobs
+from .compat import VECTOR_LAYER_FILTER
+from .dock_constants import DEFAULT_K, THRESHOLD_STEPS
+from .result_layer import apply_score_threshold, style_result_layer
+from .results import Relevance
+
+
+class SearchPanelMixin:
+    """Widgets and slots of the "Search" group, mixed into ``LookalikeDockWidget``."""
+
+    def _build_search_group(self) -> QGroupBox:
+        group = QGroupBox("2 · Search")
+        layout = QVBoxLayout(group)
+        tools_row = QHBoxLayout()
+        self.tool_buttons: Dict[str, QToolButton] = {}
+        for name, label, tip in (
+            ("rectangle", "Rectangle", "Drag a rectangle around the object to look for"),
+            ("polygon", "Polygon", "Click vertices; right-click or double-click to close the polygon"),
+            ("point", "Point", "Click a point; the tile centred on it is the query"),
+        ):
+            button = QToolButton()
+            button.setObjectName(f"lookalikeTool_{name}")
+            action = self._checkable_action(label, tip)
+            action.triggered.connect(lambda checked, tool=name: self.activate_tool(tool) if checked else None)
+            button.setDefaultAction(action)
+            tools_row.addWidget(button)
+            self.tool_buttons[name] = button
+        self.negative_button = QToolButton()
+        self.negative_button.setObjectName("lookalikeNegative")
+        self.negative_button.setCheckable(True)
+        self.negative_button.setText("Negative")
+        self.negative_button.setToolTip(
+            "Add what you draw as a negative example (not like this); holding Shift does the same"
+        )
+        self.negative_button.toggled.connect(self._on_negative_toggled)
+        tools_row.addWidget(self.negative_button)
+        tools_row.addStretch(1)
+        layout.addLayout(tools_row)
+
+        selected_row = QHBoxLayout()
+        self.query_layer_combo = QgsMapLayerComboBox()
+        self.query_layer_combo.setObjectName("lookalikeQueryLayer")
+        self.query_layer_combo.setFilters(VECTOR_LAYER_FILTER)
+        self.use_selected_button = QPushButton("Use selected features")
+        self.use_selected_button.setObjectName("lookalikeUseSelected")
+        self.use_selected_button.clicked.connect(self.add_selected_features)
+        selected_row.addWidget(self.query_layer_combo, 1)
+        selected_row.addWidget(self.use_selected_button)
+        layout.addLayout(selected_row)
+
+        run_row = QHBoxLayout()
+        run_row.addWidget(QLabel("Matches (k)"))
+        self.k_spin = QSpinBox()
+        self.k_spin.setObjectName("lookalikeK")
+        self.k_spin.setRange(1, 10000)
+        self.k_spin.setValue(DEFAULT_K)
+        run_row.addWidget(self.k_spin)
+        self.search_button = QPushButton("Search")
+        self.search_button.setObjectName("lookalikeSearch")
+        self.search_button.setToolTip("Search again with the drawn query and the relevance marks")
+        self.search_button.clicked.connect(self.start_search)
+        run_row.addWidget(self.search_button)
+        self.clear_query_button = QPushButton("Clear query")
+        self.clear_query_button.setObjectName("lookalikeClearQuery")
+        self.clear_query_button.clicked.connect(self.clear_query)
+        run_row.addWidget(self.clear_query_button)
+        layout.addLayout(run_row)
+        self.query_label = QLabel("Draw on the map to search.")
+        self.query_label.setObjectName("lookalikeQueryStatus")
+        self.query_label.setWordWrap(True)
+        layout.addWidget(self.query_label)
+        return group
+
+    # -- query ---------------------------------------------------------------------------------
+
+    def activate_tool(self, name: str) -> None:
+        tool = self.map_tools[name]
+        tool.set_negative_mode(self.negative_button.isChecked())
+        self.canvas.setMapTool(tool)
+
+    def _on_map_tool_set(self, new_tool, _old_tool=None) -> None:
+        for name, tool in self.map_tools.items():
+            self.tool_buttons[name].defaultAction().setChecked(tool is new_tool)
+
+    def _on_negative_toggled(self, negative: bool) -> None:
+        for tool in self.map_tools.values():
+            tool.set_negative_mode(negative)
+
+    def add_query_geometry(self, geometry: QgsGeometry, negative: bool) -> None:
+        """Add a drawn part (canvas CRS) to the query and search again."""
+        crs_wkt = crs_to_wkt(self.canvas.mapSettings().destinationCrs())
+        self._add_query_part(geometry, negative, crs_wkt)
+        self.start_search()
+
+    def _add_query_part(self, geometry: QgsGeometry, negative: bool, crs_wkt: str) -> None:
+        if not self.query_parts:
+            self.query_number += 1
+        self.query_parts.append((QgsGeometry(geometry), negative, crs_wkt))
+        self.overlay.add(geometry, negative)
+        self._update_query_label()
+
+    def add_selected_features(self) -> None:
+        layer = self.query_layer_combo.currentLayer()
+        if not isinstance(layer, QgsVectorLayer) or layer.selectedFeatureCount() == 0:
+            self.push_message(
+                "No features are selected in the query layer; select the examples to search with.",
+                Qgis.MessageLevel.Warning,
+            )
+            return
+        canvas_crs = self.canvas.mapSettings().destinationCrs()
+        transform = QgsCoordinateTransform(layer.crs(), canvas_crs, self.project)
+        negative = self.negative_button.isChecked()
+        for feature in layer.getFeatures(QgsFeatureRequest().setFilterFids(layer.selectedFeatureIds())):
+            if not feature.hasGeometry():
+                continue
+            geometry = QgsGeometry(feature.geometry())
+            geometry.transform(transform)
+            self._add_query_part(geometry, negative, crs_to_wkt(canvas_crs))
+        self.start_search()
+
+    def clear_query(self) -> None:
+        """Remove the drawn parts and the relevance marks; the next drawing starts a new query."""
+        self.query_parts = []
+        self.overlay.clear()
+        self.results_table.clear_marks()
+        self._update_query_label()
+
+    def _update_query_label(self) -> None:
+        positives = sum(1 for _geometry, negative, _crs in self.query_parts if not negative)
+        negatives = len(self.query_parts) - positives
+        if not self.query_parts:
+            self.query_label.setText("Draw on the map to search.")
+            return
+        self.query_label.setText(f"Query {self.query_number}: {positives} positive, {negatives} negative part(s).")
+
+    def query_layer_name(self) -> str:
+        return f"Lookalike query {self.query_number}"
+
+    # -- search --------------------------------------------------------------------------------
+
+    def start_search(self) -> Optional[LookalikeTask]:
+        if self.index is None:
+            self.push_message(
+                "No index is open; build an index or choose an index folder first.", Qgis.MessageLevel.Warning
+            )
+            return None
+        relevant = tuple(self.results_table.tiles_marked(Relevance.RELEVANT))
+        not_relevant = tuple(self.results_table.tiles_marked(Relevance.NOT_RELEVANT))
+        if not self.query_parts and not relevant:
+            self.push_message("Draw a query on the map first (rectangle, polygon or point).", Qgis.MessageLevel.Info)
+            return None
+
+        if self.search_task is not None:
+            # One search at a time; the latest query runs when the current one ends.
+            self._search_again = True
+            return None
+
+        encoder_path = jobs.encoder_path_for_index(self.index, self.encoder_path())
+        encoder = self._encoder_cache
+        if encoder is not None and encoder.checksum != self.index.encoder_info.get("checksum"):
+            encoder = None
+        request = jobs.SearchRequest(
+            index=self.index,
+            parts=tuple(
+                jobs.QueryPart(wkt=geometry.asWkt(), crs_wkt=crs_wkt, negative=negative)
+                for geometry, negative, crs_wkt in self.query_parts
+            ),
+            k=self.k_spin.value(),
+            encoder=encoder,
+            encoder_path=encoder_path,
+            relevant_tile_ids=relevant,
+            not_relevant_tile_ids=not_relevant,
+        )
+
+        task = LookalikeTask(
+            f"Lookalike: search {self.query_layer_name()}",
+            lambda running: jobs.search_work(request, running),
+            self._on_search_finished,
+        )
+        self.search_task = task
+        self.search_button.setEnabled(False)
+        self.query_label.setText("Searching…")
+        self._store_state()
+        return self._start_task(task)
+
+    def _on_search_finished(self, task: LookalikeTask) -> None:
+        self.search_task = None
+        self.search_button.setEnabled(True)
+        self._update_query_label()
+        if task.outcome is TaskOutcome.SUCCEEDED:
+            outcome: jobs.SearchOutcome = task.result
+            self._encoder_cache = outcome.encoder
+            self.show_matches(outcome.matches, outcome.encoder.name)
+        elif task.outcome is TaskOutcome.FAILED:
+            self._report_failure("The search", task)
+        if self._search_again:
+            self._search_again = False
+            self.start_search()
+
+    def show_matches(self, found: list, encoder_name: str) -> None:
+        """Replace this query's result layer, table and histogram with ``found``."""
+        self.matches = found
+        name = self.query_layer_name()
+        old_layer = self.project.mapLayer(self.result_layer_id) if self.result_layer_id else None
+        if old_layer is not None and old_layer.name() == name:
+            self.project.removeMapLayer(old_layer.id())
+        try:
+            layer = match_layers.matches_to_memory_layer(
+                found,
+                name=name,
+                crs=self.canvas.mapSettings().destinationCrs(),
+                encoder_name=encoder_name,
+                query_label=name,
+            )
+        except LookalikeError as error:
+            self.push_message(str(error), Qgis.MessageLevel.Critical)
+            return
+        style_result_layer(layer)
+        self.project.addMapLayer(layer)
+        self.result_layer_id = layer.id()
+
+        self.results_table.set_matches(found)
+        scores = [match.score for match in found]
+        self.histogram.set_scores(scores)
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(0)
+        self.threshold_slider.blockSignals(False)
+        self._on_threshold_changed(0)
+        if not found:
+            self.push_message("The search found no matches; draw a different query or lower the threshold.")
+        self._load_thumbnails(found)
+
+    def result_layer(self) -> Optional[QgsVectorLayer]:
+        layer = self.project.mapLayer(self.result_layer_id) if self.result_layer_id else None
+        return layer if isinstance(layer, QgsVectorLayer) else None
+
+    def score_threshold(self) -> float:
+        low, high = self.histogram.score_range()
+        return low + (high - low) * self.threshold_slider.value() / THRESHOLD_STEPS
+
+    def _on_threshold_changed(self, _value: int) -> None:
+        if not self.matches:
+            self.threshold_label.setText("–")
+            self.histogram.set_threshold(None)
+            return
+        threshold = self.score_threshold()
+        # At the slider's start every match is shown, whatever rounding the range has.
+        if self.threshold_slider.value() == 0:
+            threshold = min(match.score for match in self.matches)
+        shown = self.results_table.apply_score_threshold(threshold)
+        self.histogram.set_threshold(threshold)
+        self.threshold_label.setText(f"≥ {threshold:.3f} ({shown} shown)")
+        layer = self.result_layer()
+        if layer is not None:
+            apply_score_threshold(layer, threshold)
