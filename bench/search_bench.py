@@ -129,7 +129,7 @@ def _scratch_root() -> Path:
 def median_nearest_neighbour_distance(embeddings: np.ndarray) -> float:
     """Return the median Euclidean distance from each unit vector to its nearest other vector."""
     ids, similarities = exact_knn(embeddings, embeddings, 2)
-    # Column 0 is the vector itself or an exact duplicate of it. Either way column 1 holds the
+    # Column 0 is the vector itself or an exact duplicate of it. Either way column 1 contains the
     # similarity to the nearest other vector.
     nearest_similarity = similarities[:, 1]
     return float(np.median(np.sqrt(np.maximum(0.0, 2.0 - 2.0 * nearest_similarity))))
@@ -194,7 +194,7 @@ def _time_single_queries(run_query, queries: np.ndarray) -> list[float]:
 
 
 class _FallbackCounter(logging.Handler):
-    """Counts the warnings ``TileIndex.knn`` logs when hnswlib fails and it answers by exact search."""
+    """Counts the warnings ``TileIndex.knn`` logs when hnswlib fails and it falls back to exact search."""
 
     def __init__(self) -> None:
         super().__init__(level=logging.WARNING)

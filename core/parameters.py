@@ -10,6 +10,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from osgeo import ogr, osr
 
+from .crs import spatial_reference
 from .errors import GridError, LookalikeError
 from .grid import Bounds, TileGrid, validate_bounds
 from .raster import SKIP_BLANK, SKIP_MOSTLY_INVALID
@@ -254,16 +255,7 @@ class BuildReport:
 
 
 def _spatial_reference(crs: str) -> osr.SpatialReference:
-    spatial_ref = osr.SpatialReference()
-    # x is easting or longitude, the order of geotransforms and of every bounds tuple here.
-    spatial_ref.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    try:
-        status = spatial_ref.SetFromUserInput(crs)
-    except RuntimeError as error:
-        raise GridError(f"CRS {crs[:60]!r} is invalid ({error}); pass WKT or an EPSG code.") from error
-    if status != 0:
-        raise GridError(f"CRS {crs[:60]!r} is invalid; pass WKT or an EPSG code.")
-    return spatial_ref
+    return spatial_reference(crs, GridError)
 
 
 def _parse_geometry(wkt: str) -> ogr.Geometry:

@@ -46,6 +46,7 @@ import numpy as np
 from osgeo import gdal, osr
 
 from . import get_logger
+from .crs import spatial_reference
 from .errors import GridError, RasterError
 from .grid import Bounds, validate_bounds
 
@@ -701,16 +702,7 @@ def _sample_size(width: int, height: int, max_px: int) -> tuple[int, int]:
 
 
 def _spatial_ref(crs_wkt: str) -> osr.SpatialReference:
-    spatial_ref = osr.SpatialReference()
-    # x = easting or longitude, matching geotransforms and TileGrid bounds.
-    spatial_ref.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    try:
-        status = spatial_ref.SetFromUserInput(crs_wkt)
-    except RuntimeError as error:
-        raise RasterError(f"CRS {crs_wkt[:60]!r} is invalid ({error}); pass the CRS as WKT.") from error
-    if status != 0:
-        raise RasterError(f"CRS {crs_wkt[:60]!r} is invalid; pass the CRS as WKT.")
-    return spatial_ref
+    return spatial_reference(crs_wkt, RasterError)
 
 
 def _same_crs(first_wkt: str, second_wkt: str) -> bool:

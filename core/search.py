@@ -408,20 +408,10 @@ class _FootprintIndex:
 
 
 def _spatial_reference(crs_wkt: str) -> Any:
-    # GDAL is imported here so that searches within one CRS do not need it.
-    from osgeo import osr
+    # Imported here so that searches within one CRS do not need GDAL.
+    from .crs import spatial_reference
 
-    reference = osr.SpatialReference()
-    # ImportFromWkt returns an error code, or raises when the bindings are in exception mode.
-    try:
-        error_code = reference.ImportFromWkt(crs_wkt)
-    except RuntimeError:
-        error_code = -1
-    if error_code != 0:
-        raise SearchError(f"CRS WKT {crs_wkt[:60]!r} cannot be parsed; pass the footprint CRS as WKT")
-    # x is easting or longitude whatever the CRS's official axis order.
-    reference.SetAxisMappingStrategy(osr.OAMS_TRADITIONAL_GIS_ORDER)
-    return reference
+    return spatial_reference(crs_wkt, SearchError)
 
 
 def _make_transform(from_wkt: str, to_wkt: str) -> Any:

@@ -20,7 +20,7 @@ if [ "${#missing_packages[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive "${sudo_command[@]}" apt-get install -y -q --no-install-recommends "${missing_packages[@]}"
 fi
 
-# The venv sees QGIS's Python packages (qgis, numpy, GDAL), so pip only adds what QGIS lacks.
+# The venv can import QGIS's Python packages (qgis, numpy, GDAL), so pip only adds what QGIS lacks.
 if [ ! -x .venv/bin/python ]; then
   echo "setup: creating .venv on /usr/bin/python3 with the system site packages"
   /usr/bin/python3 -m venv --system-site-packages .venv

@@ -1,4 +1,4 @@
-"""The plugin zip holds the runtime files under lookalike/ and nothing for development."""
+"""The plugin zip contains the runtime files under lookalike/ and nothing for development."""
 
 import sys
 import zipfile

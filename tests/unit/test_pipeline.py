@@ -522,7 +522,10 @@ def test_query_large_box_gives_covering_tiles(rgb_index, encoder, shared_data):
     assert len(query.footprints) == 6
     for xmin, ymin, xmax, ymax in query.footprints:
         assert xmax - xmin == pytest.approx(size)
-        assert xmin < box[2] and xmax > box[0] and ymin < box[3] and ymax > box[1]
+        assert xmin < box[2]
+        assert xmax > box[0]
+        assert ymin < box[3]
+        assert ymax > box[1]
 
 
 def test_query_in_geographic_crs(rgb_index, encoder, shared_data):
