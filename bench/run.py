@@ -44,7 +44,9 @@ class Preset:
     """Sizes of every section; ``quick`` checks that everything runs, ``full`` is the published run."""
 
     name: str
-    throughput_tiles_per_side: int
+    # None tiles the whole raster.
+    throughput_tiles_per_side: Optional[int]
+    throughput_overlap_fraction: float
     throughput_rounds: int
     memory_tile_size_source_px: float
     search: search_bench.SearchPreset
@@ -56,6 +58,7 @@ PRESETS = {
     "quick": Preset(
         name="quick",
         throughput_tiles_per_side=10,
+        throughput_overlap_fraction=0.5,
         throughput_rounds=2,
         memory_tile_size_source_px=80.0,
         search=search_bench.SearchPreset(hnsw_sizes=(10_000,), exact_only_sizes=(100_000,), timed_queries=50),
@@ -64,7 +67,8 @@ PRESETS = {
     ),
     "full": Preset(
         name="full",
-        throughput_tiles_per_side=16,
+        throughput_tiles_per_side=None,
+        throughput_overlap_fraction=0.5,
         throughput_rounds=3,
         memory_tile_size_source_px=56.0,
         search=search_bench.SearchPreset(hnsw_sizes=(10_000, 100_000, 1_000_000), exact_only_sizes=(),
@@ -162,7 +166,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         results["load_average"][name] = [load_before, os.getloadavg()[0]]
         log(f"bench: {name} done in {results['section_s'][name]:.0f} s")
 
-    timed("throughput", lambda: throughput.run(encoders, preset.throughput_tiles_per_side, preset.throughput_rounds))
+    timed("throughput", lambda: throughput.run(encoders, preset.throughput_tiles_per_side,
+                                                   preset.throughput_overlap_fraction, preset.throughput_rounds))
     timed("memory", lambda: memory.run(default_model_path(), preset.memory_tile_size_source_px))
     timed("search", lambda: search_bench.run(encoders[0], preset.search))
     timed("retrieval", lambda: [

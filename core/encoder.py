@@ -135,11 +135,9 @@ class OnnxEncoder:
         self._fixed_batch_size = _static_dim(self._input.shape[0])
         self.batch_size = self._fixed_batch_size or batch_size
 
-        # (raw / value_scale - mean) / std is applied as raw * gain + offset per band.
-        std = np.asarray(self.spec.std, dtype=np.float64)
-        mean = np.asarray(self.spec.mean, dtype=np.float64)
-        self._gain = (1.0 / (self.spec.value_scale * std)).astype(np.float32).reshape(1, -1, 1, 1)
-        self._offset = (-mean / std).astype(np.float32).reshape(1, -1, 1, 1)
+        gain, offset = input_gain_offset(self.spec)
+        self._gain = gain[np.newaxis]
+        self._offset = offset[np.newaxis]
 
         LOGGER.info(
             "Loaded encoder %s %s from %s (sha256 %s) on %s",
@@ -170,14 +168,27 @@ class OnnxEncoder:
             EncoderError: the model returns an output of the wrong size or non-finite values.
         """
         self._check_chips(chips)
+        return self._encode(chips, is_model_input=False)
+
+    def encode_model_input(self, model_input: np.ndarray) -> np.ndarray:
+        """Embed chips already mapped to the model's input values with :func:`input_gain_offset`.
+
+        The build's reader thread applies that mapping to each chip while it is still in its
+        CPU cache, so the encoder thread only runs the model. ``model_input`` must have the shape
+        ``encode`` expects and finite values; only the shape is checked.
+        """
+        self._check_chips(model_input, check_values=False)
+        return self._encode(model_input, is_model_input=True)
+
+    def _encode(self, chips: np.ndarray, is_model_input: bool) -> np.ndarray:
         chip_count = chips.shape[0]
         embeddings = np.empty((chip_count, self.spec.embedding_dim), dtype=np.float32)
         for start in range(0, chip_count, self.batch_size):
             batch = chips[start : start + self.batch_size]
-            embeddings[start : start + len(batch)] = self._run_batch(batch)
+            embeddings[start : start + len(batch)] = self._run_batch(batch, is_model_input)
         return _l2_normalize(embeddings)
 
-    def _check_chips(self, chips: np.ndarray) -> None:
+    def _check_chips(self, chips: np.ndarray, check_values: bool = True) -> None:
         size_px = self.spec.input_size_px
         expected = f"(N, {self.spec.band_count}, {size_px}, {size_px})"
         if not isinstance(chips, np.ndarray) or chips.ndim != 4:
@@ -188,12 +199,18 @@ class OnnxEncoder:
                 f"chips have shape {chips.shape} but encoder {self.name} expects {expected}; "
                 "resample the tiles to the spec's input_size_px and select the spec's bands"
             )
-        if not np.isfinite(chips).all():
+        # min and max are NaN when any value is NaN and infinite when any value is, so two
+        # reductions replace a full-size boolean array.
+        if check_values and chips.size and not (np.isfinite(chips.min()) and np.isfinite(chips.max())):
             raise ValueError("chips contain NaN or infinite values; fill nodata before encoding")
 
-    def _run_batch(self, batch: np.ndarray) -> np.ndarray:
+    def _run_batch(self, batch: np.ndarray, is_model_input: bool) -> np.ndarray:
         real_count = len(batch)
-        model_input = batch.astype(np.float32) * self._gain + self._offset
+        if is_model_input:
+            model_input = batch
+        else:
+            model_input = np.multiply(batch, self._gain, dtype=np.float32)
+            model_input += self._offset
         if self._fixed_batch_size and real_count < self._fixed_batch_size:
             padding = np.zeros((self._fixed_batch_size - real_count, *model_input.shape[1:]), np.float32)
             model_input = np.concatenate([model_input, padding])
@@ -212,6 +229,18 @@ class OnnxEncoder:
                 "runs correctly in onnxruntime on the same input."
             )
         return output.astype(np.float32, copy=False)
+
+
+def input_gain_offset(spec: ModelSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Return float32 ``(gain, offset)``, each ``(bands, 1, 1)``, that map raw chips to model input.
+
+    The spec's normalisation ``(raw / value_scale - mean) / std`` is ``raw * gain + offset``.
+    """
+    std = np.asarray(spec.std, dtype=np.float64)
+    mean = np.asarray(spec.mean, dtype=np.float64)
+    gain = (1.0 / (spec.value_scale * std)).astype(np.float32).reshape(-1, 1, 1)
+    offset = (-mean / std).astype(np.float32).reshape(-1, 1, 1)
+    return gain, offset
 
 
 def _l2_normalize(embeddings: np.ndarray) -> np.ndarray:

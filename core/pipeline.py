@@ -429,7 +429,7 @@ def _embed_tiles(
             del item
             try:
                 if batch.count:
-                    embeddings = encoder.encode(batch.chips[: batch.count])
+                    embeddings = encoder.encode_model_input(batch.chips[: batch.count])
                 else:
                     embeddings = np.empty((0, encoder.spec.embedding_dim), dtype=np.float32)
                 partial.write_chunk(batch, embeddings)
@@ -437,10 +437,12 @@ def _embed_tiles(
                 embedded += batch.count
                 skipped_total += int(batch.skipped.sum())
             finally:
-                # The chips are dropped before the slot is freed, so the reader's next batch
-                # never exists alongside this one beyond the bound.
+                # The batch is dropped before its slot is freed, and its chip array goes back to
+                # the slots for reuse, so no more arrays exist than slots.
+                chips = batch.chips
                 del batch
-                slots.release()
+                slots.release(chips)
+                del chips
             if progress is not None:
                 progress(_progress(position, tiles_total, skipped_total, start_position, run_started_at))
     finally:

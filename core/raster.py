@@ -24,11 +24,13 @@ type's range (e.g. -10000 on Byte) matches no pixel. Non-finite values are inval
 pixels are set to 0 in the returned chip.
 
 A chip that lies inside a north-up raster, in the raster's own CRS, over valid pixels only is
-read with one resampling RasterIO call. Every other chip is one ``gdal.Warp`` call into an
-in-memory dataset, which reprojects and leaves invalid source pixels out of the resampling.
-Warping a whole row of tiles in one call and cutting it into chips was measured no faster
-(GDAL 3.6.2, 2 CPU cores, 224 px chips from the NAIP, Landsat and deepforest test rasters), so
-there is no batch read.
+read without the warper: when it is upsampled (fewer source pixels than chip pixels, the usual
+case for satellite imagery) its source pixels are read once and interpolated bilinearly in
+NumPy, which gives the warper's result to float rounding; when it is downsampled, one resampling
+RasterIO call reads it. Every other chip is one ``gdal.Warp`` call into an in-memory dataset,
+which reprojects and leaves invalid source pixels out of the resampling. Warping a whole row of
+tiles in one call and cutting it into chips was measured no faster (GDAL 3.6.2, 2 CPU cores,
+224 px chips from the NAIP, Landsat and deepforest test rasters), so there is no batch read.
 
 A ``RasterSource`` keeps its GDAL dataset open. GDAL datasets are not thread-safe, so use one
 source object per thread.
@@ -40,7 +42,7 @@ import contextlib
 import hashlib
 import math
 import os
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 from osgeo import gdal, osr
@@ -68,6 +70,11 @@ _ALPHA_MAX = 255.0
 # Above this many source pixels per chip pixel, chips are read with "average" resampling.
 # Bilinear would skip source pixels there and alias fine texture.
 AVERAGE_RESAMPLING_MIN_RATIO = 1.5
+
+# Distinct (sub-pixel offset, window length, chip size) keys kept per source; a grid uses a few.
+AXIS_LERP_CACHE_SIZE = 256
+
+_INTEGER_TYPE_NAMES = frozenset({"Byte", "Int8", "UInt16", "Int16", "UInt32", "Int32", "UInt64", "Int64"})
 
 # Skip reasons returned by chip_skip_reason(); the pipeline counts skips per reason.
 SKIP_MOSTLY_INVALID = "mostly_invalid"
@@ -140,6 +147,13 @@ class RasterSource:
             self.band_indexes = self._default_band_indexes()
         else:
             self.band_indexes = self._validate_band_indexes(band_indexes)
+        # Integer pixels are always finite, so their chips skip the NaN and infinity check.
+        self._reads_integers = all(
+            gdal.GetDataTypeName(dataset.GetRasterBand(index).DataType) in _INTEGER_TYPE_NAMES
+            for index in self.band_indexes
+        )
+        self._band_nodata_values = self._nodata_only_values()
+        self._axis_lerp_cache: dict[tuple[float, float, int], _AxisLerp] = {}
         self._checksum: Optional[str] = None
         self._source_pixel_size_by_crs: dict[str, float] = {}
         LOGGER.debug(
@@ -363,16 +377,74 @@ class RasterSource:
             RasterError: on invalid bounds or size, a stretch made for other bands, or a GDAL
                 read failure.
         """
-        window = self._direct_read(bounds, crs_wkt, size_px)
-        if window is None:
-            window = self._warp(bounds, crs_wkt, size_px, size_px)
-        values, valid = window
-        return self._finish_chip(values, valid, stretch)
+        chip, valid, _ = self.read_tile(bounds, crs_wkt, size_px, stretch)
+        return chip, valid
+
+    def read_tile(
+        self,
+        bounds: Sequence[float],
+        crs_wkt: str,
+        size_px: int,
+        stretch: Mapping[str, Any],
+        input_transform: Optional[tuple[np.ndarray, np.ndarray]] = None,
+        out: Optional[np.ndarray] = None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Read a chip as :meth:`read_chip` does, with each band's standard deviation.
+
+        Args:
+            input_transform: ``(gain, offset)``, each ``(bands, 1, 1)``; when given, the returned
+                chip is ``chip * gain + offset``, the encoder's model input
+                (:func:`~lookalike.core.encoder.input_gain_offset`).
+            out: float32 ``(bands, size_px, size_px)`` array to write the chip into.
+
+        Returns:
+            ``(chip, valid, band_std)``. ``band_std`` is float64 ``(bands,)``: the standard
+            deviation of each band of the stretched chip over its valid pixels, before
+            ``input_transform``. For chips interpolated from a Byte raster it is computed
+            exactly from the source pixels, without the chip.
+        """
+        self._check_stretch(stretch)
+        is_linear = stretch.get("kind") == STRETCH_KIND_BYTE
+        affine = None
+        if is_linear:
+            # Byte values map linearly, so the stretch and the transform can both be applied
+            # before interpolating, on the source-sized block.
+            byte_scale = float(stretch["value_scale"]) / 255.0
+            gain, offset = input_transform or (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
+            affine = (gain * np.float32(byte_scale), offset)
+        direct = self._direct_read(bounds, crs_wkt, size_px, affine, out if is_linear else None)
+        if is_linear and direct is not None and direct[2] is not None:
+            values, valid, source_band_std = direct
+            return values, valid, source_band_std * byte_scale
+        if direct is None:
+            values, valid = self._warp(bounds, crs_wkt, size_px, size_px)
+        else:
+            values, valid, _ = direct
+        chip, valid = self._finish_chip(values, valid, stretch)
+        band_std = valid_band_std(chip, valid)
+        if input_transform is not None:
+            gain, offset = input_transform
+            chip = np.multiply(chip, gain, out=out)
+            chip += offset
+        elif out is not None:
+            out[...] = chip
+            chip = out
+        return chip, valid, band_std
 
     def _direct_read(
-        self, bounds: Sequence[float], crs_wkt: str, size_px: int
-    ) -> Optional[tuple[np.ndarray, np.ndarray]]:
-        """Read a chip with GDAL's resampling RasterIO, or return None where only the warper is exact.
+        self,
+        bounds: Sequence[float],
+        crs_wkt: str,
+        size_px: int,
+        affine: Optional[tuple[np.ndarray, np.ndarray]] = None,
+        out: Optional[np.ndarray] = None,
+    ) -> Optional[tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]]:
+        """Read a chip without the warper, or return None where only the warper is exact.
+
+        Returns ``(values, valid, band_std)``. When the chip was interpolated here, ``values``
+        already went through ``affine`` (``values * scale + offset`` per band) into ``out``, and
+        ``band_std`` holds the source-unit standard deviations; otherwise ``band_std`` is None
+        and ``values`` are source units.
 
         Most tiles lie inside a north-up raster in its own CRS and contain no invalid pixel. For
         them a RasterIO read with a floating-point window and buffer resampling gives the warper's
@@ -402,13 +474,18 @@ class RasterSource:
 
         size = int(size_px)
         window = (column_offset, row_offset, window_width, window_height)
-        if not self._window_is_all_valid(window, size):
+        unique_bands = sorted(set(self.band_indexes))
+        if window_width <= size and window_height <= size:
+            identity = (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
+            return self._read_upsampled(window, size, affine or identity, out)
+        if not self._window_is_all_valid(window):
             return None
         source_pixels_per_chip_pixel = math.sqrt(window_width * window_height) / size
         resample = (
-            gdal.GRIORA_Average if source_pixels_per_chip_pixel > AVERAGE_RESAMPLING_MIN_RATIO else gdal.GRIORA_Bilinear
+            gdal.GRIORA_Average
+            if source_pixels_per_chip_pixel > AVERAGE_RESAMPLING_MIN_RATIO
+            else gdal.GRIORA_Bilinear
         )
-        unique_bands = sorted(set(self.band_indexes))
         with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}"):
             stack = self._dataset.ReadAsArray(
                 *window, buf_xsize=size, buf_ysize=size, buf_type=gdal.GDT_Float32,
@@ -417,16 +494,141 @@ class RasterSource:
         if stack is None:
             return None
         stack = stack.reshape((len(unique_bands), size, size))
-        values = stack[[unique_bands.index(index) for index in self.band_indexes]]
-        return values, np.ones((size, size), dtype=bool)
+        if unique_bands != list(self.band_indexes):
+            stack = stack[[unique_bands.index(index) for index in self.band_indexes]]
+        return stack, np.ones((size, size), dtype=bool), None
+
+    def _read_upsampled(
+        self,
+        window: tuple[float, float, float, float],
+        size: int,
+        affine: tuple[np.ndarray, np.ndarray],
+        out: Optional[np.ndarray],
+    ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Interpolate the source pixels under ``window`` bilinearly to ``size`` px; None over invalid pixels.
+
+        This is the warper's bilinear resampling (sample points at chip pixel centres, the edge
+        pixel repeated past the raster's edge) done in NumPy, with ``affine`` applied on the way,
+        and each band's exact standard deviation over the chip computed from the source pixels.
+        For 224 px RGB chips upsampled from the NAIP scene GDAL 3.6.2 took 0.75 ms per chip and
+        this path about 0.3 ms, and reading is the work the pipeline adds to the encoder. One GDAL
+        read serves both the nodata check and the interpolation.
+        """
+        column_offset, row_offset, window_width, window_height = window
+        columns = self._axis_lerp(column_offset, window_width, size, self.width)
+        rows = self._axis_lerp(row_offset, window_height, size, self.height)
+        covering = self._covering_pixel_window(window)
+        # Source pixels the interpolation needs, as [first, last] per axis.
+        sample_columns = (columns.first, columns.last)
+        sample_rows = (rows.first, rows.last)
+        first_column = min(covering[0], sample_columns[0])
+        first_row = min(covering[1], sample_rows[0])
+        last_column = max(covering[0] + covering[2] - 1, sample_columns[1])
+        last_row = max(covering[1] + covering[3] - 1, sample_rows[1])
+        read_window = (first_column, first_row, last_column - first_column + 1, last_row - first_row + 1)
+
+        # Every pixel read must be valid, the neighbours just outside the window included,
+        # because the interpolation gives them weight where the warper would leave them out.
+        if self._band_nodata_values is not None:
+            every_band = self._read_block(read_window, list(range(1, self.band_count + 1)))
+            if self._has_nodata(every_band):
+                return None
+            block = every_band[[index - 1 for index in self.band_indexes]]
+        else:
+            if not self._pixels_are_all_valid(read_window):
+                return None
+            block = self._read_block(read_window, list(self.band_indexes))
+        block = block[
+            :,
+            sample_rows[0] - first_row : sample_rows[1] - first_row + 1,
+            sample_columns[0] - first_column : sample_columns[1] - first_column + 1,
+        ].astype(np.float32)
+
+        # Columns first, while the block is still small; the rows are then whole-row copies.
+        narrow = block[:, :, columns.lower]
+        narrow += (block[:, :, columns.upper] - narrow) * columns.upper_weight
+        scale, offset = affine
+        narrow *= scale
+        narrow += offset
+        step = np.zeros_like(narrow)
+        step[:, :-1] = narrow[:, 1:] - narrow[:, :-1]
+        # lower + 1 == upper except where both are the last row, whose step is 0.
+        chip = np.multiply(step[:, rows.lower, :], rows.upper_weight[:, None], out=out)
+        chip += narrow[:, rows.lower, :]
+        return chip, np.ones((size, size), dtype=bool), _interpolated_band_std(block, rows, columns, size)
+
+    def _axis_lerp(self, offset_px: float, length_px: float, size: int, raster_length_px: int) -> _AxisLerp:
+        """Return the interpolation along one axis, cached by the window's sub-pixel offset and length.
+
+        The tiles of one grid share a few sub-pixel offsets, so after the first row of tiles
+        the weights and their Gram terms come from the cache.
+        """
+        base = math.floor(offset_px)
+        key = (offset_px - base, length_px, size)
+        relative = self._axis_lerp_cache.get(key)
+        if relative is None:
+            relative = _axis_lerp(offset_px - base, length_px, size, None)
+            if len(self._axis_lerp_cache) < AXIS_LERP_CACHE_SIZE:
+                self._axis_lerp_cache[key] = relative
+        if base + relative.first < 0 or base + relative.last > raster_length_px - 1:
+            # Near the raster's edge the clamped positions differ from the cached ones.
+            return _axis_lerp(offset_px, length_px, size, raster_length_px)
+        return relative._replace(first=base + relative.first, last=base + relative.last)
+
+    def _read_block(self, pixel_window: tuple[int, int, int, int], band_list: list[int]) -> np.ndarray:
+        """Read bands at source resolution over ``(column, row, width, height)``; ``(bands, height, width)``."""
+        with _gdal_errors(f"reading {self.path!r} pixels {pixel_window}"):
+            block = self._dataset.ReadAsArray(*pixel_window, band_list=band_list)
+        if block is None:
+            raise RasterError(f"GDAL returned no pixels for {self.path!r} at pixels {pixel_window}; check the file.")
+        return block.reshape((len(band_list), pixel_window[3], pixel_window[2]))
+
+    def _covering_pixel_window(self, window: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
+        """Return the whole source pixels ``(column, row, width, height)`` that ``window`` touches."""
+        column_offset, row_offset, window_width, window_height = window
+        first_column, first_row = int(math.floor(column_offset)), int(math.floor(row_offset))
+        last_column = min(self.width, int(math.ceil(column_offset + window_width)))
+        last_row = min(self.height, int(math.ceil(row_offset + window_height)))
+        return first_column, first_row, last_column - first_column, last_row - first_row
 
     def _is_source_crs(self, crs_wkt: str) -> bool:
         if crs_wkt not in self._is_source_crs_by_wkt:
             self._is_source_crs_by_wkt[crs_wkt] = crs_wkt == self.crs_wkt or _same_crs(crs_wkt, self.crs_wkt)
         return self._is_source_crs_by_wkt[crs_wkt]
 
-    def _window_is_all_valid(self, window: tuple[float, float, float, float], size: int) -> bool:
+    def _window_is_all_valid(self, window: tuple[float, float, float, float]) -> bool:
         """Tell whether every source pixel under ``window`` is valid in every band's mask."""
+        # Nearest-neighbour sampling at chip resolution would miss isolated nodata pixels, so the
+        # mask is read over the whole covering window at source resolution.
+        return self._pixels_are_all_valid(self._covering_pixel_window(window))
+
+    def _pixels_are_all_valid(self, pixel_window: tuple[int, int, int, int]) -> bool:
+        if self._band_nodata_values is not None:
+            return not self._has_nodata(self._read_block(pixel_window, list(range(1, self.band_count + 1))))
+        for mask_band in self._mask_bands():
+            mask = mask_band.ReadAsArray(*pixel_window)
+            if mask is None or not np.all(mask == 255):
+                return False
+        return True
+
+    def _has_nodata(self, every_band: np.ndarray) -> bool:
+        """Tell whether any band of ``every_band`` (all bands, in order) holds its nodata value."""
+        return any(np.any(every_band[position] == nodata) for position, nodata in enumerate(self._band_nodata_values))
+
+    def _nodata_only_values(self) -> Optional[tuple[float, ...]]:
+        """Return every band's nodata value when nodata is the raster's only source of invalid pixels."""
+        if self.alpha_band_index is not None:
+            return None
+        values = []
+        for index in range(1, self.band_count + 1):
+            band = self._dataset.GetRasterBand(index)
+            nodata = band.GetNoDataValue()
+            if band.GetMaskFlags() != gdal.GMF_NODATA or nodata is None or not math.isfinite(nodata):
+                return None
+            values.append(nodata)
+        return tuple(values)
+
+    def _mask_bands(self) -> list[Any]:
         mask_bands = []
         for index in range(1, self.band_count + 1):
             if index == self.alpha_band_index:
@@ -441,17 +643,7 @@ class RasterSource:
                 break
         if self.alpha_band_index is not None and not mask_bands:
             mask_bands.append(self._dataset.GetRasterBand(self.alpha_band_index))
-        # Nearest-neighbour sampling at chip resolution would miss isolated nodata pixels, so the
-        # mask is read over the whole covering window at source resolution.
-        column_offset, row_offset, window_width, window_height = window
-        first_column, first_row = int(math.floor(column_offset)), int(math.floor(row_offset))
-        last_column = min(self.width, int(math.ceil(column_offset + window_width)))
-        last_row = min(self.height, int(math.ceil(row_offset + window_height)))
-        for mask_band in mask_bands:
-            mask = mask_band.ReadAsArray(first_column, first_row, last_column - first_column, last_row - first_row)
-            if mask is None or not np.all(mask == 255):
-                return False
-        return True
+        return mask_bands
 
     def _warp(
         self, bounds: Sequence[float], crs_wkt: str, width_px: int, height_px: int
@@ -502,9 +694,11 @@ class RasterSource:
         self, values: np.ndarray, valid: np.ndarray, stretch: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
         self._check_stretch(stretch)
-        valid = valid & np.all(np.isfinite(values), axis=0)
+        if not self._reads_integers:
+            valid = valid & np.all(np.isfinite(values), axis=0)
         chip = apply_stretch(values, stretch)
-        chip[:, ~valid] = 0.0
+        if not valid.all():
+            chip[:, ~valid] = 0.0
         return chip, valid
 
     def _check_stretch(self, stretch: Mapping[str, Any]) -> None:
@@ -553,6 +747,15 @@ class RasterSource:
             "checksum": self.checksum(),
         }
 
+    @property
+    def block_height_px(self) -> int:
+        """Height in pixels of the first band's blocks, the unit GDAL reads and caches."""
+        return int(self._dataset.GetRasterBand(1).GetBlockSize()[1])
+
+    def release_cached_blocks(self) -> None:
+        """Drop the blocks of this dataset from GDAL's block cache; later reads decode them again."""
+        self._dataset.FlushCache()
+
     def close(self) -> None:
         """Release the GDAL dataset; the source cannot read afterwards."""
         self._dataset = None
@@ -570,6 +773,8 @@ def apply_stretch(values: np.ndarray, stretch: Mapping[str, Any]) -> np.ndarray:
     kind = stretch.get("kind")
     value_scale = float(stretch["value_scale"])
     if kind == STRETCH_KIND_BYTE:
+        if value_scale == 255.0:
+            return np.asarray(values, dtype=np.float32)
         return np.asarray(values, dtype=np.float32) * np.float32(value_scale / 255.0)
     if kind != STRETCH_KIND_PERCENTILE:
         raise RasterError(
@@ -596,23 +801,47 @@ def apply_stretch(values: np.ndarray, stretch: Mapping[str, Any]) -> np.ndarray:
     return (np.clip(stretched, 0.0, 1.0) * value_scale).astype(np.float32)
 
 
+def valid_band_std(chip: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Return each band's standard deviation over the valid pixels of ``chip``, as float64.
+
+    Zeros when no pixel is valid.
+    """
+    band_values = chip.reshape(chip.shape[0], -1)
+    valid_count = int(np.count_nonzero(valid))
+    if valid_count == 0:
+        return np.zeros(chip.shape[0], dtype=np.float64)
+    if valid_count == valid.size:
+        return band_values.std(axis=1, dtype=np.float64)
+    # Weighting by the mask avoids copying the valid pixels out, which took 20 times as long as
+    # the standard deviation itself on a 224 px chip.
+    weights = valid.reshape(-1).astype(np.float32)
+    band_mean = np.einsum("bp,p->b", band_values, weights, dtype=np.float64) / valid_count
+    band_square_mean = np.einsum("bp,bp,p->b", band_values, band_values, weights, dtype=np.float64) / valid_count
+    return np.sqrt(np.maximum(band_square_mean - band_mean**2, 0.0))
+
+
 def chip_skip_reason(
     chip: np.ndarray,
     valid: np.ndarray,
     value_scale: float,
     min_valid_fraction: float = DEFAULT_MIN_VALID_FRACTION,
     blank_std_fraction: float = DEFAULT_BLANK_STD_FRACTION,
+    band_std: Optional[np.ndarray] = None,
 ) -> Optional[str]:
     """Return why a chip should not be embedded, or None to embed it.
 
     The reason is ``SKIP_MOSTLY_INVALID`` when fewer than ``min_valid_fraction`` of its pixels
     are valid. It is ``SKIP_BLANK`` when every band's standard deviation over the valid pixels
     is below ``blank_std_fraction * value_scale``, as in a uniform fill or a cloud core.
+    ``band_std`` passes those deviations when the reader already has them (see
+    :meth:`RasterSource.read_tile`).
     """
-    valid_fraction = float(np.count_nonzero(valid)) / valid.size
+    valid_count = int(np.count_nonzero(valid))
+    valid_fraction = valid_count / valid.size
     if valid_fraction < min_valid_fraction or valid_fraction == 0.0:
         return SKIP_MOSTLY_INVALID
-    band_std = chip[:, valid].std(axis=1)
+    if band_std is None:
+        band_std = valid_band_std(chip, valid)
     if float(band_std.max()) < blank_std_fraction * value_scale:
         return SKIP_BLANK
     return None
@@ -672,6 +901,75 @@ def _gdal_errors(action: str) -> Iterator[list[str]]:
         raise RasterError(f"GDAL failed while {action}: {error}; check the raster and its CRS.") from error
     finally:
         gdal.PopErrorHandler()
+
+
+class _AxisLerp(NamedTuple):
+    """Linear interpolation along one axis: source pixels ``first..last`` to chip pixels.
+
+    ``lower``, ``upper`` index the neighbours of each chip pixel from ``first``; ``sums``,
+    ``diagonal`` and ``off_diagonal`` describe ``W.T @ W`` of the interpolation matrix ``W``.
+    """
+
+    first: int
+    last: int
+    lower: np.ndarray
+    upper: np.ndarray
+    upper_weight: np.ndarray
+    sums: np.ndarray
+    diagonal: np.ndarray
+    off_diagonal: np.ndarray
+
+
+def _axis_lerp(offset_px: float, length_px: float, size: int, raster_length_px: Optional[int]) -> _AxisLerp:
+    """Return the interpolation of ``size`` chip pixels over ``[offset_px, offset_px + length_px)``.
+
+    Chip pixel centres fall at ``offset + (i + 0.5) * length / size`` in source pixel units,
+    where source pixel ``j`` has its centre at ``j + 0.5``. With ``raster_length_px`` given,
+    positions are clamped to the raster, which repeats the edge pixel as GDAL does.
+    """
+    positions = offset_px + (np.arange(size, dtype=np.float64) + 0.5) * (length_px / size) - 0.5
+    if raster_length_px is not None:
+        positions = np.minimum(np.maximum(positions, 0.0), raster_length_px - 1.0)
+    first = math.floor(positions[0])
+    last = math.floor(positions[-1]) + 1
+    if raster_length_px is not None:
+        last = min(last, raster_length_px - 1)
+    count = last - first + 1
+    relative = positions - first
+    lower = np.minimum(np.floor(relative).astype(np.intp), max(count - 2, 0))
+    upper = np.minimum(lower + 1, count - 1)
+    upper_weight = relative - lower
+    lower_weight = 1.0 - upper_weight
+    sums = np.bincount(lower, lower_weight, count) + np.bincount(upper, upper_weight, count)
+    distinct = upper != lower
+    diagonal = (np.bincount(lower, lower_weight**2, count) + np.bincount(upper, upper_weight**2, count)
+                + np.bincount(lower[~distinct], 2.0 * lower_weight[~distinct] * upper_weight[~distinct], count))
+    off_diagonal = np.bincount(lower[distinct], lower_weight[distinct] * upper_weight[distinct], count)[: count - 1]
+    return _AxisLerp(first, last, lower, upper, upper_weight.astype(np.float32), sums, diagonal, off_diagonal)
+
+
+def _interpolated_band_std(block: np.ndarray, rows: _AxisLerp, columns: _AxisLerp, size: int) -> np.ndarray:
+    """Return each band's standard deviation over the chip ``W_r @ block @ W_c.T`` without the chip.
+
+    ``W_r`` and ``W_c`` are the interpolation matrices of ``rows`` and ``columns``. The chip's
+    sum is ``c_r @ block @ c_c`` with ``c`` the column sums of ``W``, and its sum of squares is
+    ``sum(block * (G_r @ block @ G_c))`` with the Gram matrices ``G = W.T @ W``, which are
+    tridiagonal because each chip pixel mixes two neighbouring source pixels. Everything stays
+    at source size, which costs far less than the chip's own standard deviation when the chip
+    is upsampled.
+    """
+    values = block.astype(np.float64)
+    band_sum = np.einsum("bhw,h,w->b", values, rows.sums, columns.sums)
+    gram_product = values * rows.diagonal[:, None]
+    gram_product[:, 1:] += rows.off_diagonal[:, None] * values[:, :-1]
+    gram_product[:, :-1] += rows.off_diagonal[:, None] * values[:, 1:]
+    both_sides = gram_product * columns.diagonal
+    both_sides[:, :, 1:] += gram_product[:, :, :-1] * columns.off_diagonal
+    both_sides[:, :, :-1] += gram_product[:, :, 1:] * columns.off_diagonal
+    band_square_sum = np.einsum("bhw,bhw->b", values, both_sides)
+    pixel_count = float(size) * float(size)
+    variance = band_square_sum / pixel_count - (band_sum / pixel_count) ** 2
+    return np.sqrt(np.maximum(variance, 0.0))
 
 
 def _alpha_band_index(dataset: gdal.Dataset) -> Optional[int]:

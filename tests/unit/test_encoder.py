@@ -12,7 +12,7 @@ import pytest
 from make_tiny_encoder import TINY_SPEC, build_tiny_encoder
 from onnx import TensorProto
 
-from lookalike.core.encoder import OnnxEncoder
+from lookalike.core.encoder import OnnxEncoder, input_gain_offset
 from lookalike.core.errors import EncoderError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -107,11 +107,24 @@ def test_encode_rejects_wrong_shape(shape):
         OnnxEncoder(TINY_MODEL).encode(np.zeros(shape, np.float32))
 
 
-def test_encode_rejects_nan():
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_encode_rejects_non_finite_values(bad_value):
     chips = random_chips(2)
-    chips[1, 0, 3, 3] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    chips[1, 0, 3, 3] = bad_value
+    with pytest.raises(ValueError, match="NaN or infinite"):
         OnnxEncoder(TINY_MODEL).encode(chips)
+
+
+def test_encode_model_input_matches_encode():
+    encoder = OnnxEncoder(TINY_MODEL)
+    chips = random_chips(5, seed=3)
+    gain, offset = input_gain_offset(encoder.spec)
+
+    from_model_input = encoder.encode_model_input(chips * gain + offset)
+
+    assert np.allclose(from_model_input, encoder.encode(chips), atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        encoder.encode_model_input(chips[:, :, :-1])
 
 
 def test_missing_file_rejected(tmp_path):
@@ -247,7 +260,7 @@ sys.modules["onnxruntime"] = None  # makes "import onnxruntime" raise ImportErro
 sys.path.insert(0, {str(REPO_ROOT / "tools")!r})
 from devimport import import_lookalike
 import_lookalike()
-from lookalike.core.encoder import OnnxEncoder
+from lookalike.core.encoder import OnnxEncoder, input_gain_offset
 from lookalike.core.errors import EncoderError
 assert "qgis" not in sys.modules, "core imported qgis"
 try:

@@ -1,6 +1,7 @@
 """Build and query pipeline on small real rasters with the tiny test encoder."""
 
 import json
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -23,6 +24,7 @@ from lookalike.core.pipeline import (
     run_search,
 )
 from lookalike.core.raster import SKIP_BLANK, SKIP_MOSTLY_INVALID, RasterSource
+from lookalike.core.tile_reader import _BatchSlots
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY_ENCODER = REPO_ROOT / "tests" / "data" / "tiny_encoder.onnx"
@@ -582,3 +584,23 @@ def test_run_search_excludes_the_query_tile(rgb_index, shared_data):
 def test_run_search_needs_a_positive(rgb_index, shared_data):
     with pytest.raises(SearchError, match="No positive geometry"):
         run_search(rgb_index.folder, geo(shared_data, "rasterio/RGB.byte.tif"), [], k=5)
+
+
+def test_batch_slots_reuse_released_chip_arrays():
+    slots = _BatchSlots(2)
+    stop = threading.Event()
+    assert slots.acquire(stop)
+    first = slots.chip_array((4, 3, 8, 8))
+    assert slots.acquire(stop)
+    second = slots.chip_array((4, 3, 8, 8))
+    assert first is not second
+
+    slots.release(first)
+    assert slots.acquire(stop)
+
+    assert slots.chip_array((4, 3, 8, 8)) is first
+    assert slots.peak == 2
+    # An array of another shape is not handed out for this one.
+    slots.release(second)
+    assert slots.acquire(stop)
+    assert slots.chip_array((2, 3, 8, 8)).shape == (2, 3, 8, 8)

@@ -18,6 +18,7 @@ from lookalike.core.raster import (
     RasterSource,
     apply_stretch,
     chip_skip_reason,
+    valid_band_std,
 )
 
 
@@ -493,7 +494,7 @@ def test_direct_read_matches_warp_inside_raster(shared_data):
     warped_values, warped_valid = source._warp(interior, source.crs_wkt, 224, 224)
 
     assert direct is not None
-    direct_values, direct_valid = direct
+    direct_values, direct_valid, _ = direct
     assert direct_valid.all()
     assert warped_valid.all()
     # Both resample bilinearly; they differ by rounding only, far below one grey level.
@@ -522,3 +523,109 @@ def test_direct_read_declines_nodata_collar(shared_data):
     assert source._direct_read(collar, source.crs_wkt, 64) is None
     chip, valid = source.read_chip(collar, source.crs_wkt, 64, source.value_stretch(255.0))
     assert not valid.all()
+
+
+def _pixel_window_bounds(source: RasterSource, column: float, row: float, size: float) -> tuple:
+    xmin, _, _, ymax = source.bounds
+    pixel = source.pixel_size[0]
+    return (xmin + column * pixel, ymax - (row + size) * pixel, xmin + (column + size) * pixel, ymax - row * pixel)
+
+
+# Windows in source pixels (column, row, size) and chip sizes: whole and fractional offsets,
+# sizes that do and do not divide the chip, one at the raster's far corner.
+UPSAMPLED_WINDOWS = [(100.5, 108.25, 32.0, 224), (0.0, 0.0, 32.0, 224), (10.3, 20.7, 63.3, 224),
+                     (300.0, 300.0, 100.0, 224), (50.5, 60.2, 7.7, 16), (200.0, 200.0, 1.0, 8)]
+
+
+@pytest.mark.parametrize("relative", ["naip_timeseries/m_4709963_se_14_1_20200831.tif",
+                                      "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"])
+@pytest.mark.parametrize("window", UPSAMPLED_WINDOWS)
+def test_upsampled_read_matches_warper_and_its_band_std(shared_data, relative, window):
+    # NAIP marks invalid pixels with a nodata value and Planet with an alpha band, which take
+    # different validity checks.
+    source = RasterSource(geo(shared_data, relative))
+    stretch = source.value_stretch(255.0)
+    column, row, size, chip_px = window
+    bounds = _pixel_window_bounds(source, column, row, size)
+
+    chip, valid, band_std = source.read_tile(bounds, source.crs_wkt, chip_px, stretch)
+    warped, warped_valid = source._warp(bounds, source.crs_wkt, chip_px, chip_px)
+
+    assert np.array_equal(valid, warped_valid)
+    assert np.abs(chip - np.where(warped_valid, warped, 0.0)).max() < 1e-3
+    assert np.allclose(band_std, chip[:, valid].std(axis=1), atol=1e-3)
+
+
+def test_upsampled_read_far_corner_repeats_edge_pixels(shared_data):
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
+    bounds = _pixel_window_bounds(source, source.width - 32, source.height - 32, 32)
+
+    chip, valid, _ = source.read_tile(bounds, source.crs_wkt, 224, source.value_stretch(255.0))
+    warped, _ = source._warp(bounds, source.crs_wkt, 224, 224)
+
+    assert valid.all()
+    assert np.abs(chip - warped).max() < 1e-3
+
+
+def test_read_beside_invalid_pixels_leaves_them_out(shared_data):
+    # Row 2 of the Planet clip is partly transparent. A window starting at row 3 needs row 2 as
+    # an interpolation neighbour, which the warper leaves out and so must the direct read.
+    source = RasterSource(geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    alpha = source._dataset.GetRasterBand(source.alpha_band_index).ReadAsArray(0, 0, 210, 4)
+    assert (alpha[2] < 255).any() and (alpha[3:] == 255).all()
+    bounds = _pixel_window_bounds(source, 3, 3, 200)
+
+    chip, valid, _ = source.read_tile(bounds, source.crs_wkt, 224, source.value_stretch(255.0))
+    warped, warped_valid = source._warp(bounds, source.crs_wkt, 224, 224)
+
+    assert np.abs(np.where(warped_valid, chip - warped, 0.0)).max() < 1e-3
+
+
+def test_read_tile_writes_model_input_into_out(shared_data):
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
+    stretch = source.value_stretch(255.0)
+    gain = np.array([0.5, 0.25, 2.0], dtype=np.float32).reshape(3, 1, 1)
+    offset = np.array([-1.0, 0.0, 3.0], dtype=np.float32).reshape(3, 1, 1)
+    for column, row, size, chip_px in UPSAMPLED_WINDOWS[:3] + [(5.0, 5.0, 448.0, 224)]:
+        bounds = _pixel_window_bounds(source, column, row, size)
+        out = np.full((3, chip_px, chip_px), np.nan, dtype=np.float32)
+
+        model_input, valid, band_std = source.read_tile(bounds, source.crs_wkt, chip_px, stretch,
+                                                        input_transform=(gain, offset), out=out)
+        chip, _ = source.read_chip(bounds, source.crs_wkt, chip_px, stretch)
+
+        assert np.shares_memory(model_input, out)
+        assert np.abs(out - (chip * gain + offset)).max() < 1e-3
+        # The deviations describe the chip, not the model input.
+        assert np.allclose(band_std, chip.reshape(3, -1).std(axis=1), atol=1e-3)
+
+
+def test_given_band_std_decides_blank():
+    textured = np.random.default_rng(2).uniform(0, 255, (3, 8, 8)).astype(np.float32)
+    all_valid = np.ones((8, 8), dtype=bool)
+
+    assert chip_skip_reason(textured, all_valid, 255, band_std=np.zeros(3)) == SKIP_BLANK
+    assert chip_skip_reason(textured, all_valid, 255, band_std=np.array([0.0, 0.0, 30.0])) is None
+
+
+def test_valid_band_std_over_valid_pixels_only():
+    chip = np.zeros((2, 4, 4), dtype=np.float32)
+    chip[0, :2] = 10.0
+    chip[1] = np.arange(16, dtype=np.float32).reshape(4, 4)
+    valid = np.zeros((4, 4), dtype=bool)
+    valid[:2] = True
+
+    assert np.allclose(valid_band_std(chip, valid), [0.0, chip[1, :2].std()])
+    assert np.allclose(valid_band_std(chip, np.zeros((4, 4), dtype=bool)), [0.0, 0.0])
+
+
+def test_release_cached_blocks_empties_gdal_cache_of_the_source(shared_data):
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
+    # GDAL's cache is global, so the test measures around this source's own reads.
+    before = gdal.GetCacheUsed()
+    source._dataset.ReadAsArray(0, 0, 900, 700)
+    assert gdal.GetCacheUsed() > before
+
+    source.release_cached_blocks()
+
+    assert gdal.GetCacheUsed() <= before
