@@ -29,11 +29,11 @@ MOSAIC_ORIGIN_XY = (500_000.0, 5_000_000.0)
 
 # Real imagery for the search benchmark: RGB or multispectral scenes and aerial photos. Derived
 # products (a change map, a hillshade, single bands split out of a scene) are left out because
-# no analyst searches them for lookalikes.
+# no analyst searches them for lookalikes, and so is rasterio/world.rgb.tif, a whole-world image
+# in degrees that the engine rejects (it spans more than one UTM zone).
 SEARCH_RASTERS = (
     "rasterio/RGB.byte.tif",
     "rasterio/cogeo.tif",
-    "rasterio/world.rgb.tif",
     "naip_timeseries/m_4709963_se_14_1_20090818.tif",
     "naip_timeseries/m_4709963_se_14_1_20140720.tif",
     "naip_timeseries/m_4709963_se_14_1_20200831.tif",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -436,7 +437,9 @@ def _repeat_section(results: dict[str, Any], previous: Optional[dict[str, Any]])
     commit = previous["machine"]["git_commit"][:12]
     lines += [f"The same preset ran before at {previous['started_at']} (commit `{commit}`). Key figures of both runs:",
               ""]
-    changed = _changed_settings(previous.get("preset_values", {}), results.get("preset_values", {}))
+    # A run read back from JSON has lists where a fresh one has tuples; compare both as JSON.
+    changed = _changed_settings(json.loads(json.dumps(previous.get("preset_values", {}))),
+                                json.loads(json.dumps(results.get("preset_values", {}))))
     if changed:
         lines += ["The preset's settings changed between the two runs, so figures that depend on them are not "
                   f"like for like: {'; '.join(changed)}.", ""]
