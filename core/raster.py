@@ -71,6 +71,9 @@ _ALPHA_MAX = 255.0
 # Bilinear would skip source pixels there and alias fine texture.
 AVERAGE_RESAMPLING_MIN_RATIO = 1.5
 
+# A window up to this factor of the chip size counts as upsampled (1:1 plus float rounding).
+UPSAMPLING_TOLERANCE = 1.0 + 1e-9
+
 # Distinct (sub-pixel offset, window length, chip size) keys kept per source; a grid uses a few.
 AXIS_LERP_CACHE_SIZE = 256
 
@@ -475,9 +478,16 @@ class RasterSource:
         size = int(size_px)
         window = (column_offset, row_offset, window_width, window_height)
         unique_bands = sorted(set(self.band_indexes))
-        if window_width <= size and window_height <= size:
+        # The tolerance keeps a 1:1 window whose width is off by float rounding on this path.
+        if window_width <= size * UPSAMPLING_TOLERANCE and window_height <= size * UPSAMPLING_TOLERANCE:
             identity = (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
             return self._read_upsampled(window, size, affine or identity, out)
+        # GDAL rounds a fractional window to whole pixels before checking it against the
+        # raster; a window that ends on a half pixel at the edge can then reach past it.
+        rounded_right = math.floor(column_offset + 0.5) + math.floor(window_width + 0.5)
+        rounded_bottom = math.floor(row_offset + 0.5) + math.floor(window_height + 0.5)
+        if rounded_right > self.width or rounded_bottom > self.height:
+            return None
         if not self._window_is_all_valid(window):
             return None
         source_pixels_per_chip_pixel = math.sqrt(window_width * window_height) / size
@@ -486,11 +496,15 @@ class RasterSource:
             if source_pixels_per_chip_pixel > AVERAGE_RESAMPLING_MIN_RATIO
             else gdal.GRIORA_Bilinear
         )
-        with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}"):
-            stack = self._dataset.ReadAsArray(
-                *window, buf_xsize=size, buf_ysize=size, buf_type=gdal.GDT_Float32,
-                resample_alg=resample, band_list=unique_bands,
-            )
+        try:
+            with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}"):
+                stack = self._dataset.ReadAsArray(
+                    *window, buf_xsize=size, buf_ysize=size, buf_type=gdal.GDT_Float32,
+                    resample_alg=resample, band_list=unique_bands,
+                )
+        except RasterError:
+            # Any other window GDAL refuses is read by the warper.
+            return None
         if stack is None:
             return None
         stack = stack.reshape((len(unique_bands), size, size))
@@ -543,6 +557,10 @@ class RasterSource:
             sample_rows[0] - first_row : sample_rows[1] - first_row + 1,
             sample_columns[0] - first_column : sample_columns[1] - first_column + 1,
         ].astype(np.float32)
+        if not self._reads_integers and not (np.isfinite(block.min()) and np.isfinite(block.max())):
+            # A NaN neighbour with zero weight would still turn its chip pixels into NaN, which
+            # the warper leaves out; it reads such chips.
+            return None
 
         # Columns first, while the block is still small; the rows are then whole-row copies.
         narrow = block[:, :, columns.lower]
@@ -630,6 +648,7 @@ class RasterSource:
 
     def _mask_bands(self) -> list[Any]:
         mask_bands = []
+        has_dataset_mask = False
         for index in range(1, self.band_count + 1):
             if index == self.alpha_band_index:
                 continue
@@ -640,8 +659,11 @@ class RasterSource:
             mask_bands.append(band.GetMaskBand())
             if flags & gdal.GMF_PER_DATASET:
                 # One mask (alpha or a dataset mask) serves every band.
+                has_dataset_mask = True
                 break
-        if self.alpha_band_index is not None and not mask_bands:
+        # A band nodata value hides the alpha band from the mask flags, but the warper still
+        # honours the alpha, so both are checked.
+        if self.alpha_band_index is not None and not has_dataset_mask:
             mask_bands.append(self._dataset.GetRasterBand(self.alpha_band_index))
         return mask_bands
 

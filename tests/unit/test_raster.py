@@ -629,3 +629,80 @@ def test_release_cached_blocks_empties_gdal_cache_of_the_source(shared_data):
     source.release_cached_blocks()
 
     assert gdal.GetCacheUsed() <= before
+
+
+def _write_utm_raster(path: Path, bands: list, data_type: int, options: tuple = ()) -> Path:
+    height, width = bands[0].shape
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), width, height, len(bands), data_type, list(options))
+    dataset.SetGeoTransform((500000.0, 1.0, 0.0, 4000000.0, 0.0, -1.0))
+    dataset.SetProjection(epsg_wkt(32633))
+    for index, values in enumerate(bands, start=1):
+        dataset.GetRasterBand(index).WriteArray(values)
+    dataset = None
+    return path
+
+
+def test_alpha_counts_beside_band_nodata(tmp_path):
+    # With a nodata value on the colour bands GDAL reports nodata masks only, yet the warper
+    # still honours the alpha band; the direct read must too.
+    rng = np.random.default_rng(3)
+    alpha = np.full((20, 20), 255, dtype=np.uint8)
+    alpha[:, 10:] = 0
+    colour = [rng.integers(1, 256, (20, 20), dtype=np.uint8) for _ in range(3)]
+    path = _write_utm_raster(tmp_path / "rgba.tif", colour + [alpha], gdal.GDT_Byte, ("PHOTOMETRIC=RGB", "ALPHA=YES"))
+    dataset = gdal.Open(str(path), gdal.GA_Update)
+    for index in (1, 2, 3):
+        dataset.GetRasterBand(index).SetNoDataValue(0)
+    dataset = None
+
+    source = RasterSource(path)
+    bounds = (500005.0, 3999990.0, 500015.0, 4000000.0)
+    chip, valid = source.read_chip(bounds, source.crs_wkt, 224, source.value_stretch(255.0))
+
+    assert 0.45 < valid.mean() < 0.55
+    _, warped_valid = source._warp(bounds, source.crs_wkt, 224, 224)
+    assert np.array_equal(valid, warped_valid)
+
+
+def test_nan_just_outside_a_float_window_leaves_the_chip_valid(tmp_path):
+    values = np.arange(100, dtype=np.float32).reshape(10, 10)
+    values[3, 8] = np.nan  # right of the window, reached by the interpolation with weight 0
+    source = RasterSource(_write_utm_raster(tmp_path / "nan.tif", [values] * 3, gdal.GDT_Float32))
+    bounds = (500000.0, 3999992.0, 500008.0, 4000000.0)
+
+    chip, valid = source.read_chip(bounds, source.crs_wkt, 8, source.value_stretch(255.0))
+
+    assert valid.all()
+    assert np.isfinite(chip).all()
+
+
+def test_one_to_one_window_with_rounding_noise_is_interpolated(shared_data):
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
+    xmin, ymin, xmax, ymax = _pixel_window_bounds(source, 100, 100, 224)
+    # A width a few ulps above 224 px, as grids with non-square pixels produce.
+    bounds = (xmin, ymin, np.nextafter(np.nextafter(xmax, np.inf), np.inf), ymax)
+
+    direct = source._direct_read(bounds, source.crs_wkt, 224, (np.ones((1, 1, 1), np.float32),
+                                                                 np.zeros((1, 1, 1), np.float32)))
+    warped, _ = source._warp(bounds, source.crs_wkt, 224, 224)
+
+    assert direct is not None and direct[2] is not None
+    assert np.abs(direct[0] - warped).max() < 1e-3
+
+
+def test_downsampled_window_rounded_past_the_edge_goes_to_the_warper(tmp_path):
+    rng = np.random.default_rng(4)
+    bands = [rng.integers(0, 256, (13, 17), dtype=np.uint8) for _ in range(3)]
+    source = RasterSource(_write_utm_raster(tmp_path / "edge.tif", bands, gdal.GDT_Byte))
+    # 6.5 px from column 10.5 ends at the right edge; GDAL rounds it to columns 11-17.
+    bounds = (500010.5, 3999993.5, 500017.0, 4000000.0)
+    # GDAL raises instead of returning None only with exceptions on, as some plugins set them.
+    exceptions_were_on = gdal.GetUseExceptions()
+    gdal.UseExceptions()
+    try:
+        assert source._direct_read(bounds, source.crs_wkt, 1) is None
+        chip, valid = source.read_chip(bounds, source.crs_wkt, 1, source.value_stretch(255.0))
+    finally:
+        if not exceptions_were_on:
+            gdal.DontUseExceptions()
+    assert valid.all()
