@@ -2,9 +2,9 @@
 
 Both rasters are tiled, DEFLATE-compressed GeoTIFFs written from the same NAIP scene: one copy,
 and 4 x 4 copies edge to edge, so the larger one has the same content density and 16 times the
-area. A third build reads the 4 x 4 mosaic as a VRT of 16 files, because GDAL keeps each file of
-a VRT open with its own buffers once it has been read, which is a cost per file, not per area.
-Each build runs in its own process and reports ``ru_maxrss``.
+area. A third build reads the 4 x 4 mosaic as a VRT of 16 files. GDAL keeps each file of a VRT
+open with its own buffers once it has been read, so that build shows a cost per file, not per
+area. Each build runs in its own process and reports ``ru_maxrss``.
 """
 
 from __future__ import annotations

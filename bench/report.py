@@ -127,11 +127,11 @@ def _throughput_section(throughput: dict[str, Any]) -> list[str]:
         "pipeline CPU ms per tile) shows how much extra work the pipeline does per tile; a wall-time ratio "
         "well below the CPU-time ratio means the pipeline waits rather than works.",
         "",
-        "When the bare encoder alone keeps every core busy (its CPU ms per tile is about the core count times "
-        "its wall ms per tile), the pipeline's own work per tile (reading and interpolating chips, the nodata "
-        "check, checkpoints, HNSW inserts) cannot overlap with anything and adds its CPU time divided by the core "
-        "count to every tile. The CPU-time ratio is then about the best wall-time ratio the machine allows, and "
-        "the goal of 0.9 needs the pipeline's added work to stay below a ninth of the encoder's. The pipeline "
+        "The bare encoder can keep every core busy: its CPU ms per tile is then about the core count times its "
+        "wall ms per tile. The pipeline's own work per tile (reading and interpolating chips, the nodata check, "
+        "checkpoints, HNSW inserts) then has no idle core to run on, so it adds its CPU time divided by the core "
+        "count to every tile. The CPU-time ratio is then about the best wall-time ratio the machine allows. The "
+        "goal of 0.9 thus needs the pipeline's added work to stay below a ninth of the encoder's. The pipeline "
         f"added {extra_cpu} of CPU per tile in this run.",
         "",
         "The last column compares the bare encoder's embeddings with those stored in the index (float16), which "
@@ -178,8 +178,8 @@ def _memory_section(memory: dict[str, Any]) -> list[str]:
         "",
         f"Ratio of peak RSS, {memory['area_factor']}x / 1x: **{memory['ratio']:.3f}**. The chip batches in flight are "
         "bounded by `prefetch_batches + 1` and their arrays are reused. GDAL keeps every block it decodes in its "
-        "cache (`GDAL_CACHEMAX`, 5 % of RAM by default), which would grow with the area read, so the reader drops "
-        "its dataset's cached blocks each time the tiles have moved one block height down. What still grows "
+        "cache (`GDAL_CACHEMAX`, 5 % of RAM by default), which would grow with the area read. The reader therefore "
+        "drops its dataset's cached blocks each time the tiles have moved one block height down. What still grows "
         "with the tile count is the index, which `TileIndex` holds in memory while it commits (hnswlib keeps a "
         "float32 copy of each vector plus its links); the index size on disk above is about that part.",
         "",
@@ -189,7 +189,7 @@ def _memory_section(memory: dict[str, Any]) -> list[str]:
         extra_mib = vrt["peak_rss_mib"] - large["peak_rss_mib"]
         lines += [
             f"The same {memory['area_factor']}x mosaic read as a VRT of {memory['large_vrt_files']} files peaks "
-            f"{extra_mib:.0f} MiB higher ({vrt['peak_rss_mib'] / single['peak_rss_mib']:.3f} x the 1x build): GDAL "
+            f"{extra_mib:.0f} MiB higher ({vrt['peak_rss_mib'] / single['peak_rss_mib']:.3f} x the 1x build). GDAL "
             "keeps every file of a VRT that it has read open, with that file's decoding buffers, up to "
             "`GDAL_MAX_DATASET_POOL_SIZE` files (100 by default). That memory grows with the number of files in a "
             "mosaic, not with its area.",
@@ -212,8 +212,8 @@ def _search_section(search: dict[str, Any], preset_name: str) -> list[str]:
         "by `build_index` at two tile sizes (224 and 112 source px, 50 % overlap) with the bundled fp32 encoder; "
         "cached in `bench/.cache/` per encoder checksum. "
         f"{search['held_out_queries']} of them, drawn at random, are the queries and are left out of every collection. "
-        f"The collections start with the remaining {search['seed_count']:,} real embeddings; larger ones add "
-        "points between real embeddings: each lies on the segment from a random real embedding to one of its "
+        f"The collections start with the remaining {search['seed_count']:,} real embeddings. Larger ones add "
+        "points between real embeddings. Each lies on the segment from a random real embedding to one of its "
         f"{search.get('grow_neighbours', 10)} nearest real neighbours, at a uniform random position, plus isotropic "
         f"Gaussian noise of norm {search['noise_norm']:.3f} (a tenth of the median distance from a real embedding "
         f"to its nearest real neighbour, {search['median_nn_distance']:.3f}), re-normalised to unit length. Such "

@@ -4,13 +4,12 @@ Real embeddings come from tiling the shared rasters with the build pipeline at t
 Larger collections are grown from them: every added vector lies on the segment between a real
 embedding and one of its ten nearest real neighbours, at a uniform random position, plus a
 little isotropic Gaussian noise, re-normalised. A tile shifted part of the way towards its
-neighbour, or a scene between two similar ones, gives such a point, so the added vectors fill
-the space between real tiles along the data instead of piling up around single tiles.
+neighbour gives such a point. The added vectors therefore fill the space between real tiles
+instead of piling up around single tiles.
 
-An earlier version added noisy copies of single real embeddings (noise norm half the median
-nearest-neighbour distance). At 1M vectors that made clusters of about 170 near-equidistant
-copies per real tile, more than the graph's 2 * M links per node can bridge, and recall@10
-fell to 0.38 at any ef; the page records why the growth changed.
+Noisy copies of single real embeddings (noise norm half the median nearest-neighbour distance)
+do pile up: at 1M vectors they made clusters of about 170 near-equidistant copies per real
+tile, more than the 2 * M links a node keeps. Recall@10 then fell to 0.38 at every ef.
 
 Queries are real embeddings held out of the collection and of the seeds of the added vectors.
 

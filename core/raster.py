@@ -24,10 +24,10 @@ type's range (e.g. -10000 on Byte) matches no pixel. Non-finite values are inval
 pixels are set to 0 in the returned chip.
 
 A chip that lies inside a north-up raster, in the raster's own CRS, over valid pixels only is
-read without the warper: when it is upsampled (fewer source pixels than chip pixels, the usual
-case for satellite imagery) its source pixels are read once and interpolated bilinearly in
-NumPy, which gives the warper's result to float rounding; when it is downsampled, one resampling
-RasterIO call reads it. Every other chip is one ``gdal.Warp`` call into an in-memory dataset,
+read without the warper. An upsampled chip (fewer source pixels than chip pixels, the usual
+case for satellite imagery) is interpolated bilinearly in NumPy from one read of its source
+pixels, which gives the warper's result to float rounding. A downsampled chip is one resampling
+RasterIO call. Every other chip is one ``gdal.Warp`` call into an in-memory dataset,
 which reprojects and leaves invalid source pixels out of the resampling. Warping a whole row of
 tiles in one call and cutting it into chips was measured no faster (GDAL 3.6.2, 2 CPU cores,
 224 px chips from the NAIP, Landsat and deepforest test rasters), so there is no batch read.
@@ -70,6 +70,9 @@ _ALPHA_MAX = 255.0
 # Above this many source pixels per chip pixel, chips are read with "average" resampling.
 # Bilinear would skip source pixels there and alias fine texture.
 AVERAGE_RESAMPLING_MIN_RATIO = 1.5
+
+# The affine map that leaves values unchanged, as (scale, offset) per band.
+_IDENTITY_AFFINE = (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
 
 # A window up to this factor of the chip size counts as upsampled (1:1 plus float rounding).
 UPSAMPLING_TOLERANCE = 1.0 + 1e-9
@@ -413,7 +416,7 @@ class RasterSource:
             # Byte values map linearly, so the stretch and the transform can both be applied
             # before interpolating, on the source-sized block.
             byte_scale = float(stretch["value_scale"]) / 255.0
-            gain, offset = input_transform or (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
+            gain, offset = input_transform or _IDENTITY_AFFINE
             affine = (gain * np.float32(byte_scale), offset)
         direct = self._direct_read(bounds, crs_wkt, size_px, affine, out if is_linear else None)
         if is_linear and direct is not None and direct[2] is not None:
@@ -446,8 +449,8 @@ class RasterSource:
 
         Returns ``(values, valid, band_std)``. When the chip was interpolated here, ``values``
         already went through ``affine`` (``values * scale + offset`` per band) into ``out``, and
-        ``band_std`` holds the source-unit standard deviations; otherwise ``band_std`` is None
-        and ``values`` are source units.
+        ``band_std`` is each band's standard deviation in source units. Otherwise ``band_std``
+        is None and ``values`` are source units.
 
         Most tiles lie inside a north-up raster in its own CRS and contain no invalid pixel. For
         them a RasterIO read with a floating-point window and buffer resampling gives the warper's
@@ -480,16 +483,17 @@ class RasterSource:
         unique_bands = sorted(set(self.band_indexes))
         # The tolerance keeps a 1:1 window whose width is off by float rounding on this path.
         if window_width <= size * UPSAMPLING_TOLERANCE and window_height <= size * UPSAMPLING_TOLERANCE:
-            identity = (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float32))
-            return self._read_upsampled(window, size, affine or identity, out)
-        # GDAL rounds a fractional window to whole pixels before checking it against the
-        # raster; a window that ends on a half pixel at the edge can then reach past it.
+            return self._read_upsampled(window, size, affine or _IDENTITY_AFFINE, out)
+        # GDAL rounds a fractional window to whole pixels before it checks the window against
+        # the raster, so a window that ends on a half pixel at the edge can reach past it.
         rounded_right = math.floor(column_offset + 0.5) + math.floor(window_width + 0.5)
         rounded_bottom = math.floor(row_offset + 0.5) + math.floor(window_height + 0.5)
         if rounded_right > self.width or rounded_bottom > self.height:
             return None
         if not self._window_is_all_valid(window):
             return None
+        # NOTE: GDAL resamples these windows in the source data type, and at fractional offsets
+        # a chip can differ from the warper's by far more than rounding (40 grey levels on a 1 px chip).
         source_pixels_per_chip_pixel = math.sqrt(window_width * window_height) / size
         resample = (
             gdal.GRIORA_Average
@@ -521,12 +525,11 @@ class RasterSource:
     ) -> Optional[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Interpolate the source pixels under ``window`` bilinearly to ``size`` px; None over invalid pixels.
 
-        This is the warper's bilinear resampling (sample points at chip pixel centres, the edge
-        pixel repeated past the raster's edge) done in NumPy, with ``affine`` applied on the way,
-        and each band's exact standard deviation over the chip computed from the source pixels.
-        For 224 px RGB chips upsampled from the NAIP scene GDAL 3.6.2 took 0.75 ms per chip and
-        this path about 0.3 ms, and reading is the work the pipeline adds to the encoder. One GDAL
-        read serves both the nodata check and the interpolation.
+        This is the warper's bilinear resampling done in NumPy: sample points sit at chip pixel
+        centres, and the edge pixel is repeated past the raster's edge. ``affine`` is applied on
+        the way, and each band's exact standard deviation comes from the source pixels. For
+        224 px RGB chips upsampled from the NAIP scene, GDAL 3.6.2 took 0.75 ms per chip and this
+        path about 0.3 ms. One GDAL read serves both the nodata check and the interpolation.
         """
         column_offset, row_offset, window_width, window_height = window
         columns = self._axis_lerp(column_offset, window_width, size, self.width)
@@ -630,7 +633,7 @@ class RasterSource:
         return True
 
     def _has_nodata(self, every_band: np.ndarray) -> bool:
-        """Tell whether any band of ``every_band`` (all bands, in order) holds its nodata value."""
+        """Tell whether any band of ``every_band`` (all bands, in order) contains its nodata value."""
         return any(np.any(every_band[position] == nodata) for position, nodata in enumerate(self._band_nodata_values))
 
     def _nodata_only_values(self) -> Optional[tuple[float, ...]]:
@@ -715,7 +718,6 @@ class RasterSource:
     def _finish_chip(
         self, values: np.ndarray, valid: np.ndarray, stretch: Mapping[str, Any]
     ) -> tuple[np.ndarray, np.ndarray]:
-        self._check_stretch(stretch)
         if not self._reads_integers:
             valid = valid & np.all(np.isfinite(values), axis=0)
         chip = apply_stretch(values, stretch)

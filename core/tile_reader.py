@@ -88,7 +88,7 @@ class _BatchSlots:
     """A counting semaphore over chip batches that records the peak number in use and recycles their arrays.
 
     Reusing a released batch's chip array saves the page faults of a fresh 19 MB array per
-    batch of 32 chips of 224 px; every array belongs to a slot, so the bound still holds.
+    batch of 32 chips of 224 px. Every array belongs to a slot, so the bound on memory stays.
     """
 
     def __init__(self, slot_count: int) -> None:

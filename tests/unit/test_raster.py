@@ -572,7 +572,8 @@ def test_read_beside_invalid_pixels_leaves_them_out(shared_data):
     # an interpolation neighbour, which the warper leaves out and so must the direct read.
     source = RasterSource(geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
     alpha = source._dataset.GetRasterBand(source.alpha_band_index).ReadAsArray(0, 0, 210, 4)
-    assert (alpha[2] < 255).any() and (alpha[3:] == 255).all()
+    assert (alpha[2] < 255).any()
+    assert (alpha[3:] == 255).all()
     bounds = _pixel_window_bounds(source, 3, 3, 200)
 
     chip, valid, _ = source.read_tile(bounds, source.crs_wkt, 224, source.value_stretch(255.0))
@@ -619,7 +620,7 @@ def test_valid_band_std_over_valid_pixels_only():
     assert np.allclose(valid_band_std(chip, np.zeros((4, 4), dtype=bool)), [0.0, 0.0])
 
 
-def test_release_cached_blocks_empties_gdal_cache_of_the_source(shared_data):
+def test_release_cached_blocks_empties_cache(shared_data):
     source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
     # GDAL's cache is global, so the test measures around this source's own reads.
     before = gdal.GetCacheUsed()
@@ -643,8 +644,8 @@ def _write_utm_raster(path: Path, bands: list, data_type: int, options: tuple = 
 
 
 def test_alpha_counts_beside_band_nodata(tmp_path):
-    # With a nodata value on the colour bands GDAL reports nodata masks only, yet the warper
-    # still honours the alpha band; the direct read must too.
+    # With a nodata value on the colour bands GDAL reports nodata masks only. The warper still
+    # honours the alpha band, so the direct read must too.
     rng = np.random.default_rng(3)
     alpha = np.full((20, 20), 255, dtype=np.uint8)
     alpha[:, 10:] = 0
@@ -664,7 +665,7 @@ def test_alpha_counts_beside_band_nodata(tmp_path):
     assert np.array_equal(valid, warped_valid)
 
 
-def test_nan_just_outside_a_float_window_leaves_the_chip_valid(tmp_path):
+def test_nan_beside_float_window_ignored(tmp_path):
     values = np.arange(100, dtype=np.float32).reshape(10, 10)
     values[3, 8] = np.nan  # right of the window, reached by the interpolation with weight 0
     source = RasterSource(_write_utm_raster(tmp_path / "nan.tif", [values] * 3, gdal.GDT_Float32))
@@ -676,7 +677,7 @@ def test_nan_just_outside_a_float_window_leaves_the_chip_valid(tmp_path):
     assert np.isfinite(chip).all()
 
 
-def test_one_to_one_window_with_rounding_noise_is_interpolated(shared_data):
+def test_rounded_one_to_one_window_interpolated(shared_data):
     source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
     xmin, ymin, xmax, ymax = _pixel_window_bounds(source, 100, 100, 224)
     # A width a few ulps above 224 px, as grids with non-square pixels produce.
@@ -686,11 +687,12 @@ def test_one_to_one_window_with_rounding_noise_is_interpolated(shared_data):
                                                                  np.zeros((1, 1, 1), np.float32)))
     warped, _ = source._warp(bounds, source.crs_wkt, 224, 224)
 
-    assert direct is not None and direct[2] is not None
+    assert direct is not None
+    assert direct[2] is not None
     assert np.abs(direct[0] - warped).max() < 1e-3
 
 
-def test_downsampled_window_rounded_past_the_edge_goes_to_the_warper(tmp_path):
+def test_edge_window_past_raster_uses_warper(tmp_path):
     rng = np.random.default_rng(4)
     bands = [rng.integers(0, 256, (13, 17), dtype=np.uint8) for _ in range(3)]
     source = RasterSource(_write_utm_raster(tmp_path / "edge.tif", bands, gdal.GDT_Byte))
