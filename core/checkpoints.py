@@ -5,18 +5,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from . import get_logger
 from .errors import SearchIndexError
 from .parameters import SKIP_REASONS, PathLike
-
-if TYPE_CHECKING:
-    from .tile_reader import _Batch
 
 LOGGER = get_logger("pipeline")
 
@@ -29,18 +28,27 @@ CHUNK_SUFFIX = ".npz"
 # Raise when the marker or chunk layout changes, so checkpoints of an older layout are discarded.
 PARTIAL_FORMAT_VERSION = 1
 
+# Chunks handed to the writer thread and not yet on disk. Two let the encoder run on while one
+# chunk waits for fsync; a resumed build repeats at most these batches.
+MAX_PENDING_CHUNKS = 2
+
 
 # -- checkpoints --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class _Chunk:
+    """The tiles of positions ``[start_position, end_position)``: the embedded ones and the skip counts.
+
+    ``embeddings`` is None when the chunk was loaded without them.
+    """
+
     start_position: int
     end_position: int
     source_positions: np.ndarray
     rows: np.ndarray
     cols: np.ndarray
-    embeddings: np.ndarray
+    embeddings: Optional[np.ndarray]
     skipped: np.ndarray
 
 
@@ -82,11 +90,11 @@ class _PartialBuild:
     def chunk_paths(self) -> list[Path]:
         return sorted(self.folder.glob(f"{CHUNK_PREFIX}*{CHUNK_SUFFIX}"))
 
-    def load_chunks(self) -> Iterator[_Chunk]:
+    def load_chunks(self, with_embeddings: bool = True) -> Iterator[_Chunk]:
         """Yield the chunks in tile order; stops at a gap, so only a contiguous prefix counts."""
         expected_start = 0
         for path in self.chunk_paths():
-            chunk = _read_chunk(path)
+            chunk = _read_chunk(path, with_embeddings)
             if chunk is None or chunk.start_position != expected_start:
                 LOGGER.warning("Ignoring checkpoint %s and those after it: it does not continue at tile %d",
                                path, expected_start)
@@ -99,25 +107,25 @@ class _PartialBuild:
         position = 0
         embedded = 0
         skipped = np.zeros((n_sources, len(SKIP_REASONS)), dtype=np.int64)
+        # Embeddings are read too, so that a damaged chunk and those after it are embedded again.
         for chunk in self.load_chunks():
             position = chunk.end_position
             embedded += len(chunk.rows)
             skipped += chunk.skipped
         return position, embedded, skipped
 
-    def write_chunk(self, batch: _Batch, embeddings: np.ndarray) -> None:
-        count = batch.count
-        path = self.folder / f"{CHUNK_PREFIX}{batch.start_position:012d}{CHUNK_SUFFIX}"
+    def write_chunk(self, chunk: _Chunk) -> None:
+        path = self.folder / f"{CHUNK_PREFIX}{chunk.start_position:012d}{CHUNK_SUFFIX}"
         temp_path = path.with_name(path.name + ".tmp")
         with open(temp_path, "wb") as stream:
             np.savez(
                 stream,
-                positions=np.array([batch.start_position, batch.end_position], dtype=np.int64),
-                source_positions=batch.source_positions[:count],
-                rows=batch.rows[:count],
-                cols=batch.cols[:count],
-                embeddings=embeddings.astype(np.float32, copy=False),
-                skipped=batch.skipped,
+                positions=np.array([chunk.start_position, chunk.end_position], dtype=np.int64),
+                source_positions=chunk.source_positions,
+                rows=chunk.rows,
+                cols=chunk.cols,
+                embeddings=np.asarray(chunk.embeddings, dtype=np.float32),
+                skipped=chunk.skipped,
             )
             stream.flush()
             os.fsync(stream.fileno())
@@ -125,6 +133,32 @@ class _PartialBuild:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=False)
+
+
+class _ChunkWriter:
+    """Writes chunks in order on one background thread, so that encoding does not wait for fsync.
+
+    At most ``MAX_PENDING_CHUNKS`` chunks wait at any time. A write error is raised by the
+    next ``write`` or by ``finish``, which also waits until every chunk is on disk.
+    """
+
+    def __init__(self, partial: _PartialBuild) -> None:
+        self._partial = partial
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookalike-checkpoints")
+        self._pending: deque[Future[None]] = deque()
+
+    def write(self, chunk: _Chunk) -> None:
+        while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_PENDING_CHUNKS):
+            self._pending.popleft().result()
+        self._pending.append(self._executor.submit(self._partial.write_chunk, chunk))
+
+    def finish(self) -> None:
+        """Wait for every chunk; raise the first write error."""
+        try:
+            while self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._executor.shutdown(wait=True)
 
 
 def _read_partial_marker(marker: Path) -> Optional[str]:
@@ -137,7 +171,7 @@ def _read_partial_marker(marker: Path) -> Optional[str]:
     return str(content.get("build_id", ""))
 
 
-def _read_chunk(path: Path) -> Optional[_Chunk]:
+def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
     try:
         with np.load(path, allow_pickle=False) as data:
             start, end = (int(value) for value in data["positions"])
@@ -147,7 +181,8 @@ def _read_chunk(path: Path) -> Optional[_Chunk]:
                 source_positions=data["source_positions"],
                 rows=data["rows"],
                 cols=data["cols"],
-                embeddings=data["embeddings"],
+                # An npz member is read only when asked for, so counting skips the embeddings.
+                embeddings=data["embeddings"] if with_embeddings else None,
                 skipped=data["skipped"],
             )
     except (OSError, ValueError, KeyError) as error:

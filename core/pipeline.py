@@ -6,11 +6,12 @@ onnxruntime while the next batch is read. GDAL and onnxruntime release the GIL, 
 overlap. At most ``prefetch_batches + 1`` chip batches exist at any time (a semaphore bounds
 them), so memory follows ``batch_size``, never the raster size.
 
-Every finished batch is checkpointed as one chunk file in ``<index folder>.partial/``. A build
+Every finished batch is checkpointed as one chunk file in ``<index folder>.partial/``, written
+by a background thread so that encoding goes on while the chunk is synced to disk. A build
 that was cancelled or crashed continues from the last chunk when it is run again with the same
 parameters. A hash of the parameters, the encoder checksum, the source checksums and the grids
-decides what "the same" means. The index itself is written by ``TileIndex`` at the end, and
-the partial folder is removed after that.
+decides what "the same" means. The index itself is written by ``TileIndex`` at the end, once
+the chunks are known to cover every tile, and the partial folder is removed after that.
 
 Tile bookkeeping: every tile of the grids (restricted to the extent) is counted once in
 ``tiles_total``, and is either embedded or skipped for one reason (masked, mostly invalid,
@@ -42,6 +43,8 @@ from .checkpoints import (
     PARTIAL_FORMAT_VERSION,
     PARTIAL_MARKER_NAME,
     PARTIAL_SUFFIX,
+    _Chunk,
+    _ChunkWriter,
     _PartialBuild,
     _read_partial_marker,
     partial_folder_for,
@@ -225,7 +228,7 @@ def _build_index_locked(
     peak_batches = _embed_tiles(
         plans, encoder, params, partial, start_position, embedded, skipped, tiles_total, progress, is_cancelled
     )
-    embedded_by_source, skipped = _counts_from_checkpoints(partial, len(plans))
+    embedded_by_source, skipped = _counts_from_checkpoints(partial, len(plans), tiles_total)
     if not embedded_by_source.any():
         # Nothing is committed: an empty index would look like a valid one to a later search.
         partial.remove()
@@ -260,14 +263,26 @@ def _build_index_locked(
     return report
 
 
-def _counts_from_checkpoints(partial: _PartialBuild, n_sources: int) -> tuple[np.ndarray, np.ndarray]:
+def _counts_from_checkpoints(partial: _PartialBuild, n_sources: int, tiles_total: int) -> tuple[np.ndarray, np.ndarray]:
     """Return the embedded tiles per source and the skip counts ``(source, reason)`` of all chunks."""
     embedded = np.zeros(n_sources, dtype=np.int64)
     skipped = np.zeros((n_sources, len(SKIP_REASONS)), dtype=np.int64)
-    for chunk in partial.load_chunks():
+    end_position = 0
+    for chunk in partial.load_chunks(with_embeddings=False):
+        end_position = chunk.end_position
         embedded += np.bincount(chunk.source_positions, minlength=n_sources)[:n_sources]
         skipped += chunk.skipped
+    _check_checkpoints_complete(partial, end_position, tiles_total)
     return embedded, skipped
+
+
+def _check_checkpoints_complete(partial: _PartialBuild, end_position: int, tiles_total: int) -> None:
+    if end_position != tiles_total:
+        raise LookalikeError(
+            f"the checkpoints in {partial.folder} cover tiles 0 to {end_position} of {tiles_total}: a chunk "
+            "after them could not be read. Run the build again with the same parameters; it embeds those "
+            "tiles again."
+        )
 
 
 def _describe_skips(counts: np.ndarray) -> str:
@@ -409,9 +424,11 @@ def _embed_tiles(
     # One batch more than the queue holds: the one the encoder is working on.
     slots = _BatchSlots(params.prefetch_batches + 1)
     reader = _TileReader(plans, encoder.spec, params, start_position, slots)
+    writer = _ChunkWriter(partial)
     run_started_at = time.monotonic()
     position = start_position
     skipped_total = int(skipped.sum())
+    all_written = False
     reader.start()
     try:
         while True:
@@ -432,7 +449,10 @@ def _embed_tiles(
                     embeddings = encoder.encode_model_input(batch.chips[: batch.count])
                 else:
                     embeddings = np.empty((0, encoder.spec.embedding_dim), dtype=np.float32)
-                partial.write_chunk(batch, embeddings)
+                count = batch.count
+                # The batch's own arrays are new for every batch; only its chip array is reused.
+                writer.write(_Chunk(batch.start_position, batch.end_position, batch.source_positions[:count],
+                                    batch.rows[:count], batch.cols[:count], embeddings, batch.skipped))
                 position = batch.end_position
                 embedded += batch.count
                 skipped_total += int(batch.skipped.sum())
@@ -445,9 +465,22 @@ def _embed_tiles(
                 del chips
             if progress is not None:
                 progress(_progress(position, tiles_total, skipped_total, start_position, run_started_at))
+        writer.finish()
+        all_written = True
     finally:
         reader.stop()
+        if not all_written:
+            _finish_writes_after_error(writer, partial)
     return slots.peak
+
+
+def _finish_writes_after_error(writer: _ChunkWriter, partial: _PartialBuild) -> None:
+    """Let the chunks already handed over reach the disk, so that a cancelled build resumes after them."""
+    try:
+        writer.finish()
+    except Exception as error:  # noqa: BLE001 - the error that stopped the build is the one raised
+        LOGGER.warning("A checkpoint in %s could not be written either (%s); those tiles are read again "
+                       "when the build is resumed", partial.folder, error)
 
 
 def _next_batch(reader: _TileReader) -> Any:
@@ -508,7 +541,9 @@ def _commit(
     skipped = np.zeros((len(plans), len(SKIP_REASONS)), dtype=np.int64)
     for plan in plans:
         source_ids.append(index.add_source({**plan.record, "build_id": build_id}))
+    end_position = 0
     for chunk in partial.load_chunks():
+        end_position = chunk.end_position
         skipped += chunk.skipped
         if len(chunk.rows) == 0:
             continue
@@ -516,6 +551,8 @@ def _commit(
         tiles = make_tile_table(0, chunk.rows, chunk.cols)
         tiles["source_id"] = table_source_ids
         index.add(chunk.embeddings, tiles)
+    # Raised before the index is saved, so that no index lacking tiles is written.
+    _check_checkpoints_complete(partial, end_position, sum(plan.tile_count for plan in plans))
     for plan, source_id in zip(plans, source_ids):
         counts = {reason: int(count) for reason, count in zip(SKIP_REASONS, skipped[plan.position])}
         index.update_source(source_id, {"skipped_counts": counts})

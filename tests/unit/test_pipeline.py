@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, osr
 
+from lookalike.core.checkpoints import _PartialBuild
 from lookalike.core.encoder import OnnxEncoder
 from lookalike.core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
 from lookalike.core.grid import TileGrid
@@ -18,6 +19,7 @@ from lookalike.core.pipeline import (
     SKIP_MASKED,
     BuildParameters,
     Region,
+    _counts_from_checkpoints,
     build_index,
     embed_query,
     partial_folder_for,
@@ -256,6 +258,48 @@ def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
     resumed_index = TileIndex.open(tmp_path / "index")
     np.testing.assert_array_equal(resumed_index.tile_table, reference_index.tile_table)
     np.testing.assert_array_equal(np.asarray(resumed_index.embeddings), np.asarray(reference_index.embeddings))
+
+
+def test_checkpoint_write_error_stops_build_and_resume_continues(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    uninterrupted = build_index(parameters([source], tmp_path / "reference"))
+    params = parameters([source], tmp_path / "index")
+    write_chunk = _PartialBuild.write_chunk
+    written = []
+
+    def disk_full_at_fourth_chunk(partial, chunk):
+        if len(written) == 3:
+            raise OSError(28, "No space left on device")
+        write_chunk(partial, chunk)
+        written.append(chunk.start_position)
+
+    monkeypatch.setattr(_PartialBuild, "write_chunk", disk_full_at_fourth_chunk)
+    with pytest.raises(OSError, match="No space left"):
+        build_index(params)
+    monkeypatch.undo()
+
+    assert len(list(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))) == 3
+    assert not (tmp_path / "index" / "manifest.json").exists()
+    resumed = build_index(params)
+    assert resumed.tiles_resumed > 0
+    assert resumed.tiles_embedded == uninterrupted.tiles_embedded
+
+
+def test_damaged_checkpoint_is_not_committed(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    params = parameters([source], tmp_path / "index")
+    batches_seen = []
+    with pytest.raises(CancelledError):
+        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= 3)
+    chunks = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))
+    partial = _PartialBuild(partial_folder_for(tmp_path / "index"), "unused")
+    chunks[1].write_bytes(b"damaged")
+
+    with pytest.raises(LookalikeError, match="Run the build again"):
+        _counts_from_checkpoints(partial, 1, batches_seen[-1].tiles_done)
+
+    resumed = build_index(params)
+    assert resumed.tiles_resumed == batches_seen[0].tiles_done
 
 
 def test_resume_with_other_batch_size(shared_data, tmp_path):

