@@ -13,6 +13,7 @@ does more work per tile shows in both.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -21,7 +22,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from lookalike.core.encoder import OnnxEncoder
+from lookalike.core.encoder import OnnxEncoder, default_model_path
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex
 from lookalike.core.pipeline import BuildParameters, Region, build_index
@@ -97,17 +98,21 @@ def encode_in_batches(encoder: OnnxEncoder, chips: np.ndarray) -> np.ndarray:
 
 
 def measure_encoder(encoder_path: Path, tiles_per_side: Optional[int], overlap_fraction: float, rounds: int,
-                    workdir: Path) -> dict[str, Any]:
-    """Measure pipeline and bare-encoder throughput for one encoder over ``rounds`` alternating rounds."""
-    encoder = OnnxEncoder(encoder_path, batch_size=BATCH_SIZE)
+                    workdir: Path, encoder_threads: Optional[int] = None) -> dict[str, Any]:
+    """Measure pipeline and bare-encoder throughput for one encoder over ``rounds`` alternating rounds.
+
+    ``encoder_threads`` sets onnxruntime's thread count for both. None leaves its default.
+    """
+    encoder = OnnxEncoder(encoder_path, batch_size=BATCH_SIZE, intra_op_threads=encoder_threads)
     tile_ground_size_m = TILE_GROUND_SIZE_M
     extent = None if tiles_per_side is None else extent_of_tiles(PIPELINE_RASTER, tiles_per_side, tile_ground_size_m)
 
     def parameters(round_number: int) -> BuildParameters:
         return BuildParameters(
             source_paths=(str(PIPELINE_RASTER),),
-            index_folder=str(workdir / f"{encoder_path.stem}_{round_number}"),
+            index_folder=str(workdir / f"{encoder_path.stem}_{encoder_threads or 'default'}_{round_number}"),
             encoder_path=str(encoder_path),
+            encoder_threads=encoder_threads,
             tile_ground_size_m=tile_ground_size_m,
             overlap_fraction=overlap_fraction,
             extent=extent,
@@ -122,7 +127,7 @@ def measure_encoder(encoder_path: Path, tiles_per_side: Optional[int], overlap_f
     encoder.encode(chips[:BATCH_SIZE])  # the first run allocates onnxruntime's buffers
     # build_index opens its own encoder, a fixed cost per build that the bare figure does not pay.
     started = time.perf_counter()
-    OnnxEncoder(encoder_path, batch_size=BATCH_SIZE)
+    OnnxEncoder(encoder_path, batch_size=BATCH_SIZE, intra_op_threads=encoder_threads)
     encoder_open_s = time.perf_counter() - started
 
     pipeline_runs = []
@@ -147,6 +152,7 @@ def measure_encoder(encoder_path: Path, tiles_per_side: Optional[int], overlap_f
     return {
         "encoder": encoder.name,
         "encoder_file": encoder_path.name,
+        "encoder_threads": encoder_threads,
         "execution_provider": encoder.execution_provider,
         "tiles": int(chips.shape[0]),
         "tiles_in_extent": warm_up["tiles_total"],
@@ -169,15 +175,29 @@ def measure_encoder(encoder_path: Path, tiles_per_side: Optional[int], overlap_f
     }
 
 
+def usable_cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def run(encoder_paths: Sequence[Path], tiles_per_side: Optional[int], overlap_fraction: float,
         rounds: int) -> dict[str, Any]:
     """Measure every encoder; return the raster, the tile count and one result per encoder.
 
-    ``tiles_per_side`` None tiles the whole raster.
+    ``tiles_per_side`` None tiles the whole raster. With two or more usable CPUs the engine's
+    default encoder is measured once more on one thread fewer than the CPUs, both bare and in
+    the pipeline, which leaves a core to the tile reader (``spare_core``).
     """
     workdir = Path(tempfile.mkdtemp(prefix="throughput_", dir=CACHE_DIR / "scratch"))
+    spare_core = None
     try:
         results = [measure_encoder(path, tiles_per_side, overlap_fraction, rounds, workdir) for path in encoder_paths]
+        cpu_count = usable_cpu_count()
+        if cpu_count >= 2:
+            spare_core = measure_encoder(default_model_path(), tiles_per_side, overlap_fraction, rounds, workdir,
+                                         encoder_threads=cpu_count - 1)
+            spare_core["cpu_count"] = cpu_count
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return {
@@ -186,4 +206,5 @@ def run(encoder_paths: Sequence[Path], tiles_per_side: Optional[int], overlap_fr
         "overlap_fraction": overlap_fraction,
         "rounds": rounds,
         "encoders": results,
+        "spare_core": spare_core,
     }

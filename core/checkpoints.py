@@ -29,7 +29,7 @@ CHUNK_SUFFIX = ".npz"
 PARTIAL_FORMAT_VERSION = 1
 
 # Chunks handed to the writer thread and not yet on disk. Two let the encoder run on while one
-# chunk waits for fsync; a resumed build repeats at most these batches.
+# chunk waits for fsync. A build stopped by a crash repeats at most these batches when resumed.
 MAX_PENDING_CHUNKS = 2
 
 

@@ -111,6 +111,8 @@ class BuildParameters:
         band_indexes: 1-based source bands, one per encoder band; None picks them from the
             colour interpretation.
         batch_size: chips per encoder run; also the checkpoint granularity.
+        encoder_threads: threads onnxruntime uses inside each model operator; None uses one per
+            physical core. With one thread fewer than the cores, the tile reader and QGIS keep a core.
         prefetch_batches: batches read ahead of the encoder; memory is about
             ``(prefetch_batches + 1) * batch_size`` chips.
         min_valid_fraction: tiles with a smaller fraction of valid (not nodata, inside the
@@ -135,6 +137,7 @@ class BuildParameters:
     mask: Optional[Region] = None
     band_indexes: Optional[tuple[int, ...]] = None
     batch_size: int = 32
+    encoder_threads: Optional[int] = None
     prefetch_batches: int = 2
     min_valid_fraction: float = 0.5
     hnsw_m: int = 32
@@ -188,6 +191,11 @@ class BuildParameters:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LookalikeError(f"{name} {value!r} is invalid; pass a positive integer.")
+        threads = self.encoder_threads
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise LookalikeError(
+                f"encoder_threads {threads!r} is invalid; pass a positive integer, or None for one per core."
+            )
         if self.add_to_existing and self.overwrite_existing_index:
             raise LookalikeError(
                 "add_to_existing and overwrite_existing_index are both set; choose one: add the "

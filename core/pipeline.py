@@ -192,7 +192,8 @@ def _build_index_locked(
     is_cancelled: Optional[CancelCheck],
 ) -> BuildReport:
     started_at = time.monotonic()
-    encoder = OnnxEncoder(params.encoder_path or default_model_path(), batch_size=params.batch_size)
+    encoder = OnnxEncoder(params.encoder_path or default_model_path(), batch_size=params.batch_size,
+                          intra_op_threads=params.encoder_threads)
     existing_index = _check_index_folder(params)
     if existing_index is not None:
         existing_index.check_encoder(encoder.name, encoder.checksum)

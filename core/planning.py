@@ -282,9 +282,9 @@ def _clip_bounds(raster_bounds: Bounds, polygons_wkt: Sequence[str], path: str) 
 def _build_id(params: BuildParameters, encoder: OnnxEncoder, plans: Sequence[_SourcePlan]) -> str:
     """Hash everything that decides which tiles get which embeddings.
 
-    ``batch_size`` and ``prefetch_batches`` are left out: chunks are keyed by tile position, so
-    a build can resume with another batch size. The HNSW parameters are left out because the
-    chunks contain embeddings only.
+    ``batch_size``, ``prefetch_batches`` and ``encoder_threads`` are left out: chunks are keyed
+    by tile position, so a build can resume with another batch size or thread count. The HNSW
+    parameters are left out because the chunks contain embeddings only.
     """
     content = {
         "format_version": PARTIAL_FORMAT_VERSION,

@@ -492,8 +492,8 @@ class RasterSource:
         unique_bands = sorted(set(self.band_indexes))
         # The tolerance keeps a 1:1 window whose width is off by float rounding on this path.
         if window_width <= size * UPSAMPLING_TOLERANCE and window_height <= size * UPSAMPLING_TOLERANCE:
-            # The warper wraps windows of a geographic raster across the antimeridian, so only
-            # those inside it are interpolated here.
+            # The warper can fill a window of a raster in degrees from across the antimeridian
+            # (it did for a whole-world raster), so only windows inside it are interpolated here.
             if not is_inside and self.is_geographic:
                 return None
             return self._read_upsampled(window, size, affine or _IDENTITY_AFFINE, out)

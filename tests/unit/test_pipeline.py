@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, osr
 
+from lookalike.core import pipeline as pipeline_module
 from lookalike.core.checkpoints import _PartialBuild
 from lookalike.core.encoder import OnnxEncoder
 from lookalike.core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
@@ -71,6 +72,34 @@ def test_parameters_reject_two_tile_sizes(tmp_path):
 def test_parameters_reject_full_overlap(tmp_path):
     with pytest.raises(LookalikeError, match="overlap_fraction"):
         parameters(["a.tif"], tmp_path / "index", overlap_fraction=1.0)
+
+
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True])
+def test_parameters_reject_bad_encoder_threads(tmp_path, threads):
+    with pytest.raises(LookalikeError, match="encoder_threads"):
+        parameters(["a.tif"], tmp_path / "index", encoder_threads=threads)
+
+
+def test_one_encoder_thread_same_embeddings(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([source], tmp_path / "default"))
+    thread_counts = []
+
+    def recording_encoder(*args, **kwargs):
+        encoder = OnnxEncoder(*args, **kwargs)
+        thread_counts.append(encoder._session.get_session_options().intra_op_num_threads)
+        return encoder
+
+    monkeypatch.setattr(pipeline_module, "OnnxEncoder", recording_encoder)
+    build_index(parameters([source], tmp_path / "one_thread", encoder_threads=1))
+
+    assert thread_counts == [1]
+
+    default = TileIndex.open(tmp_path / "default")
+    one_thread = TileIndex.open(tmp_path / "one_thread")
+    np.testing.assert_array_equal(one_thread.tile_table, default.tile_table)
+    difference = np.abs(np.asarray(one_thread.embeddings, np.float32) - np.asarray(default.embeddings, np.float32))
+    assert difference.max() < 1e-3
 
 
 def test_parameters_reject_duplicate_sources(tmp_path):
@@ -260,7 +289,7 @@ def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
     np.testing.assert_array_equal(np.asarray(resumed_index.embeddings), np.asarray(reference_index.embeddings))
 
 
-def test_checkpoint_write_error_stops_build_and_resume_continues(shared_data, tmp_path, monkeypatch):
+def test_checkpoint_write_error_resumable(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     uninterrupted = build_index(parameters([source], tmp_path / "reference"))
     params = parameters([source], tmp_path / "index")

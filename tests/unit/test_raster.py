@@ -503,13 +503,19 @@ def test_direct_read_matches_warp_inside_raster(shared_data):
     assert np.array_equal(chip, direct_values)
 
 
-def test_direct_read_declines_downsampled_edges_and_reprojection(shared_data):
+def test_downsampled_edge_uses_warper(shared_data):
     source = RasterSource(shared_data / "geo" / "naip_timeseries" / "m_4709963_se_14_1_20200831.tif")
-    interior, edge = _interior_and_edge_bounds(source)
+    _, edge = _interior_and_edge_bounds(source)
+
+    assert source._direct_read(edge, source.crs_wkt, 16) is None
+
+
+def test_reprojected_chip_uses_warper(shared_data):
+    source = RasterSource(shared_data / "geo" / "naip_timeseries" / "m_4709963_se_14_1_20200831.tif")
+    interior, _ = _interior_and_edge_bounds(source)
     utm_15n = osr.SpatialReference()
     utm_15n.ImportFromEPSG(32615)
 
-    assert source._direct_read(edge, source.crs_wkt, 16) is None
     assert source._direct_read(interior, utm_15n.ExportToWkt(), 64) is None
 
 
@@ -603,7 +609,7 @@ def test_edge_read_interpolated_without_warper(shared_data, window, valid_rows, 
     assert direct[1].any(axis=0).sum() == valid_columns
 
 
-def test_edge_read_fills_outside_with_model_input_of_zero(shared_data):
+def test_edge_read_outside_is_zero_input(shared_data):
     source = RasterSource(geo(shared_data, "naip_timeseries/m_4709963_se_14_1_20200831.tif"))
     stretch = source.value_stretch(255.0)
     gain = np.array([0.5, 0.25, 2.0], dtype=np.float32).reshape(3, 1, 1)
