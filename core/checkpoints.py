@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
+import zipfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -103,19 +105,32 @@ class _PartialBuild:
             expected_start = chunk.end_position
 
     def resume_state(self, n_sources: int) -> tuple[int, int, np.ndarray]:
-        """Return the next tile position, the tiles embedded so far and the skip counts so far."""
+        """Return the next tile position, the tiles embedded so far and the skip counts so far.
+
+        Chunk files after the first damaged or missing chunk are removed.
+        """
         position = 0
         embedded = 0
         skipped = np.zeros((n_sources, len(SKIP_REASONS)), dtype=np.int64)
         # Embeddings are read too, so that a damaged chunk and those after it are embedded again.
+        kept = set()
         for chunk in self.load_chunks():
             position = chunk.end_position
             embedded += len(chunk.rows)
             skipped += chunk.skipped
+            kept.add(self.chunk_path(chunk.start_position))
+        # Chunks after a gap are embedded again, maybe in other batches, so the old ones would
+        # break the order of the new ones.
+        for path in self.chunk_paths():
+            if path not in kept:
+                path.unlink()
         return position, embedded, skipped
 
+    def chunk_path(self, start_position: int) -> Path:
+        return self.folder / f"{CHUNK_PREFIX}{start_position:012d}{CHUNK_SUFFIX}"
+
     def write_chunk(self, chunk: _Chunk) -> None:
-        path = self.folder / f"{CHUNK_PREFIX}{chunk.start_position:012d}{CHUNK_SUFFIX}"
+        path = self.chunk_path(chunk.start_position)
         temp_path = path.with_name(path.name + ".tmp")
         with open(temp_path, "wb") as stream:
             np.savez(
@@ -146,11 +161,23 @@ class _ChunkWriter:
         self._partial = partial
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookalike-checkpoints")
         self._pending: deque[Future[None]] = deque()
+        self._failed = threading.Event()
 
     def write(self, chunk: _Chunk) -> None:
         while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_PENDING_CHUNKS):
             self._pending.popleft().result()
-        self._pending.append(self._executor.submit(self._partial.write_chunk, chunk))
+        self._pending.append(self._executor.submit(self._write_unless_failed, chunk))
+
+    def _write_unless_failed(self, chunk: _Chunk) -> None:
+        # Once a chunk failed, the chunks queued behind it are dropped: on disk they would sit
+        # after a gap, where no resume can use them.
+        if self._failed.is_set():
+            return
+        try:
+            self._partial.write_chunk(chunk)
+        except BaseException:
+            self._failed.set()
+            raise
 
     def finish(self) -> None:
         """Wait for every chunk; raise the first write error."""
@@ -185,7 +212,7 @@ def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
                 embeddings=data["embeddings"] if with_embeddings else None,
                 skipped=data["skipped"],
             )
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles are read again", path, error)
         return None
 

@@ -48,6 +48,10 @@ MIN_SOURCE_PIXELS_PER_TILE = 16
 # embeddings at 1280 dims, so a larger plan is much more likely a mistake than an intent.
 DEFAULT_MAX_TILE_COUNT = 5_000_000
 
+# Larger thread counts are rejected as typing mistakes: for 10**9 threads onnxruntime failed
+# with a bare allocation error instead of a message.
+MAX_ENCODER_THREADS = 256
+
 
 # -- parameters ---------------------------------------------------------------------------------
 
@@ -192,9 +196,11 @@ class BuildParameters:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LookalikeError(f"{name} {value!r} is invalid; pass a positive integer.")
         threads = self.encoder_threads
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        is_integer = isinstance(threads, int) and not isinstance(threads, bool)
+        if threads is not None and not (is_integer and 1 <= threads <= MAX_ENCODER_THREADS):
             raise LookalikeError(
-                f"encoder_threads {threads!r} is invalid; pass a positive integer, or None for one per core."
+                f"encoder_threads {threads!r} is invalid; pass an integer from 1 to {MAX_ENCODER_THREADS}, or None "
+                "for one per core."
             )
         if self.add_to_existing and self.overwrite_existing_index:
             raise LookalikeError(

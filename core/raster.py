@@ -78,6 +78,11 @@ _IDENTITY_AFFINE = (np.ones((1, 1, 1), np.float32), np.zeros((1, 1, 1), np.float
 # A window up to this factor of the chip size counts as upsampled (1:1 plus float rounding).
 UPSAMPLING_TOLERANCE = 1.0 + 1e-9
 
+# A chip pixel centre this close to the raster's edge, in source pixels, could fall on either
+# side in the warper's own arithmetic, so such chips are left to the warper. Float error on
+# coordinates is far smaller: about 2e-7 px for 1 cm pixels 10,000 km from the CRS origin.
+EDGE_TIE_TOLERANCE_PX = 1e-4
+
 # Distinct (sub-pixel offset, window length, chip size) keys kept per source; a grid uses a few.
 AXIS_LERP_CACHE_SIZE = 256
 
@@ -553,7 +558,7 @@ class RasterSource:
         inside_columns = _centres_inside(column_offset, window_width, size, self.width)
         inside_rows = _centres_inside(row_offset, window_height, size, self.height)
         if inside_columns is None or inside_rows is None:
-            # No chip pixel centre falls on the raster.
+            # No chip pixel centre falls on the raster, or one lies on its edge.
             return None
         columns = self._axis_lerp(column_offset, window_width, size, self.width)
         rows = self._axis_lerp(row_offset, window_height, size, self.height)
@@ -1038,10 +1043,17 @@ def _chip_pixel_centres(offset_px: float, length_px: float, size: int) -> np.nda
 
 
 def _centres_inside(offset_px: float, length_px: float, size: int, raster_length_px: int) -> Optional[slice]:
-    """Return the chip pixels whose centre lies on the raster, ``[0, raster_length_px)``; None if none does."""
+    """Return the chip pixels whose centre lies on the raster, ``[0, raster_length_px)``.
+
+    Returns None when no centre does, or when a centre lies within ``EDGE_TIE_TOLERANCE_PX`` of
+    either edge.
+    """
     if offset_px >= 0 and offset_px + length_px <= raster_length_px:
         return slice(0, size)
     centres = _chip_pixel_centres(offset_px, length_px, size)
+    distance_to_edges = np.minimum(np.abs(centres), np.abs(centres - raster_length_px))
+    if distance_to_edges.min() < EDGE_TIE_TOLERANCE_PX:
+        return None
     inside = np.flatnonzero((centres >= 0.0) & (centres < raster_length_px))
     if inside.size == 0:
         return None

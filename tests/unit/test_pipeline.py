@@ -74,7 +74,7 @@ def test_parameters_reject_full_overlap(tmp_path):
         parameters(["a.tif"], tmp_path / "index", overlap_fraction=1.0)
 
 
-@pytest.mark.parametrize("threads", [0, -2, 1.5, True])
+@pytest.mark.parametrize("threads", [0, -2, 1.5, True, 10**9])
 def test_parameters_reject_bad_encoder_threads(tmp_path, threads):
     with pytest.raises(LookalikeError, match="encoder_threads"):
         parameters(["a.tif"], tmp_path / "index", encoder_threads=threads)
@@ -312,6 +312,61 @@ def test_checkpoint_write_error_resumable(shared_data, tmp_path, monkeypatch):
     resumed = build_index(params)
     assert resumed.tiles_resumed > 0
     assert resumed.tiles_embedded == uninterrupted.tiles_embedded
+
+
+def test_chunks_after_failed_write_dropped(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    uninterrupted = build_index(parameters([source], tmp_path / "reference"))
+    params = parameters([source], tmp_path / "index", batch_size=8)
+    write_chunk = _PartialBuild.write_chunk
+    calls = []
+
+    def slow_failure_at_fourth_chunk(partial, chunk):
+        calls.append(chunk.start_position)
+        if len(calls) == 4:
+            # The chunk behind this one is queued by the time the write fails.
+            time.sleep(0.5)
+            raise OSError(5, "Input/output error")
+        write_chunk(partial, chunk)
+
+    monkeypatch.setattr(_PartialBuild, "write_chunk", slow_failure_at_fourth_chunk)
+    with pytest.raises(OSError, match="Input/output"):
+        build_index(params)
+    monkeypatch.undo()
+
+    assert len(list(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))) == 3
+    resumed = build_index(parameters([source], tmp_path / "index", batch_size=5))
+    assert resumed.tiles_embedded == uninterrupted.tiles_embedded
+
+
+def test_resume_at_other_batch_size_after_gap(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    uninterrupted = build_index(parameters([source], tmp_path / "reference"))
+    params = parameters([source], tmp_path / "index", batch_size=8)
+    batches_seen = []
+    with pytest.raises(CancelledError):
+        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= 6)
+    chunks = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))
+    chunks[2].unlink()
+
+    resumed = build_index(parameters([source], tmp_path / "index", batch_size=5))
+
+    assert resumed.tiles_resumed == batches_seen[1].tiles_done
+    assert resumed.tiles_embedded == uninterrupted.tiles_embedded
+
+
+def test_truncated_checkpoint_read_again(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    params = parameters([source], tmp_path / "index")
+    batches_seen = []
+    with pytest.raises(CancelledError):
+        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= 3)
+    chunk = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))[1]
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+    resumed = build_index(params)
+
+    assert resumed.tiles_resumed == batches_seen[0].tiles_done
 
 
 def test_damaged_checkpoint_is_not_committed(shared_data, tmp_path):

@@ -626,6 +626,30 @@ def test_edge_read_outside_is_zero_input(shared_data):
     assert np.array_equal(out[:, ~valid], np.broadcast_to(offset[:, :, 0], (3, int((~valid).sum()))))
 
 
+def test_centre_on_raster_edge_uses_warper(tmp_path):
+    # 225 px of 0.6 m: chip column 115 of this tile has its centre on the right edge (up to float
+    # error), where only the warper's own arithmetic decides whether it is valid.
+    rng = np.random.default_rng(6)
+    bands = [rng.integers(1, 255, (97, 225), dtype=np.uint8) for _ in range(3)]
+    path = tmp_path / "odd.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 225, 97, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((645000.0, 0.6, 0.0, 3996000.0, 0.0, -0.6))
+    dataset.SetProjection(epsg_wkt(32633))
+    for index, values in enumerate(bands, start=1):
+        dataset.GetRasterBand(index).WriteArray(values)
+    dataset = None
+    source = RasterSource(path)
+    grid = TileGrid.covering(source.bounds, source.crs_wkt, gsd=0.6 * 64 / 224, tile_size_px=224,
+                             overlap_fraction=0.5)
+    bounds = grid.tile_bounds(0, 6)
+
+    chip, valid = source.read_chip(bounds, source.crs_wkt, 224, source.value_stretch(255.0))
+    _, warped_valid = source._warp(bounds, source.crs_wkt, 224, 224)
+
+    assert source._direct_read(bounds, source.crs_wkt, 224) is None
+    assert np.array_equal(valid, warped_valid)
+
+
 def test_geographic_edge_window_uses_warper(tmp_path):
     rng = np.random.default_rng(5)
     path = tmp_path / "degrees.tif"
