@@ -56,6 +56,14 @@ def parameters(sources, index_folder, **overrides) -> BuildParameters:
     return BuildParameters(**values)
 
 
+def build_cancelled_after(params: BuildParameters, batch_count: int) -> list:
+    """Run a build that is cancelled after ``batch_count`` batches; return its progress reports."""
+    batches_seen = []
+    with pytest.raises(CancelledError):
+        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= batch_count)
+    return batches_seen
+
+
 @pytest.fixture(scope="module")
 def encoder() -> OnnxEncoder:
     return OnnxEncoder(TINY_ENCODER)
@@ -343,9 +351,7 @@ def test_resume_at_other_batch_size_after_gap(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     uninterrupted = build_index(parameters([source], tmp_path / "reference"))
     params = parameters([source], tmp_path / "index", batch_size=8)
-    batches_seen = []
-    with pytest.raises(CancelledError):
-        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= 6)
+    batches_seen = build_cancelled_after(params, 6)
     chunks = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))
     chunks[2].unlink()
 
@@ -358,9 +364,7 @@ def test_resume_at_other_batch_size_after_gap(shared_data, tmp_path):
 def test_truncated_checkpoint_read_again(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     params = parameters([source], tmp_path / "index")
-    batches_seen = []
-    with pytest.raises(CancelledError):
-        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= 3)
+    batches_seen = build_cancelled_after(params, 3)
     chunk = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))[1]
     chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
 
@@ -372,9 +376,7 @@ def test_truncated_checkpoint_read_again(shared_data, tmp_path):
 def test_damaged_checkpoint_is_not_committed(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     params = parameters([source], tmp_path / "index")
-    batches_seen = []
-    with pytest.raises(CancelledError):
-        build_index(params, progress=batches_seen.append, is_cancelled=lambda: len(batches_seen) >= 3)
+    batches_seen = build_cancelled_after(params, 3)
     chunks = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))
     partial = _PartialBuild(partial_folder_for(tmp_path / "index"), "unused")
     chunks[1].write_bytes(b"damaged")
