@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from qgis.core import (
+    Qgis,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
@@ -12,6 +13,7 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
@@ -23,6 +25,7 @@ from qgis.core import (
 )
 
 from ..core.encoder import OnnxEncoder, default_model_path
+from ..core.parameters import MAX_ENCODER_THREADS
 from ..core.pipeline import BuildParameters, Progress, Region, build_index
 from .support import (
     ENCODER_PACKAGES,
@@ -53,6 +56,7 @@ PARAMETER_NAMES = {
     "band_indexes": "BANDS",
     "add_to_existing": "APPEND",
     "overwrite_existing_index": "OVERWRITE",
+    "encoder_threads": "ENCODER_THREADS",
 }
 
 
@@ -89,6 +93,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
     BANDS = "BANDS"
     APPEND = "APPEND"
     OVERWRITE = "OVERWRITE"
+    ENCODER_THREADS = "ENCODER_THREADS"
     OUTPUT = "OUTPUT"
 
     TILES_TOTAL = "TILES_TOTAL"
@@ -193,6 +198,17 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         overwrite.setHelp(tr("Replace the index already in the output folder. Cannot be combined with APPEND."))
         self.addParameter(overwrite)
 
+        threads = QgsProcessingParameterNumber(
+            self.ENCODER_THREADS, tr("Encoder threads (0: one per CPU core)"), QgsProcessingParameterNumber.Integer,
+            defaultValue=0, minValue=0, maxValue=MAX_ENCODER_THREADS,
+        )
+        threads.setHelp(tr(
+            "Threads the encoder runs on. 0 uses one per CPU core, the fastest build. One fewer than "
+            "the cores keeps a core free for reading tiles and for QGIS, at some cost in speed."
+        ))
+        threads.setFlags(threads.flags() | _advanced_flag())
+        self.addParameter(threads)
+
         output = QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Index folder"))
         output.setHelp(tr(
             "Folder that receives manifest.json, the HNSW graph, the embeddings and the tile table. It "
@@ -282,6 +298,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
                 band_indexes=parse_band_indexes(self.parameterAsString(parameters, self.BANDS, context), self.BANDS),
                 add_to_existing=self.parameterAsBool(parameters, self.APPEND, context),
                 overwrite_existing_index=self.parameterAsBool(parameters, self.OVERWRITE, context),
+                encoder_threads=self.parameterAsInt(parameters, self.ENCODER_THREADS, context) or None,
             )
 
     def _tile_size(
@@ -328,6 +345,15 @@ def parse_band_indexes(text: str, parameter_name: str) -> Optional[tuple[int, ..
             f"{parameter_name}={text!r} contains a band number below 1; band numbers start at 1."
         ))
     return band_indexes
+
+
+def _advanced_flag() -> Any:
+    # Newer QGIS releases name the flag in Qgis.ProcessingParameterFlag, older ones only on
+    # QgsProcessingParameterDefinition.
+    flags = getattr(Qgis, "ProcessingParameterFlag", None)
+    if flags is not None:
+        return flags.Advanced
+    return QgsProcessingParameterDefinition.FlagAdvanced
 
 
 def _optional_number(

@@ -29,6 +29,7 @@ from qgis.core import (
 from lookalike.core.index import MANIFEST_NAME, TileIndex
 from lookalike.core.pipeline import partial_folder_for
 from lookalike.gis import matches as match_layers
+from lookalike.processing.build_index import _advanced_flag
 from lookalike.processing.provider import LookalikeProvider
 
 ALGORITHM_IDS = ("buildindex", "search", "exportchips", "indexinfo")
@@ -168,6 +169,28 @@ def test_build_writes_manifest(tiny_index, ships_raster):
     assert not partial_folder_for(folder).exists()
 
 
+def test_build_encoder_threads_stored(provider, tmp_path, ships_raster, tiny_encoder):
+    parameters = {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 32,
+        "ENCODER_THREADS": 1,
+        "OUTPUT": str(tmp_path / "index"),
+    }
+
+    run_algorithm("buildindex", parameters)
+
+    manifest = json.loads((tmp_path / "index" / MANIFEST_NAME).read_text(encoding="utf-8"))
+    assert manifest["build_parameters"]["encoder_threads"] == 1
+
+
+def test_build_encoder_threads_is_advanced(provider):
+    definition = provider.algorithm("buildindex").parameterDefinition("ENCODER_THREADS")
+
+    assert definition.defaultValue() == 0
+    assert definition.flags() & _advanced_flag()
+
+
 def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder):
     folder = tmp_path / "naip"
     extent = "486000,486800,5206000,5206800 [EPSG:26914]"
@@ -238,6 +261,7 @@ def test_build_rejects_bad_input(provider, tmp_path, ships_raster, tiny_encoder,
         ({"OVERLAP_PERCENT": 100}, ["OVERLAP_PERCENT=100", "from 0 to 95", "percent of the tile side"]),
         ({"INPUT_RASTERS": ["/nonexistent/scene.tif"]}, ["INPUT_RASTERS", "/nonexistent/scene.tif", "check the path"]),
         ({"ENCODER": "/nonexistent/encoder.onnx"}, ["ENCODER", "/nonexistent/encoder.onnx", "does not exist"]),
+        ({"ENCODER_THREADS": 1000}, ["ENCODER_THREADS=1000"]),
     ],
 )
 def test_build_names_invalid_value(provider, tmp_path, ships_raster, tiny_encoder, overrides, expected):
