@@ -168,6 +168,10 @@ def make_screenshots(output_folder: Path) -> None:
         dock.cleanup()
         QgsProject.instance().clear()
         del bridge
+    # Widgets still alive when exitQgis() runs crash the interpreter on exit, so they go first.
+    window.close()
+    window.deleteLater()
+    QgsApplication.processEvents()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 from qgis.core import Qgis, QgsGeometry, QgsMapLayer, QgsRasterDataProvider, QgsRasterLayer, QgsVectorLayer
-from qgis.gui import QgsFileWidget, QgsMapLayerComboBox
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsRasterBandComboBox
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -21,6 +21,7 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QWidget,
 )
 
 from ..core.encoder import MODELS_DIR, OnnxEncoder
@@ -70,6 +71,10 @@ def progress_text(progress: TileProgress) -> str:
     return " · ".join(parts)
 
 
+def _band_tooltip(encoder_band: str) -> str:
+    return f"Raster band fed to the encoder's {encoder_band} input; auto picks it from the colour interpretation"
+
+
 class BuildPanelMixin:
     """Widgets and slots of the "Index a raster" group, mixed into ``LookalikeDockWidget``.
 
@@ -85,6 +90,13 @@ class BuildPanelMixin:
         self.raster_combo.setFilters(RASTER_LAYER_FILTER)
         self.raster_combo.layerChanged.connect(self._on_raster_layer_changed)
         form.addRow("Raster layer", self.raster_combo)
+        self.band_row = QWidget()
+        self.band_row.setObjectName("lookalikeBands")
+        self.band_layout = QHBoxLayout(self.band_row)
+        self.band_layout.setContentsMargins(0, 0, 0, 0)
+        self.band_combos: List[QgsRasterBandComboBox] = []
+        self._set_band_slots(["red", "green", "blue"])
+        form.addRow("Bands", self.band_row)
 
         self.encoder_combo = QComboBox()
         self.encoder_combo.setObjectName("lookalikeEncoder")
@@ -216,6 +228,8 @@ class BuildPanelMixin:
         )
         if spec.gsd_m and not self._restoring:
             self.gsd_spin.setValue(spec.gsd_m)
+        if [combo.toolTip() for combo in self.band_combos] != [_band_tooltip(band) for band in spec.bands]:
+            self._set_band_slots(list(spec.bands))
         self._update_tile_size_label()
 
     def _update_tile_size_label(self, *_args) -> None:
@@ -226,9 +240,45 @@ class BuildPanelMixin:
         ground_m = size_px * self.gsd_spin.value()
         self.tile_size_label.setText(f"{size_px} px × {self.gsd_spin.value():g} m = {ground_m:g} m")
 
-    # -- raster and extent ---------------------------------------------------------------------
+    # -- raster, bands and extent -------------------------------------------------------------
+
+    def _set_band_slots(self, encoder_bands: List[str]) -> None:
+        """Show one band chooser per encoder input band, each starting at "auto"."""
+        for combo in self.band_combos:
+            self.band_layout.removeWidget(combo)
+            combo.deleteLater()
+        self.band_combos = []
+        for band in encoder_bands:
+            combo = QgsRasterBandComboBox()
+            combo.setShowNotSetOption(True, f"{band}: auto")
+            combo.setToolTip(_band_tooltip(band))
+            self.band_layout.addWidget(combo)
+            self.band_combos.append(combo)
+        self._update_band_combos(self.raster_combo.currentLayer())
+
+    def _update_band_combos(self, layer: Optional[QgsMapLayer]) -> None:
+        # Other layers are first written to a GeoTIFF whose bands need not be numbered like the
+        # layer's (an XYZ layer's one colour band becomes three), so only GDAL rasters get a choice.
+        is_gdal_raster = isinstance(layer, QgsRasterLayer) and layer.providerType() == "gdal"
+        for combo in self.band_combos:
+            combo.setLayer(layer if is_gdal_raster else None)
+            combo.setEnabled(is_gdal_raster)
+
+    def band_indexes(self) -> Optional[Tuple[int, ...]]:
+        """Return the chosen source band per encoder band, or None to pick them from the colour interpretation."""
+        bands = [combo.currentBand() for combo in self.band_combos if combo.isEnabled()]
+        chosen = [band for band in bands if band > 0]
+        if not chosen:
+            return None
+        if len(chosen) != len(self.band_combos):
+            raise LookalikeError(
+                f"Bands are chosen for {len(chosen)} of the encoder's {len(self.band_combos)} input bands; choose "
+                "a raster band for each, or set them all to auto."
+            )
+        return tuple(chosen)
 
     def _on_raster_layer_changed(self, layer: Optional[QgsMapLayer]) -> None:
+        self._update_band_combos(layer)
         if self._restoring or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             return
         self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
@@ -328,6 +378,7 @@ class BuildPanelMixin:
             overlap_fraction=self.overlap_spin.value() / 100.0,
             extent=region,
             mask=self._mask_region(),
+            band_indexes=self.band_indexes(),
             add_to_existing=self.add_to_index_check.isChecked(),
         )
         return jobs.BuildRequest(

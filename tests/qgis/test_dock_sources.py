@@ -20,6 +20,7 @@ from lookalike.ui.dock import EXTENT_MAP_VIEW, OTHER_ENCODER, LookalikeDockWidge
 
 SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
 LARGE_RASTER = Path("geo/planet/difference.tif")
+NAIP_RASTER = Path("geo/naip_timeseries/m_4709963_se_14_1_20200831.tif")
 WEB_MERCATOR_HALF_WIDTH_M = 20037508.342789244
 XYZ_ZOOM = 15
 TASK_TIMEOUT_S = 180.0
@@ -112,6 +113,7 @@ def test_xyz_layer_indexed_through_cloned_provider(dock, shared_data, tmp_path, 
 
     show_layer(qgis_canvas, layer, QgsRectangle(*bounds))
     dock.raster_combo.setLayer(layer)
+    assert not any(combo.isEnabled() for combo in dock.band_combos)
 
     spec = source_spec_for_layer(layer)
     assert not spec.uses_gdal
@@ -198,6 +200,37 @@ def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
     assert dock.start_build() is None
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("No index folder is set" in text for text in warnings)
+
+
+def test_band_choice_reaches_index(dock, shared_data, tmp_path, qgis_canvas):
+    layer = QgsRasterLayer(str(shared_data / NAIP_RASTER), "naip")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.gsd_spin.setValue(40.0)
+    # Near infrared, red, green: a false-colour mapping of the 4-band NAIP scene.
+    for combo, band in zip(dock.band_combos, (4, 1, 2)):
+        combo.setBand(band)
+
+    dock.start_build()
+    wait_for_tasks(dock)
+
+    assert [combo.count() for combo in dock.band_combos] == [5, 5, 5]
+    assert dock.index is not None
+    assert dock.index.sources[0]["band_indexes"] == [4, 1, 2]
+
+
+def test_partial_band_choice_warns(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    layer = QgsRasterLayer(str(shared_data / NAIP_RASTER), "naip")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.band_combos[0].setBand(4)
+
+    assert dock.start_build() is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("Bands are chosen for 1 of the encoder's 3 input bands" in text for text in warnings)
+    assert not (tmp_path / "index").exists()
 
 
 def test_bad_encoder_file_reaches_message_bar(dock, tmp_path, qgis_iface):
