@@ -97,7 +97,9 @@ class _PartialBuild:
         expected_start = 0
         for path in self.chunk_paths():
             chunk = _read_chunk(path, with_embeddings)
-            if chunk is None or chunk.start_position != expected_start:
+            if chunk is None:
+                return
+            if chunk.start_position != expected_start:
                 LOGGER.warning("Ignoring checkpoint %s and those after it: it does not continue at tile %d",
                                path, expected_start)
                 return
@@ -165,8 +167,17 @@ class _ChunkWriter:
 
     def write(self, chunk: _Chunk) -> None:
         while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_PENDING_CHUNKS):
-            self._pending.popleft().result()
+            self._wait(self._pending.popleft())
         self._pending.append(self._executor.submit(self._write_unless_failed, chunk))
+
+    def _wait(self, pending: Future[None]) -> None:
+        try:
+            pending.result()
+        except OSError as error:
+            raise SearchIndexError(
+                f"writing a checkpoint into {self._partial.folder} failed: {error}. Free disk space or fix the "
+                "folder's permissions, then run the build again to continue from the checkpoints written so far."
+            ) from error
 
     def _write_unless_failed(self, chunk: _Chunk) -> None:
         # Once a chunk failed, the chunks queued behind it are dropped: on disk they would sit
@@ -183,7 +194,7 @@ class _ChunkWriter:
         """Wait for every chunk; raise the first write error."""
         try:
             while self._pending:
-                self._pending.popleft().result()
+                self._wait(self._pending.popleft())
         finally:
             self._executor.shutdown(wait=True)
 
@@ -199,6 +210,10 @@ def _read_partial_marker(marker: Path) -> Optional[str]:
 
 
 def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
+    if not zipfile.is_zipfile(path):
+        LOGGER.warning("Checkpoint %s is not an .npz file (damaged or cut short); its tiles and those after it "
+                       "are read again", path)
+        return None
     try:
         with np.load(path, allow_pickle=False) as data:
             start, end = (int(value) for value in data["positions"])
@@ -213,7 +228,7 @@ def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
                 skipped=data["skipped"],
             )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles are read again", path, error)
+        LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles and those after it are read again", path, error)
         return None
 
 

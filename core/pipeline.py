@@ -351,7 +351,8 @@ def _check_not_indexed_yet(index: TileIndex, plans: Sequence[_SourcePlan]) -> No
             if record.get("checksum") == plan.record["checksum"] and record.get("grid") == plan.grid.to_dict():
                 raise SearchIndexError(
                     f"raster {plan.path!r} is already in index {index.folder} with the same grid (source "
-                    f"{record['id']}); remove it from source_paths."
+                    f"{record['id']}), with bands {record.get('band_indexes')}. Leave it out of the rasters to add; "
+                    "to index it with other bands, build a separate index."
                 )
 
 

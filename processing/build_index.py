@@ -199,12 +199,12 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addParameter(overwrite)
 
         threads = QgsProcessingParameterNumber(
-            self.ENCODER_THREADS, tr("Encoder threads (0: one per CPU core)"), QgsProcessingParameterNumber.Integer,
-            defaultValue=0, minValue=0, maxValue=MAX_ENCODER_THREADS,
+            self.ENCODER_THREADS, tr("Encoder threads (0: one per physical core)"),
+            QgsProcessingParameterNumber.Integer, defaultValue=0, minValue=0, maxValue=MAX_ENCODER_THREADS,
         )
         threads.setHelp(tr(
-            "Threads the encoder runs on. 0 uses one per CPU core, the fastest build. One fewer than "
-            "the cores keeps a core free for reading tiles and for QGIS, at some cost in speed."
+            "Threads the encoder runs on. 0 uses one per physical CPU core, the fastest build. One "
+            "fewer than the cores keeps a core free for reading tiles and for QGIS, at some cost in speed."
         ))
         threads.setFlags(threads.flags() | _advanced_flag())
         self.addParameter(threads)

@@ -268,6 +268,13 @@ class BuildPanelMixin:
         """Return the chosen source band per encoder band, or None to pick them from the colour interpretation."""
         bands = [combo.currentBand() for combo in self.band_combos if combo.isEnabled()]
         chosen = [band for band in bands if band > 0]
+        encoder_bands = [band.lower() for band in self.encoder_spec.bands] if self.encoder_spec else []
+        if not chosen and bands and encoder_bands != ["red", "green", "blue"]:
+            # Auto picks red, green and blue, which only an RGB encoder takes.
+            raise LookalikeError(
+                f"The encoder takes the bands {', '.join(self.encoder_spec.bands)}, which auto cannot pick; choose "
+                "a raster band for each in the Bands row."
+            )
         if not chosen:
             return None
         if len(chosen) != len(self.band_combos):
@@ -279,6 +286,9 @@ class BuildPanelMixin:
 
     def _on_raster_layer_changed(self, layer: Optional[QgsMapLayer]) -> None:
         self._update_band_combos(layer)
+        # Band numbers chosen for another raster mean other bands here, so each starts at auto.
+        for combo in self.band_combos:
+            combo.setBand(-1)
         if self._restoring or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             return
         self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
@@ -469,6 +479,10 @@ class BuildPanelMixin:
             return
         self.status_label.setText("The build failed; see the message bar.")
         self._report_failure("Building the index", task)
+        folder = request.params.index_folder if request is not None else ""
+        if self.index is None and folder and (Path(folder) / MANIFEST_NAME).is_file():
+            # A failed build leaves the index that was there before, so it is searchable again.
+            self.open_index(folder)
 
     # -- index ---------------------------------------------------------------------------------
 

@@ -6,7 +6,9 @@ path runs without a network.
 
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
+from typing import Optional
 
 import pytest
 from osgeo import gdal, osr
@@ -14,6 +16,7 @@ from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
+from lookalike.core.errors import LookalikeError
 from lookalike.gis.raster_layers import ProviderBlockReader, rasters_folder_for, source_spec_for_layer
 from lookalike.gis.tasks import TaskOutcome
 from lookalike.ui.dock import EXTENT_MAP_VIEW, OTHER_ENCODER, LookalikeDockWidget
@@ -203,10 +206,7 @@ def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
 
 
 def test_band_choice_reaches_index(dock, shared_data, tmp_path, qgis_canvas):
-    layer = QgsRasterLayer(str(shared_data / NAIP_RASTER), "naip")
-    show_layer(qgis_canvas, layer)
-    dock.raster_combo.setLayer(layer)
-    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    choose_raster(dock, qgis_canvas, shared_data / NAIP_RASTER, "naip", tmp_path / "index")
     dock.gsd_spin.setValue(40.0)
     # Near infrared, red, green: a false-colour mapping of the 4-band NAIP scene.
     for combo, band in zip(dock.band_combos, (4, 1, 2)):
@@ -221,16 +221,55 @@ def test_band_choice_reaches_index(dock, shared_data, tmp_path, qgis_canvas):
 
 
 def test_partial_band_choice_warns(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
-    layer = QgsRasterLayer(str(shared_data / NAIP_RASTER), "naip")
-    show_layer(qgis_canvas, layer)
-    dock.raster_combo.setLayer(layer)
-    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    choose_raster(dock, qgis_canvas, shared_data / NAIP_RASTER, "naip", tmp_path / "index")
     dock.band_combos[0].setBand(4)
 
     assert dock.start_build() is None
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("Bands are chosen for 1 of the encoder's 3 input bands" in text for text in warnings)
     assert not (tmp_path / "index").exists()
+
+
+def test_band_choice_resets_on_layer_switch(dock, shared_data, qgis_canvas):
+    naip = QgsRasterLayer(str(shared_data / NAIP_RASTER), "naip")
+    ships = QgsRasterLayer(str(shared_data / SHIPS_RASTER), "ships")
+    show_layer(qgis_canvas, naip)
+    QgsProject.instance().addMapLayer(ships)
+    dock.raster_combo.setLayer(naip)
+    for combo, band in zip(dock.band_combos, (4, 1, 2)):
+        combo.setBand(band)
+
+    dock.raster_combo.setLayer(ships)
+
+    assert [combo.currentBand() for combo in dock.band_combos] == [-1, -1, -1]
+    assert all(combo.currentText().endswith(": auto") for combo in dock.band_combos)
+    assert dock.band_indexes() is None
+
+
+def test_auto_bands_need_rgb_encoder(dock, shared_data, qgis_canvas):
+    choose_raster(dock, qgis_canvas, shared_data / NAIP_RASTER, "naip")
+    dock.encoder_spec = replace(dock.encoder_spec, bands=("nir", "red", "green"))
+
+    with pytest.raises(LookalikeError, match="nir, red, green, which auto cannot pick"):
+        dock.band_indexes()
+    for combo, band in zip(dock.band_combos, (4, 1, 2)):
+        combo.setBand(band)
+    assert dock.band_indexes() == (4, 1, 2)
+
+
+def test_failed_append_keeps_index_open(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    choose_raster(dock, qgis_canvas, shared_data / SHIPS_RASTER, "ships", tmp_path / "index")
+    dock.start_build()
+    wait_for_tasks(dock)
+    dock.add_to_index_check.setChecked(True)
+
+    dock.start_build()
+    wait_for_tasks(dock)
+
+    critical = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert any("already in index" in text for text in critical)
+    assert dock.index is not None
+    assert dock.index.count > 0
 
 
 def test_bad_encoder_file_reaches_message_bar(dock, tmp_path, qgis_iface):
@@ -261,6 +300,16 @@ def test_query_outside_index_reports_error(dock, shared_data, tmp_path, qgis_can
     wait_for_tasks(dock)
     critical = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
     assert any("outside every indexed raster" in text for text in critical)
+
+
+def choose_raster(dock, canvas, path: Path, name: str, index_folder: Optional[Path] = None) -> QgsRasterLayer:
+    """Show the raster on the canvas, choose it in the dock and set the index folder."""
+    layer = QgsRasterLayer(str(path), name)
+    show_layer(canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    if index_folder is not None:
+        dock.index_folder.setFilePath(str(index_folder))
+    return layer
 
 
 def test_geographic_raster_gets_metric_defaults(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):

@@ -311,7 +311,7 @@ def test_checkpoint_write_error_resumable(shared_data, tmp_path, monkeypatch):
         written.append(chunk.start_position)
 
     monkeypatch.setattr(_PartialBuild, "write_chunk", disk_full_at_fourth_chunk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(SearchIndexError, match="No space left on device. Free disk space"):
         build_index(params)
     monkeypatch.undo()
 
@@ -338,7 +338,7 @@ def test_chunks_after_failed_write_dropped(shared_data, tmp_path, monkeypatch):
         write_chunk(partial, chunk)
 
     monkeypatch.setattr(_PartialBuild, "write_chunk", slow_failure_at_fourth_chunk)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(SearchIndexError, match="Input/output"):
         build_index(params)
     monkeypatch.undo()
 
