@@ -255,6 +255,22 @@ class BuildPanelMixin:
             self.band_layout.addWidget(combo)
             self.band_combos.append(combo)
         self._update_band_combos(self.raster_combo.currentLayer())
+        self.restore_band_choice(getattr(self, "_band_choice_to_restore", ""))
+
+    def restore_band_choice(self, text: str) -> None:
+        """Choose the bands stored as ``"4,1,2"``.
+
+        A choice for another number of inputs than the current encoder's waits for the next
+        encoder to load.
+        """
+        bands = [int(value) for value in text.split(",") if value.strip().isdigit()]
+        if len(bands) != len(self.band_combos):
+            # The encoder that loads later may take this many bands.
+            self._band_choice_to_restore = text
+            return
+        self._band_choice_to_restore = ""
+        for combo, band in zip(self.band_combos, bands):
+            combo.setBand(band)
 
     def _update_band_combos(self, layer: Optional[QgsMapLayer]) -> None:
         # Other layers are first written to a GeoTIFF whose bands need not be numbered like the
@@ -289,6 +305,8 @@ class BuildPanelMixin:
         # Band numbers chosen for another raster mean other bands here, so each starts at auto.
         for combo in self.band_combos:
             combo.setBand(-1)
+        if not self._restoring:
+            self._band_choice_to_restore = ""
         if self._restoring or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             return
         self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))

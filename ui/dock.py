@@ -181,6 +181,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         state = project_state.DockState(
             index_folder=str(self.index.folder) if self.index is not None else self.index_folder.filePath(),
             raster_layer_id=layer.id() if layer is not None else "",
+            band_indexes=",".join(str(combo.currentBand()) for combo in self.band_combos if combo.currentBand() > 0),
             encoder_path=self.encoder_path(),
             gsd=self.gsd_spin.value(),
             overlap_percent=self.overlap_spin.value(),
@@ -198,6 +199,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             layer = self.project.mapLayer(state.raster_layer_id) if state.raster_layer_id else None
             if layer is not None:
                 self.raster_combo.setLayer(layer)
+            self.restore_band_choice(state.band_indexes)
             if state.encoder_path:
                 position = self.encoder_combo.findData(state.encoder_path)
                 if position >= 0:

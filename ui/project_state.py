@@ -17,10 +17,15 @@ SCOPE = "lookalike"
 
 @dataclass
 class DockState:
-    """Settings the dock restores from a project; GSD in metres per encoder pixel, overlap in percent."""
+    """Settings the dock restores from a project; GSD in metres per encoder pixel, overlap in percent.
+
+    ``band_indexes`` contains the chosen raster band per encoder input band, comma-separated, or is
+    empty for auto.
+    """
 
     index_folder: str = ""
     raster_layer_id: str = ""
+    band_indexes: str = ""
     encoder_path: str = ""
     overlap_percent: int = 0
     gsd: float = 0.0

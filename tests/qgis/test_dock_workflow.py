@@ -217,6 +217,22 @@ def test_dock_project_reopen_reloads_index(dock, ships_layer, tmp_path):
     assert dock.raster_combo.currentLayer().name() == "ships"
 
 
+def test_dock_project_reopen_restores_bands(dock, ships_layer, tmp_path):
+    dock.raster_combo.setLayer(ships_layer)
+    for combo, band in zip(dock.band_combos, (3, 2, 1)):
+        combo.setBand(band)
+    build(dock, tmp_path / "index")
+    project_path = tmp_path / "ships.qgz"
+    assert QgsProject.instance().write(str(project_path))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(dock)
+
+    assert [combo.currentBand() for combo in dock.band_combos] == [3, 2, 1]
+    assert dock.index.sources[0]["band_indexes"] == [3, 2, 1]
+
+
 def test_dock_missing_index_offers_locate(dock, ships_layer, tmp_path, qgis_iface, monkeypatch):
     dock.raster_combo.setLayer(ships_layer)
     folder = tmp_path / "index"
