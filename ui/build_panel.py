@@ -95,6 +95,7 @@ class BuildPanelMixin:
         self.band_layout = QHBoxLayout(self.band_row)
         self.band_layout.setContentsMargins(0, 0, 0, 0)
         self.band_combos: List[QgsRasterBandComboBox] = []
+        self._band_choice_to_restore = ""
         self._set_band_slots(["red", "green", "blue"])
         form.addRow("Bands", self.band_row)
 
@@ -255,7 +256,7 @@ class BuildPanelMixin:
             self.band_layout.addWidget(combo)
             self.band_combos.append(combo)
         self._update_band_combos(self.raster_combo.currentLayer())
-        self.restore_band_choice(getattr(self, "_band_choice_to_restore", ""))
+        self.restore_band_choice(self._band_choice_to_restore)
 
     def restore_band_choice(self, text: str) -> None:
         """Choose the bands stored as ``"4,1,2"``.
