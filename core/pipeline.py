@@ -554,6 +554,8 @@ def _commit(
         tiles["source_id"] = table_source_ids
         index.add(chunk.embeddings, tiles)
     # Raised before the index is saved, so that no index lacking tiles is written.
+    # NOTE: TileIndex.create has already saved an empty index here, which a failure leaves in the
+    # folder; a rerun with the same parameters replaces it.
     _check_checkpoints_complete(partial, end_position, sum(plan.tile_count for plan in plans))
     for plan, source_id in zip(plans, source_ids):
         counts = {reason: int(count) for reason, count in zip(SKIP_REASONS, skipped[plan.position])}
