@@ -115,16 +115,16 @@ class _PartialBuild:
         embedded = 0
         skipped = np.zeros((n_sources, len(SKIP_REASONS)), dtype=np.int64)
         # Embeddings are read too, so that a damaged chunk and those after it are embedded again.
-        kept = set()
+        resumable_paths = set()
         for chunk in self.load_chunks():
             position = chunk.end_position
             embedded += len(chunk.rows)
             skipped += chunk.skipped
-            kept.add(self.chunk_path(chunk.start_position))
+            resumable_paths.add(self.chunk_path(chunk.start_position))
         # Chunks after a gap are embedded again, maybe in other batches, so the old ones would
         # break the order of the new ones.
         for path in self.chunk_paths():
-            if path not in kept:
+            if path not in resumable_paths:
                 path.unlink()
         return position, embedded, skipped
 
@@ -210,23 +210,25 @@ def _read_partial_marker(marker: Path) -> Optional[str]:
 
 
 def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
-    if not zipfile.is_zipfile(path):
-        LOGGER.warning("Checkpoint %s is not an .npz file (damaged or cut short); its tiles and those after it "
-                       "are read again", path)
-        return None
     try:
-        with np.load(path, allow_pickle=False) as data:
-            start, end = (int(value) for value in data["positions"])
-            return _Chunk(
-                start_position=start,
-                end_position=end,
-                source_positions=data["source_positions"],
-                rows=data["rows"],
-                cols=data["cols"],
-                # An npz member is read only when asked for, so counting skips the embeddings.
-                embeddings=data["embeddings"] if with_embeddings else None,
-                skipped=data["skipped"],
-            )
+        with open(path, "rb") as stream:
+            if not zipfile.is_zipfile(stream):
+                LOGGER.warning("Checkpoint %s is not an .npz file (damaged or cut short); its tiles and those "
+                               "after it are read again", path)
+                return None
+            stream.seek(0)
+            with np.load(stream, allow_pickle=False) as data:
+                start, end = (int(value) for value in data["positions"])
+                return _Chunk(
+                    start_position=start,
+                    end_position=end,
+                    source_positions=data["source_positions"],
+                    rows=data["rows"],
+                    cols=data["cols"],
+                    # An npz member is read only when asked for, so counting skips the embeddings.
+                    embeddings=data["embeddings"] if with_embeddings else None,
+                    skipped=data["skipped"],
+                )
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
         LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles and those after it are read again", path, error)
         return None

@@ -165,10 +165,6 @@ class RasterSource:
             for index in self.band_indexes
         )
         self._band_nodata_values = self._nodata_only_values()
-        # The same values shaped (bands, 1, 1), so one comparison checks every band of a block.
-        self._band_nodata_array = (
-            None if self._band_nodata_values is None else np.array(self._band_nodata_values)[:, None, None]
-        )
         self._axis_lerp_cache: dict[tuple[float, float, int], _AxisLerp] = {}
         self._scratch_array: Optional[np.ndarray] = None
         self._checksum: Optional[str] = None
@@ -494,7 +490,6 @@ class RasterSource:
 
         size = int(size_px)
         window = (column_offset, row_offset, window_width, window_height)
-        unique_bands = sorted(set(self.band_indexes))
         # The tolerance keeps a 1:1 window whose width is off by float rounding on this path.
         if window_width <= size * UPSAMPLING_TOLERANCE and window_height <= size * UPSAMPLING_TOLERANCE:
             # The warper can fill a window of a raster in degrees from across the antimeridian
@@ -520,6 +515,7 @@ class RasterSource:
             if source_pixels_per_chip_pixel > AVERAGE_RESAMPLING_MIN_RATIO
             else gdal.GRIORA_Bilinear
         )
+        unique_bands = sorted(set(self.band_indexes))
         try:
             with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}"):
                 stack = self._dataset.ReadAsArray(
@@ -613,7 +609,7 @@ class RasterSource:
         valid = np.zeros((size, size), dtype=bool)
         valid[inside_rows, inside_columns] = True
         # What a zero pixel becomes through the affine map, as the warper's outside pixels do.
-        chip[:, ~valid] = np.broadcast_to(offset, (chip.shape[0], 1, 1))[:, :, 0]
+        np.copyto(chip, offset, where=~valid)
         valid_rows = _restrict(rows, inside_rows)
         valid_columns = _restrict(columns, inside_columns)
         valid_block = block[
@@ -685,10 +681,13 @@ class RasterSource:
 
     def _has_nodata(self, every_band: np.ndarray) -> bool:
         """Tell whether any band of ``every_band`` (all bands, in order) contains its nodata value."""
-        return bool(np.any(every_band == self._band_nodata_array))
+        return bool(np.any(every_band == self._band_nodata_values))
 
-    def _nodata_only_values(self) -> Optional[tuple[float, ...]]:
-        """Return every band's nodata value when nodata is the raster's only source of invalid pixels."""
+    def _nodata_only_values(self) -> Optional[np.ndarray]:
+        """Return every band's nodata value when nodata is the raster's only source of invalid pixels.
+
+        The values are shaped ``(bands, 1, 1)``, so one comparison checks every band of a block.
+        """
         if self.alpha_band_index is not None:
             return None
         values = []
@@ -698,7 +697,7 @@ class RasterSource:
             if band.GetMaskFlags() != gdal.GMF_NODATA or nodata is None or not math.isfinite(nodata):
                 return None
             values.append(nodata)
-        return tuple(values)
+        return np.array(values)[:, None, None]
 
     def _mask_bands(self) -> list[Any]:
         mask_bands = []
@@ -984,7 +983,7 @@ class _AxisLerp(NamedTuple):
     ``lower``, ``upper`` index the neighbours of each chip pixel from ``first``, and
     ``upper_weight`` (float32, for interpolating) and ``exact_upper_weight`` (float64) give the
     upper neighbour's share. For the interpolation matrix ``W`` (chip pixels by source pixels),
-    ``sums`` holds its column sums and ``gram`` is ``W.T @ W``, tridiagonal because each chip
+    ``sums`` contains its column sums and ``gram`` is ``W.T @ W``, tridiagonal because each chip
     pixel mixes two neighbouring source pixels.
     """
 

@@ -71,10 +71,6 @@ def progress_text(progress: TileProgress) -> str:
     return " · ".join(parts)
 
 
-def _band_tooltip(encoder_band: str) -> str:
-    return f"Raster band fed to the encoder's {encoder_band} input; auto picks it from the colour interpretation"
-
-
 class BuildPanelMixin:
     """Widgets and slots of the "Index a raster" group, mixed into ``LookalikeDockWidget``.
 
@@ -229,7 +225,7 @@ class BuildPanelMixin:
         )
         if spec.gsd_m and not self._restoring:
             self.gsd_spin.setValue(spec.gsd_m)
-        if [combo.toolTip() for combo in self.band_combos] != [_band_tooltip(band) for band in spec.bands]:
+        if self._band_slot_names != list(spec.bands):
             self._set_band_slots(list(spec.bands))
         self._update_tile_size_label()
 
@@ -249,10 +245,13 @@ class BuildPanelMixin:
             self.band_layout.removeWidget(combo)
             combo.deleteLater()
         self.band_combos = []
+        self._band_slot_names = list(encoder_bands)
         for band in encoder_bands:
             combo = QgsRasterBandComboBox()
             combo.setShowNotSetOption(True, f"{band}: auto")
-            combo.setToolTip(_band_tooltip(band))
+            combo.setToolTip(
+                f"Raster band fed to the encoder's {band} input; auto picks it from the colour interpretation"
+            )
             self.band_layout.addWidget(combo)
             self.band_combos.append(combo)
         self._update_band_combos(self.raster_combo.currentLayer())

@@ -347,7 +347,7 @@ def test_chunks_after_failed_write_dropped(shared_data, tmp_path, monkeypatch):
     assert resumed.tiles_embedded == uninterrupted.tiles_embedded
 
 
-def test_resume_at_other_batch_size_after_gap(shared_data, tmp_path):
+def test_gap_resumes_at_other_batch_size(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     uninterrupted = build_index(parameters([source], tmp_path / "reference"))
     params = parameters([source], tmp_path / "index", batch_size=8)

@@ -660,7 +660,7 @@ def test_geographic_edge_window_uses_warper(tmp_path):
         dataset.GetRasterBand(index).WriteArray(rng.integers(0, 256, (20, 20), dtype=np.uint8))
     dataset = None
     source = RasterSource(path)
-    # The warper wraps such windows across the antimeridian, so it alone reads them.
+    # The warper can fill such windows from across the antimeridian, so it alone reads them.
     assert source._direct_read((9.995, 49.99, 10.005, 50.0), source.crs_wkt, 224) is None
 
 
