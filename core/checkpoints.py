@@ -219,7 +219,7 @@ def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
             stream.seek(0)
             with np.load(stream, allow_pickle=False) as data:
                 start, end = (int(value) for value in data["positions"])
-                return _Chunk(
+                chunk = _Chunk(
                     start_position=start,
                     end_position=end,
                     source_positions=data["source_positions"],
@@ -229,9 +229,38 @@ def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
                     embeddings=data["embeddings"] if with_embeddings else None,
                     skipped=data["skipped"],
                 )
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
         LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles and those after it are read again", path, error)
         return None
+    problem = _chunk_problem(chunk)
+    if problem is not None:
+        LOGGER.warning("Checkpoint %s is damaged (%s); its tiles and those after it are read again", path, problem)
+        return None
+    return chunk
+
+
+def _chunk_problem(chunk: _Chunk) -> Optional[str]:
+    """Say what is wrong with the members of a chunk read from disk, or return None."""
+    # np.load hands back the raw bytes of a member that is not an .npy array.
+    members = {"source_positions": chunk.source_positions, "rows": chunk.rows, "cols": chunk.cols,
+               "skipped": chunk.skipped}
+    if chunk.embeddings is not None:
+        members["embeddings"] = chunk.embeddings
+    for name, values in members.items():
+        if not isinstance(values, np.ndarray):
+            return f"{name} is not an array"
+    if chunk.rows.ndim != 1:
+        return f"rows of shape {chunk.rows.shape}"
+    tile_count = len(chunk.rows)
+    if not chunk.start_position <= chunk.end_position:
+        return f"positions {chunk.start_position} to {chunk.end_position} run backwards"
+    if chunk.source_positions.shape != (tile_count,) or chunk.cols.shape != (tile_count,):
+        return "rows, cols and source positions differ in length"
+    if chunk.embeddings is not None and (chunk.embeddings.ndim != 2 or len(chunk.embeddings) != tile_count):
+        return f"embeddings of shape {chunk.embeddings.shape} for {tile_count} tiles"
+    if chunk.skipped.ndim != 2 or chunk.skipped.shape[1] != len(SKIP_REASONS):
+        return f"skip counts of shape {chunk.skipped.shape}"
+    return None
 
 
 def _write_atomically(path: Path, content: bytes) -> None:

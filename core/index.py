@@ -240,13 +240,16 @@ class TileIndex:
         build_parameters: Optional[Mapping[str, Any]] = None,
         overwrite: bool = False,
         random_seed: int = DEFAULT_RANDOM_SEED,
+        save_empty: bool = True,
     ) -> TileIndex:
-        """Create an empty index in ``folder`` and save it.
+        """Create an empty index in ``folder`` and, unless ``save_empty`` is False, save it.
 
         ``encoder_info`` has ``name``, ``checksum`` (sha256), ``embedding_dim`` and ``spec`` (a
         JSON-serialisable dict). ``folder`` may be missing or empty. A folder that contains an
         index is replaced only with ``overwrite=True``, atomically, and files in it that are not
-        the index's stay. A non-empty folder that is not an index is never written to.
+        the index's stay. A non-empty folder that is not an index is never written to. With
+        ``save_empty=False`` nothing is written until :meth:`save`, so an index being replaced
+        stays whole until the new one is complete.
         """
         import hnswlib
 
@@ -326,7 +329,8 @@ class TileIndex:
             np.empty((0, info["embedding_dim"]), dtype=EMBEDDING_DTYPE),
             np.empty(0, dtype=TILE_TABLE_DTYPE),
         )
-        index.save()
+        if save_empty:
+            index.save()
         logger.info("created index %s (encoder %s, dim %d)", folder, info["name"], info["embedding_dim"])
         return index
 

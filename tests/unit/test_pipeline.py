@@ -4,6 +4,7 @@ import json
 import threading
 import time
 import tracemalloc
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +387,52 @@ def test_damaged_checkpoint_is_not_committed(shared_data, tmp_path):
 
     resumed = build_index(params)
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
+
+
+def damage_embeddings_after_count_pass(monkeypatch, chunk_number: int) -> None:
+    """Make one chunk's embeddings unreadable once the count pass has read the chunks' small members."""
+    count_pass = pipeline_module._counts_from_checkpoints
+
+    def count_then_damage(partial, *args):
+        counts = count_pass(partial, *args)
+        chunk_path = partial.chunk_paths()[chunk_number]
+        with np.load(chunk_path, allow_pickle=False) as data:
+            members = {name: data[name] for name in data.files if name != "embeddings"}
+        with zipfile.ZipFile(chunk_path, "w") as archive:
+            for name, values in members.items():
+                with archive.open(f"{name}.npy", "w") as stream:
+                    np.lib.format.write_array(stream, values)
+            archive.writestr("embeddings.npy", b"not an array")
+        return counts
+
+    monkeypatch.setattr(pipeline_module, "_counts_from_checkpoints", count_then_damage)
+
+
+def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
+    params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index")
+    damage_embeddings_after_count_pass(monkeypatch, 1)
+
+    with pytest.raises(LookalikeError, match="Run the build again"):
+        build_index(params)
+
+    assert not (tmp_path / "index" / "manifest.json").exists()
+    monkeypatch.undo()
+    resumed = build_index(params)
+    assert resumed.tiles_resumed > 0
+    assert TileIndex.open(tmp_path / "index").count == resumed.tiles_embedded
+
+
+def test_failed_commit_keeps_the_index_it_would_replace(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    first = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+    damage_embeddings_after_count_pass(monkeypatch, 1)
+
+    with pytest.raises(LookalikeError, match="Run the build again"):
+        build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
+
+    kept = TileIndex.open(tmp_path / "index")
+    assert kept.count == first.tiles_embedded
+    assert kept.manifest["build_parameters"]["overlap_fraction"] == 0.0
 
 
 def test_resume_with_other_batch_size(shared_data, tmp_path):
