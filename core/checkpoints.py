@@ -54,21 +54,43 @@ class _Chunk:
     skipped: np.ndarray
 
 
-class _PartialBuild:
-    """The ``<index>.partial/`` folder: a marker with the build id and one chunk per batch."""
+@dataclass(frozen=True)
+class _ChunkLayout:
+    """What the chunks of one build can contain, for checking chunks read back from disk.
 
-    def __init__(self, folder: Path, build_id: str) -> None:
+    ``grid_shapes`` holds each source's ``(n_rows, n_cols)``, in source position order.
+    """
+
+    tiles_total: int
+    grid_shapes: tuple[tuple[int, int], ...]
+    embedding_dim: int
+
+
+class _PartialBuild:
+    """The ``<index>.partial/`` folder: a marker with the build id and one chunk per batch.
+
+    With a ``layout``, chunks whose tiles, counts or embeddings do not fit the build are
+    treated as damaged when read.
+    """
+
+    def __init__(self, folder: Path, build_id: str, layout: Optional[_ChunkLayout] = None) -> None:
         self.folder = folder
         self.build_id = build_id
+        self.layout = layout
 
     @classmethod
-    def open_or_create(cls, folder: Path, build_id: str) -> _PartialBuild:
+    def open_or_create(cls, folder: Path, build_id: str, layout: Optional[_ChunkLayout] = None) -> _PartialBuild:
         """Reuse a checkpoint folder of the same build, or start a new one.
 
         A checkpoint folder of a different build (other parameters, sources or encoder) is
-        removed. A folder at that path without the marker file is not ours and is never touched.
+        removed. A folder at that path without the marker file is not ours and is never touched,
+        unless it holds nothing but the marker's temporary file, left by a run stopped while
+        writing the marker.
         """
         marker = folder / PARTIAL_MARKER_NAME
+        if folder.exists() and _holds_only_marker_temp(folder):
+            LOGGER.info("Removing %s: a run stopped while creating it", folder)
+            shutil.rmtree(folder)
         if folder.exists():
             stored_id = _read_partial_marker(marker)
             if stored_id is None:
@@ -77,7 +99,7 @@ class _PartialBuild:
                     "missing); move it away or choose another index folder."
                 )
             if stored_id == build_id:
-                return cls(folder, build_id)
+                return cls(folder, build_id, layout)
             LOGGER.warning("Discarding the checkpoints in %s: they belong to a build with other parameters, "
                            "sources or encoder, so their tiles are read again", folder)
             shutil.rmtree(folder)
@@ -87,7 +109,7 @@ class _PartialBuild:
             json.dumps({"format": PARTIAL_FORMAT, "format_version": PARTIAL_FORMAT_VERSION,
                         "build_id": build_id}).encode("utf-8"),
         )
-        return cls(folder, build_id)
+        return cls(folder, build_id, layout)
 
     def chunk_paths(self) -> list[Path]:
         return sorted(self.folder.glob(f"{CHUNK_PREFIX}*{CHUNK_SUFFIX}"))
@@ -96,7 +118,7 @@ class _PartialBuild:
         """Yield the chunks in tile order; stops at a gap, so only a contiguous prefix counts."""
         expected_start = 0
         for path in self.chunk_paths():
-            chunk = _read_chunk(path, with_embeddings)
+            chunk = _read_chunk(path, with_embeddings, self.layout)
             if chunk is None:
                 return
             if chunk.start_position != expected_start:
@@ -125,7 +147,10 @@ class _PartialBuild:
         # break the order of the new ones.
         for path in self.chunk_paths():
             if path not in resumable_paths:
-                path.unlink()
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink()
         return position, embedded, skipped
 
     def chunk_path(self, start_position: int) -> Path:
@@ -209,7 +234,7 @@ def _read_partial_marker(marker: Path) -> Optional[str]:
     return str(content.get("build_id", ""))
 
 
-def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
+def _read_chunk(path: Path, with_embeddings: bool = True, layout: Optional[_ChunkLayout] = None) -> Optional[_Chunk]:
     try:
         with open(path, "rb") as stream:
             if not zipfile.is_zipfile(stream):
@@ -218,7 +243,13 @@ def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
                 return None
             stream.seek(0)
             with np.load(stream, allow_pickle=False) as data:
-                start, end = (int(value) for value in data["positions"])
+                positions = data["positions"]
+                if not (isinstance(positions, np.ndarray) and np.issubdtype(positions.dtype, np.integer)
+                        and positions.shape == (2,)):
+                    LOGGER.warning("Checkpoint %s is damaged (its positions are not two integers); its tiles "
+                                   "and those after it are read again", path)
+                    return None
+                start, end = (int(value) for value in positions)
                 chunk = _Chunk(
                     start_position=start,
                     end_position=end,
@@ -232,35 +263,67 @@ def _read_chunk(path: Path, with_embeddings: bool = True) -> Optional[_Chunk]:
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
         LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles and those after it are read again", path, error)
         return None
-    problem = _chunk_problem(chunk)
+    problem = _chunk_problem(chunk, layout)
     if problem is not None:
         LOGGER.warning("Checkpoint %s is damaged (%s); its tiles and those after it are read again", path, problem)
         return None
     return chunk
 
 
-def _chunk_problem(chunk: _Chunk) -> Optional[str]:
-    """Say what is wrong with the members of a chunk read from disk, or return None."""
+def _chunk_problem(chunk: _Chunk, layout: Optional[_ChunkLayout]) -> Optional[str]:
+    """Say what is wrong with the members of a chunk read from disk, or return None.
+
+    The zip format's checksums catch damaged bytes; these checks catch members that are whole
+    but cannot belong to the build, which would otherwise stop every commit or put wrong
+    tiles into the index.
+    """
     # np.load hands back the raw bytes of a member that is not an .npy array.
     members = {"source_positions": chunk.source_positions, "rows": chunk.rows, "cols": chunk.cols,
                "skipped": chunk.skipped}
-    if chunk.embeddings is not None:
-        members["embeddings"] = chunk.embeddings
     for name, values in members.items():
-        if not isinstance(values, np.ndarray):
-            return f"{name} is not an array"
-    if chunk.rows.ndim != 1:
-        return f"rows of shape {chunk.rows.shape}"
-    tile_count = len(chunk.rows)
-    if not chunk.start_position <= chunk.end_position:
-        return f"positions {chunk.start_position} to {chunk.end_position} run backwards"
-    if chunk.source_positions.shape != (tile_count,) or chunk.cols.shape != (tile_count,):
-        return "rows, cols and source positions differ in length"
-    if chunk.embeddings is not None and (chunk.embeddings.ndim != 2 or len(chunk.embeddings) != tile_count):
-        return f"embeddings of shape {chunk.embeddings.shape} for {tile_count} tiles"
-    if chunk.skipped.ndim != 2 or chunk.skipped.shape[1] != len(SKIP_REASONS):
-        return f"skip counts of shape {chunk.skipped.shape}"
+        if not isinstance(values, np.ndarray) or not np.issubdtype(values.dtype, np.integer):
+            return f"{name} is not an integer array"
+    tile_count = len(chunk.rows) if chunk.rows.ndim == 1 else -1
+    if tile_count < 0 or chunk.source_positions.shape != (tile_count,) or chunk.cols.shape != (tile_count,):
+        return "rows, cols and source positions are not lists of one length"
+    if chunk.skipped.ndim != 2 or chunk.skipped.shape[1] != len(SKIP_REASONS) or (chunk.skipped < 0).any():
+        return f"skip counts of shape {chunk.skipped.shape} or below zero"
+    if not 0 <= chunk.start_position <= chunk.end_position:
+        return f"positions {chunk.start_position} to {chunk.end_position}"
+    if chunk.end_position - chunk.start_position != tile_count + int(chunk.skipped.sum()):
+        return (f"positions {chunk.start_position} to {chunk.end_position} do not match {tile_count} tiles "
+                f"and {int(chunk.skipped.sum())} skipped")
+    if (chunk.rows < 0).any() or (chunk.cols < 0).any() or (chunk.source_positions < 0).any():
+        return "a row, column or source position below zero"
+    embeddings = chunk.embeddings
+    if embeddings is not None:
+        if not isinstance(embeddings, np.ndarray) or not np.issubdtype(embeddings.dtype, np.floating):
+            return "embeddings are not a floating-point array"
+        if embeddings.ndim != 2 or len(embeddings) != tile_count:
+            return f"embeddings of shape {embeddings.shape} for {tile_count} tiles"
+        if not np.isfinite(embeddings).all() or not np.any(embeddings != 0, axis=1).all():
+            return "embeddings with non-finite values or all zeros"
+    if layout is None:
+        return None
+    if chunk.end_position > layout.tiles_total:
+        return f"positions up to {chunk.end_position} in a build of {layout.tiles_total} tiles"
+    if chunk.skipped.shape[0] != len(layout.grid_shapes):
+        return f"skip counts for {chunk.skipped.shape[0]} sources in a build of {len(layout.grid_shapes)}"
+    if embeddings is not None and embeddings.shape[1] != layout.embedding_dim:
+        return f"{embeddings.shape[1]}-dim embeddings from a {layout.embedding_dim}-dim encoder"
+    if tile_count and chunk.source_positions.max() >= len(layout.grid_shapes):
+        return f"source position {int(chunk.source_positions.max())} in a build of {len(layout.grid_shapes)}"
+    shapes = np.asarray(layout.grid_shapes, dtype=np.int64).reshape(-1, 2)[chunk.source_positions]
+    if (chunk.rows >= shapes[:, 0]).any() or (chunk.cols >= shapes[:, 1]).any():
+        return "a tile outside its source's grid"
     return None
+
+
+def _holds_only_marker_temp(folder: Path) -> bool:
+    """Tell whether ``folder`` is a directory that holds only the checkpoint marker's temporary file."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    return [entry.name for entry in folder.iterdir()] == [PARTIAL_MARKER_NAME + ".tmp"]
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
@@ -274,5 +337,6 @@ def _write_atomically(path: Path, content: bytes) -> None:
 
 def partial_folder_for(index_folder: PathLike) -> Path:
     """Return the checkpoint folder of a build into ``index_folder``: ``<index_folder>.partial``."""
-    folder = Path(index_folder)
+    # An absolute path gives "." and "sub/.." a name to add the suffix to.
+    folder = Path(os.path.abspath(os.fspath(index_folder)))
     return folder.with_name(folder.name + PARTIAL_SUFFIX)

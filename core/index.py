@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tokenize
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -82,6 +83,13 @@ NORM_TOLERANCE = 1e-3
 DATA_FILE_KINDS = ("graph", "embeddings", "tiles")
 DATA_FILE_PATTERN = re.compile(r"^(graph|embeddings|tiles)\.(\d{6})\.(hnsw|npy)(\.tmp)?$")
 DATA_FILE_EXTENSIONS = {"graph": "hnsw", "embeddings": "npy", "tiles": "npy"}
+
+# What index_folder_state() finds in a folder an index is about to be written into.
+FOLDER_EMPTY = "empty"
+FOLDER_INDEX = "index"
+FOLDER_DAMAGED_INDEX = "damaged index"
+FOLDER_UNFINISHED = "unfinished save"
+FOLDER_FOREIGN = "foreign"
 
 ENCODER_KEYS = ("name", "checksum", "embedding_dim", "spec")
 SOURCE_REQUIRED_KEYS = ("path", "grid")
@@ -269,27 +277,31 @@ class TileIndex:
         previous_generation = 0
         if folder.exists() and not folder.is_dir():
             raise SearchIndexError(f"index folder {folder} is a file; choose a folder path")
-        if folder.is_dir() and any(folder.iterdir()):
-            manifest_path = folder / MANIFEST_NAME
-            if not manifest_path.is_file():
+        state = index_folder_state(folder)
+        if state == FOLDER_FOREIGN:
+            # Another program's files, or its manifest.json (a web app, a dataset), do not make
+            # the folder ours, so even overwrite=True must not write there.
+            if (folder / MANIFEST_NAME).is_file():
                 raise SearchIndexError(
-                    f"folder {folder} is not empty and contains no index ({MANIFEST_NAME} is missing); "
-                    "choose an empty or new folder for the index"
+                    f"folder {folder} is not a Lookalike index: its {MANIFEST_NAME} belongs to another "
+                    "program; choose an empty or new folder for the index"
                 )
-            # Another program's manifest.json (a web app, a dataset) does not make the folder
-            # ours, so even overwrite=True must not write there.
-            if not is_index_manifest(manifest_path):
-                raise SearchIndexError(
-                    f"folder {folder} is not a Lookalike index: its {MANIFEST_NAME} has no format "
-                    f"{FORMAT_NAME!r}; choose an empty or new folder for the index"
-                )
+            raise SearchIndexError(
+                f"folder {folder} is not empty and contains no index; choose an empty or new folder for the index"
+            )
+        if state in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
             if not overwrite:
                 raise SearchIndexError(
                     f"folder {folder} already contains an index; open it with TileIndex.open, or pass "
                     "overwrite=True to replace it"
                 )
-            previous_generation = _read_generation_for_overwrite(manifest_path)
-        folder.mkdir(parents=True, exist_ok=True)
+            previous_generation = _read_generation_for_overwrite(folder / MANIFEST_NAME)
+        elif state == FOLDER_UNFINISHED:
+            # Files of a first save that stopped before its manifest: nothing can open them, and
+            # the save below replaces or removes them.
+            logger.warning("replacing the files of an unfinished save in %s", folder)
+        if save_empty:
+            folder.mkdir(parents=True, exist_ok=True)
 
         # The graph stores L2-normalised vectors in hnswlib's "ip" space, whose distance is
         # 1 - dot product, so cosine similarity is 1 - distance. hnswlib's "cosine" space would
@@ -341,8 +353,6 @@ class TileIndex:
         Raises ``SearchIndexError`` when the folder or a file is missing, the format version is
         not this one, or the files disagree with the manifest or with each other.
         """
-        import hnswlib
-
         folder = Path(folder)
         if folder.is_file():
             raise SearchIndexError(
@@ -350,6 +360,20 @@ class TileIndex:
             )
         if not folder.is_dir():
             raise SearchIndexError(f"index folder {folder} not found; check the path or build an index there")
+        try:
+            return cls._load(folder)
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError, SyntaxError,
+                tokenize.TokenError) as error:
+            # Files edited or overwritten by hand fail in many ways inside json, NumPy and hnswlib.
+            raise SearchIndexError(
+                f"the index in {folder} is damaged and cannot be opened ({type(error).__name__}: {error}); build "
+                "it again and choose to replace the existing index"
+            ) from error
+
+    @classmethod
+    def _load(cls, folder: Path) -> TileIndex:
+        import hnswlib
+
         manifest = _read_manifest(folder)
         count = manifest["tile_count"]
         embedding_dim = manifest["encoder"]["embedding_dim"]
@@ -603,12 +627,20 @@ class TileIndex:
     def save(self) -> None:
         """Write the index atomically as a new generation and remove older generations.
 
-        Raises ``core.lock.IndexLockedError`` when another build or save holds the folder's lock.
+        Raises ``core.lock.IndexLockedError`` when another build or save holds the folder's lock,
+        and ``SearchIndexError`` when a file cannot be written.
         """
         with index_lock(self._folder):
-            self._save_unlocked()
+            try:
+                self._save_unlocked()
+            except OSError as error:
+                raise SearchIndexError(
+                    f"saving the index in {self._folder} failed: {error}. Free disk space or fix the folder's "
+                    "permissions, then try again; the index saved there before is unchanged."
+                ) from error
 
     def _save_unlocked(self) -> None:
+        self._folder.mkdir(parents=True, exist_ok=True)
         generation = int(self._manifest["generation"]) + 1
         embeddings = self.embeddings
         tile_table = self.tile_table
@@ -785,6 +817,48 @@ def read_manifest_json(manifest_path: Path) -> Optional[dict[str, Any]]:
     return content if isinstance(content, dict) else None
 
 
+def index_folder_state(folder: Path) -> str:
+    """Classify ``folder`` before an index is written into it; return one of the ``FOLDER_*`` values.
+
+    ``FOLDER_EMPTY``: missing or empty. ``FOLDER_INDEX``: it has a Lookalike manifest.
+    ``FOLDER_DAMAGED_INDEX``: its manifest cannot be parsed and everything else in it is an index
+    file. ``FOLDER_UNFINISHED``: index files only, no manifest, as a first save that stopped
+    leaves them. ``FOLDER_FOREIGN``: anything else, which is never written to.
+    """
+    if not folder.is_dir():
+        return FOLDER_EMPTY
+    names = [entry.name for entry in folder.iterdir()]
+    if not names:
+        return FOLDER_EMPTY
+    manifest_path = folder / MANIFEST_NAME
+    if manifest_path.is_file() and is_index_manifest(manifest_path):
+        return FOLDER_INDEX
+    others = [name for name in names if name != MANIFEST_NAME]
+    only_index_files = all(
+        (DATA_FILE_PATTERN.match(name) is not None or name == MANIFEST_NAME + ".tmp") and (folder / name).is_file()
+        for name in others
+    )
+    if not only_index_files:
+        return FOLDER_FOREIGN
+    if MANIFEST_NAME not in names:
+        return FOLDER_UNFINISHED
+    # A manifest that parses as JSON but is not ours belongs to another program.
+    if manifest_path.is_file() and others and not _parses_as_json(manifest_path):
+        return FOLDER_DAMAGED_INDEX
+    return FOLDER_FOREIGN
+
+
+def _parses_as_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_bytes())
+    except ValueError:
+        return False
+    except OSError:
+        # Unreadable is not proof of damage; the folder is then left alone.
+        return True
+    return True
+
+
 def is_index_manifest(manifest_path: Path) -> bool:
     """Tell whether ``manifest_path`` is a Lookalike manifest: a JSON object whose format is ours."""
     content = read_manifest_json(manifest_path)
@@ -812,7 +886,8 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise SearchIndexError(
-            f"{manifest_path} cannot be read as JSON ({error}); the index is damaged, rebuild it"
+            f"{manifest_path} cannot be read as JSON ({error}); the index is damaged; build it again "
+            "and choose to replace the existing index"
         ) from error
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
         raise SearchIndexError(f"{manifest_path} is not a Lookalike index manifest; choose the index folder")
@@ -843,7 +918,13 @@ def _check_data_files(folder: Path, manifest: dict[str, Any]) -> dict[str, Path]
             raise SearchIndexError(
                 f"{folder / MANIFEST_NAME} does not name the {kind} file; the index is damaged, rebuild it"
             )
-        path = folder / entry["name"]
+        name = entry["name"]
+        if not isinstance(name, str) or DATA_FILE_PATTERN.match(name) is None or name.endswith(".tmp"):
+            raise SearchIndexError(
+                f"{folder / MANIFEST_NAME} names {name!r} as the {kind} file, which is not an index file name; "
+                "the index is damaged, rebuild it"
+            )
+        path = folder / name
         if not path.is_file():
             raise SearchIndexError(f"index file {path} is missing; the index is damaged, rebuild it")
         size_bytes = path.stat().st_size

@@ -35,8 +35,11 @@ class IndexLockedError(LookalikeError):
 
 
 def lock_path_for(index_folder: PathLike) -> Path:
-    """Return the lock file of ``index_folder``: ``<index folder>.lock`` beside it."""
-    folder = Path(os.path.abspath(os.fspath(index_folder)))
+    """Return the lock file of ``index_folder``: ``<index folder>.lock`` beside it.
+
+    Symbolic links are resolved first, so that every path to one folder shares one lock.
+    """
+    folder = Path(os.path.realpath(os.fspath(index_folder)))
     return folder.with_name(folder.name + LOCK_SUFFIX)
 
 

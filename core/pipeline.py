@@ -44,6 +44,7 @@ from .checkpoints import (
     PARTIAL_MARKER_NAME,
     PARTIAL_SUFFIX,
     _Chunk,
+    _ChunkLayout,
     _ChunkWriter,
     _PartialBuild,
     _read_partial_marker,
@@ -52,7 +53,16 @@ from .checkpoints import (
 from .encoder import OnnxEncoder, default_model_path
 from .errors import CancelledError, LookalikeError, SearchIndexError
 from .grid import TileGrid
-from .index import MANIFEST_NAME, TileIndex, is_index_manifest, make_tile_table, read_manifest_json
+from .index import (
+    FOLDER_DAMAGED_INDEX,
+    FOLDER_FOREIGN,
+    FOLDER_INDEX,
+    MANIFEST_NAME,
+    TileIndex,
+    index_folder_state,
+    make_tile_table,
+    read_manifest_json,
+)
 from .lock import index_lock
 from .parameters import (
     DEFAULT_MAX_TILE_COUNT,
@@ -144,18 +154,23 @@ def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
     folder = Path(params.index_folder)
     if folder.exists() and not folder.is_dir():
         raise SearchIndexError(f"index folder {folder} is a file; choose a folder path for the index.")
-    manifest_path = folder / MANIFEST_NAME
-    has_index = manifest_path.is_file() and is_index_manifest(manifest_path)
-    if manifest_path.is_file() and not has_index:
-        # Another program's manifest.json: the folder is the user's and is never written to.
-        raise SearchIndexError(
-            f"folder {folder} is not a Lookalike index: its {MANIFEST_NAME} is not a Lookalike manifest "
-            "(no \"format\": \"lookalike-index\"); choose a new or empty folder for the index."
-        )
-    if folder.is_dir() and any(folder.iterdir()) and not has_index:
+    state = index_folder_state(folder)
+    has_index = state == FOLDER_INDEX
+    if state == FOLDER_FOREIGN:
+        # Another program's files or manifest.json: the folder is the user's and is never written to.
+        if (folder / MANIFEST_NAME).is_file():
+            raise SearchIndexError(
+                f"folder {folder} is not a Lookalike index: its {MANIFEST_NAME} is not a Lookalike manifest "
+                "(no \"format\": \"lookalike-index\"); choose a new or empty folder for the index."
+            )
         raise SearchIndexError(
             f"folder {folder} is not empty and contains no Lookalike index ({MANIFEST_NAME} is missing); "
             "choose a new or empty folder for the index."
+        )
+    if state == FOLDER_DAMAGED_INDEX and not params.overwrite_existing_index:
+        raise SearchIndexError(
+            f"the index in {folder} is damaged ({MANIFEST_NAME} cannot be read); set overwrite_existing_index "
+            "to build it again there, or choose another folder."
         )
     if params.add_to_existing:
         if not has_index:
@@ -215,18 +230,16 @@ def _build_index_locked(
         return finished
     if existing_index is not None:
         _check_not_indexed_yet(existing_index, plans)
-    elif (
-        (Path(params.index_folder) / MANIFEST_NAME).is_file()
-        and not params.overwrite_existing_index
-        and not _is_own_unfinished_index(Path(params.index_folder), build_id)
-    ):
+    elif index_folder_state(Path(params.index_folder)) == FOLDER_INDEX and not params.overwrite_existing_index:
         raise SearchIndexError(
             f"{params.index_folder} already contains an index; set add_to_existing to add these rasters "
             "to it, overwrite_existing_index to replace it, or choose another folder."
         )
 
-    partial = _PartialBuild.open_or_create(partial_folder, build_id)
     tiles_total = sum(plan.tile_count for plan in plans)
+    layout = _ChunkLayout(tiles_total, tuple((plan.grid.n_rows, plan.grid.n_cols) for plan in plans),
+                          encoder.spec.embedding_dim)
+    partial = _PartialBuild.open_or_create(partial_folder, build_id, layout)
     start_position, embedded, skipped = partial.resume_state(len(plans))
     if start_position:
         LOGGER.info("Resuming the build of %s at tile %d of %d from %s", params.index_folder,
@@ -242,7 +255,12 @@ def _build_index_locked(
         raise LookalikeError(_nothing_embedded_message(params, plans, skipped))
     warnings.extend(_empty_source_warnings(plans, embedded_by_source, skipped))
     source_ids = _commit(params, encoder, plans, partial, build_id, existing_index, int(embedded_by_source.sum()))
-    partial.remove()
+    try:
+        partial.remove()
+    except OSError as error:
+        # The index is saved; the next run of this build finds it and removes the checkpoints.
+        LOGGER.warning("The index in %s is saved, but its checkpoints %s could not be removed (%s); delete "
+                       "that folder or run the build again to remove them", params.index_folder, partial.folder, error)
 
     _, embedded, skipped = _totals_from_index(params.index_folder, build_id, len(plans))
     elapsed_s = time.monotonic() - started_at
@@ -370,16 +388,33 @@ def _finished_report(
     encoder: OnnxEncoder,
     started_at: float,
 ) -> Optional[BuildReport]:
-    """Return a report when an earlier run of this build committed the index but did not clean up."""
-    if not partial_folder.exists() or not (Path(params.index_folder) / MANIFEST_NAME).is_file():
+    """Return a report when the index already holds this build's tiles, or None.
+
+    That is the case after an earlier run committed the index but stopped before removing its
+    checkpoints, and when a finished build is run again. A rerun with
+    ``overwrite_existing_index``, or with HNSW parameters other than the index's, is not
+    finished: it replaces the index as asked, or is refused by the caller.
+    """
+    if index_folder_state(Path(params.index_folder)) != FOLDER_INDEX:
         return None
-    source_ids, embedded, skipped = _totals_from_index(params.index_folder, build_id, len(plans))
+    has_checkpoints = partial_folder.exists()
+    if not has_checkpoints and (params.overwrite_existing_index or not _same_graph_parameters(params)):
+        return None
+    try:
+        source_ids, embedded, skipped = _totals_from_index(params.index_folder, build_id, len(plans))
+    except SearchIndexError as error:
+        # A damaged index holds nothing finished; replacing it is up to overwrite_existing_index.
+        LOGGER.info("Not reusing the index in %s: %s", params.index_folder, error)
+        return None
     if not source_ids:
         return None
-    LOGGER.info("The build of %s was already committed; removing its checkpoints %s",
-                params.index_folder, partial_folder)
-    if _read_partial_marker(partial_folder / PARTIAL_MARKER_NAME) == build_id:
-        shutil.rmtree(partial_folder)
+    if has_checkpoints:
+        LOGGER.info("The build of %s was already committed; removing its checkpoints %s",
+                    params.index_folder, partial_folder)
+        if _read_partial_marker(partial_folder / PARTIAL_MARKER_NAME) == build_id:
+            shutil.rmtree(partial_folder)
+    else:
+        LOGGER.info("%s already holds the tiles of this build; nothing to do", params.index_folder)
     tiles_total = sum(plan.tile_count for plan in plans)
     return BuildReport(
         index_folder=params.index_folder,
@@ -395,6 +430,16 @@ def _finished_report(
         encoder_name=encoder.name,
         already_complete=True,
     )
+
+
+def _same_graph_parameters(params: BuildParameters) -> bool:
+    """Tell whether the index in ``params.index_folder`` has the HNSW parameters ``params`` asks for."""
+    if params.add_to_existing:
+        # Added tiles go into the index's own graph, whatever the parameters say.
+        return True
+    stored = read_manifest_json(Path(params.index_folder) / MANIFEST_NAME) or {}
+    hnsw = stored.get("hnsw") if isinstance(stored.get("hnsw"), dict) else {}
+    return hnsw.get("m") == params.hnsw_m and hnsw.get("ef_construction") == params.hnsw_ef_construction
 
 
 def _totals_from_index(index_folder: str, build_id: str, n_sources: int) -> tuple[list[int], int, np.ndarray]:
@@ -457,13 +502,15 @@ def _embed_tiles(
                     embeddings = encoder.encode_model_input(batch.chips[: batch.count])
                 else:
                     embeddings = np.empty((0, encoder.spec.embedding_dim), dtype=np.float32)
-                count = batch.count
                 # The batch's own arrays are new for every batch; only its chip array is reused.
-                writer.write(_Chunk(batch.start_position, batch.end_position, batch.source_positions[:count],
-                                    batch.rows[:count], batch.cols[:count], embeddings, batch.skipped))
+                chunk = _without_zero_embeddings(_Chunk(
+                    batch.start_position, batch.end_position, batch.source_positions[: batch.count],
+                    batch.rows[: batch.count], batch.cols[: batch.count], embeddings, batch.skipped,
+                ))
+                writer.write(chunk)
                 position = batch.end_position
-                embedded += batch.count
-                skipped_total += int(batch.skipped.sum())
+                embedded += len(chunk.rows)
+                skipped_total += int(chunk.skipped.sum())
             finally:
                 # The batch is dropped before its slot is freed, and its chip array goes back to
                 # the slots for reuse, so no more arrays exist than slots.
@@ -480,6 +527,24 @@ def _embed_tiles(
         if not all_written:
             _finish_writes_after_error(writer, partial)
     return slots.peak
+
+
+def _without_zero_embeddings(chunk: _Chunk) -> _Chunk:
+    """Count tiles whose embedding is all zeros as blank instead of storing them.
+
+    An all-zero embedding has no direction to compare, so the index refuses it. A model that
+    returns one for a chip would return it again on every run, so the tile is skipped here.
+    """
+    is_zero = ~np.any(chunk.embeddings != 0, axis=1)
+    if not is_zero.any():
+        return chunk
+    LOGGER.warning("The encoder returned all-zero embeddings for %d tiles; they are counted as blank",
+                   int(is_zero.sum()))
+    skipped = chunk.skipped.copy()
+    np.add.at(skipped, (chunk.source_positions[is_zero], SKIP_REASONS.index(SKIP_BLANK)), 1)
+    keep = ~is_zero
+    return _Chunk(chunk.start_position, chunk.end_position, chunk.source_positions[keep], chunk.rows[keep],
+                  chunk.cols[keep], chunk.embeddings[keep], skipped)
 
 
 def _finish_writes_after_error(writer: _ChunkWriter, partial: _PartialBuild) -> None:
@@ -537,17 +602,13 @@ def _commit(
     if existing_index is not None:
         index = existing_index
     else:
-        # Replacing is allowed when the user asked for it, or when the index there is an
-        # unfinished commit of this very build (created, then interrupted before its tiles).
-        folder = Path(params.index_folder)
-        replace = params.overwrite_existing_index or _is_own_unfinished_index(folder, build_id)
         index = TileIndex.create(
-            folder,
+            Path(params.index_folder),
             _encoder_info(encoder),
             m=params.hnsw_m,
             ef_construction=params.hnsw_ef_construction,
             build_parameters={**params.to_dict(), "build_id": build_id},
-            overwrite=replace,
+            overwrite=params.overwrite_existing_index,
             # Sized once for every tile, instead of doubling as the tiles arrive.
             initial_capacity_tiles=max(1, tiles_to_add),
             save_empty=False,
@@ -588,11 +649,3 @@ def _add_to_index(index: TileIndex, chunks: Sequence[tuple[np.ndarray, np.ndarra
     if chunks:
         index.add(np.concatenate([embeddings for embeddings, _ in chunks]),
                   np.concatenate([tiles for _, tiles in chunks]))
-
-
-def _is_own_unfinished_index(folder: Path, build_id: str) -> bool:
-    manifest = read_manifest_json(folder / MANIFEST_NAME)
-    if manifest is None or not is_index_manifest(folder / MANIFEST_NAME):
-        return False
-    build_parameters = manifest.get("build_parameters")
-    return isinstance(build_parameters, dict) and build_parameters.get("build_id") == build_id

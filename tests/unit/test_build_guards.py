@@ -202,6 +202,39 @@ def test_second_writer_is_rejected_while_locked(shared_data, tmp_path):
     assert build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder)).tiles_embedded > 0
 
 
+def test_lock_is_shared_through_a_symbolic_link(shared_data, tmp_path):
+    folder = tmp_path / "index"
+    folder.mkdir()
+    alias = tmp_path / "alias"
+    alias.symlink_to(folder, target_is_directory=True)
+    acquired = threading.Event()
+    release = threading.Event()
+
+    def hold_lock():
+        with index_lock(folder):
+            acquired.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold_lock)
+    holder.start()
+    try:
+        assert acquired.wait(10)
+        with pytest.raises(LookalikeError, match="another build is writing"):
+            build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], alias))
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_current_folder_as_index_folder_gets_a_clear_error(shared_data, tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SearchIndexError, match="not empty and contains no Lookalike index"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], "."))
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"]
+
+
 def test_two_concurrent_builds_one_wins(shared_data, tmp_path):
     folder = tmp_path / "index"
     source = geo(shared_data, "rasterio/RGB.byte.tif")
@@ -310,3 +343,17 @@ def test_discarded_checkpoints_log_warning(shared_data, tmp_path, caplog):
 
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert any(str(partial_folder_for(folder)) in record.getMessage() for record in warnings)
+
+
+def test_json_manifest_of_another_shape_beside_index_files_is_left_alone(tmp_path):
+    folder = tmp_path / "index"
+    folder.mkdir()
+    (folder / "manifest.json").write_text("[1, 2, 3]", encoding="utf-8")
+    (folder / "graph.000001.hnsw").write_bytes(b"not a graph")
+    encoder = OnnxEncoder(TINY_ENCODER)
+    info = {"name": encoder.name, "checksum": encoder.checksum, "embedding_dim": encoder.spec.embedding_dim,
+            "spec": {}}
+
+    with pytest.raises(SearchIndexError, match="not a Lookalike index"):
+        TileIndex.create(folder, info, overwrite=True)
+    assert (folder / "manifest.json").read_text(encoding="utf-8") == "[1, 2, 3]"

@@ -426,7 +426,7 @@ def test_crash_before_manifest_keeps_old_index(tmp_path: Path, monkeypatch: pyte
         real_replace(source, target)
 
     monkeypatch.setattr(index_module.os, "replace", crash_on_manifest)
-    with pytest.raises(OSError, match="simulated power loss"):
+    with pytest.raises(SearchIndexError, match="simulated power loss.*Free disk space"):
         index.save()
     monkeypatch.setattr(index_module.os, "replace", real_replace)
 
@@ -452,7 +452,7 @@ def test_crash_between_data_files_keeps_old_index(tmp_path: Path, monkeypatch: p
         raise OSError("disk full")
 
     monkeypatch.setattr(index_module, "_write_npy", crash_writing_tiles)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SearchIndexError, match="disk full"):
         index.save()
 
     assert TileIndex.open(folder).count == 10
@@ -580,3 +580,26 @@ def test_recall_data_is_not_trivial(tmp_path: Path) -> None:
     # A starved graph must fail the threshold, or the recall test above could never fail.
     starved = hnsw_recall_at_10(tmp_path / "index", m=4, ef_construction=16, ef_search=10)
     assert starved < 0.9
+
+
+MANIFEST_DAMAGE = {
+    "files as a list": lambda manifest: manifest.update(files=[]),
+    "encoder as text": lambda manifest: manifest.update(encoder="efficientnet"),
+    "no HNSW space": lambda manifest: manifest["hnsw"].pop("space"),
+    "HNSW as null": lambda manifest: manifest.update(hnsw=None),
+    "unknown HNSW space": lambda manifest: manifest["hnsw"].update(space="banana"),
+    "file outside the folder": lambda manifest: manifest["files"]["tiles"].update(name="../other/tiles.000001.npy"),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(MANIFEST_DAMAGE))
+def test_open_names_the_damaged_index(tmp_path: Path, damage: str) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=10)
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    MANIFEST_DAMAGE[damage](manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest), encoding="utf-8")
+
+    with pytest.raises(SearchIndexError, match="damaged") as error:
+        TileIndex.open(folder)
+    assert str(folder) in str(error.value)

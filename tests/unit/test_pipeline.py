@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, osr
 
+from lookalike.core import index as index_module
 from lookalike.core import pipeline as pipeline_module
 from lookalike.core.checkpoints import _PartialBuild
 from lookalike.core.encoder import OnnxEncoder
@@ -389,6 +390,98 @@ def test_damaged_checkpoint_is_not_committed(shared_data, tmp_path):
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
 
 
+def rewrite_chunk(chunk_path: Path, change) -> None:
+    """Write the chunk again as a valid .npz with ``change(members)`` applied to its arrays."""
+    with np.load(chunk_path, allow_pickle=False) as data:
+        members = {name: data[name] for name in data.files}
+    change(members)
+    np.savez(chunk_path, **members)
+
+
+def shift_end(members):
+    members["positions"] = members["positions"] - [0, 3]
+
+
+CHUNK_DAMAGE = {
+    "end too small for its tiles": shift_end,
+    "narrower embeddings": lambda members: members.update(embeddings=members["embeddings"][:, :-1]),
+    "NaN embedding": lambda members: members["embeddings"].__setitem__((0, 0), np.nan),
+    "all-zero embedding": lambda members: members["embeddings"].__setitem__(0, 0.0),
+    "row outside the grid": lambda members: members.update(rows=members["rows"] + 1000),
+    "source position past the sources": lambda members: members.update(
+        source_positions=members["source_positions"] + 5),
+    "rows as floats": lambda members: members.update(rows=members["rows"].astype(np.float64) + 0.5),
+    "skip counts for two sources": lambda members: members.update(
+        skipped=np.vstack([members["skipped"], np.zeros_like(members["skipped"])])),
+    "positions as floats": lambda members: members.update(positions=members["positions"].astype(np.float64)),
+    "embeddings as text": lambda members: members.update(embeddings=members["embeddings"].astype(str)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(CHUNK_DAMAGE))
+def test_damaged_chunk_members_are_embedded_again(shared_data, tmp_path, damage):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    reference = build_index(parameters([source], tmp_path / "reference"))
+    params = parameters([source], tmp_path / "index")
+    batches_seen = build_cancelled_after(params, 3)
+    chunk_path = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))[1]
+    rewrite_chunk(chunk_path, CHUNK_DAMAGE[damage])
+
+    resumed = build_index(params)
+
+    assert resumed.tiles_resumed == batches_seen[0].tiles_done
+    np.testing.assert_array_equal(
+        TileIndex.open(tmp_path / "index").tile_table, TileIndex.open(tmp_path / "reference").tile_table
+    )
+    assert resumed.tiles_embedded == reference.tiles_embedded
+
+
+def test_folder_named_like_a_chunk_is_removed(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    params = parameters([source], tmp_path / "index")
+    batches_seen = build_cancelled_after(params, 3)
+    chunk_path = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))[1]
+    chunk_path.unlink()
+    chunk_path.mkdir()
+    (chunk_path / "inside.txt").write_text("x", encoding="utf-8")
+
+    resumed = build_index(params)
+
+    assert resumed.tiles_resumed == batches_seen[0].tiles_done
+
+
+def test_marker_left_unfinished_does_not_block_the_build(shared_data, tmp_path):
+    params = parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "index")
+    partial = partial_folder_for(tmp_path / "index")
+    partial.mkdir()
+    (partial / "partial_build.json.tmp").write_bytes(b'{"format": "lookalike-par')
+
+    report = build_index(params)
+
+    assert TileIndex.open(tmp_path / "index").count == report.tiles_embedded
+    assert not partial.exists()
+
+
+def test_all_zero_embeddings_are_counted_as_blank(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    reference = build_index(parameters([source], tmp_path / "reference"))
+    real_encode = OnnxEncoder.encode_model_input
+
+    def first_row_zero(self, chips):
+        embeddings = real_encode(self, chips)
+        embeddings[0] = 0.0
+        return embeddings
+
+    monkeypatch.setattr(OnnxEncoder, "encode_model_input", first_row_zero)
+    report = build_index(parameters([source], tmp_path / "index"))
+
+    batches = -(-reference.tiles_total // 16)
+    assert report.tiles_embedded + report.tiles_skipped == report.tiles_total
+    assert report.skipped_by_reason["blank"] >= reference.skipped_by_reason["blank"] + 1
+    assert report.tiles_embedded < reference.tiles_embedded <= report.tiles_embedded + batches
+    assert TileIndex.open(tmp_path / "index").count == report.tiles_embedded
+
+
 def damage_embeddings_after_count_pass(monkeypatch, chunk_number: int) -> None:
     """Make one chunk's embeddings unreadable once the count pass has read the chunks' small members."""
     count_pass = pipeline_module._counts_from_checkpoints
@@ -415,7 +508,7 @@ def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
     with pytest.raises(LookalikeError, match="Run the build again"):
         build_index(params)
 
-    assert not (tmp_path / "index" / "manifest.json").exists()
+    assert not (tmp_path / "index").exists()
     monkeypatch.undo()
     resumed = build_index(params)
     assert resumed.tiles_resumed > 0
@@ -484,23 +577,65 @@ def test_rerun_after_commit_only_cleans_up(shared_data, tmp_path):
     assert not partial.exists()
 
 
-def test_rerun_replaces_own_unfinished_index(shared_data, tmp_path, encoder):
+def test_rerun_of_finished_build_keeps_the_index(shared_data, tmp_path):
+    first_source = geo(shared_data, "rasterio/rgb1.tif")
+    first = build_index(parameters([first_source], tmp_path / "index"))
+    build_index(parameters([geo(shared_data, "rasterio/rgb2.tif")], tmp_path / "index", add_to_existing=True))
+    before = TileIndex.open(tmp_path / "index")
+
+    again = build_index(parameters([first_source], tmp_path / "index"))
+
+    after = TileIndex.open(tmp_path / "index")
+    assert again.already_complete
+    assert again.tiles_embedded == first.tiles_embedded
+    assert len(after.sources) == 2
+    assert after.count == before.count
+    assert after.manifest["generation"] == before.manifest["generation"]
+
+
+def test_rerun_with_other_graph_parameters_is_refused(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/rgb1.tif")
-    reference = build_index(parameters([source], tmp_path / "reference"))
-    params = parameters([source], tmp_path / "index")
-    calls = []
-    with pytest.raises(CancelledError):
-        build_index(params, progress=calls.append, is_cancelled=lambda: len(calls) >= 1)
-    # A crash right after the commit created the empty index leaves it beside the checkpoints.
-    marker = json.loads((partial_folder_for(tmp_path / "index") / "partial_build.json").read_text(encoding="utf-8"))
-    encoder_info = {"name": encoder.name, "checksum": encoder.checksum, "embedding_dim": encoder.spec.embedding_dim,
-                    "spec": {}}
-    TileIndex.create(tmp_path / "index", encoder_info, build_parameters={"build_id": marker["build_id"]})
+    build_index(parameters([source], tmp_path / "index"))
+
+    with pytest.raises(SearchIndexError, match="already contains an index"):
+        build_index(parameters([source], tmp_path / "index", hnsw_m=16))
+
+    replaced = build_index(parameters([source], tmp_path / "index", hnsw_m=16, overwrite_existing_index=True))
+    assert not replaced.already_complete
+    assert TileIndex.open(tmp_path / "index").hnsw_parameters["m"] == 16
+
+
+def test_interrupted_first_save_resumes(shared_data, tmp_path, monkeypatch):
+    params = parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "index")
+    reference = build_index(parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "reference"))
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(index_module, "_write_embeddings", disk_full)
+    with pytest.raises(SearchIndexError, match="Free disk space"):
+        build_index(params)
+    # The graph file of the stopped save is there, its manifest is not.
+    assert not (tmp_path / "index" / "manifest.json").exists()
+    assert any((tmp_path / "index").iterdir())
+    monkeypatch.undo()
 
     resumed = build_index(params)
 
-    assert resumed.tiles_resumed > 0
+    assert resumed.tiles_resumed == resumed.tiles_total
     assert TileIndex.open(tmp_path / "index").count == reference.tiles_embedded
+
+
+def test_damaged_manifest_is_replaced_only_when_asked(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    first = build_index(parameters([source], tmp_path / "index"))
+    (tmp_path / "index" / "manifest.json").write_text("{ not json", encoding="utf-8")
+
+    with pytest.raises(SearchIndexError, match="damaged"):
+        build_index(parameters([source], tmp_path / "index"))
+
+    build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
+    assert TileIndex.open(tmp_path / "index").count == first.tiles_embedded
 
 
 # -- index folder safety
