@@ -58,7 +58,7 @@ class _Chunk:
 class _ChunkLayout:
     """What the chunks of one build can contain, for checking chunks read back from disk.
 
-    ``grid_shapes`` holds each source's ``(n_rows, n_cols)``, in source position order.
+    ``grid_shapes`` contains each source's ``(n_rows, n_cols)``, in source position order.
     """
 
     tiles_total: int
@@ -84,11 +84,11 @@ class _PartialBuild:
 
         A checkpoint folder of a different build (other parameters, sources or encoder) is
         removed. A folder at that path without the marker file is not ours and is never touched,
-        unless it holds nothing but the marker's temporary file, left by a run stopped while
+        unless it contains nothing but the marker's temporary file, left by a run stopped while
         writing the marker.
         """
         marker = folder / PARTIAL_MARKER_NAME
-        if folder.exists() and _holds_only_marker_temp(folder):
+        if folder.exists() and _contains_only_marker_temp(folder):
             LOGGER.info("Removing %s: a run stopped while creating it", folder)
             shutil.rmtree(folder)
         if folder.exists():
@@ -319,8 +319,8 @@ def _chunk_problem(chunk: _Chunk, layout: Optional[_ChunkLayout]) -> Optional[st
     return None
 
 
-def _holds_only_marker_temp(folder: Path) -> bool:
-    """Tell whether ``folder`` is a directory that holds only the checkpoint marker's temporary file."""
+def _contains_only_marker_temp(folder: Path) -> bool:
+    """Tell whether ``folder`` is a directory that contains only the checkpoint marker's temporary file."""
     if not folder.is_dir() or folder.is_symlink():
         return False
     return [entry.name for entry in folder.iterdir()] == [PARTIAL_MARKER_NAME + ".tmp"]

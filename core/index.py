@@ -84,7 +84,7 @@ DATA_FILE_KINDS = ("graph", "embeddings", "tiles")
 DATA_FILE_PATTERN = re.compile(r"^(graph|embeddings|tiles)\.(\d{6})\.(hnsw|npy)(\.tmp)?$")
 DATA_FILE_EXTENSIONS = {"graph": "hnsw", "embeddings": "npy", "tiles": "npy"}
 
-# What index_folder_state() finds in a folder an index is about to be written into.
+# States of a folder an index is about to be written into, as index_folder_state() returns them.
 FOLDER_EMPTY = "empty"
 FOLDER_INDEX = "index"
 FOLDER_DAMAGED_INDEX = "damaged index"

@@ -129,10 +129,8 @@ __all__ = [
 
 LOGGER = get_logger("pipeline")
 
-# Checkpoint chunks are inserted into the graph this many tiles at a time. hnswlib spreads one
-# insert over every core, and with batch-sized inserts of 32 tiles the threads waited on each
-# other: 2,609 NAIP tiles took 0.45 s to insert in batches of 32 and 0.34 s in batches of 1,024
-# (2 cores, M 32, ef_construction 200). 1,024 embeddings of 1,280 floats hold 5 MiB.
+# Tiles per graph insert at commit. hnswlib spreads each insert over every core, so larger inserts
+# wait less: 2,609 NAIP tiles took 0.45 s in inserts of 32 and 0.34 s in inserts of 1,024 (2 cores).
 COMMIT_ADD_TILES = 1024
 
 
@@ -388,12 +386,12 @@ def _finished_report(
     encoder: OnnxEncoder,
     started_at: float,
 ) -> Optional[BuildReport]:
-    """Return a report when the index already holds this build's tiles, or None.
+    """Return a report when the index already contains this build's tiles, or None.
 
     That is the case after an earlier run committed the index but stopped before removing its
     checkpoints, and when a finished build is run again. A rerun with
     ``overwrite_existing_index``, or with HNSW parameters other than the index's, is not
-    finished: it replaces the index as asked, or is refused by the caller.
+    finished: it replaces the index as requested, or is rejected by the caller.
     """
     if index_folder_state(Path(params.index_folder)) != FOLDER_INDEX:
         return None
@@ -403,7 +401,7 @@ def _finished_report(
     try:
         source_ids, embedded, skipped = _totals_from_index(params.index_folder, build_id, len(plans))
     except SearchIndexError as error:
-        # A damaged index holds nothing finished; replacing it is up to overwrite_existing_index.
+        # A damaged index contains no finished build, and only overwrite_existing_index replaces it.
         LOGGER.info("Not reusing the index in %s: %s", params.index_folder, error)
         return None
     if not source_ids:
@@ -414,7 +412,7 @@ def _finished_report(
         if _read_partial_marker(partial_folder / PARTIAL_MARKER_NAME) == build_id:
             shutil.rmtree(partial_folder)
     else:
-        LOGGER.info("%s already holds the tiles of this build; nothing to do", params.index_folder)
+        LOGGER.info("%s already contains the tiles of this build; nothing to do", params.index_folder)
     tiles_total = sum(plan.tile_count for plan in plans)
     return BuildReport(
         index_folder=params.index_folder,
@@ -532,7 +530,7 @@ def _embed_tiles(
 def _without_zero_embeddings(chunk: _Chunk) -> _Chunk:
     """Count tiles whose embedding is all zeros as blank instead of storing them.
 
-    An all-zero embedding has no direction to compare, so the index refuses it. A model that
+    An all-zero embedding has no direction to compare, so the index rejects it. A model that
     returns one for a chip would return it again on every run, so the tile is skipped here.
     """
     is_zero = ~np.any(chunk.embeddings != 0, axis=1)

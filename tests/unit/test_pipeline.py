@@ -593,7 +593,7 @@ def test_rerun_of_finished_build_keeps_the_index(shared_data, tmp_path):
     assert after.manifest["generation"] == before.manifest["generation"]
 
 
-def test_rerun_with_other_graph_parameters_is_refused(shared_data, tmp_path):
+def test_rerun_other_graph_parameters_rejected(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/rgb1.tif")
     build_index(parameters([source], tmp_path / "index"))
 
