@@ -7,6 +7,7 @@ import os
 import shutil
 import threading
 import zipfile
+import zlib
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -56,7 +57,7 @@ class _Chunk:
 
 @dataclass(frozen=True)
 class _ChunkLayout:
-    """What the chunks of one build can contain, for checking chunks read back from disk.
+    """Limits on the chunks of one build, for checking chunks read back from disk.
 
     ``grid_shapes`` contains each source's ``(n_rows, n_cols)``, in source position order.
     """
@@ -84,11 +85,11 @@ class _PartialBuild:
 
         A checkpoint folder of a different build (other parameters, sources or encoder) is
         removed. A folder at that path without the marker file is not ours and is never touched,
-        unless it contains nothing but the marker's temporary file, left by a run stopped while
-        writing the marker.
+        unless it is empty or contains nothing but the marker's temporary file, as a run stopped
+        while creating it leaves it.
         """
         marker = folder / PARTIAL_MARKER_NAME
-        if folder.exists() and _contains_only_marker_temp(folder):
+        if _is_unstarted(folder):
             LOGGER.info("Removing %s: a run stopped while creating it", folder)
             shutil.rmtree(folder)
         if folder.exists():
@@ -174,7 +175,17 @@ class _PartialBuild:
         os.replace(temp_path, path)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=False)
+        """Delete the folder, its marker last, so that a run stopped midway leaves a folder still marked as ours."""
+        marker = self.folder / PARTIAL_MARKER_NAME
+        for entry in self.folder.iterdir():
+            if entry == marker:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        marker.unlink(missing_ok=True)
+        self.folder.rmdir()
 
 
 class _ChunkWriter:
@@ -260,7 +271,10 @@ def _read_chunk(path: Path, with_embeddings: bool = True, layout: Optional[_Chun
                     embeddings=data["embeddings"] if with_embeddings else None,
                     skipped=data["skipped"],
                 )
-    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, NotImplementedError, zlib.error,
+            zipfile.BadZipFile) as error:
+        # Damaged zip headers surface as any of these (an unknown compression method raises
+        # NotImplementedError, a set encryption flag RuntimeError).
         LOGGER.warning("Checkpoint %s cannot be read (%s); its tiles and those after it are read again", path, error)
         return None
     problem = _chunk_problem(chunk, layout)
@@ -273,8 +287,8 @@ def _read_chunk(path: Path, with_embeddings: bool = True, layout: Optional[_Chun
 def _chunk_problem(chunk: _Chunk, layout: Optional[_ChunkLayout]) -> Optional[str]:
     """Say what is wrong with the members of a chunk read from disk, or return None.
 
-    The zip format's checksums catch damaged bytes; these checks catch members that are whole
-    but cannot belong to the build, which would otherwise stop every commit or put wrong
+    The zip format's checksums catch damaged bytes. These checks catch members that are whole
+    but cannot belong to the build, because such a member would stop every commit or put wrong
     tiles into the index.
     """
     # np.load hands back the raw bytes of a member that is not an .npy array.
@@ -316,14 +330,20 @@ def _chunk_problem(chunk: _Chunk, layout: Optional[_ChunkLayout]) -> Optional[st
     shapes = np.asarray(layout.grid_shapes, dtype=np.int64).reshape(-1, 2)[chunk.source_positions]
     if (chunk.rows >= shapes[:, 0]).any() or (chunk.cols >= shapes[:, 1]).any():
         return "a tile outside its source's grid"
+    # Sources are read one after the other, each in row-major order, so tiles only ever move on.
+    tiles_per_source = max(rows * cols for rows, cols in layout.grid_shapes)
+    reading_order = (chunk.source_positions.astype(np.int64) * tiles_per_source
+                     + chunk.rows.astype(np.int64) * shapes[:, 1] + chunk.cols)
+    if (np.diff(reading_order) <= 0).any():
+        return "tiles out of reading order"
     return None
 
 
-def _contains_only_marker_temp(folder: Path) -> bool:
-    """Tell whether ``folder`` is a directory that contains only the checkpoint marker's temporary file."""
+def _is_unstarted(folder: Path) -> bool:
+    """Tell whether ``folder`` is a directory that is empty or contains only the marker's temporary file."""
     if not folder.is_dir() or folder.is_symlink():
         return False
-    return [entry.name for entry in folder.iterdir()] == [PARTIAL_MARKER_NAME + ".tmp"]
+    return [entry.name for entry in folder.iterdir()] in ([], [PARTIAL_MARKER_NAME + ".tmp"])
 
 
 def _write_atomically(path: Path, content: bytes) -> None:
@@ -337,6 +357,7 @@ def _write_atomically(path: Path, content: bytes) -> None:
 
 def partial_folder_for(index_folder: PathLike) -> Path:
     """Return the checkpoint folder of a build into ``index_folder``: ``<index_folder>.partial``."""
-    # An absolute path gives "." and "sub/.." a name to add the suffix to.
-    folder = Path(os.path.abspath(os.fspath(index_folder)))
+    # Resolved like the lock's path, so every spelling of one folder (".", "sub/..", a symbolic
+    # link) finds the same checkpoints.
+    folder = Path(os.path.realpath(os.fspath(index_folder)))
     return folder.with_name(folder.name + PARTIAL_SUFFIX)

@@ -22,8 +22,10 @@ manifest with its complete old files or the new manifest with its complete new f
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
+import struct
 import tokenize
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,7 +34,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import get_logger
-from .errors import SearchError, SearchIndexError
+from .errors import LookalikeError, SearchError, SearchIndexError
 from .grid import TileGrid
 from .lock import index_lock
 
@@ -646,7 +648,7 @@ class TileIndex:
         tile_table = self.tile_table
         paths = {kind: self._folder / _data_file_name(kind, generation) for kind in DATA_FILE_KINDS}
 
-        self._write_atomically(paths["graph"], lambda temp: self._graph.save_index(str(temp)))
+        self._write_atomically(paths["graph"], self._write_graph)
         self._write_atomically(paths["embeddings"], lambda temp: _write_embeddings(temp, embeddings))
         self._write_atomically(paths["tiles"], lambda temp: _write_npy(temp, tile_table))
 
@@ -670,6 +672,12 @@ class TileIndex:
         self._stored_tile_table = tile_table
         self._remove_stale_files(keep={path.name for path in paths.values()})
         logger.info("saved index %s: %d tiles, generation %d", self._folder, self.count, generation)
+
+    def _write_graph(self, path: Path) -> None:
+        self._graph.save_index(str(path))
+        # hnswlib does not report failed writes (a full disk gave a short file and no error), so
+        # the file is checked before it replaces anything.
+        _check_graph_file_length(path, self.count)
 
     def _write_atomically(self, path: Path, write: Any) -> None:
         temp_path = path.with_name(path.name + ".tmp")
@@ -907,7 +915,83 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     count = manifest["tile_count"]
     if isinstance(count, bool) or not isinstance(count, int) or count < 0:
         raise SearchIndexError(f"{manifest_path} has tile_count {count!r}; the index is damaged, rebuild it")
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise SearchIndexError(f"{manifest_path} has {problem}; the index is damaged, rebuild it")
     return manifest
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
+    """Say which entry of a manifest has the wrong type or value, or return None.
+
+    Checked at open so that a manifest edited by hand fails there, naming the entry, and not
+    later inside a search or a build.
+    """
+    for key, kind in (("files", dict), ("encoder", dict), ("hnsw", dict), ("sources", list),
+                      ("build_parameters", dict), ("metric", str)):
+        if not isinstance(manifest[key], kind):
+            return f"{key} of type {type(manifest[key]).__name__}, not {kind.__name__}"
+    encoder = manifest["encoder"]
+    if not all(isinstance(encoder.get(key), str) for key in ("name", "checksum")):
+        return "an encoder without a name or checksum"
+    if not _is_count(encoder.get("embedding_dim")) or not encoder["embedding_dim"]:
+        return f"encoder embedding_dim {encoder.get('embedding_dim')!r}"
+    hnsw = manifest["hnsw"]
+    if hnsw.get("space") != "ip":
+        return f"HNSW space {hnsw.get('space')!r}, not 'ip'"
+    for key in ("m", "ef_construction", "ef_search"):
+        if not _is_count(hnsw.get(key)) or not hnsw[key]:
+            return f"HNSW {key} {hnsw.get(key)!r}"
+    source_tiles = 0
+    for source_id, record in enumerate(manifest["sources"]):
+        if not isinstance(record, dict) or not isinstance(record.get("path"), str):
+            return f"source {source_id} without a path"
+        if not isinstance(record.get("grid"), dict):
+            return f"source {source_id} without a grid"
+        if not isinstance(record.get("skipped_counts", {}), dict) or not _is_count(record.get("tile_count", 0)):
+            return f"source {source_id} with invalid tile or skip counts"
+        try:
+            TileGrid.from_dict(record["grid"])
+        except (LookalikeError, KeyError, TypeError, ValueError) as error:
+            return f"source {source_id} with an invalid grid ({error})"
+        source_tiles += record.get("tile_count", 0)
+    if source_tiles != manifest["tile_count"]:
+        return f"sources with {source_tiles} tiles in all but tile_count {manifest['tile_count']}"
+    return None
+
+
+# The header hnswlib 0.8 writes before the graph: six size_t, the top level (int), the entry point
+# (uint32), three size_t, the level multiplier (double) and ef_construction (size_t).
+_GRAPH_HEADER = struct.Struct("<6Q i I 3Q d Q")
+_LINK_LIST_SIZE = struct.Struct("<I")
+
+
+def _check_graph_file_length(path: Path, expected_count: int) -> None:
+    """Raise OSError unless ``path`` is exactly as long as the hnswlib graph its header describes.
+
+    After the header come ``count`` level-0 records of ``size_data_per_element`` bytes, then for
+    each element a uint32 byte count and that many bytes of upper-level links.
+    """
+    size_bytes = path.stat().st_size
+    if size_bytes < _GRAPH_HEADER.size:
+        raise OSError(f"the graph file {path} is {size_bytes} bytes long, shorter than its header")
+    with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        header = _GRAPH_HEADER.unpack_from(data, 0)
+        count, size_data_per_element = header[2], header[3]
+        position = _GRAPH_HEADER.size + count * size_data_per_element
+        for _ in range(count if count == expected_count else 0):
+            if position + _LINK_LIST_SIZE.size > size_bytes:
+                break
+            position += _LINK_LIST_SIZE.size + _LINK_LIST_SIZE.unpack_from(data, position)[0]
+    if count != expected_count or position != size_bytes:
+        raise OSError(
+            f"the graph file {path} was not written completely ({size_bytes} bytes for {count} of "
+            f"{expected_count} tiles); the disk may be full"
+        )
 
 
 def _check_data_files(folder: Path, manifest: dict[str, Any]) -> dict[str, Path]:

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import queue
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -152,6 +152,11 @@ def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
     folder = Path(params.index_folder)
     if folder.exists() and not folder.is_dir():
         raise SearchIndexError(f"index folder {folder} is a file; choose a folder path for the index.")
+    if folder.is_symlink() and not folder.exists():
+        raise SearchIndexError(
+            f"index folder {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; create "
+            "that folder or choose another path for the index."
+        )
     state = index_folder_state(folder)
     has_index = state == FOLDER_INDEX
     if state == FOLDER_FOREIGN:
@@ -389,15 +394,17 @@ def _finished_report(
     """Return a report when the index already contains this build's tiles, or None.
 
     That is the case after an earlier run committed the index but stopped before removing its
-    checkpoints, and when a finished build is run again. A rerun with
-    ``overwrite_existing_index``, or with HNSW parameters other than the index's, is not
-    finished: it replaces the index as requested, or is rejected by the caller.
+    checkpoints, and when a finished build is run again. A run with ``overwrite_existing_index``,
+    or with HNSW parameters other than the index's, is never finished here: it replaces the
+    index as requested, or is rejected by the caller.
     """
     if index_folder_state(Path(params.index_folder)) != FOLDER_INDEX:
         return None
-    has_checkpoints = partial_folder.exists()
-    if not has_checkpoints and (params.overwrite_existing_index or not _same_graph_parameters(params)):
+    # With overwrite requested, or other HNSW parameters, the index is built again: from the
+    # checkpoints when they are complete, which costs only the commit.
+    if params.overwrite_existing_index or not _same_graph_parameters(params):
         return None
+    has_checkpoints = partial_folder.exists()
     try:
         source_ids, embedded, skipped = _totals_from_index(params.index_folder, build_id, len(plans))
     except SearchIndexError as error:
@@ -410,7 +417,7 @@ def _finished_report(
         LOGGER.info("The build of %s was already committed; removing its checkpoints %s",
                     params.index_folder, partial_folder)
         if _read_partial_marker(partial_folder / PARTIAL_MARKER_NAME) == build_id:
-            shutil.rmtree(partial_folder)
+            _PartialBuild(partial_folder, build_id).remove()
     else:
         LOGGER.info("%s already contains the tiles of this build; nothing to do", params.index_folder)
     tiles_total = sum(plan.tile_count for plan in plans)
@@ -431,9 +438,9 @@ def _finished_report(
 
 
 def _same_graph_parameters(params: BuildParameters) -> bool:
-    """Tell whether the index in ``params.index_folder`` has the HNSW parameters ``params`` asks for."""
+    """Tell whether the index in ``params.index_folder`` has the HNSW parameters that ``params`` requests."""
     if params.add_to_existing:
-        # Added tiles go into the index's own graph, whatever the parameters say.
+        # Added tiles go into the index's own graph, whatever HNSW parameters were passed.
         return True
     stored = read_manifest_json(Path(params.index_folder) / MANIFEST_NAME) or {}
     hnsw = stored.get("hnsw") if isinstance(stored.get("hnsw"), dict) else {}

@@ -226,6 +226,15 @@ def test_lock_is_shared_through_a_symbolic_link(shared_data, tmp_path):
         holder.join()
 
 
+def test_dangling_symbolic_link_as_index_folder_is_rejected(shared_data, tmp_path):
+    link = tmp_path / "index"
+    link.symlink_to(tmp_path / "missing", target_is_directory=True)
+
+    with pytest.raises(SearchIndexError, match="symbolic link to .*missing, which does not exist"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], link))
+    assert not partial_folder_for(link).exists()
+
+
 def test_current_folder_as_index_folder_gets_a_clear_error(shared_data, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
     monkeypatch.chdir(tmp_path)

@@ -237,7 +237,7 @@ def test_open_detects_count_mismatch(tmp_path: Path) -> None:
     manifest["tile_count"] = 4
     manifest_path.write_text(json.dumps(manifest))
 
-    with pytest.raises(SearchIndexError, match="expects float16 \\(4, 16\\)"):
+    with pytest.raises(SearchIndexError, match="3 tiles in all but tile_count 4"):
         TileIndex.open(folder)
 
 
@@ -589,6 +589,11 @@ MANIFEST_DAMAGE = {
     "HNSW as null": lambda manifest: manifest.update(hnsw=None),
     "unknown HNSW space": lambda manifest: manifest["hnsw"].update(space="banana"),
     "file outside the folder": lambda manifest: manifest["files"]["tiles"].update(name="../other/tiles.000001.npy"),
+    "skip counts as null": lambda manifest: manifest["sources"][0].update(skipped_counts=None),
+    "sources as null": lambda manifest: manifest.update(sources=None),
+    "encoder checksum as null": lambda manifest: manifest["encoder"].update(checksum=None),
+    "grid GSD as text": lambda manifest: manifest["sources"][0]["grid"].update(gsd="x"),
+    "source tile count too high": lambda manifest: manifest["sources"][0].update(tile_count=11),
 }
 
 
@@ -603,3 +608,27 @@ def test_open_names_the_damaged_index(tmp_path: Path, damage: str) -> None:
     with pytest.raises(SearchIndexError, match="damaged") as error:
         TileIndex.open(folder)
     assert str(folder) in str(error.value)
+
+
+def test_short_graph_write_keeps_old_index(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    index = filled_index(folder, n=10)
+    index.add(unit_vectors(5, seed=4), make_tile_table(0, np.full(5, 5), np.arange(5)))
+    real_graph = index._graph
+
+    class ShortWrites:
+        """The graph, but its saved file loses its last 100 bytes, as on a full disk."""
+
+        def __getattr__(self, name):
+            return getattr(real_graph, name)
+
+        def save_index(self, path: str) -> None:
+            real_graph.save_index(path)
+            with open(path, "r+b") as stream:
+                stream.truncate(os.path.getsize(path) - 100)
+
+    index._graph = ShortWrites()
+    with pytest.raises(SearchIndexError, match="not written completely"):
+        index.save()
+
+    assert TileIndex.open(folder).count == 10

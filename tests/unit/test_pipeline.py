@@ -415,7 +415,60 @@ CHUNK_DAMAGE = {
         skipped=np.vstack([members["skipped"], np.zeros_like(members["skipped"])])),
     "positions as floats": lambda members: members.update(positions=members["positions"].astype(np.float64)),
     "embeddings as text": lambda members: members.update(embeddings=members["embeddings"].astype(str)),
+    "rows and cols swapped": lambda members: members.update(rows=members["cols"], cols=members["rows"]),
+    "one tile twice": lambda members: members.update(
+        rows=np.r_[members["rows"][:1], members["rows"][:-1]], cols=np.r_[members["cols"][:1], members["cols"][:-1]]),
 }
+
+
+def unknown_compression(chunk_path: Path) -> None:
+    """Mark the first member of the chunk's zip directory as compressed with method 99."""
+    data = bytearray(chunk_path.read_bytes())
+    directory_entry = data.index(b"PK\x01\x02")
+    data[directory_entry + 10 : directory_entry + 12] = (99).to_bytes(2, "little")
+    chunk_path.write_bytes(bytes(data))
+
+
+def test_chunk_of_unknown_compression_is_embedded_again(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    params = parameters([source], tmp_path / "index")
+    batches_seen = build_cancelled_after(params, 3)
+    unknown_compression(sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))[1])
+
+    resumed = build_index(params)
+
+    assert resumed.tiles_resumed == batches_seen[0].tiles_done
+
+
+def test_interrupted_overwrite_replaces_the_index(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    build_index(parameters([source], tmp_path / "index"))
+    params = parameters([source], tmp_path / "index", hnsw_m=16, overwrite_existing_index=True)
+    build_cancelled_after(params, 2)
+
+    resumed = build_index(params)
+
+    assert not resumed.already_complete
+    assert resumed.tiles_resumed > 0
+    assert TileIndex.open(tmp_path / "index").hnsw_parameters["m"] == 16
+
+
+def test_checkpoint_marker_is_removed_last(tmp_path, monkeypatch):
+    partial = _PartialBuild.open_or_create(tmp_path / "index.partial", "build")
+    for name in ("chunk_000000000000.npz", "chunk_000000000016.npz"):
+        (partial.folder / name).write_bytes(b"chunk")
+    real_unlink = Path.unlink
+
+    def fail_on_second_chunk(path, *args, **kwargs):
+        if path.name == "chunk_000000000016.npz":
+            raise OSError("simulated crash")
+        real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", fail_on_second_chunk)
+    with pytest.raises(OSError, match="simulated crash"):
+        partial.remove()
+
+    assert (partial.folder / "partial_build.json").is_file()
 
 
 @pytest.mark.parametrize("damage", sorted(CHUNK_DAMAGE))
@@ -450,11 +503,13 @@ def test_folder_named_like_a_chunk_is_removed(shared_data, tmp_path):
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
 
 
-def test_marker_left_unfinished_does_not_block_the_build(shared_data, tmp_path):
+@pytest.mark.parametrize("left_behind", [None, "partial_build.json.tmp"])
+def test_unstarted_checkpoints_do_not_block_the_build(shared_data, tmp_path, left_behind):
     params = parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "index")
     partial = partial_folder_for(tmp_path / "index")
     partial.mkdir()
-    (partial / "partial_build.json.tmp").write_bytes(b'{"format": "lookalike-par')
+    if left_behind is not None:
+        (partial / left_behind).write_bytes(b'{"format": "lookalike-par')
 
     report = build_index(params)
 
