@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -60,11 +61,39 @@ class _ChunkLayout:
     """Limits on the chunks of one build, for checking chunks read back from disk.
 
     ``grid_shapes`` contains each source's ``(n_rows, n_cols)``, in source position order.
+    ``selected_tiles`` contains, per source, ``row * n_cols + col`` of the tiles read in reading
+    order when only some are (an extent of polygons), or None when every tile of the grid is read.
     """
 
     tiles_total: int
     grid_shapes: tuple[tuple[int, int], ...]
     embedding_dim: int
+    selected_tiles: tuple[Optional[np.ndarray], ...]
+
+    def tile_positions(self, source_positions: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Return each tile's position in the build's reading order, or -1 for a tile the build does not read."""
+        shapes = np.asarray(self.grid_shapes, dtype=np.int64).reshape(-1, 2)
+        counts = [shape[0] * shape[1] if selected is None else len(selected)
+                  for shape, selected in zip(self.grid_shapes, self.selected_tiles)]
+        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        linear = rows.astype(np.int64) * shapes[source_positions, 1] + cols
+        positions = offsets[source_positions] + linear
+        for source, selected in enumerate(self.selected_tiles):
+            in_source = source_positions == source
+            if selected is None or not in_source.any():
+                continue
+            if len(selected) == 0:
+                positions[in_source] = -1
+                continue
+            sorter = self._sorters[source]
+            found_at = np.minimum(np.searchsorted(selected, linear[in_source], sorter=sorter), len(selected) - 1)
+            index = sorter[found_at]
+            positions[in_source] = np.where(selected[index] == linear[in_source], offsets[source] + index, -1)
+        return positions
+
+    @functools.cached_property
+    def _sorters(self) -> list[Optional[np.ndarray]]:
+        return [None if selected is None else np.argsort(selected, kind="stable") for selected in self.selected_tiles]
 
 
 class _PartialBuild:
@@ -330,11 +359,12 @@ def _chunk_problem(chunk: _Chunk, layout: Optional[_ChunkLayout]) -> Optional[st
     shapes = np.asarray(layout.grid_shapes, dtype=np.int64).reshape(-1, 2)[chunk.source_positions]
     if (chunk.rows >= shapes[:, 0]).any() or (chunk.cols >= shapes[:, 1]).any():
         return "a tile outside its source's grid"
-    # Sources are read one after the other, each in row-major order, so tiles only ever move on.
-    tiles_per_source = max(rows * cols for rows, cols in layout.grid_shapes)
-    reading_order = (chunk.source_positions.astype(np.int64) * tiles_per_source
-                     + chunk.rows.astype(np.int64) * shapes[:, 1] + chunk.cols)
-    if (np.diff(reading_order) <= 0).any():
+    # Each tile has one position in the build's reading order, which must lie in the chunk's
+    # range and increase from tile to tile.
+    positions = layout.tile_positions(chunk.source_positions, chunk.rows, chunk.cols)
+    if ((positions < chunk.start_position) | (positions >= chunk.end_position)).any():
+        return f"tiles that do not belong to positions {chunk.start_position} to {chunk.end_position}"
+    if (np.diff(positions) <= 0).any():
         return "tiles out of reading order"
     return None
 

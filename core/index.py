@@ -952,7 +952,11 @@ def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
             return f"source {source_id} without a path"
         if not isinstance(record.get("grid"), dict):
             return f"source {source_id} without a grid"
-        if not isinstance(record.get("skipped_counts", {}), dict) or not _is_count(record.get("tile_count", 0)):
+        if record.get("id") != source_id:
+            return f"source {source_id} with id {record.get('id')!r}"
+        skipped_counts = record.get("skipped_counts", {})
+        if (not isinstance(skipped_counts, dict) or not _is_count(record.get("tile_count", 0))
+                or not all(_is_count(count) and count < 2**62 for count in skipped_counts.values())):
             return f"source {source_id} with invalid tile or skip counts"
         try:
             TileGrid.from_dict(record["grid"])

@@ -240,8 +240,14 @@ def _build_index_locked(
         )
 
     tiles_total = sum(plan.tile_count for plan in plans)
-    layout = _ChunkLayout(tiles_total, tuple((plan.grid.n_rows, plan.grid.n_cols) for plan in plans),
-                          encoder.spec.embedding_dim)
+    layout = _ChunkLayout(
+        tiles_total,
+        tuple((plan.grid.n_rows, plan.grid.n_cols) for plan in plans),
+        encoder.spec.embedding_dim,
+        tuple(None if plan.selected_tiles is None
+              else np.array([row * plan.grid.n_cols + col for row, col in plan.selected_tiles], dtype=np.int64)
+              for plan in plans),
+    )
     partial = _PartialBuild.open_or_create(partial_folder, build_id, layout)
     start_position, embedded, skipped = partial.resume_state(len(plans))
     if start_position:

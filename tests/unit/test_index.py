@@ -594,6 +594,8 @@ MANIFEST_DAMAGE = {
     "encoder checksum as null": lambda manifest: manifest["encoder"].update(checksum=None),
     "grid GSD as text": lambda manifest: manifest["sources"][0]["grid"].update(gsd="x"),
     "source tile count too high": lambda manifest: manifest["sources"][0].update(tile_count=11),
+    "source id as null": lambda manifest: manifest["sources"][0].update(id=None),
+    "skip count as text": lambda manifest: manifest["sources"][0].update(skipped_counts={"blank": "x"}),
 }
 
 

@@ -489,6 +489,39 @@ def test_damaged_chunk_members_are_embedded_again(shared_data, tmp_path, damage)
     assert resumed.tiles_embedded == reference.tiles_embedded
 
 
+@pytest.mark.parametrize("extent", [False, True])
+def test_chunk_with_another_chunks_tiles_is_embedded_again(shared_data, tmp_path, extent):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    region = None
+    if extent:
+        raster = RasterSource(source)
+        xmin, ymin, xmax, ymax = raster.bounds
+        # A polygon, so that the build reads a selection of the grid's tiles.
+        region = Region(crs_wkt=raster.crs_wkt, polygons_wkt=(
+            f"POLYGON (({xmin} {ymin}, {xmax} {ymin}, {xmin} {ymax}, {xmin} {ymin}))",))
+    reference = build_index(parameters([source], tmp_path / "reference", extent=region))
+    params = parameters([source], tmp_path / "index", extent=region)
+    batches_seen = build_cancelled_after(params, 4)
+    chunk_paths = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))
+    with np.load(chunk_paths[1], allow_pickle=False) as data:
+        earlier = {name: data[name] for name in ("rows", "cols", "source_positions")}
+
+    def take_earlier_tiles(members):
+        count = min(len(members["rows"]), len(earlier["rows"]))
+        for name, values in earlier.items():
+            members[name][:count] = values[:count]
+
+    rewrite_chunk(chunk_paths[2], take_earlier_tiles)
+
+    resumed = build_index(params)
+
+    assert resumed.tiles_resumed == batches_seen[1].tiles_done
+    assert resumed.tiles_embedded == reference.tiles_embedded
+    np.testing.assert_array_equal(
+        TileIndex.open(tmp_path / "index").tile_table, TileIndex.open(tmp_path / "reference").tile_table
+    )
+
+
 def test_folder_named_like_a_chunk_is_removed(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     params = parameters([source], tmp_path / "index")
