@@ -3,7 +3,9 @@
 import logging
 import os
 import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 from osgeo import gdal
@@ -179,8 +181,9 @@ def test_create_rejects_foreign_manifest(tmp_path):
 # -- locking
 
 
-def test_second_writer_is_rejected_while_locked(shared_data, tmp_path):
-    folder = tmp_path / "index"
+@contextmanager
+def lock_held_elsewhere(folder: Path) -> Iterator[None]:
+    """Hold the lock of ``folder`` in another thread for the ``with`` block."""
     acquired = threading.Event()
     release = threading.Event()
 
@@ -193,12 +196,18 @@ def test_second_writer_is_rejected_while_locked(shared_data, tmp_path):
     holder.start()
     try:
         assert acquired.wait(10)
-        with pytest.raises(LookalikeError, match="another build is writing") as error:
-            build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder))
-        assert str(folder) in str(error.value)
+        yield
     finally:
         release.set()
         holder.join()
+
+
+def test_second_writer_is_rejected_while_locked(shared_data, tmp_path):
+    folder = tmp_path / "index"
+    with lock_held_elsewhere(folder):
+        with pytest.raises(LookalikeError, match="another build is writing") as error:
+            build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder))
+        assert str(folder) in str(error.value)
     assert build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder)).tiles_embedded > 0
 
 
@@ -207,23 +216,8 @@ def test_lock_is_shared_through_a_symbolic_link(shared_data, tmp_path):
     folder.mkdir()
     alias = tmp_path / "alias"
     alias.symlink_to(folder, target_is_directory=True)
-    acquired = threading.Event()
-    release = threading.Event()
-
-    def hold_lock():
-        with index_lock(folder):
-            acquired.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold_lock)
-    holder.start()
-    try:
-        assert acquired.wait(10)
-        with pytest.raises(LookalikeError, match="another build is writing"):
-            build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], alias))
-    finally:
-        release.set()
-        holder.join()
+    with lock_held_elsewhere(folder), pytest.raises(LookalikeError, match="another build is writing"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], alias))
 
 
 def test_dangling_symbolic_link_as_index_folder_is_rejected(shared_data, tmp_path):
