@@ -72,11 +72,9 @@ class _ChunkLayout:
 
     def tile_positions(self, source_positions: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Return each tile's position in the build's reading order, or -1 for a tile the build does not read."""
-        shapes = np.asarray(self.grid_shapes, dtype=np.int64).reshape(-1, 2)
-        counts = [shape[0] * shape[1] if selected is None else len(selected)
-                  for shape, selected in zip(self.grid_shapes, self.selected_tiles)]
-        offsets = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
-        linear = rows.astype(np.int64) * shapes[source_positions, 1] + cols
+        offsets = self._source_offsets
+        n_cols = np.asarray([n_cols for _, n_cols in self.grid_shapes], dtype=np.int64)
+        linear = rows.astype(np.int64) * n_cols[source_positions] + cols
         positions = offsets[source_positions] + linear
         for source, selected in enumerate(self.selected_tiles):
             in_source = source_positions == source
@@ -90,6 +88,13 @@ class _ChunkLayout:
             index = sorter[found_at]
             positions[in_source] = np.where(selected[index] == linear[in_source], offsets[source] + index, -1)
         return positions
+
+    @functools.cached_property
+    def _source_offsets(self) -> np.ndarray:
+        """Position of each source's first tile in the build's reading order."""
+        counts = [n_rows * n_cols if selected is None else len(selected)
+                  for (n_rows, n_cols), selected in zip(self.grid_shapes, self.selected_tiles)]
+        return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
     @functools.cached_property
     def _sorters(self) -> list[Optional[np.ndarray]]:
@@ -177,10 +182,7 @@ class _PartialBuild:
         # break the order of the new ones.
         for path in self.chunk_paths():
             if path not in resumable_paths:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                else:
-                    path.unlink()
+                _remove_path(path)
         return position, embedded, skipped
 
     def chunk_path(self, start_position: int) -> Path:
@@ -207,12 +209,8 @@ class _PartialBuild:
         """Delete the folder, its marker last, so that a run stopped midway leaves a folder still marked as ours."""
         marker = self.folder / PARTIAL_MARKER_NAME
         for entry in self.folder.iterdir():
-            if entry == marker:
-                continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            if entry != marker:
+                _remove_path(entry)
         marker.unlink(missing_ok=True)
         self.folder.rmdir()
 
@@ -262,6 +260,14 @@ class _ChunkWriter:
                 self._wait(self._pending.popleft())
         finally:
             self._executor.shutdown(wait=True)
+
+
+def _remove_path(path: Path) -> None:
+    """Delete a file, a symbolic link (not its target) or a folder with its contents."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
 
 
 def _read_partial_marker(marker: Path) -> Optional[str]:

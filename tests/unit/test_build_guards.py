@@ -211,7 +211,7 @@ def test_second_writer_is_rejected_while_locked(shared_data, tmp_path):
     assert build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder)).tiles_embedded > 0
 
 
-def test_lock_is_shared_through_a_symbolic_link(shared_data, tmp_path):
+def test_lock_shared_through_symlink(shared_data, tmp_path):
     folder = tmp_path / "index"
     folder.mkdir()
     alias = tmp_path / "alias"
@@ -220,7 +220,7 @@ def test_lock_is_shared_through_a_symbolic_link(shared_data, tmp_path):
         build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], alias))
 
 
-def test_dangling_symbolic_link_as_index_folder_is_rejected(shared_data, tmp_path):
+def test_dangling_symlink_index_rejected(shared_data, tmp_path):
     link = tmp_path / "index"
     link.symlink_to(tmp_path / "missing", target_is_directory=True)
 
@@ -229,7 +229,7 @@ def test_dangling_symbolic_link_as_index_folder_is_rejected(shared_data, tmp_pat
     assert not partial_folder_for(link).exists()
 
 
-def test_current_folder_as_index_folder_gets_a_clear_error(shared_data, tmp_path, monkeypatch):
+def test_current_folder_as_index_rejected(shared_data, tmp_path, monkeypatch):
     (tmp_path / "notes.txt").write_text("keep me", encoding="utf-8")
     monkeypatch.chdir(tmp_path)
 
@@ -348,7 +348,7 @@ def test_discarded_checkpoints_log_warning(shared_data, tmp_path, caplog):
     assert any(str(partial_folder_for(folder)) in record.getMessage() for record in warnings)
 
 
-def test_json_manifest_of_another_shape_beside_index_files_is_left_alone(tmp_path):
+def test_foreign_json_manifest_left_alone(tmp_path):
     folder = tmp_path / "index"
     folder.mkdir()
     (folder / "manifest.json").write_text("[1, 2, 3]", encoding="utf-8")

@@ -429,7 +429,7 @@ def unknown_compression(chunk_path: Path) -> None:
     chunk_path.write_bytes(bytes(data))
 
 
-def test_chunk_of_unknown_compression_is_embedded_again(shared_data, tmp_path):
+def test_unknown_compression_chunk_reembedded(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     params = parameters([source], tmp_path / "index")
     batches_seen = build_cancelled_after(params, 3)
@@ -440,7 +440,7 @@ def test_chunk_of_unknown_compression_is_embedded_again(shared_data, tmp_path):
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
 
 
-def test_interrupted_overwrite_replaces_the_index(shared_data, tmp_path):
+def test_interrupted_overwrite_replaces_index(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/rgb1.tif")
     build_index(parameters([source], tmp_path / "index"))
     params = parameters([source], tmp_path / "index", hnsw_m=16, overwrite_existing_index=True)
@@ -453,7 +453,7 @@ def test_interrupted_overwrite_replaces_the_index(shared_data, tmp_path):
     assert TileIndex.open(tmp_path / "index").hnsw_parameters["m"] == 16
 
 
-def test_checkpoint_marker_is_removed_last(tmp_path, monkeypatch):
+def test_checkpoint_marker_removed_last(tmp_path, monkeypatch):
     partial = _PartialBuild.open_or_create(tmp_path / "index.partial", "build")
     for name in ("chunk_000000000000.npz", "chunk_000000000016.npz"):
         (partial.folder / name).write_bytes(b"chunk")
@@ -472,7 +472,7 @@ def test_checkpoint_marker_is_removed_last(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("damage", sorted(CHUNK_DAMAGE))
-def test_damaged_chunk_members_are_embedded_again(shared_data, tmp_path, damage):
+def test_damaged_chunk_members_reembedded(shared_data, tmp_path, damage):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     reference = build_index(parameters([source], tmp_path / "reference"))
     params = parameters([source], tmp_path / "index")
@@ -490,7 +490,7 @@ def test_damaged_chunk_members_are_embedded_again(shared_data, tmp_path, damage)
 
 
 @pytest.mark.parametrize("extent", [False, True])
-def test_chunk_with_another_chunks_tiles_is_embedded_again(shared_data, tmp_path, extent):
+def test_chunk_with_foreign_tiles_reembedded(shared_data, tmp_path, extent):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     region = None
     if extent:
@@ -522,7 +522,7 @@ def test_chunk_with_another_chunks_tiles_is_embedded_again(shared_data, tmp_path
     )
 
 
-def test_folder_named_like_a_chunk_is_removed(shared_data, tmp_path):
+def test_chunk_named_folder_removed(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     params = parameters([source], tmp_path / "index")
     batches_seen = build_cancelled_after(params, 3)
@@ -537,7 +537,7 @@ def test_folder_named_like_a_chunk_is_removed(shared_data, tmp_path):
 
 
 @pytest.mark.parametrize("left_behind", [None, "partial_build.json.tmp"])
-def test_unstarted_checkpoints_do_not_block_the_build(shared_data, tmp_path, left_behind):
+def test_unstarted_checkpoints_not_blocking(shared_data, tmp_path, left_behind):
     params = parameters([geo(shared_data, "rasterio/rgb1.tif")], tmp_path / "index")
     partial = partial_folder_for(tmp_path / "index")
     partial.mkdir()
@@ -550,7 +550,7 @@ def test_unstarted_checkpoints_do_not_block_the_build(shared_data, tmp_path, lef
     assert not partial.exists()
 
 
-def test_all_zero_embeddings_are_counted_as_blank(shared_data, tmp_path, monkeypatch):
+def test_zero_embeddings_counted_blank(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/rgb1.tif")
     reference = build_index(parameters([source], tmp_path / "reference"))
     real_encode = OnnxEncoder.encode_model_input
@@ -603,7 +603,7 @@ def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
     assert TileIndex.open(tmp_path / "index").count == resumed.tiles_embedded
 
 
-def test_failed_commit_keeps_the_index_it_would_replace(shared_data, tmp_path, monkeypatch):
+def test_failed_commit_keeps_replaced_index(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     first = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
     damage_embeddings_after_count_pass(monkeypatch, 1)
@@ -611,9 +611,9 @@ def test_failed_commit_keeps_the_index_it_would_replace(shared_data, tmp_path, m
     with pytest.raises(LookalikeError, match="Run the build again"):
         build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
 
-    kept = TileIndex.open(tmp_path / "index")
-    assert kept.count == first.tiles_embedded
-    assert kept.manifest["build_parameters"]["overlap_fraction"] == 0.0
+    kept_index = TileIndex.open(tmp_path / "index")
+    assert kept_index.count == first.tiles_embedded
+    assert kept_index.manifest["build_parameters"]["overlap_fraction"] == 0.0
 
 
 def test_resume_with_other_batch_size(shared_data, tmp_path):
@@ -665,7 +665,7 @@ def test_rerun_after_commit_only_cleans_up(shared_data, tmp_path):
     assert not partial.exists()
 
 
-def test_rerun_of_finished_build_keeps_the_index(shared_data, tmp_path):
+def test_finished_build_rerun_keeps_index(shared_data, tmp_path):
     first_source = geo(shared_data, "rasterio/rgb1.tif")
     first = build_index(parameters([first_source], tmp_path / "index"))
     build_index(parameters([geo(shared_data, "rasterio/rgb2.tif")], tmp_path / "index", add_to_existing=True))
@@ -714,7 +714,7 @@ def test_interrupted_first_save_resumes(shared_data, tmp_path, monkeypatch):
     assert TileIndex.open(tmp_path / "index").count == reference.tiles_embedded
 
 
-def test_damaged_manifest_is_replaced_only_when_asked(shared_data, tmp_path):
+def test_damaged_manifest_replaced_on_request(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/rgb1.tif")
     first = build_index(parameters([source], tmp_path / "index"))
     (tmp_path / "index" / "manifest.json").write_text("{ not json", encoding="utf-8")
