@@ -178,6 +178,14 @@ def _fsync_path(path: Path) -> None:
         os.fsync(handle.fileno())
 
 
+def _remove_quietly(path: Path) -> None:
+    """Remove ``path`` if it exists, logging rather than raising, because a save error is on its way."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as error:
+        logger.warning("could not remove %s after a failed save: %s", path, error)
+
+
 def _fsync_directory(folder: Path) -> None:
     # Directories cannot be opened for fsync on Windows; the rename is still atomic there.
     if os.name != "posix":
@@ -642,28 +650,38 @@ class TileIndex:
                 ) from error
 
     def _save_unlocked(self) -> None:
+        self._check_not_saved_elsewhere()
         self._folder.mkdir(parents=True, exist_ok=True)
         generation = int(self._manifest["generation"]) + 1
         embeddings = self.embeddings
         tile_table = self.tile_table
         paths = {kind: self._folder / _data_file_name(kind, generation) for kind in DATA_FILE_KINDS}
 
-        self._write_atomically(paths["graph"], self._write_graph)
-        self._write_atomically(paths["embeddings"], lambda temp: _write_embeddings(temp, embeddings))
-        self._write_atomically(paths["tiles"], lambda temp: _write_npy(temp, tile_table))
-
         manifest = dict(self._manifest)
         manifest["generation"] = generation
-        manifest["files"] = {
-            kind: {"name": paths[kind].name, "size_bytes": paths[kind].stat().st_size} for kind in DATA_FILE_KINDS
-        }
-        manifest["updated_at"] = _utc_now()
-        manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
-        # The manifest is replaced last: until then it names the previous generation's files,
-        # which are all still present, so an interrupted save leaves the previous index intact.
-        self._write_atomically(
-            self._folder / MANIFEST_NAME, lambda temp: temp.write_text(manifest_text, encoding="utf-8")
-        )
+        try:
+            self._write_atomically(paths["graph"], self._write_graph)
+            self._write_atomically(paths["embeddings"], lambda temp: _write_embeddings(temp, embeddings))
+            self._write_atomically(paths["tiles"], lambda temp: _write_npy(temp, tile_table))
+            manifest["files"] = {
+                kind: {"name": paths[kind].name, "size_bytes": paths[kind].stat().st_size} for kind in DATA_FILE_KINDS
+            }
+            manifest["updated_at"] = _utc_now()
+            manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
+            # The manifest is replaced last: until then it names the previous generation's files,
+            # which are all still present, so an interrupted save leaves the previous index intact.
+            self._write_atomically(
+                self._folder / MANIFEST_NAME,
+                lambda temp: temp.write_text(manifest_text, encoding="utf-8"),
+                sync_folder=False,
+            )
+        except BaseException:
+            # No manifest names this generation's files, so they only take space, which a save
+            # that failed on a full disk is short of.
+            for path in paths.values():
+                _remove_quietly(path)
+            raise
+        _fsync_directory(self._folder)
         self._manifest = manifest
 
         # Drop the reference to the old memory map before removing its file (Windows cannot
@@ -673,18 +691,40 @@ class TileIndex:
         self._remove_stale_files(keep={path.name for path in paths.values()})
         logger.info("saved index %s: %d tiles, generation %d", self._folder, self.count, generation)
 
+    def _check_not_saved_elsewhere(self) -> None:
+        """Refuse to save over a generation that another ``TileIndex`` saved after this one was opened.
+
+        The new generation's file names would be those of the other save's live files, and this
+        save would drop the tiles it added.
+        """
+        content = read_manifest_json(self._folder / MANIFEST_NAME)
+        if content is None or content.get("format") != FORMAT_NAME:
+            return
+        on_disk = content.get("generation")
+        if isinstance(on_disk, int) and not isinstance(on_disk, bool) and on_disk != self._manifest["generation"]:
+            raise SearchIndexError(
+                f"the index in {self._folder} was saved from another copy since this one was opened "
+                f"(generation {on_disk} on disk, {self._manifest['generation']} here); open it again with "
+                "TileIndex.open and repeat the change, so that the tiles saved there are kept"
+            )
+
     def _write_graph(self, path: Path) -> None:
         self._graph.save_index(str(path))
         # hnswlib does not report failed writes (a full disk gave a short file and no error), so
         # the file is checked before it replaces anything.
         _check_graph_file_length(path, self.count)
 
-    def _write_atomically(self, path: Path, write: Any) -> None:
+    def _write_atomically(self, path: Path, write: Any, sync_folder: bool = True) -> None:
         temp_path = path.with_name(path.name + ".tmp")
-        write(temp_path)
-        _fsync_path(temp_path)
-        os.replace(temp_path, path)
-        _fsync_directory(self._folder)
+        try:
+            write(temp_path)
+            _fsync_path(temp_path)
+            os.replace(temp_path, path)
+        except BaseException:
+            _remove_quietly(temp_path)
+            raise
+        if sync_folder:
+            _fsync_directory(self._folder)
 
     def _remove_stale_files(self, keep: set[str]) -> None:
         for path in self._folder.iterdir():
@@ -871,6 +911,18 @@ def is_index_manifest(manifest_path: Path) -> bool:
     """Tell whether ``manifest_path`` is a Lookalike manifest: a JSON object whose format is ours."""
     content = read_manifest_json(manifest_path)
     return content is not None and content.get("format") == FORMAT_NAME
+
+
+def index_damage(folder: Path) -> Optional[str]:
+    """Return why the index in ``folder`` cannot be opened, from its manifest and file sizes, or None.
+
+    This reads no data file, so it is cheap even for a large index; ``TileIndex.open`` checks more.
+    """
+    try:
+        _check_data_files(folder, _read_manifest(folder))
+    except SearchIndexError as error:
+        return str(error)
+    return None
 
 
 def _read_generation_for_overwrite(manifest_path: Path) -> int:

@@ -59,6 +59,7 @@ from .index import (
     FOLDER_INDEX,
     MANIFEST_NAME,
     TileIndex,
+    index_damage,
     index_folder_state,
     make_tile_table,
     read_manifest_json,
@@ -234,6 +235,12 @@ def _build_index_locked(
     if existing_index is not None:
         _check_not_indexed_yet(existing_index, plans)
     elif index_folder_state(Path(params.index_folder)) == FOLDER_INDEX and not params.overwrite_existing_index:
+        damage = index_damage(Path(params.index_folder))
+        if damage is not None:
+            raise SearchIndexError(
+                f"{params.index_folder} contains a damaged index ({damage}); set overwrite_existing_index to "
+                "replace it, or choose another folder."
+            )
         raise SearchIndexError(
             f"{params.index_folder} already contains an index; set add_to_existing to add these rasters "
             "to it, overwrite_existing_index to replace it, or choose another folder."
@@ -254,14 +261,14 @@ def _build_index_locked(
         LOGGER.info("Resuming the build of %s at tile %d of %d from %s", params.index_folder,
                     start_position, tiles_total, partial.folder)
 
-    peak_batches = _embed_tiles(
+    peak_batches, zero_embedding_tiles = _embed_tiles(
         plans, encoder, params, partial, start_position, embedded, skipped, tiles_total, progress, is_cancelled
     )
     embedded_by_source, skipped = _counts_from_checkpoints(partial, len(plans), tiles_total)
     if not embedded_by_source.any():
         # Nothing is committed: an empty index would look like a valid one to a later search.
         partial.remove()
-        raise LookalikeError(_nothing_embedded_message(params, plans, skipped))
+        raise LookalikeError(_nothing_embedded_message(params, plans, skipped, encoder.name, zero_embedding_tiles))
     warnings.extend(_empty_source_warnings(plans, embedded_by_source, skipped))
     source_ids = _commit(params, encoder, plans, partial, build_id, existing_index, int(embedded_by_source.sum()))
     try:
@@ -342,12 +349,25 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
     )
 
 
-def _nothing_embedded_message(params: BuildParameters, plans: Sequence[_SourcePlan], skipped: np.ndarray) -> str:
+def _nothing_embedded_message(
+    params: BuildParameters,
+    plans: Sequence[_SourcePlan],
+    skipped: np.ndarray,
+    encoder_name: str,
+    zero_embedding_tiles: int,
+) -> str:
     totals = skipped.sum(axis=0)
     parts = [
         f"0 tiles embedded into {params.index_folder} (skipped: {_describe_skips(totals) or 'none'}), so no "
         "index was written."
     ]
+    if zero_embedding_tiles:
+        # The data is then not to blame, so the model is named before the per-raster advice.
+        parts.append(
+            f"The encoder '{encoder_name}' returned all-zero embeddings for {zero_embedding_tiles} tiles, "
+            "counted as blank; check that it is an image encoder whose input matches its spec, or choose "
+            "another encoder."
+        )
     for plan in plans:
         counts = skipped[plan.position]
         parts.append(
@@ -481,10 +501,13 @@ def _embed_tiles(
     tiles_total: int,
     progress: Optional[ProgressCallback],
     is_cancelled: Optional[CancelCheck],
-) -> int:
-    """Encode and checkpoint every tile from ``start_position`` on; return the peak batch count."""
+) -> tuple[int, int]:
+    """Encode and checkpoint every tile from ``start_position`` on.
+
+    Returns the peak number of chip batches in memory and the tiles whose embedding was all zeros.
+    """
     if start_position >= tiles_total:
-        return 0
+        return 0, 0
     # One batch more than the queue holds: the one the encoder is working on.
     slots = _BatchSlots(params.prefetch_batches + 1)
     reader = _TileReader(plans, encoder.spec, params, start_position, slots)
@@ -492,6 +515,7 @@ def _embed_tiles(
     run_started_at = time.monotonic()
     position = start_position
     skipped_total = int(skipped.sum())
+    zero_embedding_tiles = 0
     all_written = False
     reader.start()
     try:
@@ -514,10 +538,11 @@ def _embed_tiles(
                 else:
                     embeddings = np.empty((0, encoder.spec.embedding_dim), dtype=np.float32)
                 # The batch's own arrays are new for every batch; only its chip array is reused.
-                chunk = _without_zero_embeddings(_Chunk(
+                chunk, zero_count = _without_zero_embeddings(_Chunk(
                     batch.start_position, batch.end_position, batch.source_positions[: batch.count],
                     batch.rows[: batch.count], batch.cols[: batch.count], embeddings, batch.skipped,
                 ))
+                zero_embedding_tiles += zero_count
                 writer.write(chunk)
                 position = batch.end_position
                 embedded += len(chunk.rows)
@@ -537,25 +562,26 @@ def _embed_tiles(
         reader.stop()
         if not all_written:
             _finish_writes_after_error(writer, partial)
-    return slots.peak
+    return slots.peak, zero_embedding_tiles
 
 
-def _without_zero_embeddings(chunk: _Chunk) -> _Chunk:
-    """Count tiles whose embedding is all zeros as blank instead of storing them.
+def _without_zero_embeddings(chunk: _Chunk) -> tuple[_Chunk, int]:
+    """Count tiles whose embedding is all zeros as blank instead of storing them; also return their number.
 
     An all-zero embedding has no direction to compare, so the index rejects it. A model that
     returns one for a chip would return it again on every run, so the tile is skipped here.
     """
     is_zero = ~np.any(chunk.embeddings != 0, axis=1)
-    if not is_zero.any():
-        return chunk
+    zero_count = int(is_zero.sum())
+    if not zero_count:
+        return chunk, 0
     LOGGER.warning("The encoder returned all-zero embeddings for %d tiles; they are counted as blank",
                    int(is_zero.sum()))
     skipped = chunk.skipped.copy()
     np.add.at(skipped, (chunk.source_positions[is_zero], SKIP_REASONS.index(SKIP_BLANK)), 1)
     keep = ~is_zero
     return _Chunk(chunk.start_position, chunk.end_position, chunk.source_positions[keep], chunk.rows[keep],
-                  chunk.cols[keep], chunk.embeddings[keep], skipped)
+                  chunk.cols[keep], chunk.embeddings[keep], skipped), zero_count
 
 
 def _finish_writes_after_error(writer: _ChunkWriter, partial: _PartialBuild) -> None:

@@ -434,9 +434,13 @@ def test_crash_before_manifest_keeps_old_index(tmp_path: Path, monkeypatch: pyte
     assert survivor.count == 10
     assert survivor.sources[0]["tile_count"] == 10
     np.testing.assert_allclose(survivor.embeddings, unit_vectors(10), atol=1e-3)
-    assert files_before < data_file_names(folder)
+    # The failed save took its own files with it.
+    assert data_file_names(folder) == files_before
 
-    # The next successful save publishes the tiles and removes the orphaned files.
+    # A save killed at the same point cannot clean up; the next successful save publishes the
+    # tiles and removes what the killed one left.
+    for name in ("graph.000002.hnsw", "embeddings.000002.npy", "tiles.000002.npy.tmp", "manifest.json.tmp"):
+        (folder / name).write_bytes(b"left by a killed save")
     index.save()
     assert TileIndex.open(folder).count == 15
     assert len(data_file_names(folder)) == 3
@@ -451,11 +455,31 @@ def test_crash_between_data_files_keeps_old_index(tmp_path: Path, monkeypatch: p
         path.write_bytes(b"partial")
         raise OSError("disk full")
 
+    files_before = data_file_names(folder)
     monkeypatch.setattr(index_module, "_write_npy", crash_writing_tiles)
     with pytest.raises(SearchIndexError, match="disk full"):
         index.save()
 
     assert TileIndex.open(folder).count == 10
+    # Neither the temporary file nor the data files already renamed stay to fill the disk.
+    assert data_file_names(folder) == files_before
+
+
+def test_save_refuses_a_stale_copy(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=10)
+    first, second = TileIndex.open(folder), TileIndex.open(folder)
+    first.add(unit_vectors(2, seed=7), make_tile_table(0, [6, 6], [0, 1]))
+    first.save()
+    second.add(unit_vectors(3, seed=8), make_tile_table(0, [7, 7, 7], [0, 1, 2]))
+
+    with pytest.raises(SearchIndexError, match="saved from another copy") as error:
+        second.save()
+
+    assert "open it again" in str(error.value)
+    reopened = TileIndex.open(folder)
+    assert reopened.count == 12
+    np.testing.assert_allclose(reopened.embeddings[10:], unit_vectors(2, seed=7), atol=1e-3)
 
 
 def test_save_removes_old_generations(tmp_path: Path) -> None:
@@ -629,8 +653,10 @@ def test_short_graph_write_keeps_old_index(tmp_path: Path) -> None:
             with open(path, "r+b") as stream:
                 stream.truncate(os.path.getsize(path) - 100)
 
+    files_before = data_file_names(folder)
     index._graph = ShortWrites()
     with pytest.raises(SearchIndexError, match="not written completely"):
         index.save()
 
     assert TileIndex.open(folder).count == 10
+    assert data_file_names(folder) == files_before

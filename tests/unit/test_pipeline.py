@@ -570,6 +570,20 @@ def test_zero_embeddings_counted_blank(shared_data, tmp_path, monkeypatch):
     assert TileIndex.open(tmp_path / "index").count == report.tiles_embedded
 
 
+def test_all_zero_embeddings_blame_the_encoder(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    monkeypatch.setattr(OnnxEncoder, "encode_model_input",
+                        lambda self, chips: np.zeros((len(chips), self.spec.embedding_dim), dtype=np.float32))
+
+    with pytest.raises(LookalikeError, match="0 tiles embedded") as raised:
+        build_index(parameters([source], tmp_path / "index"))
+
+    message = str(raised.value)
+    assert "returned all-zero embeddings for" in message
+    assert message.index("all-zero embeddings") < message.index("every tile is uniform")
+    assert not (tmp_path / "index").exists()
+
+
 def damage_embeddings_after_count_pass(monkeypatch, chunk_number: int) -> None:
     """Make one chunk's embeddings unreadable once the count pass has read the chunks' small members."""
     count_pass = pipeline_module._counts_from_checkpoints
@@ -703,9 +717,9 @@ def test_interrupted_first_save_resumes(shared_data, tmp_path, monkeypatch):
     monkeypatch.setattr(index_module, "_write_embeddings", disk_full)
     with pytest.raises(SearchIndexError, match="Free disk space"):
         build_index(params)
-    # The graph file of the stopped save is there, its manifest is not.
-    assert not (tmp_path / "index" / "manifest.json").exists()
-    assert any((tmp_path / "index").iterdir())
+    # The failed save removed the graph file it had written; one killed at that point leaves it.
+    assert not any((tmp_path / "index").iterdir())
+    (tmp_path / "index" / "graph.000001.hnsw").write_bytes(b"left by a killed save")
     monkeypatch.undo()
 
     resumed = build_index(params)
@@ -721,6 +735,26 @@ def test_damaged_manifest_replaced_on_request(shared_data, tmp_path):
 
     with pytest.raises(SearchIndexError, match="damaged"):
         build_index(parameters([source], tmp_path / "index"))
+
+    build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
+    assert TileIndex.open(tmp_path / "index").count == first.tiles_embedded
+
+
+@pytest.mark.parametrize("damage", ["tile count", "missing graph file"])
+def test_damage_named_for_plausible_manifest(shared_data, tmp_path, damage):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    first = build_index(parameters([source], tmp_path / "index"))
+    manifest_path = tmp_path / "index" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if damage == "tile count":
+        manifest["tile_count"] += 1
+        manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+    else:
+        (tmp_path / "index" / manifest["files"]["graph"]["name"]).unlink()
+
+    with pytest.raises(SearchIndexError, match="contains a damaged index") as error:
+        build_index(parameters([source], tmp_path / "index"))
+    assert "overwrite_existing_index" in str(error.value)
 
     build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
     assert TileIndex.open(tmp_path / "index").count == first.tiles_embedded
