@@ -4,7 +4,8 @@ An index folder contains:
 
 - ``manifest.json``: format version, encoder, sources (path, CRS, checksum, tile grid, band
   mapping, value stretch, tile and skip counts), metric, counts, build and HNSW parameters,
-  timestamps, and the names and sizes of the data files of the current generation;
+  a random ``index_id`` given at creation, timestamps, and the names and sizes of the data
+  files of the current generation;
 - ``graph.<generation>.hnsw``: the hnswlib graph, whose labels are tile ids;
 - ``embeddings.<generation>.npy``: the L2-normalised embeddings as float16 ``(count, dim)``;
 - ``tiles.<generation>.npy``: the tile table, a structured array ``(source_id, row, col)`` of
@@ -27,6 +28,7 @@ import os
 import re
 import struct
 import tokenize
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -341,6 +343,9 @@ class TileIndex:
                 "ef_search": ef_search,
                 "random_seed": random_seed,
             },
+            # Tells this index from a later one built into the same folder, for callers that
+            # keep tile ids across searches.
+            "index_id": uuid.uuid4().hex,
             "created_at": now,
             "updated_at": now,
         }
@@ -476,6 +481,16 @@ class TileIndex:
             self._stored_tile_table = np.concatenate([self._stored_tile_table, *self._pending_tile_tables])
             self._pending_tile_tables = []
         return self._stored_tile_table
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """``(folder, id)``: equal for two copies of one index, different once the folder holds a new index.
+
+        Adding tiles keeps it, because tile ids stay valid; indexes written before ``index_id``
+        existed use their creation time instead.
+        """
+        manifest = self._manifest
+        return str(self._folder.resolve()), str(manifest.get("index_id") or manifest.get("created_at", ""))
 
     @property
     def manifest(self) -> dict[str, Any]:

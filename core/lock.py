@@ -74,19 +74,31 @@ def index_lock(index_folder: PathLike) -> Iterator[None]:
 
 
 def _acquire(path: Path, index_folder: PathLike) -> IO[bytes]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # The file stays open while the lock is held, so no context manager here.
-    stream = open(path, "a+b")  # noqa: SIM115
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The file stays open while the lock is held, so no context manager here.
+        stream = open(path, "a+b")  # noqa: SIM115
+    except OSError as error:
+        raise LookalikeError(
+            f"cannot create the lock file {path} beside index folder {os.fspath(index_folder)} "
+            f"({error.strerror or error}); choose an index folder in a place you can write to."
+        ) from error
     try:
         _lock_file(stream)
     except OSError:
         stream.close()
         raise _locked_error(index_folder, path) from None
-    # The PID is only for people who find the file; the OS lock is what excludes writers.
-    stream.seek(0)
-    stream.truncate()
-    stream.write(f"{os.getpid()}\n".encode("ascii"))
-    stream.flush()
+    try:
+        # The PID is only for people who find the file; the OS lock is what excludes writers.
+        stream.seek(0)
+        stream.truncate()
+        stream.write(f"{os.getpid()}\n".encode("ascii"))
+        stream.flush()
+    except OSError as error:
+        _release(stream)
+        raise LookalikeError(
+            f"cannot write the lock file {path} ({error.strerror or error}); free disk space there and try again."
+        ) from error
     return stream
 
 

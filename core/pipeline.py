@@ -84,7 +84,7 @@ from .parameters import (
     transform_geometry_wkt,
 )
 from .planning import _build_id, _plan_sources, _SourcePlan
-from .query import QueryChips, embed_query, run_search
+from .query import MAX_QUERY_TILES, QueryChips, embed_query, run_search
 from .raster import SKIP_BLANK
 from .tile_reader import (
     _END_OF_TILES,
@@ -101,6 +101,7 @@ __all__ = [
     "CHUNK_SUFFIX",
     "DEFAULT_MAX_TILE_COUNT",
     "DEFAULT_TILE_SIZE_SOURCE_PX",
+    "MAX_QUERY_TILES",
     "MAX_TILES_PER_BATCH_FACTOR",
     "MIN_DEFAULT_TILE_SIZE_SOURCE_PX",
     "MIN_SOURCE_PIXELS_PER_TILE",
@@ -150,6 +151,12 @@ def _encoder_info(encoder: OnnxEncoder) -> dict[str, Any]:
 
 def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
     """Check ``index_folder`` before any work; return the open index when adding to it."""
+    _refuse_unusable_folder(params)
+    return TileIndex.open(params.index_folder) if params.add_to_existing else None
+
+
+def _refuse_unusable_folder(params: BuildParameters) -> None:
+    """Raise ``SearchIndexError`` when the build may not write ``index_folder``; reads no index data."""
     folder = Path(params.index_folder)
     if folder.exists() and not folder.is_dir():
         raise SearchIndexError(f"index folder {folder} is a file; choose a folder path for the index.")
@@ -176,14 +183,11 @@ def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
             f"the index in {folder} is damaged ({MANIFEST_NAME} cannot be read); set overwrite_existing_index "
             "to build it again there, or choose another folder."
         )
-    if params.add_to_existing:
-        if not has_index:
-            raise SearchIndexError(
-                f"add_to_existing is set but {folder} contains no index; build a new index there first "
-                "or clear add_to_existing."
-            )
-        return TileIndex.open(folder)
-    return None
+    if params.add_to_existing and not has_index:
+        raise SearchIndexError(
+            f"add_to_existing is set but {folder} contains no index; build a new index there first "
+            "or clear add_to_existing."
+        )
 
 
 def build_index(
@@ -206,7 +210,9 @@ def build_index(
             pixels justify or than ``max_tile_count``, or a build in which no tile was embedded
             (then nothing is written and the checkpoints are removed).
     """
-    # The lock covers the folder checks too, so two builds cannot both find the folder free.
+    # Refusing a folder before taking the lock leaves no lock file beside a folder that is not
+    # ours. The checks run again under the lock, so two builds cannot both find the folder free.
+    _refuse_unusable_folder(params)
     with index_lock(params.index_folder):
         return _build_index_locked(params, progress, is_cancelled)
 

@@ -6,14 +6,14 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
 from osgeo import ogr
 
 from . import get_logger
 from .encoder import OnnxEncoder, default_model_path
-from .errors import SearchError, SearchIndexError
+from .errors import CancelledError, RasterError, SearchError, SearchIndexError
 from .grid import Bounds, TileGrid
 from .index import TileIndex
 from .parameters import Geometry, PathLike, _geometry_to_wkt, _normalised_path, _parse_geometry, transform_geometry_wkt
@@ -21,6 +21,11 @@ from .raster import DEFAULT_MIN_VALID_FRACTION, SKIP_MOSTLY_INVALID, RasterSourc
 from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, search
 
 LOGGER = get_logger("pipeline")
+
+# A query is an example of what to find, an object or a few, so more tiles than this mean a
+# query drawn at the wrong zoom. The bound also keeps reading and embedding a query short.
+# NOTE: 256 is a judgement (16 x 16 tiles), not a measured limit.
+MAX_QUERY_TILES = 256
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -70,6 +75,7 @@ def embed_query(
     source: Union[RasterSource, PathLike],
     geometry: Geometry,
     crs_wkt: str,
+    is_cancelled: Optional[Callable[[], bool]] = None,
 ) -> QueryChips:
     """Read and embed the query chips for one geometry, at the index's GSD and tile size.
 
@@ -79,11 +85,14 @@ def embed_query(
     each a separate query chip. Chips that are mostly nodata are dropped.
 
     The raster may be an indexed source or any other raster. Indexed sources are read with the
-    stretch stored in the index, so query and tiles see the same values.
+    stretch stored in the index, so query and tiles see the same values. Tiles off the raster
+    are left out before reading; at most ``MAX_QUERY_TILES`` tiles may remain. ``is_cancelled``
+    is polled before each chip is read.
 
     Raises:
         SearchIndexError: the index is empty or was built with another encoder.
-        SearchError: every chip of the geometry is nodata.
+        SearchError: every chip of the geometry is nodata, or it covers too many tiles.
+        CancelledError: ``is_cancelled`` returned True.
     """
     manifest = _manifest_of(index_or_manifest)
     if not manifest["sources"]:
@@ -106,11 +115,21 @@ def embed_query(
             )
         stretch = _query_stretch(manifest, raster, encoder.spec.value_scale)
         grid_crs_wkt = raster.grid_crs_wkt()
-        footprints = _query_footprints(_geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid)
+        footprints = _on_raster(
+            _query_footprints(_geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid), raster, grid_crs_wkt
+        )
+        if len(footprints) > MAX_QUERY_TILES:
+            raise SearchError(
+                f"The query covers {len(footprints)} tiles of {index_grid.tile_ground_size:g} m on {raster.path!r}, "
+                f"more than the {MAX_QUERY_TILES} a query may have; draw it around the objects to look for, "
+                "zoomed in."
+            )
         chips = []
         kept_footprints = []
         best_valid_fraction = 0.0
         for bounds in footprints:
+            if is_cancelled is not None and is_cancelled():
+                raise CancelledError("The query was cancelled while its chips were read.")
             chip, valid = raster.read_chip(bounds, grid_crs_wkt, index_grid.tile_size_px, stretch)
             reason = chip_skip_reason(chip, valid, encoder.spec.value_scale)
             if reason == SKIP_MOSTLY_INVALID:
@@ -127,6 +146,17 @@ def embed_query(
         raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size))
     embeddings = encoder.encode(np.stack(chips))
     return QueryChips(embeddings=embeddings, footprints=kept_footprints, crs_wkt=grid_crs_wkt)
+
+
+def _on_raster(footprints: list[Bounds], raster: RasterSource, grid_crs_wkt: str) -> list[Bounds]:
+    """Return the footprints that overlap the raster's bounds; the others hold no valid pixel."""
+    try:
+        xmin, ymin, xmax, ymax = raster.bounds_in(grid_crs_wkt)
+    except RasterError:
+        # Reading each chip still finds the ones off the raster.
+        return footprints
+    return [bounds for bounds in footprints
+            if bounds[0] < xmax and bounds[2] > xmin and bounds[1] < ymax and bounds[3] > ymin]
 
 
 def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size: float) -> str:

@@ -218,11 +218,14 @@ def export_chips(
         raise LookalikeError(
             f"The chip folder {folder} cannot be created ({error}); choose a writable folder."
         ) from error
+    if not os.access(folder, os.W_OK):
+        raise LookalikeError(f"The chip folder {folder} is not writable; choose a folder you can write to.")
 
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
     total = len(requests)
+    failure: Optional[BaseException] = None
     try:
         for position, request in enumerate(requests, start=1):
             if is_cancelled is not None and is_cancelled():
@@ -251,10 +254,23 @@ def export_chips(
                             request.feature_id, request.source_path)
             if progress is not None:
                 progress(position, total)
+    except BaseException as error:
+        failure = error
+        raise
     finally:
-        _write_csv(report.csv_path, rows)
-        for source, _stretch in sources.values():
-            source.close()
+        try:
+            _write_csv(report.csv_path, rows)
+        except OSError as error:
+            if failure is None:
+                raise LookalikeError(
+                    f"Writing {report.csv_path} failed ({error.strerror or error}); choose a folder you can "
+                    "write to, with free space."
+                ) from error
+            # The error that stopped the export is the one to report; this one follows from it.
+            LOGGER.warning("%s could not be written either: %s", report.csv_path, error)
+        finally:
+            for source, _stretch in sources.values():
+                source.close()
     LOGGER.info("Wrote %d chips and %s (%d skipped)", report.written_count, report.csv_path, len(report.skipped))
     return report
 

@@ -181,6 +181,8 @@ def write_matches(
             vector format, or the writer fails.
     """
     path = Path(path)
+    if path.is_dir():
+        raise LookalikeError(f"The output path {path} is a folder; choose a file name such as {path / 'matches.gpkg'}.")
     if path.exists() and not overwrite:
         raise LookalikeError(
             f"The output file {path} already exists; choose another path or pass overwrite=True "

@@ -95,7 +95,12 @@ class LookalikeTask(QgsTask):
             self.outcome = TaskOutcome.CANCELLED if self.isCanceled() else TaskOutcome.SUCCEEDED
         self.elapsed_s = time.monotonic() - self.started_at
         if self.outcome is TaskOutcome.FAILED:
-            LOGGER.error("%s failed: %s\n%s", self.description(), self.error, self.error_details)
+            if isinstance(self.error, LookalikeError):
+                # The analyst fixes such an input from the message alone, so no traceback is logged.
+                LOGGER.warning("%s failed: %s", self.description(), self.error)
+                LOGGER.debug("%s", self.error_details)
+            else:
+                LOGGER.error("%s failed: %s\n%s", self.description(), self.error, self.error_details)
         return self.outcome is TaskOutcome.SUCCEEDED
 
     def finished(self, result: bool) -> None:

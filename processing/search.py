@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsCsException,
@@ -40,6 +41,9 @@ from .support import (
     set_progress,
     tr,
 )
+
+# QGIS 3.30 moved the WKB types to Qgis.WkbType, and QGIS 4 drops the old alias.
+POLYGON_WKB_TYPE = Qgis.WkbType.Polygon if hasattr(Qgis, "WkbType") else QgsWkbTypes.Type.Polygon
 
 PARAMETER_NAMES = {
     "index_folder": "INDEX",
@@ -232,7 +236,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
         fields = match_layers.match_fields()
         sink, sink_id = self.parameterAsSink(
-            parameters, self.OUTPUT, context, fields, QgsWkbTypes.Polygon, grid_crs
+            parameters, self.OUTPUT, context, fields, POLYGON_WKB_TYPE, grid_crs
         )
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))

@@ -10,6 +10,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # make "import processing" find the plugin's subpackage instead of QGIS's Processing framework.
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != REPO_ROOT]
 sys.path.insert(0, str(REPO_ROOT / "tools"))
+# The dock tests share fixtures and helpers through tests/qgis/dock_testing.py.
+sys.path.insert(0, str(REPO_ROOT / "tests" / "qgis"))
 
 from devimport import import_lookalike  # noqa: E402
 

@@ -161,7 +161,7 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
     for part in request.parts:
         task.check_cancelled()
         source_path = source_path_for_geometry(request.index, part.wkt, part.crs_wkt)
-        chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt)
+        chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt, is_cancelled=task.isCanceled)
         (negatives if part.negative else positives).append(chips.embeddings)
         if not part.negative:
             exclude.extend((tuple(bounds), chips.crs_wkt) for bounds in chips.footprints)
@@ -190,15 +190,29 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
 
 
 def source_path_for_geometry(index: TileIndex, wkt: str, crs_wkt: str) -> str:
-    """Return the path of the indexed raster that contains the geometry's centroid."""
+    """Return the path of the indexed raster that contains the geometry's centroid, else the one it overlaps most.
+
+    A box dragged past the raster's edge has its centroid off the raster but still shows imagery.
+    """
     sources = index.sources
     if not sources:
         raise SearchError("The index has no rasters yet; build it before searching.")
+    best_path, best_area = "", 0.0
     for record in sources:
-        centroid = ogr.CreateGeometryFromWkt(transform_geometry_wkt(wkt, crs_wkt, record["crs_wkt"])).Centroid()
+        geometry = ogr.CreateGeometryFromWkt(transform_geometry_wkt(wkt, crs_wkt, record["crs_wkt"]))
+        centroid = geometry.Centroid()
         xmin, ymin, xmax, ymax = record["bounds"]
         if xmin <= centroid.GetX() <= xmax and ymin <= centroid.GetY() <= ymax:
             return record["path"]
+        footprint = ogr.CreateGeometryFromWkt(
+            f"POLYGON(({xmin} {ymin},{xmax} {ymin},{xmax} {ymax},{xmin} {ymax},{xmin} {ymin}))"
+        )
+        overlap = geometry.Intersection(footprint)
+        area = overlap.GetArea() if overlap is not None else 0.0
+        if area > best_area:
+            best_path, best_area = record["path"], area
+    if best_path:
+        return best_path
     raise SearchError(
         "The query lies outside every indexed raster; draw it over the imagery of the index "
         f"({', '.join(Path(record['path']).name for record in sources)})."

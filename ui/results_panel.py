@@ -55,6 +55,7 @@ class ResultsPanelMixin:
         self.results_table = ResultsTable()
         self.results_table.matchActivated.connect(self.zoom_to_match)
         layout.addWidget(self.results_table)
+        self.project.layerWillBeRemoved.connect(self._on_layer_will_be_removed)
 
         marks_row = QHBoxLayout()
         for label, relevance, name in (
@@ -115,6 +116,16 @@ class ResultsPanelMixin:
         for tile_id, image in task.result.items():
             self.results_table.set_thumbnail(tile_id, image)
 
+    def _on_layer_will_be_removed(self, layer_id: str) -> None:
+        """Empty the table when the analyst removes the result layer, whose rows it lists."""
+        if not layer_id or layer_id != self.result_layer_id:
+            return
+        self.result_layer_id = ""
+        self.matches = []
+        self.results_table.set_matches([])
+        self.histogram.set_scores([])
+        self._on_threshold_changed(0)
+
     def match_geometry(self, tile_id: int) -> Optional[QgsGeometry]:
         layer = self.result_layer()
         if layer is None:
@@ -154,14 +165,26 @@ class ResultsPanelMixin:
             return
         format_name = self.export_format_combo.currentText()
         _driver, extension = EXPORT_FORMATS[format_name]
-        # The file dialog requests confirmation before replacing an existing file.
+        # The file dialog requests confirmation before replacing a file of the name as typed.
         path, _filter = QFileDialog.getSaveFileName(
             self, "Export the result layer", f"{layer.name()}.{extension}", f"{format_name} (*.{extension})"
         )
-        if path:
-            if not path.lower().endswith(f".{extension}"):
-                path = f"{path}.{extension}"
-            self.export_layer(path, format_name, overwrite=True)
+        if not path:
+            return
+        if not path.lower().endswith(f".{extension}"):
+            # The dialog checked the name as typed; the name with the extension is checked here.
+            path = f"{path}.{extension}"
+            if Path(path).is_file():
+                answer = QMessageBox.question(
+                    self,
+                    MESSAGE_TITLE,
+                    f"{path} already exists. Replace it with the result layer?",
+                    QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+                    QMessageBox.StandardButton.No,
+                )
+                if answer != QMessageBox.StandardButton.Yes:
+                    return
+        self.export_layer(path, format_name, overwrite=True)
 
     def export_layer(self, path: str, format_name: str = "GeoPackage", overwrite: bool = False) -> Optional[Path]:
         """Write the current result layer with QGIS's vector writer; returns the path or None on failure."""

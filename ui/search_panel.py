@@ -21,7 +21,7 @@ from ..gis import matches as match_layers
 from ..gis.raster_layers import crs_to_wkt
 from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs
-from .compat import VECTOR_LAYER_FILTER
+from .compat import POINT_GEOMETRY, POLYGON_GEOMETRY, VECTOR_LAYER_FILTER
 from .dock_constants import DEFAULT_K, THRESHOLD_STEPS
 from .result_layer import apply_score_threshold, style_result_layer
 from .results import Relevance
@@ -31,6 +31,12 @@ class SearchPanelMixin:
     """Widgets and slots of the "Search" group, mixed into ``LookalikeDockWidget``."""
 
     def _build_search_group(self) -> QGroupBox:
+        # Query parts before this position were in a search that succeeded; the parts after it
+        # are dropped again when their first search fails on them.
+        self._searched_part_count = 0
+        self._confirmed_part_count = 0
+        # The index the shown matches and their relevance marks belong to.
+        self._results_index_identity: Optional[tuple] = None
         group = QGroupBox("2 · Search")
         layout = QVBoxLayout(group)
         tools_row = QHBoxLayout()
@@ -80,7 +86,7 @@ class SearchPanelMixin:
         self.search_button = QPushButton("Search")
         self.search_button.setObjectName("lookalikeSearch")
         self.search_button.setToolTip("Search again with the drawn query and the relevance marks")
-        self.search_button.clicked.connect(self.start_search)
+        self.search_button.clicked.connect(self._on_search_button_clicked)
         run_row.addWidget(self.search_button)
         self.clear_query_button = QPushButton("Clear query")
         self.clear_query_button.setObjectName("lookalikeClearQuery")
@@ -132,20 +138,49 @@ class SearchPanelMixin:
         canvas_crs = self.canvas.mapSettings().destinationCrs()
         transform = QgsCoordinateTransform(layer.crs(), canvas_crs, self.project)
         negative = self.negative_button.isChecked()
+        added = 0
+        lines = 0
         for feature in layer.getFeatures(QgsFeatureRequest().setFilterFids(layer.selectedFeatureIds())):
             if not feature.hasGeometry():
+                continue
+            if feature.geometry().type() not in (POLYGON_GEOMETRY, POINT_GEOMETRY):
+                lines += 1
                 continue
             geometry = QgsGeometry(feature.geometry())
             geometry.transform(transform)
             self._add_query_part(geometry, negative, crs_to_wkt(canvas_crs))
-        self.start_search()
+            added += 1
+        if lines:
+            self.push_message(
+                f"{lines} selected feature(s) of {layer.name()} are lines, which cannot be a query; "
+                "select polygons or points.",
+                Qgis.MessageLevel.Warning,
+            )
+        if added:
+            self.start_search()
 
     def clear_query(self) -> None:
         """Remove the drawn parts and the relevance marks; the next drawing starts a new query."""
         self.query_parts = []
+        self._searched_part_count = 0
+        self._confirmed_part_count = 0
         self.overlay.clear()
         self.results_table.clear_marks()
         self._update_query_label()
+
+    def _drop_unconfirmed_parts(self) -> int:
+        """Remove the parts that the failed search added to the query; return how many."""
+        first, end = self._confirmed_part_count, self._searched_part_count
+        dropped = end - first
+        if dropped <= 0:
+            return 0
+        self.query_parts = self.query_parts[:first] + self.query_parts[end:]
+        self._searched_part_count = first
+        self.overlay.clear()
+        for geometry, negative, _crs_wkt in self.query_parts:
+            self.overlay.add(geometry, negative)
+        self._update_query_label()
+        return dropped
 
     def _update_query_label(self) -> None:
         positives = sum(1 for _geometry, negative, _crs in self.query_parts if not negative)
@@ -162,10 +197,16 @@ class SearchPanelMixin:
 
     def start_search(self) -> Optional[LookalikeTask]:
         if self.index is None:
+            if self.build_task is not None:
+                self.push_message(
+                    "The index is being built; search when the build has finished.", Qgis.MessageLevel.Info
+                )
+                return None
             self.push_message(
                 "No index is open; build an index or choose an index folder first.", Qgis.MessageLevel.Warning
             )
             return None
+        self._forget_marks_of_other_index()
         relevant = tuple(self.results_table.tiles_marked(Relevance.RELEVANT))
         not_relevant = tuple(self.results_table.tiles_marked(Relevance.NOT_RELEVANT))
         if not self.query_parts and not relevant:
@@ -194,38 +235,72 @@ class SearchPanelMixin:
             not_relevant_tile_ids=not_relevant,
         )
 
+        index_identity = self.index.identity
         task = LookalikeTask(
             f"Lookalike: search {self.query_layer_name()}",
             lambda running: jobs.search_work(request, running),
-            self._on_search_finished,
+            lambda done: self._on_search_finished(done, index_identity),
         )
         self.search_task = task
-        self.search_button.setEnabled(False)
+        self._searched_part_count = len(self.query_parts)
+        self.search_button.setText("Cancel search")
         self.query_label.setText("Searching…")
         self._store_state()
         return self._start_task(task)
 
-    def _on_search_finished(self, task: LookalikeTask) -> None:
+    def _forget_marks_of_other_index(self) -> None:
+        """Clear relevance marks made on another index: their tile ids mean other tiles here."""
+        marked = self.results_table.tiles_marked(Relevance.RELEVANT) + self.results_table.tiles_marked(
+            Relevance.NOT_RELEVANT
+        )
+        if not marked or self._results_index_identity == self.index.identity:
+            return
+        self.results_table.clear_marks()
+        self.push_message(
+            f"The {len(marked)} relevance mark(s) were made on another index and are cleared; mark the "
+            "matches of this index again.",
+            Qgis.MessageLevel.Info,
+        )
+
+    def _on_search_button_clicked(self) -> None:
+        if self.search_task is None:
+            self.start_search()
+            return
+        self._search_again = False
+        self.search_task.cancel()
+        self.query_label.setText("Cancelling the search…")
+
+    def _on_search_finished(self, task: LookalikeTask, index_identity: Optional[tuple] = None) -> None:
         self.search_task = None
-        self.search_button.setEnabled(True)
+        self.search_button.setText("Search")
         self._update_query_label()
         if task.outcome is TaskOutcome.SUCCEEDED:
             outcome: jobs.SearchOutcome = task.result
             self._encoder_cache = outcome.encoder
+            self._confirmed_part_count = self._searched_part_count
+            self._results_index_identity = index_identity
             self.show_matches(outcome.matches, outcome.encoder.name)
         elif task.outcome is TaskOutcome.FAILED:
             self._report_failure("The search", task)
+            if isinstance(task.error, LookalikeError):
+                dropped = self._drop_unconfirmed_parts()
+                if dropped:
+                    self.push_message(
+                        f"The {dropped} query part(s) added since the last search were removed from the "
+                        "query, so the next search runs without them.",
+                        Qgis.MessageLevel.Info,
+                    )
         if self._search_again:
             self._search_again = False
             self.start_search()
 
     def show_matches(self, found: list, encoder_name: str) -> None:
         """Replace this query's result layer, table and histogram with ``found``."""
-        self.matches = found
         name = self.query_layer_name()
         old_layer = self.project.mapLayer(self.result_layer_id) if self.result_layer_id else None
         if old_layer is not None and old_layer.name() == name:
             self.project.removeMapLayer(old_layer.id())
+        self.matches = found
         try:
             layer = match_layers.matches_to_memory_layer(
                 found,
@@ -249,7 +324,11 @@ class SearchPanelMixin:
         self.threshold_slider.blockSignals(False)
         self._on_threshold_changed(0)
         if not found:
-            self.push_message("The search found no matches; draw a different query or lower the threshold.")
+            # Searches widen until k matches survive, so none means every tile overlaps the query.
+            self.push_message(
+                "The search found no matches: every indexed tile overlaps the query, and tiles under the "
+                "query are never returned; draw a smaller query."
+            )
         self._load_thumbnails(found)
 
     def result_layer(self) -> Optional[QgsVectorLayer]:

@@ -220,6 +220,29 @@ def test_lock_shared_through_symlink(shared_data, tmp_path):
         build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], alias))
 
 
+def test_unwritable_lock_location_is_named(shared_data, tmp_path):
+    # A file where the index's parent folder should be: the lock file cannot be created, as in a
+    # folder without write permission (which root, running these tests in CI, would ignore).
+    (tmp_path / "reports").write_text("not a folder", encoding="utf-8")
+    folder = tmp_path / "reports" / "index"
+
+    with pytest.raises(LookalikeError, match="cannot create the lock file .*index.lock") as error:
+        index_lock(folder).__enter__()
+    assert "choose an index folder in a place you can write to" in str(error.value)
+
+
+@pytest.mark.parametrize("flags", [{}, {"add_to_existing": True}])
+def test_refused_folder_gets_no_lock_file(shared_data, tmp_path, flags):
+    folder = tmp_path / "my documents"
+    folder.mkdir()
+    (folder / "thesis.docx").write_bytes(b"thesis")
+
+    with pytest.raises(SearchIndexError, match="choose a new or empty folder|contains no index"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder, **flags))
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["my documents"]
+
+
 def test_dangling_symlink_index_rejected(shared_data, tmp_path):
     link = tmp_path / "index"
     link.symlink_to(tmp_path / "missing", target_is_directory=True)

@@ -1,6 +1,7 @@
 """Build and query pipeline on small real rasters with the tiny test encoder."""
 
 import json
+import math
 import threading
 import time
 import tracemalloc
@@ -901,6 +902,39 @@ def test_query_on_indexed_tile_matches_its_embedding(rgb_index, encoder, shared_
     stored = np.asarray(rgb_index.embeddings[tile_id], dtype=np.float32)
     # Stored embeddings are float16, so they agree to about 1e-3.
     np.testing.assert_allclose(embeddings[0], stored, atol=2e-3)
+
+
+def test_query_tile_count_is_bounded(rgb_index, encoder, shared_data, monkeypatch):
+    from lookalike.core import query as query_module
+
+    monkeypatch.setattr(query_module, "MAX_QUERY_TILES", 4)
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    xmin, ymin, xmax, ymax = source.bounds
+    tile_m = TileGrid.from_dict(rgb_index.sources[0]["grid"]).tile_ground_size
+    # The west half of the box is off the raster; only the tiles on it count.
+    wide = (xmin - (xmax - xmin), ymin, xmax, ymax)
+
+    with pytest.raises(SearchError, match=r"covers \d+ tiles .* more than the 4 a query") as error:
+        embed_query(rgb_index, encoder, source, wide, source.crs_wkt)
+
+    covered = int(str(error.value).split("covers ")[1].split(" tiles")[0])
+    tiles_on_raster_max = (math.ceil((xmax - xmin) / tile_m) + 1) * (math.ceil((ymax - ymin) / tile_m) + 1)
+    assert 4 < covered <= tiles_on_raster_max
+
+
+def test_query_reading_can_be_cancelled(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    xmin, ymin, xmax, ymax = rgb_index.tile_bounds(rgb_index.count // 2)
+    calls = []
+
+    def cancel_on_second_chip() -> bool:
+        calls.append(1)
+        return len(calls) >= 2
+
+    with pytest.raises(CancelledError):
+        embed_query(rgb_index, encoder, source, (xmin, ymin, xmax + 2 * (xmax - xmin), ymax), source.crs_wkt,
+                    is_cancelled=cancel_on_second_chip)
+    assert len(calls) == 2
 
 
 def test_query_accepts_manifest_dict(rgb_index, encoder, shared_data):

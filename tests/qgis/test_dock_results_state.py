@@ -1,0 +1,205 @@
+"""The dock's query and results state: export paths, removed result layers, marks of another
+index, query parts that a search rejects, and searches that can be cancelled.
+
+Runs the real dock offscreen on the RapidEye clip with the tiny test encoder.
+"""
+
+from pathlib import Path
+
+import pytest
+from dock_testing import build, drag_rectangle, messages, ship_query_bounds, wait_for_tasks, wait_until
+from qgis.core import Qgis, QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtTest import QTest
+from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
+
+from lookalike.ui.results import Relevance
+
+
+def search_box(dock, canvas, bounds) -> None:
+    dock.activate_tool("rectangle")
+    drag_rectangle(canvas, bounds)
+    wait_for_tasks(dock)
+
+
+@pytest.fixture()
+def searched(dock, ships_layer, qgis_canvas, tmp_path):
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    dock.k_spin.setValue(3)
+    search_box(dock, qgis_canvas, ship_query_bounds(ships_layer))
+    assert dock.result_layer() is not None
+    return dock
+
+
+def answer_no(monkeypatch) -> list:
+    questions = []
+
+    def question(_parent, _title, text, *_args):
+        questions.append(text)
+        return QMessageBox.StandardButton.No
+
+    monkeypatch.setattr(QMessageBox, "question", question)
+    return questions
+
+
+# -- export ------------------------------------------------------------------------------------
+
+
+def test_export_asks_before_replacing_extension(searched, tmp_path, monkeypatch):
+    users_file = tmp_path / "report.geojson"
+    users_file.write_text('{"type": "FeatureCollection", "name": "my own survey", "features": []}')
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "report"), ""))
+    questions = answer_no(monkeypatch)
+    searched.export_format_combo.setCurrentText("GeoJSON")
+
+    QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
+
+    assert len(questions) == 1
+    assert str(users_file) in questions[0]
+    assert "my own survey" in users_file.read_text()
+
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
+    assert "my own survey" not in users_file.read_text()
+    assert QgsVectorLayer(str(users_file), "export", "ogr").featureCount() == 3
+
+
+def test_export_to_folder_rejected(searched, qgis_iface, tmp_path, monkeypatch):
+    (tmp_path / "matches.gpkg").mkdir()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "matches"), ""))
+    searched.export_format_combo.setCurrentText("GeoPackage")
+
+    searched.export_layer_with_dialog()
+
+    errors = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any("is a folder" in text for text in errors), errors
+    assert (tmp_path / "matches.gpkg").is_dir()
+
+
+# -- result layer and marks --------------------------------------------------------------------
+
+
+def test_removing_result_layer_empties_table(searched):
+    assert searched.results_table.rowCount() == 3
+
+    QgsProject.instance().removeMapLayer(searched.result_layer_id)
+
+    assert searched.results_table.rowCount() == 0
+    assert searched.matches == []
+    assert searched.histogram.bin_counts() == [0] * len(searched.histogram.bin_counts())
+
+
+def test_other_index_marks_cleared(searched, qgis_iface, qgis_canvas, ships_layer, tmp_path):
+    marked = searched.matches[0].tile_id
+    searched.results_table.set_relevance(marked, Relevance.RELEVANT)
+    other = tmp_path / "other"
+    searched.gsd_spin.setValue(searched.gsd_spin.value() * 1.5)
+    build(searched, other)
+    assert searched.index is not None and Path(searched.index.folder) == other
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert searched.results_table.tiles_marked(Relevance.RELEVANT) == []
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("made on another index" in text for text in infos), infos
+
+
+def test_marks_kept_for_same_index(searched):
+    marked = searched.matches[1].tile_id
+    searched.results_table.set_relevance(marked, Relevance.RELEVANT)
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert searched.results_table.tiles_marked(Relevance.RELEVANT) == [marked]
+
+
+# -- query parts -------------------------------------------------------------------------------
+
+
+def test_rejected_part_leaves_query(searched, qgis_iface, ships_layer):
+    extent = ships_layer.extent()
+    off_raster = QgsGeometry.fromWkt(f"POINT({extent.xMaximum() + 5000} {extent.yMaximum() + 5000})")
+    parts_before = len(searched.query_parts)
+
+    searched.add_query_geometry(off_raster, False)
+    wait_for_tasks(searched)
+
+    assert any("outside every indexed raster" in text for text in messages(qgis_iface, Qgis.MessageLevel.Critical))
+    assert len(searched.query_parts) == parts_before
+    qgis_iface.messageBar().clear_messages()
+    searched.start_search()
+    wait_for_tasks(searched)
+    assert not messages(qgis_iface, Qgis.MessageLevel.Critical)
+
+
+def test_selected_lines_not_added(searched, qgis_iface, ships_layer):
+    extent = ships_layer.extent()
+    lines = QgsVectorLayer(f"LineString?crs={ships_layer.crs().authid()}", "lines", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt(
+        f"LINESTRING({extent.xMinimum()} {extent.yMinimum()}, {extent.xMaximum()} {extent.yMaximum()})"
+    ))
+    lines.dataProvider().addFeatures([feature])
+    QgsProject.instance().addMapLayer(lines)
+    lines.selectAll()
+    searched.query_layer_combo.setLayer(lines)
+    parts_before = len(searched.query_parts)
+
+    searched.add_selected_features()
+    wait_for_tasks(searched)
+
+    assert len(searched.query_parts) == parts_before
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("are lines" in text for text in warnings), warnings
+
+
+def test_off_centre_box_searches(searched, qgis_iface, qgis_canvas, ships_layer):
+    searched.clear_query()
+    extent = ships_layer.extent()
+    # The east half of the clip and as much again past its edge: the centre is off the raster.
+    half = extent.width() / 2
+    bounds = (extent.xMinimum() + half, extent.yMinimum(), extent.xMaximum() + 1.2 * half, extent.yMaximum())
+    qgis_canvas.setExtent(qgis_canvas.extent().buffered(extent.width()))
+    qgis_iface.messageBar().clear_messages()
+
+    search_box(searched, qgis_canvas, bounds)
+
+    assert not messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert searched.matches
+
+
+def test_whole_raster_query_explains_empty(searched, qgis_iface, qgis_canvas, ships_layer):
+    searched.clear_query()
+    extent = ships_layer.extent().buffered(10.0)
+    qgis_canvas.setExtent(extent.buffered(extent.width() * 0.2))
+    qgis_iface.messageBar().clear_messages()
+
+    search_box(searched, qgis_canvas, (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum()))
+
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert searched.matches == []
+    assert any("draw a smaller query" in text for text in infos), infos
+    assert not any("threshold" in text for text in infos)
+
+
+def test_search_button_cancels_search(searched, monkeypatch):
+    from lookalike.ui import jobs
+
+    def slow_search(request, task):
+        wait_until(task.isCanceled, timeout_s=30.0)
+        task.check_cancelled()
+
+    monkeypatch.setattr(jobs, "search_work", slow_search)
+    matches_before = list(searched.matches)
+    searched.start_search()
+    assert searched.search_button.text() == "Cancel search"
+
+    QTest.mouseClick(searched.search_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(searched)
+
+    assert searched.search_task is None
+    assert searched.search_button.text() == "Search"
+    assert searched.matches == matches_before
