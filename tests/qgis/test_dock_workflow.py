@@ -5,117 +5,25 @@ with the tiny test encoder so a build takes seconds.
 """
 
 import csv
-import time
 from pathlib import Path
 
 import pytest
+from dock_testing import SHIPS_RASTER, build, drag_rectangle, map_to_pixel, messages, ship_query_bounds, wait_for_tasks
 from qgis.core import (
     Qgis,
-    QgsApplication,
     QgsFeature,
     QgsGeometry,
     QgsProject,
-    QgsRasterLayer,
     QgsRectangle,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QPoint, Qt
+from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QFileDialog, QPushButton
 
 from lookalike.gis import matches as match_fields
-from lookalike.ui.dock import EXTENT_SELECTED, OTHER_ENCODER, LookalikeDockWidget
+from lookalike.ui.dock import EXTENT_SELECTED, LookalikeDockWidget
 from lookalike.ui.results import Relevance
-
-SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
-TASK_TIMEOUT_S = 120.0
-
-
-def wait_until(condition, timeout_s: float = TASK_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout_s} s")
-        QgsApplication.processEvents()
-        time.sleep(0.01)
-
-
-def wait_for_tasks(dock: LookalikeDockWidget, timeout_s: float = TASK_TIMEOUT_S) -> None:
-    wait_until(lambda: not dock.running_tasks(), timeout_s)
-    QgsApplication.processEvents()
-
-
-def messages(qgis_iface, level) -> list:
-    return qgis_iface.messageBar().get_messages(level)
-
-
-@pytest.fixture()
-def ships_layer(shared_data, qgis_new_project, qgis_canvas):
-    layer = QgsRasterLayer(str(shared_data / SHIPS_RASTER), "ships")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    qgis_canvas.resize(700, 340)
-    # A hidden canvas keeps its initial map size; showing its window applies the new size.
-    qgis_canvas.window().show()
-    qgis_canvas.setDestinationCrs(layer.crs())
-    qgis_canvas.setLayers([layer])
-    qgis_canvas.setExtent(layer.extent())
-    qgis_canvas.refresh()
-    QgsApplication.processEvents()
-    return layer
-
-
-@pytest.fixture()
-def dock(qgis_iface, qgis_new_project, repo_root):
-    qgis_iface.messageBar().clear_messages()
-    widget = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
-    # Mouse clicks reach only visible buttons.
-    widget.show()
-    widget.encoder_combo.setCurrentIndex(widget.encoder_combo.findData(OTHER_ENCODER))
-    widget.encoder_file.setFilePath(str(repo_root / "tests" / "data" / "tiny_encoder.onnx"))
-    wait_until(lambda: widget.encoder_spec is not None and widget.encoder_spec.name == "tiny_test_encoder")
-    yield widget
-    wait_for_tasks(widget)
-    widget.cleanup()
-    widget.deleteLater()
-    QgsApplication.processEvents()
-
-
-def build(dock: LookalikeDockWidget, folder: Path) -> None:
-    dock.index_folder.setFilePath(str(folder))
-    dock.overlap_spin.setValue(50)
-    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
-    assert dock.build_task is not None, dock.iface.messageBar().messages
-    wait_for_tasks(dock)
-
-
-def map_to_pixel(canvas, x: float, y: float) -> QPoint:
-    point = canvas.getCoordinateTransform().transform(x, y)
-    return QPoint(round(point.x()), round(point.y()))
-
-
-def drag_rectangle(canvas, bounds, modifier=Qt.KeyboardModifier.NoModifier) -> None:
-    xmin, ymin, xmax, ymax = bounds
-    start = map_to_pixel(canvas, xmin, ymax)
-    end = map_to_pixel(canvas, xmax, ymin)
-    viewport = canvas.viewport()
-    QTest.mousePress(viewport, Qt.MouseButton.LeftButton, modifier, start)
-    QTest.mouseMove(viewport, QPoint((start.x() + end.x()) // 2, (start.y() + end.y()) // 2))
-    QTest.mouseMove(viewport, end)
-    QTest.mouseRelease(viewport, Qt.MouseButton.LeftButton, modifier, end)
-
-
-def ship_query_bounds(layer: QgsRasterLayer):
-    # A box in the upper left part of the bay; any water-and-ship area serves the workflow.
-    extent = layer.extent()
-    width = extent.width()
-    height = extent.height()
-    return (
-        extent.xMinimum() + 0.30 * width,
-        extent.yMinimum() + 0.55 * height,
-        extent.xMinimum() + 0.36 * width,
-        extent.yMinimum() + 0.75 * height,
-    )
 
 
 def test_dock_build_shows_progress_and_opens_index(dock, ships_layer, tmp_path, qgis_iface):
