@@ -95,10 +95,17 @@ class LookalikePlugin:
             from .ui import dock as dock_module
 
             self.dock = dock_module.LookalikeDockWidget(self.iface, self.iface.mainWindow())
-            self.dock.visibilityChanged.connect(self.actions[0].setChecked)
+            # Opened and closed, not visible: a dock covered by another panel's tab is hidden but
+            # stays open, and unchecking the action would close it from under that tab.
+            self.dock.openedStateChanged.connect(self.actions[0].setChecked)
             self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
-        if self.dock is not None:
-            self.dock.setVisible(visible)
+        if self.dock is None:
+            return
+        if visible:
+            # Raises the dock's tab when it shares its place with other panels.
+            self.dock.setUserVisible(True)
+        else:
+            self.dock.hide()
 
     def check_dependencies(self) -> List[str]:
         """Tell the user which runtime packages are missing and offer to install them."""

@@ -148,6 +148,38 @@ def embed_query(
     return QueryChips(embeddings=embeddings, footprints=kept_footprints, crs_wkt=grid_crs_wkt)
 
 
+def indexed_source_for_geometry(
+    index_or_manifest: Union[TileIndex, Mapping[str, Any]], wkt: str, crs_wkt: str
+) -> str:
+    """Return the path of the indexed raster that contains the geometry's centroid, else the one it overlaps most.
+
+    A box dragged past the raster's edge has its centroid off the raster but still shows imagery.
+    """
+    sources = _manifest_of(index_or_manifest)["sources"]
+    if not sources:
+        raise SearchError("The index has no rasters yet; build it before searching.")
+    best_path, best_area = "", 0.0
+    for record in sources:
+        geometry = ogr.CreateGeometryFromWkt(transform_geometry_wkt(wkt, crs_wkt, record["crs_wkt"]))
+        centroid = geometry.Centroid()
+        xmin, ymin, xmax, ymax = record["bounds"]
+        if xmin <= centroid.GetX() <= xmax and ymin <= centroid.GetY() <= ymax:
+            return record["path"]
+        footprint = ogr.CreateGeometryFromWkt(
+            f"POLYGON(({xmin} {ymin},{xmax} {ymin},{xmax} {ymax},{xmin} {ymax},{xmin} {ymin}))"
+        )
+        overlap = geometry.Intersection(footprint)
+        area = overlap.GetArea() if overlap is not None else 0.0
+        if area > best_area:
+            best_path, best_area = record["path"], area
+    if best_path:
+        return best_path
+    raise SearchError(
+        "The query lies outside every indexed raster; draw it over the imagery of the index "
+        f"({', '.join(Path(record['path']).name for record in sources)})."
+    )
+
+
 def _on_raster(footprints: list[Bounds], raster: RasterSource, grid_crs_wkt: str) -> list[Bounds]:
     """Return the footprints that overlap the raster's bounds; the others hold no valid pixel."""
     try:

@@ -15,6 +15,9 @@ trap 'rm -rf "$test_home"' EXIT
 export XDG_RUNTIME_DIR="$test_home/runtime" HOME="$test_home"
 mkdir -m 700 "$XDG_RUNTIME_DIR"
 export PYTHONDONTWRITEBYTECODE=1
+# QGIS layers computing band statistics would otherwise leave .aux.xml files beside the shared
+# rasters, which the tests only read.
+export GDAL_PAM_ENABLED=NO
 
 echo "== ruff"
 .venv/bin/ruff check .

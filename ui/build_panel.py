@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from qgis.core import Qgis, QgsGeometry, QgsMapLayer, QgsRasterDataProvider, QgsRasterLayer, QgsVectorLayer
-from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsRasterBandComboBox
+from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBarItem, QgsRasterBandComboBox
+from qgis.PyQt import sip
 from qgis.PyQt.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -24,9 +27,19 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..core import get_logger
 from ..core.encoder import MODELS_DIR, OnnxEncoder
 from ..core.errors import LookalikeError
-from ..core.index import MANIFEST_NAME, TileIndex
+from ..core.grid import stride_from_overlap, tile_count
+from ..core.index import (
+    FOLDER_DAMAGED_INDEX,
+    FOLDER_FOREIGN,
+    FOLDER_INDEX,
+    MANIFEST_NAME,
+    TileIndex,
+    index_folder_state,
+)
+from ..core.parameters import MIN_SOURCE_PIXELS_PER_TILE, MIN_TILE_SIZE_SOURCE_PX
 from ..core.pipeline import BuildParameters, Region
 from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
 from ..gis.tasks import LookalikeTask, TaskOutcome, TileProgress
@@ -43,6 +56,13 @@ from .dock_constants import (
     METRES_PER_DEGREE,
     OTHER_ENCODER,
 )
+
+LOGGER = get_logger("ui.build_panel")
+
+# The dock rejects a GSD at which a raster's shorter side spans fewer encoder pixels than this,
+# because the raster then shrinks to a speck in one chip. Below about 1.1 pixels the build embeds
+# no tile (measured on the 692 x 332 px ships clip with the 32 px test encoder), so 2 leaves a margin.
+MIN_RASTER_SPAN_ENCODER_PX = 2.0
 
 
 def _format_duration(seconds: Optional[float]) -> str:
@@ -71,6 +91,59 @@ def progress_text(progress: TileProgress) -> str:
     return " · ".join(parts)
 
 
+@dataclass(frozen=True)
+class RasterTiling:
+    """A raster's size in metres and pixels, and the tile and stride of the encoder grid in encoder pixels.
+
+    Its limits mirror those of the build: a tile spans at least ``MIN_TILE_SIZE_SOURCE_PX``
+    raster pixels, and a raster gets at most one tile per ``MIN_SOURCE_PIXELS_PER_TILE`` pixels.
+    """
+
+    width_m: float
+    height_m: float
+    width_px: int
+    height_px: int
+    tile_size_px: int
+    stride_px: int
+
+    @property
+    def pixel_size_m(self) -> float:
+        # The geometric mean, as the build measures a raster's pixel size.
+        return math.sqrt(self.width_m / self.width_px * self.height_m / self.height_px)
+
+    @property
+    def max_tile_count(self) -> int:
+        return max(1, self.width_px * self.height_px // MIN_SOURCE_PIXELS_PER_TILE)
+
+    def tile_count_at(self, gsd: float) -> int:
+        """Return the tiles of a grid at ``gsd`` over the whole raster, counted as the build counts them."""
+        tile_m = gsd * self.tile_size_px
+        stride_m = gsd * self.stride_px
+        return tile_count(self.height_m, tile_m, stride_m) * tile_count(self.width_m, tile_m, stride_m)
+
+    def gsd_range(self, whole_layer: bool) -> Tuple[float, float]:
+        """Return the finest and coarsest GSD in m/px that the raster can be indexed at.
+
+        The finest is above the coarsest when no GSD works. The tile count limit applies only to a
+        ``whole_layer`` extent.
+        """
+        min_gsd = MIN_TILE_SIZE_SOURCE_PX * self.pixel_size_m / self.tile_size_px
+        max_gsd = min(self.width_m, self.height_m) / MIN_RASTER_SPAN_ENCODER_PX
+        if not whole_layer or self.tile_count_at(min_gsd) <= self.max_tile_count:
+            return min_gsd, max_gsd
+        if self.tile_count_at(max_gsd) > self.max_tile_count:
+            return math.inf, max_gsd
+        # The tile count falls as the GSD grows, so bisection finds the finest GSD within the limit.
+        low, high = min_gsd, max_gsd
+        for _ in range(60):
+            middle = (low + high) / 2.0
+            if self.tile_count_at(middle) > self.max_tile_count:
+                low = middle
+            else:
+                high = middle
+        return high, max_gsd
+
+
 class BuildPanelMixin:
     """Widgets and slots of the "Index a raster" group, mixed into ``LookalikeDockWidget``.
 
@@ -80,6 +153,13 @@ class BuildPanelMixin:
     def _build_index_group(self) -> QGroupBox:
         group = QGroupBox("1 · Index a raster")
         form = QFormLayout(group)
+
+        # Encoder path whose loading must keep the GSD restored from the project, or "".
+        self._gsd_restored_for_encoder = ""
+        # Per index folder (see _folder_key): the request of the build started last, which a
+        # Resume button must match, and the message bar item of that folder's Resume button.
+        self._latest_build_requests: Dict[str, jobs.BuildRequest] = {}
+        self._resume_items: Dict[str, QgsMessageBarItem] = {}
 
         self.raster_combo = QgsMapLayerComboBox()
         self.raster_combo.setObjectName("lookalikeRasterLayer")
@@ -194,6 +274,9 @@ class BuildPanelMixin:
         self.encoder_file.setVisible(self.encoder_combo.currentData() == OTHER_ENCODER)
         path = self.encoder_path()
         self.encoder_spec = None
+        if not self._restoring:
+            # The analyst chose another encoder, whose suggested GSD then applies.
+            self._gsd_restored_for_encoder = ""
         if not path:
             self.encoder_info.setText("Choose an ONNX encoder file.")
             return
@@ -223,7 +306,9 @@ class BuildPanelMixin:
             f"{spec.name} {spec.version}: {spec.input_size_px} px input, bands {', '.join(spec.bands)}, "
             f"GSD {gsd_text}, {spec.embedding_dim}-d embeddings"
         )
-        if spec.gsd_m and not self._restoring:
+        keep_restored_gsd = self._gsd_restored_for_encoder == str(encoder.path)
+        self._gsd_restored_for_encoder = ""
+        if spec.gsd_m and not self._restoring and not keep_restored_gsd:
             self.gsd_spin.setValue(spec.gsd_m)
         if self._band_slot_names != list(spec.bands):
             self._set_band_slots(list(spec.bands))
@@ -309,6 +394,7 @@ class BuildPanelMixin:
             self._band_choice_to_restore = ""
         if self._restoring or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             return
+        self._gsd_restored_for_encoder = ""
         self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
         if self.encoder_spec is not None and self.encoder_spec.gsd_m:
             self.gsd_spin.setValue(self.encoder_spec.gsd_m)
@@ -356,6 +442,64 @@ class BuildPanelMixin:
             return None
         return Region(crs_wkt=crs_to_wkt(layer.crs()), polygons_wkt=tuple(wkts))
 
+    def _check_gsd(self, layer: QgsRasterLayer, gsd: float, whole_layer: bool) -> None:
+        """Raise LookalikeError naming the GSD range for ``layer`` when the build would reject ``gsd``.
+
+        The tile count is checked for a whole-layer extent only, because a smaller extent has fewer tiles.
+        """
+        # NOTE: the build measures a geographic raster in a UTM grid, which raster_size_m() only
+        # approximates, so at the very edges of the range its limits may differ slightly from these.
+        size_m = raster_size_m(layer)
+        if size_m is None or layer.width() <= 0 or layer.height() <= 0:
+            return
+        overlap_percent = self.overlap_spin.value()
+        tile_size_px = self.encoder_spec.input_size_px
+        tiling = RasterTiling(
+            width_m=size_m[0],
+            height_m=size_m[1],
+            width_px=layer.width(),
+            height_px=layer.height(),
+            tile_size_px=tile_size_px,
+            stride_px=stride_from_overlap(tile_size_px, overlap_fraction=overlap_percent / 100.0),
+        )
+        min_gsd, max_gsd = tiling.gsd_range(whole_layer)
+        name = layer.name()
+        settings = f"{tile_size_px} px tiles and {overlap_percent} % overlap"
+        if min_gsd > max_gsd:
+            raise LookalikeError(
+                f"Layer {name!r} ({tiling.width_px} × {tiling.height_px} px) is too small to index with {settings} "
+                "at any GSD; lower the overlap or choose a larger raster."
+            )
+
+        fix = ""
+        tile_span_px = gsd * tile_size_px / tiling.pixel_size_m
+        if tile_span_px < MIN_TILE_SIZE_SOURCE_PX:
+            reason = (
+                f"a tile would span only {tile_span_px:.3g} raster pixels, and a tile needs at least "
+                f"{MIN_TILE_SIZE_SOURCE_PX:g}"
+            )
+        elif whole_layer and tiling.tile_count_at(gsd) > tiling.max_tile_count:
+            reason = (
+                f"its {tiling.width_px} × {tiling.height_px} pixels would get {tiling.tile_count_at(gsd)} tiles "
+                f"that read the same pixels many times, and at most one tile per {MIN_SOURCE_PIXELS_PER_TILE} "
+                "pixels is allowed"
+            )
+            fix = ", or lower the overlap"
+        elif gsd > max_gsd:
+            reason = (
+                f"its shorter side of {min(size_m):.4g} m would span fewer than {MIN_RASTER_SPAN_ENCODER_PX:g} "
+                "encoder pixels, too few to embed"
+            )
+        else:
+            return
+        # Rounded inwards to the GSD field's 3 decimals, so that typing a bound builds.
+        lowest = math.ceil(min_gsd * 1000.0 - 1e-6) / 1000.0
+        highest = math.floor(max_gsd * 1000.0 + 1e-6) / 1000.0
+        raise LookalikeError(
+            f"GSD {gsd:g} m/px does not work for layer {name!r} with {settings}, because {reason}. "
+            f"Set the GSD between {lowest:g} and {highest:g} m/px{fix}."
+        )
+
     # -- build ---------------------------------------------------------------------------------
 
     def prepare_build(self) -> jobs.BuildRequest:
@@ -366,6 +510,7 @@ class BuildPanelMixin:
         folder = self.index_folder.filePath().strip()
         if not folder:
             raise LookalikeError("No index folder is set; choose a folder to write the index to.")
+        check_index_folder(Path(folder))
         encoder_path = self.encoder_path()
         if not encoder_path or not Path(encoder_path).is_file():
             raise LookalikeError(f"The encoder file {encoder_path or '(none)'} is missing; choose an ONNX model.")
@@ -378,6 +523,9 @@ class BuildPanelMixin:
         provider_bounds = None
         provider_bounds_crs = ""
         if source.uses_gdal:
+            # Other sources are written at the GSD itself, so only a GDAL raster's own pixel size
+            # limits the GSD.
+            self._check_gsd(layer, gsd, whole_layer=bounds_and_crs is None)
             source_paths = (source.gdal_path,)
         else:
             if bounds_and_crs is None:
@@ -425,23 +573,41 @@ class BuildPanelMixin:
         except LookalikeError as error:
             self.push_message(str(error), Qgis.MessageLevel.Warning)
             return None
-        folder = Path(request.params.index_folder)
-        if (folder / MANIFEST_NAME).is_file() and not request.params.add_to_existing:
-            answer = QMessageBox.question(
-                self,
-                MESSAGE_TITLE,
-                f"{folder} already contains an index. Replace it with a new index of this raster?",
-                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-                QMessageBox.StandardButton.No,
-            )
-            if answer != QMessageBox.StandardButton.Yes:
-                return None
-            request = replace(request, params=replace(request.params, overwrite_existing_index=True))
+        folder = request.params.index_folder
+        request = self._confirm_replace(
+            request, f"{folder} already contains an index. Replace it with a new index of this raster?"
+        )
+        if request is None:
+            return None
         return self.run_build(request)
+
+    def _confirm_replace(self, request: jobs.BuildRequest, question: str) -> Optional[jobs.BuildRequest]:
+        """Ask ``question`` when the build would replace the index in its folder.
+
+        Returns the request, allowed to replace that index when the analyst agreed, or None when
+        they declined.
+        """
+        state = _readable_folder_state(Path(request.params.index_folder))
+        if request.params.add_to_existing or state not in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
+            return request
+        answer = QMessageBox.question(
+            self,
+            MESSAGE_TITLE,
+            question,
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        if answer != QMessageBox.StandardButton.Yes:
+            return None
+        return replace(request, params=replace(request.params, overwrite_existing_index=True))
 
     def run_build(self, request: jobs.BuildRequest) -> LookalikeTask:
         """Start a build task; rerunning a cancelled request resumes it from its checkpoints."""
         self.last_build_request = request
+        folder_key = _folder_key(request.params.index_folder)
+        self._latest_build_requests[folder_key] = request
+        # An older Resume of this folder would undo this build.
+        self._remove_resume_message(folder_key)
         if self.index is not None and Path(self.index.folder) == Path(request.params.index_folder):
             # The build replaces the files of the open index.
             self.index = None
@@ -450,6 +616,7 @@ class BuildPanelMixin:
             lambda running: jobs.build_work(request, running),
             self._on_build_finished,
         )
+        task.project_epoch = self.project_epoch
         task.tileProgress.connect(self._on_build_progress)
         task.progressChanged.connect(lambda value: self.progress_bar.setValue(int(value)))
         self.build_task = task
@@ -478,6 +645,13 @@ class BuildPanelMixin:
         if task.outcome is TaskOutcome.SUCCEEDED:
             report = task.result
             self.progress_bar.setValue(100)
+            if _started_in_closed_project(self, task):
+                self.push_message(
+                    f"The index {report.index_folder} started in the project you closed is built; choose that "
+                    "folder under Index folder to open it here.",
+                    Qgis.MessageLevel.Success,
+                )
+                return
             self.open_index(report.index_folder)
             skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
             self.push_message(
@@ -486,21 +660,72 @@ class BuildPanelMixin:
                 Qgis.MessageLevel.Success,
             )
             return
+        folder = request.params.index_folder if request is not None else ""
         if task.outcome is TaskOutcome.CANCELLED:
             self.status_label.setText("Build cancelled; Resume continues where it stopped.")
-            self._push_with_button(
-                "The build was cancelled. Its finished tiles are kept; resume to continue.",
+            manifest_stamp = _manifest_stamp(folder)
+            self._resume_items[_folder_key(folder)] = self._push_with_button(
+                f"The build of {folder} was cancelled. Its finished tiles are kept; click Resume to continue it.",
                 "Resume",
-                lambda: self.run_build(request) if self.build_task is None else None,
+                lambda: self.resume_build(request, manifest_stamp),
                 Qgis.MessageLevel.Info,
             )
+            self._reopen_index_after_build(folder, task)
             return
         self.status_label.setText("The build failed; see the message bar.")
         self._report_failure("Building the index", task)
-        folder = request.params.index_folder if request is not None else ""
-        if self.index is None and folder and (Path(folder) / MANIFEST_NAME).is_file():
-            # A failed build leaves the index that was there before, so it is searchable again.
+        self._reopen_index_after_build(folder, task)
+
+    def _reopen_index_after_build(self, folder: str, task: LookalikeTask) -> None:
+        # A failed or cancelled build leaves the index that was there before, so it is searchable again.
+        if _started_in_closed_project(self, task):
+            return
+        if self.index is None and folder and _readable_folder_state(Path(folder)) == FOLDER_INDEX:
             self.open_index(folder)
+
+    def resume_build(
+        self, request: jobs.BuildRequest, manifest_stamp: Optional[Tuple[int, int, int]]
+    ) -> Optional[LookalikeTask]:
+        """Rerun a cancelled build from its checkpoints when its Resume button is clicked.
+
+        ``manifest_stamp`` is ``_manifest_stamp()`` of the folder when the build was cancelled.
+        A newer build of the same folder makes the request stale, because resuming would undo
+        that build. An index that changed on disk since the cancel is confirmed again.
+        """
+        folder = request.params.index_folder
+        if self._latest_build_requests.get(_folder_key(folder)) is not request:
+            self.push_message(
+                f"Resume did nothing because a newer build of {folder} was started after this one was cancelled. "
+                "Click Build index to build with the current settings.",
+                Qgis.MessageLevel.Warning,
+            )
+            return None
+        if self.build_task is not None:
+            self.push_message(
+                f"Resume of {folder} did nothing because another build is running. When it ends, click "
+                "Build index with the same settings to continue from the kept tiles.",
+                Qgis.MessageLevel.Warning,
+            )
+            return None
+        if _manifest_stamp(folder) != manifest_stamp:
+            try:
+                check_index_folder(Path(folder))
+            except LookalikeError as error:
+                self.push_message(str(error), Qgis.MessageLevel.Warning)
+                return None
+            request = self._confirm_replace(
+                request,
+                f"The index in {folder} changed after this build was cancelled. Replace it with the resumed build?",
+            )
+            if request is None:
+                return None
+        return self.run_build(request)
+
+    def _remove_resume_message(self, folder_key: str) -> None:
+        item = self._resume_items.pop(folder_key, None)
+        # The analyst may have closed the message, which deletes the item.
+        if item is not None and not sip.isdeleted(item):
+            self.iface.messageBar().popWidget(item)
 
     # -- index ---------------------------------------------------------------------------------
 
@@ -508,9 +733,15 @@ class BuildPanelMixin:
         if self._restoring:
             return
         if path and (Path(path) / MANIFEST_NAME).is_file():
-            self.open_index(path)
-        else:
-            self._store_state()
+            state = _readable_folder_state(Path(path))
+            if state in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
+                self.open_index(path)
+                return
+            if state == FOLDER_FOREIGN:
+                # Only another program's manifest is reported here, because this slot also runs for
+                # every partial path typed into the field, and most of those folders contain other files.
+                self.push_message(foreign_manifest_message(Path(path)), Qgis.MessageLevel.Warning)
+        self._store_state()
 
     def open_index(self, folder: str) -> LookalikeTask:
         """Open the index in ``folder`` in a task, because the HNSW graph loads slower as it grows.
@@ -557,6 +788,80 @@ class BuildPanelMixin:
         folder = QFileDialog.getExistingDirectory(self, "Locate the Lookalike index folder")
         if folder:
             self.open_index(folder)
+
+
+def raster_size_m(layer: QgsRasterLayer) -> Optional[Tuple[float, float]]:
+    """Return the width and height of a raster layer's extent in metres, or None without a CRS.
+
+    A geographic extent is converted at its centre latitude. CRS units of a projected CRS are taken
+    as metres, as the build does.
+    """
+    if not layer.crs().isValid():
+        return None
+    extent = layer.extent()
+    width, height = extent.width(), extent.height()
+    if layer.crs().isGeographic():
+        latitude_scale = max(math.cos(math.radians(extent.center().y())), 0.01)
+        width *= METRES_PER_DEGREE * latitude_scale
+        height *= METRES_PER_DEGREE
+    return width, height
+
+
+def check_index_folder(folder: Path) -> None:
+    """Raise LookalikeError when ``folder`` is a file or contains files other than a Lookalike index."""
+    if folder.exists() and not folder.is_dir():
+        raise LookalikeError(f"The index folder {folder} is a file; choose a folder for the index.")
+    try:
+        state = index_folder_state(folder)
+    except OSError as error:
+        raise LookalikeError(
+            f"The index folder {folder} cannot be read ({error.strerror}); choose a folder you can read and write."
+        ) from error
+    if state != FOLDER_FOREIGN:
+        return
+    if (folder / MANIFEST_NAME).is_file():
+        raise LookalikeError(foreign_manifest_message(folder))
+    raise LookalikeError(
+        f"The folder {folder} contains other files and no Lookalike index, so no index is written there. "
+        "Choose an empty or new folder for the index."
+    )
+
+
+def foreign_manifest_message(folder: Path) -> str:
+    return (
+        f"The folder {folder} is not a Lookalike index because its {MANIFEST_NAME} belongs to another program, "
+        "so no index is opened or written there. Choose an empty or new folder for the index, or the folder of "
+        "an existing index."
+    )
+
+
+def _readable_folder_state(folder: Path) -> str:
+    """Return ``index_folder_state(folder)``, or "" when the folder cannot be read."""
+    try:
+        return index_folder_state(folder)
+    except OSError as error:
+        LOGGER.warning("Cannot read index folder %s: %s", folder, error)
+        return ""
+
+
+def _folder_key(folder: str) -> str:
+    return os.path.normcase(os.path.abspath(folder))
+
+
+def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
+    """Return the inode, size and modification time of the folder's manifest, or None without one.
+
+    Every save of an index replaces its manifest, so a different stamp means the index changed.
+    """
+    try:
+        info = os.stat(Path(folder) / MANIFEST_NAME)
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _started_in_closed_project(dock, task: LookalikeTask) -> bool:
+    return getattr(task, "project_epoch", dock.project_epoch) != dock.project_epoch
 
 
 def default_gsd_m(layer: QgsRasterLayer, canvas) -> float:

@@ -9,7 +9,7 @@ garbage-collected while the task manager still runs it.
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from qgis.core import Qgis, QgsApplication, QgsGeometry, QgsProject
 from qgis.gui import QgsDockWidget
@@ -19,7 +19,7 @@ from ..core import get_logger
 from ..core.encoder import OnnxEncoder
 from ..core.errors import LookalikeError
 from ..core.index import TileIndex
-from ..gis.tasks import LookalikeTask
+from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs, project_state
 from .build_panel import BuildPanelMixin, default_gsd_m, progress_text
 from .dock_constants import (
@@ -82,6 +82,12 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.encoder_spec = None
         self._encoder_cache: Optional[OnnxEncoder] = None
         self._tasks: Dict[int, LookalikeTask] = {}
+        # Ids of running tasks whose result belongs to a closed project. Their callbacks get them
+        # as cancelled.
+        self._discarded_task_ids: Set[int] = set()
+        self._cleaned_up = False
+        # Counts project clears, so that a build started for a closed project opens nothing in the next one.
+        self.project_epoch = 0
         self.build_task: Optional[LookalikeTask] = None
         self.search_task: Optional[LookalikeTask] = None
         self._search_again = False
@@ -97,6 +103,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         }
         for name, tool in self.map_tools.items():
             tool.queryDrawn.connect(self.add_query_geometry)
+            tool.queryRejected.connect(self._on_query_rejected)
             tool.setAction(self.tool_buttons[name].defaultAction())
         self.canvas.mapToolSet.connect(self._on_map_tool_set)
 
@@ -136,7 +143,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             duration_s = 0
         self.iface.messageBar().pushMessage(MESSAGE_TITLE, text, level, duration_s)
 
-    def _push_with_button(self, text: str, button_text: str, callback, level=Qgis.MessageLevel.Warning) -> None:
+    def _push_with_button(self, text: str, button_text: str, callback, level=Qgis.MessageLevel.Warning):
+        """Show ``text`` with a button that runs ``callback`` and closes the message; return the message item."""
         bar = self.iface.messageBar()
         item = bar.createMessage(MESSAGE_TITLE, text)
         button = QPushButton(button_text)
@@ -145,6 +153,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         button.clicked.connect(lambda: bar.popWidget(item))
         item.layout().addWidget(button)
         bar.pushWidget(item, level)
+        return item
 
     def _report_failure(self, action: str, task: LookalikeTask) -> None:
         error = task.error
@@ -154,6 +163,9 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             text = f"{action} failed: {error}. The Lookalike log panel has the details."
         self.push_message(text, Qgis.MessageLevel.Critical)
 
+    def _on_query_rejected(self, text: str) -> None:
+        self.push_message(text, Qgis.MessageLevel.Warning)
+
     # -- tasks ---------------------------------------------------------------------------------
 
     def _start_task(self, task: LookalikeTask) -> LookalikeTask:
@@ -162,6 +174,11 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
 
         def finished(done: LookalikeTask) -> None:
             self._tasks.pop(id(done), None)
+            if id(done) in self._discarded_task_ids:
+                self._discarded_task_ids.discard(id(done))
+                # The task may have ended before the cancel reached it; its result is stale anyway.
+                done.outcome = TaskOutcome.CANCELLED
+                done.result = None
             if callback is not None:
                 callback(done)
 
@@ -171,6 +188,11 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
 
     def running_tasks(self) -> List[LookalikeTask]:
         return list(self._tasks.values())
+
+    def _discard_task(self, task: LookalikeTask) -> None:
+        """Cancel ``task`` and hand it to its callback as cancelled even if it succeeds meanwhile."""
+        self._discarded_task_ids.add(id(task))
+        task.cancel()
 
     # -- project -------------------------------------------------------------------------------
 
@@ -207,14 +229,16 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
                 else:
                     self.encoder_combo.setCurrentIndex(self.encoder_combo.findData(OTHER_ENCODER))
                     self.encoder_file.setFilePath(state.encoder_path)
-            if state.gsd > 0:
+            if state.gsd is not None and state.gsd > 0:
                 self.gsd_spin.setValue(state.gsd)
-            if state.overlap_percent > 0:
+                # The encoder may still be loading; its suggested GSD must not replace the stored one.
+                self._gsd_restored_for_encoder = self.encoder_path()
+            if state.overlap_percent is not None:
                 self.overlap_spin.setValue(state.overlap_percent)
             position = self.extent_combo.findData(state.extent_mode)
             if position >= 0:
                 self.extent_combo.setCurrentIndex(position)
-            if state.k > 0:
+            if state.k is not None and state.k > 0:
                 self.k_spin.setValue(state.k)
             self.index_folder.setFilePath(state.index_folder)
         finally:
@@ -226,6 +250,16 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.restore_from_project()
 
     def _on_project_cleared(self) -> None:
+        # A search or index opening started for the closed project would otherwise add its
+        # result layer, or its index, to the next project. Builds and chip exports keep running
+        # because their output is files on disk.
+        if self.search_task is not None:
+            self._discard_task(self.search_task)
+        self._search_again = False
+        self._opening_index_folder = ""
+        self.project_epoch += 1
+        for tool in self.map_tools.values():
+            tool.cancel_drawing()
         self.clear_query()
         self.index = None
         self.matches = []
@@ -236,22 +270,47 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
 
     # -- life cycle ----------------------------------------------------------------------------
 
+    def hideEvent(self, event) -> None:  # noqa: N802 - Qt override
+        # Closing or hiding the dock hides it explicitly (isHidden() is true). Qt moves a dock
+        # that another panel's tab covers out of view without hiding it, so that dock keeps its tool.
+        if self.isHidden() and not self._cleaned_up:
+            self.release_map_tool()
+        super().hideEvent(event)
+
+    def release_map_tool(self) -> None:
+        """Take the dock's query tool off the canvas and drop any half-drawn part."""
+        for tool in self.map_tools.values():
+            # unsetMapTool ignores a tool that is not current, but it also clears the canvas's
+            # saved "last non-zoom tool", which may still point to one of these tools.
+            self.canvas.unsetMapTool(tool)
+            tool.cancel_drawing()
+
     def cleanup(self) -> None:
-        """Cancel running tasks, remove the map tools and rubber bands, and disconnect from the project."""
+        """Cancel running tasks, delete the map tools and rubber bands, and disconnect from the project.
+
+        Calling it again does nothing.
+        """
+        if self._cleaned_up:
+            return
+        self._cleaned_up = True
         for task in self.running_tasks():
             task.on_finished = None
             task.cancel()
         self._tasks.clear()
+        self._discarded_task_ids.clear()
+        self.release_map_tool()
         for tool in self.map_tools.values():
-            if self.canvas.mapTool() is tool:
-                self.canvas.unsetMapTool(tool)
-            tool.reset_preview()
+            # The canvas is the tools' Qt parent and outlives the dock, so it would keep them alive.
+            tool.deleteLater()
         self.overlay.clear()
-        for signal, slot in (
+        connections = [
             (self.project.readProject, self._on_project_read),
             (self.project.cleared, self._on_project_cleared),
             (self.canvas.mapToolSet, self._on_map_tool_set),
-        ):
+        ]
+        if hasattr(self, "_on_layer_will_be_removed"):
+            connections.append((self.project.layerWillBeRemoved, self._on_layer_will_be_removed))
+        for signal, slot in connections:
             try:
                 signal.disconnect(slot)
             except TypeError:

@@ -25,7 +25,7 @@ from ..core.pipeline import (
     Region,
     build_index,
     embed_query,
-    transform_geometry_wkt,
+    indexed_source_for_geometry,
 )
 from ..core.raster import RasterSource
 from ..core.search import Match, search
@@ -160,7 +160,7 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
     exclude: List[Tuple[Tuple[float, float, float, float], str]] = []
     for part in request.parts:
         task.check_cancelled()
-        source_path = source_path_for_geometry(request.index, part.wkt, part.crs_wkt)
+        source_path = indexed_source_for_geometry(request.index, part.wkt, part.crs_wkt)
         chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt, is_cancelled=task.isCanceled)
         (negatives if part.negative else positives).append(chips.embeddings)
         if not part.negative:
@@ -186,36 +186,6 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
         query_footprints=exclude,
         positive_count=len(positive_matrix),
         negative_count=0 if negative_matrix is None else len(negative_matrix),
-    )
-
-
-def source_path_for_geometry(index: TileIndex, wkt: str, crs_wkt: str) -> str:
-    """Return the path of the indexed raster that contains the geometry's centroid, else the one it overlaps most.
-
-    A box dragged past the raster's edge has its centroid off the raster but still shows imagery.
-    """
-    sources = index.sources
-    if not sources:
-        raise SearchError("The index has no rasters yet; build it before searching.")
-    best_path, best_area = "", 0.0
-    for record in sources:
-        geometry = ogr.CreateGeometryFromWkt(transform_geometry_wkt(wkt, crs_wkt, record["crs_wkt"]))
-        centroid = geometry.Centroid()
-        xmin, ymin, xmax, ymax = record["bounds"]
-        if xmin <= centroid.GetX() <= xmax and ymin <= centroid.GetY() <= ymax:
-            return record["path"]
-        footprint = ogr.CreateGeometryFromWkt(
-            f"POLYGON(({xmin} {ymin},{xmax} {ymin},{xmax} {ymax},{xmin} {ymax},{xmin} {ymin}))"
-        )
-        overlap = geometry.Intersection(footprint)
-        area = overlap.GetArea() if overlap is not None else 0.0
-        if area > best_area:
-            best_path, best_area = record["path"], area
-    if best_path:
-        return best_path
-    raise SearchError(
-        "The query lies outside every indexed raster; draw it over the imagery of the index "
-        f"({', '.join(Path(record['path']).name for record in sources)})."
     )
 
 

@@ -2,7 +2,8 @@
 
 Each tool emits ``queryDrawn(geometry, is_negative)`` with the geometry in the canvas CRS. A
 query part is negative when the tool's negative mode is on or Shift is held while drawing, so an
-analyst can switch between "more like this" and "not like this" without leaving the tool.
+analyst can switch between "more like this" and "not like this" without leaving the tool. A
+drawing that cannot be a query emits ``queryRejected(message)`` with a sentence for the user.
 """
 
 from __future__ import annotations
@@ -23,6 +24,11 @@ PREVIEW_COLOR = QColor(255, 160, 0)
 # A press and release closer than this many screen pixels is a click, not a drag.
 MIN_DRAG_PX = 3
 
+POLYGON_WITHOUT_AREA = (
+    "The polygon has no area, so it was not added to the query. Click at least three points that "
+    "are not on one line, then right-click or double-click to close the polygon."
+)
+
 
 def _make_band(canvas: QgsMapCanvas, color: QColor, geometry_type=POLYGON_GEOMETRY) -> QgsRubberBand:
     band = QgsRubberBand(canvas, geometry_type)
@@ -38,6 +44,7 @@ class QueryMapTool(QgsMapTool):
     """Base of the query tools: negative mode, the preview rubber band and Escape to cancel."""
 
     queryDrawn = pyqtSignal(QgsGeometry, bool)  # noqa: N815 - Qt signal naming
+    queryRejected = pyqtSignal(str)  # noqa: N815 - Qt signal naming
 
     def __init__(self, canvas: QgsMapCanvas) -> None:
         super().__init__(canvas)
@@ -68,15 +75,19 @@ class QueryMapTool(QgsMapTool):
             self.canvas().scene().removeItem(self._preview)
             self._preview = None
 
+    def cancel_drawing(self) -> None:
+        """Drop the part being drawn and its preview, so the next click starts a new part."""
+        self.reset_preview()
+
     def keyPressEvent(self, event: QKeyEvent) -> None:  # noqa: N802 - Qt override
         if event.key() == Qt.Key.Key_Escape:
-            self.reset_preview()
+            self.cancel_drawing()
             event.accept()
             return
         event.ignore()
 
     def deactivate(self) -> None:
-        self.reset_preview()
+        self.cancel_drawing()
         super().deactivate()
 
 
@@ -113,6 +124,11 @@ class RectangleQueryTool(QueryMapTool):
         rectangle = QgsRectangle(start_map, event.mapPoint())
         self.queryDrawn.emit(QgsGeometry.fromRect(rectangle), self.is_negative(event))
 
+    def cancel_drawing(self) -> None:
+        self._start_map = None
+        self._start_pixel = None
+        super().cancel_drawing()
+
 
 class PolygonQueryTool(QueryMapTool):
     """Click the vertices of a polygon; right-click or double-click closes it, Backspace undoes one."""
@@ -121,8 +137,17 @@ class PolygonQueryTool(QueryMapTool):
         super().__init__(canvas)
         self._vertices: List[QgsPointXY] = []
         self._negative = False
+        self._skip_release = False
+
+    def canvasPressEvent(self, event: QgsMapMouseEvent) -> None:  # noqa: N802 - Qt override
+        # A press starts a new click. Clearing the flag here keeps a double click whose last
+        # release never arrived from swallowing the next vertex.
+        self._skip_release = False
 
     def canvasReleaseEvent(self, event: QgsMapMouseEvent) -> None:  # noqa: N802 - Qt override
+        if self._skip_release:
+            self._skip_release = False
+            return
         if event.button() == Qt.MouseButton.RightButton:
             self._finish()
             return
@@ -134,7 +159,11 @@ class PolygonQueryTool(QueryMapTool):
         self._update_preview(None)
 
     def canvasDoubleClickEvent(self, event: QgsMapMouseEvent) -> None:  # noqa: N802 - Qt override
-        # The double click's first release already added this vertex.
+        if event.button() != Qt.MouseButton.LeftButton:
+            return
+        # Qt delivers a double click as press, release, double-click, release. The first release
+        # already added this vertex, and the second one must not start the next polygon.
+        self._skip_release = True
         self._finish()
 
     def canvasMoveEvent(self, event: QgsMapMouseEvent) -> None:  # noqa: N802 - Qt override
@@ -147,37 +176,56 @@ class PolygonQueryTool(QueryMapTool):
             self._update_preview(None)
             event.accept()
             return
-        if event.key() == Qt.Key.Key_Escape:
-            self._vertices = []
         if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter):
             self._finish()
             event.accept()
             return
         super().keyPressEvent(event)
 
-    def reset_preview(self) -> None:
-        super().reset_preview()
-        if not self._vertices:
-            self._negative = False
+    def cancel_drawing(self) -> None:
+        self._vertices = []
+        self._negative = False
+        self._skip_release = False
+        super().cancel_drawing()
 
     def _update_preview(self, cursor: Optional[QgsPointXY]) -> None:
         points = list(self._vertices) + ([cursor] if cursor is not None else [])
         if len(points) < 2:
+            # Backspace can leave a single vertex, whose old preview must go.
+            self.reset_preview()
             return
         band = self._preview_band(self._negative)
         band.setToGeometry(QgsGeometry.fromPolygonXY([points]), None)
 
     def _finish(self) -> None:
-        vertices = self._vertices
+        vertices = _without_repeated_points(self._vertices)
         negative = self._negative
         self._vertices = []
+        self._negative = False
         self.reset_preview()
-        if len(vertices) < 3:
+        if not vertices:
+            # A right-click or Enter with nothing drawn is not an attempt at a polygon.
             return
-        polygon = QgsGeometry.fromPolygonXY([vertices])
-        if polygon.area() <= 0:
+        polygon = QgsGeometry.fromPolygonXY([vertices]) if len(vertices) >= 3 else None
+        if polygon is None or polygon.area() <= 0:
+            self.queryRejected.emit(POLYGON_WITHOUT_AREA)
             return
         self.queryDrawn.emit(polygon, negative)
+
+
+def _without_repeated_points(vertices: List[QgsPointXY]) -> List[QgsPointXY]:
+    """Drop each vertex equal to the one before it, and a last vertex equal to the first.
+
+    Clicking the same spot twice, or on the first vertex to close the ring, must not make a
+    polygon with a zero-length edge.
+    """
+    distinct: List[QgsPointXY] = []
+    for vertex in vertices:
+        if not distinct or vertex != distinct[-1]:
+            distinct.append(vertex)
+    if len(distinct) > 1 and distinct[-1] == distinct[0]:
+        distinct.pop()
+    return distinct
 
 
 class PointQueryTool(QueryMapTool):

@@ -15,22 +15,29 @@ from qgis.core import QgsProject
 SCOPE = "lookalike"
 
 
+# read_state() returns None for a number the project lacks, so a stored 0 (0 % overlap) stays
+# distinct from "not stored".
+INT_FIELDS = ("overlap_percent", "k")
+FLOAT_FIELDS = ("gsd",)
+PATH_FIELDS = ("index_folder", "encoder_path")
+
+
 @dataclass
 class DockState:
     """Settings the dock restores from a project; GSD in metres per encoder pixel, overlap in percent.
 
     ``band_indexes`` contains the chosen raster band per encoder input band, comma-separated, or is
-    empty for auto.
+    empty for auto. A number is None when the project does not store it.
     """
 
     index_folder: str = ""
     raster_layer_id: str = ""
     band_indexes: str = ""
     encoder_path: str = ""
-    overlap_percent: int = 0
-    gsd: float = 0.0
+    overlap_percent: Optional[int] = None
+    gsd: Optional[float] = None
     extent_mode: str = ""
-    k: int = 0
+    k: Optional[int] = None
 
 
 def _absolute(project: QgsProject, path: str) -> str:
@@ -50,14 +57,16 @@ def write_state(state: DockState, project: Optional[QgsProject] = None) -> None:
     for field in fields(DockState):
         value = getattr(state, field.name)
         key = f"/{field.name}"
-        if field.name in ("index_folder", "encoder_path"):
+        if field.name in INT_FIELDS + FLOAT_FIELDS and value is None:
+            project.removeEntry(SCOPE, key)
+        elif field.name in PATH_FIELDS:
             project.writeEntry(SCOPE, key, _relative(project, value))
-        elif isinstance(value, bool) or field.type == "str":
-            project.writeEntry(SCOPE, key, str(value))
-        elif field.type == "int":
+        elif field.name in INT_FIELDS:
             project.writeEntry(SCOPE, key, int(value))
-        else:
+        elif field.name in FLOAT_FIELDS:
             project.writeEntryDouble(SCOPE, key, float(value))
+        else:
+            project.writeEntry(SCOPE, key, str(value))
 
 
 def read_state(project: Optional[QgsProject] = None) -> DockState:
@@ -67,13 +76,13 @@ def read_state(project: Optional[QgsProject] = None) -> DockState:
     values = {}
     for field in fields(DockState):
         key = f"/{field.name}"
-        if field.type == "int":
-            value, found = project.readNumEntry(SCOPE, key, defaults[field.name])
-        elif field.type == "float":
-            value, found = project.readDoubleEntry(SCOPE, key, defaults[field.name])
+        if field.name in INT_FIELDS:
+            value, found = project.readNumEntry(SCOPE, key, 0)
+        elif field.name in FLOAT_FIELDS:
+            value, found = project.readDoubleEntry(SCOPE, key, 0.0)
         else:
             value, found = project.readEntry(SCOPE, key, defaults[field.name])
-            if found and field.name in ("index_folder", "encoder_path"):
+            if found and field.name in PATH_FIELDS:
                 value = _absolute(project, value)
         values[field.name] = value if found else defaults[field.name]
     return DockState(**values)

@@ -104,14 +104,17 @@ class ResultsPanelMixin:
         task = LookalikeTask(
             "Lookalike: read match thumbnails",
             lambda running: jobs.thumbnails_work(found, sources, running),
-            self._on_thumbnails_loaded,
+            lambda done: self._on_thumbnails_loaded(done, found),
         )
         self._start_task(task)
 
-    def _on_thumbnails_loaded(self, task: LookalikeTask) -> None:
+    def _on_thumbnails_loaded(self, task: LookalikeTask, found: list) -> None:
         if task.outcome is not TaskOutcome.SUCCEEDED:
             if task.outcome is TaskOutcome.FAILED:
                 LOGGER.warning("Reading thumbnails failed: %s", task.error)
+            return
+        if found is not self.matches:
+            # A later search (or another index) filled the table; tile ids here may name other tiles.
             return
         for tile_id, image in task.result.items():
             self.results_table.set_thumbnail(tile_id, image)

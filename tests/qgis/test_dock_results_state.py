@@ -116,6 +116,28 @@ def test_marks_kept_for_same_index(searched):
     assert searched.results_table.tiles_marked(Relevance.RELEVANT) == [marked]
 
 
+def test_stale_thumbnails_are_dropped(searched):
+    from types import SimpleNamespace
+
+    from qgis.PyQt.QtGui import QImage
+
+    from lookalike.gis.tasks import TaskOutcome
+
+    listed = list(searched.matches)
+    searched.results_table.set_matches(listed)
+    tile_id = listed[0].tile_id
+    image = QImage(4, 4, QImage.Format.Format_RGB888)
+    image.fill(0)
+    loaded = SimpleNamespace(outcome=TaskOutcome.SUCCEEDED, result={tile_id: image})
+
+    # Thumbnails read for an earlier list of matches.
+    searched._on_thumbnails_loaded(loaded, list(listed))
+    assert not searched.results_table.has_thumbnail(tile_id)
+
+    searched._on_thumbnails_loaded(loaded, searched.matches)
+    assert searched.results_table.has_thumbnail(tile_id)
+
+
 # -- query parts -------------------------------------------------------------------------------
 
 

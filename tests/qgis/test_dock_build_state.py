@@ -1,0 +1,458 @@
+"""The dock's index state around builds: cancelled builds, stale Resume buttons, project restore,
+GSD limits and folders that hold another program's manifest.
+
+Runs the real dock offscreen on the RapidEye ships clip in ``sample_data`` with the tiny test
+encoder (32 px input, 5 m raster pixels), so one build takes a few seconds.
+"""
+
+import time
+from pathlib import Path
+
+import pytest
+from dock_testing import TASK_TIMEOUT_S, wait_for_tasks, wait_until
+from osgeo import gdal
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
+from qgis.PyQt import sip
+from qgis.PyQt.QtCore import Qt
+from qgis.PyQt.QtTest import QTest
+from qgis.PyQt.QtWidgets import QMessageBox, QPushButton
+
+from lookalike.core.index import TileIndex
+from lookalike.core.pipeline import BuildParameters, build_index
+from lookalike.gis.tasks import TaskOutcome
+from lookalike.ui import jobs
+from lookalike.ui.dock import OTHER_ENCODER, LookalikeDockWidget
+
+SHIPS_CLIP = Path("sample_data/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+TINY_ENCODER = Path("tests/data/tiny_encoder.onnx")
+# The ships clip has about 3,500 tiles at this GSD, so a build has many batches to cancel between.
+FINE_GSD_M = 1.25
+
+
+def show_layer(canvas, layer: QgsRasterLayer) -> None:
+    QgsProject.instance().addMapLayer(layer)
+    canvas.resize(700, 340)
+    # A hidden canvas keeps its initial map size; showing its window applies the new size.
+    canvas.window().show()
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setLayers([layer])
+    canvas.setExtent(layer.extent())
+    canvas.refresh()
+    QgsApplication.processEvents()
+
+
+@pytest.fixture()
+def ships_clip(repo_root, qgis_new_project, qgis_canvas) -> QgsRasterLayer:
+    layer = QgsRasterLayer(str(repo_root / SHIPS_CLIP), "ships")
+    assert layer.isValid()
+    show_layer(qgis_canvas, layer)
+    return layer
+
+
+@pytest.fixture()
+def questions(monkeypatch):
+    """Record every QMessageBox.question text. The patched dialog returns ``questions.answer`` (Yes at first)."""
+
+    class Recorder(list):
+        answer = QMessageBox.StandardButton.Yes
+
+    recorded = Recorder()
+
+    def question(_parent, _title, text, *_args, **_kwargs):
+        recorded.append(text)
+        return recorded.answer
+
+    monkeypatch.setattr(QMessageBox, "question", question)
+    return recorded
+
+
+class BuildHold:
+    """While ``active``, dock builds wait after their first embedded batch until they are cancelled."""
+
+    active = False
+
+
+@pytest.fixture()
+def build_hold(monkeypatch) -> BuildHold:
+    """Hold dock builds that a test cancels, which the small clip could otherwise finish first."""
+    hold = BuildHold()
+    real_build_index = jobs.build_index
+
+    def build_index_held(params, progress=None, is_cancelled=None):
+        def report(item):
+            progress(item)
+            deadline = time.monotonic() + TASK_TIMEOUT_S
+            while hold.active and item.tiles_done > 0 and not is_cancelled() and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+        return real_build_index(params, progress=report, is_cancelled=is_cancelled)
+
+    monkeypatch.setattr(jobs, "build_index", build_index_held)
+    return hold
+
+
+def build_at(dock: LookalikeDockWidget, folder: Path, gsd_m: float, overlap_percent: int = 0) -> None:
+    dock.index_folder.setFilePath(str(folder))
+    wait_for_tasks(dock)
+    dock.gsd_spin.setValue(gsd_m)
+    dock.overlap_spin.setValue(overlap_percent)
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    assert dock.build_task is not None, dock.iface.messageBar().messages
+    wait_for_tasks(dock)
+
+
+def cancel_build_at(dock: LookalikeDockWidget, gsd_m: float, hold: BuildHold) -> None:
+    """Start a build at ``gsd_m`` with the Build button and cancel it after its first batch."""
+    dock.gsd_spin.setValue(gsd_m)
+    hold.active = True
+    try:
+        QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+        task = dock.build_task
+        assert task is not None, dock.iface.messageBar().messages
+        progress = []
+        task.tileProgress.connect(progress.append)
+        wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+        QTest.mouseClick(dock.cancel_button, Qt.MouseButton.LeftButton)
+        wait_for_tasks(dock)
+    finally:
+        hold.active = False
+    assert task.outcome is TaskOutcome.CANCELLED
+
+
+def current_resume_item(bar):
+    item = bar.currentItem()
+    assert item is not None
+    assert "cancelled" in item.text()
+    return item
+
+
+def message_is_gone(bar, item) -> bool:
+    return sip.isdeleted(item) or item not in bar.items()
+
+
+# -- cancel and resume ------------------------------------------------------------------------------
+
+
+def test_cancelled_replace_reopens_index(dock, ships_clip, tmp_path, questions, build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    folder = tmp_path / "index"
+    build_at(dock, folder, gsd_m=40.0)
+    count = dock.index.count
+
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+
+    assert len(questions) == 1
+    assert "already contains an index" in questions[0]
+    assert TileIndex.open(folder).count == count
+    assert dock.index is not None
+    assert Path(dock.index.folder) == folder
+    assert dock.index.count == count
+    assert "Index open" in dock.status_label.text()
+
+
+def test_build_of_closed_project_opens_nothing(dock, ships_clip, tmp_path, qgis_iface, build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.gsd_spin.setValue(FINE_GSD_M)
+    build_hold.active = True
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    task = dock.build_task
+    assert task is not None
+    progress = []
+    task.tileProgress.connect(progress.append)
+    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+
+    QgsProject.instance().clear()
+    build_hold.active = False
+    wait_for_tasks(dock)
+
+    assert task.outcome is TaskOutcome.SUCCEEDED
+    assert dock.index is None
+    successes = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
+    assert any("project you closed is built" in text for text in successes), successes
+
+
+def test_cancelled_append_reopens_index(dock, ships_clip, qgis_canvas, tmp_path, build_hold):
+    corner = tmp_path / "ships_corner.tif"
+    gdal.Translate(str(corner), str(ships_clip.source()), srcWin=[0, 0, 120, 120])
+    corner_layer = QgsRasterLayer(str(corner), "ships corner")
+    show_layer(qgis_canvas, corner_layer)
+    dock.raster_combo.setLayer(corner_layer)
+    folder = tmp_path / "index"
+    build_at(dock, folder, gsd_m=FINE_GSD_M)
+    count = dock.index.count
+
+    dock.raster_combo.setLayer(ships_clip)
+    dock.add_to_index_check.setChecked(True)
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+
+    assert TileIndex.open(folder).count == count
+    assert dock.index is not None
+    assert dock.index.count == count
+    assert len(dock.index.sources) == 1
+
+
+def test_newer_build_removes_stale_resume(dock, ships_clip, tmp_path, qgis_iface, questions,
+                                          build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    folder = tmp_path / "index"
+    build_at(dock, folder, gsd_m=40.0)
+    bar = qgis_iface.messageBar()
+    bar.clearWidgets()
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    resume_item = current_resume_item(bar)
+
+    build_at(dock, folder, gsd_m=20.0)
+    newer_count = dock.index.count
+
+    assert len(questions) == 2
+    assert message_is_gone(bar, resume_item)
+    assert dock.index.count == newer_count
+    assert TileIndex.open(folder).count == newer_count
+
+
+def test_stale_resume_call_starts_nothing(dock, ships_clip, tmp_path, qgis_iface, questions,
+                                          build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    folder = tmp_path / "index"
+    build_at(dock, folder, gsd_m=40.0)
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    cancelled_request = dock.last_build_request
+    build_at(dock, folder, gsd_m=20.0)
+    newer_count = dock.index.count
+    qgis_iface.messageBar().clear_messages()
+
+    assert dock.resume_build(cancelled_request, None) is None
+
+    assert dock.build_task is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("a newer build of" in text and str(folder) in text for text in warnings)
+    assert TileIndex.open(folder).count == newer_count
+
+
+def test_resume_asks_when_index_changed(dock, ships_clip, repo_root, tmp_path, qgis_iface, questions,
+                                        build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    folder = tmp_path / "index"
+    build_at(dock, folder, gsd_m=40.0)
+    bar = qgis_iface.messageBar()
+    bar.clearWidgets()
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    resume_item = current_resume_item(bar)
+    # Another program (here the engine itself) replaces the index while the Resume button waits.
+    params = BuildParameters(
+        source_paths=(str(repo_root / SHIPS_CLIP),),
+        index_folder=str(folder),
+        encoder_path=str(repo_root / TINY_ENCODER),
+        tile_ground_size_m=20.0 * 32,
+        overlap_fraction=0.0,
+        overwrite_existing_index=True,
+    )
+    replaced_count = build_index(params).tiles_embedded
+    questions.clear()
+    questions.answer = QMessageBox.StandardButton.No
+
+    QTest.mouseClick(resume_item.findChild(QPushButton, "lookalikeMessageButton"), Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    assert len(questions) == 1
+    assert "changed after this build was cancelled" in questions[0]
+    assert dock.build_task is None
+    assert TileIndex.open(folder).count == replaced_count
+
+
+# -- project restore --------------------------------------------------------------------------------
+
+
+def test_project_restores_zero_overlap(dock, ships_clip, tmp_path):
+    dock.raster_combo.setLayer(ships_clip)
+    build_at(dock, tmp_path / "index", gsd_m=20.0, overlap_percent=0)
+    project_path = tmp_path / "ships.qgz"
+    assert QgsProject.instance().write(str(project_path))
+    dock.overlap_spin.setValue(50)
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(dock)
+
+    assert dock.overlap_spin.value() == 0
+    assert dock.index is not None
+
+
+@pytest.mark.parametrize("panel_open_before_project", [True, False])
+def test_project_gsd_beats_encoder_default(qgis_iface, qgis_new_project, ships_clip, tmp_path,
+                                           panel_open_before_project):
+    # The bundled encoder suggests its own GSD (0.5 m/px) and finishes loading after the project is restored.
+    first = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+    wait_until(lambda: first.encoder_spec is not None)
+    assert first.encoder_spec.gsd_m != 2.0
+    first.raster_combo.setLayer(ships_clip)
+    first.gsd_spin.setValue(2.0)
+    first.overlap_spin.setValue(0)
+    # Choosing the index folder stores the dock's settings in the project.
+    first.index_folder.setFilePath(str(tmp_path / "index"))
+    project_path = tmp_path / "ships.qgz"
+    assert QgsProject.instance().write(str(project_path))
+    first.cleanup()
+    first.deleteLater()
+    QgsApplication.processEvents()
+
+    if panel_open_before_project:
+        QgsProject.instance().clear()
+        panel = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+        assert QgsProject.instance().read(str(project_path))
+    else:
+        QgsProject.instance().clear()
+        assert QgsProject.instance().read(str(project_path))
+        panel = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+    try:
+        wait_until(lambda: panel.encoder_spec is not None)
+        wait_for_tasks(panel)
+
+        assert panel.gsd_spin.value() == 2.0
+        assert panel.overlap_spin.value() == 0
+    finally:
+        panel.cleanup()
+        panel.deleteLater()
+        QgsApplication.processEvents()
+
+
+def test_encoder_choice_after_restore_sets_its_gsd(qgis_iface, qgis_new_project, ships_clip, tmp_path, repo_root):
+    first = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+    wait_until(lambda: first.encoder_spec is not None)
+    bundled_path = first.encoder_path()
+    bundled_gsd_m = first.encoder_spec.gsd_m
+    first.raster_combo.setLayer(ships_clip)
+    first.gsd_spin.setValue(2.0)
+    first.index_folder.setFilePath(str(tmp_path / "index"))
+    first.cleanup()
+    first.deleteLater()
+    QgsApplication.processEvents()
+    panel = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+    try:
+        wait_until(lambda: panel.encoder_spec is not None)
+        assert panel.gsd_spin.value() == 2.0
+
+        # The analyst picks another encoder and then the bundled one again, whose suggested GSD then applies.
+        panel.encoder_combo.setCurrentIndex(panel.encoder_combo.findData(OTHER_ENCODER))
+        panel.encoder_file.setFilePath(str(repo_root / TINY_ENCODER))
+        wait_until(lambda: panel.encoder_spec is not None and panel.encoder_spec.name == "tiny_test_encoder")
+        panel.encoder_combo.setCurrentIndex(panel.encoder_combo.findData(bundled_path))
+        wait_until(lambda: panel.encoder_spec is not None and panel.encoder_spec.gsd_m == bundled_gsd_m)
+
+        assert panel.gsd_spin.value() == pytest.approx(bundled_gsd_m)
+    finally:
+        wait_for_tasks(panel)
+        panel.cleanup()
+        panel.deleteLater()
+        QgsApplication.processEvents()
+
+
+# -- GSD limits -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("gsd_m", "reason"),
+    [(0.001, "raster pixels, and a tile needs at least 8"), (100000.0, "fewer than 2 encoder pixels")],
+)
+def test_gsd_outside_range_names_dock_range(dock, ships_clip, tmp_path, qgis_iface, gsd_m, reason):
+    dock.raster_combo.setLayer(ships_clip)
+    folder = tmp_path / "index"
+    dock.index_folder.setFilePath(str(folder))
+    dock.overlap_spin.setValue(50)
+    dock.gsd_spin.setValue(gsd_m)
+
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+
+    assert dock.build_task is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert len(warnings) == 1
+    assert f"GSD {gsd_m:g} m/px" in warnings[0]
+    assert reason in warnings[0]
+    # 8 raster pixels of 5 m over 32 encoder pixels, and the clip's 1660 m side over 2 encoder pixels.
+    assert "Set the GSD between 1.25 and 830 m/px" in warnings[0]
+    for engine_name in ("tile_ground_size_m", "tile_size_source_px", "overlap_fraction"):
+        assert engine_name not in warnings[0]
+    assert not folder.exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_gsd_range_bounds_build(dock, ships_clip, tmp_path, qgis_iface):
+    dock.raster_combo.setLayer(ships_clip)
+
+    build_at(dock, tmp_path / "coarsest", gsd_m=830.0, overlap_percent=50)
+
+    assert not qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert dock.index is not None
+    assert dock.index.count == 1
+
+
+def test_dense_overlap_names_gsd_and_overlap(dock, ships_clip, tmp_path, qgis_iface):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.overlap_spin.setValue(75)
+    dock.gsd_spin.setValue(2.0)
+
+    assert dock.start_build() is None
+
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert len(warnings) == 1
+    assert "75 % overlap" in warnings[0]
+    assert "or lower the overlap" in warnings[0]
+    assert "overlap_fraction" not in warnings[0]
+    lowest = float(warnings[0].split("Set the GSD between ")[1].split(" and ")[0])
+    assert lowest > 2.0
+    dock.gsd_spin.setValue(lowest)
+    assert dock.prepare_build().gsd == lowest
+
+
+# -- folders that are not an index ------------------------------------------------------------------
+
+
+def test_foreign_manifest_is_not_an_index(dock, ships_clip, tmp_path, qgis_iface, questions):
+    folder = tmp_path / "webapp"
+    folder.mkdir()
+    manifest_text = '{"name": "my web app", "icons": []}'
+    (folder / "manifest.json").write_text(manifest_text)
+    bar = qgis_iface.messageBar()
+    bar.clearWidgets()
+    dock.raster_combo.setLayer(ships_clip)
+
+    dock.index_folder.setFilePath(str(folder))
+    wait_for_tasks(dock)
+
+    assert dock.index is None
+    assert not any("build the index again" in item.text() for item in bar.items())
+    warnings = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert len(warnings) == 1
+    assert f"{folder} is not a Lookalike index" in warnings[0]
+    assert "Choose an empty or new folder" in warnings[0]
+
+    bar.clear_messages()
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    assert questions == []
+    assert dock.build_task is None
+    warnings = bar.get_messages(Qgis.MessageLevel.Warning)
+    assert len(warnings) == 1
+    assert "is not a Lookalike index" in warnings[0]
+    assert (folder / "manifest.json").read_text() == manifest_text
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["webapp"]
+
+
+def test_folder_of_other_files_is_refused(dock, ships_clip, tmp_path, qgis_iface, questions):
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("draft")
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(folder))
+
+    assert dock.start_build() is None
+
+    assert questions == []
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert len(warnings) == 1
+    assert f"{folder} contains other files and no Lookalike index" in warnings[0]
+    assert sorted(path.name for path in folder.iterdir()) == ["thesis.txt"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["documents"]
