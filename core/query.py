@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from osgeo import ogr
+from osgeo import gdal, ogr
 
 from . import get_logger
 from .encoder import OnnxEncoder, default_model_path
@@ -26,6 +26,9 @@ LOGGER = get_logger("pipeline")
 # query drawn at the wrong zoom. The bound also keeps reading and embedding a query short.
 # NOTE: 256 is a judgement (16 x 16 tiles), not a measured limit.
 MAX_QUERY_TILES = 256
+# A polygon's covering grid may hold this many times MAX_QUERY_TILES before its tiles are tested
+# against the polygon: a thin diagonal polygon covers few of its grid's tiles.
+MAX_QUERY_GRID_FACTOR = 16
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -115,16 +118,14 @@ def embed_query(
             )
         stretch = _query_stretch(manifest, raster, encoder.spec.value_scale)
         grid_crs_wkt = raster.grid_crs_wkt()
-        footprints = _on_raster(
-            _query_footprints(_geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid), raster, grid_crs_wkt
+        footprints = _query_footprints(
+            _geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid, _raster_bounds(raster, grid_crs_wkt),
+            raster.path,
         )
         if len(footprints) > MAX_QUERY_TILES:
-            raise SearchError(
-                f"The query covers {len(footprints)} tiles of {index_grid.tile_ground_size:g} m on {raster.path!r}, "
-                f"more than the {MAX_QUERY_TILES} a query may have; draw it around the objects to look for, "
-                "zoomed in."
-            )
+            raise SearchError(_too_many_tiles_message(len(footprints), index_grid, raster.path))
         chips = []
+        embedded = []
         kept_footprints = []
         best_valid_fraction = 0.0
         for bounds in footprints:
@@ -139,13 +140,18 @@ def embed_query(
                 continue
             chips.append(chip)
             kept_footprints.append(bounds)
+            # Embedding a batch at a time keeps one batch of chips in memory, not the whole query.
+            if len(chips) == encoder.batch_size:
+                embedded.append(encoder.encode(np.stack(chips)))
+                chips = []
     finally:
         if raster is not source:
             raster.close()
-    if not chips:
+    if chips:
+        embedded.append(encoder.encode(np.stack(chips)))
+    if not embedded:
         raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size))
-    embeddings = encoder.encode(np.stack(chips))
-    return QueryChips(embeddings=embeddings, footprints=kept_footprints, crs_wkt=grid_crs_wkt)
+    return QueryChips(embeddings=np.concatenate(embedded), footprints=kept_footprints, crs_wkt=grid_crs_wkt)
 
 
 def indexed_source_for_geometry(
@@ -180,15 +186,20 @@ def indexed_source_for_geometry(
     )
 
 
-def _on_raster(footprints: list[Bounds], raster: RasterSource, grid_crs_wkt: str) -> list[Bounds]:
-    """Return the footprints that overlap the raster's bounds; the others hold no valid pixel."""
+def _raster_bounds(raster: RasterSource, grid_crs_wkt: str) -> Optional[Bounds]:
+    """Return the raster's bounds in the grid CRS, or None when they cannot be transformed there."""
     try:
-        xmin, ymin, xmax, ymax = raster.bounds_in(grid_crs_wkt)
+        return raster.bounds_in(grid_crs_wkt)
     except RasterError:
         # Reading each chip still finds the ones off the raster.
-        return footprints
-    return [bounds for bounds in footprints
-            if bounds[0] < xmax and bounds[2] > xmin and bounds[1] < ymax and bounds[3] > ymin]
+        return None
+
+
+def _too_many_tiles_message(tile_count: int, index_grid: TileGrid, path: str) -> str:
+    return (
+        f"The query covers {tile_count} tiles of {index_grid.tile_ground_size:g} m on {path!r}, more than "
+        f"the {MAX_QUERY_TILES} a query may have; draw it around the objects to look for, zoomed in."
+    )
 
 
 def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size: float) -> str:
@@ -214,14 +225,54 @@ def _same_source_path(recorded: Any, path: str) -> bool:
 
 
 def _band_indexes_for(manifest: Mapping[str, Any], path: PathLike) -> Optional[tuple[int, ...]]:
+    """Return the bands to read a query raster with: its own mapping when it is indexed.
+
+    A raster outside the index gets the band numbers the analyst chose for the index (a false
+    colour composite, for example), when every source shares them and the raster has those
+    bands. Otherwise it picks its bands itself, by colour interpretation, as the build does.
+    """
     normalised = _normalised_path(os.fspath(path))
     for record in manifest["sources"]:
         if _same_source_path(record.get("path"), normalised):
             return tuple(record["band_indexes"])
-    return None
+    chosen = (manifest.get("build_parameters") or {}).get("band_indexes")
+    mappings = {tuple(record.get("band_indexes") or ()) for record in manifest["sources"]}
+    if not chosen or len(mappings) != 1 or tuple(chosen) not in mappings:
+        return None
+    band_count = _band_count(os.fspath(path))
+    if band_count is None or max(chosen) > band_count:
+        return None
+    LOGGER.info("Reading bands %s of %s, the bands chosen for the index", list(chosen), path)
+    return tuple(chosen)
 
 
-def _query_footprints(wkt: str, crs_wkt: str, grid_crs_wkt: str, index_grid: TileGrid) -> list[Bounds]:
+def _band_count(path: str) -> Optional[int]:
+    # Opening the raster for the query reports any error; this look ahead stays quiet.
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_RASTER)
+    except RuntimeError:
+        return None
+    finally:
+        gdal.PopErrorHandler()
+    return None if dataset is None else dataset.RasterCount
+
+
+def _query_footprints(
+    wkt: str,
+    crs_wkt: str,
+    grid_crs_wkt: str,
+    index_grid: TileGrid,
+    raster_bounds: Optional[Bounds] = None,
+    raster_path: str = "",
+) -> list[Bounds]:
+    """Return the query tiles of a geometry: one centred tile for a point or a small region, else the
+    tiles covering the region's part on the raster (``raster_bounds``, in the grid CRS).
+
+    Raises:
+        SearchError: the geometry type is not supported, or the region covers more than
+            ``MAX_QUERY_TILES`` tiles of the raster.
+    """
     geometry = _parse_geometry(transform_geometry_wkt(wkt, crs_wkt, grid_crs_wkt))
     tile = index_grid.tile_ground_size
     xmin, xmax, ymin, ymax = geometry.GetEnvelope()
@@ -235,7 +286,17 @@ def _query_footprints(wkt: str, crs_wkt: str, grid_crs_wkt: str, index_grid: Til
         centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
         half = tile / 2.0
         return [(centre_x - half, centre_y - half, centre_x + half, centre_y + half)]
+    if raster_bounds is not None:
+        # Tiles off the raster hold no valid pixel, and a polygon that crosses the antimeridian
+        # can come out of the transformation spanning the globe.
+        xmin, ymin = max(xmin, raster_bounds[0]), max(ymin, raster_bounds[1])
+        xmax, ymax = min(xmax, raster_bounds[2]), min(ymax, raster_bounds[3])
+        if xmin >= xmax or ymin >= ymax:
+            return []
     grid = TileGrid.covering((xmin, ymin, xmax, ymax), grid_crs_wkt, index_grid.gsd, index_grid.tile_size_px)
+    # Counting from the grid's size stops a huge region before its tiles are listed.
+    if grid.n_rows * grid.n_cols > MAX_QUERY_TILES * MAX_QUERY_GRID_FACTOR:
+        raise SearchError(_too_many_tiles_message(grid.n_rows * grid.n_cols, index_grid, raster_path))
     if geometry_type == ogr.wkbPolygon and _is_rectangle(geometry):
         tile_ids = list(grid.tile_ids())
     else:

@@ -195,7 +195,8 @@ def export_chips(
     georeferenced in the raster's CRS. PNG chips are not, so the CSV carries every chip's bounds
     and CRS. A footprint with no valid pixel (entirely off the raster or nodata) is skipped and
     reported instead of writing an empty chip. ``progress(done, total)`` is called after each
-    chip and ``is_cancelled()`` is polled before each.
+    chip and ``is_cancelled()`` is polled before each. ``labels.csv`` lists the chips of this
+    run; a run stopped by an error or a cancel before its first chip leaves an existing one alone.
 
     Raises:
         LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
@@ -259,7 +260,10 @@ def export_chips(
         raise
     finally:
         try:
-            _write_csv(report.csv_path, rows)
+            # A run that failed before its first chip leaves an existing labels.csv, whose chips
+            # are all still there, as it was.
+            if failure is None or rows:
+                _write_csv(report.csv_path, rows)
         except OSError as error:
             if failure is None:
                 raise LookalikeError(

@@ -78,3 +78,16 @@ def test_csv_error_names_the_file(repo_root, tmp_path, monkeypatch):
 
     with pytest.raises(LookalikeError, match=r"Writing .*labels.csv failed \(Permission denied\)"):
         chip_export.export_chips([ships_request(repo_root)], tmp_path / "chips")
+
+
+def test_failed_export_keeps_existing_labels(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips([ships_request(repo_root)], folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    labels.write_text(labels.read_text() + "edited by the analyst\n")
+    before = labels.read_text()
+
+    with pytest.raises(LookalikeError, match="band"):
+        chip_export.export_chips([ships_request(repo_root)], folder, band_indexes=(3, 2, 5))
+
+    assert labels.read_text() == before

@@ -937,6 +937,66 @@ def test_query_reading_can_be_cancelled(rgb_index, encoder, shared_data):
     assert len(calls) == 2
 
 
+def test_query_across_antimeridian_is_bounded(repo_root, tmp_path, encoder):
+    # A 0.2 degree raster astride the antimeridian, and a small box written with wrapped
+    # longitudes, which a transformation can turn into a polygon around the globe.
+    clip = gdal.Open(str(repo_root / "sample_data" / "1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    path = tmp_path / "antimeridian.tif"
+    wgs84 = osr.SpatialReference()
+    wgs84.ImportFromEPSG(4326)
+    raster = gdal.GetDriverByName("GTiff").Create(str(path), 692, 332, 3, gdal.GDT_Byte)
+    raster.SetGeoTransform((179.9, 0.2 / 692, 0.0, -16.0, 0.0, -0.1 / 332))
+    raster.SetProjection(wgs84.ExportToWkt())
+    for band in range(3):
+        raster.GetRasterBand(band + 1).WriteArray(clip.GetRasterBand(band + 1).ReadAsArray())
+    raster = None
+    build_index(parameters([path], tmp_path / "index", tile_size_source_px=32))
+    index = TileIndex.open(tmp_path / "index")
+    box = "POLYGON((179.99 -16.06,-179.99 -16.06,-179.99 -16.04,179.99 -16.04,179.99 -16.06))"
+
+    try:
+        chips = embed_query(index, encoder, path, box, wgs84.ExportToWkt())
+    except SearchError as error:
+        assert "tiles" in str(error) or "valid pixels" in str(error)
+    else:
+        assert 0 < len(chips.footprints) <= pipeline_module.MAX_QUERY_TILES
+
+
+def test_query_of_other_raster_reads_index_bands(shared_data, tmp_path, encoder):
+    naip = shared_data / "geo" / "naip_timeseries"
+    indexed, other = naip / "m_4709963_se_14_1_20090818.tif", naip / "m_4709963_se_14_1_20140720.tif"
+    build_index(parameters([indexed], tmp_path / "index", band_indexes=(4, 1, 2), tile_size_source_px=64))
+    index = TileIndex.open(tmp_path / "index")
+    bounds = index.tile_bounds(index.count // 2)
+    crs_wkt = index.tile_crs_wkt(index.count // 2)
+
+    chips = embed_query(index, encoder, other, bounds, crs_wkt)
+
+    same_bands = embed_query(index, encoder, RasterSource(str(other), (4, 1, 2)), bounds, crs_wkt)
+    np.testing.assert_array_equal(chips.embeddings, same_bands.embeddings)
+
+
+def test_query_embeds_batches_of_chips(rgb_index, shared_data, monkeypatch):
+    small_batches = OnnxEncoder(TINY_ENCODER, batch_size=2)
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    xmin, ymin, xmax, ymax = rgb_index.tile_bounds(rgb_index.count // 2)
+    wide = (xmin, ymin, xmax + 4 * (xmax - xmin), ymax)
+    batch_sizes = []
+    real_encode = OnnxEncoder.encode
+
+    def record(self, chips):
+        batch_sizes.append(len(chips))
+        return real_encode(self, chips)
+
+    monkeypatch.setattr(OnnxEncoder, "encode", record)
+
+    chips = embed_query(rgb_index, small_batches, source, wide, source.crs_wkt)
+
+    assert max(batch_sizes) <= 2
+    assert sum(batch_sizes) == len(chips.footprints) == len(chips.embeddings)
+    assert len(chips.footprints) >= 3
+
+
 def test_query_accepts_manifest_dict(rgb_index, encoder, shared_data):
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
     tile_id = rgb_index.count // 2
