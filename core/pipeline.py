@@ -84,7 +84,14 @@ from .parameters import (
     transform_geometry_wkt,
 )
 from .planning import _build_id, _plan_sources, _SourcePlan
-from .query import MAX_QUERY_TILES, QueryChips, embed_query, indexed_source_for_geometry, run_search
+from .query import (
+    MAX_QUERY_TILES,
+    QueryChips,
+    embed_query,
+    index_encoder_path,
+    indexed_source_for_geometry,
+    run_search,
+)
 from .raster import SKIP_BLANK
 from .tile_reader import (
     _END_OF_TILES,
@@ -124,6 +131,7 @@ __all__ = [
     "Region",
     "build_index",
     "embed_query",
+    "index_encoder_path",
     "indexed_source_for_geometry",
     "partial_folder_for",
     "run_search",

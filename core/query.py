@@ -12,7 +12,7 @@ import numpy as np
 from osgeo import gdal, ogr
 
 from . import get_logger
-from .encoder import OnnxEncoder, default_model_path
+from .encoder import OnnxEncoder, default_model_path, file_sha256
 from .errors import CancelledError, RasterError, SearchError, SearchIndexError
 from .grid import Bounds, TileGrid
 from .index import TileIndex
@@ -328,7 +328,7 @@ def run_search(
     Geometries are ``(xmin, ymin, xmax, ymax)`` tuples or WKT in ``crs_wkt`` (default: the CRS
     of ``source``); each is read with :func:`embed_query`. Matches that overlap a positive's
     footprint are dropped, so the query object itself does not come back. ``encoder_path``
-    defaults to the encoder recorded in the index, then the bundled one.
+    defaults to :func:`index_encoder_path`.
 
     Raises:
         SearchIndexError: the index is missing, damaged or was built with another encoder.
@@ -337,7 +337,7 @@ def run_search(
     if not positives:
         raise SearchError("No positive geometry was given; draw at least one example of what to find.")
     index = TileIndex.open(index_folder)
-    encoder = OnnxEncoder(encoder_path or _index_encoder_path(index))
+    encoder = OnnxEncoder(encoder_path or index_encoder_path(index))
     index.check_encoder(encoder.name, encoder.checksum)
     raster = RasterSource(os.fspath(source), _band_indexes_for(index.manifest, source))
     try:
@@ -368,9 +368,28 @@ def run_search(
     return matches
 
 
-def _index_encoder_path(index: TileIndex) -> Path:
-    """Return the encoder file recorded in the index when it still exists, else the bundled model."""
-    recorded = index.build_parameters.get("encoder_path")
+def index_encoder_path(index: TileIndex, fallbacks: Sequence[PathLike] = ()) -> Path:
+    """Return the ONNX file to query ``index`` with.
+
+    That is the encoder file the build recorded while it exists. Otherwise it is the first of
+    ``fallbacks`` (an encoder the user chose) or of the bundled model whose checksum is the
+    index's, because an index built by another install of the plugin records that install's path.
+
+    Raises:
+        SearchIndexError: the recorded file is missing and no candidate is the index's model.
+    """
+    recorded = (index.build_parameters or {}).get("encoder_path")
     if recorded and Path(recorded).is_file():
         return Path(recorded)
-    return default_model_path()
+    bundled = default_model_path()
+    if not recorded:
+        # Builds with the bundled encoder record no path.
+        return bundled
+    checksum = index.encoder_info.get("checksum")
+    for candidate in (*[Path(fallback) for fallback in fallbacks if fallback], bundled):
+        if candidate.is_file() and file_sha256(candidate) == checksum:
+            return candidate
+    raise SearchIndexError(
+        f"The index was built with the encoder file {recorded} (encoder '{index.encoder_info.get('name', '')}'), "
+        "which no longer exists; choose that ONNX file where it is now as the encoder, or rebuild the index."
+    )

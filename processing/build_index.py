@@ -69,8 +69,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         "Cuts the rasters into a grid of square tiles, embeds every tile with the ONNX encoder and "
         "stores the embeddings in an HNSW index folder that 'Search similar tiles' queries. Tiles "
         "that are mostly nodata, blank or under the mask are skipped. A cancelled build keeps its "
-        "finished batches in '<index folder>.partial' and continues from there when it is run again "
-        "with the same parameters."
+        "finished batches in a folder named like the index folder with '.partial' appended, and "
+        "continues from there when it is run again with the same parameters."
     )
 
     VALUE_HINTS = {
@@ -81,6 +81,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         "TILE_SIZE": "Its unit is set by TILE_SIZE_UNIT: 0 for source pixels, 1 for grid CRS units.",
         "GSD": "It is in grid CRS units per encoder input pixel.",
     }
+    POSITIVE_NUMBERS = frozenset({"TILE_SIZE", "GSD"})
 
     INPUT_RASTERS = "INPUT_RASTERS"
     ENCODER = "ENCODER"

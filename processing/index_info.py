@@ -20,7 +20,14 @@ from qgis.core import (
 
 from ..core.grid import TileGrid
 from ..core.index import TileIndex
-from .support import INDEX_PACKAGES, LookalikeAlgorithm, core_errors, require_packages, tr
+from .support import (
+    INDEX_PACKAGES,
+    LookalikeAlgorithm,
+    core_errors,
+    reject_output_in_folder,
+    require_packages,
+    tr,
+)
 
 
 class IndexInfoAlgorithm(LookalikeAlgorithm):
@@ -101,6 +108,10 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
     ) -> dict[str, Any]:
         require_packages(INDEX_PACKAGES)
         index_folder = self.parameterAsFile(parameters, self.INDEX, context)
+        html_path = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context)
+        json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
+        for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
+            reject_output_in_folder(path, name, index_folder, self.INDEX)
         with core_errors({"index folder": self.INDEX}):
             index = TileIndex.open(index_folder)
         manifest = index.manifest
@@ -131,11 +142,9 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         for name, value in results.items():
             feedback.pushInfo(f"{name}: {value}")
 
-        html_path = self.parameterAsFileOutput(parameters, self.OUTPUT_HTML, context)
         if html_path:
             _write_text(html_path, _html_report(index_folder, results, sources), self.OUTPUT_HTML)
             results[self.OUTPUT_HTML] = html_path
-        json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
         if json_path:
             _write_text(json_path, json.dumps(manifest, indent=2), self.OUTPUT_JSON)
             results[self.OUTPUT_JSON] = json_path

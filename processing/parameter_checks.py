@@ -9,15 +9,18 @@ definitions keep their minimum and maximum, because those set the limits of the 
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from typing import Any, Optional
 
+from osgeo import gdal
 from qgis.core import (
     QgsMapLayer,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingParameterDefinition,
+    QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSource,
     QgsProcessingParameterFile,
     QgsProcessingParameterMultipleLayers,
@@ -32,18 +35,25 @@ from .support import tr
 
 
 def invalid_value_message(
-    definition: QgsProcessingParameterDefinition, value: Any, context: QgsProcessingContext, hint: str = ""
+    definition: QgsProcessingParameterDefinition,
+    value: Any,
+    context: QgsProcessingContext,
+    hint: str = "",
+    positive: bool = False,
 ) -> Optional[str]:
     """Return why ``value`` is invalid for ``definition``, or None when it passes (or is unset).
 
     ``hint``, the parameter's unit and meaning, is appended to range errors of numbers.
-    Unset values and data-defined properties are left to QGIS's own check, which reports a
-    missing mandatory parameter.
+    ``positive`` rejects a number equal to the definition's minimum of 0 as well. Unset values
+    and data-defined properties are left to QGIS's own check, which reports a missing mandatory
+    parameter.
     """
     if value is None or value == "" or isinstance(value, QgsProperty):
         return None
     if isinstance(definition, QgsProcessingParameterNumber):
-        return _number_message(definition, value, context, hint)
+        return _number_message(definition, value, context, hint, positive)
+    if isinstance(definition, QgsProcessingParameterEnum):
+        return _enum_message(definition, value, context)
     if isinstance(definition, QgsProcessingParameterFile):
         return _file_message(definition, value)
     if isinstance(definition, QgsProcessingParameterMultipleLayers):
@@ -62,36 +72,66 @@ def invalid_value_message(
 
 
 def _number_message(
-    definition: QgsProcessingParameterNumber, value: Any, context: QgsProcessingContext, hint: str
+    definition: QgsProcessingParameterNumber, value: Any, context: QgsProcessingContext, hint: str, positive: bool
 ) -> Optional[str]:
-    if definition.checkValueIsAcceptable(value, context):
-        return None
     name = definition.name()
-    allowed = _allowed_numbers(definition)
+    acceptable = definition.checkValueIsAcceptable(value, context)
     try:
         number = float(value)
     except (TypeError, ValueError):
-        return tr(f"{name}={value!r} is not a number; give {allowed}.")
-    problem = "is invalid" if _within_bounds(definition, number) else "is out of range"
-    message = tr(f"{name}={value} {problem} for '{definition.description()}'; give {allowed}.")
+        if acceptable:
+            return None
+        return tr(f"{name}={value!r} is not a number; give {_allowed_numbers(definition, positive)}.")
+    whole = definition.dataType() != QgsProcessingParameterNumber.Integer or number.is_integer()
+    below = _below_minimum(definition, number, positive)
+    above = number > definition.maximum()
+    if acceptable and whole and not below and not above:
+        return None
+    # QGIS accepts a fraction for an integer parameter and rounds it when the algorithm reads it.
+    if not whole and math.isfinite(number):
+        problem = "is invalid"
+        reason = " because it is not a whole number"
+    elif below or above:
+        problem = "is out of range"
+        reason = ""
+    else:
+        problem = "is invalid"
+        reason = ""
+    # A value below the minimum gets the minimum alone, the bound it has to move past.
+    allowed = _allowed_numbers(definition, positive, minimum_only=below)
+    message = tr(f"{name}={value} {problem} for '{definition.description()}'{reason}; give {allowed}.")
     return f"{message} {hint}" if hint else message
 
 
-def _allowed_numbers(definition: QgsProcessingParameterNumber) -> str:
+def _enum_message(definition: QgsProcessingParameterEnum, value: Any, context: QgsProcessingContext) -> Optional[str]:
+    if definition.checkValueIsAcceptable(value, context):
+        return None
+    if definition.usesStaticStrings():
+        choices = ", ".join(repr(option) for option in definition.options())
+    else:
+        choices = ", ".join(f"{position} ({option})" for position, option in enumerate(definition.options()))
+    return tr(f"{definition.name()}={value} is invalid for '{definition.description()}'; give one of {choices}.")
+
+
+def _allowed_numbers(definition: QgsProcessingParameterNumber, positive: bool, minimum_only: bool = False) -> str:
     kind = "a whole number" if definition.dataType() == QgsProcessingParameterNumber.Integer else "a number"
     has_minimum = definition.minimum() > -sys.float_info.max
     has_maximum = definition.maximum() < sys.float_info.max
-    if has_minimum and has_maximum:
-        return f"{kind} from {definition.minimum():g} to {definition.maximum():g}"
-    if has_minimum:
+    if has_minimum and (minimum_only or not has_maximum):
+        if positive:
+            return f"{kind} greater than {definition.minimum():g}"
         return f"{kind} of at least {definition.minimum():g}"
+    if has_minimum and has_maximum:
+        if positive:
+            return f"{kind} greater than {definition.minimum():g} and at most {definition.maximum():g}"
+        return f"{kind} from {definition.minimum():g} to {definition.maximum():g}"
     if has_maximum:
         return f"{kind} of at most {definition.maximum():g}"
     return kind
 
 
-def _within_bounds(definition: QgsProcessingParameterNumber, number: float) -> bool:
-    return definition.minimum() <= number <= definition.maximum()
+def _below_minimum(definition: QgsProcessingParameterNumber, number: float, positive: bool) -> bool:
+    return number <= definition.minimum() if positive else number < definition.minimum()
 
 
 def _file_message(definition: QgsProcessingParameterFile, value: Any) -> Optional[str]:
@@ -116,14 +156,34 @@ def _layer_message(
     if isinstance(entry, QgsMapLayer) or not isinstance(entry, str):
         return None
     # Only project layers are looked up here. Loading a file through mapLayerFromString in this
-    # check made the Python process crash at exit (QGIS 3.22), so a file that exists is left to
-    # the algorithm, which reports a file that GDAL or OGR cannot open.
+    # check made the Python process crash at exit (QGIS 3.22), so an existing raster file is
+    # opened with GDAL directly, and an existing vector file is left to the algorithm.
     if QgsProcessingUtils.mapLayerFromString(entry, context, False, layer_hint) is not None:
         return None
     path = entry.split("|")[0]
-    if os.path.exists(path):
-        return None
-    return tr(f"{name}: {entry} is neither a layer of the project nor an existing file; {_path_advice(path)}.")
+    if not os.path.exists(path):
+        return tr(f"{name}: {entry} is neither a layer of the project nor an existing file; {_path_advice(path)}.")
+    # QGIS's own check would try every data provider on the path (GDAL, then mesh), print each
+    # failure to stderr and end with "Could not load source layer" or "Incorrect parameter value".
+    if layer_hint == QgsProcessingUtils.LayerHint.Raster and not _gdal_opens_raster(path):
+        kind = "a folder" if os.path.isdir(path) else "a file"
+        return tr(
+            f"{name}: {path} is {kind} but not a raster GDAL can read; give a raster file such as a "
+            "GeoTIFF or VRT, or a raster layer of the project."
+        )
+    return None
+
+
+def _gdal_opens_raster(path: str) -> bool:
+    # Quiet, because the caller reports the failure in one message.
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_RASTER)
+    except RuntimeError:
+        return False
+    finally:
+        gdal.PopErrorHandler()
+    return dataset is not None
 
 
 def _layer_hint(layer_type: int) -> QgsProcessingUtils.LayerHint:

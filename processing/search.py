@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsCsException,
+    QgsDataSourceUri,
     QgsFeatureSink,
     QgsFeatureSource,
     QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
+    QgsProcessingFeatureSourceDefinition,
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
@@ -22,22 +27,29 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsProviderRegistry,
     QgsWkbTypes,
 )
 
+from ..core.encoder import OnnxEncoder
+from ..core.errors import SearchIndexError
 from ..core.index import TileIndex
-from ..core.pipeline import run_search
-from ..core.search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, STRATEGIES
+from ..core.pipeline import QueryChips, embed_query, index_encoder_path, indexed_source_for_geometry
+from ..core.search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, STRATEGIES, Match
+from ..core.search import search as search_index
 from ..gis import matches as match_layers
 from .support import (
     ENCODER_PACKAGES,
     INDEX_PACKAGES,
     LookalikeAlgorithm,
+    cancel_check,
     core_errors,
     crs_wkt,
     gdal_source_path,
     geometry_wkt,
+    reject_output_in_folder,
     require_packages,
+    same_file,
     set_progress,
     tr,
 )
@@ -53,10 +65,31 @@ PARAMETER_NAMES = {
 }
 
 DEFAULT_K = 10
+# The k box of the Lookalike panel stops at the same number. Without a maximum, QGIS's integer
+# conversion turned values past 2**31 into k=0 or other numbers the user never gave.
+MAX_K = 10000
+
+
+@dataclass
+class _Examples:
+    """The example geometries as WKT in ``crs_wkt``, with the raster path each one is read from."""
+
+    positives_source: QgsFeatureSource
+    negatives_source: Optional[QgsFeatureSource]
+    positives: list[str]
+    negatives: list[str]
+    positive_sources: list[str]
+    negative_sources: list[str]
+    crs_wkt: str
 
 
 class SearchAlgorithm(LookalikeAlgorithm):
-    """Query an index with positive (and negative) example geometries; wraps ``core.pipeline.run_search``."""
+    """Query an index with positive (and negative) example geometries.
+
+    Each example is embedded with ``core.pipeline.embed_query`` from its own raster, and the
+    index is ranked with ``core.search.search``, as the Lookalike panel does. ``run_search``
+    reads every example from one raster, which fails for examples over different rasters.
+    """
 
     ALGORITHM_ID = "search"
     DISPLAY_NAME = "Search similar tiles"
@@ -115,23 +148,29 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
         raster = QgsProcessingParameterRasterLayer(self.RASTER, tr("Raster to read the examples from"), optional=True)
         raster.setHelp(tr(
-            "Raster under the examples, read by GDAL. Empty uses the first raster of the index. Any "
-            "raster works, but one that is in the index is read with the index's value stretch."
+            "Raster under the examples, read by GDAL. Empty reads each example from the indexed raster "
+            "under it (the one that contains its centre, else the one it overlaps most). Any raster "
+            "works, but one that is in the index is read with the index's value stretch."
         ))
         self.addParameter(raster)
 
         encoder = QgsProcessingParameterFile(self.ENCODER, tr("Encoder (ONNX model)"), extension="onnx", optional=True)
         encoder.setHelp(tr(
-            "The ONNX file the index was built with. Empty uses the bundled EfficientNet-Lite0; an "
-            "index built with another encoder rejects it with the name of the one it needs."
+            "The ONNX file the index was built with. Empty uses the encoder file recorded in the "
+            "index. When that file no longer exists, the bundled EfficientNet-Lite0 is used if the "
+            "index was built with it; otherwise the search stops and names the missing file. Another "
+            "encoder than the index's is rejected with the name of the one it needs."
         ))
         self.addParameter(encoder)
 
         k = QgsProcessingParameterNumber(
             self.K, tr("Number of matches (k)"), QgsProcessingParameterNumber.Integer,
-            defaultValue=DEFAULT_K, minValue=1,
+            defaultValue=DEFAULT_K, minValue=1, maxValue=MAX_K,
         )
-        k.setHelp(tr("Maximum number of matches returned. Fewer come back when the index has fewer tiles left."))
+        k.setHelp(tr(
+            f"Maximum number of matches returned, a whole number from 1 to {MAX_K}. Fewer come back "
+            "when the index has fewer tiles left."
+        ))
         self.addParameter(k)
 
         min_score = QgsProcessingParameterNumber(
@@ -184,6 +223,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
     ) -> dict[str, Any]:
         require_packages(ENCODER_PACKAGES + INDEX_PACKAGES)
         index_folder = self.parameterAsFile(parameters, self.INDEX, context)
+        # Checked before anything runs, because the sink replaces its file when it is created.
+        self._check_output(parameters, context, index_folder)
         with core_errors(PARAMETER_NAMES):
             index = TileIndex.open(index_folder)
         if not index.sources:
@@ -191,45 +232,20 @@ class SearchAlgorithm(LookalikeAlgorithm):
                 tr(f"The index {index_folder} has no rasters yet; build it with 'Build similarity index' first.")
             )
         grid_crs = QgsCoordinateReferenceSystem.fromWkt(index.sources[0]["grid"]["crs_wkt"])
-        raster_path = self._raster_path(parameters, context, index)
-
-        positives_source = self._source(parameters, self.POSITIVES, context)
-        query_crs = positives_source.sourceCrs()
-        query_crs_wkt = crs_wkt(query_crs, self.POSITIVES)
-        positives = self._geometries(positives_source, self.POSITIVES, query_crs, context)
-        if not positives:
-            raise QgsProcessingException(
-                tr(f"{self.POSITIVES} has no feature with a geometry; draw or select at least one example.")
-            )
-        negatives_source = self._source(parameters, self.NEGATIVES, context, optional=True)
-        negatives = []
-        if negatives_source is not None:
-            negatives = self._geometries(negatives_source, self.NEGATIVES, query_crs, context)
-
-        min_score = None
-        if parameters.get(self.MIN_SCORE) not in (None, ""):
-            min_score = self.parameterAsDouble(parameters, self.MIN_SCORE, context)
+        examples = self._read_examples(parameters, context, index)
+        source_names = ", ".join(sorted(set(examples.positive_sources + examples.negative_sources)))
         feedback.pushInfo(tr(
-            f"Searching {index_folder} ({index.count} tiles) with {len(positives)} example(s) and "
-            f"{len(negatives)} counter-example(s) read from {raster_path}"
+            f"Searching {index_folder} ({index.count} tiles) with {len(examples.positives)} example(s) and "
+            f"{len(examples.negatives)} counter-example(s) read from {source_names}"
         ))
         set_progress(feedback, 5, 100)
         if feedback.isCanceled():
             return {}
 
-        with core_errors(PARAMETER_NAMES):
-            found = run_search(
-                index_folder,
-                raster_path,
-                positives,
-                negatives,
-                k=self.parameterAsInt(parameters, self.K, context),
-                crs_wkt=query_crs_wkt,
-                encoder_path=self.parameterAsFile(parameters, self.ENCODER, context) or None,
-                max_overlap=self.parameterAsDouble(parameters, self.MAX_OVERLAP, context),
-                min_score=min_score,
-                strategy=STRATEGIES[self.parameterAsEnum(parameters, self.STRATEGY, context)],
-            )
+        min_score = None
+        if parameters.get(self.MIN_SCORE) not in (None, ""):
+            min_score = self.parameterAsDouble(parameters, self.MIN_SCORE, context)
+        found, best_score = self._rank_tiles(parameters, context, feedback, index, examples, min_score)
         set_progress(feedback, 80, 100)
         if feedback.isCanceled():
             return {}
@@ -240,7 +256,9 @@ class SearchAlgorithm(LookalikeAlgorithm):
         )
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
-        query_label = _query_label(positives_source, len(positives), negatives_source, len(negatives))
+        query_label = _query_label(
+            examples.positives_source, len(examples.positives), examples.negatives_source, len(examples.negatives)
+        )
         with core_errors(PARAMETER_NAMES):
             features = match_layers.matches_to_features(
                 found, fields, grid_crs,
@@ -255,17 +273,146 @@ class SearchAlgorithm(LookalikeAlgorithm):
         if found:
             feedback.pushInfo(tr(f"{len(found)} matches, scores {found[0].score:.3f} to {found[-1].score:.3f}."))
         else:
-            feedback.pushWarning(tr("No match: the index is empty or every tile was below the minimum score."))
+            feedback.pushWarning(_no_match_message(index.count, min_score, best_score))
         return {
             self.OUTPUT: sink_id,
             self.MATCH_COUNT: len(found),
             self.BEST_SCORE: found[0].score if found else None,
         }
 
-    def _raster_path(self, parameters: dict, context: QgsProcessingContext, index: TileIndex) -> str:
+    def _read_examples(self, parameters: dict, context: QgsProcessingContext, index: TileIndex) -> _Examples:
+        """Read the example geometries in the CRS of POSITIVES and choose the raster each is read from."""
+        positives_source = self._source(parameters, self.POSITIVES, context)
+        query_crs = positives_source.sourceCrs()
+        # The geometries are read before the CRS is checked: QGIS reports no CRS for a GeoJSON
+        # file without features, and the missing examples are then the problem to report.
+        positives, feature_count = self._geometries(positives_source, self.POSITIVES, query_crs, context)
+        if not positives:
+            raise QgsProcessingException(_no_examples_message(self.POSITIVES, positives_source, feature_count))
+        query_crs_wkt = crs_wkt(query_crs, self.POSITIVES)
+        negatives_source = self._source(parameters, self.NEGATIVES, context, optional=True)
+        negatives = []
+        if negatives_source is not None:
+            negatives, _ = self._geometries(negatives_source, self.NEGATIVES, query_crs, context)
+
+        raster_path = self._raster_path(parameters, context)
+        with core_errors(PARAMETER_NAMES):
+            positive_sources = [
+                raster_path or indexed_source_for_geometry(index, wkt, query_crs_wkt) for wkt in positives
+            ]
+            negative_sources = [
+                raster_path or indexed_source_for_geometry(index, wkt, query_crs_wkt) for wkt in negatives
+            ]
+        return _Examples(
+            positives_source=positives_source,
+            negatives_source=negatives_source,
+            positives=positives,
+            negatives=negatives,
+            positive_sources=positive_sources,
+            negative_sources=negative_sources,
+            crs_wkt=query_crs_wkt,
+        )
+
+    def _rank_tiles(
+        self,
+        parameters: dict,
+        context: QgsProcessingContext,
+        feedback: QgsProcessingFeedback,
+        index: TileIndex,
+        examples: _Examples,
+        min_score: Optional[float],
+    ) -> tuple[list[Match], Optional[float]]:
+        """Embed the examples and search the index.
+
+        Returns the matches and, when MIN_SCORE left none, the best score without it (None when
+        no tile is left even then).
+        """
+        encoder_path = self._encoder_path(parameters, context, index)
+        strategy = STRATEGIES[self.parameterAsEnum(parameters, self.STRATEGY, context)]
+        with core_errors(PARAMETER_NAMES):
+            encoder = OnnxEncoder(encoder_path)
+            index.check_encoder(encoder.name, encoder.checksum)
+            positive_chips = _embed_examples(index, encoder, examples.positive_sources, examples.positives,
+                                             examples.crs_wkt, feedback)
+            negative_chips = _embed_examples(index, encoder, examples.negative_sources, examples.negatives,
+                                             examples.crs_wkt, feedback)
+            positive_embeddings = np.concatenate([chips.embeddings for chips in positive_chips])
+            negative_embeddings = (
+                np.concatenate([chips.embeddings for chips in negative_chips]) if negative_chips else None
+            )
+            # Tiles that overlap a positive's footprint show the example itself, so search drops them.
+            exclude = [(bounds, chips.crs_wkt) for chips in positive_chips for bounds in chips.footprints]
+            found = search_index(
+                index,
+                positive_embeddings,
+                negative_embeddings,
+                k=self.parameterAsInt(parameters, self.K, context),
+                exclude=exclude,
+                max_overlap=self.parameterAsDouble(parameters, self.MAX_OVERLAP, context),
+                min_score=min_score,
+                strategy=strategy,
+            )
+            if found or min_score is None or not index.count:
+                return found, None
+            # A search without the minimum score shows which of the two filters removed every tile.
+            unfiltered = search_index(
+                index, positive_embeddings, negative_embeddings, k=1, exclude=exclude, strategy=strategy
+            )
+        return found, (unfiltered[0].score if unfiltered else None)
+
+    def _raster_path(self, parameters: dict, context: QgsProcessingContext) -> Optional[str]:
+        """Return the GDAL path of RASTER, or None when each example is read from its indexed raster."""
         if parameters.get(self.RASTER):
             return gdal_source_path(self.parameterAsRasterLayer(parameters, self.RASTER, context), self.RASTER)
-        return str(index.sources[0]["path"])
+        return None
+
+    def _encoder_path(self, parameters: dict, context: QgsProcessingContext, index: TileIndex) -> str:
+        """Return ENCODER, else the encoder file the index records, else the bundled one when it fits."""
+        given = self.parameterAsFile(parameters, self.ENCODER, context)
+        if given:
+            return given
+        try:
+            return str(index_encoder_path(index))
+        except SearchIndexError as error:
+            recorded = index.build_parameters.get("encoder_path")
+            raise QgsProcessingException(tr(
+                f"The index was built with the encoder file {recorded} (encoder "
+                f"'{index.encoder_info.get('name', '')}'), which no longer exists. Set {self.ENCODER} to "
+                "that ONNX file where it is now, or rebuild the index."
+            )) from error
+
+    def _check_output(self, parameters: dict, context: QgsProcessingContext, index_folder: str) -> None:
+        """Reject an OUTPUT file that would replace the file of POSITIVES or NEGATIVES, or an index file."""
+        output_path, output_layer = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
+        if not output_path:
+            return
+        reject_output_in_folder(output_path, self.OUTPUT, index_folder, self.INDEX)
+        for name in (self.POSITIVES, self.NEGATIVES):
+            input_path, input_layer = self._input_file(parameters, name, context)
+            if not input_path or not same_file(input_path, output_path):
+                continue
+            if output_layer and input_layer and output_layer != input_layer:
+                # Another layer of the same GeoPackage leaves the examples' layer in place.
+                continue
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} is the file of {name}, and writing the matches there "
+                "would replace the examples. Choose another output file."
+            ))
+
+    def _input_file(self, parameters: dict, name: str, context: QgsProcessingContext) -> tuple[str, str]:
+        """Return the file and layer name a feature source parameter reads, or empty strings for other layers."""
+        value = parameters.get(name)
+        if value is None or value == "":
+            return "", ""
+        if isinstance(value, QgsProcessingFeatureSourceDefinition):
+            value, _ = value.source.valueAsString(context.expressionContext(), "")
+        layer = self.parameterAsVectorLayer({name: value}, name, context)
+        if layer is None:
+            return "", ""
+        parts = QgsProviderRegistry.instance().decodeUri(layer.providerType(), layer.source())
+        path = parts.get("path")
+        layer_name = parts.get("layerName")
+        return (path if isinstance(path, str) else ""), (layer_name if isinstance(layer_name, str) else "")
 
     def _source(
         self, parameters: dict, name: str, context: QgsProcessingContext, optional: bool = False
@@ -281,13 +428,15 @@ class SearchAlgorithm(LookalikeAlgorithm):
         name: str,
         query_crs: QgsCoordinateReferenceSystem,
         context: QgsProcessingContext,
-    ) -> list[str]:
-        """Return the WKT of every feature's geometry in ``query_crs``, the one CRS run_search takes."""
+    ) -> tuple[list[str], int]:
+        """Return the WKT of every feature's geometry in ``query_crs``, and the number of features read."""
         transform = None
         if source.sourceCrs() != query_crs:
             transform = QgsCoordinateTransform(source.sourceCrs(), query_crs, context.transformContext())
         geometries = []
+        feature_count = 0
         for feature in source.getFeatures():
+            feature_count += 1
             geometry = feature.geometry()
             if geometry is None or geometry.isEmpty():
                 continue
@@ -300,7 +449,62 @@ class SearchAlgorithm(LookalikeAlgorithm):
                         f"{self.POSITIVES} ({query_crs.authid()}): {error}."
                     )) from error
             geometries.append(geometry_wkt(geometry))
-        return geometries
+        return geometries, feature_count
+
+
+def _embed_examples(
+    index: TileIndex,
+    encoder: OnnxEncoder,
+    sources: list[str],
+    geometries: list[str],
+    crs_wkt: str,
+    feedback: QgsProcessingFeedback,
+) -> list[QueryChips]:
+    """Embed each example geometry from the raster given for it; raises the core's errors."""
+    return [
+        embed_query(index, encoder, source, geometry, crs_wkt, is_cancelled=cancel_check(feedback))
+        for source, geometry in zip(sources, geometries)
+    ]
+
+
+def _destination_file(destination: str) -> tuple[str, str]:
+    """Return the file and layer name a sink destination writes; empty strings for memory and databases."""
+    if destination.startswith("ogr:"):
+        uri = QgsDataSourceUri(destination[len("ogr:"):])
+        return uri.database(), uri.table()
+    # Provider prefixes such as "memory:" or "postgres:" name no file. A Windows drive letter is
+    # a single letter, so it does not match.
+    if re.match(r"[A-Za-z]{2,}:", destination):
+        return "", ""
+    return destination, ""
+
+
+def _no_examples_message(name: str, source: QgsFeatureSource, feature_count: int) -> str:
+    if feature_count == 0:
+        return tr(
+            f"{name} ({source.sourceName()}) has no features, so there is no example to search with; "
+            "add or select at least one point or polygon over an object like the ones to find."
+        )
+    return tr(
+        f"{name} ({source.sourceName()}) has {feature_count} feature(s) but none has a geometry, so there "
+        "is no example to search with; give points or polygons over objects like the ones to find."
+    )
+
+
+def _no_match_message(tile_count: int, min_score: Optional[float], best_score: Optional[float]) -> str:
+    """Explain an empty result; ``best_score`` is the best score without MIN_SCORE, when one was set."""
+    if tile_count == 0:
+        return tr("No match: the index contains no tiles, because every tile was skipped when it was built.")
+    if min_score is not None and best_score is not None:
+        return tr(
+            f"No match: no tile scored at least MIN_SCORE={min_score:g}, and the best one scored "
+            f"{best_score:.3f}. Lower MIN_SCORE or leave it empty."
+        )
+    return tr(
+        "No match: every tile of the index overlaps a positive example, and tiles that overlap a "
+        "positive example are never returned, so that an example does not find itself. Draw smaller "
+        "examples that leave part of the indexed imagery uncovered."
+    )
 
 
 def _query_label(

@@ -7,7 +7,7 @@ arguments and the core's results into Processing outputs.
 
 from __future__ import annotations
 
-import html
+import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
@@ -51,6 +51,9 @@ class LookalikeAlgorithm(QgsProcessingAlgorithm):
     # Unit and meaning of numeric parameters, keyed by parameter name, appended to their
     # out-of-range messages.
     VALUE_HINTS: Mapping[str, str] = {}
+    # Numeric parameters that must be greater than their minimum of 0. Their definitions keep the
+    # minimum 0, because the GUI widgets take only an inclusive minimum.
+    POSITIVE_NUMBERS: frozenset[str] = frozenset()
 
     def name(self) -> str:
         return self.ALGORITHM_ID
@@ -79,22 +82,27 @@ class LookalikeAlgorithm(QgsProcessingAlgorithm):
 
         for definition in self.parameterDefinitions():
             name = definition.name()
-            message = invalid_value_message(definition, parameters.get(name), context, self.VALUE_HINTS.get(name, ""))
+            message = invalid_value_message(
+                definition, parameters.get(name), context, self.VALUE_HINTS.get(name, ""),
+                positive=name in self.POSITIVE_NUMBERS,
+            )
             if message is not None:
                 return False, message
         return super().checkParameterValues(parameters, context)
 
     def shortHelpString(self) -> str:  # noqa: N802 - QGIS API
-        lines = [f"<p>{tr(self.SUMMARY)}</p>"]
+        """Return the summary and one line per parameter, as plain text.
+
+        ``qgis_process help`` prints this text unchanged, and the toolbox dialog wraps each line in
+        an HTML paragraph without escaping it (QGIS 3.22 to 3.44). Plain lines read well in both,
+        so the texts contain no HTML markup and no "<" or "&".
+        """
+        lines = [tr(self.SUMMARY)]
         definitions = [definition for definition in self.parameterDefinitions() if definition.help()]
         if definitions:
-            lines.append("<dl>")
+            lines.append("")
             for definition in definitions:
-                lines.append(
-                    f"<dt><b>{html.escape(definition.description())}</b> "
-                    f"(<code>{definition.name()}</code>)</dt><dd>{html.escape(definition.help())}</dd>"
-                )
-            lines.append("</dl>")
+                lines.append(f"{definition.description()} ({definition.name()}): {definition.help()}")
         return "\n".join(lines)
 
 
@@ -143,6 +151,9 @@ def core_errors(parameter_names: Optional[Mapping[str, str]] = None) -> Iterator
             if core_name in message
         ]
         if mentioned:
+            # Core messages may end without a full stop; the added sentence needs one before it.
+            if not message.endswith((".", "!", "?")):
+                message += "."
             message += " " + tr(f"(In this algorithm {'; '.join(mentioned)}.)")
         raise QgsProcessingException(message) from error
 
@@ -222,3 +233,32 @@ def feature_geometries_wkt(source: QgsFeatureSource, parameter_name: str) -> lis
                 )
         geometries.append(geometry_wkt(geometry))
     return geometries
+
+
+def same_file(first: str, second: str) -> bool:
+    """Return whether two paths name the same file, following symlinks (and hard links when both exist)."""
+    if os.path.exists(first) and os.path.exists(second):
+        return os.path.samefile(first, second)
+    return os.path.normcase(os.path.realpath(first)) == os.path.normcase(os.path.realpath(second))
+
+
+def reject_output_in_folder(output_path: str, output_name: str, folder: str, folder_name: str) -> None:
+    """Raise QgsProcessingException when an output path is ``folder`` or lies inside it.
+
+    Symlinks are resolved first, so a link to the folder does not hide it. The algorithms keep
+    their outputs out of the index folder, because an output there could replace an index file.
+    """
+    if not output_path or not folder:
+        return
+    real_output = os.path.normcase(os.path.realpath(output_path))
+    real_folder = os.path.normcase(os.path.realpath(folder))
+    try:
+        inside = os.path.commonpath([real_output, real_folder]) == real_folder
+    except ValueError:
+        # Paths on different Windows drives have no common path.
+        inside = False
+    if inside:
+        raise QgsProcessingException(tr(
+            f"{output_name}: {output_path} is inside the index folder {folder} given for {folder_name}, "
+            "where writing it could replace a file of the index. Choose a file outside that folder."
+        ))

@@ -3,9 +3,11 @@
     .venv/bin/python tools/run_demo.py [--output-folder output] [--encoder MODEL.onnx] [--k 5] [--overwrite]
 
 Writes ``matches.gpkg`` (the ranked match footprints), ``matches.png`` (the clip with the query
-box and the matches) and the index ``demo_index/`` into the output folder. The demo replaces
-its own earlier outputs, which it recognises by the checksums in ``demo_outputs.json``. Any
-other file at those paths is left alone unless ``--overwrite`` is given.
+box and the matches) and the index ``demo_index/`` into the output folder, and records their
+SHA-256 checksums in ``demo_outputs.json``. The demo replaces only its own earlier outputs,
+which it recognises by those checksums, and a record file that it wrote itself. Anything else at
+those paths is left alone unless ``--overwrite`` is given. Even then, ``demo_index`` is replaced
+only when it is a Lookalike index or empty, and a file path only when it is a file.
 
 Starts its own offscreen QgsApplication, so no display is needed.
 """
@@ -13,14 +15,15 @@ Starts its own offscreen QgsApplication, so no display is needed.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
+import re
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
@@ -29,7 +32,9 @@ from devimport import REPO_ROOT, import_lookalike
 
 import_lookalike()
 
-from lookalike.core.encoder import default_model_path  # noqa: E402
+from lookalike.core.encoder import default_model_path, file_sha256, load_encoder  # noqa: E402
+from lookalike.core.errors import LookalikeError  # noqa: E402
+from lookalike.core.index import FOLDER_EMPTY, FOLDER_FOREIGN, index_folder_state  # noqa: E402
 from lookalike.core.pipeline import BuildParameters, BuildReport, Progress, build_index, run_search  # noqa: E402
 from lookalike.core.search import Match  # noqa: E402
 
@@ -63,18 +68,57 @@ MATCHES_FILE_NAME = "matches.gpkg"
 MAP_FILE_NAME = "matches.png"
 INDEX_FOLDER_NAME = "demo_index"
 RECORD_FILE_NAME = "demo_outputs.json"
+OUTPUT_FILE_NAMES = (MATCHES_FILE_NAME, MAP_FILE_NAME)
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the command line, and exit with argparse's usage error on an invalid value.
+
+    Every check runs here, before the index is built, so a bad value costs no indexing time.
+    ``encoder`` is returned resolved to the default model when ``--encoder`` is not given.
+    """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-folder", type=Path, default=REPO_ROOT / "output",
-                        help="folder for matches.gpkg, matches.png and demo_index/ (default: output/)")
+                        help="folder for matches.gpkg, matches.png, demo_index/ and demo_outputs.json; "
+                             "created when missing (default: output/)")
     parser.add_argument("--encoder", type=Path, default=None,
                         help="ONNX encoder to index with (default: the plugin's default model under models/)")
-    parser.add_argument("--k", type=int, default=DEMO_K, help=f"number of matches (default: {DEMO_K})")
+    parser.add_argument("--k", type=match_count, default=DEMO_K,
+                        help=f"number of matches, a whole number of at least 1 (default: {DEMO_K})")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace matches.gpkg and matches.png even when the demo did not write them")
-    return parser.parse_args(argv)
+                        help="replace matches.gpkg, matches.png, demo_index/ and demo_outputs.json even when "
+                             "the demo did not write them")
+    arguments = parser.parse_args(argv)
+
+    if arguments.output_folder.exists() and not arguments.output_folder.is_dir():
+        parser.error(f"--output-folder {arguments.output_folder} is not a folder; pass a folder path "
+                     "(a missing folder is created)")
+    if arguments.encoder is None:
+        arguments.encoder = default_model_path()
+        if not arguments.encoder.is_file():
+            parser.error(f"the default encoder {arguments.encoder} is missing; pass --encoder with an ONNX "
+                         "encoder file")
+    elif not arguments.encoder.is_file():
+        parser.error(f"--encoder {arguments.encoder} not found; pass an ONNX encoder file")
+    try:
+        load_encoder(arguments.encoder)
+    except LookalikeError as error:
+        parser.error(f"--encoder {arguments.encoder} cannot be used: {error}")
+    return arguments
+
+
+def match_count(text: str) -> int:
+    """Convert the value of ``--k``; argparse turns ArgumentTypeError into a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number; pass the number of matches, at least 1"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range; pass the number of matches, at least 1")
+    return value
 
 
 def ship_in_footprint(match: Match) -> Optional[str]:
@@ -86,27 +130,142 @@ def ship_in_footprint(match: Match) -> Optional[str]:
     return None
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+# -- the record of the demo's own outputs ---------------------------------------------------------
+#
+# demo_outputs.json maps each output name to the SHA-256 of the file the demo wrote, and
+# "demo_index" to a map from each file path inside the index folder to its SHA-256. An output
+# whose current checksums equal the recorded ones was written by the demo and may be replaced.
 
 
-def check_outputs_writable(paths: Sequence[Path], record_path: Path, overwrite: bool) -> None:
-    """Raise SystemExit when an output exists that neither the demo wrote nor --overwrite allows."""
-    recorded = {}
-    if record_path.is_file():
-        recorded = json.loads(record_path.read_text(encoding="utf-8"))
-    for path in paths:
-        if not path.exists() or overwrite:
+def read_record(record_path: Path, overwrite: bool) -> dict[str, Any]:
+    """Return the checksums recorded in ``record_path``, or {} when it is missing.
+
+    Raises SystemExit when the file is not a record that the demo wrote, unless ``overwrite``
+    is set, in which case the file is treated as missing and replaced later.
+    """
+    if not record_path.exists():
+        return {}
+    if not record_path.is_file():
+        raise SystemExit(
+            f"{record_path} is not a file, and the demo replaces only a file there, even with --overwrite. "
+            "Move it away or pass another --output-folder."
+        )
+    recorded = parse_record(record_path)
+    if recorded is not None:
+        return recorded
+    if overwrite:
+        return {}
+    raise SystemExit(
+        f"{record_path} exists and is not a record written by the demo. "
+        "Move it away or rerun with --overwrite to replace it."
+    )
+
+
+def parse_record(record_path: Path) -> Optional[dict[str, Any]]:
+    """Return the record's checksums, or None when the file does not have the demo's record layout.
+
+    The layout is a non-empty JSON object whose keys are output names and whose values are
+    SHA-256 hex digests, or for the index a non-empty object of them. A record written before
+    the demo recorded its index contains only the two file names, and is accepted too.
+    """
+    try:
+        content = json.loads(record_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or not content:
+        return None
+    for name, value in content.items():
+        if name in OUTPUT_FILE_NAMES:
+            valid = is_sha256(value)
+        elif name == INDEX_FOLDER_NAME:
+            valid = (isinstance(value, dict) and bool(value)
+                     and all(isinstance(path, str) and is_sha256(digest) for path, digest in value.items()))
+        else:
+            valid = False
+        if not valid:
+            return None
+    return content
+
+
+def is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and SHA256_HEX.fullmatch(value) is not None
+
+
+def folder_files(folder: Path) -> dict[str, Path]:
+    """Return every file under ``folder``, keyed by its path relative to the folder with ``/``."""
+    return {path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
+
+
+def folder_checksums(folder: Path) -> dict[str, str]:
+    return {name: file_sha256(path) for name, path in sorted(folder_files(folder).items())}
+
+
+def folder_matches_record(folder: Path, recorded: Any) -> bool:
+    """Tell whether ``folder`` contains exactly the recorded files with the recorded checksums."""
+    if not isinstance(recorded, dict):
+        return False
+    files = folder_files(folder)
+    if set(files) != set(recorded):
+        return False
+    # Smallest first: another index differs in its small manifest.json, so its large data files
+    # are usually not read at all.
+    for name, path in sorted(files.items(), key=lambda item: item[1].stat().st_size):
+        if file_sha256(path) != recorded[name]:
+            return False
+    return True
+
+
+def reject_unrecorded_output(path: Path) -> None:
+    raise SystemExit(
+        f"{path} exists, and {RECORD_FILE_NAME} does not record it as an output of an earlier demo run, "
+        "or it was changed since. Move it away or rerun with --overwrite to replace it."
+    )
+
+
+def check_outputs_writable(output_folder: Path, recorded: dict[str, Any], overwrite: bool) -> None:
+    """Raise SystemExit when an output exists that neither the demo wrote nor --overwrite allows.
+
+    A folder at a file's path, and a folder at the index's path that is neither empty nor a
+    Lookalike index, are rejected even with ``overwrite``, because the demo deletes no folder.
+    """
+    for name in OUTPUT_FILE_NAMES:
+        path = output_folder / name
+        if not path.exists():
             continue
-        if recorded.get(path.name) != file_sha256(path):
+        if not path.is_file():
             raise SystemExit(
-                f"{path} exists and was not written by an earlier demo run (or was changed since); "
-                "move it away or rerun with --overwrite to replace it."
+                f"{path} is not a file, and the demo replaces only a file there, even with --overwrite. "
+                "Move it away or pass another --output-folder."
             )
+        if not overwrite and recorded.get(name) != file_sha256(path):
+            reject_unrecorded_output(path)
+
+    index_folder = output_folder / INDEX_FOLDER_NAME
+    if not index_folder.exists():
+        return
+    if not index_folder.is_dir() or index_folder_state(index_folder) == FOLDER_FOREIGN:
+        raise SystemExit(
+            f"{index_folder} is neither empty nor a Lookalike index folder, and the demo replaces only an index "
+            "there, even with --overwrite. Move it away or pass another --output-folder."
+        )
+    if index_folder_state(index_folder) == FOLDER_EMPTY or overwrite:
+        return
+    if not folder_matches_record(index_folder, recorded.get(INDEX_FOLDER_NAME)):
+        reject_unrecorded_output(index_folder)
 
 
-def record_outputs(paths: Sequence[Path], record_path: Path) -> None:
-    record_path.write_text(json.dumps({path.name: file_sha256(path) for path in paths}, indent=2), encoding="utf-8")
+def record_output(recorded: dict[str, Any], record_path: Path, path: Path) -> None:
+    """Add the checksums of the output just written at ``path`` and save the record.
+
+    Saving after each output keeps the record true when a later step fails, so the next run
+    still recognises what this one wrote.
+    """
+    recorded[path.name] = folder_checksums(path) if path.is_dir() else file_sha256(path)
+    # Written beside the record and renamed over it, so a failed write leaves the old record whole.
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=record_path.parent, prefix=f".{record_path.name}.",
+                                     suffix=".tmp", delete=False) as stream:
+        json.dump(recorded, stream, indent=2, sort_keys=True)
+    os.replace(stream.name, record_path)
 
 
 def report_progress(progress: Progress) -> None:
@@ -123,7 +282,8 @@ def build_demo_index(index_folder: Path, encoder_path: Path) -> BuildReport:
         encoder_path=str(encoder_path),
         tile_size_source_px=DEMO_TILE_SIZE_SOURCE_PX,
         overlap_fraction=DEMO_OVERLAP_FRACTION,
-        # build_index rejects any folder that is not an index, so only an earlier index is replaced.
+        # check_outputs_writable has already rejected an index that the demo did not write unless
+        # --overwrite was given, and any folder that is neither empty nor an index.
         overwrite_existing_index=True,
     )
     return build_index(params, progress=report_progress)
@@ -139,17 +299,20 @@ def run_demo(output_folder: Path, encoder_path: Path, k: int, overwrite: bool) -
     output_folder.mkdir(parents=True, exist_ok=True)
     matches_path = output_folder / MATCHES_FILE_NAME
     map_path = output_folder / MAP_FILE_NAME
+    index_folder = output_folder / INDEX_FOLDER_NAME
     record_path = output_folder / RECORD_FILE_NAME
-    check_outputs_writable([matches_path, map_path], record_path, overwrite)
+    recorded = read_record(record_path, overwrite)
+    check_outputs_writable(output_folder, recorded, overwrite)
 
     print(f"Indexing {SAMPLE_RASTER.name} with {encoder_path.name}: tiles of {DEMO_TILE_SIZE_SOURCE_PX} px, "
           f"overlap {DEMO_OVERLAP_FRACTION}")
-    report = build_demo_index(output_folder / INDEX_FOLDER_NAME, encoder_path)
+    report = build_demo_index(index_folder, encoder_path)
+    record_output(recorded, record_path, index_folder)
     print(f"Indexed {report.tiles_embedded} tiles ({report.tiles_skipped} skipped) in {report.elapsed_s:.1f} s, "
           f"{report.rate_tiles_per_s:.1f} tiles/s")
 
     started_at = time.monotonic()
-    matches = run_search(output_folder / INDEX_FOLDER_NAME, SAMPLE_RASTER, [DEMO_QUERY_BOUNDS_M], k=k,
+    matches = run_search(index_folder, SAMPLE_RASTER, [DEMO_QUERY_BOUNDS_M], k=k,
                          crs_wkt=SAMPLE_CRS, encoder_path=encoder_path)
     print(f"Search took {time.monotonic() - started_at:.2f} s; top {len(matches)} matches:")
     for match in matches:
@@ -163,10 +326,11 @@ def run_demo(output_folder: Path, encoder_path: Path, k: int, overwrite: bool) -
     layer = matches_to_memory_layer(matches, "Lookalike matches", crs, encoder_name=report.encoder_name,
                                     query_label="box around the north-west ship")
     write_matches(layer, matches_path, overwrite=True)
+    record_output(recorded, record_path, matches_path)
     raster_layer = QgsRasterLayer(str(SAMPLE_RASTER), SAMPLE_RASTER.stem)
     render_map_png(raster_layer, map_path, match_layer=layer,
                    query_layer=query_outline_layer([DEMO_QUERY_BOUNDS_M], crs), overwrite=True)
-    record_outputs([matches_path, map_path], record_path)
+    record_output(recorded, record_path, map_path)
     print(f"Wrote {matches_path} and {map_path}")
     return matches
 
@@ -174,10 +338,6 @@ def run_demo(output_folder: Path, encoder_path: Path, k: int, overwrite: bool) -
 def main(argv: Optional[Sequence[str]] = None) -> int:
     arguments = parse_arguments(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    encoder_path = arguments.encoder or default_model_path()
-    if not encoder_path.is_file():
-        print(f"Encoder {encoder_path} not found; pass --encoder with an ONNX encoder file.", file=sys.stderr)
-        return 2
 
     from qgis.core import QgsApplication
 
@@ -186,7 +346,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         application = QgsApplication([], False)
         application.initQgis()
     try:
-        matches = run_demo(arguments.output_folder, encoder_path, arguments.k, arguments.overwrite)
+        matches = run_demo(arguments.output_folder, arguments.encoder, arguments.k, arguments.overwrite)
+    except LookalikeError as error:
+        # The plugin's errors name the value and the fix, so a traceback would add only noise.
+        raise SystemExit(f"The demo failed: {error}") from error
     finally:
         if application is not None:
             application.exitQgis()

@@ -15,7 +15,7 @@ from osgeo import ogr
 from qgis.PyQt.QtGui import QImage
 
 from ..core import get_logger
-from ..core.encoder import OnnxEncoder, default_model_path
+from ..core.encoder import OnnxEncoder
 from ..core.errors import LookalikeError, SearchError
 from ..core.index import TileIndex
 from ..core.pipeline import (
@@ -25,6 +25,7 @@ from ..core.pipeline import (
     Region,
     build_index,
     embed_query,
+    index_encoder_path,
     indexed_source_for_geometry,
 )
 from ..core.raster import RasterSource
@@ -143,12 +144,13 @@ class SearchOutcome:
 
 
 def encoder_path_for_index(index: TileIndex, fallback: str = "") -> str:
-    """Return the encoder file recorded by the index build, else ``fallback``, else the bundled model."""
-    recorded = index.build_parameters.get("encoder_path") if index.build_parameters else None
-    for candidate in (recorded, fallback):
-        if candidate and Path(candidate).is_file():
-            return str(candidate)
-    return str(default_model_path())
+    """Return the encoder file to query ``index`` with; ``fallback`` is the panel's encoder.
+
+    Raises:
+        SearchIndexError: the recorded encoder file is missing and neither ``fallback`` nor the
+            bundled model is the index's model.
+    """
+    return str(index_encoder_path(index, (fallback,)))
 
 
 def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:

@@ -6,15 +6,19 @@ overlap and query box are what is tested.
 """
 
 import json
+import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
 import run_demo
+from osgeo import gdal, osr
 from qgis.core import QgsVectorLayer
 from qgis.PyQt.QtGui import QImage
 
 from lookalike.core.encoder import default_model_path
-from lookalike.core.pipeline import run_search
+from lookalike.core.lock import index_lock
+from lookalike.core.pipeline import BuildParameters, build_index, run_search
 
 # run_demo is tools/run_demo.py; tests/conftest.py puts tools/ on sys.path.
 
@@ -111,7 +115,8 @@ def test_demo_writes_geopackage_and_map(demo_output):
     assert not image.isNull()
     assert image.width() > 0
     recorded = json.loads((demo_output / run_demo.RECORD_FILE_NAME).read_text(encoding="utf-8"))
-    assert set(recorded) == {run_demo.MATCHES_FILE_NAME, run_demo.MAP_FILE_NAME}
+    assert set(recorded) == {run_demo.MATCHES_FILE_NAME, run_demo.MAP_FILE_NAME, run_demo.INDEX_FOLDER_NAME}
+    assert recorded[run_demo.INDEX_FOLDER_NAME] == run_demo.folder_checksums(demo_output / run_demo.INDEX_FOLDER_NAME)
 
 
 def test_demo_keeps_a_users_file(tmp_path):
@@ -123,3 +128,180 @@ def test_demo_keeps_a_users_file(tmp_path):
 
     assert user_file.read_bytes() == b"analyst's own results"
     assert not (tmp_path / run_demo.INDEX_FOLDER_NAME).exists()
+
+
+# -- what the demo may replace ----------------------------------------------------------------------
+#
+# These runs index with the tiny test encoder, which takes about a second, because they test which
+# outputs the demo replaces and not what it finds.
+
+TINY_ENCODER = Path(__file__).resolve().parent.parent / "data" / "tiny_encoder.onnx"
+
+
+def folder_contents(folder: Path) -> dict:
+    return {path.relative_to(folder).as_posix(): path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def make_users_index(index_folder: Path, raster_folder: Path) -> dict:
+    """Index a 96 x 96 px noise raster other than the demo's into ``index_folder`` and return its files."""
+    raster_path = raster_folder / "field.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(raster_path), 96, 96, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0))
+    spatial_ref = osr.SpatialReference()
+    spatial_ref.ImportFromEPSG(32610)
+    dataset.SetProjection(spatial_ref.ExportToWkt())
+    generator = np.random.default_rng(0)
+    for band_index in range(1, 4):
+        dataset.GetRasterBand(band_index).WriteArray(generator.integers(0, 255, size=(96, 96), dtype=np.uint8))
+    dataset = None
+    build_index(BuildParameters(source_paths=(str(raster_path),), index_folder=str(index_folder),
+                                encoder_path=str(TINY_ENCODER), tile_size_source_px=32))
+    return folder_contents(index_folder)
+
+
+def run_tiny_demo(output_folder: Path, *extra_arguments: str) -> int:
+    return run_demo.main(["--output-folder", str(output_folder), "--encoder", str(TINY_ENCODER), *extra_arguments])
+
+
+def test_demo_keeps_a_users_index(tmp_path):
+    users_index = make_users_index(tmp_path / run_demo.INDEX_FOLDER_NAME, tmp_path)
+
+    with pytest.raises(SystemExit, match=f"{run_demo.INDEX_FOLDER_NAME} exists.*--overwrite"):
+        run_tiny_demo(tmp_path)
+
+    assert folder_contents(tmp_path / run_demo.INDEX_FOLDER_NAME) == users_index
+    assert not (tmp_path / run_demo.RECORD_FILE_NAME).exists()
+
+
+def test_demo_keeps_a_users_index_and_record(tmp_path):
+    users_index = make_users_index(tmp_path / run_demo.INDEX_FOLDER_NAME, tmp_path)
+    record_path = tmp_path / run_demo.RECORD_FILE_NAME
+    record_path.write_text('{"field index": "built on Monday"}', encoding="utf-8")
+
+    with pytest.raises(SystemExit, match=f"{run_demo.RECORD_FILE_NAME} exists.*--overwrite"):
+        run_tiny_demo(tmp_path)
+
+    assert folder_contents(tmp_path / run_demo.INDEX_FOLDER_NAME) == users_index
+    assert record_path.read_text(encoding="utf-8") == '{"field index": "built on Monday"}'
+
+
+@pytest.mark.parametrize("content", ['{"field index": "built on Monday"}', "my notes", '{"matches.gpkg": "abc"}'])
+def test_demo_keeps_a_users_record(tmp_path, content):
+    record_path = tmp_path / run_demo.RECORD_FILE_NAME
+    record_path.write_text(content, encoding="utf-8")
+
+    with pytest.raises(SystemExit, match=f"{run_demo.RECORD_FILE_NAME} exists.*--overwrite"):
+        run_tiny_demo(tmp_path)
+
+    assert record_path.read_text(encoding="utf-8") == content
+    assert not (tmp_path / run_demo.INDEX_FOLDER_NAME).exists()
+
+
+def test_demo_keeps_an_index_replaced_since(tmp_path):
+    assert run_tiny_demo(tmp_path) == 0
+    index_folder = tmp_path / run_demo.INDEX_FOLDER_NAME
+    for path in index_folder.iterdir():
+        path.unlink()
+    users_index = make_users_index(index_folder, tmp_path)
+
+    with pytest.raises(SystemExit, match=f"{run_demo.INDEX_FOLDER_NAME} exists.*--overwrite"):
+        run_tiny_demo(tmp_path)
+
+    assert folder_contents(index_folder) == users_index
+
+
+def test_demo_runs_twice_without_overwrite(tmp_path):
+    assert run_tiny_demo(tmp_path) == 0
+    first_manifest = (tmp_path / run_demo.INDEX_FOLDER_NAME / "manifest.json").read_bytes()
+
+    assert run_tiny_demo(tmp_path) == 0
+
+    index_folder = tmp_path / run_demo.INDEX_FOLDER_NAME
+    assert (index_folder / "manifest.json").read_bytes() != first_manifest
+    recorded = json.loads((tmp_path / run_demo.RECORD_FILE_NAME).read_text(encoding="utf-8"))
+    assert recorded[run_demo.INDEX_FOLDER_NAME] == run_demo.folder_checksums(index_folder)
+    assert recorded[run_demo.MATCHES_FILE_NAME] == run_demo.file_sha256(tmp_path / run_demo.MATCHES_FILE_NAME)
+    assert recorded[run_demo.MAP_FILE_NAME] == run_demo.file_sha256(tmp_path / run_demo.MAP_FILE_NAME)
+
+
+def test_overwrite_replaces_users_index_and_record(tmp_path):
+    make_users_index(tmp_path / run_demo.INDEX_FOLDER_NAME, tmp_path)
+    record_path = tmp_path / run_demo.RECORD_FILE_NAME
+    record_path.write_text('{"field index": "built on Monday"}', encoding="utf-8")
+
+    assert run_tiny_demo(tmp_path, "--overwrite") == 0
+
+    index_folder = tmp_path / run_demo.INDEX_FOLDER_NAME
+    manifest = json.loads((index_folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["build_parameters"]["source_paths"] == [str(run_demo.SAMPLE_RASTER)]
+    recorded = json.loads(record_path.read_text(encoding="utf-8"))
+    assert recorded[run_demo.INDEX_FOLDER_NAME] == run_demo.folder_checksums(index_folder)
+
+
+def test_overwrite_keeps_non_index_folder(tmp_path):
+    notes = tmp_path / run_demo.INDEX_FOLDER_NAME / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("field notes", encoding="utf-8")
+
+    with pytest.raises(SystemExit, match=f"{run_demo.INDEX_FOLDER_NAME} is neither empty nor a Lookalike index"):
+        run_tiny_demo(tmp_path, "--overwrite")
+
+    assert notes.read_text(encoding="utf-8") == "field notes"
+
+
+# -- argument checks --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("arguments", "expected_message"), [
+    (["--k", "0"], "argument --k: 0 is out of range; pass the number of matches, at least 1"),
+    (["--k", "-3"], "argument --k: -3 is out of range; pass the number of matches, at least 1"),
+    (["--k", "five"], "argument --k: 'five' is not a whole number; pass the number of matches, at least 1"),
+    (["--encoder", "missing.onnx"], "--encoder missing.onnx not found; pass an ONNX encoder file"),
+    (["--encoder", __file__], f"--encoder {__file__} cannot be used: "),
+])
+def test_invalid_argument_stops_before_indexing(tmp_path, capsys, arguments, expected_message):
+    output_folder = tmp_path / "output"
+
+    with pytest.raises(SystemExit) as raised:
+        run_demo.main(["--output-folder", str(output_folder), *arguments])
+
+    assert raised.value.code == 2
+    assert expected_message in capsys.readouterr().err
+    assert not output_folder.exists()
+
+
+def test_demo_rejects_file_as_output_folder(tmp_path, capsys):
+    output_file = tmp_path / "output"
+    output_file.write_text("not a folder", encoding="utf-8")
+
+    with pytest.raises(SystemExit) as raised:
+        run_demo.main(["--output-folder", str(output_file)])
+
+    assert raised.value.code == 2
+    assert f"--output-folder {output_file} is not a folder; pass a folder path" in capsys.readouterr().err
+    assert output_file.read_text(encoding="utf-8") == "not a folder"
+
+
+def hold_index_lock(index_folder: Path, locked: threading.Event, release: threading.Event) -> None:
+    with index_lock(index_folder):
+        locked.set()
+        release.wait(timeout=60)
+
+
+def test_demo_reports_plugin_error_in_one_line(tmp_path):
+    # The lock is reentrant within a thread, so another thread holds it, as a build in the dock would.
+    # build_index then raises IndexLockedError.
+    locked, release = threading.Event(), threading.Event()
+    holder = threading.Thread(target=hold_index_lock, args=(tmp_path / run_demo.INDEX_FOLDER_NAME, locked, release))
+    holder.start()
+    try:
+        assert locked.wait(timeout=10)
+        with pytest.raises(SystemExit) as raised:
+            run_tiny_demo(tmp_path)
+    finally:
+        release.set()
+        holder.join()
+
+    message = str(raised.value.code)
+    assert message.startswith("The demo failed: ")
+    assert str(tmp_path / run_demo.INDEX_FOLDER_NAME) in message
+    assert "\n" not in message

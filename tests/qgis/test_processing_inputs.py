@@ -1,0 +1,613 @@
+"""How the Processing algorithms treat unusual inputs: outputs over inputs, fractional and
+out-of-range numbers, examples without geometry, files that are not rasters, examples over
+several rasters and missing encoders.
+
+Builds use the tiny test encoder (32 px input, 16-dim output) and small extents, so each takes
+seconds. The provider fixture and the layer helpers repeat those of
+``test_processing_algorithms.py``, because test modules cannot import each other.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from osgeo import gdal
+from qgis.core import (
+    QgsApplication,
+    QgsFeature,
+    QgsGeometry,
+    QgsPointXY,
+    QgsProcessingException,
+    QgsProcessingFeedback,
+    QgsRectangle,
+    QgsVectorLayer,
+)
+
+from lookalike.core.encoder import default_model_path
+from lookalike.core.errors import SearchError
+from lookalike.core.index import TileIndex
+from lookalike.processing.provider import LookalikeProvider
+from lookalike.processing.search import MAX_K
+from lookalike.processing.support import core_errors
+
+SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+SHIPS_CRS = "EPSG:32610"
+# The north-middle ship of SHIPS_RASTER, and a box around the whole raster (EPSG:32610).
+SHIP_CENTRE = (558585.0, 4176120.0)
+SHIPS_RASTER_BOX = (556500.0, 4174500.0, 561000.0, 4177000.0)
+# A 480 m square over the ship, for builds that need only a few tiles.
+SHIP_EXTENT = "558345,558825,4175880,4176360 [EPSG:32610]"
+# rgb1.tif and rgb4.tif are the north-west and south-east quadrants of a Landsat scene in UTM 18N.
+RASTERIO = Path("geo/rasterio")
+RGB_CRS = "EPSG:32618"
+POINT_ON_RGB1 = (160000.0, 2770000.0)
+POINT_ON_RGB4 = (280000.0, 2660000.0)
+QGIS_PROCESS_TIMEOUT_S = 300
+
+
+class RecordingFeedback(QgsProcessingFeedback):
+    """Feedback that keeps the info and warning texts an algorithm pushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.infos: list[str] = []
+        self.warnings: list[str] = []
+
+    def pushInfo(self, info: str) -> None:  # noqa: N802 - QGIS API
+        self.infos.append(info)
+        super().pushInfo(info)
+
+    def pushWarning(self, warning: str) -> None:  # noqa: N802 - QGIS API
+        self.warnings.append(warning)
+        super().pushWarning(warning)
+
+
+def _use_qgis_processing_package() -> None:
+    """Make ``import processing`` find QGIS's Processing plugin, not this repository's subpackage."""
+    plugins_folder = str(Path(QgsApplication.pkgDataPath()) / "python" / "plugins")
+    if plugins_folder in sys.path:
+        sys.path.remove(plugins_folder)
+    sys.path.insert(0, plugins_folder)
+    loaded = sys.modules.get("processing")
+    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(plugins_folder):
+        for name in [name for name in sys.modules if name == "processing" or name.startswith("processing.")]:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def provider(qgis_app):
+    _use_qgis_processing_package()
+    from processing.core.Processing import Processing
+
+    Processing.initialize()
+    lookalike_provider = LookalikeProvider()
+    assert QgsApplication.processingRegistry().addProvider(lookalike_provider)
+    yield lookalike_provider
+    QgsApplication.processingRegistry().removeProvider(lookalike_provider)
+
+
+def run_algorithm(algorithm_id: str, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
+    import processing
+
+    return processing.run(f"lookalike:{algorithm_id}", parameters, feedback=feedback or QgsProcessingFeedback())
+
+
+def run_failure(algorithm_id: str, parameters: dict) -> str:
+    """Run an algorithm that must fail and return its message."""
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm(algorithm_id, parameters)
+    return str(raised.value)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(repo_root: Path) -> str:
+    return str(repo_root / "tests" / "data" / "tiny_encoder.onnx")
+
+
+@pytest.fixture(scope="session")
+def ships_raster(shared_data: Path) -> str:
+    return str(shared_data / SHIPS_RASTER)
+
+
+@pytest.fixture(scope="module")
+def tiny_index(provider, tmp_path_factory, ships_raster: str, tiny_encoder: str) -> str:
+    """Index of the whole ships raster built with the tiny encoder: 32 source px tiles, no overlap."""
+    folder = tmp_path_factory.mktemp("tiny") / "index"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 32,
+        "OUTPUT": str(folder),
+    })
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def two_raster_index(provider, tmp_path_factory, shared_data: Path, tiny_encoder: str) -> str:
+    """Index of rgb1.tif and rgb4.tif, which do not overlap, built with the tiny encoder."""
+    folder = tmp_path_factory.mktemp("two_rasters") / "index"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(shared_data / RASTERIO / "rgb1.tif"), str(shared_data / RASTERIO / "rgb4.tif")],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 32,
+        "OUTPUT": str(folder),
+    })
+    return str(folder)
+
+
+def point_layer(points, crs: str = SHIPS_CRS, name: str = "examples") -> QgsVectorLayer:
+    layer = QgsVectorLayer(f"Point?crs={crs}", name, "memory")
+    features = []
+    for x, y in points:
+        feature = QgsFeature()
+        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    return layer
+
+
+def polygon_layer(rectangles, crs: str = SHIPS_CRS, name: str = "footprints") -> QgsVectorLayer:
+    layer = QgsVectorLayer(f"Polygon?crs={crs}", name, "memory")
+    features = []
+    for rectangle in rectangles:
+        feature = QgsFeature()
+        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*rectangle)))
+        features.append(feature)
+    layer.dataProvider().addFeatures(features)
+    return layer
+
+
+def write_geojson(path: Path, geometries: list) -> Path:
+    """Write a GeoJSON file in EPSG:32610 with one feature per geometry (None for a null geometry)."""
+    path.write_text(json.dumps({
+        "type": "FeatureCollection",
+        "crs": {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32610"}},
+        "features": [{"type": "Feature", "properties": {}, "geometry": geometry} for geometry in geometries],
+    }), encoding="utf-8")
+    return path
+
+
+def ship_point_geojson(path: Path) -> Path:
+    return write_geojson(path, [{"type": "Point", "coordinates": list(SHIP_CENTRE)}])
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+# -- outputs over inputs -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("example_parameter", ["POSITIVES", "NEGATIVES"])
+def test_search_rejects_output_over_examples(tiny_index, tiny_encoder, tmp_path, example_parameter):
+    examples = ship_point_geojson(tmp_path / "examples.geojson")
+    before = examples.read_bytes()
+    parameters = {
+        "INDEX": tiny_index,
+        "POSITIVES": point_layer([SHIP_CENTRE]),
+        "ENCODER": tiny_encoder,
+        example_parameter: str(examples),
+        "OUTPUT": str(examples),
+    }
+
+    message = run_failure("search", parameters)
+
+    assert f"OUTPUT: {examples} is the file of {example_parameter}" in message
+    assert "Choose another output file." in message
+    assert examples.read_bytes() == before
+
+
+def test_search_rejects_output_symlink(tiny_index, tiny_encoder, tmp_path):
+    examples = ship_point_geojson(tmp_path / "examples.geojson")
+    before = examples.read_bytes()
+    link = tmp_path / "link.geojson"
+    link.symlink_to(examples)
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": str(examples), "ENCODER": tiny_encoder, "OUTPUT": str(link),
+    })
+
+    assert "is the file of POSITIVES" in message
+    assert examples.read_bytes() == before
+
+
+def test_search_output_other_geopackage_layer(tiny_index, tiny_encoder, tmp_path):
+    geopackage = tmp_path / "work.gpkg"
+    converted = gdal.VectorTranslate(
+        str(geopackage), str(ship_point_geojson(tmp_path / "examples.geojson")), format="GPKG", layerName="examples"
+    )
+    assert converted is not None
+    # Dropping the dataset closes the file.
+    converted = None
+
+    results = run_algorithm("search", {
+        "INDEX": tiny_index,
+        "POSITIVES": f"{geopackage}|layername=examples",
+        "ENCODER": tiny_encoder,
+        "K": 3,
+        "OUTPUT": f"ogr:dbname='{geopackage}' table=\"matches\" (geom)",
+    })
+
+    assert results["MATCH_COUNT"] == 3
+    examples_layer = QgsVectorLayer(f"{geopackage}|layername=examples", "examples", "ogr")
+    assert examples_layer.isValid()
+    assert examples_layer.featureCount() == 1
+
+
+def index_copy(tiny_index: str, tmp_path: Path) -> Path:
+    """Copy the shared index for a test that could damage it, so a failure stays in that test."""
+    return Path(shutil.copytree(tiny_index, tmp_path / "index_copy"))
+
+
+def test_search_rejects_output_in_index(tiny_index, tiny_encoder, tmp_path):
+    folder = index_copy(tiny_index, tmp_path)
+    before = folder_contents(folder)
+
+    message = run_failure("search", {
+        "INDEX": str(folder),
+        "POSITIVES": point_layer([SHIP_CENTRE]),
+        "ENCODER": tiny_encoder,
+        "OUTPUT": str(folder / "manifest.json"),
+    })
+
+    assert f"is inside the index folder {folder}" in message
+    assert folder_contents(folder) == before
+
+
+@pytest.mark.parametrize("output_parameter", ["OUTPUT_HTML", "OUTPUT_JSON"])
+@pytest.mark.parametrize("through_link", [False, True])
+def test_indexinfo_rejects_output_in_index(tiny_index, tmp_path, output_parameter, through_link):
+    folder = index_copy(tiny_index, tmp_path)
+    before = folder_contents(folder)
+    graph_file = next(name for name in before if name.endswith(".hnsw"))
+    written_folder = folder
+    if through_link:
+        written_folder = tmp_path / "link_to_index"
+        written_folder.symlink_to(folder, target_is_directory=True)
+    target = written_folder / graph_file
+
+    message = run_failure("indexinfo", {"INDEX": str(folder), output_parameter: str(target)})
+
+    assert f"{output_parameter}: {target} is inside the index folder {folder}" in message
+    assert folder_contents(folder) == before
+    assert TileIndex.open(folder).count > 0
+
+
+# -- K -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [2.5, 1.4, "2.5", 2147483648, 4294967297, MAX_K + 1])
+def test_search_rejects_invalid_k(tiny_index, tiny_encoder, k):
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "K": k,
+        "OUTPUT": "memory:",
+    })
+
+    assert f"K={k} " in message
+    assert f"give a whole number from 1 to {MAX_K}." in message
+    assert "k 0" not in message
+
+
+def test_search_accepts_k_maximum(tiny_index, tiny_encoder):
+    results = run_algorithm("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "K": MAX_K,
+        "MAX_OVERLAP": 1.0, "OUTPUT": "memory:",
+    })
+
+    # Every tile but those under the example's tile, which overlaps at most four grid tiles.
+    tile_count = TileIndex.open(tiny_index).count
+    assert results["MATCH_COUNT"] < tile_count
+    assert results["MATCH_COUNT"] >= tile_count - 4
+
+
+def test_export_rejects_fractional_chip_size(provider, tmp_path, ships_raster):
+    message = run_failure("exportchips", {
+        "INPUT": polygon_layer([(558505.0, 4176040.0, 558665.0, 4176200.0)]),
+        "RASTER": ships_raster,
+        "CHIP_SIZE_PX": 64.5,
+        "OUTPUT": str(tmp_path / "chips"),
+    })
+
+    assert "CHIP_SIZE_PX=64.5 is invalid for 'Chip size (pixels, long side)'" in message
+    assert "because it is not a whole number; give a whole number from 0 to" in message
+
+
+@pytest.mark.parametrize("strategy", [2, -1, "2"])
+def test_search_rejects_unknown_strategy(tiny_index, tiny_encoder, strategy):
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "STRATEGY": strategy, "OUTPUT": "memory:",
+    })
+
+    assert f"STRATEGY={strategy} is invalid for 'How several examples combine'" in message
+    assert "give one of 0 (mean), 1 (max)." in message
+    assert "Incorrect parameter value" not in message
+
+
+# -- examples without geometry -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("geometries", "expected"),
+    [
+        ([], "has no features"),
+        ([None, None], "has 2 feature(s) but none has a geometry"),
+    ],
+)
+def test_search_examples_without_geometry(tiny_index, tiny_encoder, tmp_path, geometries, expected):
+    examples = write_geojson(tmp_path / "examples.geojson", geometries)
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": str(examples), "ENCODER": tiny_encoder, "OUTPUT": "memory:",
+    })
+
+    assert message.startswith("POSITIVES (")
+    assert expected in message
+    assert "no example to search with" in message
+    assert "CRS" not in message
+
+
+# -- empty results -----------------------------------------------------------------------------
+
+
+def test_search_no_match_examples_cover_index(tiny_index, tiny_encoder):
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": tiny_index,
+        "POSITIVES": polygon_layer([SHIPS_RASTER_BOX]),
+        "ENCODER": tiny_encoder,
+        "K": 5,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    assert results["MATCH_COUNT"] == 0
+    assert len(feedback.warnings) == 1
+    warning = feedback.warnings[0]
+    assert "every tile of the index overlaps a positive example" in warning
+    assert "Draw smaller examples" in warning
+    assert "minimum score" not in warning
+    assert "MIN_SCORE" not in warning
+
+
+def test_search_no_match_min_score(tiny_index, tiny_encoder):
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": tiny_index,
+        "POSITIVES": point_layer([SHIP_CENTRE]),
+        "ENCODER": tiny_encoder,
+        "MIN_SCORE": 1.0,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    assert results["MATCH_COUNT"] == 0
+    assert len(feedback.warnings) == 1
+    warning = feedback.warnings[0]
+    assert "no tile scored at least MIN_SCORE=1" in warning
+    assert "the best one scored" in warning
+    assert "overlaps a positive example" not in warning
+
+
+# -- examples over several rasters -------------------------------------------------------------
+
+
+def test_search_reads_example_from_second_raster(two_raster_index):
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": two_raster_index, "POSITIVES": point_layer([POINT_ON_RGB4], crs=RGB_CRS), "K": 3,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    assert results["MATCH_COUNT"] == 3
+    searching = [info for info in feedback.infos if info.startswith("Searching")]
+    assert len(searching) == 1
+    assert searching[0].endswith("rgb4.tif")
+
+
+def test_search_reads_examples_from_both_rasters(two_raster_index):
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": two_raster_index,
+        "POSITIVES": point_layer([POINT_ON_RGB1, POINT_ON_RGB4], crs=RGB_CRS),
+        "K": 3,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    assert results["MATCH_COUNT"] == 3
+    searching = next(info for info in feedback.infos if info.startswith("Searching"))
+    assert "rgb1.tif" in searching
+    assert "rgb4.tif" in searching
+
+
+def test_search_rejects_example_off_every_raster(two_raster_index):
+    message = run_failure("search", {
+        "INDEX": two_raster_index, "POSITIVES": point_layer([(500000.0, 2000000.0)], crs=RGB_CRS),
+        "OUTPUT": "memory:",
+    })
+
+    assert "outside every indexed raster" in message
+    assert "rgb1.tif" in message
+
+
+def test_search_given_raster_overrides_index(two_raster_index, shared_data):
+    rgb1 = str(shared_data / RASTERIO / "rgb1.tif")
+
+    message = run_failure("search", {
+        "INDEX": two_raster_index, "POSITIVES": point_layer([POINT_ON_RGB4], crs=RGB_CRS), "RASTER": rgb1,
+        "OUTPUT": "memory:",
+    })
+
+    assert "rgb1.tif" in message
+
+
+# -- encoder -----------------------------------------------------------------------------------
+
+
+def test_search_missing_recorded_encoder(provider, tmp_path, ships_raster, tiny_encoder):
+    moved_encoder = tmp_path / "tiny_copy.onnx"
+    shutil.copyfile(tiny_encoder, moved_encoder)
+    folder = tmp_path / "index"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster], "ENCODER": str(moved_encoder), "TILE_SIZE": 32, "EXTENT": SHIP_EXTENT,
+        "OUTPUT": str(folder),
+    })
+    moved_encoder.unlink()
+
+    message = run_failure("search", {
+        "INDEX": str(folder), "POSITIVES": point_layer([SHIP_CENTRE]), "OUTPUT": "memory:",
+    })
+
+    assert f"encoder file {moved_encoder}" in message
+    assert "tiny_test_encoder" in message
+    assert "no longer exists" in message
+    assert "Set ENCODER to that ONNX file" in message
+
+
+def test_search_bundled_encoder_moved(provider, tmp_path, ships_raster):
+    """An index built with the bundled encoder of an install that is gone finds this install's copy."""
+    old_install_model = tmp_path / "old_install" / default_model_path().name
+    old_install_model.parent.mkdir()
+    shutil.copyfile(default_model_path(), old_install_model)
+    folder = tmp_path / "index"
+    built = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster], "ENCODER": str(old_install_model), "TILE_SIZE": 32,
+        "EXTENT": SHIP_EXTENT, "OUTPUT": str(folder),
+    })
+    old_install_model.unlink()
+
+    results = run_algorithm("search", {
+        "INDEX": str(folder), "POSITIVES": point_layer([SHIP_CENTRE]), "K": 2, "OUTPUT": "memory:",
+    })
+
+    assert results["MATCH_COUNT"] == 2
+    layer = results["OUTPUT"]
+    if not isinstance(layer, QgsVectorLayer):
+        layer = QgsVectorLayer(layer, "matches", "ogr")
+    assert {feature["encoder"] for feature in layer.getFeatures()} == {built["ENCODER_NAME"]}
+
+
+def test_search_encoder_help_default(provider):
+    help_text = provider.algorithm("search").parameterDefinition("ENCODER").help()
+
+    assert "Empty uses the encoder file recorded in the index." in help_text
+    assert "names the missing file" in help_text
+
+
+# -- rasters that are not rasters --------------------------------------------------------------
+
+
+@pytest.fixture()
+def not_rasters(tmp_path) -> dict[str, Path]:
+    text_file = tmp_path / "notraster.tif"
+    text_file.write_text("not a raster", encoding="utf-8")
+    folder = tmp_path / "folder.tif"
+    folder.mkdir()
+    return {
+        "vector file": ship_point_geojson(tmp_path / "points.geojson"),
+        "text file": text_file,
+        "folder": folder,
+    }
+
+
+@pytest.mark.parametrize("kind", ["vector file", "text file", "folder"])
+def test_search_rejects_non_raster(tiny_index, tiny_encoder, not_rasters, kind):
+    path = not_rasters[kind]
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "RASTER": str(path), "OUTPUT": "memory:",
+    })
+
+    assert f"RASTER: {path} is a" in message
+    assert "not a raster GDAL can read" in message
+    assert "Could not load" not in message
+
+
+@pytest.mark.parametrize("kind", ["vector file", "text file", "folder"])
+def test_build_rejects_non_raster(provider, tmp_path, not_rasters, tiny_encoder, kind):
+    path = not_rasters[kind]
+
+    message = run_failure("buildindex", {
+        "INPUT_RASTERS": [str(path)], "ENCODER": tiny_encoder, "OUTPUT": str(tmp_path / "index"),
+    })
+
+    assert f"INPUT_RASTERS: {path} is a" in message
+    assert "not a raster GDAL can read" in message
+    assert "Incorrect parameter value" not in message
+    assert not (tmp_path / "index").exists()
+
+
+def test_qgis_process_non_raster_one_message(repo_root, tmp_path, not_rasters):
+    """qgis_process prints the plugin's message once, and QGIS's own check no longer loads the file."""
+    if shutil.which("qgis_process.bin") is None and not Path("/usr/bin/qgis_process.bin").is_file():
+        pytest.skip("qgis_process.bin is not installed")
+    environment = dict(os.environ, LOOKALIKE_QGIS_PROCESS_HOME=str(tmp_path / "qgis_process_home"))
+
+    completed = subprocess.run(
+        ["bash", str(repo_root / "scripts" / "qgis_process.sh"), "run", "lookalike:buildindex", "--",
+         f"INPUT_RASTERS={not_rasters['text file']}", f"OUTPUT={tmp_path / 'index'}"],
+        capture_output=True, text=True, env=environment, timeout=QGIS_PROCESS_TIMEOUT_S, check=False,
+    )
+
+    assert completed.returncode != 0
+    stderr = completed.stderr
+    assert stderr.count("not a raster GDAL can read") == 1, stderr
+    assert "Incorrect parameter value" not in stderr
+    # qgis_process loads every value once itself, to find missing parameters, before the
+    # algorithm's check runs; QGIS's own check of the algorithm loaded it a second time.
+    assert stderr.count("Unable to load mesh") <= 1, stderr
+    assert stderr.count("not recognized as a supported file format") <= 1, stderr
+
+
+# -- numbers, core messages and help -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "value"), [("TILE_SIZE", -5), ("TILE_SIZE", 0), ("GSD", -1), ("GSD", 0)])
+def test_build_positive_bound_stated(provider, tmp_path, ships_raster, tiny_encoder, name, value):
+    message = run_failure("buildindex", {
+        "INPUT_RASTERS": [ships_raster], "ENCODER": tiny_encoder, name: value, "OUTPUT": str(tmp_path / "index"),
+    })
+
+    assert f"{name}={value} is out of range" in message
+    assert "give a number greater than 0." in message
+    assert "at least 0" not in message
+
+
+def test_core_error_full_stop_added():
+    with pytest.raises(QgsProcessingException) as raised, core_errors({"index_folder": "INDEX"}):
+        raise SearchError("index_folder /data/x is not an index; pass the folder of a built index")
+
+    assert str(raised.value) == (
+        "index_folder /data/x is not an index; pass the folder of a built index. "
+        "(In this algorithm index_folder is INDEX.)"
+    )
+
+
+def test_core_error_full_stop_kept():
+    with pytest.raises(QgsProcessingException) as raised, core_errors({"index_folder": "INDEX"}):
+        raise SearchError("index_folder /data/x is not an index.")
+
+    assert str(raised.value) == "index_folder /data/x is not an index. (In this algorithm index_folder is INDEX.)"
+
+
+@pytest.mark.parametrize("name", ["buildindex", "search", "exportchips", "indexinfo"])
+def test_help_is_plain_text(provider, name):
+    algorithm = provider.algorithm(name)
+
+    help_text = algorithm.shortHelpString()
+
+    for character in "<>&":
+        assert character not in help_text, f"{name} help contains {character!r}"
+    lines = help_text.split("\n")
+    assert lines[0] == algorithm.SUMMARY
+    for definition in algorithm.parameterDefinitions():
+        assert f"{definition.description()} ({definition.name()}): {definition.help()}" in lines
