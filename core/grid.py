@@ -20,6 +20,11 @@ of ``1e-9`` absorbs floating-point noise in ``(extent - tile) / stride``.
 
 Examples (one axis, ``tile = 224``, in encoder pixels): extent 224, stride 224 gives 1 tile;
 extent 225, stride 224 gives 2; extent 448, stride 112 (50 % overlap) gives 3; extent 10 gives 1.
+
+Units: ``gsd``, ``tile_ground_size`` and ``stride_ground`` are grid CRS units, because they
+place tiles in CRS coordinates. The same values in metres on the ground are ``gsd_m`` and
+``tile_ground_size_m``, converted with :func:`core.crs.grid_scale` (the CRS's linear unit, and
+its scale factor where the CRS is far from true to scale).
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 from osgeo import ogr
 
 from . import get_logger
+from .crs import grid_scale
+from .crs import units_per_metre as crs_units_per_metre
 from .errors import GridError
 
 LOGGER = get_logger("grid")
@@ -89,6 +96,16 @@ def gsd_from_source_pixels(tile_size_source_px: float, source_pixel_size: float,
             f"source_pixel_size {source_pixel_size!r} is invalid; pass the positive pixel size in CRS units."
         )
     return gsd_from_tile_ground_size(tile_size_source_px * source_pixel_size, tile_size_px)
+
+
+def gsd_in_units(gsd: float, from_units_per_metre: float, to_units_per_metre: float) -> float:
+    """Convert a GSD between two grid CRSs, given the CRS units per ground metre of each.
+
+    Returns ``gsd`` itself when both are equal, so sources in one CRS share a bit-identical GSD.
+    """
+    if from_units_per_metre == to_units_per_metre:
+        return gsd
+    return gsd / from_units_per_metre * to_units_per_metre
 
 
 def stride_from_overlap(
@@ -152,9 +169,14 @@ class TileGrid:
     """A lattice of square tiles in one CRS, each read as ``tile_size_px`` x ``tile_size_px`` chips.
 
     ``origin_x`` and ``origin_y`` are the top-left corner of tile (0, 0). ``gsd`` is the ground
-    sample distance at the encoder's input, in CRS units per encoder pixel (metres for a metric
-    CRS). Tile ``(row, col)`` starts ``col * stride_ground`` east and ``row * stride_ground``
-    south of the origin. The tile-count formula and the edge rules are in the module docstring.
+    sample distance at the encoder's input, in CRS units per encoder pixel (:attr:`gsd_m` gives
+    it in metres on the ground). Tile ``(row, col)`` starts ``col * stride_ground`` east and
+    ``row * stride_ground`` south of the origin. The tile-count formula and the edge rules are
+    in the module docstring.
+
+    ``scale_factor`` is the CRS metres per ground metre at the centre of the raster that the
+    grid was laid over. It is stored only for a CRS that is far from true to scale there (see
+    ``core.crs.TRUE_SCALE_TOLERANCE``), e.g. Web Mercator, and is None otherwise.
     """
 
     crs_wkt: str
@@ -165,6 +187,7 @@ class TileGrid:
     stride_px: int
     n_rows: int
     n_cols: int
+    scale_factor: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.crs_wkt, str) or not self.crs_wkt.strip():
@@ -187,6 +210,13 @@ class TileGrid:
             value = getattr(self, name)
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise GridError(f"{name} {value!r} is invalid; a grid has at least one row and one column.")
+        if self.scale_factor is not None and not (
+            isinstance(self.scale_factor, (int, float)) and math.isfinite(self.scale_factor) and self.scale_factor > 0
+        ):
+            raise GridError(
+                f"scale_factor {self.scale_factor!r} is invalid; pass the CRS's positive scale factor "
+                "(CRS metres per ground metre) or None for a CRS that is true to scale."
+            )
 
     @classmethod
     def covering(
@@ -197,12 +227,14 @@ class TileGrid:
         tile_size_px: int,
         overlap_fraction: Optional[float] = None,
         overlap_px: Optional[int] = None,
+        scale_factor: Optional[float] = None,
     ) -> TileGrid:
         """Lay the smallest grid anchored at the top-left corner of ``bounds`` that covers them.
 
-        ``bounds`` are ``(xmin, ymin, xmax, ymax)`` in ``crs_wkt``. Give the overlap between
-        neighbouring tiles as ``overlap_fraction`` in [0, 1) or as ``overlap_px`` encoder pixels,
-        not both; with neither, tiles do not overlap.
+        ``bounds`` are ``(xmin, ymin, xmax, ymax)`` in ``crs_wkt`` and ``gsd`` is in its units.
+        Give the overlap between neighbouring tiles as ``overlap_fraction`` in [0, 1) or as
+        ``overlap_px`` encoder pixels, not both; with neither, tiles do not overlap.
+        ``scale_factor`` is stored with the grid (see the class docstring).
 
         Raises:
             GridError: on empty bounds, a non-positive ``gsd``, ``tile_size_px`` < 1 or an overlap
@@ -226,6 +258,7 @@ class TileGrid:
             stride_px=stride_px,
             n_rows=tile_count(ymax - ymin, tile_ground_size, stride_ground),
             n_cols=tile_count(xmax - xmin, tile_ground_size, stride_ground),
+            scale_factor=scale_factor,
         )
         LOGGER.debug(
             "grid of %d x %d tiles (%d px, stride %d px, gsd %g) over %s",
@@ -247,6 +280,29 @@ class TileGrid:
     def stride_ground(self) -> float:
         """Distance between the corners of neighbouring tiles in CRS units."""
         return self.gsd * self.stride_px
+
+    @property
+    def units_per_metre(self) -> float:
+        """Grid CRS units that span one metre on the ground over this grid.
+
+        A grid without ``scale_factor`` gets the CRS's scale measured at its own centre, so a
+        grid record written before the key existed (e.g. in EPSG:3857) still converts right.
+        """
+        # NOTE: the grid's centre lies up to half a tile from its raster's. A scale that close to
+        # TRUE_SCALE_TOLERANCE can fall on the other side of it here than when the grid was laid.
+        if self.scale_factor is not None:
+            return crs_units_per_metre(self.crs_wkt, self.scale_factor)
+        return grid_scale(self.crs_wkt, self.bounds).units_per_metre
+
+    @property
+    def gsd_m(self) -> float:
+        """Ground sample distance in metres on the ground per encoder pixel."""
+        return self.gsd / self.units_per_metre
+
+    @property
+    def tile_ground_size_m(self) -> float:
+        """Side of one tile in metres on the ground."""
+        return self.gsd_m * self.tile_size_px
 
     @property
     def tile_count(self) -> int:
@@ -363,8 +419,15 @@ class TileGrid:
                 yield tile_id
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the grid as a JSON-safe dict for the index manifest."""
-        return asdict(self)
+        """Return the grid as a JSON-safe dict for the index manifest.
+
+        ``scale_factor`` is left out when it is None, so grids in CRSs true to scale keep the
+        record they had before the key existed.
+        """
+        record = asdict(self)
+        if record["scale_factor"] is None:
+            del record["scale_factor"]
+        return record
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TileGrid:
@@ -373,7 +436,7 @@ class TileGrid:
         Raises:
             GridError: when a key is missing or a value is invalid.
         """
-        names = [field.name for field in fields(cls)]
+        names = [field.name for field in fields(cls) if field.name != "scale_factor"]
         missing = [name for name in names if name not in data]
         if missing:
             raise GridError(
@@ -389,6 +452,7 @@ class TileGrid:
             stride_px=int(data["stride_px"]),
             n_rows=int(data["n_rows"]),
             n_cols=int(data["n_cols"]),
+            scale_factor=None if data.get("scale_factor") is None else float(data["scale_factor"]),
         )
 
 

@@ -96,8 +96,8 @@ class BuildParameters:
     """Everything one index build needs; the dock, Processing and the CLI each fill one.
 
     Tile size: give ``tile_size_source_px`` (pixels of the first source raster) or
-    ``tile_ground_size_m`` (in grid CRS units: metres for a metre-based projected CRS and for
-    the UTM zone chosen for geographic rasters), not both. With neither, the encoder spec's
+    ``tile_ground_size_m`` (metres on the ground, converted to each grid CRS's units and scale
+    by ``core.crs.grid_scale``), not both. With neither, the encoder spec's
     ``tile_ground_size_m`` (or ``gsd_m * input_size_px``) is used when present, else
     ``DEFAULT_TILE_SIZE_SOURCE_PX``. Every source shares the resulting GSD, so tiles of several
     dates or strips are comparable. Tiles are read at the encoder's input size, so a tile of 48
@@ -108,7 +108,7 @@ class BuildParameters:
         index_folder: the index folder; it must be new, empty or an index.
         encoder_path: ONNX encoder; None selects the bundled model.
         tile_size_source_px: tile side in pixels of the first source.
-        tile_ground_size_m: tile side in grid CRS units.
+        tile_ground_size_m: tile side in metres on the ground.
         overlap_fraction: overlap between neighbouring tiles in [0, 1); 0.5 halves the stride.
         extent: only tiles overlapping this region are indexed; None indexes whole rasters.
         mask: tiles more than ``1 - min_valid_fraction`` under these polygons are skipped.

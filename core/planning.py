@@ -11,9 +11,17 @@ from typing import Any, Optional, Sequence
 
 from . import get_logger
 from .checkpoints import PARTIAL_FORMAT_VERSION
+from .crs import grid_scale, scale_factor_at, spatial_reference
 from .encoder import OnnxEncoder
 from .errors import GridError, LookalikeError, SearchIndexError
-from .grid import Bounds, TileGrid, gsd_from_source_pixels, gsd_from_tile_ground_size, stride_from_overlap
+from .grid import (
+    Bounds,
+    TileGrid,
+    gsd_from_source_pixels,
+    gsd_from_tile_ground_size,
+    gsd_in_units,
+    stride_from_overlap,
+)
 from .parameters import (
     DEFAULT_TILE_SIZE_SOURCE_PX,
     MIN_DEFAULT_TILE_SIZE_SOURCE_PX,
@@ -27,6 +35,11 @@ from .raster import DEFAULT_BLANK_STD_FRACTION, RasterSource
 from .spec import ModelSpec
 
 LOGGER = get_logger("pipeline")
+
+# A grid whose CRS scale was applied (Web Mercator and the like) fits its tiles to the ground at
+# the raster's centre. Beyond this deviation at a corner of the raster the build warns, because
+# tiles there cover visibly more or less ground than the encoder's tile size.
+MAX_TILE_GROUND_SIZE_DEVIATION = 0.05
 
 
 # -- planning -----------------------------------------------------------------------------------
@@ -63,23 +76,32 @@ class _SourcePlan:
 
 
 def _choose_gsd(
-    params: BuildParameters, spec: ModelSpec, first_source: RasterSource, grid_crs_wkt: str
+    params: BuildParameters,
+    spec: ModelSpec,
+    first_source: RasterSource,
+    grid_crs_wkt: str,
+    units_per_metre: float,
 ) -> tuple[float, Optional[str]]:
-    """Return the GSD of a new grid, and a warning when the tile size differs from the requested one."""
-    # NOTE: ground sizes are taken as grid CRS units, so for a projected CRS in feet the
-    # "_m" sizes (parameter and spec) are read as feet.
+    """Return the GSD of a new grid in grid CRS units, and a warning when the tile size changed.
+
+    Ground sizes in metres (``tile_ground_size_m`` and the encoder's suggestion) become grid CRS
+    lengths through ``units_per_metre``. ``tile_size_source_px`` and the minimum tile sizes
+    count source pixels, whose size is measured in grid CRS units.
+    """
     tile_size_px = spec.input_size_px
     pixel_size = _pixel_size_in(first_source, grid_crs_wkt)
+    pixel_size_m = pixel_size / units_per_metre
     if params.tile_ground_size_m is not None:
-        tile_size_source_px = params.tile_ground_size_m / pixel_size
+        tile_ground_size = params.tile_ground_size_m * units_per_metre
+        tile_size_source_px = tile_ground_size / pixel_size
         if tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
             raise GridError(
                 f"tile_ground_size_m {params.tile_ground_size_m:g} is only {tile_size_source_px:.3g} source "
-                f"pixels of {first_source.path!r} ({pixel_size:.4g} CRS units per pixel); pass "
-                f"tile_ground_size_m >= {MIN_TILE_SIZE_SOURCE_PX * pixel_size:.4g} "
+                f"pixels of {first_source.path!r} ({pixel_size_m:.4g} m per pixel on the ground); pass "
+                f"tile_ground_size_m >= {MIN_TILE_SIZE_SOURCE_PX * pixel_size_m:.4g} "
                 f"({MIN_TILE_SIZE_SOURCE_PX:g} source pixels)."
             )
-        return gsd_from_tile_ground_size(params.tile_ground_size_m, tile_size_px), None
+        return gsd_from_tile_ground_size(tile_ground_size, tile_size_px), None
     if params.tile_size_source_px is not None:
         if params.tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
             raise GridError(
@@ -89,18 +111,19 @@ def _choose_gsd(
             )
         return gsd_from_source_pixels(params.tile_size_source_px, pixel_size, tile_size_px), None
 
-    spec_ground_size = spec.tile_ground_size_m
-    if spec_ground_size is None and spec.gsd_m is not None:
-        spec_ground_size = float(spec.gsd_m) * tile_size_px
-    if spec_ground_size is None:
+    spec_ground_size_m = spec.tile_ground_size_m
+    if spec_ground_size_m is None and spec.gsd_m is not None:
+        spec_ground_size_m = float(spec.gsd_m) * tile_size_px
+    if spec_ground_size_m is None:
         return gsd_from_source_pixels(DEFAULT_TILE_SIZE_SOURCE_PX, pixel_size, tile_size_px), None
+    spec_ground_size = spec_ground_size_m * units_per_metre
     if spec_ground_size >= MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size:
         return gsd_from_tile_ground_size(spec_ground_size, tile_size_px), None
     warning = (
-        f"The encoder's suggested tile of {spec_ground_size:g} CRS units is only "
-        f"{spec_ground_size / pixel_size:.3g} source pixels of {first_source.path!r} ({pixel_size:.4g} units "
+        f"The encoder's suggested tile of {spec_ground_size_m:g} m is only "
+        f"{spec_ground_size / pixel_size:.3g} source pixels of {first_source.path!r} ({pixel_size_m:.4g} m "
         f"per pixel); using tiles of {MIN_DEFAULT_TILE_SIZE_SOURCE_PX:g} source pixels "
-        f"({MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size:.4g} units) instead. Pass tile_size_source_px or "
+        f"({MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size_m:.4g} m) instead. Pass tile_size_source_px or "
         "tile_ground_size_m to choose another size."
     )
     LOGGER.warning("%s", warning)
@@ -121,7 +144,10 @@ def _plan_sources(
     Warnings for the user (e.g. a tile size other than the encoder's) are appended to ``warnings``.
     """
     plans: list[_SourcePlan] = []
-    gsd: Optional[float] = None
+    # The first source's GSD and its grid CRS units per ground metre. Every later source gets
+    # the same GSD in metres, converted to its own grid CRS.
+    first_gsd: Optional[float] = None
+    first_units_per_metre = 1.0
     stride_px = stride_from_overlap(spec.input_size_px, overlap_fraction=params.overlap_fraction)
     for position, path in enumerate(params.source_paths):
         source = RasterSource(path, params.band_indexes)
@@ -135,8 +161,13 @@ def _plan_sources(
             LOGGER.info("Source %s: encoder bands %s read from bands %s (%s)", path, list(spec.bands),
                         list(source.band_indexes), source.band_selection_reason)
             grid_crs_wkt = source.grid_crs_wkt()
-            if gsd is None:
-                gsd, warning = _resolve_gsd(params, spec, source, grid_crs_wkt, existing_grid)
+            raster_bounds = source.bounds_in(grid_crs_wkt)
+            scale = grid_scale(grid_crs_wkt, raster_bounds)
+            if first_gsd is None:
+                first_gsd, warning = _resolve_gsd(
+                    params, spec, source, grid_crs_wkt, scale.units_per_metre, existing_grid
+                )
+                first_units_per_metre = scale.units_per_metre
                 if warning is not None:
                     warnings.append(warning)
                 if existing_grid is not None and existing_grid.stride_px != stride_px:
@@ -147,13 +178,21 @@ def _plan_sources(
                         f"{1 - existing_grid.stride_px / existing_grid.tile_size_px:g}."
                     )
 
-            raster_bounds = source.bounds_in(grid_crs_wkt)
+            gsd = gsd_in_units(first_gsd, first_units_per_metre, scale.units_per_metre)
+            if scale.scale_factor is not None:
+                warning = _ground_size_deviation_warning(path, grid_crs_wkt, raster_bounds, scale.scale_factor)
+                if warning is not None:
+                    LOGGER.warning("%s", warning)
+                    warnings.append(warning)
             extent_polygons = params.extent.polygons_in(grid_crs_wkt) if params.extent is not None else None
             grid_bounds = raster_bounds
             if extent_polygons is not None:
                 grid_bounds = _clip_bounds(raster_bounds, extent_polygons, path)
             overlap_px = spec.input_size_px - stride_px
-            grid = TileGrid.covering(grid_bounds, grid_crs_wkt, gsd, spec.input_size_px, overlap_px=overlap_px)
+            grid = TileGrid.covering(
+                grid_bounds, grid_crs_wkt, gsd, spec.input_size_px, overlap_px=overlap_px,
+                scale_factor=scale.scale_factor,
+            )
             selected = None
             if extent_polygons is not None:
                 selected = tuple(grid.tiles_intersecting_polygons(extent_polygons))
@@ -179,9 +218,10 @@ def _plan_sources(
                 )
             )
             LOGGER.info(
-                "Source %s: grid of %d x %d tiles of %.1f CRS units (gsd %.4g, stride %d px), %d to read",
-                path, grid.n_rows, grid.n_cols, grid.tile_ground_size, grid.gsd, grid.stride_px,
-                plans[-1].tile_count,
+                "Source %s: grid of %d x %d tiles of %.1f CRS units (%.1f m on the ground, gsd %.4g, "
+                "stride %d px), %d to read",
+                path, grid.n_rows, grid.n_cols, grid.tile_ground_size, grid.tile_ground_size / scale.units_per_metre,
+                grid.gsd, grid.stride_px, plans[-1].tile_count,
             )
             _check_tile_count(plans[-1])
         finally:
@@ -240,28 +280,59 @@ def _resolve_gsd(
     spec: ModelSpec,
     source: RasterSource,
     grid_crs_wkt: str,
+    units_per_metre: float,
     existing_grid: Optional[TileGrid],
 ) -> tuple[float, Optional[str]]:
-    """Return the GSD of this build, and a warning when the tile size differs from the requested one."""
+    """Return the GSD of this build in ``grid_crs_wkt`` units, and a warning when the tile size changed.
+
+    With an index to add to, its first grid's GSD is converted to ``grid_crs_wkt`` through the
+    ground metres, so a source in another CRS gets tiles of the index's ground size.
+    """
     tile_size_given = params.tile_size_source_px is not None or params.tile_ground_size_m is not None
     if existing_grid is None:
-        return _choose_gsd(params, spec, source, grid_crs_wkt)
+        return _choose_gsd(params, spec, source, grid_crs_wkt, units_per_metre)
     if existing_grid.tile_size_px != spec.input_size_px:
         raise SearchIndexError(
             f"the index grid reads {existing_grid.tile_size_px} px chips but encoder {spec.name} takes "
             f"{spec.input_size_px} px; add the sources with the index's encoder."
         )
+    index_gsd = gsd_in_units(existing_grid.gsd, existing_grid.units_per_metre, units_per_metre)
     if not tile_size_given:
-        return existing_grid.gsd, None
-    gsd, _ = _choose_gsd(params, spec, source, grid_crs_wkt)
-    if not math.isclose(gsd, existing_grid.gsd, rel_tol=1e-6):
+        return index_gsd, None
+    gsd, _ = _choose_gsd(params, spec, source, grid_crs_wkt, units_per_metre)
+    if not math.isclose(gsd, index_gsd, rel_tol=1e-6):
+        index_tile_m = existing_grid.tile_ground_size_m
         raise GridError(
-            f"the tile size gives a GSD of {gsd:.6g} but the index was built at {existing_grid.gsd:.6g} "
-            f"(tiles of {existing_grid.tile_ground_size:.6g} CRS units); leave the tile size unset to "
-            "use the index's, or pass tile_ground_size_m="
-            f"{existing_grid.tile_ground_size:.6g}."
+            f"the tile size gives a GSD of {gsd / units_per_metre:.6g} m but the index was built at "
+            f"{existing_grid.gsd_m:.6g} m (tiles of {index_tile_m:.6g} m on the ground); leave the tile "
+            f"size unset to use the index's, or pass tile_ground_size_m={index_tile_m:.6g}."
         )
     return gsd, None
+
+
+def _ground_size_deviation_warning(
+    path: str, grid_crs_wkt: str, raster_bounds: Bounds, scale_factor: float
+) -> Optional[str]:
+    """Return a warning when tiles at the raster's corners differ much in ground size from those at its centre.
+
+    The grid's GSD fits the CRS's scale at the raster's centre. Where the scale differs, a tile of
+    the same CRS size covers ``scale_factor / local scale`` times the ground of a centre tile.
+    """
+    xmin, ymin, xmax, ymax = raster_bounds
+    corner_scales = [scale_factor_at(grid_crs_wkt, x, y) for x in (xmin, xmax) for y in (ymin, ymax)]
+    ground_ratios = [scale_factor / corner for corner in corner_scales if corner is not None]
+    if not ground_ratios:
+        return None
+    smallest, largest = min(ground_ratios), max(ground_ratios)
+    if max(largest - 1.0, 1.0 - smallest) <= MAX_TILE_GROUND_SIZE_DEVIATION:
+        return None
+    crs_name = spatial_reference(grid_crs_wkt).GetName()
+    return (
+        f"Raster {path!r} spans so much of {crs_name}, whose scale changes across it, that tiles at its "
+        f"corners cover {100 * smallest:.0f} % to {100 * largest:.0f} % of the ground size of the tiles "
+        "at its centre. Reproject it to a CRS made for the area (e.g. its UTM zone with gdalwarp -t_srs) "
+        "for tiles of one ground size."
+    )
 
 
 def _clip_bounds(raster_bounds: Bounds, polygons_wkt: Sequence[str], path: str) -> Bounds:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -12,9 +13,10 @@ import numpy as np
 from osgeo import gdal, ogr
 
 from . import get_logger
+from .crs import grid_scale
 from .encoder import OnnxEncoder, default_model_path, file_sha256
 from .errors import CancelledError, RasterError, SearchError, SearchIndexError
-from .grid import Bounds, TileGrid
+from .grid import Bounds, TileGrid, gsd_in_units
 from .index import TileIndex
 from .parameters import Geometry, PathLike, _geometry_to_wkt, _normalised_path, _parse_geometry, transform_geometry_wkt
 from .raster import DEFAULT_MIN_VALID_FRACTION, SKIP_MOSTLY_INVALID, RasterSource, chip_skip_reason
@@ -118,12 +120,13 @@ def embed_query(
             )
         stretch = _query_stretch(manifest, raster, encoder.spec.value_scale)
         grid_crs_wkt = raster.grid_crs_wkt()
+        raster_bounds = _raster_bounds(raster, grid_crs_wkt)
+        query_grid = _query_grid(index_grid, grid_crs_wkt, raster_bounds)
         footprints = _query_footprints(
-            _geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, index_grid, _raster_bounds(raster, grid_crs_wkt),
-            raster.path,
+            _geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, query_grid, raster_bounds, raster.path
         )
         if len(footprints) > MAX_QUERY_TILES:
-            raise SearchError(_too_many_tiles_message(len(footprints), index_grid, raster.path))
+            raise SearchError(_too_many_tiles_message(len(footprints), query_grid, raster.path))
         chips = []
         embedded = []
         kept_footprints = []
@@ -150,7 +153,7 @@ def embed_query(
     if chips:
         embedded.append(encoder.encode(np.stack(chips)))
     if not embedded:
-        raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size))
+        raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size_m))
     return QueryChips(embeddings=np.concatenate(embedded), footprints=kept_footprints, crs_wkt=grid_crs_wkt)
 
 
@@ -195,20 +198,37 @@ def _raster_bounds(raster: RasterSource, grid_crs_wkt: str) -> Optional[Bounds]:
         return None
 
 
+def _query_grid(index_grid: TileGrid, grid_crs_wkt: str, raster_bounds: Optional[Bounds]) -> TileGrid:
+    """Return the index grid with its GSD in the query raster's grid CRS units.
+
+    The index GSD is in its first grid's CRS units. The query raster's grid CRS may have other
+    units (feet) or another scale (Web Mercator), so the GSD goes through ground metres.
+    """
+    if raster_bounds is None:
+        return index_grid
+    raster_scale = grid_scale(grid_crs_wkt, raster_bounds)
+    return dataclasses.replace(
+        index_grid,
+        crs_wkt=grid_crs_wkt,
+        gsd=gsd_in_units(index_grid.gsd, index_grid.units_per_metre, raster_scale.units_per_metre),
+        scale_factor=raster_scale.scale_factor,
+    )
+
+
 def _too_many_tiles_message(tile_count: int, index_grid: TileGrid, path: str) -> str:
     return (
-        f"The query covers {tile_count} tiles of {index_grid.tile_ground_size:g} m on {path!r}, more than "
+        f"The query covers {tile_count} tiles of {index_grid.tile_ground_size_m:g} m on {path!r}, more than "
         f"the {MAX_QUERY_TILES} a query may have; draw it around the objects to look for, zoomed in."
     )
 
 
-def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size: float) -> str:
+def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size_m: float) -> str:
     if best_valid_fraction == 0.0:
         return f"The query geometry covers no valid pixels of {path!r}; draw it over the imagery."
     # The geometry may well sit on image pixels: the chip is a whole tile around it, and that
     # tile reaches past the raster edge or into nodata.
     return (
-        f"The query chip ({tile_ground_size:.4g} CRS units wide, centred on the geometry) has only "
+        f"The query chip ({tile_ground_size_m:.4g} m wide, centred on the geometry) has only "
         f"{100 * best_valid_fraction:.0f} % valid pixels of {path!r}, below the threshold of "
         f"{100 * DEFAULT_MIN_VALID_FRACTION:.0f} %: most of it lies outside the raster or on nodata. Draw the "
         "query at least half a tile away from the raster edge and from nodata areas."
@@ -324,7 +344,8 @@ def run_search(
 ) -> list[Match]:
     """Search an index for tiles like the positive geometries of one raster, unlike the negatives.
 
-    This is the one search entry point of the dock, the Processing algorithm and the CLI.
+    The demo and plain Python use it; the dock and the Processing search read each example from
+    the indexed raster under it and call :func:`embed_query` and ``search`` themselves.
     Geometries are ``(xmin, ymin, xmax, ymax)`` tuples or WKT in ``crs_wkt`` (default: the CRS
     of ``source``); each is read with :func:`embed_query`. Matches that overlap a positive's
     footprint are dropped, so the query object itself does not come back. ``encoder_path``

@@ -240,10 +240,11 @@ class RasterSource:
     # CRS
 
     def grid_crs_wkt(self) -> str:
-        """Return the CRS to lay the tile grid in, so that the grid's GSD is in metres or feet.
+        """Return the CRS to lay the tile grid in, so that the grid's GSD is a length, not an angle.
 
-        A projected (or local) source CRS is returned as is. For a geographic CRS (degrees) the
-        result is the WGS 84 UTM zone that contains the raster's centre.
+        A projected (or local) source CRS is returned as is; ground sizes in metres become its
+        units through ``core.crs.grid_scale``. For a geographic CRS (degrees) the result is the
+        WGS 84 UTM zone that contains the raster's centre.
         """
         if not self.is_geographic:
             return self.crs_wkt
