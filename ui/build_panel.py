@@ -28,6 +28,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..core import get_logger
+from ..core.crs import grid_scale
 from ..core.encoder import MODELS_DIR, OnnxEncoder
 from ..core.errors import LookalikeError
 from ..core.grid import stride_from_overlap, tile_count
@@ -793,8 +794,8 @@ class BuildPanelMixin:
 def raster_size_m(layer: QgsRasterLayer) -> Optional[Tuple[float, float]]:
     """Return the width and height of a raster layer's extent in metres, or None without a CRS.
 
-    A geographic extent is converted at its centre latitude. CRS units of a projected CRS are taken
-    as metres, as the build does.
+    A geographic extent is converted at its centre latitude. A projected extent is converted
+    with the CRS's unit and scale, as the build does (``core.crs.grid_scale``).
     """
     if not layer.crs().isValid():
         return None
@@ -804,7 +805,21 @@ def raster_size_m(layer: QgsRasterLayer) -> Optional[Tuple[float, float]]:
         latitude_scale = max(math.cos(math.radians(extent.center().y())), 0.01)
         width *= METRES_PER_DEGREE * latitude_scale
         height *= METRES_PER_DEGREE
-    return width, height
+        return width, height
+    metres_per_unit = ground_metres_per_unit(layer)
+    return width * metres_per_unit, height * metres_per_unit
+
+
+def ground_metres_per_unit(layer: QgsRasterLayer) -> float:
+    """Return the ground metres one CRS unit of a projected layer spans at its centre (feet, Web Mercator)."""
+    extent = layer.extent()
+    try:
+        scale = grid_scale(crs_to_wkt(layer.crs()), (extent.xMinimum(), extent.yMinimum(),
+                                                      extent.xMaximum(), extent.yMaximum()))
+    except LookalikeError as error:
+        LOGGER.info("Taking the CRS units of %s as metres: %s", layer.name(), error)
+        return 1.0
+    return 1.0 / scale.units_per_metre
 
 
 def check_index_folder(folder: Path) -> None:
@@ -871,9 +886,9 @@ def default_gsd_m(layer: QgsRasterLayer, canvas) -> float:
         size = (layer.rasterUnitsPerPixelX() + layer.rasterUnitsPerPixelY()) / 2.0
         if layer.crs().isGeographic():
             centre_latitude = layer.extent().center().y()
-            from math import cos, radians
-
-            size *= METRES_PER_DEGREE * max(cos(radians(centre_latitude)), 0.01)
+            return size * METRES_PER_DEGREE * max(math.cos(math.radians(centre_latitude)), 0.01)
+        if layer.crs().isValid():
+            return size * ground_metres_per_unit(layer)
         return size
     return canvas.mapUnitsPerPixel() if not canvas.mapSettings().destinationCrs().isGeographic() else 1.0
 

@@ -456,3 +456,27 @@ def test_folder_of_other_files_is_refused(dock, ships_clip, tmp_path, qgis_iface
     assert f"{folder} contains other files and no Lookalike index" in warnings[0]
     assert sorted(path.name for path in folder.iterdir()) == ["thesis.txt"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["documents"]
+
+
+@pytest.mark.parametrize("crs", ["EPSG:3857", "EPSG:2227"])
+def test_layer_sizes_in_ground_metres(repo_root, tmp_path, crs):
+    from osgeo import gdal
+
+    from lookalike.ui.build_panel import default_gsd_m, raster_size_m
+
+    clip = str(repo_root / SHIPS_CLIP)
+    path = str(tmp_path / "copy.tif")
+    if crs == "EPSG:3857":
+        gdal.Warp(path, clip, dstSRS=crs)
+    else:
+        # The clip's 5 m pixels as 16.4042 US survey feet, placed in California.
+        dataset = gdal.Open(clip)
+        left, top = 6_000_000.0, 2_100_000.0
+        bounds = [left, top, left + dataset.RasterXSize * 16.4042, top - dataset.RasterYSize * 16.4042]
+        gdal.Translate(path, dataset, outputSRS=crs, outputBounds=bounds)
+    original = QgsRasterLayer(clip, "utm")
+    copy = QgsRasterLayer(path, "copy")
+
+    assert default_gsd_m(copy, None) == pytest.approx(default_gsd_m(original, None), rel=0.01)
+    for copy_m, original_m in zip(raster_size_m(copy), raster_size_m(original)):
+        assert copy_m == pytest.approx(original_m, rel=0.02)
