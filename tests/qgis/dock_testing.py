@@ -1,5 +1,5 @@
-"""Helpers the dock tests share: waiting for tasks, message-bar texts, building, and dragging a
-query box. ``tests/qgis/conftest.py`` has the fixtures.
+"""Helpers the dock tests share: showing a layer, waiting for tasks, message-bar texts, building,
+and dragging a query box. ``tests/qgis/conftest.py`` has the fixtures.
 
 Test modules import them by name (``from dock_testing import ...``): with pytest's importlib
 import mode, test modules cannot import each other, so the shared part lives here.
@@ -8,14 +8,29 @@ import mode, test modules cannot import each other, so the shared part lives her
 import time
 from pathlib import Path
 
-from qgis.core import QgsApplication, QgsRasterLayer
+from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
 from lookalike.ui.dock import LookalikeDockWidget
 
 SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
-TASK_TIMEOUT_S = 120.0
+# The same RapidEye clip as shipped in the repository.
+SAMPLE_CLIP = Path("sample_data/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+TASK_TIMEOUT_S = 180.0
+
+
+def show_layer(canvas, layer: QgsRasterLayer) -> None:
+    """Add ``layer`` to the project and show all of it on a 700 x 340 px canvas in its CRS."""
+    QgsProject.instance().addMapLayer(layer)
+    canvas.resize(700, 340)
+    # A hidden canvas keeps its initial map size; showing its window applies the new size.
+    canvas.window().show()
+    canvas.setDestinationCrs(layer.crs())
+    canvas.setLayers([layer])
+    canvas.setExtent(layer.extent())
+    canvas.refresh()
+    QgsApplication.processEvents()
 
 
 def wait_until(condition, timeout_s: float = TASK_TIMEOUT_S) -> None:

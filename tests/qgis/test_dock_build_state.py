@@ -9,7 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from dock_testing import TASK_TIMEOUT_S, wait_for_tasks, wait_until
+from dock_testing import SAMPLE_CLIP as SHIPS_CLIP
+from dock_testing import TASK_TIMEOUT_S, show_layer, wait_for_tasks, wait_until
 from osgeo import gdal
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
 from qgis.PyQt import sip
@@ -23,30 +24,9 @@ from lookalike.gis.tasks import TaskOutcome
 from lookalike.ui import jobs
 from lookalike.ui.dock import OTHER_ENCODER, LookalikeDockWidget
 
-SHIPS_CLIP = Path("sample_data/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
 TINY_ENCODER = Path("tests/data/tiny_encoder.onnx")
 # The ships clip has about 3,500 tiles at this GSD, so a build has many batches to cancel between.
 FINE_GSD_M = 1.25
-
-
-def show_layer(canvas, layer: QgsRasterLayer) -> None:
-    QgsProject.instance().addMapLayer(layer)
-    canvas.resize(700, 340)
-    # A hidden canvas keeps its initial map size; showing its window applies the new size.
-    canvas.window().show()
-    canvas.setDestinationCrs(layer.crs())
-    canvas.setLayers([layer])
-    canvas.setExtent(layer.extent())
-    canvas.refresh()
-    QgsApplication.processEvents()
-
-
-@pytest.fixture()
-def ships_clip(repo_root, qgis_new_project, qgis_canvas) -> QgsRasterLayer:
-    layer = QgsRasterLayer(str(repo_root / SHIPS_CLIP), "ships")
-    assert layer.isValid()
-    show_layer(qgis_canvas, layer)
-    return layer
 
 
 @pytest.fixture()

@@ -5,33 +5,14 @@ Runs the real dock and map tools offscreen on the RapidEye clip in sample_data, 
 test encoder where a test builds an index.
 """
 
-import pytest
 from dock_testing import build, drag_rectangle, map_to_pixel, messages, ship_query_bounds, wait_for_tasks, wait_until
-from qgis.core import Qgis, QgsApplication, QgsPointXY, QgsProject, QgsRasterLayer
+from qgis.core import Qgis, QgsApplication, QgsPointXY, QgsProject
 from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import QEvent, Qt
 from qgis.PyQt.QtGui import QMouseEvent
 from qgis.PyQt.QtTest import QTest
 
 import lookalike
-
-SHIPS_CLIP = "sample_data/1056417_2017-03-08_RE3_3A_Visual_clip.tif"
-
-
-@pytest.fixture()
-def ships_clip(repo_root, qgis_new_project, qgis_canvas):
-    layer = QgsRasterLayer(str(repo_root / SHIPS_CLIP), "ships")
-    assert layer.isValid()
-    QgsProject.instance().addMapLayer(layer)
-    qgis_canvas.resize(700, 340)
-    # A hidden canvas keeps its initial map size; showing its window applies the new size.
-    qgis_canvas.window().show()
-    qgis_canvas.setDestinationCrs(layer.crs())
-    qgis_canvas.setLayers([layer])
-    qgis_canvas.setExtent(layer.extent())
-    qgis_canvas.refresh()
-    QgsApplication.processEvents()
-    return layer
 
 
 def click_map(canvas, point, button=Qt.MouseButton.LeftButton) -> None:

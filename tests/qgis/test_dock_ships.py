@@ -6,7 +6,8 @@ and a box around the north-west ship as the query.
 
 import time
 
-from qgis.core import QgsApplication, QgsProject, QgsRasterLayer
+from dock_testing import SAMPLE_CLIP, show_layer
+from qgis.core import QgsApplication, QgsRasterLayer
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
@@ -31,16 +32,8 @@ def wait_for_tasks(dock: LookalikeDockWidget, timeout_s: float = 300.0) -> None:
 
 
 def test_bundled_encoder_finds_other_ships(qgis_iface, qgis_new_project, qgis_canvas, repo_root, tmp_path):
-    layer = QgsRasterLayer(str(repo_root / "sample_data" / "1056417_2017-03-08_RE3_3A_Visual_clip.tif"), "ships")
-    QgsProject.instance().addMapLayer(layer)
-    qgis_canvas.resize(700, 340)
-    qgis_canvas.window().show()
-    qgis_canvas.setDestinationCrs(layer.crs())
-    qgis_canvas.setLayers([layer])
-    qgis_canvas.setExtent(layer.extent())
-    qgis_canvas.refresh()
-    # The canvas applies its new size to the map settings while processing events.
-    QgsApplication.processEvents()
+    layer = QgsRasterLayer(str(repo_root / SAMPLE_CLIP), "ships")
+    show_layer(qgis_canvas, layer)
     dock = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
     try:
         wait_for_tasks(dock)

@@ -5,12 +5,12 @@ path runs without a network.
 """
 
 import math
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import pytest
+from dock_testing import wait_for_tasks, wait_until
 from osgeo import gdal, osr
 from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QPoint, Qt
@@ -19,28 +19,13 @@ from qgis.PyQt.QtTest import QTest
 from lookalike.core.errors import LookalikeError
 from lookalike.gis.raster_layers import ProviderBlockReader, rasters_folder_for, source_spec_for_layer
 from lookalike.gis.tasks import TaskOutcome
-from lookalike.ui.dock import EXTENT_MAP_VIEW, OTHER_ENCODER, LookalikeDockWidget
+from lookalike.ui.dock import EXTENT_MAP_VIEW
 
 SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
 LARGE_RASTER = Path("geo/planet/difference.tif")
 NAIP_RASTER = Path("geo/naip_timeseries/m_4709963_se_14_1_20200831.tif")
 WEB_MERCATOR_HALF_WIDTH_M = 20037508.342789244
 XYZ_ZOOM = 15
-TASK_TIMEOUT_S = 180.0
-
-
-def wait_until(condition, timeout_s: float = TASK_TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"condition not met within {timeout_s} s")
-        QgsApplication.processEvents()
-        time.sleep(0.01)
-
-
-def wait_for_tasks(dock: LookalikeDockWidget, timeout_s: float = TASK_TIMEOUT_S) -> None:
-    wait_until(lambda: not dock.running_tasks(), timeout_s)
-    QgsApplication.processEvents()
 
 
 def xyz_tile_bounds(zoom: int, x: int, y: int):
@@ -74,24 +59,6 @@ def write_xyz_tiles(raster: Path, folder: Path, zoom: int):
                                height=256, dstSRS="EPSG:3857", dstAlpha=True)
             gdal.Translate(str(path), warped, format="PNG")
     return xmin, ymin, xmax, ymax
-
-
-@pytest.fixture()
-def dock(qgis_iface, qgis_new_project, repo_root):
-    qgis_iface.messageBar().clear_messages()
-    widget = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
-    # Mouse clicks reach only visible buttons.
-    widget.show()
-    widget.encoder_combo.setCurrentIndex(widget.encoder_combo.findData(OTHER_ENCODER))
-    widget.encoder_file.setFilePath(str(repo_root / "tests" / "data" / "tiny_encoder.onnx"))
-    wait_until(lambda: widget.encoder_spec is not None and widget.encoder_spec.name == "tiny_test_encoder")
-    yield widget
-    for task in widget.running_tasks():
-        task.cancel()
-    wait_for_tasks(widget)
-    widget.cleanup()
-    widget.deleteLater()
-    QgsApplication.processEvents()
 
 
 def show_layer(canvas, layer, extent=None) -> None:

@@ -10,19 +10,17 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 from osgeo import gdal
+from processing_testing import SHIPS_CRS, point_layer, polygon_layer, run_algorithm
 from qgis.core import (
     QgsApplication,
-    QgsFeature,
     QgsGeometry,
     QgsPointXY,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsRectangle,
     QgsVectorLayer,
 )
 
@@ -30,60 +28,13 @@ from lookalike.core.index import MANIFEST_NAME, TileIndex
 from lookalike.core.pipeline import partial_folder_for
 from lookalike.gis import matches as match_layers
 from lookalike.processing.build_index import _advanced_flag
-from lookalike.processing.provider import LookalikeProvider
 
 ALGORITHM_IDS = ("buildindex", "search", "exportchips", "indexinfo")
 
-SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
-SHIPS_CRS = "EPSG:32610"
 # Centres of the four ships in SHIPS_RASTER (EPSG:32610), read off the image.
 SHIP_CENTRES = ((557715.0, 4176235.0), (558585.0, 4176120.0), (559275.0, 4176035.0), (558875.0, 4174935.0))
 NAIP_2009 = Path("geo/naip_timeseries/m_4709963_se_14_1_20090818.tif")
 NAIP_2014 = Path("geo/naip_timeseries/m_4709963_se_14_1_20140720.tif")
-
-
-def _use_qgis_processing_package() -> None:
-    """Make ``import processing`` find QGIS's Processing plugin, not this repository's subpackage.
-
-    ``python -m pytest`` puts the working directory, which is the plugin folder, first on
-    sys.path, where ``processing`` is the plugin's own subpackage.
-    """
-    plugins_folder = str(Path(QgsApplication.pkgDataPath()) / "python" / "plugins")
-    if plugins_folder in sys.path:
-        sys.path.remove(plugins_folder)
-    sys.path.insert(0, plugins_folder)
-    loaded = sys.modules.get("processing")
-    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(plugins_folder):
-        for name in [name for name in sys.modules if name == "processing" or name.startswith("processing.")]:
-            del sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def provider(qgis_app):
-    _use_qgis_processing_package()
-    from processing.core.Processing import Processing
-
-    Processing.initialize()
-    lookalike_provider = LookalikeProvider()
-    assert QgsApplication.processingRegistry().addProvider(lookalike_provider)
-    yield lookalike_provider
-    QgsApplication.processingRegistry().removeProvider(lookalike_provider)
-
-
-def run_algorithm(algorithm_id: str, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
-    import processing
-
-    return processing.run(f"lookalike:{algorithm_id}", parameters, feedback=feedback or QgsProcessingFeedback())
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(repo_root: Path) -> str:
-    return str(repo_root / "tests" / "data" / "tiny_encoder.onnx")
-
-
-@pytest.fixture(scope="session")
-def ships_raster(shared_data: Path) -> str:
-    return str(shared_data / SHIPS_RASTER)
 
 
 @pytest.fixture(scope="module")
@@ -99,28 +50,6 @@ def tiny_index(provider, tmp_path_factory, ships_raster: str, tiny_encoder: str)
         "OUTPUT": str(folder),
     })
     return str(folder), results
-
-
-def point_layer(points, crs: str = SHIPS_CRS, name: str = "examples") -> QgsVectorLayer:
-    layer = QgsVectorLayer(f"Point?crs={crs}", name, "memory")
-    features = []
-    for x, y in points:
-        feature = QgsFeature()
-        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)))
-        features.append(feature)
-    layer.dataProvider().addFeatures(features)
-    return layer
-
-
-def polygon_layer(rectangles, crs: str = SHIPS_CRS, name: str = "footprints") -> QgsVectorLayer:
-    layer = QgsVectorLayer(f"Polygon?crs={crs}", name, "memory")
-    features = []
-    for rectangle in rectangles:
-        feature = QgsFeature()
-        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*rectangle)))
-        features.append(feature)
-    layer.dataProvider().addFeatures(features)
-    return layer
 
 
 def output_layer(results: dict, key: str = "OUTPUT") -> QgsVectorLayer:

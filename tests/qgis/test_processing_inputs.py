@@ -3,8 +3,7 @@ out-of-range numbers, examples without geometry, files that are not rasters, exa
 several rasters and missing encoders.
 
 Builds use the tiny test encoder (32 px input, 16-dim output) and small extents, so each takes
-seconds. The provider fixture and the layer helpers repeat those of
-``test_processing_algorithms.py``, because test modules cannot import each other.
+seconds.
 """
 
 from __future__ import annotations
@@ -13,31 +12,23 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from osgeo import gdal
+from processing_testing import point_layer, polygon_layer, run_algorithm
 from qgis.core import (
-    QgsApplication,
-    QgsFeature,
-    QgsGeometry,
-    QgsPointXY,
     QgsProcessingException,
     QgsProcessingFeedback,
-    QgsRectangle,
     QgsVectorLayer,
 )
 
 from lookalike.core.encoder import default_model_path
 from lookalike.core.errors import SearchError
 from lookalike.core.index import TileIndex
-from lookalike.processing.provider import LookalikeProvider
 from lookalike.processing.search import MAX_K
 from lookalike.processing.support import core_errors
 
-SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
-SHIPS_CRS = "EPSG:32610"
 # The north-middle ship of SHIPS_RASTER, and a box around the whole raster (EPSG:32610).
 SHIP_CENTRE = (558585.0, 4176120.0)
 SHIPS_RASTER_BOX = (556500.0, 4174500.0, 561000.0, 4177000.0)
@@ -68,51 +59,11 @@ class RecordingFeedback(QgsProcessingFeedback):
         super().pushWarning(warning)
 
 
-def _use_qgis_processing_package() -> None:
-    """Make ``import processing`` find QGIS's Processing plugin, not this repository's subpackage."""
-    plugins_folder = str(Path(QgsApplication.pkgDataPath()) / "python" / "plugins")
-    if plugins_folder in sys.path:
-        sys.path.remove(plugins_folder)
-    sys.path.insert(0, plugins_folder)
-    loaded = sys.modules.get("processing")
-    if loaded is not None and not str(getattr(loaded, "__file__", "")).startswith(plugins_folder):
-        for name in [name for name in sys.modules if name == "processing" or name.startswith("processing.")]:
-            del sys.modules[name]
-
-
-@pytest.fixture(scope="module")
-def provider(qgis_app):
-    _use_qgis_processing_package()
-    from processing.core.Processing import Processing
-
-    Processing.initialize()
-    lookalike_provider = LookalikeProvider()
-    assert QgsApplication.processingRegistry().addProvider(lookalike_provider)
-    yield lookalike_provider
-    QgsApplication.processingRegistry().removeProvider(lookalike_provider)
-
-
-def run_algorithm(algorithm_id: str, parameters: dict, feedback: QgsProcessingFeedback | None = None) -> dict:
-    import processing
-
-    return processing.run(f"lookalike:{algorithm_id}", parameters, feedback=feedback or QgsProcessingFeedback())
-
-
 def run_failure(algorithm_id: str, parameters: dict) -> str:
     """Run an algorithm that must fail and return its message."""
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm(algorithm_id, parameters)
     return str(raised.value)
-
-
-@pytest.fixture(scope="session")
-def tiny_encoder(repo_root: Path) -> str:
-    return str(repo_root / "tests" / "data" / "tiny_encoder.onnx")
-
-
-@pytest.fixture(scope="session")
-def ships_raster(shared_data: Path) -> str:
-    return str(shared_data / SHIPS_RASTER)
 
 
 @pytest.fixture(scope="module")
@@ -139,28 +90,6 @@ def two_raster_index(provider, tmp_path_factory, shared_data: Path, tiny_encoder
         "OUTPUT": str(folder),
     })
     return str(folder)
-
-
-def point_layer(points, crs: str = SHIPS_CRS, name: str = "examples") -> QgsVectorLayer:
-    layer = QgsVectorLayer(f"Point?crs={crs}", name, "memory")
-    features = []
-    for x, y in points:
-        feature = QgsFeature()
-        feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(x, y)))
-        features.append(feature)
-    layer.dataProvider().addFeatures(features)
-    return layer
-
-
-def polygon_layer(rectangles, crs: str = SHIPS_CRS, name: str = "footprints") -> QgsVectorLayer:
-    layer = QgsVectorLayer(f"Polygon?crs={crs}", name, "memory")
-    features = []
-    for rectangle in rectangles:
-        feature = QgsFeature()
-        feature.setGeometry(QgsGeometry.fromRect(QgsRectangle(*rectangle)))
-        features.append(feature)
-    layer.dataProvider().addFeatures(features)
-    return layer
 
 
 def write_geojson(path: Path, geometries: list) -> Path:
