@@ -91,6 +91,7 @@ from .query import (
     index_encoder_path,
     indexed_source_for_geometry,
     run_search,
+    search_query_chips,
 )
 from .raster import SKIP_BLANK
 from .tile_reader import (
@@ -135,6 +136,7 @@ __all__ = [
     "indexed_source_for_geometry",
     "partial_folder_for",
     "run_search",
+    "search_query_chips",
     "transform_geometry_wkt",
 ]
 

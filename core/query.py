@@ -368,25 +368,31 @@ def run_search(
     finally:
         raster.close()
 
+    matches = search_query_chips(
+        index, positive_chips, negative_chips, k=k, max_overlap=max_overlap, min_score=min_score, strategy=strategy
+    )
+    LOGGER.info("Search in %s with %d positive and %d negative chips returned %d matches", index_folder,
+                sum(len(chips.embeddings) for chips in positive_chips),
+                sum(len(chips.embeddings) for chips in negative_chips), len(matches))
+    return matches
+
+
+def search_query_chips(
+    index: TileIndex,
+    positive_chips: Sequence[QueryChips],
+    negative_chips: Sequence[QueryChips] = (),
+    **search_options: Any,
+) -> list[Match]:
+    """Search ``index`` with embedded query chips; ``search_options`` go to :func:`core.search.search`.
+
+    Tiles that overlap a positive chip's footprint show the example itself, so they are dropped.
+    """
     positive_embeddings = np.concatenate([chips.embeddings for chips in positive_chips])
     negative_embeddings = (
         np.concatenate([chips.embeddings for chips in negative_chips]) if negative_chips else None
     )
     exclude = [(bounds, chips.crs_wkt) for chips in positive_chips for bounds in chips.footprints]
-    matches = search(
-        index,
-        positive_embeddings,
-        negative_embeddings,
-        k=k,
-        exclude=exclude,
-        max_overlap=max_overlap,
-        min_score=min_score,
-        strategy=strategy,
-    )
-    LOGGER.info("Search in %s with %d positive and %d negative chips returned %d matches",
-                index_folder, len(positive_embeddings),
-                0 if negative_embeddings is None else len(negative_embeddings), len(matches))
-    return matches
+    return search(index, positive_embeddings, negative_embeddings, exclude=exclude, **search_options)
 
 
 def index_encoder_path(index: TileIndex, fallbacks: Sequence[PathLike] = ()) -> Path:

@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
-import numpy as np
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -34,9 +33,14 @@ from qgis.core import (
 from ..core.encoder import OnnxEncoder
 from ..core.errors import SearchIndexError
 from ..core.index import TileIndex
-from ..core.pipeline import QueryChips, embed_query, index_encoder_path, indexed_source_for_geometry
+from ..core.pipeline import (
+    QueryChips,
+    embed_query,
+    index_encoder_path,
+    indexed_source_for_geometry,
+    search_query_chips,
+)
 from ..core.search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, STRATEGIES, Match
-from ..core.search import search as search_index
 from ..gis import matches as match_layers
 from .support import (
     ENCODER_PACKAGES,
@@ -336,18 +340,11 @@ class SearchAlgorithm(LookalikeAlgorithm):
                                              examples.crs_wkt, feedback)
             negative_chips = _embed_examples(index, encoder, examples.negative_sources, examples.negatives,
                                              examples.crs_wkt, feedback)
-            positive_embeddings = np.concatenate([chips.embeddings for chips in positive_chips])
-            negative_embeddings = (
-                np.concatenate([chips.embeddings for chips in negative_chips]) if negative_chips else None
-            )
-            # Tiles that overlap a positive's footprint show the example itself, so search drops them.
-            exclude = [(bounds, chips.crs_wkt) for chips in positive_chips for bounds in chips.footprints]
-            found = search_index(
+            found = search_query_chips(
                 index,
-                positive_embeddings,
-                negative_embeddings,
+                positive_chips,
+                negative_chips,
                 k=self.parameterAsInt(parameters, self.K, context),
-                exclude=exclude,
                 max_overlap=self.parameterAsDouble(parameters, self.MAX_OVERLAP, context),
                 min_score=min_score,
                 strategy=strategy,
@@ -355,9 +352,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             if found or min_score is None or not index.count:
                 return found, None
             # A search without the minimum score shows which of the two filters removed every tile.
-            unfiltered = search_index(
-                index, positive_embeddings, negative_embeddings, k=1, exclude=exclude, strategy=strategy
-            )
+            unfiltered = search_query_chips(index, positive_chips, negative_chips, k=1, strategy=strategy)
         return found, (unfiltered[0].score if unfiltered else None)
 
     def _raster_path(self, parameters: dict, context: QgsProcessingContext) -> Optional[str]:

@@ -177,17 +177,21 @@ class ResultsPanelMixin:
         if not path.lower().endswith(f".{extension}"):
             # The dialog checked the name as typed; the name with the extension is checked here.
             path = f"{path}.{extension}"
-            if Path(path).is_file():
-                answer = QMessageBox.question(
-                    self,
-                    MESSAGE_TITLE,
-                    f"{path} already exists. Replace it with the result layer?",
-                    QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-                    QMessageBox.StandardButton.No,
-                )
-                if answer != QMessageBox.StandardButton.Yes:
-                    return
+            replace_question = f"{path} already exists. Replace it with the result layer?"
+            if Path(path).is_file() and not self._confirmed(replace_question):
+                return
         self.export_layer(path, format_name, overwrite=True)
+
+    def _confirmed(self, question: str) -> bool:
+        """Ask ``question`` with Yes and No (the default); return True for Yes."""
+        answer = QMessageBox.question(
+            self,
+            MESSAGE_TITLE,
+            question,
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     def export_layer(self, path: str, format_name: str = "GeoPackage", overwrite: bool = False) -> Optional[Path]:
         """Write the current result layer with QGIS's vector writer; returns the path or None on failure."""
@@ -208,16 +212,10 @@ class ResultsPanelMixin:
         folder = QFileDialog.getExistingDirectory(self, "Folder for the chips and labels.csv")
         if not folder:
             return
-        if any(Path(folder).iterdir()):
-            answer = QMessageBox.question(
-                self,
-                MESSAGE_TITLE,
-                f"{folder} is not empty. Chips and labels.csv there will be replaced. Continue?",
-                QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-                QMessageBox.StandardButton.No,
-            )
-            if answer != QMessageBox.StandardButton.Yes:
-                return
+        if any(Path(folder).iterdir()) and not self._confirmed(
+            f"{folder} is not empty. Chips and labels.csv there will be replaced. Continue?"
+        ):
+            return
         self.export_chips(folder, self.chip_format_combo.currentText())
 
     def export_chips(self, folder: str, format_name: str = "GeoTIFF") -> Optional[LookalikeTask]:
