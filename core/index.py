@@ -484,7 +484,7 @@ class TileIndex:
 
     @property
     def identity(self) -> tuple[str, str]:
-        """``(folder, id)``: equal for two copies of one index, different once the folder holds a new index.
+        """``(folder, id)``: equal for two copies of one index, different once the folder contains a new index.
 
         Adding tiles keeps it, because tile ids stay valid; indexes written before ``index_id``
         existed use their creation time instead.

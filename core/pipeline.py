@@ -162,11 +162,11 @@ def _encoder_info(encoder: OnnxEncoder) -> dict[str, Any]:
 
 def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
     """Check ``index_folder`` before any work; return the open index when adding to it."""
-    _refuse_unusable_folder(params)
+    _reject_unusable_folder(params)
     return TileIndex.open(params.index_folder) if params.add_to_existing else None
 
 
-def _refuse_unusable_folder(params: BuildParameters) -> None:
+def _reject_unusable_folder(params: BuildParameters) -> None:
     """Raise ``SearchIndexError`` when the build may not write ``index_folder``; reads no index data."""
     folder = Path(params.index_folder)
     if folder.exists() and not folder.is_dir():
@@ -223,7 +223,7 @@ def build_index(
     """
     # Refusing a folder before taking the lock leaves no lock file beside a folder that is not
     # ours. The checks run again under the lock, so two builds cannot both find the folder free.
-    _refuse_unusable_folder(params)
+    _reject_unusable_folder(params)
     with index_lock(params.index_folder):
         return _build_index_locked(params, progress, is_cancelled)
 

@@ -344,8 +344,8 @@ def run_search(
 ) -> list[Match]:
     """Search an index for tiles like the positive geometries of one raster, unlike the negatives.
 
-    The demo and plain Python use it; the dock and the Processing search read each example from
-    the indexed raster under it and call :func:`embed_query` and ``search`` themselves.
+    The demo and plain Python use it. The dock and the Processing search read each example from
+    the indexed raster under it, so they call :func:`embed_query` themselves.
     Geometries are ``(xmin, ymin, xmax, ymax)`` tuples or WKT in ``crs_wkt`` (default: the CRS
     of ``source``); each is read with :func:`embed_query`. Matches that overlap a positive's
     footprint are dropped, so the query object itself does not come back. ``encoder_path``

@@ -363,9 +363,9 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
     def _encoder_path(self, parameters: dict, context: QgsProcessingContext, index: TileIndex) -> str:
         """Return ENCODER, else the encoder file the index records, else the bundled one when it fits."""
-        given = self.parameterAsFile(parameters, self.ENCODER, context)
-        if given:
-            return given
+        chosen_path = self.parameterAsFile(parameters, self.ENCODER, context)
+        if chosen_path:
+            return chosen_path
         try:
             return str(index_encoder_path(index))
         except SearchIndexError as error:
