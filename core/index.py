@@ -244,6 +244,11 @@ class TileIndex:
         self._pending_embeddings: list[np.ndarray] = []
         self._pending_tile_tables: list[np.ndarray] = []
         self._grids: dict[int, TileGrid] = {}
+        # The manifest on disk that the next save replaces, as (generation, index_id); None when
+        # the folder had no index. create() sets it when it replaces an index.
+        self._replaces: Optional[tuple[Any, Any]] = (
+            (manifest["generation"], manifest.get("index_id")) if manifest.get("files") else None
+        )
 
     # -- creating and opening ---------------------------------------------------------------
 
@@ -287,6 +292,7 @@ class TileIndex:
                 raise SearchIndexError(f"{name} {value!r} is invalid; pass a positive integer")
 
         previous_generation = 0
+        replaced: Optional[tuple[Any, Any]] = None
         if folder.exists() and not folder.is_dir():
             raise SearchIndexError(f"index folder {folder} is a file; choose a folder path")
         state = index_folder_state(folder)
@@ -308,6 +314,8 @@ class TileIndex:
                     "overwrite=True to replace it"
                 )
             previous_generation = _read_generation_for_overwrite(folder / MANIFEST_NAME)
+            previous = read_manifest_json(folder / MANIFEST_NAME) or {}
+            replaced = (previous.get("generation"), previous.get("index_id"))
         elif state == FOLDER_UNFINISHED:
             # Files of a first save that stopped before its manifest: nothing can open them, and
             # the save below replaces or removes them.
@@ -356,6 +364,7 @@ class TileIndex:
             np.empty((0, info["embedding_dim"]), dtype=EMBEDDING_DTYPE),
             np.empty(0, dtype=TILE_TABLE_DTYPE),
         )
+        index._replaces = replaced
         if save_empty:
             index.save()
         logger.info("created index %s (encoder %s, dim %d)", folder, info["name"], info["embedding_dim"])
@@ -698,6 +707,7 @@ class TileIndex:
             raise
         _fsync_directory(self._folder)
         self._manifest = manifest
+        self._replaces = (manifest["generation"], manifest.get("index_id"))
 
         # Drop the reference to the old memory map before removing its file (Windows cannot
         # delete a mapped file).
@@ -707,21 +717,22 @@ class TileIndex:
         logger.info("saved index %s: %d tiles, generation %d", self._folder, self.count, generation)
 
     def _check_not_saved_elsewhere(self) -> None:
-        """Refuse to save over a generation that another ``TileIndex`` saved after this one was opened.
+        """Refuse to save when the folder's index changed since this copy was opened or created.
 
-        The new generation's file names would be those of the other save's live files, and this
-        save would drop the tiles it added.
+        Another copy's save, or a new index built into the folder, would be replaced: its tiles
+        would be lost, and this save's file names could be those of its live files.
         """
         content = read_manifest_json(self._folder / MANIFEST_NAME)
         if content is None or content.get("format") != FORMAT_NAME:
             return
-        on_disk = content.get("generation")
-        if isinstance(on_disk, int) and not isinstance(on_disk, bool) and on_disk != self._manifest["generation"]:
-            raise SearchIndexError(
-                f"the index in {self._folder} was saved from another copy since this one was opened "
-                f"(generation {on_disk} on disk, {self._manifest['generation']} here); open it again with "
-                "TileIndex.open and repeat the change, so that the tiles saved there are kept"
-            )
+        on_disk = (content.get("generation"), content.get("index_id"))
+        if on_disk == self._replaces:
+            return
+        raise SearchIndexError(
+            f"the index in {self._folder} was saved from another copy since this one was opened "
+            f"(generation {on_disk[0]} on disk, {self._manifest['generation']} here); open it again with "
+            "TileIndex.open and repeat the change, so that the tiles saved there are kept"
+        )
 
     def _write_graph(self, path: Path) -> None:
         self._graph.save_index(str(path))
@@ -872,9 +883,19 @@ def _json_copy(value: Mapping[str, Any], what: str) -> dict[str, Any]:
 
 
 def read_manifest_json(manifest_path: Path) -> Optional[dict[str, Any]]:
-    """Return ``manifest_path`` parsed as a JSON object, or None when it is unreadable or not an object."""
+    """Return ``manifest_path`` parsed as a JSON object, or None when it is missing, not JSON or not an object.
+
+    Raises:
+        SearchIndexError: the file exists but this user may not read it.
+    """
     try:
         content = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except PermissionError as error:
+        # Taken for another program's file, it would be reported as that, which misleads.
+        raise SearchIndexError(
+            f"{manifest_path} cannot be read ({error.strerror}); give your user read access to the index "
+            "folder or choose another folder."
+        ) from error
     except (OSError, ValueError):
         return None
     return content if isinstance(content, dict) else None

@@ -176,6 +176,13 @@ def _reject_unusable_folder(params: BuildParameters) -> None:
             f"index folder {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; create "
             "that folder or choose another path for the index."
         )
+    writable_place = next((place for place in (folder, *folder.parents) if place.exists()), None)
+    if writable_place is not None and not os.access(writable_place, os.W_OK):
+        # Found before any tile is read: the save at the end would fail after all the embedding.
+        raise SearchIndexError(
+            f"cannot write in {writable_place}, where the index {folder} would be saved; choose a folder "
+            "you can write to."
+        )
     state = index_folder_state(folder)
     has_index = state == FOLDER_INDEX
     if state == FOLDER_FOREIGN:

@@ -174,11 +174,14 @@ def indexed_source_for_geometry(
         xmin, ymin, xmax, ymax = record["bounds"]
         if xmin <= centroid.GetX() <= xmax and ymin <= centroid.GetY() <= ymax:
             return record["path"]
+        if geometry.GetDimension() < 2:
+            # Points and lines have no area to compare.
+            continue
         footprint = ogr.CreateGeometryFromWkt(
             f"POLYGON(({xmin} {ymin},{xmax} {ymin},{xmax} {ymax},{xmin} {ymax},{xmin} {ymin}))"
         )
         overlap = geometry.Intersection(footprint)
-        area = overlap.GetArea() if overlap is not None else 0.0
+        area = overlap.GetArea() if overlap is not None and overlap.GetDimension() == 2 else 0.0
         if area > best_area:
             best_path, best_area = record["path"], area
     if best_path:
@@ -297,14 +300,21 @@ def _query_footprints(
     tile = index_grid.tile_ground_size
     xmin, xmax, ymin, ymax = geometry.GetEnvelope()
     geometry_type = ogr.GT_Flatten(geometry.GetGeometryType())
-    if geometry_type not in (ogr.wkbPoint, ogr.wkbPolygon, ogr.wkbMultiPolygon):
+    if geometry_type not in (ogr.wkbPoint, ogr.wkbMultiPoint, ogr.wkbPolygon, ogr.wkbMultiPolygon):
         raise SearchError(
-            f"query geometry of type {geometry.GetGeometryName()} is not supported; draw a point, "
-            "a rectangle or a polygon."
+            f"query geometry of type {geometry.GetGeometryName()} is not supported; use points, "
+            "rectangles or polygons."
         )
+    half = tile / 2.0
+    if geometry_type == ogr.wkbMultiPoint:
+        # Each point is an example of its own, as a point layer's features are.
+        points = [geometry.GetGeometryRef(number) for number in range(geometry.GetGeometryCount())]
+        if len(points) > MAX_QUERY_TILES:
+            raise SearchError(_too_many_tiles_message(len(points), index_grid, raster_path))
+        return [(point.GetX() - half, point.GetY() - half, point.GetX() + half, point.GetY() + half)
+                for point in points]
     if geometry_type == ogr.wkbPoint or (xmax - xmin <= tile and ymax - ymin <= tile):
         centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
-        half = tile / 2.0
         return [(centre_x - half, centre_y - half, centre_x + half, centre_y + half)]
     if raster_bounds is not None:
         # Tiles off the raster hold no valid pixel, and a polygon that crosses the antimeridian

@@ -43,7 +43,8 @@ from .support import (
 
 TILE_SIZE_UNIT_SOURCE_PX = 0
 TILE_SIZE_UNIT_GROUND = 1
-TILE_SIZE_UNITS = ("Source pixels (of the first raster)", "Map units of the tile grid (metres)")
+# The enum values stay 0 and 1, so saved models and scripts keep working.
+TILE_SIZE_UNITS = ("Source pixels (of the first raster)", "Metres on the ground")
 
 # Processing names of the core's BuildParameters fields, for core messages that name a field.
 PARAMETER_NAMES = {
@@ -51,7 +52,7 @@ PARAMETER_NAMES = {
     "index_folder": "OUTPUT",
     "encoder_path": "ENCODER",
     "tile_size_source_px": "TILE_SIZE with TILE_SIZE_UNIT=0",
-    "tile_ground_size_m": "TILE_SIZE with TILE_SIZE_UNIT=1",
+    "tile_ground_size_m": "TILE_SIZE with TILE_SIZE_UNIT=1 (metres), or GSD times the encoder's input size",
     "overlap_fraction": "OVERLAP_PERCENT",
     "band_indexes": "BANDS",
     "add_to_existing": "APPEND",
@@ -78,8 +79,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
             "It is in percent of the tile side: 50 halves the stride between tiles, and at 100 the "
             "tiles would not advance."
         ),
-        "TILE_SIZE": "Its unit is set by TILE_SIZE_UNIT: 0 for source pixels, 1 for grid CRS units.",
-        "GSD": "It is in grid CRS units per encoder input pixel.",
+        "TILE_SIZE": "Its unit is set by TILE_SIZE_UNIT: 0 for source pixels, 1 for metres on the ground.",
+        "GSD": "It is in metres on the ground per encoder input pixel.",
     }
     POSITIVE_NUMBERS = frozenset({"TILE_SIZE", "GSD"})
 
@@ -102,6 +103,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
     TILES_SKIPPED = "TILES_SKIPPED"
     TILES_RESUMED = "TILES_RESUMED"
     GSD_USED = "GSD_USED"
+    TILE_GROUND_SIZE = "TILE_GROUND_SIZE"
     ENCODER_NAME = "ENCODER_NAME"
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
@@ -139,9 +141,10 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
             defaultValue=TILE_SIZE_UNIT_SOURCE_PX,
         )
         unit.setHelp(tr(
-            "0: pixels of the first raster. 1: units of the tile grid's CRS, which is the raster's "
-            "CRS when it is projected (metres for metric CRSs) and the WGS 84 UTM zone (metres) when "
-            "the raster is in degrees."
+            "0: pixels of the first raster. 1: metres on the ground. Each raster's tile grid converts "
+            "them to its CRS's units and scale, so 160 m is about 525 US survey feet in EPSG:2227 and "
+            "about 202 CRS metres in EPSG:3857 at 37.7 degrees north. Rasters in degrees are gridded "
+            "in their WGS 84 UTM zone."
         ))
         self.addParameter(unit)
 
@@ -156,13 +159,13 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addParameter(overlap)
 
         gsd = QgsProcessingParameterNumber(
-            self.GSD, tr("Ground sample distance override (grid units per encoder pixel)"),
+            self.GSD, tr("Ground sample distance override (metres per encoder pixel)"),
             QgsProcessingParameterNumber.Double, optional=True, minValue=0.0,
         )
         gsd.setHelp(tr(
-            "Ground size of one encoder input pixel, in grid CRS units (metres for metric and UTM "
-            "grids). Sets the tile size to GSD x the encoder's input size, so leave Tile size empty "
-            "when using it."
+            "Ground size of one encoder input pixel, in metres on the ground, converted to each grid "
+            "CRS's units and scale as for TILE_SIZE_UNIT=1. Sets the tile size to GSD x the encoder's "
+            "input size, so leave Tile size empty when using it."
         ))
         self.addParameter(gsd)
 
@@ -221,7 +224,12 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addOutput(QgsProcessingOutputNumber(self.TILES_EMBEDDED, tr("Tiles embedded")))
         self.addOutput(QgsProcessingOutputNumber(self.TILES_SKIPPED, tr("Tiles skipped")))
         self.addOutput(QgsProcessingOutputNumber(self.TILES_RESUMED, tr("Tiles taken from an interrupted run")))
-        self.addOutput(QgsProcessingOutputNumber(self.GSD_USED, tr("GSD of the tile grid (grid units per pixel)")))
+        self.addOutput(QgsProcessingOutputNumber(
+            self.GSD_USED, tr("GSD of the first tile grid (metres on the ground per encoder pixel)")
+        ))
+        self.addOutput(QgsProcessingOutputNumber(
+            self.TILE_GROUND_SIZE, tr("Tile side of the first tile grid (metres on the ground)")
+        ))
         self.addOutput(QgsProcessingOutputString(self.ENCODER_NAME, tr("Encoder name")))
 
     def processAlgorithm(  # noqa: N802 - QGIS API
@@ -256,7 +264,9 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
             self.TILES_EMBEDDED: report.tiles_embedded,
             self.TILES_SKIPPED: report.tiles_skipped,
             self.TILES_RESUMED: report.tiles_resumed,
-            self.GSD_USED: report.grids[0].gsd if report.grids else None,
+            # In metres, the unit of the GSD parameter, so the value can be passed back to GSD.
+            self.GSD_USED: report.grids[0].gsd_m if report.grids else None,
+            self.TILE_GROUND_SIZE: report.grids[0].tile_ground_size_m if report.grids else None,
             self.ENCODER_NAME: report.encoder_name,
         }
 
@@ -319,7 +329,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
                     tr(f"{name}={value:g} is invalid; give a positive number or leave it empty.")
                 )
         if gsd is not None:
-            # The tile is always read at the encoder's input size, so a GSD is a ground tile size.
+            # The tile is always read at the encoder's input size, so a GSD in metres fixes the
+            # tile's ground size in metres.
             with core_errors(PARAMETER_NAMES):
                 input_size_px = OnnxEncoder(encoder_path or default_model_path()).spec.input_size_px
             return None, gsd * input_size_px

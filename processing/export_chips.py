@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional
 
 from qgis.core import (
@@ -23,7 +24,15 @@ from qgis.core import (
 from ..gis import chip_export
 from ..gis import matches as match_layers
 from .build_index import parse_band_indexes
-from .support import LookalikeAlgorithm, cancel_check, core_errors, gdal_source_path, set_progress, tr
+from .support import (
+    LookalikeAlgorithm,
+    cancel_check,
+    core_errors,
+    gdal_source_path,
+    reject_outputs_over_rasters,
+    set_progress,
+    tr,
+)
 
 FORMATS = (chip_export.FORMAT_GEOTIFF, chip_export.FORMAT_PNG)
 FORMAT_LABELS = ("GeoTIFF (georeferenced)", "PNG")
@@ -144,11 +153,17 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
                 feature_ids=feature_ids,
                 transform_context=context.transformContext(),
             )
+            image_format = FORMATS[self.parameterAsEnum(parameters, self.FORMAT, context)]
+            reject_outputs_over_rasters(
+                _output_files(folder, len(requests), image_format), self.OUTPUT,
+                [request.source_path for request in requests],
+                self.RASTER if raster_path else f"the '{match_layers.FIELD_SOURCE}' field of {self.INPUT}",
+            )
             feedback.pushInfo(tr(f"Exporting {len(requests)} chips to {folder}"))
             report = chip_export.export_chips(
                 requests,
                 folder,
-                image_format=FORMATS[self.parameterAsEnum(parameters, self.FORMAT, context)],
+                image_format=image_format,
                 chip_size_px=chip_size_px,
                 band_indexes=parse_band_indexes(self.parameterAsString(parameters, self.BANDS, context), self.BANDS),
                 progress=lambda done, total: set_progress(feedback, done, total),
@@ -164,3 +179,10 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
             self.CHIP_COUNT: report.written_count,
             self.SKIPPED_COUNT: len(report.skipped),
         }
+
+
+def _output_files(folder: str, chip_count: int, image_format: str) -> list[str]:
+    # The names chip_export.export_chips writes: one chip per request, numbered from 1, and the CSV.
+    extension = chip_export.FILE_EXTENSIONS[image_format]
+    names = [f"chip_{position:05d}.{extension}" for position in range(1, chip_count + 1)]
+    return [os.path.join(folder, name) for name in [*names, chip_export.LABELS_CSV_NAME]]

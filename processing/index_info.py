@@ -25,6 +25,7 @@ from .support import (
     LookalikeAlgorithm,
     core_errors,
     reject_output_in_folder,
+    reject_outputs_over_rasters,
     require_packages,
     tr,
 )
@@ -57,6 +58,8 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
     STRIDE_PX = "STRIDE_PX"
     GSD = "GSD"
     TILE_GROUND_SIZE = "TILE_GROUND_SIZE"
+    GSD_GRID_UNITS = "GSD_GRID_UNITS"
+    TILE_SIZE_GRID_UNITS = "TILE_SIZE_GRID_UNITS"
     GRID_CRS = "GRID_CRS"
     CREATED_AT = "CREATED_AT"
     UPDATED_AT = "UPDATED_AT"
@@ -86,8 +89,11 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
             (self.FORMAT_VERSION, "Index format version"),
             (self.TILE_SIZE_PX, "Tile size (encoder pixels)"),
             (self.STRIDE_PX, "Stride between tiles (encoder pixels)"),
-            (self.GSD, "GSD of the first grid (grid CRS units per encoder pixel)"),
-            (self.TILE_GROUND_SIZE, "Tile side on the ground (grid CRS units)"),
+            # GSD and TILE_GROUND_SIZE are in metres, the unit of buildindex's GSD and TILE_SIZE.
+            (self.GSD, "GSD of the first grid (metres on the ground per encoder pixel)"),
+            (self.TILE_GROUND_SIZE, "Tile side of the first grid (metres on the ground)"),
+            (self.GSD_GRID_UNITS, "GSD of the first grid (grid CRS units per encoder pixel)"),
+            (self.TILE_SIZE_GRID_UNITS, "Tile side of the first grid (grid CRS units)"),
         )
         for name, description in numbers:
             self.addOutput(QgsProcessingOutputNumber(name, tr(description)))
@@ -117,11 +123,14 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         manifest = index.manifest
         encoder = index.encoder_info
         sources = index.sources
+        source_paths = [str(source["path"]) for source in sources]
+        for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
+            reject_outputs_over_rasters([path], name, source_paths, f"the index given for {self.INDEX}")
 
         results: dict[str, Any] = {
             self.TILE_COUNT: index.count,
             self.SOURCE_COUNT: len(sources),
-            self.SOURCE_PATHS: ";".join(str(source["path"]) for source in sources),
+            self.SOURCE_PATHS: ";".join(source_paths),
             self.ENCODER_NAME: encoder.get("name", ""),
             self.ENCODER_CHECKSUM: encoder.get("checksum", ""),
             self.EMBEDDING_DIM: index.embedding_dim,
@@ -135,8 +144,10 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
             results.update({
                 self.TILE_SIZE_PX: grid.tile_size_px,
                 self.STRIDE_PX: grid.stride_px,
-                self.GSD: grid.gsd,
-                self.TILE_GROUND_SIZE: grid.tile_ground_size,
+                self.GSD: grid.gsd_m,
+                self.TILE_GROUND_SIZE: grid.tile_ground_size_m,
+                self.GSD_GRID_UNITS: grid.gsd,
+                self.TILE_SIZE_GRID_UNITS: grid.tile_ground_size,
                 self.GRID_CRS: _crs_name(grid.crs_wkt),
             })
         for name, value in results.items():

@@ -11,6 +11,7 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
+from osgeo import gdal
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsFeatureSource,
@@ -262,3 +263,43 @@ def reject_output_in_folder(output_path: str, output_name: str, folder: str, fol
             f"{output_name}: {output_path} is inside the index folder {folder} given for {folder_name}, "
             "where writing it could replace a file of the index. Choose a file outside that folder."
         ))
+
+
+def raster_files(raster_path: str) -> list[str]:
+    """Return the files a raster consists of: its path and GDAL's file list for the dataset.
+
+    The file list adds sidecars (.ovr, .aux.xml) and the rasters a VRT reads, and the file of a
+    GeoPackage raster, whose GDAL path is ``GPKG:file:table``. A raster GDAL cannot open (moved or
+    deleted since the index was built) contributes only its path.
+    """
+    files = [raster_path]
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(raster_path, gdal.OF_RASTER)
+    except RuntimeError:
+        # Raised instead of returning None when the caller has enabled gdal.UseExceptions().
+        dataset = None
+    finally:
+        gdal.PopErrorHandler()
+    if dataset is not None:
+        files.extend(dataset.GetFileList() or [])
+    return files
+
+
+def reject_outputs_over_rasters(
+    output_paths: Sequence[str], output_name: str, raster_paths: Sequence[str], rasters_name: str
+) -> None:
+    """Raise QgsProcessingException when an output path is one of the files of an input raster.
+
+    Paths are compared with :func:`same_file`, so a symlink or hard link to a raster is caught.
+    ``rasters_name`` names where the rasters come from, e.g. "the index given for INDEX".
+    """
+    for raster_path in dict.fromkeys(raster_paths):
+        for raster_file in raster_files(raster_path):
+            for output_path in output_paths:
+                if output_path and same_file(output_path, raster_file):
+                    raise QgsProcessingException(tr(
+                        f"{output_name}: {output_path} is the file {raster_file} of the raster {raster_path} "
+                        f"in {rasters_name}, and writing it would replace that file. Choose another "
+                        "output path."
+                    ))

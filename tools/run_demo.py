@@ -7,7 +7,9 @@ box and the matches) and the index ``demo_index/`` into the output folder, and r
 SHA-256 checksums in ``demo_outputs.json``. The demo replaces only its own earlier outputs,
 which it recognises by those checksums, and a record file that it wrote itself. Anything else at
 those paths is left alone unless ``--overwrite`` is given. Even then, ``demo_index`` is replaced
-only when it is a Lookalike index or empty, and a file path only when it is a file.
+only when it is a Lookalike index or empty, and a file path only when it is a file. A record
+written by demos before the index was recorded lists only the two files. Its ``demo_index`` is
+accepted, and added to the record, when the sample clip is the index's only source.
 
 Starts its own offscreen QgsApplication, so no display is needed.
 """
@@ -20,7 +22,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -34,7 +35,14 @@ import_lookalike()
 
 from lookalike.core.encoder import default_model_path, file_sha256, load_encoder  # noqa: E402
 from lookalike.core.errors import LookalikeError  # noqa: E402
-from lookalike.core.index import FOLDER_EMPTY, FOLDER_FOREIGN, index_folder_state  # noqa: E402
+from lookalike.core.index import (  # noqa: E402
+    FOLDER_EMPTY,
+    FOLDER_FOREIGN,
+    FOLDER_INDEX,
+    MANIFEST_NAME,
+    index_folder_state,
+    read_manifest_json,
+)
 from lookalike.core.pipeline import BuildParameters, BuildReport, Progress, build_index, run_search  # noqa: E402
 from lookalike.core.search import Match  # noqa: E402
 
@@ -215,6 +223,47 @@ def folder_matches_record(folder: Path, recorded: Any) -> bool:
     return True
 
 
+def is_sample_raster(path: Any, checksum: Any) -> bool:
+    """Tell whether a manifest's source record names the demo's sample raster, by path or SHA-256."""
+    if isinstance(checksum, str) and checksum == file_sha256(SAMPLE_RASTER):
+        return True
+    if not isinstance(path, str):
+        return False
+    try:
+        return os.path.samefile(path, SAMPLE_RASTER)
+    except OSError:
+        # The path is missing or unreadable, so only the checksum could have matched.
+        return False
+
+
+def is_earlier_demo_index(index_folder: Path) -> bool:
+    """Tell whether ``index_folder`` is an index of the sample raster alone, as earlier demos wrote.
+
+    Demos before the record listed ``demo_index`` wrote such an index and recorded only the two
+    files. A user's index of other rasters, or of the sample raster together with others, is not one.
+    """
+    if index_folder_state(index_folder) != FOLDER_INDEX:
+        return False
+    manifest = read_manifest_json(index_folder / MANIFEST_NAME)
+    sources = manifest.get("sources") if manifest is not None else None
+    if not isinstance(sources, list) or len(sources) != 1 or not isinstance(sources[0], dict):
+        return False
+    return is_sample_raster(sources[0].get("path"), sources[0].get("checksum"))
+
+
+def upgrade_earlier_record(recorded: dict[str, Any], record_path: Path, index_folder: Path) -> None:
+    """Record the index of a record written before the demo recorded its index, and save the record.
+
+    Only an index that :func:`is_earlier_demo_index` accepts is recorded, and only when the record
+    exists and lists no index. Anything else is left to :func:`check_outputs_writable`.
+    """
+    if not recorded or INDEX_FOLDER_NAME in recorded or not index_folder.is_dir():
+        return
+    if is_earlier_demo_index(index_folder):
+        print(f"Recording {index_folder}, written by an earlier demo, in {record_path.name}")
+        record_output(recorded, record_path, index_folder)
+
+
 def reject_unrecorded_output(path: Path) -> None:
     raise SystemExit(
         f"{path} exists, and {RECORD_FILE_NAME} does not record it as an output of an earlier demo run, "
@@ -262,10 +311,13 @@ def record_output(recorded: dict[str, Any], record_path: Path, path: Path) -> No
     """
     recorded[path.name] = folder_checksums(path) if path.is_dir() else file_sha256(path)
     # Written beside the record and renamed over it, so a failed write leaves the old record whole.
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=record_path.parent, prefix=f".{record_path.name}.",
-                                     suffix=".tmp", delete=False) as stream:
-        json.dump(recorded, stream, indent=2, sort_keys=True)
-    os.replace(stream.name, record_path)
+    # write_text creates the file with the umask applied (0644 under the usual 022), where
+    # tempfile would create it 0600. A temporary file left by a crashed run is removed first,
+    # because writing into it would keep its mode.
+    temporary_path = record_path.with_name(f".{record_path.name}.{os.getpid()}.tmp")
+    temporary_path.unlink(missing_ok=True)
+    temporary_path.write_text(json.dumps(recorded, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(temporary_path, record_path)
 
 
 def report_progress(progress: Progress) -> None:
@@ -302,6 +354,7 @@ def run_demo(output_folder: Path, encoder_path: Path, k: int, overwrite: bool) -
     index_folder = output_folder / INDEX_FOLDER_NAME
     record_path = output_folder / RECORD_FILE_NAME
     recorded = read_record(record_path, overwrite)
+    upgrade_earlier_record(recorded, record_path, index_folder)
     check_outputs_writable(output_folder, recorded, overwrite)
 
     print(f"Indexing {SAMPLE_RASTER.name} with {encoder_path.name}: tiles of {DEMO_TILE_SIZE_SOURCE_PX} px, "

@@ -31,7 +31,7 @@ from ..core import get_logger
 from ..core.crs import grid_scale
 from ..core.encoder import MODELS_DIR, OnnxEncoder
 from ..core.errors import LookalikeError
-from ..core.grid import stride_from_overlap, tile_count
+from ..core.grid import TileGrid, stride_from_overlap, tile_count
 from ..core.index import (
     FOLDER_DAMAGED_INDEX,
     FOLDER_FOREIGN,
@@ -39,6 +39,7 @@ from ..core.index import (
     MANIFEST_NAME,
     TileIndex,
     index_folder_state,
+    read_manifest_json,
 )
 from ..core.parameters import MIN_SOURCE_PIXELS_PER_TILE, MIN_TILE_SIZE_SOURCE_PX
 from ..core.pipeline import BuildParameters, Region
@@ -59,6 +60,9 @@ from .dock_constants import (
 )
 
 LOGGER = get_logger("ui.build_panel")
+
+# Decimals of the GSD field in m/px.
+GSD_DECIMALS = 3
 
 # The dock rejects a GSD at which a raster's shorter side spans fewer encoder pixels than this,
 # because the raster then shrinks to a speck in one chip. Below about 1.1 pixels the build embeds
@@ -194,7 +198,7 @@ class BuildPanelMixin:
 
         self.gsd_spin = QDoubleSpinBox()
         self.gsd_spin.setObjectName("lookalikeGsd")
-        self.gsd_spin.setDecimals(3)
+        self.gsd_spin.setDecimals(GSD_DECIMALS)
         self.gsd_spin.setRange(0.001, 100000.0)
         self.gsd_spin.setSuffix(" m/px")
         self.gsd_spin.setToolTip(
@@ -547,16 +551,20 @@ class BuildPanelMixin:
             written_bounds = (box.xMinimum(), box.yMinimum(), box.xMaximum(), box.yMaximum())
             source_paths = (str(written_raster_path(folder, source.provider_uri, written_bounds, written_crs, gsd)),)
 
+        add_to_existing = self.add_to_index_check.isChecked()
         params = BuildParameters(
             source_paths=source_paths,
             index_folder=folder,
             encoder_path=encoder_path,
-            tile_ground_size_m=gsd * self.encoder_spec.input_size_px,
+            # Added rasters take the index's GSD, which the GSD field may show only rounded.
+            tile_ground_size_m=None if add_to_existing and _matches_index_gsd(folder, gsd) else (
+                gsd * self.encoder_spec.input_size_px
+            ),
             overlap_fraction=self.overlap_spin.value() / 100.0,
             extent=region,
             mask=self._mask_region(),
             band_indexes=self.band_indexes(),
-            add_to_existing=self.add_to_index_check.isChecked(),
+            add_to_existing=add_to_existing,
         )
         return jobs.BuildRequest(
             params=params,
@@ -619,7 +627,7 @@ class BuildPanelMixin:
         )
         task.project_epoch = self.project_epoch
         task.tileProgress.connect(self._on_build_progress)
-        task.progressChanged.connect(lambda value: self.progress_bar.setValue(int(value)))
+        task.progressChanged.connect(self._on_build_percent)
         self.build_task = task
         self.build_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -632,6 +640,22 @@ class BuildPanelMixin:
         if self.build_task is not None:
             self.build_task.cancel()
             self.status_label.setText("Cancelling after the current batch…")
+
+    def _on_build_percent(self, percent: float) -> None:
+        self.progress_bar.setValue(int(percent))
+
+    def detach_build_task(self) -> None:
+        """Disconnect the running build from the panel and drop its Resume messages, before the panel goes away."""
+        task = self.build_task
+        if task is not None:
+            for signal, slot in ((task.tileProgress, self._on_build_progress),
+                                 (task.progressChanged, self._on_build_percent)):
+                try:
+                    signal.disconnect(slot)
+                except TypeError:
+                    LOGGER.debug("%s was not connected", slot.__name__)
+        for folder_key in list(self._resume_items):
+            self._remove_resume_message(folder_key)
 
     def _on_build_progress(self, progress: TileProgress) -> None:
         if progress.tiles_total > 0:
@@ -873,6 +897,17 @@ def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _matches_index_gsd(folder: str, gsd_m: float) -> bool:
+    """Tell whether ``gsd_m``, as the GSD field shows it, is the GSD of the index in ``folder``."""
+    manifest = read_manifest_json(Path(folder) / MANIFEST_NAME)
+    try:
+        index_gsd_m = TileGrid.from_dict(manifest["sources"][0]["grid"]).gsd_m
+    except (TypeError, KeyError, IndexError, LookalikeError):
+        # No readable index there: the build reports what is wrong with the folder.
+        return False
+    return math.isclose(gsd_m, index_gsd_m, abs_tol=0.5 * 10 ** -GSD_DECIMALS)
 
 
 def _started_in_closed_project(dock, task: LookalikeTask) -> bool:

@@ -108,6 +108,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.canvas.mapToolSet.connect(self._on_map_tool_set)
 
         self.project.readProject.connect(self._on_project_read)
+        self.project.writeProject.connect(self._on_project_written)
         self.project.cleared.connect(self._on_project_cleared)
         self._on_encoder_choice_changed()
         self._on_raster_layer_changed(self.raster_combo.currentLayer())
@@ -246,6 +247,11 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         if state.index_folder:
             self.open_index(state.index_folder)
 
+    def _on_project_written(self, *_args) -> None:
+        # QGIS writes the project's entries after this signal, so the settings as they are now
+        # reach the file, whenever they were changed.
+        self._store_state()
+
     def _on_project_read(self, *_args) -> None:
         self.restore_from_project()
 
@@ -293,6 +299,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         if self._cleaned_up:
             return
         self._cleaned_up = True
+        # The task outlives the panel; its signals must not reach deleted widgets.
+        self.detach_build_task()
         for task in self.running_tasks():
             task.on_finished = None
             task.cancel()
@@ -305,6 +313,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.overlay.clear()
         connections = [
             (self.project.readProject, self._on_project_read),
+            (self.project.writeProject, self._on_project_written),
             (self.project.cleared, self._on_project_cleared),
             (self.canvas.mapToolSet, self._on_map_tool_set),
         ]

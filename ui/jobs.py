@@ -16,7 +16,7 @@ from qgis.PyQt.QtGui import QImage
 
 from ..core import get_logger
 from ..core.encoder import OnnxEncoder
-from ..core.errors import LookalikeError, SearchError
+from ..core.errors import CancelledError, LookalikeError, SearchError
 from ..core.index import TileIndex
 from ..core.pipeline import (
     BuildParameters,
@@ -129,6 +129,7 @@ class SearchRequest:
     parts: Tuple[QueryPart, ...]
     k: int
     encoder: Optional[OnnxEncoder] = None
+    # The panel's encoder, used when the file the index recorded is missing and this one fits.
     encoder_path: str = ""
     relevant_tile_ids: Tuple[int, ...] = ()
     not_relevant_tile_ids: Tuple[int, ...] = ()
@@ -153,17 +154,35 @@ def encoder_path_for_index(index: TileIndex, fallback: str = "") -> str:
     return str(index_encoder_path(index, (fallback,)))
 
 
+class QueryPartError(SearchError):
+    """A search failed on one query part; ``position`` is its place in the request's parts."""
+
+    def __init__(self, position: int, error: LookalikeError) -> None:
+        super().__init__(str(error))
+        self.position = position
+
+
 def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
-    """Embed the query parts, add the marked tiles' stored embeddings and search the index."""
-    encoder = request.encoder or OnnxEncoder(request.encoder_path)
+    """Embed the query parts, add the marked tiles' stored embeddings and search the index.
+
+    Raises:
+        QueryPartError: a part lies off the imagery or has a geometry that cannot be a query.
+    """
+    encoder = request.encoder or OnnxEncoder(encoder_path_for_index(request.index, request.encoder_path))
     request.index.check_encoder(encoder.name, encoder.checksum)
     positives: List[np.ndarray] = []
     negatives: List[np.ndarray] = []
     exclude: List[Tuple[Tuple[float, float, float, float], str]] = []
-    for part in request.parts:
+    for position, part in enumerate(request.parts):
         task.check_cancelled()
-        source_path = indexed_source_for_geometry(request.index, part.wkt, part.crs_wkt)
-        chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt, is_cancelled=task.isCanceled)
+        try:
+            source_path = indexed_source_for_geometry(request.index, part.wkt, part.crs_wkt)
+            chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt,
+                                is_cancelled=task.isCanceled)
+        except CancelledError:
+            raise
+        except LookalikeError as error:
+            raise QueryPartError(position, error) from error
         (negatives if part.negative else positives).append(chips.embeddings)
         if not part.negative:
             exclude.extend((tuple(bounds), chips.crs_wkt) for bounds in chips.footprints)

@@ -125,6 +125,9 @@ class ResultsPanelMixin:
             return
         self.result_layer_id = ""
         self.matches = []
+        # Marks are shown only in the table's rows, so marks left without rows would steer later
+        # searches unseen.
+        self.results_table.clear_marks()
         self.results_table.set_matches([])
         self.histogram.set_scores([])
         self._on_threshold_changed(0)

@@ -31,10 +31,6 @@ class SearchPanelMixin:
     """Widgets and slots of the "Search" group, mixed into ``LookalikeDockWidget``."""
 
     def _build_search_group(self) -> QGroupBox:
-        # Query parts before this position were in a search that succeeded; the parts after it
-        # are dropped again when their first search fails on them.
-        self._searched_part_count = 0
-        self._confirmed_part_count = 0
         # The index the shown matches and their relevance marks belong to.
         self._results_index_identity: Optional[tuple] = None
         group = QGroupBox("2 · Search")
@@ -162,25 +158,16 @@ class SearchPanelMixin:
     def clear_query(self) -> None:
         """Remove the drawn parts and the relevance marks; the next drawing starts a new query."""
         self.query_parts = []
-        self._searched_part_count = 0
-        self._confirmed_part_count = 0
         self.overlay.clear()
         self.results_table.clear_marks()
         self._update_query_label()
 
-    def _drop_unconfirmed_parts(self) -> int:
-        """Remove the parts that the failed search added to the query; return how many."""
-        first, end = self._confirmed_part_count, self._searched_part_count
-        dropped = end - first
-        if dropped <= 0:
-            return 0
-        self.query_parts = self.query_parts[:first] + self.query_parts[end:]
-        self._searched_part_count = first
+    def _remove_query_part(self, position: int) -> None:
+        del self.query_parts[position]
         self.overlay.clear()
         for geometry, negative, _crs_wkt in self.query_parts:
             self.overlay.add(geometry, negative)
         self._update_query_label()
-        return dropped
 
     def _update_query_label(self) -> None:
         positives = sum(1 for _geometry, negative, _crs in self.query_parts if not negative)
@@ -218,7 +205,6 @@ class SearchPanelMixin:
             self._search_again = True
             return None
 
-        encoder_path = jobs.encoder_path_for_index(self.index, self.encoder_path())
         encoder = self._encoder_cache
         if encoder is not None and encoder.checksum != self.index.encoder_info.get("checksum"):
             encoder = None
@@ -230,19 +216,19 @@ class SearchPanelMixin:
             ),
             k=self.k_spin.value(),
             encoder=encoder,
-            encoder_path=encoder_path,
+            encoder_path=self.encoder_path(),
             relevant_tile_ids=relevant,
             not_relevant_tile_ids=not_relevant,
         )
 
         index_identity = self.index.identity
+        query_number = self.query_number
         task = LookalikeTask(
             f"Lookalike: search {self.query_layer_name()}",
             lambda running: jobs.search_work(request, running),
-            lambda done: self._on_search_finished(done, index_identity),
+            lambda done: self._on_search_finished(done, index_identity, query_number),
         )
         self.search_task = task
-        self._searched_part_count = len(self.query_parts)
         self.search_button.setText("Cancel search")
         self.query_label.setText("Searching…")
         self._store_state()
@@ -270,26 +256,29 @@ class SearchPanelMixin:
         self.search_task.cancel()
         self.query_label.setText("Cancelling the search…")
 
-    def _on_search_finished(self, task: LookalikeTask, index_identity: Optional[tuple] = None) -> None:
+    def _on_search_finished(
+        self, task: LookalikeTask, index_identity: Optional[tuple] = None, query_number: int = 0
+    ) -> None:
         self.search_task = None
         self.search_button.setText("Search")
         self._update_query_label()
         if task.outcome is TaskOutcome.SUCCEEDED:
             outcome: jobs.SearchOutcome = task.result
             self._encoder_cache = outcome.encoder
-            self._confirmed_part_count = self._searched_part_count
             self._results_index_identity = index_identity
             self.show_matches(outcome.matches, outcome.encoder.name)
         elif task.outcome is TaskOutcome.FAILED:
             self._report_failure("The search", task)
-            if isinstance(task.error, LookalikeError):
-                dropped = self._drop_unconfirmed_parts()
-                if dropped:
-                    self.push_message(
-                        f"The {dropped} query part(s) added since the last search were removed from the "
-                        "query, so the next search runs without them.",
-                        Qgis.MessageLevel.Info,
-                    )
+            error = task.error
+            # Parts keep their positions until the query is cleared, which starts a new query.
+            if isinstance(error, jobs.QueryPartError) and query_number == self.query_number:
+                self._remove_query_part(error.position)
+                self.push_message(
+                    f"Query part {error.position + 1} was removed, so the query can run without it.",
+                    Qgis.MessageLevel.Info,
+                )
+                if self.query_parts:
+                    self._search_again = True
         if self._search_again:
             self._search_again = False
             self.start_search()
@@ -299,6 +288,8 @@ class SearchPanelMixin:
         name = self.query_layer_name()
         old_layer = self.project.mapLayer(self.result_layer_id) if self.result_layer_id else None
         if old_layer is not None and old_layer.name() == name:
+            # Replacing the layer is not the analyst removing it: the marks stay.
+            self.result_layer_id = ""
             self.project.removeMapLayer(old_layer.id())
         self.matches = found
         try:

@@ -6,6 +6,7 @@ overlap and query box are what is tested.
 """
 
 import json
+import os
 import threading
 from pathlib import Path
 
@@ -305,3 +306,70 @@ def test_demo_reports_plugin_error_in_one_line(tmp_path):
     assert message.startswith("The demo failed: ")
     assert str(tmp_path / run_demo.INDEX_FOLDER_NAME) in message
     assert "\n" not in message
+
+
+# -- records written by earlier demos ----------------------------------------------------------------
+
+
+def write_earlier_record(output_folder: Path) -> dict:
+    """Rewrite the record as demos before the index was recorded wrote it: the two files only."""
+    record_path = output_folder / run_demo.RECORD_FILE_NAME
+    recorded = json.loads(record_path.read_text(encoding="utf-8"))
+    earlier = {name: recorded[name] for name in run_demo.OUTPUT_FILE_NAMES}
+    record_path.write_text(json.dumps(earlier, indent=2), encoding="utf-8")
+    return earlier
+
+
+@pytest.mark.parametrize("source_path_moved", [False, True])
+def test_demo_upgrades_earlier_record(tmp_path, source_path_moved):
+    assert run_tiny_demo(tmp_path) == 0
+    write_earlier_record(tmp_path)
+    index_folder = tmp_path / run_demo.INDEX_FOLDER_NAME
+    if source_path_moved:
+        # An earlier demo run from another checkout recorded the sample raster under its path there.
+        manifest_path = index_folder / "manifest.json"
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest["sources"][0]["path"] = str(tmp_path / "old_checkout" / run_demo.SAMPLE_RASTER.name)
+        manifest_path.write_text(json.dumps(manifest), encoding="utf-8")
+
+    assert run_tiny_demo(tmp_path) == 0
+
+    recorded = json.loads((tmp_path / run_demo.RECORD_FILE_NAME).read_text(encoding="utf-8"))
+    assert recorded[run_demo.INDEX_FOLDER_NAME] == run_demo.folder_checksums(index_folder)
+    manifest = json.loads((index_folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["sources"][0]["path"] == str(run_demo.SAMPLE_RASTER)
+
+
+@pytest.mark.parametrize("with_sample_raster", [False, True])
+def test_demo_keeps_users_index_with_earlier_record(tmp_path, with_sample_raster):
+    assert run_tiny_demo(tmp_path) == 0
+    earlier = write_earlier_record(tmp_path)
+    index_folder = tmp_path / run_demo.INDEX_FOLDER_NAME
+    for path in index_folder.iterdir():
+        path.unlink()
+    if with_sample_raster:
+        make_users_index(tmp_path / "scratch_index", tmp_path)
+        build_index(BuildParameters(
+            source_paths=(str(run_demo.SAMPLE_RASTER), str(tmp_path / "field.tif")), index_folder=str(index_folder),
+            encoder_path=str(TINY_ENCODER), tile_size_source_px=32,
+        ))
+        users_index = folder_contents(index_folder)
+    else:
+        users_index = make_users_index(index_folder, tmp_path)
+
+    with pytest.raises(SystemExit, match=f"{run_demo.INDEX_FOLDER_NAME} exists.*--overwrite"):
+        run_tiny_demo(tmp_path)
+
+    assert folder_contents(index_folder) == users_index
+    assert json.loads((tmp_path / run_demo.RECORD_FILE_NAME).read_text(encoding="utf-8")) == earlier
+
+
+@pytest.mark.parametrize(("umask", "expected_mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_demo_record_mode_follows_umask(tmp_path, umask, expected_mode):
+    previous_umask = os.umask(umask)
+    try:
+        assert run_tiny_demo(tmp_path) == 0
+    finally:
+        os.umask(previous_umask)
+
+    assert (tmp_path / run_demo.RECORD_FILE_NAME).stat().st_mode & 0o777 == expected_mode

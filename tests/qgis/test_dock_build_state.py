@@ -460,3 +460,47 @@ def test_layer_sizes_in_ground_metres(repo_root, tmp_path, crs):
     assert default_gsd_m(copy, None) == pytest.approx(default_gsd_m(original, None), rel=0.01)
     for copy_m, original_m in zip(raster_size_m(copy), raster_size_m(original)):
         assert copy_m == pytest.approx(original_m, rel=0.02)
+
+
+def test_append_to_index_with_finer_gsd_than_field(dock, ships_clip, repo_root, tmp_path):
+    folder = tmp_path / "index"
+    # 30 px tiles of 5 m at the tiny encoder's 32 px give a GSD of 4.6875 m, which the field rounds.
+    build_index(BuildParameters(
+        source_paths=(str(repo_root / SHIPS_CLIP),), index_folder=str(folder),
+        encoder_path=str(repo_root / TINY_ENCODER), tile_size_source_px=30, overlap_fraction=0.5,
+    ))
+    corner = tmp_path / "corner.tif"
+    gdal.Translate(str(corner), str(repo_root / SHIPS_CLIP), srcWin=[0, 0, 200, 200])
+    corner_layer = QgsRasterLayer(str(corner), "corner")
+    QgsProject.instance().addMapLayer(corner_layer)
+    dock.index_folder.setFilePath(str(folder))
+    wait_for_tasks(dock)
+    dock.raster_combo.setLayer(corner_layer)
+    dock.add_to_index_check.setChecked(True)
+    dock.overlap_spin.setValue(50)
+    dock.gsd_spin.setValue(4.6875)
+
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    sources = TileIndex.open(folder).sources
+    assert len(sources) == 2
+    assert sources[1]["grid"]["gsd"] == sources[0]["grid"]["gsd"]
+
+
+def test_settings_changed_after_open_are_saved(dock, ships_clip, tmp_path):
+    dock.raster_combo.setLayer(ships_clip)
+    build_at(dock, tmp_path / "index", gsd_m=20.0, overlap_percent=50)
+    dock.gsd_spin.setValue(7.5)
+    dock.overlap_spin.setValue(0)
+    dock.k_spin.setValue(50)
+    project_path = tmp_path / "ships.qgz"
+    assert QgsProject.instance().write(str(project_path))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(dock)
+
+    assert dock.gsd_spin.value() == 7.5
+    assert dock.overlap_spin.value() == 0
+    assert dock.k_spin.value() == 50

@@ -11,8 +11,10 @@ from qgis.gui import QgsMapTool, QgsRubberBand
 from qgis.PyQt.QtCore import QEvent, Qt
 from qgis.PyQt.QtGui import QMouseEvent
 from qgis.PyQt.QtTest import QTest
+from qgis.PyQt.QtWidgets import QPushButton
 
 import lookalike
+from lookalike.ui.dock import OTHER_ENCODER
 
 
 def click_map(canvas, point, button=Qt.MouseButton.LeftButton) -> None:
@@ -369,3 +371,54 @@ def test_cleanup_twice_is_harmless(dock):
     dock.close()
 
     assert not dock.isVisible()
+
+
+def test_unload_during_build_reaches_no_widget(qgis_iface, qgis_new_project, ships_clip, repo_root, tmp_path,
+                                               monkeypatch):
+    import sys
+
+    plugin = show_plugin_dock(qgis_iface)
+    dock = plugin.dock
+    dock.encoder_combo.setCurrentIndex(dock.encoder_combo.findData(OTHER_ENCODER))
+    dock.encoder_file.setFilePath(str(repo_root / "tests" / "data" / "tiny_encoder.onnx"))
+    wait_until(lambda: dock.encoder_spec is not None and dock.encoder_spec.name == "tiny_test_encoder")
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    # About 3,500 tiles, so the build is still running when the plugin unloads.
+    dock.gsd_spin.setValue(1.25)
+    task = dock.start_build()
+    progress = []
+    task.tileProgress.connect(progress.append)
+    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    uncaught = []
+    monkeypatch.setattr(sys, "excepthook", lambda kind, value, _trace: uncaught.append(f"{kind.__name__}: {value}"))
+
+    plugin.unload()
+    delete_later_objects()
+    wait_until(lambda: QgsApplication.taskManager().countActiveTasks() == 0)
+
+    assert uncaught == []
+
+
+def test_resume_message_leaves_with_plugin(qgis_iface, qgis_new_project, ships_clip, repo_root, tmp_path):
+    plugin = show_plugin_dock(qgis_iface)
+    dock = plugin.dock
+    dock.encoder_combo.setCurrentIndex(dock.encoder_combo.findData(OTHER_ENCODER))
+    dock.encoder_file.setFilePath(str(repo_root / "tests" / "data" / "tiny_encoder.onnx"))
+    wait_until(lambda: dock.encoder_spec is not None and dock.encoder_spec.name == "tiny_test_encoder")
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.gsd_spin.setValue(1.25)
+    task = dock.start_build()
+    progress = []
+    task.tileProgress.connect(progress.append)
+    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    dock.cancel_build()
+    wait_until(lambda: dock.build_task is None)
+    bar = qgis_iface.messageBar()
+    assert any(item.findChild(QPushButton, "lookalikeMessageButton") for item in bar.items())
+
+    plugin.unload()
+    delete_later_objects()
+
+    assert not any(item.findChild(QPushButton, "lookalikeMessageButton") for item in bar.items())

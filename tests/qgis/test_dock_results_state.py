@@ -82,10 +82,12 @@ def test_export_to_folder_rejected(searched, qgis_iface, tmp_path, monkeypatch):
 
 def test_removing_result_layer_empties_table(searched):
     assert searched.results_table.rowCount() == 3
+    searched.results_table.set_relevance(searched.matches[0].tile_id, Relevance.NOT_RELEVANT)
 
     QgsProject.instance().removeMapLayer(searched.result_layer_id)
 
     assert searched.results_table.rowCount() == 0
+    assert searched.results_table.tiles_marked(Relevance.NOT_RELEVANT) == []
     assert searched.matches == []
     assert searched.histogram.bin_counts() == [0] * len(searched.histogram.bin_counts())
 
@@ -155,6 +157,57 @@ def test_rejected_part_leaves_query(searched, qgis_iface, ships_layer):
     searched.start_search()
     wait_for_tasks(searched)
     assert not messages(qgis_iface, Qgis.MessageLevel.Critical)
+
+
+def test_negative_only_query_keeps_its_part(searched, qgis_iface, qgis_canvas, ships_layer):
+    searched.clear_query()
+    searched.negative_button.setChecked(True)
+
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+
+    assert any("no positive example" in text for text in messages(qgis_iface, Qgis.MessageLevel.Critical))
+    assert [negative for _geometry, negative, _crs in searched.query_parts] == [True]
+
+
+def test_part_off_new_index_removed_and_search_reruns(searched, qgis_iface, ships_layer):
+    extent = ships_layer.extent()
+    # A second part on the raster, then the first one made unusable: it now lies off the imagery.
+    searched.add_query_geometry(QgsGeometry.fromWkt(extent.center().asWkt()), False)
+    wait_for_tasks(searched)
+    first, negative, crs_wkt = searched.query_parts[0]
+    moved = QgsGeometry(first)
+    moved.translate(extent.width() * 3, 0)
+    searched.query_parts[0] = (moved, negative, crs_wkt)
+    qgis_iface.messageBar().clear_messages()
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert len(searched.query_parts) == 1
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("Query part 1 was removed" in text for text in infos), infos
+    # The search ran again with the part that is left.
+    assert searched.matches
+    assert searched.search_task is None
+
+
+def test_missing_encoder_file_is_a_message(dock, ships_layer, qgis_canvas, qgis_iface, tmp_path, repo_root):
+    import shutil
+
+    encoder_copy = tmp_path / "my_encoder.onnx"
+    shutil.copy(repo_root / "tests" / "data" / "tiny_encoder.onnx", encoder_copy)
+    dock.encoder_file.setFilePath(str(encoder_copy))
+    wait_until(lambda: dock.encoder_spec is not None)
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    encoder_copy.rename(tmp_path / "moved.onnx")
+    dock.encoder_file.setFilePath(str(tmp_path / "elsewhere.onnx"))
+    dock._encoder_cache = None
+
+    search_box(dock, qgis_canvas, ship_query_bounds(ships_layer))
+
+    errors = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any("no longer exists" in text for text in errors), errors
 
 
 def test_selected_lines_not_added(searched, qgis_iface, ships_layer):

@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from dock_testing import SAMPLE_CLIP
 from osgeo import gdal
 from processing_testing import point_layer, polygon_layer, run_algorithm
 from qgis.core import (
@@ -25,6 +26,7 @@ from qgis.core import (
 
 from lookalike.core.encoder import default_model_path
 from lookalike.core.errors import SearchError
+from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex
 from lookalike.processing.search import MAX_K
 from lookalike.processing.support import core_errors
@@ -540,3 +542,153 @@ def test_help_is_plain_text(provider, name):
     assert lines[0] == algorithm.SUMMARY
     for definition in algorithm.parameterDefinitions():
         assert f"{definition.description()} ({definition.name()}): {definition.help()}" in lines
+
+
+# -- outputs over indexed and exported rasters ------------------------------------------------------
+
+
+@pytest.fixture()
+def clip_copy_index(provider, tmp_path, repo_root, tiny_encoder) -> tuple[Path, Path]:
+    """Index of a copy of the sample clip in ``tmp_path``; return (raster, index folder)."""
+    raster = Path(shutil.copy(repo_root / SAMPLE_CLIP, tmp_path / "clip.tif"))
+    folder = tmp_path / "index"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(raster)], "ENCODER": tiny_encoder, "TILE_SIZE": 32, "OUTPUT": str(folder),
+    })
+    return raster, folder
+
+
+@pytest.mark.parametrize("output_parameter", ["OUTPUT_HTML", "OUTPUT_JSON"])
+@pytest.mark.parametrize("link", ["none", "symlink", "hard link"])
+def test_indexinfo_rejects_output_over_raster(clip_copy_index, tmp_path, output_parameter, link):
+    raster, folder = clip_copy_index
+    raster_bytes = raster.read_bytes()
+    target = raster
+    if link == "symlink":
+        target = tmp_path / "link.tif"
+        target.symlink_to(raster)
+    elif link == "hard link":
+        target = tmp_path / "hard_link.tif"
+        os.link(raster, target)
+
+    message = run_failure("indexinfo", {"INDEX": str(folder), output_parameter: str(target)})
+
+    assert f"{output_parameter}: {target} is the file " in message
+    assert "in the index given for INDEX" in message
+    assert "Choose another output path" in message
+    assert raster.read_bytes() == raster_bytes
+
+
+def test_indexinfo_writes_beside_raster(clip_copy_index, tmp_path):
+    raster, folder = clip_copy_index
+
+    results = run_algorithm("indexinfo", {"INDEX": str(folder), "OUTPUT_JSON": str(tmp_path / "clip.json")})
+
+    assert Path(results["OUTPUT_JSON"]).is_file()
+
+
+def test_export_rejects_chip_over_raster(provider, tmp_path, repo_root):
+    chip_folder = tmp_path / "chips"
+    chip_folder.mkdir()
+    # A chip exported earlier, used as the raster of the next export into the same folder.
+    raster = Path(shutil.copy(repo_root / SAMPLE_CLIP, chip_folder / "chip_00001.tif"))
+    raster_bytes = raster.read_bytes()
+
+    message = run_failure("exportchips", {
+        "INPUT": polygon_layer([(558505.0, 4176040.0, 558665.0, 4176200.0)]),
+        "RASTER": str(raster),
+        "OUTPUT": str(chip_folder),
+    })
+
+    assert f"OUTPUT: {raster} is the file {raster} of the raster {raster} in RASTER" in message
+    assert raster.read_bytes() == raster_bytes
+
+
+# -- ground sizes in metres -------------------------------------------------------------------------
+
+US_SURVEY_FOOT_M = 1200.0 / 3937.0
+# Metres per pixel of the sample clip, and its pixel size in US survey feet for the EPSG:2227 copy.
+CLIP_PIXEL_SIZE_M = 5.0
+CLIP_PIXEL_SIZE_FT = 16.4042
+
+
+@pytest.fixture(scope="module")
+def clip_in_feet(tmp_path_factory, repo_root) -> Path:
+    """The sample clip relabelled to EPSG:2227 (US survey feet) with 16.4042 ft (5 m) pixels."""
+    source = gdal.Open(str(repo_root / SAMPLE_CLIP))
+    width, height = source.RasterXSize, source.RasterYSize
+    path = tmp_path_factory.mktemp("feet") / "clip_2227.tif"
+    gdal.Translate(str(path), source, outputSRS="EPSG:2227", outputBounds=[
+        6000000, 2100000, 6000000 + width * CLIP_PIXEL_SIZE_FT, 2100000 - height * CLIP_PIXEL_SIZE_FT,
+    ])
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip_in_web_mercator(tmp_path_factory, repo_root) -> Path:
+    path = tmp_path_factory.mktemp("web_mercator") / "clip_3857.tif"
+    gdal.Warp(str(path), str(repo_root / SAMPLE_CLIP), dstSRS="EPSG:3857")
+    return path
+
+
+def first_grid(index_folder: str) -> TileGrid:
+    return TileGrid.from_dict(TileIndex.open(index_folder).sources[0]["grid"])
+
+
+@pytest.mark.parametrize("size_parameters", [{"TILE_SIZE": 160, "TILE_SIZE_UNIT": 1}, {"GSD": 5.0}])
+def test_build_feet_raster_metre_tiles(provider, tmp_path, clip_in_feet, tiny_encoder, size_parameters):
+    results = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(clip_in_feet)], "ENCODER": tiny_encoder, "OUTPUT": str(tmp_path / "index"),
+        **size_parameters,
+    })
+
+    grid = first_grid(results["OUTPUT"])
+    assert grid.tile_ground_size_m == pytest.approx(160.0, rel=1e-6)
+    assert grid.tile_ground_size == pytest.approx(160.0 / US_SURVEY_FOOT_M, rel=1e-6)
+    xmin, _, xmax, _ = grid.tile_bounds(0, 0)
+    assert (xmax - xmin) * US_SURVEY_FOOT_M == pytest.approx(160.0, rel=1e-6)
+    # The tiny encoder's input is 32 px, so a 160 m tile has a GSD of 5 m.
+    assert results["GSD_USED"] == pytest.approx(5.0, rel=1e-6)
+    assert results["TILE_GROUND_SIZE"] == pytest.approx(160.0, rel=1e-6)
+
+
+def test_build_web_mercator_metre_tiles(provider, tmp_path, clip_in_web_mercator, tiny_encoder):
+    results = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(clip_in_web_mercator)], "ENCODER": tiny_encoder, "TILE_SIZE": 200,
+        "TILE_SIZE_UNIT": 1, "OUTPUT": str(tmp_path / "index"),
+    })
+
+    grid = first_grid(results["OUTPUT"])
+    assert grid.tile_ground_size_m == pytest.approx(200.0, rel=1e-6)
+    # Web Mercator stretches lengths by about 1/cos(37.7 degrees) = 1.265 at the clip.
+    assert grid.tile_ground_size == pytest.approx(200.0 * 1.265, rel=0.01)
+    assert results["GSD_USED"] == pytest.approx(200.0 / 32, rel=1e-6)
+    assert results["TILE_GROUND_SIZE"] == pytest.approx(200.0, rel=1e-6)
+
+
+def test_indexinfo_feet_sizes_in_metres(provider, tmp_path, clip_in_feet, tiny_encoder):
+    built = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(clip_in_feet)], "ENCODER": tiny_encoder, "TILE_SIZE": 160, "TILE_SIZE_UNIT": 1,
+        "OUTPUT": str(tmp_path / "index"),
+    })
+
+    results = run_algorithm("indexinfo", {"INDEX": built["OUTPUT"]})
+
+    assert results["GSD"] == pytest.approx(CLIP_PIXEL_SIZE_M, rel=1e-6)
+    assert results["TILE_GROUND_SIZE"] == pytest.approx(160.0, rel=1e-6)
+    assert results["GSD_GRID_UNITS"] == pytest.approx(CLIP_PIXEL_SIZE_M / US_SURVEY_FOOT_M, rel=1e-6)
+    assert results["TILE_SIZE_GRID_UNITS"] == pytest.approx(160.0 / US_SURVEY_FOOT_M, rel=1e-6)
+
+
+def test_build_help_states_metres(provider):
+    algorithm = provider.algorithm("buildindex")
+
+    help_text = algorithm.shortHelpString()
+
+    assert algorithm.parameterDefinition("TILE_SIZE_UNIT").options() == [
+        "Source pixels (of the first raster)", "Metres on the ground",
+    ]
+    assert "1: metres on the ground" in algorithm.parameterDefinition("TILE_SIZE_UNIT").help()
+    assert "metres per encoder pixel" in algorithm.parameterDefinition("GSD").description()
+    assert "grid CRS units" not in help_text
+    assert "units of the tile grid's CRS" not in help_text

@@ -383,3 +383,32 @@ def test_foreign_json_manifest_left_alone(tmp_path):
     with pytest.raises(SearchIndexError, match="not a Lookalike index"):
         TileIndex.create(folder, info, overwrite=True)
     assert (folder / "manifest.json").read_text(encoding="utf-8") == "[1, 2, 3]"
+
+
+def test_unwritable_index_folder_rejected_before_work(shared_data, tmp_path, monkeypatch):
+    folder = tmp_path / "index"
+    build_index(parameters([geo(shared_data, "rasterio/rgb1.tif")], folder))
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == folder else real_access(path, mode))
+    reads = []
+    monkeypatch.setattr(RasterSource, "read_tile", lambda *args, **kwargs: reads.append(1))
+
+    with pytest.raises(SearchIndexError, match="cannot write in .*index.*choose a folder you can write to"):
+        build_index(parameters([geo(shared_data, "rasterio/rgb2.tif")], folder, add_to_existing=True))
+    assert reads == []
+
+
+def test_unreadable_manifest_is_named(tmp_path, monkeypatch):
+    from lookalike.core.index import index_folder_state
+
+    folder = tmp_path / "index"
+    folder.mkdir()
+    manifest = folder / "manifest.json"
+    manifest.write_text("{}", encoding="utf-8")
+
+    def denied(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_text", denied)
+    with pytest.raises(SearchIndexError, match=r"manifest.json cannot be read \(Permission denied\)"):
+        index_folder_state(folder)

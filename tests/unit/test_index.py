@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -480,6 +481,21 @@ def test_save_refuses_a_stale_copy(tmp_path: Path) -> None:
     reopened = TileIndex.open(folder)
     assert reopened.count == 12
     np.testing.assert_allclose(reopened.embeddings[10:], unit_vectors(2, seed=7), atol=1e-3)
+
+
+def test_save_refuses_copy_of_replaced_index(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=10)
+    stale = TileIndex.open(folder)
+    shutil.rmtree(folder)
+    # A new index in the same folder, at the same generation as the stale copy.
+    filled_index(folder, n=6)
+    stale.add(unit_vectors(2, seed=9), make_tile_table(0, [8, 8], [0, 1]))
+
+    with pytest.raises(SearchIndexError, match="saved from another copy"):
+        stale.save()
+
+    assert TileIndex.open(folder).count == 6
 
 
 def test_save_removes_old_generations(tmp_path: Path) -> None:

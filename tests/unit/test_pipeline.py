@@ -997,6 +997,22 @@ def test_query_embeds_batches_of_chips(rgb_index, shared_data, monkeypatch):
     assert len(chips.footprints) >= 3
 
 
+def test_multipoint_query_gives_tile_per_point(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    centres = []
+    for tile_id in (rgb_index.count // 3, rgb_index.count // 2):
+        xmin, ymin, xmax, ymax = rgb_index.tile_bounds(tile_id)
+        centres.append(((xmin + xmax) / 2, (ymin + ymax) / 2))
+    multipoint = "MULTIPOINT(" + ",".join(f"({x} {y})" for x, y in centres) + ")"
+
+    chips = embed_query(rgb_index, encoder, source, multipoint, source.crs_wkt)
+
+    assert len(chips.footprints) == 2
+    for (x, y), (xmin, ymin, xmax, ymax) in zip(centres, chips.footprints):
+        assert (xmin + xmax) / 2 == pytest.approx(x)
+        assert (ymin + ymax) / 2 == pytest.approx(y)
+
+
 def test_query_accepts_manifest_dict(rgb_index, encoder, shared_data):
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
     tile_id = rgb_index.count // 2
