@@ -498,11 +498,12 @@ class BuildPanelMixin:
         else:
             return
         # Rounded inwards to the GSD field's 3 decimals, so that typing a bound builds.
-        lowest = math.ceil(min_gsd * 1000.0 - 1e-6) / 1000.0
-        highest = math.floor(max_gsd * 1000.0 + 1e-6) / 1000.0
+        step = 10.0 ** GSD_DECIMALS
+        lowest = math.ceil(min_gsd * step - 1e-6) / step
+        highest = math.floor(max_gsd * step + 1e-6) / step
         raise LookalikeError(
             f"GSD {gsd:g} m/px does not work for layer {name!r} with {settings}, because {reason}. "
-            f"Set the GSD between {lowest:g} and {highest:g} m/px{fix}."
+            f"Set the GSD between {_format_gsd(lowest)} and {_format_gsd(highest)} m/px{fix}."
         )
 
     # -- build ---------------------------------------------------------------------------------
@@ -897,6 +898,12 @@ def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _format_gsd(gsd_m: float) -> str:
+    # Every decimal the GSD field holds: ":g" would round a bound of 1000 m/px or more to six
+    # digits, which can fall outside the range.
+    return f"{gsd_m:.{GSD_DECIMALS}f}".rstrip("0").rstrip(".")
 
 
 def _matches_index_gsd(folder: str, gsd_m: float) -> bool:

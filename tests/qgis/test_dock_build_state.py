@@ -504,3 +504,11 @@ def test_settings_changed_after_open_are_saved(dock, ships_clip, tmp_path):
     assert dock.gsd_spin.value() == 7.5
     assert dock.overlap_spin.value() == 0
     assert dock.k_spin.value() == 50
+
+
+def test_gsd_bounds_keep_field_decimals():
+    from lookalike.ui.build_panel import _format_gsd
+
+    assert _format_gsd(16965.062) == "16965.062"
+    assert _format_gsd(830.0) == "830"
+    assert _format_gsd(1.25) == "1.25"
