@@ -20,7 +20,6 @@ from qgis.PyQt.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QMessageBox,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -54,7 +53,6 @@ from .dock_constants import (
     EXTENT_POLYGONS,
     EXTENT_SELECTED,
     EXTENT_WHOLE_LAYER,
-    MESSAGE_TITLE,
     METRES_PER_DEGREE,
     OTHER_ENCODER,
 )
@@ -600,14 +598,7 @@ class BuildPanelMixin:
         state = _readable_folder_state(Path(request.params.index_folder))
         if request.params.add_to_existing or state not in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
             return request
-        answer = QMessageBox.question(
-            self,
-            MESSAGE_TITLE,
-            question,
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No,
-        )
-        if answer != QMessageBox.StandardButton.Yes:
+        if not self._confirmed(question):
             return None
         return replace(request, params=replace(request.params, overwrite_existing_index=True))
 

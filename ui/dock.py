@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from qgis.core import Qgis, QgsApplication, QgsGeometry, QgsProject
 from qgis.gui import QgsDockWidget
-from qgis.PyQt.QtWidgets import QPushButton, QScrollArea, QVBoxLayout, QWidget
+from qgis.PyQt.QtWidgets import QMessageBox, QPushButton, QScrollArea, QVBoxLayout, QWidget
 
 from ..core import get_logger
 from ..core.encoder import OnnxEncoder
@@ -155,6 +155,17 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         item.layout().addWidget(button)
         bar.pushWidget(item, level)
         return item
+
+    def _confirmed(self, question: str) -> bool:
+        """Ask ``question`` with Yes and No (the default); return True for Yes."""
+        answer = QMessageBox.question(
+            self,
+            MESSAGE_TITLE,
+            question,
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
 
     def _report_failure(self, action: str, task: LookalikeTask) -> None:
         error = task.error

@@ -14,7 +14,6 @@ from qgis.PyQt.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QMessageBox,
     QPushButton,
     QSlider,
     QVBoxLayout,
@@ -25,7 +24,7 @@ from ..core.errors import LookalikeError
 from ..gis import matches as match_layers
 from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs
-from .dock_constants import CHIP_FORMATS, EXPORT_FORMATS, MESSAGE_TITLE, THRESHOLD_STEPS
+from .dock_constants import CHIP_FORMATS, EXPORT_FORMATS, THRESHOLD_STEPS
 from .results import Relevance, ResultsTable, ScoreHistogram
 
 LOGGER = get_logger("ui.dock")
@@ -184,17 +183,6 @@ class ResultsPanelMixin:
             if Path(path).is_file() and not self._confirmed(replace_question):
                 return
         self.export_layer(path, format_name, overwrite=True)
-
-    def _confirmed(self, question: str) -> bool:
-        """Ask ``question`` with Yes and No (the default); return True for Yes."""
-        answer = QMessageBox.question(
-            self,
-            MESSAGE_TITLE,
-            question,
-            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
-            QMessageBox.StandardButton.No,
-        )
-        return answer == QMessageBox.StandardButton.Yes
 
     def export_layer(self, path: str, format_name: str = "GeoPackage", overwrite: bool = False) -> Optional[Path]:
         """Write the current result layer with QGIS's vector writer; returns the path or None on failure."""

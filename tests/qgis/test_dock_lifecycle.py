@@ -373,10 +373,8 @@ def test_cleanup_twice_is_harmless(dock):
     assert not dock.isVisible()
 
 
-def test_unload_during_build_reaches_no_widget(qgis_iface, qgis_new_project, ships_clip, repo_root, tmp_path,
-                                               monkeypatch):
-    import sys
-
+def start_long_build(qgis_iface, ships_clip, repo_root, tmp_path):
+    """Open the plugin's dock with the tiny encoder and start a build that has embedded its first batch."""
     plugin = show_plugin_dock(qgis_iface)
     dock = plugin.dock
     dock.encoder_combo.setCurrentIndex(dock.encoder_combo.findData(OTHER_ENCODER))
@@ -384,12 +382,20 @@ def test_unload_during_build_reaches_no_widget(qgis_iface, qgis_new_project, shi
     wait_until(lambda: dock.encoder_spec is not None and dock.encoder_spec.name == "tiny_test_encoder")
     dock.raster_combo.setLayer(ships_clip)
     dock.index_folder.setFilePath(str(tmp_path / "index"))
-    # About 3,500 tiles, so the build is still running when the plugin unloads.
+    # About 3,500 tiles, so the build is still running when the test acts on it.
     dock.gsd_spin.setValue(1.25)
     task = dock.start_build()
     progress = []
     task.tileProgress.connect(progress.append)
     wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    return plugin
+
+
+def test_unload_during_build_reaches_no_widget(qgis_iface, qgis_new_project, ships_clip, repo_root, tmp_path,
+                                               monkeypatch):
+    import sys
+
+    plugin = start_long_build(qgis_iface, ships_clip, repo_root, tmp_path)
     uncaught = []
     monkeypatch.setattr(sys, "excepthook", lambda kind, value, _trace: uncaught.append(f"{kind.__name__}: {value}"))
 
@@ -401,18 +407,8 @@ def test_unload_during_build_reaches_no_widget(qgis_iface, qgis_new_project, shi
 
 
 def test_resume_message_leaves_with_plugin(qgis_iface, qgis_new_project, ships_clip, repo_root, tmp_path):
-    plugin = show_plugin_dock(qgis_iface)
+    plugin = start_long_build(qgis_iface, ships_clip, repo_root, tmp_path)
     dock = plugin.dock
-    dock.encoder_combo.setCurrentIndex(dock.encoder_combo.findData(OTHER_ENCODER))
-    dock.encoder_file.setFilePath(str(repo_root / "tests" / "data" / "tiny_encoder.onnx"))
-    wait_until(lambda: dock.encoder_spec is not None and dock.encoder_spec.name == "tiny_test_encoder")
-    dock.raster_combo.setLayer(ships_clip)
-    dock.index_folder.setFilePath(str(tmp_path / "index"))
-    dock.gsd_spin.setValue(1.25)
-    task = dock.start_build()
-    progress = []
-    task.tileProgress.connect(progress.append)
-    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
     dock.cancel_build()
     wait_until(lambda: dock.build_task is None)
     bar = qgis_iface.messageBar()
