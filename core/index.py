@@ -700,8 +700,8 @@ class TileIndex:
                 sync_folder=False,
             )
         except BaseException:
-            # No manifest names this generation's files, so they only take space, which a save
-            # that failed on a full disk is short of.
+            # No manifest names this generation's files, so they only take up space, and a save
+            # that failed on a full disk needs that space back.
             for path in paths.values():
                 _remove_quietly(path)
             raise
@@ -891,7 +891,7 @@ def read_manifest_json(manifest_path: Path) -> Optional[dict[str, Any]]:
     try:
         content = json.loads(manifest_path.read_text(encoding="utf-8"))
     except PermissionError as error:
-        # Taken for another program's file, it would be reported as that, which misleads.
+        # Without this error the folder would be reported as another program's, which misleads.
         raise SearchIndexError(
             f"{manifest_path} cannot be read ({error.strerror}); give your user read access to the index "
             "folder or choose another folder."

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from osgeo import gdal, ogr
+from osgeo import ogr
 
 from . import get_logger
 from .crs import grid_scale
@@ -19,7 +19,13 @@ from .errors import CancelledError, RasterError, SearchError, SearchIndexError
 from .grid import Bounds, TileGrid, gsd_in_units
 from .index import TileIndex
 from .parameters import Geometry, PathLike, _geometry_to_wkt, _normalised_path, _parse_geometry, transform_geometry_wkt
-from .raster import DEFAULT_MIN_VALID_FRACTION, SKIP_MOSTLY_INVALID, RasterSource, chip_skip_reason
+from .raster import (
+    DEFAULT_MIN_VALID_FRACTION,
+    SKIP_MOSTLY_INVALID,
+    RasterSource,
+    chip_skip_reason,
+    open_raster_quietly,
+)
 from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, search
 
 LOGGER = get_logger("pipeline")
@@ -270,14 +276,8 @@ def _band_indexes_for(manifest: Mapping[str, Any], path: PathLike) -> Optional[t
 
 
 def _band_count(path: str) -> Optional[int]:
-    # Opening the raster for the query reports any error; this look ahead stays quiet.
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(path, gdal.OF_RASTER)
-    except RuntimeError:
-        return None
-    finally:
-        gdal.PopErrorHandler()
+    # Opening the raster for the query reports any error, so this look-ahead stays quiet.
+    dataset = open_raster_quietly(path)
     return None if dataset is None else dataset.RasterCount
 
 

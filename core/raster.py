@@ -935,6 +935,21 @@ def _normalise_longitude(longitude: float) -> float:
     return (longitude + 180.0) % 360.0 - 180.0
 
 
+def open_raster_quietly(path: str) -> Optional[gdal.Dataset]:
+    """Return ``path`` opened as a GDAL raster, or None, printing nothing when GDAL cannot open it.
+
+    For look-aheads whose caller reports a failure in its own words, or reads the path again.
+    """
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        return gdal.OpenEx(path, gdal.OF_RASTER)
+    except RuntimeError:
+        # Raised instead of returning None when the caller has enabled gdal.UseExceptions().
+        return None
+    finally:
+        gdal.PopErrorHandler()
+
+
 def _open_dataset(path: str) -> gdal.Dataset:
     with _gdal_errors(f"opening {path!r}") as messages:
         try:

@@ -14,7 +14,6 @@ import os
 import sys
 from typing import Any, Optional
 
-from osgeo import gdal
 from qgis.core import (
     QgsMapLayer,
     QgsProcessing,
@@ -31,6 +30,7 @@ from qgis.core import (
     QgsProperty,
 )
 
+from ..core.raster import open_raster_quietly
 from .support import tr
 
 
@@ -176,14 +176,7 @@ def _layer_message(
 
 def _gdal_opens_raster(path: str) -> bool:
     # Quiet, because the caller reports the failure in one message.
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(path, gdal.OF_RASTER)
-    except RuntimeError:
-        return False
-    finally:
-        gdal.PopErrorHandler()
-    return dataset is not None
+    return open_raster_quietly(path) is not None
 
 
 def _layer_hint(layer_type: int) -> QgsProcessingUtils.LayerHint:

@@ -11,7 +11,6 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
-from osgeo import gdal
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsFeatureSource,
@@ -26,6 +25,7 @@ from qgis.PyQt.QtCore import QCoreApplication
 
 from ..core import dependencies as core_dependencies
 from ..core.errors import LookalikeError
+from ..core.raster import open_raster_quietly
 from ..gis import dependencies
 from ..gis.raster_layers import crs_to_wkt, gdal_path_of
 
@@ -273,14 +273,7 @@ def raster_files(raster_path: str) -> list[str]:
     deleted since the index was built) contributes only its path.
     """
     files = [raster_path]
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(raster_path, gdal.OF_RASTER)
-    except RuntimeError:
-        # Raised instead of returning None when the caller has enabled gdal.UseExceptions().
-        dataset = None
-    finally:
-        gdal.PopErrorHandler()
+    dataset = open_raster_quietly(raster_path)
     if dataset is not None:
         files.extend(dataset.GetFileList() or [])
     return files

@@ -462,7 +462,7 @@ def test_layer_sizes_in_ground_metres(repo_root, tmp_path, crs):
         assert copy_m == pytest.approx(original_m, rel=0.02)
 
 
-def test_append_to_index_with_finer_gsd_than_field(dock, ships_clip, repo_root, tmp_path):
+def test_append_keeps_finer_index_gsd(dock, ships_clip, repo_root, tmp_path):
     folder = tmp_path / "index"
     # 30 px tiles of 5 m at the tiny encoder's 32 px give a GSD of 4.6875 m, which the field rounds.
     build_index(BuildParameters(

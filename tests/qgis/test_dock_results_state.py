@@ -169,7 +169,7 @@ def test_negative_only_query_keeps_its_part(searched, qgis_iface, qgis_canvas, s
     assert [negative for _geometry, negative, _crs in searched.query_parts] == [True]
 
 
-def test_part_off_new_index_removed_and_search_reruns(searched, qgis_iface, ships_layer):
+def test_failed_part_removed_search_reruns(searched, qgis_iface, ships_layer):
     extent = ships_layer.extent()
     # A second part on the raster, then the first one made unusable: it now lies off the imagery.
     searched.add_query_geometry(QgsGeometry.fromWkt(extent.center().asWkt()), False)

@@ -56,7 +56,7 @@ def ships_request(repo_root) -> chip_export.ChipRequest:
     )
 
 
-def test_chip_error_is_not_hidden_by_csv_error(repo_root, tmp_path, monkeypatch):
+def test_chip_error_not_hidden(repo_root, tmp_path, monkeypatch):
     def chip_fails(*_args, **_kwargs):
         raise RasterError("Writing the chip failed (disk full); check that the folder is writable.")
 

@@ -413,7 +413,7 @@ def query_footprint_ground_side_m(footprint, crs_wkt: str) -> float:
 
 
 @pytest.mark.parametrize("copy", [feet_copy, web_mercator_copy])
-def test_query_chip_on_other_units_keeps_ground_size(tmp_path, copy):
+def test_query_chip_keeps_ground_size(tmp_path, copy):
     build_index(parameters([SAMPLE_CLIP], tmp_path / "index"))
     index = TileIndex.open(tmp_path / "index")
     index_side_m = tile_ground_side_m(TileGrid.from_dict(index.sources[0]["grid"]))

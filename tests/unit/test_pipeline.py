@@ -962,7 +962,7 @@ def test_query_across_antimeridian_is_bounded(repo_root, tmp_path, encoder):
         assert 0 < len(chips.footprints) <= pipeline_module.MAX_QUERY_TILES
 
 
-def test_query_of_other_raster_reads_index_bands(shared_data, tmp_path, encoder):
+def test_other_raster_reads_index_bands(shared_data, tmp_path, encoder):
     naip = shared_data / "geo" / "naip_timeseries"
     indexed, other = naip / "m_4709963_se_14_1_20090818.tif", naip / "m_4709963_se_14_1_20140720.tif"
     build_index(parameters([indexed], tmp_path / "index", band_indexes=(4, 1, 2), tile_size_source_px=64))
