@@ -4,7 +4,8 @@ The lock file sits beside the index folder, not inside it, so it also guards the
 the folder and of ``<index folder>.partial/``. On POSIX the lock is ``fcntl.flock``, on Windows
 ``msvcrt.locking`` on the file's first byte. The operating system releases both when the
 process dies, so a crashed build leaves no stale lock, only the (unlocked) file, which the next
-writer reuses.
+writer reuses. A holder may delete the file it created before releasing it (``discard_file_if``);
+a writer that locked the deleted file finds that the path no longer leads to it and locks again.
 
 Within one process the lock is re-entrant for the thread that holds it, so ``build_index`` can
 hold it for the whole build while ``TileIndex.save`` takes it again for each save. Another
@@ -13,15 +14,18 @@ thread of the same process is rejected like another process.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Callable, Iterator, Optional, Union
 
 from .errors import LookalikeError
 
 LOCK_SUFFIX = ".lock"
+# Attempts to open and lock the lock file while other holders keep deleting it, before giving up.
+MAX_LOCK_ATTEMPTS = 5
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -44,8 +48,12 @@ def lock_path_for(index_folder: PathLike) -> Path:
 
 
 @contextmanager
-def index_lock(index_folder: PathLike) -> Iterator[None]:
+def index_lock(index_folder: PathLike, discard_file_if: Optional[Callable[[], bool]] = None) -> Iterator[None]:
     """Hold the write lock of ``index_folder`` for the ``with`` block.
+
+    ``discard_file_if`` is called when the outermost hold ends; when it returns True and this
+    hold created the lock file, the file is deleted, so that a build that wrote nothing leaves
+    nothing behind.
 
     Raises:
         IndexLockedError: another process, or another thread of this one, holds the lock.
@@ -60,34 +68,38 @@ def index_lock(index_folder: PathLike) -> Iterator[None]:
         if holder is not None:
             holder[1] += 1
         else:
-            stream = _acquire(path, index_folder)
-            _holders[key] = [thread_id, 1, stream]
+            stream, created = _acquire(path, index_folder)
+            holder = [thread_id, 1, stream, created]
+            _holders[key] = holder
+    outermost = holder[1] == 1
     try:
         yield
     finally:
+        discard = outermost and holder[3] and discard_file_if is not None and discard_file_if()
         with _holders_guard:
-            holder = _holders[key]
             holder[1] -= 1
             if holder[1] == 0:
                 del _holders[key]
+                if discard:
+                    _delete_quietly(path)
                 _release(holder[2])
 
 
-def _acquire(path: Path, index_folder: PathLike) -> IO[bytes]:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # The file stays open while the lock is held, so no context manager here.
-        stream = open(path, "a+b")  # noqa: SIM115
-    except OSError as error:
-        raise LookalikeError(
-            f"cannot create the lock file {path} beside index folder {os.fspath(index_folder)} "
-            f"({error.strerror or error}); choose an index folder in a place you can write to."
-        ) from error
-    try:
-        _lock_file(stream)
-    except OSError:
-        stream.close()
-        raise _locked_error(index_folder, path) from None
+def _acquire(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
+    """Open and lock the lock file; return it and whether this call created it."""
+    for _ in range(MAX_LOCK_ATTEMPTS):
+        stream, created = _open_lock_file(path, index_folder)
+        try:
+            _lock_file(stream)
+        except OSError:
+            stream.close()
+            raise _locked_error(index_folder, path) from None
+        if _still_at(stream, path):
+            break
+        # Its holder deleted the file between our open and our lock; lock the file at the path now.
+        _release(stream)
+    else:
+        raise _locked_error(index_folder, path)
     try:
         # The PID is only for people who find the file; the OS lock is what excludes writers.
         stream.seek(0)
@@ -99,7 +111,48 @@ def _acquire(path: Path, index_folder: PathLike) -> IO[bytes]:
         raise LookalikeError(
             f"cannot write the lock file {path} ({error.strerror or error}); free disk space there and try again."
         ) from error
-    return stream
+    return stream, created
+
+
+def _open_lock_file(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # The file stays open while the lock is held, so no context manager here.
+        for _ in range(MAX_LOCK_ATTEMPTS):
+            try:
+                return open(path, "x+b"), True
+            except FileExistsError:
+                pass
+            try:
+                return open(path, "r+b"), False
+            except FileNotFoundError:
+                # Its holder deleted it between the two opens.
+                continue
+        raise _locked_error(index_folder, path)
+    except OSError as error:
+        raise LookalikeError(
+            f"cannot create the lock file {path} beside index folder {os.fspath(index_folder)} "
+            f"({error.strerror or error}); choose an index folder in a place you can write to."
+        ) from error
+
+
+def _still_at(stream: IO[bytes], path: Path) -> bool:
+    """Tell whether ``path`` still names the open file ``stream``."""
+    if os.name == "nt":
+        # Windows does not delete a file that is open, so the path cannot lead elsewhere.
+        return True
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(stream.fileno())
+    return (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+def _delete_quietly(path: Path) -> None:
+    # A lock file left behind is harmless: the next writer reuses it.
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _release(stream: IO[bytes]) -> None:

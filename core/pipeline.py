@@ -231,7 +231,13 @@ def build_index(
     # Refusing a folder before taking the lock leaves no lock file beside a folder that is not
     # ours. The checks run again under the lock, so two builds cannot both find the folder free.
     _reject_unusable_folder(params)
-    with index_lock(params.index_folder):
+    folder = Path(params.index_folder)
+
+    def wrote_nothing() -> bool:
+        # Rejected parameters or rasters: no folder and no checkpoints exist beside the lock file.
+        return not folder.exists() and not partial_folder_for(folder).exists()
+
+    with index_lock(folder, discard_file_if=wrote_nothing):
         return _build_index_locked(params, progress, is_cancelled)
 
 

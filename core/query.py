@@ -15,10 +15,18 @@ from osgeo import ogr
 from . import get_logger
 from .crs import grid_scale
 from .encoder import OnnxEncoder, default_model_path, file_sha256
-from .errors import CancelledError, RasterError, SearchError, SearchIndexError
+from .errors import CancelledError, GridError, RasterError, SearchError, SearchIndexError
 from .grid import Bounds, TileGrid, gsd_in_units
 from .index import TileIndex
-from .parameters import Geometry, PathLike, _geometry_to_wkt, _normalised_path, _parse_geometry, transform_geometry_wkt
+from .parameters import (
+    Geometry,
+    PathLike,
+    _bounds_to_wkt,
+    _geometry_to_wkt,
+    _normalised_path,
+    _parse_geometry,
+    transform_geometry_wkt,
+)
 from .raster import (
     DEFAULT_MIN_VALID_FRACTION,
     SKIP_MOSTLY_INVALID,
@@ -37,6 +45,11 @@ MAX_QUERY_TILES = 256
 # A polygon's covering grid may hold this many times MAX_QUERY_TILES before its tiles are tested
 # against the polygon: a thin diagonal polygon covers few of its grid's tiles.
 MAX_QUERY_GRID_FACTOR = 16
+# A query region whose envelope covers more than this many times a raster's surroundings (both
+# in the query's CRS) is cut to those surroundings before it goes into the raster's CRS. A box
+# around half the globe, drawn on a map in degrees, has no usable shape in a UTM zone far from
+# it. Smaller regions go whole, so that a box dragged past a raster's edge keeps its centre.
+FAR_REACHING_AREA_FACTOR = 100.0
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -175,7 +188,12 @@ def indexed_source_for_geometry(
         raise SearchError("The index has no rasters yet; build it before searching.")
     best_path, best_area = "", 0.0
     for record in sources:
-        geometry = ogr.CreateGeometryFromWkt(transform_geometry_wkt(wkt, crs_wkt, record["crs_wkt"]))
+        near_wkt = _cut_to_surroundings(wkt, crs_wkt, record["bounds"], record["crs_wkt"])
+        try:
+            geometry = ogr.CreateGeometryFromWkt(transform_geometry_wkt(near_wkt, crs_wkt, record["crs_wkt"]))
+        except GridError:
+            # Outside the area of use of this raster's CRS, so not on this raster.
+            continue
         centroid = geometry.Centroid()
         xmin, ymin, xmax, ymax = record["bounds"]
         if xmin <= centroid.GetX() <= xmax and ymin <= centroid.GetY() <= ymax:
@@ -196,6 +214,36 @@ def indexed_source_for_geometry(
         "The query lies outside every indexed raster; draw it over the imagery of the index "
         f"({', '.join(Path(record['path']).name for record in sources)})."
     )
+
+
+def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds_crs_wkt: str) -> str:
+    """Return the region ``wkt`` (in ``crs_wkt``) cut to the surroundings of ``bounds`` when it reaches far beyond them.
+
+    The surroundings are ``bounds`` (in ``bounds_crs_wkt``) widened by half their size on every
+    side. Points, lines, regions no larger than ``FAR_REACHING_AREA_FACTOR`` times the surroundings
+    and regions that miss them come back unchanged.
+    """
+    xmin, ymin, xmax, ymax = bounds
+    pad_x, pad_y = (xmax - xmin) / 2.0, (ymax - ymin) / 2.0
+    try:
+        surroundings = ogr.CreateGeometryFromWkt(transform_geometry_wkt(
+            _bounds_to_wkt((xmin - pad_x, ymin - pad_y, xmax + pad_x, ymax + pad_y)), bounds_crs_wkt, crs_wkt))
+    except GridError:
+        return wkt
+    geometry = ogr.CreateGeometryFromWkt(wkt)
+    if geometry is None or surroundings is None or geometry.GetDimension() < 2:
+        return wkt
+    if _envelope_area(geometry) <= FAR_REACHING_AREA_FACTOR * _envelope_area(surroundings):
+        return wkt
+    cut = geometry.Intersection(surroundings)
+    if cut is None or cut.IsEmpty() or cut.GetDimension() < 2:
+        return wkt
+    return cut.ExportToWkt()
+
+
+def _envelope_area(geometry: ogr.Geometry) -> float:
+    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+    return (xmax - xmin) * (ymax - ymin)
 
 
 def _raster_bounds(raster: RasterSource, grid_crs_wkt: str) -> Optional[Bounds]:
@@ -296,6 +344,8 @@ def _query_footprints(
         SearchError: the geometry type is not supported, or the region covers more than
             ``MAX_QUERY_TILES`` tiles of the raster.
     """
+    if raster_bounds is not None:
+        wkt = _cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
     geometry = _parse_geometry(transform_geometry_wkt(wkt, crs_wkt, grid_crs_wkt))
     tile = index_grid.tile_ground_size
     xmin, xmax, ymin, ymax = geometry.GetEnvelope()

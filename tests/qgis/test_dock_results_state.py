@@ -8,7 +8,15 @@ from pathlib import Path
 
 import pytest
 from dock_testing import build, drag_rectangle, messages, ship_query_bounds, wait_for_tasks, wait_until
-from qgis.core import Qgis, QgsFeature, QgsGeometry, QgsProject, QgsVectorLayer
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsFeature,
+    QgsGeometry,
+    QgsProject,
+    QgsRectangle,
+    QgsVectorLayer,
+)
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
@@ -258,6 +266,26 @@ def test_whole_raster_query_explains_empty(searched, qgis_iface, qgis_canvas, sh
     assert searched.matches == []
     assert any("draw a smaller query" in text for text in infos), infos
     assert not any("threshold" in text for text in infos)
+
+
+def test_box_around_half_the_globe_in_degrees(searched, qgis_iface, qgis_canvas):
+    # Zoomed far out on a map in degrees, the analyst drags a box around the whole clip.
+    searched.clear_query()
+    map_crs = qgis_canvas.mapSettings().destinationCrs()
+    qgis_canvas.setDestinationCrs(QgsCoordinateReferenceSystem("EPSG:4326"))
+    try:
+        qgis_canvas.setExtent(QgsRectangle(-180.0, -90.0, 180.0, 90.0))
+        qgis_iface.messageBar().clear_messages()
+
+        search_box(searched, qgis_canvas, (-170.0, -60.0, 170.0, 80.0))
+    finally:
+        qgis_canvas.setDestinationCrs(map_crs)
+
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert not any("outside every indexed raster" in text for text in warnings), warnings
+    # The box covers the whole clip, so every tile overlaps the query.
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("draw a smaller query" in text for text in infos), infos
 
 
 def test_search_button_cancels_search(searched, monkeypatch):

@@ -10,6 +10,7 @@ from typing import Iterator
 import pytest
 from osgeo import gdal
 
+from lookalike.core import lock as lock_module
 from lookalike.core.encoder import OnnxEncoder
 from lookalike.core.errors import LookalikeError, SearchError, SearchIndexError
 from lookalike.core.index import TileIndex
@@ -412,3 +413,48 @@ def test_unreadable_manifest_is_named(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "read_text", denied)
     with pytest.raises(SearchIndexError, match=r"manifest.json cannot be read \(Permission denied\)"):
         index_folder_state(folder)
+
+
+@pytest.mark.parametrize("overrides", [{"band_indexes": (9, 9, 9)}, {"tile_size_source_px": 2}])
+def test_rejected_parameters_leave_no_lock_file(shared_data, tmp_path, overrides):
+    folder = tmp_path / "index"
+
+    with pytest.raises(LookalikeError):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder, **overrides))
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lock_file_beside_an_index_is_kept(shared_data, tmp_path):
+    folder = tmp_path / "index"
+    build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder))
+    lock_file = tmp_path / "index.lock"
+    assert lock_file.exists()
+
+    with pytest.raises(SearchIndexError, match="already contains an index"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], folder, tile_size_source_px=96))
+
+    assert lock_file.exists()
+
+
+def test_lock_taken_again_when_its_file_was_deleted_under_it(tmp_path, monkeypatch):
+    # Another holder deletes the lock file after this writer opened it and before it locked it:
+    # the lock on the deleted file would exclude nobody, so the writer locks the new file.
+    folder = tmp_path / "index"
+    lock_file = tmp_path / "index.lock"
+    lock_file.write_bytes(b"")
+    original_lock = lock_module._lock_file
+    calls = []
+
+    def lock_after_replacement(stream):
+        calls.append(os.fstat(stream.fileno()).st_ino)
+        if len(calls) == 1:
+            lock_file.unlink()
+            lock_file.write_bytes(b"")
+        original_lock(stream)
+
+    monkeypatch.setattr(lock_module, "_lock_file", lock_after_replacement)
+    with index_lock(folder):
+        assert len(calls) == 2
+        assert os.stat(lock_file).st_ino == calls[1]
+        assert lock_file.read_text(encoding="ascii").strip() == str(os.getpid())

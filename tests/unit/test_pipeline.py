@@ -26,6 +26,7 @@ from lookalike.core.pipeline import (
     _counts_from_checkpoints,
     build_index,
     embed_query,
+    indexed_source_for_geometry,
     partial_folder_for,
     run_search,
 )
@@ -960,6 +961,24 @@ def test_query_across_antimeridian_is_bounded(repo_root, tmp_path, encoder):
         assert "tiles" in str(error) or "valid pixels" in str(error)
     else:
         assert 0 < len(chips.footprints) <= pipeline_module.MAX_QUERY_TILES
+
+
+def test_query_around_half_the_globe_finds_the_raster(rgb_index, encoder, shared_data):
+    # A box drawn around the raster on a map in degrees, zoomed far out. Transformed whole into
+    # the raster's UTM zone, far outside that zone's area of use, it has no usable shape.
+    source_path = geo(shared_data, "rasterio/RGB.byte.tif")
+    box = "POLYGON((-170 -60,170 -60,170 80,-170 80,-170 -60))"
+
+    assert indexed_source_for_geometry(rgb_index, box, epsg_wkt(4326)) == rgb_index.sources[0]["path"]
+    chips = embed_query(rgb_index, encoder, source_path, box, epsg_wkt(4326))
+
+    source = RasterSource(source_path)
+    xmin, ymin, xmax, ymax = source.bounds
+    tile_m = TileGrid.from_dict(rgb_index.sources[0]["grid"]).tile_ground_size
+    tiles_on_raster_max = (math.ceil((xmax - xmin) / tile_m) + 1) * (math.ceil((ymax - ymin) / tile_m) + 1)
+    assert 0 < len(chips.footprints) <= tiles_on_raster_max
+    for left, bottom, right, top in chips.footprints:
+        assert left < xmax and right > xmin and bottom < ymax and top > ymin
 
 
 def test_other_raster_reads_index_bands(shared_data, tmp_path, encoder):
