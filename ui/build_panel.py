@@ -240,6 +240,8 @@ class BuildPanelMixin:
         form.addRow("Index folder", self.index_folder)
         self.add_to_index_check = QCheckBox("Add this raster to the existing index")
         self.add_to_index_check.setObjectName("lookalikeAddToIndex")
+        self.add_to_index_check.setToolTip("The added raster is tiled at the index's GSD, which the GSD field shows")
+        self.add_to_index_check.toggled.connect(self._follow_index_gsd)
         form.addRow("", self.add_to_index_check)
 
         buttons = QHBoxLayout()
@@ -313,6 +315,7 @@ class BuildPanelMixin:
         self._gsd_restored_for_encoder = ""
         if spec.gsd_m and not self._restoring and not keep_restored_gsd:
             self.gsd_spin.setValue(spec.gsd_m)
+            self._follow_index_gsd()
         if self._band_slot_names != list(spec.bands):
             self._set_band_slots(list(spec.bands))
         self._update_tile_size_label()
@@ -401,6 +404,17 @@ class BuildPanelMixin:
         self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
         if self.encoder_spec is not None and self.encoder_spec.gsd_m:
             self.gsd_spin.setValue(self.encoder_spec.gsd_m)
+        self._follow_index_gsd()
+
+    def _follow_index_gsd(self, *_args) -> None:
+        """Show the index's GSD, fixed, while a raster is to be added to it: an index has one GSD."""
+        adding = self.add_to_index_check.isChecked()
+        self.gsd_spin.setEnabled(not adding)
+        if not adding:
+            return
+        index_gsd_m = _index_gsd_m(self.index_folder.filePath())
+        if index_gsd_m is not None:
+            self.gsd_spin.setValue(index_gsd_m)
 
     def _on_extent_mode_changed(self, *_args) -> None:
         mode = self.extent_combo.currentData()
@@ -663,11 +677,7 @@ class BuildPanelMixin:
             report = task.result
             self.progress_bar.setValue(100)
             if _started_in_closed_project(self, task):
-                self.push_message(
-                    f"The index {report.index_folder} started in the project you closed is built; choose that "
-                    "folder under Index folder to open it here.",
-                    Qgis.MessageLevel.Success,
-                )
+                self._on_closed_project_build_finished(report.index_folder)
                 return
             self.open_index(report.index_folder)
             skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
@@ -692,6 +702,35 @@ class BuildPanelMixin:
         self.status_label.setText("The build failed; see the message bar.")
         self._report_failure("Building the index", task)
         self._reopen_index_after_build(folder, task)
+
+    def _on_closed_project_build_finished(self, folder: str) -> None:
+        """Report a build that the project closed since it started; reopen its folder when this project shows it."""
+        if self.index is not None and _folder_key(str(self.index.folder)) == _folder_key(folder):
+            # The index this project opened from that folder was replaced on disk, so the open copy is stale.
+            self.index = None
+            self.open_index(folder)
+            self.push_message(
+                f"The index in {folder} was rebuilt by a build started in the project you closed; it is open again "
+                "with the new tiles.",
+                Qgis.MessageLevel.Info,
+            )
+            return
+        self._show_index_status()
+        self.push_message(
+            f"The index {folder} started in the project you closed is built; choose that folder under Index "
+            "folder to open it here.",
+            Qgis.MessageLevel.Success,
+        )
+
+    def _show_index_status(self) -> None:
+        if self.index is None:
+            self.status_label.setText("No index open.")
+            return
+        encoder = self.index.encoder_info
+        self.status_label.setText(
+            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s), "
+            f"encoder {encoder.get('name', '?')}."
+        )
 
     def _reopen_index_after_build(self, folder: str, task: LookalikeTask) -> None:
         # A failed or cancelled build leaves the index that was there before, so it is searchable again.
@@ -749,6 +788,7 @@ class BuildPanelMixin:
     def _on_index_folder_changed(self, path: str) -> None:
         if self._restoring:
             return
+        self._follow_index_gsd()
         if path and (Path(path) / MANIFEST_NAME).is_file():
             state = _readable_folder_state(Path(path))
             if state in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
@@ -790,15 +830,12 @@ class BuildPanelMixin:
             )
             return
         self.index = task.result
+        self._follow_index_gsd()
         if self.index_folder.filePath() != folder:
             self._restoring, previous = True, self._restoring
             self.index_folder.setFilePath(folder)
             self._restoring = previous
-        encoder = self.index.encoder_info
-        self.status_label.setText(
-            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s), "
-            f"encoder {encoder.get('name', '?')}."
-        )
+        self._show_index_status()
         self._store_state()
 
     def locate_index(self) -> None:
@@ -899,13 +936,20 @@ def _format_gsd(gsd_m: float) -> str:
 
 def _matches_index_gsd(folder: str, gsd_m: float) -> bool:
     """Tell whether ``gsd_m``, as the GSD field shows it, is the GSD of the index in ``folder``."""
-    manifest = read_manifest_json(Path(folder) / MANIFEST_NAME)
+    index_gsd_m = _index_gsd_m(folder)
+    return index_gsd_m is not None and math.isclose(gsd_m, index_gsd_m, abs_tol=0.5 * 10 ** -GSD_DECIMALS)
+
+
+def _index_gsd_m(folder: str) -> Optional[float]:
+    """Return the GSD in ground metres of the index in ``folder``, or None without a readable index there."""
+    if not folder:
+        return None
     try:
-        index_gsd_m = TileGrid.from_dict(manifest["sources"][0]["grid"]).gsd_m
-    except (TypeError, KeyError, IndexError, LookalikeError):
-        # No readable index there: the build reports what is wrong with the folder.
-        return False
-    return math.isclose(gsd_m, index_gsd_m, abs_tol=0.5 * 10 ** -GSD_DECIMALS)
+        manifest = read_manifest_json(Path(folder) / MANIFEST_NAME)
+        return TileGrid.from_dict(manifest["sources"][0]["grid"]).gsd_m
+    except (TypeError, KeyError, IndexError, ValueError, LookalikeError, OSError):
+        # The build reports what is wrong with the folder.
+        return None
 
 
 def _started_in_closed_project(dock, task: LookalikeTask) -> bool:

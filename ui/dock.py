@@ -284,6 +284,10 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.results_table.set_matches([])
         self.histogram.set_scores([])
         self.status_label.setText("No index open.")
+        # A Resume clicked in the next project would open the closed project's index there.
+        # Building again with the same settings still continues from the kept tiles.
+        for folder_key in list(self._resume_items):
+            self._remove_resume_message(folder_key)
 
     # -- life cycle ----------------------------------------------------------------------------
 

@@ -152,6 +152,54 @@ def test_build_of_closed_project_opens_nothing(dock, ships_clip, tmp_path, qgis_
     assert any("project you closed is built" in text for text in successes), successes
 
 
+def test_rebuild_of_reopened_project_folder_reopens(dock, ships_clip, tmp_path, qgis_iface, questions,
+                                                    build_hold):
+    # The analyst saves the project, starts a rebuild of its index folder and opens the project
+    # again while the build runs: the project opens the old index from that folder.
+    dock.raster_combo.setLayer(ships_clip)
+    folder = tmp_path / "index"
+    build_at(dock, folder, gsd_m=40.0)
+    old_count = dock.index.count
+    project_path = tmp_path / "survey.qgz"
+    QgsProject.instance().write(str(project_path))
+    dock.gsd_spin.setValue(20.0)
+    build_hold.active = True
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    task = dock.build_task
+    assert task is not None
+    progress = []
+    task.tileProgress.connect(progress.append)
+    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+
+    QgsProject.instance().clear()
+    QgsProject.instance().read(str(project_path))
+    wait_until(lambda: dock.index is not None)
+    assert dock.index.count == old_count
+    build_hold.active = False
+    wait_for_tasks(dock)
+
+    assert task.outcome is TaskOutcome.SUCCEEDED
+    assert TileIndex.open(folder).count != old_count
+    assert dock.index is not None
+    assert dock.index.count == TileIndex.open(folder).count
+    assert f"Index open: {dock.index.count} tiles" in dock.status_label.text()
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("it is open again" in text for text in infos), infos
+
+
+def test_new_project_drops_resume(dock, ships_clip, tmp_path, qgis_iface, build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    bar = qgis_iface.messageBar()
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    resume_item = current_resume_item(bar)
+
+    QgsProject.instance().clear()
+
+    assert message_is_gone(bar, resume_item)
+    assert dock.build_task is None
+
+
 def test_cancelled_append_reopens_index(dock, ships_clip, qgis_canvas, tmp_path, build_hold):
     corner = tmp_path / "ships_corner.tif"
     gdal.Translate(str(corner), str(ships_clip.source()), srcWin=[0, 0, 120, 120])

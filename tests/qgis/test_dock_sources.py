@@ -17,6 +17,7 @@ from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
 from lookalike.core.errors import LookalikeError
+from lookalike.core.index import TileIndex
 from lookalike.gis.raster_layers import ProviderBlockReader, rasters_folder_for, source_spec_for_layer
 from lookalike.gis.tasks import TaskOutcome
 from lookalike.ui.dock import EXTENT_MAP_VIEW
@@ -237,6 +238,31 @@ def test_failed_append_keeps_index_open(dock, shared_data, tmp_path, qgis_canvas
     assert any("already in index" in text for text in critical)
     assert dock.index is not None
     assert dock.index.count > 0
+
+
+def test_added_date_takes_index_gsd(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    # Another date of the same NAIP quarter quad is added to an index built at a coarser GSD than
+    # the raster's own: choosing the new layer must not reset the GSD to the layer's 5 m.
+    naip = shared_data / "geo" / "naip_timeseries"
+    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
+    dock.gsd_spin.setValue(10.0)
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert dock.index is not None
+    later = QgsRasterLayer(str(naip / "m_4709963_se_14_1_20200831.tif"), "naip 2020")
+    QgsProject.instance().addMapLayer(later)
+
+    dock.add_to_index_check.setChecked(True)
+    dock.raster_combo.setLayer(later)
+
+    assert dock.gsd_spin.value() == pytest.approx(10.0)
+    assert not dock.gsd_spin.isEnabled()
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert not qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    assert len(TileIndex.open(tmp_path / "index").sources) == 2
+    dock.add_to_index_check.setChecked(False)
+    assert dock.gsd_spin.isEnabled()
 
 
 def test_bad_encoder_file_reaches_message_bar(dock, tmp_path, qgis_iface):
