@@ -119,6 +119,10 @@ class SearchPanelMixin:
     def _add_query_part(self, geometry: QgsGeometry, negative: bool, crs_wkt: str) -> None:
         if not self.query_parts:
             self.query_number += 1
+            # A project saved with results brings their layers back (empty, as memory layers are
+            # not saved), so a new query takes a name no layer of the project has.
+            while self.project.mapLayersByName(self.query_layer_name()):
+                self.query_number += 1
         self.query_parts.append((QgsGeometry(geometry), negative, crs_wkt))
         self.overlay.add(geometry, negative)
         self._update_query_label()
@@ -336,9 +340,11 @@ class SearchPanelMixin:
             self.histogram.set_threshold(None)
             return
         threshold = self.score_threshold()
-        # At the slider's start every match is shown, whatever rounding the range has.
+        # At the slider's start every match is shown, whatever rounding the range has. The
+        # histogram pads a range of tied scores, so the slider's end is held at the best match.
         if self.threshold_slider.value() == 0:
             threshold = min(match.score for match in self.matches)
+        threshold = min(threshold, max(match.score for match in self.matches))
         shown = self.results_table.apply_score_threshold(threshold)
         self.histogram.set_threshold(threshold)
         self.threshold_label.setText(f"≥ {threshold:.3f} ({shown} shown)")

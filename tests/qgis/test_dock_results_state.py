@@ -288,6 +288,31 @@ def test_box_around_half_the_globe_in_degrees(searched, qgis_iface, qgis_canvas)
     assert any("draw a smaller query" in text for text in infos), infos
 
 
+def test_slider_end_keeps_single_match(searched, qgis_canvas, ships_layer):
+    # One match: the histogram pads its range around the single score, past any cosine score.
+    searched.clear_query()
+    searched.k_spin.setValue(1)
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+    assert len(searched.matches) == 1
+
+    searched.threshold_slider.setValue(searched.threshold_slider.maximum())
+
+    assert searched.result_layer().featureCount() == 1
+    assert "(1 shown)" in searched.threshold_label.text()
+
+
+def test_new_query_name_avoids_project_layers(searched, qgis_canvas, ships_layer):
+    # Result layers come back empty from a saved project; the next query must not reuse their names.
+    leftover = QgsVectorLayer("Polygon?crs=EPSG:32610", "Lookalike query 2", "memory")
+    QgsProject.instance().addMapLayer(leftover)
+    searched.clear_query()
+
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+
+    assert searched.result_layer().name() == "Lookalike query 3"
+    assert len(QgsProject.instance().mapLayersByName("Lookalike query 2")) == 1
+
+
 def test_search_button_cancels_search(searched, monkeypatch):
     from lookalike.ui import jobs
 
