@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -42,6 +43,9 @@ FORMAT_PNG = "PNG"
 FILE_EXTENSIONS = {FORMAT_GEOTIFF: "tif", FORMAT_PNG: "png"}
 
 LABELS_CSV_NAME = "labels.csv"
+# The names this module gives chips; only files so named and listed in an earlier labels.csv are
+# removed when a new export replaces that list.
+CHIP_NAME_PATTERN = re.compile(r"chip_\d{5}\.(tif|png)")
 # 8-bit output: the chip values are the encoder's raw units at this value scale.
 CHIP_VALUE_SCALE = 255.0
 ALPHA_VALID = 255
@@ -196,7 +200,8 @@ def export_chips(
     and CRS. A footprint with no valid pixel (entirely off the raster or nodata) is skipped and
     reported instead of writing an empty chip. ``progress(done, total)`` is called after each
     chip and ``is_cancelled()`` is polled before each. ``labels.csv`` lists the chips of this
-    run; a run stopped by an error or a cancel before its first chip leaves an existing one alone.
+    run, and the chips an earlier ``labels.csv`` there listed are removed unless this run wrote
+    them again. A run stopped by an error or a cancel before its first chip leaves the folder alone.
 
     Raises:
         LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
@@ -223,6 +228,7 @@ def export_chips(
         raise LookalikeError(f"The chip folder {folder} is not writable; choose a folder you can write to.")
 
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
+    earlier_chip_names = _listed_chip_names(report.csv_path)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
     total = len(requests)
@@ -264,6 +270,8 @@ def export_chips(
             # are all still there, as it was.
             if failure is None or rows:
                 _write_csv(report.csv_path, rows)
+                # Chips of the earlier export that this one did not overwrite are listed nowhere now.
+                _remove_chips(folder, earlier_chip_names - {row["chip"] for row in rows})
         except OSError as error:
             if failure is None:
                 raise LookalikeError(
@@ -368,6 +376,27 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
     for name, value in zip(("xmin", "ymin", "xmax", "ymax"), request.bounds):
         row[name] = repr(float(value))
     return row
+
+
+def _listed_chip_names(csv_path: Path) -> set[str]:
+    """Return the chip file names an existing ``labels.csv`` lists, or an empty set without a readable one."""
+    try:
+        with csv_path.open(newline="", encoding="utf-8") as stream:
+            return {row.get("chip") or "" for row in csv.DictReader(stream)} & _chip_names_in(csv_path.parent)
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
+
+
+def _chip_names_in(folder: Path) -> set[str]:
+    return {path.name for path in folder.iterdir() if CHIP_NAME_PATTERN.fullmatch(path.name) and path.is_file()}
+
+
+def _remove_chips(folder: Path, names: set[str]) -> None:
+    for name in sorted(names):
+        try:
+            (folder / name).unlink()
+        except OSError as error:
+            LOGGER.warning("The earlier chip %s could not be removed (%s); delete it by hand", folder / name, error)
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:

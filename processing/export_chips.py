@@ -123,7 +123,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
         output = QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Chip folder"))
         output.setHelp(tr(
             "Folder that receives chip_00001.tif (or .png), ... and labels.csv; an existing labels.csv "
-            "and chips of the same names are replaced."
+            "is replaced, and the chips it lists are replaced or removed."
         ))
         self.addParameter(output)
 

@@ -204,7 +204,7 @@ class ResultsPanelMixin:
         if not folder:
             return
         if any(Path(folder).iterdir()) and not self._confirmed(
-            f"{folder} is not empty. Chips and labels.csv there will be replaced. Continue?"
+            f"{folder} is not empty. Its labels.csv and the chips it lists will be replaced. Continue?"
         ):
             return
         self.export_chips(folder, self.chip_format_combo.currentText())

@@ -432,6 +432,25 @@ def test_export_png_chips_with_size(provider, tmp_path, ships_raster):
     assert rows[0]["crs"] == SHIPS_CRS
 
 
+def test_second_export_removes_earlier_chips(provider, tmp_path, ships_raster):
+    footprints = [(558505.0 + 200.0 * number, 4176040.0, 558665.0 + 200.0 * number, 4176200.0) for number in range(3)]
+    folder = tmp_path / "chips"
+    run_algorithm("exportchips", {"INPUT": polygon_layer(footprints), "RASTER": ships_raster, "OUTPUT": str(folder)})
+    analysts_file = folder / "chip_notes.txt"
+    analysts_file.write_text("kept", encoding="utf-8")
+    unlisted_chip = folder / "chip_00009.tif"
+    unlisted_chip.write_bytes(b"not from an export")
+
+    results = run_algorithm("exportchips", {
+        "INPUT": polygon_layer(footprints[:1]), "RASTER": ships_raster, "OUTPUT": str(folder),
+    })
+
+    assert results["CHIP_COUNT"] == 1
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "chip_00001.tif", "chip_00009.tif", "chip_notes.txt", "labels.csv",
+    ]
+
+
 def test_export_needs_raster_without_source_field(provider, tmp_path):
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("exportchips", {
