@@ -28,7 +28,7 @@ from ..core.pipeline import (
     index_encoder_path,
     indexed_source_for_geometry,
 )
-from ..core.raster import RasterSource
+from ..core.raster import RasterSource, open_raster_quietly
 from ..core.search import Match, search
 from ..gis.raster_layers import (
     LayerSourceSpec,
@@ -177,6 +177,15 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
         task.check_cancelled()
         try:
             source_path = indexed_source_for_geometry(request.index, part.wkt, part.crs_wkt)
+        except LookalikeError as error:
+            raise QueryPartError(position, error) from error
+        if open_raster_quietly(source_path) is None:
+            # The raster moved or went offline: the part is fine and stays for the next search.
+            raise SearchError(
+                f"The indexed raster {source_path} cannot be opened; move it back to that path, or build "
+                "the index again from its new place."
+            )
+        try:
             chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt,
                                 is_cancelled=task.isCanceled)
         except CancelledError:

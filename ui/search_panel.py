@@ -277,12 +277,14 @@ class SearchPanelMixin:
             # Parts keep their positions until the query is cleared, which starts a new query.
             if isinstance(error, jobs.QueryPartError) and query_number == self.query_number:
                 self._remove_query_part(error.position)
-                self.push_message(
-                    f"Query part {error.position + 1} was removed, so the query can run without it.",
-                    Qgis.MessageLevel.Info,
-                )
                 if self.query_parts:
+                    self.push_message(
+                        f"Query part {error.position + 1} was removed, so the query runs again without it.",
+                        Qgis.MessageLevel.Info,
+                    )
                     self._search_again = True
+                else:
+                    self.push_message("That query part was removed; draw a new one to search.", Qgis.MessageLevel.Info)
         if self._search_again:
             self._search_again = False
             self.start_search()

@@ -14,6 +14,7 @@ from qgis.core import (
     QgsFeature,
     QgsGeometry,
     QgsProject,
+    QgsRasterLayer,
     QgsRectangle,
     QgsVectorLayer,
 )
@@ -197,6 +198,29 @@ def test_failed_part_removed_search_reruns(searched, qgis_iface, ships_layer):
     # The search ran again with the part that is left.
     assert searched.matches
     assert searched.search_task is None
+
+
+def test_moved_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface, tmp_path):
+    # The analyst builds from a copy, then moves the file: the drawn part is not at fault.
+    import shutil
+
+    copy = tmp_path / "ships_copy.tif"
+    shutil.copy(ships_clip.source(), copy)
+    layer = QgsRasterLayer(str(copy), "ships copy")
+    QgsProject.instance().addMapLayer(layer)
+    dock.raster_combo.setLayer(layer)
+    build(dock, tmp_path / "index")
+    bounds = ship_query_bounds(layer)
+    QgsProject.instance().removeMapLayer(layer.id())
+    copy.rename(tmp_path / "ships_moved.tif")
+    qgis_iface.messageBar().clear_messages()
+
+    search_box(dock, qgis_canvas, bounds)
+
+    errors = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any("ships_copy.tif cannot be opened; move it back" in text for text in errors), errors
+    assert len(dock.query_parts) == 1
+    assert not any("was removed" in text for text in messages(qgis_iface, Qgis.MessageLevel.Info))
 
 
 def test_missing_encoder_file_is_a_message(dock, ships_layer, qgis_canvas, qgis_iface, tmp_path, repo_root):
