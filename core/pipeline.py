@@ -374,8 +374,8 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
             f"{min(plan.width_px, plan.height_px)}"
         )
     return (
-        f"too few valid pixels per tile; lower min_valid_fraction (now {params.min_valid_fraction:g}), pass a "
-        "smaller tile size, or check that the raster's nodata value does not mark image pixels"
+        f"every tile has less than {100 * params.min_valid_fraction:.0f} % valid pixels; use smaller tiles so that "
+        "more of them fit inside the valid area, or check that the raster's nodata value does not mark image pixels"
     )
 
 

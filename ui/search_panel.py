@@ -324,7 +324,8 @@ class SearchPanelMixin:
             # Searches widen until k matches survive, so none means every tile overlaps the query.
             self.push_message(
                 "The search found no matches: every indexed tile overlaps the query, and tiles under the "
-                "query are never returned; draw a smaller query."
+                "query are never returned. Draw a smaller query, or build the index at a finer GSD, which "
+                "makes the tiles smaller."
             )
         self._load_thumbnails(found)
 

@@ -288,7 +288,7 @@ def test_whole_raster_query_explains_empty(searched, qgis_iface, qgis_canvas, sh
 
     infos = messages(qgis_iface, Qgis.MessageLevel.Info)
     assert searched.matches == []
-    assert any("draw a smaller query" in text for text in infos), infos
+    assert any("Draw a smaller query" in text for text in infos), infos
     assert not any("threshold" in text for text in infos)
 
 
@@ -309,7 +309,7 @@ def test_box_around_half_the_globe_in_degrees(searched, qgis_iface, qgis_canvas)
     assert not any("outside every indexed raster" in text for text in warnings), warnings
     # The box covers the whole clip, so every tile overlaps the query.
     infos = messages(qgis_iface, Qgis.MessageLevel.Info)
-    assert any("draw a smaller query" in text for text in infos), infos
+    assert any("Draw a smaller query" in text for text in infos), infos
 
 
 def test_slider_end_keeps_single_match(searched, qgis_canvas, ships_layer):
