@@ -53,6 +53,7 @@ class ResultsPanelMixin:
 
         self.results_table = ResultsTable()
         self.results_table.matchActivated.connect(self.zoom_to_match)
+        self.results_table.relevanceChanged.connect(self._update_query_label)
         layout.addWidget(self.results_table)
         self.project.layerWillBeRemoved.connect(self._on_layer_will_be_removed)
 
@@ -130,6 +131,7 @@ class ResultsPanelMixin:
         self.results_table.set_matches([])
         self.histogram.set_scores([])
         self._on_threshold_changed(0)
+        self._update_query_label()
 
     def match_geometry(self, tile_id: int) -> Optional[QgsGeometry]:
         layer = self.result_layer()

@@ -173,13 +173,19 @@ class SearchPanelMixin:
             self.overlay.add(geometry, negative)
         self._update_query_label()
 
-    def _update_query_label(self) -> None:
+    def _update_query_label(self, *_args) -> None:
         positives = sum(1 for _geometry, negative, _crs in self.query_parts if not negative)
         negatives = len(self.query_parts) - positives
-        if not self.query_parts:
-            self.query_label.setText("Draw on the map to search.")
-            return
-        self.query_label.setText(f"Query {self.query_number}: {positives} positive, {negatives} negative part(s).")
+        if self.query_parts:
+            text = f"Query {self.query_number}: {positives} positive, {negatives} negative part(s)."
+        else:
+            text = "Draw on the map to search."
+        # Marks steer every search of this query, also when their rows are no longer listed.
+        relevant = len(self.results_table.tiles_marked(Relevance.RELEVANT))
+        not_relevant = len(self.results_table.tiles_marked(Relevance.NOT_RELEVANT))
+        if relevant or not_relevant:
+            text += f" Marked tiles: {relevant} relevant, {not_relevant} not relevant."
+        self.query_label.setText(text)
 
     def query_layer_name(self) -> str:
         return f"Lookalike query {self.query_number}"

@@ -337,6 +337,21 @@ def test_new_query_name_avoids_project_layers(searched, qgis_canvas, ships_layer
     assert len(QgsProject.instance().mapLayersByName("Lookalike query 2")) == 1
 
 
+def test_query_label_counts_marks_without_rows(searched, qgis_canvas):
+    worst = searched.matches[-1].tile_id
+    searched.results_table.set_relevance(worst, Relevance.NOT_RELEVANT)
+    assert "1 not relevant" in searched.query_label.text()
+    searched.k_spin.setValue(1)
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert worst not in [match.tile_id for match in searched.matches]
+    assert "Marked tiles: 0 relevant, 1 not relevant." in searched.query_label.text()
+    searched.clear_query()
+    assert "Marked" not in searched.query_label.text()
+
+
 def test_search_button_cancels_search(searched, monkeypatch):
     from lookalike.ui import jobs
 
