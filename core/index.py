@@ -142,6 +142,11 @@ def exact_knn(embeddings: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.n
     for block_start in range(0, n_rows, EXACT_SEARCH_BLOCK_ROWS):
         block = np.asarray(embeddings[block_start : block_start + EXACT_SEARCH_BLOCK_ROWS], dtype=np.float64)
         block_similarities = (queries @ block.T).astype(np.float32)
+        if not np.isfinite(block_similarities).all():
+            raise SearchIndexError(
+                f"embeddings {block_start} to {block_start + block.shape[0] - 1} include NaN or infinite values, "
+                "which a build never stores; the index is damaged, build it again"
+            )
         block_ids = np.broadcast_to(
             np.arange(block_start, block_start + block.shape[0], dtype=np.int64), block_similarities.shape
         )
@@ -783,7 +788,7 @@ class TileIndex:
             return np.empty((queries.shape[0], 0), dtype=np.int64), np.empty((queries.shape[0], 0), dtype=np.float32)
 
         if self.count <= EXACT_SEARCH_MAX_TILES or n_results >= EXACT_SEARCH_MIN_FRACTION * self.count:
-            return exact_knn(self.embeddings, queries, n_results)
+            return self._exact_knn(queries, n_results)
 
         ef_search = max(int(ef) if ef is not None else int(self._manifest["hnsw"]["ef_search"]), n_results)
         self._graph.set_ef(ef_search)
@@ -792,9 +797,19 @@ class TileIndex:
         except RuntimeError as error:
             # hnswlib raises when the graph search reaches fewer than k tiles.
             logger.warning("HNSW search for k=%d failed (%s); using exact search", n_results, error)
-            return exact_knn(self.embeddings, queries, n_results)
+            return self._exact_knn(queries, n_results)
+        if not np.isfinite(distances).all():
+            raise SearchIndexError(
+                f"The index in {self._folder} is damaged: its graph returned NaN or infinite distances; build it again."
+            )
         similarities = np.clip(1.0 - distances, -1.0, 1.0).astype(np.float32)
         return labels.astype(np.int64), similarities
+
+    def _exact_knn(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return exact_knn(self.embeddings, queries, k)
+        except SearchIndexError as error:
+            raise SearchIndexError(f"The index in {self._folder}: {error}.") from error
 
     def tile_bounds(self, tile_id: int) -> tuple[float, float, float, float]:
         """Return the footprint ``(xmin, ymin, xmax, ymax)`` of a tile in its grid's CRS."""

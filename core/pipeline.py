@@ -365,14 +365,20 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
     dominant = SKIP_REASONS[int(np.argmax(counts))]
     if dominant == SKIP_MASKED:
         return "the mask covers every tile; shrink the mask or leave it unset"
-    if dominant == SKIP_BLANK:
-        return "every tile is uniform (a fill value or cloud); check the band selection and the nodata value"
-    if plan.tile_size_source_px > max(plan.width_px, plan.height_px):
+    if max(plan.width_px, plan.height_px) < MIN_TILE_SIZE_SOURCE_PX:
+        # Checked before the blank reason: a raster of a few pixels stretched over a tile is uniform.
+        return (
+            f"the raster ({plan.width_px}x{plan.height_px} px) is smaller than the smallest tile of "
+            f"{MIN_TILE_SIZE_SOURCE_PX:g} source px, too small to index; use a larger raster"
+        )
+    if plan.tile_size_source_px > max(plan.width_px, plan.height_px) and dominant != SKIP_BLANK:
         return (
             f"tile size {plan.tile_size_source_px:.4g} source px is larger than the raster "
             f"({plan.width_px}x{plan.height_px} px); pass tile_size_source_px <= "
             f"{min(plan.width_px, plan.height_px)}"
         )
+    if dominant == SKIP_BLANK:
+        return "every tile is uniform (a fill value or cloud); check the band selection and the nodata value"
     return (
         f"every tile has less than {100 * params.min_valid_fraction:.0f} % valid pixels; use smaller tiles so that "
         "more of them fit inside the valid area, or check that the raster's nodata value does not mark image pixels"

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from osgeo import gdal
+from osgeo import gdal, osr
 
 from lookalike.core import lock as lock_module
 from lookalike.core.encoder import OnnxEncoder
@@ -458,3 +458,19 @@ def test_lock_taken_again_when_its_file_was_deleted_under_it(tmp_path, monkeypat
         assert len(calls) == 2
         assert os.stat(lock_file).st_ino == calls[1]
         assert lock_file.read_text(encoding="ascii").strip() == str(os.getpid())
+
+
+def test_one_pixel_raster_is_named_too_small(tmp_path):
+    path = tmp_path / "one_pixel.tif"
+    raster = gdal.GetDriverByName("GTiff").Create(str(path), 1, 1, 3, gdal.GDT_Byte)
+    raster.SetGeoTransform((500000.0, 10.0, 0.0, 4100000.0, 0.0, -10.0))
+    spatial_reference = osr.SpatialReference()
+    spatial_reference.ImportFromEPSG(32610)
+    raster.SetProjection(spatial_reference.ExportToWkt())
+    for band in range(1, 4):
+        raster.GetRasterBand(band).Fill(40 * band)
+    raster = None
+
+    with pytest.raises(LookalikeError, match=r"\(1x1 px\) is smaller than the smallest tile") as error:
+        build_index(parameters([path], tmp_path / "index"))
+    assert "uniform" not in str(error.value)

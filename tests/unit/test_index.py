@@ -230,6 +230,21 @@ def test_open_detects_truncated_file(tmp_path: Path, kind: str) -> None:
         TileIndex.open(folder)
 
 
+@pytest.mark.parametrize("rows", [slice(None), slice(5, 6)])
+def test_nan_embeddings_named_damaged(tmp_path: Path, rows: slice) -> None:
+    # Same size and header, so open() cannot tell; the search must not answer with NaN scores.
+    folder = tmp_path / "index"
+    filled_index(folder, n=16)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]
+    embeddings = np.load(path)
+    embeddings[rows] = np.nan
+    np.save(path, embeddings)
+    index = TileIndex.open(folder)
+
+    with pytest.raises(SearchIndexError, match="damaged, build it again"):
+        index.knn(unit_vectors(1, seed=3), k=16)
+
+
 def test_open_detects_count_mismatch(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     filled_index(folder, n=3)
