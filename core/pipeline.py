@@ -291,9 +291,16 @@ def _build_index_locked(
         LOGGER.info("Resuming the build of %s at tile %d of %d from %s", params.index_folder,
                     start_position, tiles_total, partial.folder)
 
-    peak_batches, zero_embedding_tiles = _embed_tiles(
-        plans, encoder, params, partial, start_position, embedded, skipped, tiles_total, progress, is_cancelled
-    )
+    try:
+        peak_batches, zero_embedding_tiles = _embed_tiles(
+            plans, encoder, params, partial, start_position, embedded, skipped, tiles_total, progress, is_cancelled
+        )
+    except Exception as error:
+        # A failure before the first chunk leaves nothing to resume from, so nothing of this build
+        # stays on disk. A cancelled build keeps its folder, which its message names.
+        if not isinstance(error, CancelledError) and not partial.chunk_paths():
+            _remove_empty_checkpoints(partial)
+        raise
     embedded_by_source, skipped = _counts_from_checkpoints(partial, len(plans), tiles_total)
     if not embedded_by_source.any():
         # Nothing is committed: an empty index would look like a valid one to a later search.
@@ -332,6 +339,14 @@ def _build_index_locked(
         elapsed_s, report.rate_tiles_per_s,
     )
     return report
+
+
+def _remove_empty_checkpoints(partial: _PartialBuild) -> None:
+    try:
+        partial.remove()
+    except OSError as error:
+        # The error that stopped the build is the one to report.
+        LOGGER.warning("The empty checkpoint folder %s could not be removed: %s", partial.folder, error)
 
 
 def _counts_from_checkpoints(partial: _PartialBuild, n_sources: int, tiles_total: int) -> tuple[np.ndarray, np.ndarray]:

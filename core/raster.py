@@ -359,9 +359,14 @@ class RasterSource:
     def _read_valid_sample(self, index: int, sample_width: int, sample_height: int) -> np.ndarray:
         """Read a decimated copy of band ``index`` and return its valid values after scale and offset."""
         band = self._dataset.GetRasterBand(index)
-        with _gdal_errors(f"reading band {index} of {self.path!r}"):
+        with _gdal_errors(f"reading band {index} of {self.path!r}") as messages:
             raw = band.ReadAsArray(buf_xsize=sample_width, buf_ysize=sample_height)
             mask = band.GetMaskBand().ReadAsArray(buf_xsize=sample_width, buf_ysize=sample_height)
+        if raw is None or mask is None:
+            raise RasterError(
+                f"GDAL could not read band {index} of {self.path!r}{_gdal_detail(messages)}; check the file and "
+                "the files it refers to."
+            )
         scale, offset = self._band_scale_offset(index)
         values = raw.astype(np.float64) * scale + offset
         values = values[(mask > 0) & np.isfinite(values)]
@@ -646,10 +651,13 @@ class RasterSource:
 
     def _read_block(self, pixel_window: tuple[int, int, int, int], band_list: list[int]) -> np.ndarray:
         """Read bands at source resolution over ``(column, row, width, height)``; ``(bands, height, width)``."""
-        with _gdal_errors(f"reading {self.path!r} pixels {pixel_window}"):
+        with _gdal_errors(f"reading {self.path!r} pixels {pixel_window}") as messages:
             block = self._dataset.ReadAsArray(*pixel_window, band_list=band_list)
         if block is None:
-            raise RasterError(f"GDAL returned no pixels for {self.path!r} at pixels {pixel_window}; check the file.")
+            raise RasterError(
+                f"GDAL returned no pixels for {self.path!r} at pixels {pixel_window}{_gdal_detail(messages)}; check "
+                "the file and the files it refers to."
+            )
         return block.reshape((len(band_list), pixel_window[3], pixel_window[2]))
 
     def _covering_pixel_window(self, window: tuple[float, float, float, float]) -> tuple[int, int, int, int]:
@@ -675,7 +683,8 @@ class RasterSource:
         if self._band_nodata_values is not None:
             return not self._has_nodata(self._read_block(pixel_window, list(range(1, self.band_count + 1))))
         for mask_band in self._mask_bands():
-            mask = mask_band.ReadAsArray(*pixel_window)
+            with _gdal_errors(f"reading the mask of {self.path!r} pixels {pixel_window}"):
+                mask = mask_band.ReadAsArray(*pixel_window)
             if mask is None or not np.all(mask == 255):
                 return False
         return True
@@ -736,7 +745,7 @@ class RasterSource:
         source_pixels_per_chip_pixel = chip_pixel_size / self._source_pixel_size_in(crs_wkt)
         resample = "average" if source_pixels_per_chip_pixel > AVERAGE_RESAMPLING_MIN_RATIO else "bilinear"
 
-        with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}"):
+        with _gdal_errors(f"reading {self.path!r} over {tuple(bounds)}") as messages:
             warped = gdal.Warp(
                 "",
                 self._dataset,
@@ -755,8 +764,8 @@ class RasterSource:
             )
             if warped is None:
                 raise RasterError(
-                    f"GDAL could not read {self.path!r} over {tuple(bounds)}; check that the bounds and "
-                    "CRS are valid."
+                    f"GDAL could not read {self.path!r} over {tuple(bounds)}{_gdal_detail(messages)}; check the "
+                    "file and the files it refers to, and that the bounds and CRS are valid."
                 )
             stack = warped.ReadAsArray()
         stack = stack.reshape((-1, int(height_px), int(width_px)))
@@ -988,9 +997,16 @@ def _gdal_errors(action: str) -> Iterator[list[str]]:
     try:
         yield messages
     except RuntimeError as error:
-        raise RasterError(f"GDAL failed while {action}: {error}; check the raster and its CRS.") from error
+        raise RasterError(
+            f"GDAL failed while {action}: {error}; check the raster, the files it refers to and its CRS."
+        ) from error
     finally:
         gdal.PopErrorHandler()
+
+
+def _gdal_detail(messages: Sequence[str]) -> str:
+    """Return GDAL's failure messages as a parenthesis for an error message, or "" without any."""
+    return f" ({'; '.join(dict.fromkeys(messages))})" if messages else ""
 
 
 class _AxisLerp(NamedTuple):

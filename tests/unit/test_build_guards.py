@@ -474,3 +474,20 @@ def test_one_pixel_raster_is_named_too_small(tmp_path):
     with pytest.raises(LookalikeError, match=r"\(1x1 px\) is smaller than the smallest tile") as error:
         build_index(parameters([path], tmp_path / "index"))
     assert "uniform" not in str(error.value)
+
+
+@pytest.mark.parametrize("data_type", [gdal.GDT_Byte, gdal.GDT_UInt16])
+def test_vrt_missing_source_named(repo_root, tmp_path, data_type):
+    # Byte rasters are read straight away, others are sampled for their value stretch first.
+    part = tmp_path / "part.tif"
+    gdal.Translate(str(part), str(repo_root / "sample_data" / "1056417_2017-03-08_RE3_3A_Visual_clip.tif"),
+                   srcWin=[0, 0, 200, 200], outputType=data_type)
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), [str(part)]).FlushCache()
+    part.unlink()
+
+    with pytest.raises(LookalikeError, match=r"part\.tif: No such file or directory") as error:
+        build_index(parameters([mosaic], tmp_path / "index"))
+
+    assert "files it refers to" in str(error.value)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["mosaic.vrt"]
