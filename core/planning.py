@@ -160,6 +160,10 @@ def _plan_sources(
                 )
             LOGGER.info("Source %s: encoder bands %s read from bands %s (%s)", path, list(spec.bands),
                         list(source.band_indexes), source.band_selection_reason)
+            warning = _band_guess_warning(source, spec)
+            if warning is not None:
+                LOGGER.warning("%s", warning)
+                warnings.append(warning)
             grid_crs_wkt = source.grid_crs_wkt()
             raster_bounds = source.bounds_in(grid_crs_wkt)
             scale = grid_scale(grid_crs_wkt, raster_bounds)
@@ -273,6 +277,23 @@ def _check_distinct_checksums(plans: Sequence[_SourcePlan]) -> None:
                 "pass each raster once."
             )
         seen[checksum] = plan.path
+
+
+def _band_guess_warning(source: RasterSource, spec: ModelSpec) -> Optional[str]:
+    """Return a warning when the bands of a multi-band raster were picked by position, not by colour.
+
+    A single-band raster has no other choice, so it gets none.
+    """
+    if not source.bands_by_position:
+        return None
+    image_bands = source.band_count - (source.alpha_band_index is not None)
+    if image_bands < 2:
+        return None
+    return (
+        f"Raster {source.path!r} has {image_bands} bands without red, green and blue colour interpretation, so "
+        f"bands {list(source.band_indexes)} are read as the encoder's {', '.join(spec.bands)}; choose the bands "
+        "to read (band_indexes) when those are other bands."
+    )
 
 
 def _resolve_gsd(

@@ -155,6 +155,8 @@ class RasterSource:
         self._is_source_crs_by_wkt: dict[str, bool] = {}
         # Why these bands were chosen, for the build log and report.
         self.band_selection_reason = "given by the caller"
+        # True when the bands were taken by position because no band has a red, green or blue interpretation.
+        self.bands_by_position = False
         if band_indexes is None:
             self.band_indexes = self._default_band_indexes()
         else:
@@ -192,6 +194,7 @@ class RasterSource:
         if not data_bands:
             raise RasterError(f"raster {self.path!r} has only an alpha band; open a raster with image bands.")
         chosen = tuple(data_bands[channel % len(data_bands)] for channel in range(_DEFAULT_CHANNEL_COUNT))
+        self.bands_by_position = True
         self.band_selection_reason = (
             f"no red, green and blue colour interpretation; the first {_DEFAULT_CHANNEL_COUNT} non-alpha "
             "bands, repeated when fewer"

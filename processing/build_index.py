@@ -39,6 +39,7 @@ from .support import (
     require_packages,
     set_progress,
     tr,
+    with_parameter_names,
 )
 
 TILE_SIZE_UNIT_SOURCE_PX = 0
@@ -247,6 +248,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         with core_errors(PARAMETER_NAMES):
             report = build_index(build_parameters, progress=report_progress, is_cancelled=cancel_check(feedback))
 
+        for warning in report.warnings:
+            feedback.pushWarning(with_parameter_names(warning, PARAMETER_NAMES))
         skipped = ", ".join(f"{count} {reason}" for reason, count in report.skipped_by_reason.items())
         feedback.pushInfo(tr(
             f"{report.tiles_embedded} of {report.tiles_total} tiles embedded with {report.encoder_name} "

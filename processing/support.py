@@ -145,18 +145,22 @@ def core_errors(parameter_names: Optional[Mapping[str, str]] = None) -> Iterator
     try:
         yield
     except LookalikeError as error:
-        message = str(error)
-        mentioned = [
-            f"{core_name} is {parameter}"
-            for core_name, parameter in (parameter_names or {}).items()
-            if core_name in message
-        ]
-        if mentioned:
-            # Core messages may end without a full stop; the added sentence needs one before it.
-            if not message.endswith((".", "!", "?")):
-                message += "."
-            message += " " + tr(f"(In this algorithm {'; '.join(mentioned)}.)")
-        raise QgsProcessingException(message) from error
+        raise QgsProcessingException(with_parameter_names(str(error), parameter_names)) from error
+
+
+def with_parameter_names(message: str, parameter_names: Optional[Mapping[str, str]] = None) -> str:
+    """Append to a core message which algorithm parameter each core argument it names is."""
+    mentioned = [
+        f"{core_name} is {parameter}"
+        for core_name, parameter in (parameter_names or {}).items()
+        if core_name in message
+    ]
+    if not mentioned:
+        return message
+    # Core messages may end without a full stop; the added sentence needs one before it.
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return message + " " + tr(f"(In this algorithm {'; '.join(mentioned)}.)")
 
 
 def cancel_check(feedback: Optional[QgsProcessingFeedback]) -> Callable[[], bool]:

@@ -686,6 +686,8 @@ class BuildPanelMixin:
                 f"{_format_duration(report.elapsed_s)}. Draw on the map to search.",
                 Qgis.MessageLevel.Success,
             )
+            for warning in report.warnings:
+                self.push_message(warning, Qgis.MessageLevel.Warning)
             return
         folder = request.params.index_folder if request is not None else ""
         if task.outcome is TaskOutcome.CANCELLED:

@@ -64,6 +64,18 @@ def output_layer(results: dict, key: str = "OUTPUT") -> QgsVectorLayer:
 # -- provider ----------------------------------------------------------------------------------
 
 
+class RecordingFeedback(QgsProcessingFeedback):
+    """Feedback that keeps the warnings an algorithm pushes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings = []
+
+    def pushWarning(self, warning: str) -> None:  # noqa: N802 - QGIS override
+        self.warnings.append(warning)
+        super().pushWarning(warning)
+
+
 def test_provider_registers_algorithms(provider):
     ids = sorted(algorithm.id() for algorithm in provider.algorithms())
     assert ids == sorted(f"lookalike:{name}" for name in ALGORITHM_IDS)
@@ -131,13 +143,16 @@ def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder)
         "EXTENT": extent,
         "OUTPUT": str(folder),
     })
+    feedback = RecordingFeedback()
     second = run_algorithm("buildindex", {
         "INPUT_RASTERS": [str(shared_data / NAIP_2014)],
         "ENCODER": tiny_encoder,
         "EXTENT": extent,
         "APPEND": True,
         "OUTPUT": str(folder),
-    })
+    }, feedback)
+    # NAIP bands carry no red, green and blue interpretation: the log says which were read.
+    assert any("bands [1, 2, 3] are read as" in text and "band_indexes is BANDS" in text for text in feedback.warnings)
     index = TileIndex.open(folder)
     assert len(index.sources) == 2
     assert index.count == first["TILES_EMBEDDED"] + second["TILES_EMBEDDED"]

@@ -981,6 +981,25 @@ def test_query_around_half_the_globe_finds_the_raster(rgb_index, encoder, shared
         assert left < xmax and right > xmin and bottom < ymax and top > ymin
 
 
+@pytest.mark.parametrize(("relative", "guessed"), [
+    ("naip_timeseries/m_4709963_se_14_1_20090818.tif", True),
+    ("rasterio/RGB.byte.tif", False),
+    ("single band", False),
+])
+def test_bands_taken_by_position_warned(shared_data, tmp_path, relative, guessed):
+    # NAIP has four bands without red, green and blue interpretation; one band leaves no choice.
+    path = geo(shared_data, relative)
+    if relative == "single band":
+        path = str(tmp_path / "red.tif")
+        gdal.Translate(path, geo(shared_data, "rasterio/RGB.byte.tif"), bandList=[1])
+    report = build_index(parameters([path], tmp_path / "index", tile_size_source_px=128))
+
+    band_warnings = [warning for warning in report.warnings if "colour interpretation" in warning]
+    assert len(band_warnings) == int(guessed)
+    if guessed:
+        assert "bands [1, 2, 3] are read as the encoder's red, green, blue" in band_warnings[0]
+
+
 def test_other_raster_reads_index_bands(shared_data, tmp_path, encoder):
     naip = shared_data / "geo" / "naip_timeseries"
     indexed, other = naip / "m_4709963_se_14_1_20090818.tif", naip / "m_4709963_se_14_1_20140720.tif"
