@@ -61,8 +61,8 @@ EMBEDDING_DTYPE = np.dtype("<f2")
 # - ef_search is the candidate-list size at query time: recall against latency. knn() raises it
 #   to k when k is larger, because hnswlib requires ef >= k. Over 1M vectors grown from real
 #   embeddings (bench/search_bench.py), ef 256 reached recall@10 0.980 to 0.9945 over six full
-#   benchmark runs (hnswlib builds the graph on several threads, so each run differs), and ef 512
-#   reached 0.985 in the run that gave 0.980, at 1.6 ms per query against 0.9 ms. The plugin runs
+#   benchmark runs. hnswlib builds the graph on several threads, so each run differs. In the run
+#   that gave 0.980, ef 512 reached 0.985, at 1.6 ms per query against 0.9 ms. The plugin runs
 #   one query at a time, so that fraction of a millisecond buys a margin above the goal of 0.98.
 #   Each index stores its value in its manifest.
 # tests/unit/test_index.py checks recall@10 >= 0.98 against exact search with these values.
