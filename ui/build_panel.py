@@ -706,7 +706,7 @@ class BuildPanelMixin:
         self._reopen_index_after_build(folder, task)
 
     def _on_closed_project_build_finished(self, folder: str) -> None:
-        """Report a build that started in a project since closed; reopen the open index when it came from that folder."""
+        """Report a build started in a project since closed; reopen the open index if it came from that folder."""
         if self.index is not None and _folder_key(str(self.index.folder)) == _folder_key(folder):
             # The index this project opened from that folder was replaced on disk, so the open copy is stale.
             self.index = None
