@@ -1,9 +1,10 @@
-"""Chip mosaics, tiled VRTs, colour histograms and confusable classes of the benchmarks."""
+"""Chip mosaics, tiled VRTs, colour histograms, confusable classes and goal verdicts of the benchmarks."""
 
 import numpy as np
 import pytest
 from osgeo import gdal, osr
 
+from lookalike.bench import report
 from lookalike.bench.datasets import grid_shape, write_tiled_vrt
 from lookalike.bench.retrieval import colour_histograms, confusable_classes, rank_all_others
 
@@ -74,3 +75,12 @@ def test_write_tiled_vrt_covers_repeats(tmp_path):
     original = np.arange(15, dtype=np.uint8).reshape(3, 5)
     assert np.array_equal(pixels[:3, :5], original)
     assert np.array_equal(pixels[3:, 5:], original)
+
+
+@pytest.mark.parametrize(("round_ratios", "verdict"), [
+    ([0.91, 0.95, 0.93], "yes"),
+    ([0.80, 0.83, 0.85], "**no**"),
+    ([1.00, 0.70, 0.91], "**unclear**: rounds 0.70 to 1.00 lie on both sides"),
+])
+def test_throughput_verdict_by_round(round_ratios, verdict):
+    assert report._throughput_verdict(round_ratios) == verdict
