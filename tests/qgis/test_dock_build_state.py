@@ -81,17 +81,23 @@ def build_at(dock: LookalikeDockWidget, folder: Path, gsd_m: float, overlap_perc
     wait_for_tasks(dock)
 
 
+def start_held_build(dock: LookalikeDockWidget, hold: BuildHold):
+    """Click Build index with ``hold`` active; return the build task once its first batch is embedded."""
+    hold.active = True
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    task = dock.build_task
+    assert task is not None, dock.iface.messageBar().messages
+    progress = []
+    task.tileProgress.connect(progress.append)
+    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    return task
+
+
 def cancel_build_at(dock: LookalikeDockWidget, gsd_m: float, hold: BuildHold) -> None:
     """Start a build at ``gsd_m`` with the Build button and cancel it after its first batch."""
     dock.gsd_spin.setValue(gsd_m)
-    hold.active = True
     try:
-        QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
-        task = dock.build_task
-        assert task is not None, dock.iface.messageBar().messages
-        progress = []
-        task.tileProgress.connect(progress.append)
-        wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+        task = start_held_build(dock, hold)
         QTest.mouseClick(dock.cancel_button, Qt.MouseButton.LeftButton)
         wait_for_tasks(dock)
     finally:
@@ -134,13 +140,7 @@ def test_build_of_closed_project_opens_nothing(dock, ships_clip, tmp_path, qgis_
     dock.raster_combo.setLayer(ships_clip)
     dock.index_folder.setFilePath(str(tmp_path / "index"))
     dock.gsd_spin.setValue(FINE_GSD_M)
-    build_hold.active = True
-    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
-    task = dock.build_task
-    assert task is not None
-    progress = []
-    task.tileProgress.connect(progress.append)
-    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    task = start_held_build(dock, build_hold)
 
     QgsProject.instance().clear()
     build_hold.active = False
@@ -163,13 +163,7 @@ def test_rebuild_of_reopened_project_folder_reopens(dock, ships_clip, tmp_path, 
     project_path = tmp_path / "survey.qgz"
     QgsProject.instance().write(str(project_path))
     dock.gsd_spin.setValue(20.0)
-    build_hold.active = True
-    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
-    task = dock.build_task
-    assert task is not None
-    progress = []
-    task.tileProgress.connect(progress.append)
-    wait_until(lambda: any(item.tiles_done > 0 for item in progress))
+    task = start_held_build(dock, build_hold)
 
     QgsProject.instance().clear()
     QgsProject.instance().read(str(project_path))
