@@ -686,8 +686,14 @@ class RasterSource:
         if self._band_nodata_values is not None:
             return not self._has_nodata(self._read_block(pixel_window, list(range(1, self.band_count + 1))))
         for mask_band in self._mask_bands():
-            with _gdal_errors(f"reading the mask of {self.path!r} pixels {pixel_window}"):
+            with _gdal_errors(f"reading the mask of {self.path!r} pixels {pixel_window}") as messages:
                 mask = mask_band.ReadAsArray(*pixel_window)
+            if messages:
+                # GDAL reports a missing VRT source once; the warper's later failure would not name it.
+                raise RasterError(
+                    f"GDAL could not read the mask of {self.path!r} at pixels {pixel_window}"
+                    f"{_gdal_detail(messages)}; check the file and the files it refers to."
+                )
             if mask is None or not np.all(mask == 255):
                 return False
         return True

@@ -201,13 +201,15 @@ def export_chips(
     reported instead of writing an empty chip. ``progress(done, total)`` is called after each
     chip and ``is_cancelled()`` is polled before each. ``labels.csv`` lists the chips of this
     run, and the chips an earlier ``labels.csv`` there listed are removed unless this run wrote
-    them again. A run stopped by an error or a cancel before its first chip leaves the folder alone.
+    them again. A run stopped after some chips keeps the earlier chips it did not reach, listed
+    with their rows. A run that writes no chip (stopped before its first, or with every footprint
+    skipped) leaves an existing ``labels.csv`` and its chips alone.
 
     Raises:
         LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
             that PNG cannot store, or a raster that cannot be read.
         CancelledError: ``is_cancelled`` returned True; the chips written so far stay, with a
-            CSV that lists them.
+            CSV that lists them and the earlier chips still there.
     """
     if image_format not in FILE_EXTENSIONS:
         raise LookalikeError(
@@ -228,7 +230,7 @@ def export_chips(
         raise LookalikeError(f"The chip folder {folder} is not writable; choose a folder you can write to.")
 
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
-    earlier_chip_names = _listed_chip_names(report.csv_path)
+    earlier_rows = _listed_chip_rows(report.csv_path)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
     total = len(requests)
@@ -238,7 +240,8 @@ def export_chips(
             if is_cancelled is not None and is_cancelled():
                 raise CancelledError(
                     f"Chip export cancelled after {report.written_count} of {total} chips; the chips "
-                    f"written so far are listed in {report.csv_path}."
+                    f"written so far, and those of an earlier export it did not reach, are listed in "
+                    f"{report.csv_path}."
                 )
             if request.source_path not in sources:
                 source = RasterSource(request.source_path, band_indexes)
@@ -261,6 +264,11 @@ def export_chips(
                             request.feature_id, request.source_path)
             if progress is not None:
                 progress(position, total)
+        if not rows and report.csv_path.exists():
+            raise LookalikeError(
+                f"No chip was written ({len(report.skipped)} of {total} footprints have no valid pixel), so "
+                f"{report.csv_path} and the chips it lists are kept; export footprints over the raster."
+            )
     except BaseException as error:
         failure = error
         raise
@@ -269,9 +277,14 @@ def export_chips(
             # A run that failed before its first chip leaves an existing labels.csv, whose chips
             # are all still there, as it was.
             if failure is None or rows:
-                _write_csv(report.csv_path, rows)
-                # Chips of the earlier export that this one did not overwrite are listed nowhere now.
-                _remove_chips(folder, earlier_chip_names - {row["chip"] for row in rows})
+                rewritten = {row["chip"] for row in rows}
+                kept_rows = [row for name, row in earlier_rows.items() if name not in rewritten]
+                if failure is None:
+                    # Chips of the earlier export that this one did not overwrite would be listed nowhere.
+                    _remove_chips(folder, {row["chip"] for row in kept_rows})
+                    kept_rows = []
+                # A stopped run keeps the earlier chips it did not reach, with their rows.
+                _write_csv(report.csv_path, rows + kept_rows)
         except OSError as error:
             if failure is None:
                 raise LookalikeError(
@@ -329,6 +342,7 @@ def _write_chip(
         if band_count == 3:
             options.append("PHOTOMETRIC=RGB")
     driver = gdal.GetDriverByName(image_format)
+    _unlink_symbolic_link(path)
     written = driver.CreateCopy(str(path), memory, strict=0, options=options)
     if written is None:
         raise RasterError(
@@ -378,13 +392,18 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
     return row
 
 
-def _listed_chip_names(csv_path: Path) -> set[str]:
-    """Return the chip file names an existing ``labels.csv`` lists, or an empty set without a readable one."""
+def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
+    """Return the rows of an existing ``labels.csv`` by chip name, for chips still in its folder; {} without one."""
+    present = _chip_names_in(csv_path.parent)
     try:
         with csv_path.open(newline="", encoding="utf-8") as stream:
-            return {row.get("chip") or "" for row in csv.DictReader(stream)} & _chip_names_in(csv_path.parent)
+            return {
+                row["chip"]: {column: row.get(column) or "" for column in CSV_COLUMNS}
+                for row in csv.DictReader(stream)
+                if row.get("chip") in present
+            }
     except (OSError, UnicodeDecodeError, csv.Error):
-        return set()
+        return {}
 
 
 def _chip_names_in(folder: Path) -> set[str]:
@@ -400,10 +419,17 @@ def _remove_chips(folder: Path, names: set[str]) -> None:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    _unlink_symbolic_link(path)
     with path.open("w", newline="", encoding="utf-8") as stream:
         writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         writer.writerows(rows)
+
+
+def _unlink_symbolic_link(path: Path) -> None:
+    """Remove a symbolic link at ``path``, so that writing there replaces the link and not the file it points to."""
+    if path.is_symlink():
+        path.unlink()
 
 
 def _raster_crs(path: str) -> QgsCoordinateReferenceSystem:

@@ -690,6 +690,15 @@ class BuildPanelMixin:
                 self.push_message(warning, Qgis.MessageLevel.Warning)
             return
         folder = request.params.index_folder if request is not None else ""
+        if task.outcome is TaskOutcome.CANCELLED and _started_in_closed_project(self, task):
+            # A Resume here would open the closed project's index in this one.
+            self._show_index_status()
+            self.push_message(
+                f"The build of {folder} started in the project you closed was cancelled. Its finished tiles are "
+                "kept: build that raster into that folder again with the same settings to continue.",
+                Qgis.MessageLevel.Info,
+            )
+            return
         if task.outcome is TaskOutcome.CANCELLED:
             self.status_label.setText("Build cancelled; Resume continues where it stopped.")
             manifest_stamp = _manifest_stamp(folder)
@@ -707,8 +716,9 @@ class BuildPanelMixin:
 
     def _on_closed_project_build_finished(self, folder: str) -> None:
         """Report a build started in a project since closed; reopen the open index if it came from that folder."""
-        if self.index is not None and _folder_key(str(self.index.folder)) == _folder_key(folder):
-            # The index this project opened from that folder was replaced on disk, so the open copy is stale.
+        open_folder = str(self.index.folder) if self.index is not None else self._opening_index_folder
+        if open_folder and _folder_key(open_folder) == _folder_key(folder):
+            # The index this project opened (or is opening) from that folder was replaced on disk.
             self.index = None
             self.open_index(folder)
             self.push_message(

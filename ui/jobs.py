@@ -16,7 +16,7 @@ from qgis.PyQt.QtGui import QImage
 
 from ..core import get_logger
 from ..core.encoder import OnnxEncoder
-from ..core.errors import CancelledError, LookalikeError, SearchError
+from ..core.errors import CancelledError, LookalikeError, RasterError, SearchError
 from ..core.index import TileIndex
 from ..core.pipeline import (
     BuildParameters,
@@ -189,6 +189,9 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
             chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt,
                                 is_cancelled=task.isCanceled)
         except CancelledError:
+            raise
+        except RasterError:
+            # GDAL could not read the raster (damaged, replaced, offline): the part stays for the next search.
             raise
         except LookalikeError as error:
             raise QueryPartError(position, error) from error

@@ -206,7 +206,8 @@ class ResultsPanelMixin:
         if not folder:
             return
         if any(Path(folder).iterdir()) and not self._confirmed(
-            f"{folder} is not empty. Its labels.csv and the chips it lists will be replaced. Continue?"
+            f"{folder} is not empty. Chips named chip_00001 and up and labels.csv there will be replaced, and "
+            "the chips an earlier labels.csv lists will be removed. Continue?"
         ):
             return
         self.export_chips(folder, self.chip_format_combo.currentText())
@@ -222,6 +223,10 @@ class ResultsPanelMixin:
         tile_ids = self.results_table.selected_tile_ids() or [
             match.tile_id for match in self.matches if match.score >= self.score_threshold()
         ]
+        if not tile_ids:
+            self.push_message("No match is shown to export; lower the score threshold or search again.",
+                              Qgis.MessageLevel.Info)
+            return None
         feature_ids = []
         label_by_feature = {}
         for feature in layer.dataProvider().getFeatures():

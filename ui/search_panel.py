@@ -176,7 +176,10 @@ class SearchPanelMixin:
     def _update_query_label(self, *_args) -> None:
         positives = sum(1 for _geometry, negative, _crs in self.query_parts if not negative)
         negatives = len(self.query_parts) - positives
-        if self.query_parts:
+        if self.search_task is not None:
+            # Marks made now steer the next search, not this one.
+            text = "Searching…"
+        elif self.query_parts:
             text = f"Query {self.query_number}: {positives} positive, {negatives} negative part(s)."
         else:
             text = "Draw on the map to search."
@@ -340,8 +343,18 @@ class SearchPanelMixin:
         return layer if isinstance(layer, QgsVectorLayer) else None
 
     def score_threshold(self) -> float:
+        """Return the lowest score shown: the slider's position on the histogram's score range.
+
+        At the slider's start every match is shown, whatever rounding the range has. The histogram
+        pads a range of tied scores, so the slider's end is held at the best match.
+        """
         low, high = self.histogram.score_range()
-        return low + (high - low) * self.threshold_slider.value() / THRESHOLD_STEPS
+        threshold = low + (high - low) * self.threshold_slider.value() / THRESHOLD_STEPS
+        if not self.matches:
+            return threshold
+        if self.threshold_slider.value() == 0:
+            threshold = min(match.score for match in self.matches)
+        return min(threshold, max(match.score for match in self.matches))
 
     def _on_threshold_changed(self, _value: int) -> None:
         if not self.matches:
@@ -349,11 +362,6 @@ class SearchPanelMixin:
             self.histogram.set_threshold(None)
             return
         threshold = self.score_threshold()
-        # At the slider's start every match is shown, whatever rounding the range has. The
-        # histogram pads a range of tied scores, so the slider's end is held at the best match.
-        if self.threshold_slider.value() == 0:
-            threshold = min(match.score for match in self.matches)
-        threshold = min(threshold, max(match.score for match in self.matches))
         shown = self.results_table.apply_score_threshold(threshold)
         self.histogram.set_threshold(threshold)
         self.threshold_label.setText(f"≥ {threshold:.3f} ({shown} shown)")

@@ -194,6 +194,26 @@ def test_new_project_drops_resume(dock, ships_clip, tmp_path, qgis_iface, build_
     assert dock.build_task is None
 
 
+def test_cancel_after_new_project_offers_no_resume(dock, ships_clip, tmp_path, qgis_iface, build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.gsd_spin.setValue(FINE_GSD_M)
+    task = start_held_build(dock, build_hold)
+    QgsProject.instance().clear()
+    qgis_iface.messageBar().clear_messages()
+
+    QTest.mouseClick(dock.cancel_button, Qt.MouseButton.LeftButton)
+    build_hold.active = False
+    wait_for_tasks(dock)
+
+    assert task.outcome is TaskOutcome.CANCELLED
+    buttons = [item.findChild(QPushButton, "lookalikeMessageButton") for item in qgis_iface.messageBar().items()]
+    assert not any(button is not None and button.text() == "Resume" for button in buttons)
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("started in the project you closed was cancelled" in text for text in infos), infos
+    assert dock.status_label.text() == "No index open."
+
+
 def test_cancelled_append_reopens_index(dock, ships_clip, qgis_canvas, tmp_path, build_hold):
     corner = tmp_path / "ships_corner.tif"
     gdal.Translate(str(corner), str(ships_clip.source()), srcWin=[0, 0, 120, 120])

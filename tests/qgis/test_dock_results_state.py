@@ -223,6 +223,27 @@ def test_moved_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface
     assert not any("was removed" in text for text in messages(qgis_iface, Qgis.MessageLevel.Info))
 
 
+def test_damaged_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface, tmp_path):
+    # An interrupted copy or sync leaves the indexed raster truncated: the drawn part is not at fault.
+    import shutil
+
+    copy = tmp_path / "ships_copy.tif"
+    shutil.copy(ships_clip.source(), copy)
+    layer = QgsRasterLayer(str(copy), "ships copy")
+    QgsProject.instance().addMapLayer(layer)
+    dock.raster_combo.setLayer(layer)
+    build(dock, tmp_path / "index")
+    bounds = ship_query_bounds(layer)
+    QgsProject.instance().removeMapLayer(layer.id())
+    copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 8])
+    qgis_iface.messageBar().clear_messages()
+
+    search_box(dock, qgis_canvas, bounds)
+
+    assert any("ships_copy.tif" in text for text in messages(qgis_iface, Qgis.MessageLevel.Critical))
+    assert len(dock.query_parts) == 1
+
+
 def test_missing_encoder_file_is_a_message(dock, ships_layer, qgis_canvas, qgis_iface, tmp_path, repo_root):
     import shutil
 
@@ -323,6 +344,23 @@ def test_slider_end_keeps_single_match(searched, qgis_canvas, ships_layer):
 
     assert searched.result_layer().featureCount() == 1
     assert "(1 shown)" in searched.threshold_label.text()
+
+
+def test_chips_at_slider_end_export_best_match(searched, qgis_canvas, ships_layer, tmp_path):
+    folder = tmp_path / "chips"
+    searched.export_chips(str(folder))
+    wait_for_tasks(searched)
+    assert len(list(folder.glob("chip_*.tif"))) == 3
+    # One match: the histogram pads the range around its score, past the slider's end.
+    searched.clear_query()
+    searched.k_spin.setValue(1)
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+
+    searched.threshold_slider.setValue(searched.threshold_slider.maximum())
+    searched.export_chips(str(folder))
+    wait_for_tasks(searched)
+
+    assert sorted(path.name for path in folder.glob("chip_*.tif")) == ["chip_00001.tif"]
 
 
 def test_new_query_name_avoids_project_layers(searched, qgis_canvas, ships_layer):

@@ -1,12 +1,14 @@
 """How failures reach the analyst: task logs without tracebacks for input errors, and chip
 exports whose first error is the one reported."""
 
+import csv
 import logging
+from dataclasses import replace
 
 import pytest
 from osgeo import gdal
 
-from lookalike.core.errors import LookalikeError, RasterError
+from lookalike.core.errors import CancelledError, LookalikeError, RasterError
 from lookalike.gis import chip_export
 from lookalike.gis.tasks import LookalikeTask, TaskOutcome
 
@@ -91,3 +93,60 @@ def test_failed_export_keeps_existing_labels(repo_root, tmp_path):
         chip_export.export_chips([ships_request(repo_root)], folder, band_indexes=(3, 2, 5))
 
     assert labels.read_text() == before
+
+
+def ships_requests(repo_root, count: int) -> list:
+    """``count`` chip requests along the top of the ships clip, 64 px apart."""
+    first = ships_request(repo_root)
+    xmin, ymin, xmax, ymax = first.bounds
+    width = xmax - xmin
+    return [replace(first, feature_id=number + 1, bounds=(xmin + number * width, ymin, xmax + number * width, ymax))
+            for number in range(count)]
+
+
+def csv_chip_names(folder) -> list:
+    with open(folder / chip_export.LABELS_CSV_NAME, newline="", encoding="utf-8") as stream:
+        return sorted(row["chip"] for row in csv.DictReader(stream))
+
+
+def test_cancelled_reexport_keeps_earlier_chips(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 5), folder)
+    polls = []
+
+    def cancel_after_two_chips() -> bool:
+        polls.append(1)
+        return len(polls) > 2
+
+    with pytest.raises(CancelledError, match="earlier export"):
+        chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after_two_chips)
+
+    names = [f"chip_{number:05d}.tif" for number in range(1, 6)]
+    assert sorted(path.name for path in folder.glob("chip_*.tif")) == names
+    assert csv_chip_names(folder) == names
+
+
+def test_export_without_chips_keeps_earlier(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 2), folder)
+    before = (folder / chip_export.LABELS_CSV_NAME).read_text()
+    off_raster = replace(ships_request(repo_root), bounds=(100.0, 100.0, 200.0, 200.0))
+
+    with pytest.raises(LookalikeError, match="No chip was written .* are kept"):
+        chip_export.export_chips([off_raster], folder)
+
+    assert (folder / chip_export.LABELS_CSV_NAME).read_text() == before
+    assert len(list(folder.glob("chip_*.tif"))) == 2
+
+
+def test_export_replaces_links_not_targets(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    users_table = tmp_path / "users_table.csv"
+    users_table.write_text("my own table\n", encoding="utf-8")
+    (folder / chip_export.LABELS_CSV_NAME).symlink_to(users_table)
+
+    chip_export.export_chips(ships_requests(repo_root, 1), folder)
+
+    assert users_table.read_text(encoding="utf-8") == "my own table\n"
+    assert csv_chip_names(folder) == ["chip_00001.tif"]
