@@ -798,9 +798,13 @@ class TileIndex:
             # hnswlib raises when the graph search reaches fewer than k tiles.
             logger.warning("HNSW search for k=%d failed (%s); using exact search", n_results, error)
             return self._exact_knn(queries, n_results)
-        if not np.isfinite(distances).all():
+        # The graph keeps its own copy of the vectors, so damage to the embeddings file, which
+        # scoring and later adds read, shows only in the rows of the tiles found.
+        found_rows = np.asarray(self.embeddings[np.unique(labels)], dtype=np.float32)
+        if not (np.isfinite(distances).all() and np.isfinite(found_rows).all()):
             raise SearchIndexError(
-                f"The index in {self._folder} is damaged: its graph returned NaN or infinite distances; build it again."
+                f"The index in {self._folder} is damaged: it contains NaN or infinite values, which a build never "
+                "stores; build it again."
             )
         similarities = np.clip(1.0 - distances, -1.0, 1.0).astype(np.float32)
         return labels.astype(np.int64), similarities

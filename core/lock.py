@@ -115,16 +115,23 @@ def _acquire(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
 
 
 def _open_lock_file(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
+    if path.is_symlink() or path.is_dir():
+        # Writing the PID through a link would overwrite the file it points to.
+        kind = "a symbolic link" if path.is_symlink() else "a folder"
+        raise LookalikeError(
+            f"{path}, where the lock file of index folder {os.fspath(index_folder)} goes, is {kind}; remove or "
+            "rename it, or choose another index folder."
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # The file stays open while the lock is held, so no context manager here.
         for _ in range(MAX_LOCK_ATTEMPTS):
             try:
-                return open(path, "x+b"), True
+                return _open_no_follow(path, os.O_CREAT | os.O_EXCL), True
             except FileExistsError:
                 pass
             try:
-                return open(path, "r+b"), False
+                return _open_no_follow(path, 0), False
             except FileNotFoundError:
                 # Its holder deleted it between the two opens.
                 continue
@@ -134,6 +141,12 @@ def _open_lock_file(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool
             f"cannot create the lock file {path} beside index folder {os.fspath(index_folder)} "
             f"({error.strerror or error}); choose an index folder in a place you can write to."
         ) from error
+
+
+def _open_no_follow(path: Path, flags: int) -> IO[bytes]:
+    """Open ``path`` for reading and writing, without following a symbolic link put there meanwhile."""
+    descriptor = os.open(path, os.O_RDWR | flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    return os.fdopen(descriptor, "r+b")
 
 
 def _still_at(stream: IO[bytes], path: Path) -> bool:
@@ -165,7 +178,7 @@ def _release(stream: IO[bytes]) -> None:
 def _locked_error(index_folder: PathLike, path: Path) -> IndexLockedError:
     return IndexLockedError(
         f"another build is writing index folder {os.fspath(index_folder)} (lock {path} is held); wait "
-        "for it to finish or cancel it, or write to another folder."
+        "for it to finish or cancel it, or write to another folder. Deleting the lock file does not stop that build."
     )
 
 

@@ -234,8 +234,10 @@ def build_index(
     folder = Path(params.index_folder)
 
     def wrote_nothing() -> bool:
-        # Rejected parameters or rasters: no folder and no checkpoints exist beside the lock file.
-        return not folder.exists() and not partial_folder_for(folder).exists()
+        # Rejected parameters or rasters: no checkpoints, and no folder or only the empty one the
+        # analyst made for the index.
+        folder_is_empty = not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
+        return folder_is_empty and not partial_folder_for(folder).exists()
 
     with index_lock(folder, discard_file_if=wrote_nothing):
         return _build_index_locked(params, progress, is_cancelled)

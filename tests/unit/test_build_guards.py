@@ -491,3 +491,32 @@ def test_vrt_missing_source_named(repo_root, tmp_path, data_type):
 
     assert "files it refers to" in str(error.value)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["mosaic.vrt"]
+
+
+def test_lock_path_link_never_written_through(shared_data, tmp_path):
+    users_file = tmp_path / "my data.txt"
+    users_file.write_text("my precious data\n", encoding="utf-8")
+    (tmp_path / "index.lock").symlink_to(users_file)
+
+    with pytest.raises(LookalikeError, match=r"index\.lock, where the lock file .* is a symbolic link; remove"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
+
+    assert users_file.read_text(encoding="utf-8") == "my precious data\n"
+
+
+def test_folder_at_lock_path_named(shared_data, tmp_path):
+    (tmp_path / "index.lock").mkdir()
+
+    with pytest.raises(LookalikeError, match=r"index\.lock, where the lock file .* is a folder; remove or rename"):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
+
+
+def test_rejected_build_into_empty_folder_leaves_no_lock(shared_data, tmp_path):
+    # File dialogs let the analyst create the index folder before the build.
+    (tmp_path / "index").mkdir()
+
+    with pytest.raises(LookalikeError):
+        build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index",
+                               band_indexes=(9, 9, 9)))
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]

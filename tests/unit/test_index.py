@@ -230,8 +230,10 @@ def test_open_detects_truncated_file(tmp_path: Path, kind: str) -> None:
         TileIndex.open(folder)
 
 
+@pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("rows", [slice(None), slice(5, 6)])
-def test_nan_embeddings_named_damaged(tmp_path: Path, rows: slice) -> None:
+def test_nan_embeddings_named_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: slice,
+                                      graph: bool) -> None:
     # Same size and header, so open() cannot tell; the search must not answer with NaN scores.
     folder = tmp_path / "index"
     filled_index(folder, n=16)
@@ -240,8 +242,11 @@ def test_nan_embeddings_named_damaged(tmp_path: Path, rows: slice) -> None:
     embeddings[rows] = np.nan
     np.save(path, embeddings)
     index = TileIndex.open(folder)
+    if graph:
+        monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_TILES", 0)
+        monkeypatch.setattr(index_module, "EXACT_SEARCH_MIN_FRACTION", 2.0)
 
-    with pytest.raises(SearchIndexError, match="damaged, build it again"):
+    with pytest.raises(SearchIndexError, match="damaged.*build it again"):
         index.knn(unit_vectors(1, seed=3), k=16)
 
 
