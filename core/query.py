@@ -188,14 +188,20 @@ def indexed_source_for_geometry(
         raise SearchError("The index has no rasters yet; build it before searching.")
     best_path, best_area = "", 0.0
     for record in sources:
+        xmin, ymin, xmax, ymax = record["bounds"]
         near_wkt = _cut_to_surroundings(wkt, crs_wkt, record["bounds"], record["crs_wkt"])
+        if near_wkt is None:
+            # The region covers the whole raster.
+            area = (xmax - xmin) * (ymax - ymin)
+            if area > best_area:
+                best_path, best_area = record["path"], area
+            continue
         try:
             geometry = ogr.CreateGeometryFromWkt(transform_geometry_wkt(near_wkt, crs_wkt, record["crs_wkt"]))
         except GridError:
             # Outside the area of use of this raster's CRS, so not on this raster.
             continue
         centroid = geometry.Centroid()
-        xmin, ymin, xmax, ymax = record["bounds"]
         if xmin <= centroid.GetX() <= xmax and ymin <= centroid.GetY() <= ymax:
             return record["path"]
         if geometry.GetDimension() < 2:
@@ -216,18 +222,22 @@ def indexed_source_for_geometry(
     )
 
 
-def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds_crs_wkt: str) -> str:
+def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds_crs_wkt: str) -> Optional[str]:
     """Return the region ``wkt`` (in ``crs_wkt``) cut to the surroundings of ``bounds`` when it reaches far beyond them.
 
     The surroundings are ``bounds`` (in ``bounds_crs_wkt``) widened by half their size on every
-    side. Points, lines, regions no larger than ``FAR_REACHING_AREA_FACTOR`` times the surroundings
-    and regions that miss them come back unchanged.
+    side. Returns None when such a region covers all of the surroundings. Points, lines, regions
+    no larger than ``FAR_REACHING_AREA_FACTOR`` times the surroundings and regions that miss them
+    come back unchanged.
     """
     xmin, ymin, xmax, ymax = bounds
     pad_x, pad_y = (xmax - xmin) / 2.0, (ymax - ymin) / 2.0
+    surroundings_bounds = (xmin - pad_x, ymin - pad_y, xmax + pad_x, ymax + pad_y)
     try:
-        surroundings = ogr.CreateGeometryFromWkt(transform_geometry_wkt(
-            _bounds_to_wkt((xmin - pad_x, ymin - pad_y, xmax + pad_x, ymax + pad_y)), bounds_crs_wkt, crs_wkt))
+        surroundings = ogr.CreateGeometryFromWkt(
+            transform_geometry_wkt(_bounds_to_wkt(surroundings_bounds), bounds_crs_wkt, crs_wkt))
+        samples = ogr.CreateGeometryFromWkt(
+            transform_geometry_wkt(_sample_points_wkt(surroundings_bounds), bounds_crs_wkt, crs_wkt))
     except GridError:
         return wkt
     geometry = ogr.CreateGeometryFromWkt(wkt)
@@ -235,10 +245,38 @@ def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds
         return wkt
     if _envelope_area(geometry) <= FAR_REACHING_AREA_FACTOR * _envelope_area(surroundings):
         return wkt
-    cut = geometry.Intersection(surroundings)
-    if cut is None or cut.IsEmpty() or cut.GetDimension() < 2:
+    # Points are tested one by one, because across the antimeridian the surroundings are no
+    # valid polygon in degrees.
+    if all(geometry.Intersects(samples.GetGeometryRef(number)) for number in range(samples.GetGeometryCount())):
+        return None
+    if not surroundings.IsValid():
         return wkt
-    return cut.ExportToWkt()
+    cut = _polygons_of(geometry.Intersection(surroundings))
+    return wkt if cut is None else cut.ExportToWkt()
+
+
+def _sample_points_wkt(bounds: Sequence[float]) -> str:
+    """Return a MULTIPOINT of the corners, edge midpoints and centre of ``bounds``."""
+    xmin, ymin, xmax, ymax = bounds
+    xs, ys = (xmin, (xmin + xmax) / 2.0, xmax), (ymin, (ymin + ymax) / 2.0, ymax)
+    return "MULTIPOINT (" + ", ".join(f"({x!r} {y!r})" for x in xs for y in ys) + ")"
+
+
+def _polygons_of(geometry: Optional[ogr.Geometry]) -> Optional[ogr.Geometry]:
+    """Return the polygons of an intersection (a cut can add lines where edges touch), or None without any."""
+    if geometry is None or geometry.IsEmpty():
+        return None
+    if ogr.GT_Flatten(geometry.GetGeometryType()) in (ogr.wkbPolygon, ogr.wkbMultiPolygon):
+        return geometry
+    polygons = ogr.Geometry(ogr.wkbMultiPolygon)
+    for number in range(geometry.GetGeometryCount()):
+        part = geometry.GetGeometryRef(number)
+        if ogr.GT_Flatten(part.GetGeometryType()) == ogr.wkbPolygon:
+            polygons.AddGeometry(part)
+        elif ogr.GT_Flatten(part.GetGeometryType()) == ogr.wkbMultiPolygon:
+            for index in range(part.GetGeometryCount()):
+                polygons.AddGeometry(part.GetGeometryRef(index))
+    return polygons if polygons.GetGeometryCount() else None
 
 
 def _envelope_area(geometry: ogr.Geometry) -> float:
@@ -344,9 +382,12 @@ def _query_footprints(
         SearchError: the geometry type is not supported, or the region covers more than
             ``MAX_QUERY_TILES`` tiles of the raster.
     """
-    if raster_bounds is not None:
-        wkt = _cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
-    geometry = _parse_geometry(transform_geometry_wkt(wkt, crs_wkt, grid_crs_wkt))
+    near_wkt = wkt if raster_bounds is None else _cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
+    if near_wkt is None:
+        # The region covers the whole raster, which is already in the grid CRS.
+        geometry = _parse_geometry(_bounds_to_wkt(raster_bounds))
+    else:
+        geometry = _parse_geometry(transform_geometry_wkt(near_wkt, crs_wkt, grid_crs_wkt))
     tile = index_grid.tile_ground_size
     xmin, xmax, ymin, ymax = geometry.GetEnvelope()
     geometry_type = ogr.GT_Flatten(geometry.GetGeometryType())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from osgeo import gdal, osr
+from osgeo import gdal, ogr, osr
 
 from lookalike.core import index as index_module
 from lookalike.core import pipeline as pipeline_module
@@ -1000,6 +1000,29 @@ def test_bands_taken_by_position_warned(shared_data, tmp_path, relative, guessed
         assert "bands [1, 2, 3] are read as the encoder's red, green, blue" in band_warnings[0]
 
 
+@pytest.mark.parametrize(("crs_code", "corners"), [
+    (32660, (760000.0, 4200000.0, 773840.0, 4193360.0)),
+    (4326, (-180.0, -16.9, -179.8, -17.0)),
+])
+def test_world_box_covers_raster_at_antimeridian(repo_root, tmp_path, encoder, crs_code, corners):
+    # A UTM 60N raster across 180 degrees, and one in degrees at its west edge: their surroundings
+    # are no valid polygon in degrees, and a world box has no usable shape in their UTM zone.
+    path = tmp_path / "edge.tif"
+    gdal.Translate(str(path), str(repo_root / "sample_data" / "1056417_2017-03-08_RE3_3A_Visual_clip.tif"),
+                   bandList=[1, 2, 3], outputSRS=f"EPSG:{crs_code}", outputBounds=list(corners))
+    build_index(parameters([path], tmp_path / "index", tile_size_source_px=32))
+    index = TileIndex.open(tmp_path / "index")
+    world = "POLYGON((-180 -90,180 -90,180 90,-180 90,-180 -90))"
+    source = RasterSource(str(path))
+
+    chips = embed_query(index, encoder, indexed_source_for_geometry(index, world, epsg_wkt(4326)), world,
+                        epsg_wkt(4326))
+
+    # The same tiles as a box of the raster's own bounds.
+    whole_raster = embed_query(index, encoder, source, source.bounds, source.crs_wkt)
+    np.testing.assert_allclose(chips.footprints, whole_raster.footprints, atol=1e-3)
+
+
 def test_other_raster_reads_index_bands(shared_data, tmp_path, encoder):
     naip = shared_data / "geo" / "naip_timeseries"
     indexed, other = naip / "m_4709963_se_14_1_20090818.tif", naip / "m_4709963_se_14_1_20140720.tif"
@@ -1186,3 +1209,18 @@ def test_batch_slots_reuse_released_chip_arrays():
     slots.release(second)
     assert slots.acquire(stop)
     assert slots.chip_array((2, 3, 8, 8)).shape == (2, 3, 8, 8)
+
+
+def test_cut_keeps_polygons_only():
+    # Cutting a multipolygon whose far part touches the cut line leaves that line in a collection.
+    from lookalike.core.query import _polygons_of
+
+    collection = ogr.CreateGeometryFromWkt(
+        "GEOMETRYCOLLECTION (POLYGON ((0 0,1 0,1 1,0 1,0 0)), LINESTRING (2 0,2 1))"
+    )
+
+    polygons = _polygons_of(collection)
+
+    assert polygons.GetGeometryName() == "MULTIPOLYGON"
+    assert polygons.GetGeometryCount() == 1
+    assert _polygons_of(ogr.CreateGeometryFromWkt("LINESTRING (0 0,1 1)")) is None
