@@ -382,17 +382,13 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
     dominant = SKIP_REASONS[int(np.argmax(counts))]
     if dominant == SKIP_MASKED:
         return "the mask covers every tile; shrink the mask or leave it unset"
-    if max(plan.width_px, plan.height_px) < MIN_TILE_SIZE_SOURCE_PX:
-        # Checked before the blank reason: a raster of a few pixels stretched over a tile is uniform.
-        return (
-            f"the raster ({plan.width_px}x{plan.height_px} px) is smaller than the smallest tile of "
-            f"{MIN_TILE_SIZE_SOURCE_PX:g} source px, too small to index; use a larger raster"
-        )
-    if plan.tile_size_source_px > max(plan.width_px, plan.height_px) and dominant != SKIP_BLANK:
+    if plan.tile_size_source_px > max(plan.width_px, plan.height_px):
+        # Checked before the blank reason: a raster of a few pixels stretched over a tile can come out uniform.
+        smallest_px = max(min(plan.width_px, plan.height_px), int(MIN_TILE_SIZE_SOURCE_PX))
         return (
             f"tile size {plan.tile_size_source_px:.4g} source px is larger than the raster "
-            f"({plan.width_px}x{plan.height_px} px); pass tile_size_source_px <= "
-            f"{min(plan.width_px, plan.height_px)}"
+            f"({plan.width_px}x{plan.height_px} px), and its only tiles were skipped as {dominant}; try another "
+            f"tile size (tile_size_source_px, at least {smallest_px}), or index the raster with larger ones"
         )
     if dominant == SKIP_BLANK:
         return "every tile is uniform (a fill value or cloud); check the band selection and the nodata value"

@@ -96,9 +96,9 @@ def _choose_gsd(
         tile_size_source_px = tile_ground_size / pixel_size
         if tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
             raise GridError(
-                f"tile_ground_size_m {params.tile_ground_size_m:g} is only {tile_size_source_px:.3g} source "
-                f"pixels of {first_source.path!r} ({pixel_size_m:.4g} m per pixel on the ground); pass "
-                f"tile_ground_size_m >= {MIN_TILE_SIZE_SOURCE_PX * pixel_size_m:.4g} "
+                f"tile_ground_size_m {params.tile_ground_size_m:g} is only {tile_size_source_px:.4g} source "
+                f"pixels of {first_source.path!r} ({pixel_size_m:.6g} m per pixel on the ground); pass "
+                f"tile_ground_size_m >= {math.ceil(MIN_TILE_SIZE_SOURCE_PX * pixel_size_m * 100) / 100:.10g} "
                 f"({MIN_TILE_SIZE_SOURCE_PX:g} source pixels)."
             )
         return gsd_from_tile_ground_size(tile_ground_size, tile_size_px), None

@@ -18,6 +18,7 @@ from lookalike.core.lock import index_lock
 from lookalike.core.pipeline import (
     MIN_TILE_SIZE_SOURCE_PX,
     BuildParameters,
+    Region,
     build_index,
     embed_query,
     partial_folder_for,
@@ -460,7 +461,7 @@ def test_lock_taken_again_when_its_file_was_deleted_under_it(tmp_path, monkeypat
         assert lock_file.read_text(encoding="ascii").strip() == str(os.getpid())
 
 
-def test_one_pixel_raster_is_named_too_small(tmp_path):
+def test_one_pixel_raster_gets_tile_advice(tmp_path):
     path = tmp_path / "one_pixel.tif"
     raster = gdal.GetDriverByName("GTiff").Create(str(path), 1, 1, 3, gdal.GDT_Byte)
     raster.SetGeoTransform((500000.0, 10.0, 0.0, 4100000.0, 0.0, -10.0))
@@ -471,7 +472,8 @@ def test_one_pixel_raster_is_named_too_small(tmp_path):
         raster.GetRasterBand(band).Fill(40 * band)
     raster = None
 
-    with pytest.raises(LookalikeError, match=r"\(1x1 px\) is smaller than the smallest tile") as error:
+    with pytest.raises(LookalikeError, match=r"larger than the raster \(1x1 px\), and its only tiles were skipped as "
+                       r"blank; try another tile size") as error:
         build_index(parameters([path], tmp_path / "index"))
     assert "uniform" not in str(error.value)
 
@@ -520,3 +522,21 @@ def test_rejected_build_into_empty_folder_leaves_no_lock(shared_data, tmp_path):
                                band_indexes=(9, 9, 9)))
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
+
+
+def test_suggested_minimum_ground_tile_builds(shared_data, tmp_path):
+    # 2400 m is just under 8 pixels of this raster's 300.04 m: the suggested minimum must be above it.
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    with pytest.raises(LookalikeError, match=r"is only 7\.99\d source pixels") as error:
+        build_index(parameters([source], tmp_path / "index", tile_size_source_px=None, tile_ground_size_m=2400.0))
+    suggested_m = float(str(error.value).split("tile_ground_size_m >= ")[1].split(" ")[0])
+
+    raster = RasterSource(source)
+    xmin, ymin, xmax, ymax = raster.bounds
+    centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
+    centre = Region(crs_wkt=raster.crs_wkt, bounds=(centre_x - 5_000.0, centre_y - 5_000.0,
+                                                    centre_x + 5_000.0, centre_y + 5_000.0))
+    report = build_index(parameters([source], tmp_path / "index", tile_size_source_px=None,
+                                    tile_ground_size_m=suggested_m, extent=centre))
+
+    assert report.tiles_total > 0
