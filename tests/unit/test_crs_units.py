@@ -291,10 +291,10 @@ def test_feet_crs_small_ground_size_accepted(tmp_path):
 
 
 def test_feet_crs_tiny_ground_size_names_metres(tmp_path):
-    # 8 source pixels of 1.64 ft (0.5 m) are 4 m.
+    # 8 source pixels of 1.64 ft (0.4999 m) are 3.999 m, which the message rounds up to the centimetre.
     source = feet_copy(tmp_path)
 
-    expected = r"\(0\.4999 m per pixel on the ground\); pass tile_ground_size_m >= 3\.999 "
+    expected = r"\(0\.49987\d m per pixel on the ground\); pass tile_ground_size_m >= 4 "
     with pytest.raises(LookalikeError, match=expected):
         build_index(parameters([source], tmp_path / "index", tile_size_source_px=None, tile_ground_size_m=3.0))
 
