@@ -384,11 +384,14 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
         return "the mask covers every tile; shrink the mask or leave it unset"
     if plan.tile_size_source_px > max(plan.width_px, plan.height_px):
         # Checked before the blank reason: a raster of a few pixels stretched over a tile can come out uniform.
-        smallest_px = max(min(plan.width_px, plan.height_px), int(MIN_TILE_SIZE_SOURCE_PX))
+        fitting_px = min(plan.width_px, plan.height_px)
+        advice = (
+            f"use tiles that fit inside it (tile_size_source_px from {MIN_TILE_SIZE_SOURCE_PX:g} to {fitting_px})"
+            if fitting_px >= MIN_TILE_SIZE_SOURCE_PX else "try another tile size (tile_size_source_px)"
+        )
         return (
             f"tile size {plan.tile_size_source_px:.4g} source px is larger than the raster "
-            f"({plan.width_px}x{plan.height_px} px), and its only tiles were skipped as {dominant}; try another "
-            f"tile size (tile_size_source_px, at least {smallest_px}), or index the raster with larger ones"
+            f"({plan.width_px}x{plan.height_px} px), and its only tiles were skipped as {dominant}; {advice}"
         )
     if dominant == SKIP_BLANK:
         return "every tile is uniform (a fill value or cloud); check the band selection and the nodata value"

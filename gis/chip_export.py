@@ -12,6 +12,7 @@ Shared by the Processing algorithm ``lookalike:exportchips`` and the dock's expo
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import re
@@ -393,17 +394,45 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
 
 
 def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
-    """Return the rows of an existing ``labels.csv`` by chip name, for chips still in its folder; {} without one."""
-    present = _chip_names_in(csv_path.parent)
-    try:
-        with csv_path.open(newline="", encoding="utf-8") as stream:
-            return {
-                row["chip"]: {column: row.get(column) or "" for column in CSV_COLUMNS}
-                for row in csv.DictReader(stream)
-                if row.get("chip") in present
-            }
-    except (OSError, UnicodeDecodeError, csv.Error):
+    """Return the rows of an existing ``labels.csv`` by chip name, for chips still in its folder; {} without one.
+
+    Spreadsheets save the file with a byte order mark, in a Windows code page or with semicolons,
+    and each of these is read. A file without a ``chip`` column stops the export, because the
+    chips of the earlier export could then not be told apart from the analyst's files.
+
+    Raises:
+        LookalikeError: the file cannot be read or has no ``chip`` column.
+    """
+    if not csv_path.exists() or csv_path.is_symlink():
+        # A link is not an earlier export's list; the export replaces the link, not its target.
         return {}
+    try:
+        raw = csv_path.read_bytes()
+    except OSError as error:
+        raise LookalikeError(
+            f"{csv_path} of an earlier export cannot be read ({error.strerror or error}); move it away or "
+            "choose another folder."
+        ) from error
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        text = raw.decode("cp1252", errors="replace")
+    if not text.strip():
+        return {}
+    header = text.splitlines()[0]
+    delimiter = ";" if header.count(";") > header.count(",") else ","
+    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
+    if "chip" not in (reader.fieldnames or []):
+        raise LookalikeError(
+            f"{csv_path} has no 'chip' column, so the chips of an earlier export there are unknown; move it "
+            "away or choose another folder."
+        )
+    present = _chip_names_in(csv_path.parent)
+    return {
+        row["chip"]: {column: row.get(column) or "" for column in CSV_COLUMNS}
+        for row in reader
+        if row.get("chip") in present
+    }
 
 
 def _chip_names_in(folder: Path) -> set[str]:

@@ -150,3 +150,37 @@ def test_export_replaces_links_not_targets(repo_root, tmp_path):
 
     assert users_table.read_text(encoding="utf-8") == "my own table\n"
     assert csv_chip_names(folder) == ["chip_00001.tif"]
+
+
+@pytest.mark.parametrize("resave", ["byte order mark", "semicolons", "windows code page"])
+def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
+    # The analyst fixed labels in a spreadsheet, which saved labels.csv its own way.
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 4), folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    text = labels.read_text(encoding="utf-8").replace(",,", ",Baumschule ä,", 1)
+    if resave == "byte order mark":
+        labels.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    elif resave == "semicolons":
+        labels.write_text(text.replace(",", ";"), encoding="utf-8")
+    else:
+        labels.write_bytes(text.encode("cp1252"))
+
+    chip_export.export_chips(ships_requests(repo_root, 2), folder)
+
+    names = ["chip_00001.tif", "chip_00002.tif"]
+    assert sorted(path.name for path in folder.glob("chip_*.tif")) == names
+    assert csv_chip_names(folder) == names
+
+
+def test_labels_without_chip_column_stop_export(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    labels = folder / chip_export.LABELS_CSV_NAME
+    labels.write_text("name,label\nfield_1,wheat\n", encoding="utf-8")
+
+    with pytest.raises(LookalikeError, match="has no 'chip' column"):
+        chip_export.export_chips(ships_requests(repo_root, 1), folder)
+
+    assert labels.read_text(encoding="utf-8") == "name,label\nfield_1,wheat\n"
+    assert not list(folder.glob("chip_*"))

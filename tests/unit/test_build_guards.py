@@ -506,10 +506,15 @@ def test_lock_path_link_never_written_through(shared_data, tmp_path):
     assert users_file.read_text(encoding="utf-8") == "my precious data\n"
 
 
-def test_folder_at_lock_path_named(shared_data, tmp_path):
-    (tmp_path / "index.lock").mkdir()
+@pytest.mark.parametrize(("make", "kind"), [("folder", "a folder"), ("pipe", "not a regular file")])
+def test_other_file_type_at_lock_path_named(shared_data, tmp_path, make, kind):
+    lock_path = tmp_path / "index.lock"
+    if make == "folder":
+        lock_path.mkdir()
+    else:
+        os.mkfifo(lock_path)
 
-    with pytest.raises(LookalikeError, match=r"index\.lock, where the lock file .* is a folder; remove or rename"):
+    with pytest.raises(LookalikeError, match=rf"index\.lock, where the lock file .* is {kind}; remove or rename"):
         build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
 
 
@@ -522,6 +527,23 @@ def test_rejected_build_into_empty_folder_leaves_no_lock(shared_data, tmp_path):
                                band_indexes=(9, 9, 9)))
 
     assert sorted(path.name for path in tmp_path.iterdir()) == ["index"]
+
+
+def test_small_raster_advised_fitting_tiles(tmp_path):
+    # 20 x 20 px of one colour: its only 64 px tile is blank, and smaller tiles would fit inside it.
+    path = tmp_path / "small.tif"
+    raster = gdal.GetDriverByName("GTiff").Create(str(path), 20, 20, 3, gdal.GDT_Byte)
+    raster.SetGeoTransform((500000.0, 10.0, 0.0, 4100000.0, 0.0, -10.0))
+    spatial_reference = osr.SpatialReference()
+    spatial_reference.ImportFromEPSG(32610)
+    raster.SetProjection(spatial_reference.ExportToWkt())
+    for band in range(1, 4):
+        raster.GetRasterBand(band).Fill(40 * band)
+    raster = None
+
+    with pytest.raises(LookalikeError, match=r"skipped as blank; use tiles that fit inside it "
+                                             r"\(tile_size_source_px from 8 to 20\)"):
+        build_index(parameters([path], tmp_path / "index", tile_size_source_px=64))
 
 
 def test_suggested_minimum_ground_tile_builds(shared_data, tmp_path):
