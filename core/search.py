@@ -38,6 +38,13 @@ Bounds = tuple[float, float, float, float]
 
 STRATEGIES = ("mean", "max")
 DEFAULT_STRATEGY = "mean"
+# Cosine similarity of the mean negative to the mean positive from which a "mean" query keeps the
+# positives' direction, so that its negatives change nothing. NOTE: a judgement, not a measurement.
+PARALLEL_NEGATIVES_MIN_COSINE = 0.999
+NEGATIVES_WITHOUT_EFFECT_MESSAGE = (
+    "The negative examples look like the positive ones to the encoder, so they change nothing in the averaged "
+    "query; draw negatives over what the matches should not look like, not over the examples themselves."
+)
 # Half weight lets a negative push down tiles that resemble it without letting a negative
 # that also resembles the positives cancel the query. NOTE: not yet tuned on real data.
 DEFAULT_NEGATIVE_WEIGHT = 0.5
@@ -180,6 +187,22 @@ def compare_query_strategies(
 
 
 # -- query preparation --------------------------------------------------------------------------
+
+
+def negatives_without_effect(
+    positives: np.ndarray, negatives: Optional[np.ndarray], strategy: str = DEFAULT_STRATEGY
+) -> bool:
+    """Tell whether the negatives leave a query unchanged: in "mean", their mean points the way of the positives'.
+
+    ``normalise(p - w * n)`` is ``normalise(p)`` whenever ``n`` is parallel to ``p``, as for a
+    negative drawn over the positive example itself.
+    """
+    if strategy != "mean" or negatives is None or not len(negatives) or not len(positives):
+        return False
+    positive_mean = np.asarray(positives, dtype=np.float64).mean(axis=0)
+    negative_mean = np.asarray(negatives, dtype=np.float64).mean(axis=0)
+    norms = float(np.linalg.norm(positive_mean) * np.linalg.norm(negative_mean))
+    return norms > 0 and float(positive_mean @ negative_mean) / norms >= PARALLEL_NEGATIVES_MIN_COSINE
 
 
 def _check_parameters(k: int, max_overlap: float, strategy: str, negative_weight: float) -> None:

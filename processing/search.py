@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numpy as np
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -40,7 +41,14 @@ from ..core.pipeline import (
     indexed_source_for_geometry,
     search_query_chips,
 )
-from ..core.search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, STRATEGIES, Match
+from ..core.search import (
+    DEFAULT_MAX_OVERLAP,
+    DEFAULT_STRATEGY,
+    NEGATIVES_WITHOUT_EFFECT_MESSAGE,
+    STRATEGIES,
+    Match,
+    negatives_without_effect,
+)
 from ..gis import matches as match_layers
 from .support import (
     ENCODER_PACKAGES,
@@ -340,6 +348,14 @@ class SearchAlgorithm(LookalikeAlgorithm):
                                              examples.crs_wkt, feedback)
             negative_chips = _embed_examples(index, encoder, examples.negative_sources, examples.negatives,
                                              examples.crs_wkt, feedback)
+            if negative_chips and negatives_without_effect(
+                np.concatenate([chips.embeddings for chips in positive_chips]),
+                np.concatenate([chips.embeddings for chips in negative_chips]),
+                strategy,
+            ):
+                feedback.pushWarning(NEGATIVES_WITHOUT_EFFECT_MESSAGE + tr(
+                    f" With {self.STRATEGY} max, a negative demotes only the tiles that look like it."
+                ))
             found = search_query_chips(
                 index,
                 positive_chips,

@@ -29,7 +29,7 @@ from ..core.pipeline import (
     indexed_source_for_geometry,
 )
 from ..core.raster import RasterSource, open_raster_quietly
-from ..core.search import Match, search
+from ..core.search import NEGATIVES_WITHOUT_EFFECT_MESSAGE, Match, negatives_without_effect, search
 from ..gis.raster_layers import (
     LayerSourceSpec,
     ProviderBlockReader,
@@ -142,6 +142,7 @@ class SearchOutcome:
     query_footprints: List[Tuple[Tuple[float, float, float, float], str]] = field(default_factory=list)
     positive_count: int = 0
     negative_count: int = 0
+    warnings: List[str] = field(default_factory=list)
 
 
 def encoder_path_for_index(index: TileIndex, fallback: str = "") -> str:
@@ -213,12 +214,16 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
     negative_matrix = np.concatenate(negatives) if negatives else None
     task.check_cancelled()
     matches = search(request.index, positive_matrix, negative_matrix, k=request.k, exclude=exclude)
+    warnings = []
+    if negatives_without_effect(positive_matrix, negative_matrix):
+        warnings.append(NEGATIVES_WITHOUT_EFFECT_MESSAGE)
     return SearchOutcome(
         matches=matches,
         encoder=encoder,
         query_footprints=exclude,
         positive_count=len(positive_matrix),
         negative_count=0 if negative_matrix is None else len(negative_matrix),
+        warnings=warnings,
     )
 
 

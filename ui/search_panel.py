@@ -280,6 +280,8 @@ class SearchPanelMixin:
             self._encoder_cache = outcome.encoder
             self._results_index_identity = index_identity
             self.show_matches(outcome.matches, outcome.encoder.name)
+            for warning in outcome.warnings:
+                self.push_message(warning, Qgis.MessageLevel.Warning)
         elif task.outcome is TaskOutcome.FAILED:
             self._report_failure("The search", task)
             error = task.error

@@ -390,6 +390,18 @@ def test_query_label_counts_marks_without_rows(searched, qgis_canvas):
     assert "Marked" not in searched.query_label.text()
 
 
+def test_negative_over_positive_warned(searched, qgis_iface, qgis_canvas, ships_layer):
+    searched.clear_query()
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+    qgis_iface.messageBar().clear_messages()
+    searched.negative_button.setChecked(True)
+
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("not over the examples themselves" in text for text in warnings), warnings
+
+
 def test_search_button_cancels_search(searched, monkeypatch):
     from lookalike.ui import jobs
 

@@ -309,6 +309,21 @@ def test_search_min_score_and_negatives(tiny_index, tiny_encoder, ships_raster):
     assert all("counter-example" in query for query in queries)
 
 
+def test_negative_same_as_positive_warned(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    feedback = RecordingFeedback()
+
+    run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "NEGATIVES": point_layer([SHIP_CENTRES[1]], name="same ship"),
+        "ENCODER": tiny_encoder,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    assert any("look like the positive ones" in text and "STRATEGY max" in text for text in feedback.warnings)
+
+
 def test_search_rejects_missing_index(provider, tmp_path):
     missing = tmp_path / "no_index_here"
     missing.mkdir()

@@ -12,7 +12,7 @@ from lookalike.core import search as search_module
 from lookalike.core.errors import SearchError
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex, make_tile_table
-from lookalike.core.search import Match, compare_query_strategies, overlap_fraction, search
+from lookalike.core.search import Match, compare_query_strategies, negatives_without_effect, overlap_fraction, search
 
 EMBEDDING_DIM = 32
 N_ROWS = 8
@@ -411,3 +411,15 @@ def test_zero_max_overlap_gives_distinct_places(tmp_path: Path) -> None:
         for better in matches[:position]:
             # Tiles that only share an edge are distinct places and stay.
             assert intersection_over_smaller(match.bounds, better.bounds) == 0.0
+
+
+def test_negative_like_positive_detected():
+    rng = np.random.default_rng(8)
+    positive = rng.normal(size=(1, 16))
+    other = rng.normal(size=(1, 16))
+
+    assert negatives_without_effect(positive, positive.copy())
+    assert negatives_without_effect(positive, 2.0 * positive)
+    assert not negatives_without_effect(positive, other)
+    assert not negatives_without_effect(positive, positive.copy(), strategy="max")
+    assert not negatives_without_effect(positive, None)
