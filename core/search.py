@@ -90,6 +90,11 @@ class Match:
     source_path: str
 
 
+def match_for_tile(index: TileIndex, rank: int, tile_id: int, score: float) -> Match:
+    """Return the ``Match`` of one tile of ``index``, e.g. to restore results saved as tile ids and scores."""
+    return _FootprintIndex(index).match(rank, tile_id, score)
+
+
 def search(
     index: TileIndex,
     positives: np.ndarray,

@@ -56,6 +56,7 @@ from .dock_constants import (
     METRES_PER_DEGREE,
     OTHER_ENCODER,
 )
+from .result_layer import restore_result_layers
 
 LOGGER = get_logger("ui.build_panel")
 
@@ -843,6 +844,9 @@ class BuildPanelMixin:
             return
         self.index = task.result
         self._follow_index_gsd()
+        restored = restore_result_layers(self.project, self.index)
+        if restored:
+            LOGGER.info("Filled %d result layer(s) of the project from the index in %s", restored, folder)
         if self.index_folder.filePath() != folder:
             self._restoring, previous = True, self._restoring
             self.index_folder.setFilePath(folder)

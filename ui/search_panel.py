@@ -23,7 +23,7 @@ from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs
 from .compat import POINT_GEOMETRY, POLYGON_GEOMETRY, VECTOR_LAYER_FILTER
 from .dock_constants import DEFAULT_K, THRESHOLD_STEPS
-from .result_layer import apply_score_threshold, style_result_layer
+from .result_layer import apply_score_threshold, remember_matches, style_result_layer
 from .results import Relevance
 
 
@@ -321,6 +321,8 @@ class SearchPanelMixin:
             self.push_message(str(error), Qgis.MessageLevel.Critical)
             return
         style_result_layer(layer)
+        index_id = self._results_index_identity[1] if self._results_index_identity else ""
+        remember_matches(layer, found, index_id, encoder_name)
         self.project.addMapLayer(layer)
         self.result_layer_id = layer.id()
 

@@ -402,6 +402,22 @@ def test_negative_over_positive_warned(searched, qgis_iface, qgis_canvas, ships_
     assert any("not over the examples themselves" in text for text in warnings), warnings
 
 
+def test_saved_project_brings_results_back(searched, tmp_path):
+    layer = searched.result_layer()
+    saved = sorted((feature["rank"], feature["tile_id"], feature["score"]) for feature in layer.getFeatures())
+    saved_extent = layer.extent()
+    project_path = tmp_path / "survey.qgz"
+    assert QgsProject.instance().write(str(project_path))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
+    assert sorted((feature["rank"], feature["tile_id"], feature["score"]) for feature in restored.getFeatures()) == saved
+    assert restored.extent().toString(1) == saved_extent.toString(1)
+
+
 def test_search_button_cancels_search(searched, monkeypatch):
     from lookalike.ui import jobs
 
