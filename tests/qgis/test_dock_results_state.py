@@ -414,7 +414,9 @@ def test_saved_project_brings_results_back(searched, tmp_path):
     wait_for_tasks(searched)
 
     (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
-    assert sorted((feature["rank"], feature["tile_id"], feature["score"]) for feature in restored.getFeatures()) == saved
+    restored_matches = sorted((feature["rank"], feature["tile_id"], feature["score"])
+                              for feature in restored.getFeatures())
+    assert restored_matches == saved
     assert restored.extent().toString(1) == saved_extent.toString(1)
 
 
