@@ -12,7 +12,6 @@ Shared by the Processing algorithm ``lookalike:exportchips`` and the dock's expo
 from __future__ import annotations
 
 import csv
-import io
 import math
 import os
 import re
@@ -419,20 +418,28 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
         text = raw.decode("cp1252", errors="replace")
     if not text.strip():
         return {}
-    header = text.splitlines()[0]
+    # splitlines() also ends lines at a lone carriage return, as old Mac spreadsheets write them.
+    lines = text.splitlines()
+    header = lines[0]
     delimiter = ";" if header.count(";") > header.count(",") else ","
-    reader = csv.DictReader(io.StringIO(text), delimiter=delimiter)
-    if "chip" not in (reader.fieldnames or []):
+    try:
+        reader = csv.DictReader(lines, delimiter=delimiter)
+        if "chip" not in (reader.fieldnames or []):
+            raise LookalikeError(
+                f"{csv_path} has no 'chip' column in its first line, so the chips of an earlier export there are "
+                "unknown; save it as CSV with commas or semicolons, or move it away, or choose another folder."
+            )
+        present = _chip_names_in(csv_path.parent)
+        return {
+            row["chip"]: {column: row.get(column) or "" for column in CSV_COLUMNS}
+            for row in reader
+            if row.get("chip") in present
+        }
+    except csv.Error as error:
         raise LookalikeError(
-            f"{csv_path} has no 'chip' column, so the chips of an earlier export there are unknown; move it "
-            "away or choose another folder."
-        )
-    present = _chip_names_in(csv_path.parent)
-    return {
-        row["chip"]: {column: row.get(column) or "" for column in CSV_COLUMNS}
-        for row in reader
-        if row.get("chip") in present
-    }
+            f"{csv_path} of an earlier export cannot be read as CSV ({error}); save it as CSV with commas or "
+            "semicolons, or move it away, or choose another folder."
+        ) from error
 
 
 def _chip_names_in(folder: Path) -> set[str]:

@@ -8,15 +8,19 @@ index they came from is opened again, the empty layers are filled from its tile 
 from __future__ import annotations
 
 import json
+import math
 from typing import Sequence
 
 from qgis.core import QgsProject, QgsVectorLayer
 
+from ..core import get_logger
 from ..core.errors import LookalikeError
 from ..core.index import TileIndex
 from ..core.search import Match, match_for_tile
 from ..gis.map_render import style_match_layer
 from ..gis.matches import FIELD_SCORE, matches_to_features
+
+LOGGER = get_logger("ui.result_layer")
 
 RESULTS_PROPERTY = "lookalike/results"
 
@@ -39,6 +43,7 @@ def remember_matches(layer: QgsVectorLayer, matches: Sequence[Match], index_id: 
     layer.setCustomProperty(RESULTS_PROPERTY, json.dumps({
         "index_id": index_id,
         "encoder": encoder_name,
+        "query": layer.name(),
         "matches": [[match.rank, match.tile_id, match.score] for match in matches],
     }))
 
@@ -56,15 +61,29 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> int:
             record = json.loads(stored)
             if record["index_id"] != index.identity[1]:
                 continue
-            matches = [match_for_tile(index, int(rank), int(tile_id), float(score))
-                       for rank, tile_id, score in record["matches"]]
-        except (ValueError, TypeError, KeyError, LookalikeError):
-            # Another index, or a property edited by hand: the layer stays empty.
+            matches = [match_for_tile(index, *_stored_match(entry, index.count)) for entry in record["matches"]]
+            features = matches_to_features(
+                matches, layer.fields(), layer.crs(), encoder_name=str(record.get("encoder", "")),
+                query_label=str(record.get("query") or layer.name()),
+            )
+        except (ValueError, TypeError, KeyError, IndexError, LookalikeError) as error:
+            # Another index, or a property edited by hand: this layer stays empty, the others are filled.
+            LOGGER.warning("The result layer %s cannot be filled from its saved matches: %s", layer.name(), error)
             continue
-        features = matches_to_features(matches, layer.fields(), layer.crs(),
-                                       encoder_name=str(record.get("encoder", "")), query_label=layer.name())
         layer.dataProvider().addFeatures(features)
         layer.updateExtents()
         layer.triggerRepaint()
         restored += 1
     return restored
+
+
+def _stored_match(entry: Sequence, tile_count: int) -> tuple[int, int, float]:
+    """Return ``(rank, tile_id, score)`` of a saved match; raise ValueError for an entry a search cannot have made."""
+    rank, tile_id, score = entry
+    if not all(isinstance(value, int) and not isinstance(value, bool) for value in (rank, tile_id)):
+        raise ValueError(f"rank {rank!r} and tile id {tile_id!r} must be whole numbers")
+    if not 0 <= tile_id < tile_count:
+        raise ValueError(f"tile id {tile_id} is not in the index of {tile_count} tiles")
+    if not isinstance(score, (int, float)) or isinstance(score, bool) or not math.isfinite(score):
+        raise ValueError(f"score {score!r} is not a finite number")
+    return rank, tile_id, float(score)

@@ -4,6 +4,7 @@ index, query parts that a search rejects, and searches that can be cancelled.
 Runs the real dock offscreen on the RapidEye clip with the tiny test encoder.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
 
+from lookalike.ui.result_layer import RESULTS_PROPERTY
 from lookalike.ui.results import Relevance
 
 
@@ -418,6 +420,28 @@ def test_saved_project_brings_results_back(searched, tmp_path):
                               for feature in restored.getFeatures())
     assert restored_matches == saved
     assert restored.extent().toString(1) == saved_extent.toString(1)
+
+
+def test_bad_saved_matches_leave_others_filled(searched, tmp_path):
+    # A property edited by hand (or an index folder restored from an older copy with fewer tiles).
+    good = searched.result_layer()
+    saved_count = good.featureCount()
+    edited = good.clone()
+    edited.setName("edited")
+    stored = json.loads(good.customProperty(RESULTS_PROPERTY))
+    stored["matches"] = [[1, 10**9, 0.5]]
+    edited.setCustomProperty(RESULTS_PROPERTY, json.dumps(stored))
+    QgsProject.instance().addMapLayer(edited)
+    project_path = tmp_path / "survey.qgz"
+    assert QgsProject.instance().write(str(project_path))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    assert QgsProject.instance().mapLayersByName("edited")[0].featureCount() == 0
+    assert QgsProject.instance().mapLayersByName("Lookalike query 1")[0].featureCount() == saved_count
+    assert searched.status_label.text().startswith("Index open")
 
 
 def test_search_button_cancels_search(searched, monkeypatch):

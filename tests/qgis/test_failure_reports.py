@@ -152,7 +152,7 @@ def test_export_replaces_links_not_targets(repo_root, tmp_path):
     assert csv_chip_names(folder) == ["chip_00001.tif"]
 
 
-@pytest.mark.parametrize("resave", ["byte order mark", "semicolons", "windows code page"])
+@pytest.mark.parametrize("resave", ["byte order mark", "semicolons", "windows code page", "mac line ends"])
 def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
     # The analyst fixed labels in a spreadsheet, which saved labels.csv its own way.
     folder = tmp_path / "chips"
@@ -163,8 +163,10 @@ def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
         labels.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     elif resave == "semicolons":
         labels.write_text(text.replace(",", ";"), encoding="utf-8")
-    else:
+    elif resave == "windows code page":
         labels.write_bytes(text.encode("cp1252"))
+    else:
+        labels.write_bytes(text.replace("\r\n", "\r").replace("\n", "\r").encode("cp1252"))
 
     chip_export.export_chips(ships_requests(repo_root, 2), folder)
 
