@@ -202,8 +202,8 @@ def test_failed_part_removed_search_reruns(searched, qgis_iface, ships_layer):
     assert searched.search_task is None
 
 
-def test_moved_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface, tmp_path):
-    # The analyst builds from a copy, then moves the file: the drawn part is not at fault.
+def build_from_copy(dock, ships_clip, tmp_path):
+    """Index a copy of the ships clip, then remove its layer; return the copy and a ship's query box."""
     import shutil
 
     copy = tmp_path / "ships_copy.tif"
@@ -214,6 +214,12 @@ def test_moved_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface
     build(dock, tmp_path / "index")
     bounds = ship_query_bounds(layer)
     QgsProject.instance().removeMapLayer(layer.id())
+    return copy, bounds
+
+
+def test_moved_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface, tmp_path):
+    # The analyst builds from a copy, then moves the file: the drawn part is not at fault.
+    copy, bounds = build_from_copy(dock, ships_clip, tmp_path)
     copy.rename(tmp_path / "ships_moved.tif")
     qgis_iface.messageBar().clear_messages()
 
@@ -227,16 +233,7 @@ def test_moved_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface
 
 def test_damaged_raster_keeps_query_part(dock, ships_clip, qgis_canvas, qgis_iface, tmp_path):
     # An interrupted copy or sync leaves the indexed raster truncated: the drawn part is not at fault.
-    import shutil
-
-    copy = tmp_path / "ships_copy.tif"
-    shutil.copy(ships_clip.source(), copy)
-    layer = QgsRasterLayer(str(copy), "ships copy")
-    QgsProject.instance().addMapLayer(layer)
-    dock.raster_combo.setLayer(layer)
-    build(dock, tmp_path / "index")
-    bounds = ship_query_bounds(layer)
-    QgsProject.instance().removeMapLayer(layer.id())
+    copy, bounds = build_from_copy(dock, ships_clip, tmp_path)
     copy.write_bytes(copy.read_bytes()[: copy.stat().st_size // 8])
     qgis_iface.messageBar().clear_messages()
 

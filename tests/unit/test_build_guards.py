@@ -461,9 +461,9 @@ def test_lock_taken_again_when_its_file_was_deleted_under_it(tmp_path, monkeypat
         assert lock_file.read_text(encoding="ascii").strip() == str(os.getpid())
 
 
-def test_one_pixel_raster_gets_tile_advice(tmp_path):
-    path = tmp_path / "one_pixel.tif"
-    raster = gdal.GetDriverByName("GTiff").Create(str(path), 1, 1, 3, gdal.GDT_Byte)
+def write_uniform_raster(path: Path, size_px: int) -> Path:
+    """Write a square RGB raster of ``size_px`` 10 m pixels of one colour in UTM zone 10N."""
+    raster = gdal.GetDriverByName("GTiff").Create(str(path), size_px, size_px, 3, gdal.GDT_Byte)
     raster.SetGeoTransform((500000.0, 10.0, 0.0, 4100000.0, 0.0, -10.0))
     spatial_reference = osr.SpatialReference()
     spatial_reference.ImportFromEPSG(32610)
@@ -471,6 +471,11 @@ def test_one_pixel_raster_gets_tile_advice(tmp_path):
     for band in range(1, 4):
         raster.GetRasterBand(band).Fill(40 * band)
     raster = None
+    return path
+
+
+def test_one_pixel_raster_gets_tile_advice(tmp_path):
+    path = write_uniform_raster(tmp_path / "one_pixel.tif", 1)
 
     with pytest.raises(LookalikeError, match=r"larger than the raster \(1x1 px\), and its only tiles were skipped as "
                        r"blank; try another tile size") as error:
@@ -531,15 +536,7 @@ def test_rejected_build_into_empty_folder_leaves_no_lock(shared_data, tmp_path):
 
 def test_small_raster_advised_fitting_tiles(tmp_path):
     # 20 x 20 px of one colour: its only 64 px tile is blank, and smaller tiles would fit inside it.
-    path = tmp_path / "small.tif"
-    raster = gdal.GetDriverByName("GTiff").Create(str(path), 20, 20, 3, gdal.GDT_Byte)
-    raster.SetGeoTransform((500000.0, 10.0, 0.0, 4100000.0, 0.0, -10.0))
-    spatial_reference = osr.SpatialReference()
-    spatial_reference.ImportFromEPSG(32610)
-    raster.SetProjection(spatial_reference.ExportToWkt())
-    for band in range(1, 4):
-        raster.GetRasterBand(band).Fill(40 * band)
-    raster = None
+    path = write_uniform_raster(tmp_path / "small.tif", 20)
 
     with pytest.raises(LookalikeError, match=r"skipped as blank; use tiles that fit inside it "
                                              r"\(tile_size_source_px from 8 to 20\)"):
