@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 from qgis.core import QgsProject, QgsVectorLayer
 
@@ -23,6 +23,7 @@ from ..gis.matches import FIELD_SCORE, matches_to_features
 LOGGER = get_logger("ui.result_layer")
 
 RESULTS_PROPERTY = "lookalike/results"
+MIN_SCORE_PROPERTY = "lookalike/min_score"
 
 
 def style_result_layer(layer: QgsVectorLayer) -> None:
@@ -35,6 +36,8 @@ def apply_score_threshold(layer: QgsVectorLayer, min_score: float) -> None:
     """Show only features scoring at least ``min_score``, through the layer's subset string."""
     # repr() keeps full float precision, so the best match never falls below its own score.
     layer.setSubsetString(f'"{FIELD_SCORE}" >= {min_score!r}')
+    # The project does not bring a memory layer's subset string back, so the threshold is kept too.
+    layer.setCustomProperty(MIN_SCORE_PROPERTY, repr(float(min_score)))
     layer.triggerRepaint()
 
 
@@ -72,9 +75,20 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> int:
             continue
         layer.dataProvider().addFeatures(features)
         layer.updateExtents()
+        min_score = _stored_min_score(layer)
+        if min_score is not None:
+            apply_score_threshold(layer, min_score)
         layer.triggerRepaint()
         restored += 1
     return restored
+
+
+def _stored_min_score(layer: QgsVectorLayer) -> Optional[float]:
+    try:
+        min_score = float(layer.customProperty(MIN_SCORE_PROPERTY))
+    except (TypeError, ValueError):
+        return None
+    return min_score if math.isfinite(min_score) else None
 
 
 def _stored_match(entry: Sequence, tile_count: int) -> tuple[int, int, float]:
