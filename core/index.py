@@ -798,8 +798,8 @@ class TileIndex:
             # hnswlib raises when the graph search reaches fewer than k tiles.
             logger.warning("HNSW search for k=%d failed (%s); using exact search", n_results, error)
             return self._exact_knn(queries, n_results)
-        # The graph keeps its own copy of the vectors, so damage to the embeddings file, which
-        # scoring and later adds read, shows only in the rows of the tiles found.
+        # NOTE: the graph keeps its own copy of the vectors, so damage to the embeddings file is
+        # found here only in the rows of the tiles found; other damaged rows go unnoticed.
         found_rows = np.asarray(self.embeddings[np.unique(labels)], dtype=np.float32)
         if not (np.isfinite(distances).all() and np.isfinite(found_rows).all()):
             raise SearchIndexError(

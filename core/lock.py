@@ -117,7 +117,12 @@ def _acquire(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
 def _open_lock_file(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
     if path.is_symlink() or (path.exists() and not path.is_file()):
         # Writing the PID through a link would overwrite the file it points to.
-        kind = "a symbolic link" if path.is_symlink() else "a folder" if path.is_dir() else "not a regular file"
+        if path.is_symlink():
+            kind = "a symbolic link"
+        elif path.is_dir():
+            kind = "a folder"
+        else:
+            kind = "not a regular file"
         raise LookalikeError(
             f"{path}, where the lock file of index folder {os.fspath(index_folder)} goes, is {kind}; remove or "
             "rename it, or choose another index folder."

@@ -90,9 +90,10 @@ class Match:
     source_path: str
 
 
-def match_for_tile(index: TileIndex, rank: int, tile_id: int, score: float) -> Match:
-    """Return the ``Match`` of one tile of ``index``, e.g. to restore results saved as tile ids and scores."""
-    return _FootprintIndex(index).match(rank, tile_id, score)
+def matches_for_tiles(index: TileIndex, ranked_tiles: Iterable[tuple[int, int, float]]) -> list[Match]:
+    """Return the ``Match`` of each ``(rank, tile_id, score)`` of ``index``, e.g. to restore saved results."""
+    footprints = _FootprintIndex(index)
+    return [footprints.match(rank, tile_id, score) for rank, tile_id, score in ranked_tiles]
 
 
 def search(

@@ -395,9 +395,10 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
 def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
     """Return the rows of an existing ``labels.csv`` by chip name, for chips still in its folder; {} without one.
 
-    Spreadsheets save the file with a byte order mark, in a Windows code page or with semicolons,
-    and each of these is read. A file without a ``chip`` column stops the export, because the
-    chips of the earlier export could then not be told apart from the analyst's files.
+    Spreadsheets save the file with a byte order mark, in a Windows code page, with semicolons or
+    with carriage-return line ends, and each of these is read. A file without a ``chip`` column
+    stops the export, because the chips of the earlier export would then be indistinguishable
+    from the analyst's files.
 
     Raises:
         LookalikeError: the file cannot be read or has no ``chip`` column.

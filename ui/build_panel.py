@@ -413,7 +413,13 @@ class BuildPanelMixin:
         self.gsd_spin.setEnabled(not adding)
         if not adding:
             return
-        index_gsd_m = _index_gsd_m(self.index_folder.filePath())
+        folder = self.index_folder.filePath()
+        index_is_open = self.index is not None and bool(self.index.sources) and bool(folder)
+        if index_is_open and _folder_key(str(self.index.folder)) == _folder_key(folder):
+            # The open index already has the grid, so its manifest is not read again.
+            index_gsd_m = TileGrid.from_dict(self.index.sources[0]["grid"]).gsd_m
+        else:
+            index_gsd_m = _index_gsd_m(folder)
         if index_gsd_m is not None:
             self.gsd_spin.setValue(index_gsd_m)
 

@@ -174,18 +174,21 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
     positives: List[np.ndarray] = []
     negatives: List[np.ndarray] = []
     exclude: List[Tuple[Tuple[float, float, float, float], str]] = []
+    # Each raster's existence is checked once, not once per query part.
+    readable_paths: set = set()
     for position, part in enumerate(request.parts):
         task.check_cancelled()
         try:
             source_path = indexed_source_for_geometry(request.index, part.wkt, part.crs_wkt)
         except LookalikeError as error:
             raise QueryPartError(position, error) from error
-        if open_raster_quietly(source_path) is None:
+        if source_path not in readable_paths and open_raster_quietly(source_path) is None:
             # The raster moved or went offline: the part is fine and stays for the next search.
             raise SearchError(
                 f"The indexed raster {source_path} cannot be opened; move it back to that path, or build "
                 "the index again from its new place."
             )
+        readable_paths.add(source_path)
         try:
             chips = embed_query(request.index, encoder, source_path, part.wkt, part.crs_wkt,
                                 is_cancelled=task.isCanceled)

@@ -16,7 +16,7 @@ from qgis.core import QgsProject, QgsVectorLayer
 from ..core import get_logger
 from ..core.errors import LookalikeError
 from ..core.index import TileIndex
-from ..core.search import Match, match_for_tile
+from ..core.search import Match, matches_for_tiles
 from ..gis.map_render import style_match_layer
 from ..gis.matches import FIELD_SCORE, matches_to_features
 
@@ -64,7 +64,7 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> int:
             record = json.loads(stored)
             if record["index_id"] != index.identity[1]:
                 continue
-            matches = [match_for_tile(index, *_stored_match(entry, index.count)) for entry in record["matches"]]
+            matches = matches_for_tiles(index, [_stored_match(entry, index.count) for entry in record["matches"]])
             features = matches_to_features(
                 matches, layer.fields(), layer.crs(), encoder_name=str(record.get("encoder", "")),
                 query_label=str(record.get("query") or layer.name()),

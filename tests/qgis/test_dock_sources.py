@@ -249,7 +249,7 @@ def test_added_date_takes_index_gsd(dock, shared_data, tmp_path, qgis_canvas, qg
     dock.start_build()
     wait_for_tasks(dock)
     assert dock.index is not None
-    # NAIP bands carry no red, green and blue interpretation, so the analyst is told which were read.
+    # NAIP bands carry no red, green and blue interpretation, so a warning names the bands read.
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("bands [1, 2, 3] are read as" in text for text in warnings), warnings
     later = QgsRasterLayer(str(naip / "m_4709963_se_14_1_20200831.tif"), "naip 2020")

@@ -151,7 +151,7 @@ def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder)
         "APPEND": True,
         "OUTPUT": str(folder),
     }, feedback)
-    # NAIP bands carry no red, green and blue interpretation: the log says which were read.
+    # NAIP bands carry no red, green and blue interpretation, so the warning names the bands read.
     assert any("bands [1, 2, 3] are read as" in text and "band_indexes is BANDS" in text for text in feedback.warnings)
     index = TileIndex.open(folder)
     assert len(index.sources) == 2

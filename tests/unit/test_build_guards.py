@@ -438,9 +438,9 @@ def test_lock_file_beside_an_index_is_kept(shared_data, tmp_path):
     assert lock_file.exists()
 
 
-def test_lock_taken_again_when_its_file_was_deleted_under_it(tmp_path, monkeypatch):
+def test_lock_retaken_after_file_replaced(tmp_path, monkeypatch):
     # Another holder deletes the lock file after this writer opened it and before it locked it:
-    # the lock on the deleted file would exclude nobody, so the writer locks the new file.
+    # a lock on the deleted file would exclude no other writer, so the writer locks the new file.
     folder = tmp_path / "index"
     lock_file = tmp_path / "index.lock"
     lock_file.write_bytes(b"")

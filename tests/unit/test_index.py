@@ -234,7 +234,7 @@ def test_open_detects_truncated_file(tmp_path: Path, kind: str) -> None:
 @pytest.mark.parametrize("rows", [slice(None), slice(5, 6)])
 def test_nan_embeddings_named_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: slice,
                                       graph: bool) -> None:
-    # Same size and header, so open() cannot tell; the search must not answer with NaN scores.
+    # Same size and header, so open() cannot detect the damage, and the search must not return NaN scores.
     folder = tmp_path / "index"
     filled_index(folder, n=16)
     path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]

@@ -978,7 +978,10 @@ def test_query_around_half_the_globe_finds_the_raster(rgb_index, encoder, shared
     tiles_on_raster_max = (math.ceil((xmax - xmin) / tile_m) + 1) * (math.ceil((ymax - ymin) / tile_m) + 1)
     assert 0 < len(chips.footprints) <= tiles_on_raster_max
     for left, bottom, right, top in chips.footprints:
-        assert left < xmax and right > xmin and bottom < ymax and top > ymin
+        assert left < xmax
+        assert right > xmin
+        assert bottom < ymax
+        assert top > ymin
 
 
 @pytest.mark.parametrize(("relative", "guessed"), [
