@@ -29,6 +29,9 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 DEFAULT_BATCH_SIZE = 16
 
+# onnxruntime's session option that lets idle intra-op worker threads spin instead of sleeping.
+ALLOW_SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
+
 # Tried in this order; onnxruntime keeps only those that its build offers.
 PREFERRED_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
@@ -80,6 +83,7 @@ class OnnxEncoder:
         providers: Optional[Sequence[str]] = None,
         intra_op_threads: Optional[int] = None,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        spin_between_operators: bool = True,
     ) -> None:
         """Open and validate an encoder.
 
@@ -90,6 +94,10 @@ class OnnxEncoder:
             intra_op_threads: threads onnxruntime uses inside one operator; None lets
                 onnxruntime choose (one per physical core).
             batch_size: chips per session run in ``encode``.
+            spin_between_operators: whether onnxruntime's idle worker threads keep a core busy
+                while they wait for the next operator. Spinning helps when the encoder runs
+                alone; a caller that does other work while the encoder runs should pass False,
+                so that an idle worker leaves its core to that work.
 
         Raises:
             EncoderError: the file is missing, is not ONNX, needs a newer onnxruntime, has an
@@ -103,7 +111,7 @@ class OnnxEncoder:
                 f"Encoder model file not found: {self.path}; choose an existing .onnx file."
             )
         self.checksum = file_sha256(self.path)
-        self._session = _open_session(self.path, providers, intra_op_threads)
+        self._session = _open_session(self.path, providers, intra_op_threads, spin_between_operators)
         self.execution_provider = self._session.get_providers()[0]
 
         inputs = self._session.get_inputs()
@@ -268,7 +276,9 @@ def _onnxruntime_load_errors(onnxruntime: Any) -> tuple[type[BaseException], ...
     return tuple(getattr(state, name) for name in names if hasattr(state, name))
 
 
-def _open_session(path: Path, providers: Optional[Sequence[str]], intra_op_threads: Optional[int]) -> Any:
+def _open_session(
+    path: Path, providers: Optional[Sequence[str]], intra_op_threads: Optional[int], spin_between_operators: bool = True
+) -> Any:
     onnxruntime = _import_onnxruntime()
     available = onnxruntime.get_available_providers()
     if providers is None:
@@ -286,6 +296,8 @@ def _open_session(path: Path, providers: Optional[Sequence[str]], intra_op_threa
         if intra_op_threads < 1:
             raise ValueError(f"intra_op_threads must be at least 1, got {intra_op_threads}")
         options.intra_op_num_threads = intra_op_threads
+    if not spin_between_operators:
+        options.add_session_config_entry(ALLOW_SPINNING_CONFIG_KEY, "0")
     try:
         return onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except _onnxruntime_load_errors(onnxruntime) as error:

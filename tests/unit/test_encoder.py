@@ -12,7 +12,7 @@ import pytest
 from make_tiny_encoder import TINY_SPEC, build_tiny_encoder
 from onnx import TensorProto
 
-from lookalike.core.encoder import OnnxEncoder, input_gain_offset
+from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder, input_gain_offset
 from lookalike.core.errors import EncoderError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -250,6 +250,18 @@ def test_unknown_provider_rejected():
 def test_intra_op_threads_accepted():
     encoder = OnnxEncoder(TINY_MODEL, intra_op_threads=1)
     assert encoder.encode(random_chips(2)).shape == (2, 16)
+
+
+def test_spinning_can_be_turned_off():
+    chips = random_chips(3)
+    spinning = OnnxEncoder(TINY_MODEL)
+    sleeping = OnnxEncoder(TINY_MODEL, spin_between_operators=False)
+
+    assert sleeping._session.get_session_options().get_session_config_entry(ALLOW_SPINNING_CONFIG_KEY) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        # Unset, which leaves onnxruntime's default: spinning.
+        spinning._session.get_session_options().get_session_config_entry(ALLOW_SPINNING_CONFIG_KEY)
+    np.testing.assert_array_equal(sleeping.encode(chips), spinning.encode(chips))
 
 
 def test_core_imports_without_onnxruntime():

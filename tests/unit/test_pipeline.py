@@ -15,7 +15,7 @@ from osgeo import gdal, ogr, osr
 from lookalike.core import index as index_module
 from lookalike.core import pipeline as pipeline_module
 from lookalike.core.checkpoints import _PartialBuild
-from lookalike.core.encoder import OnnxEncoder
+from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder
 from lookalike.core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex
@@ -96,16 +96,21 @@ def test_one_encoder_thread_same_embeddings(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_index(parameters([source], tmp_path / "default"))
     thread_counts = []
+    spinning = []
 
     def recording_encoder(*args, **kwargs):
         encoder = OnnxEncoder(*args, **kwargs)
-        thread_counts.append(encoder._session.get_session_options().intra_op_num_threads)
+        options = encoder._session.get_session_options()
+        thread_counts.append(options.intra_op_num_threads)
+        spinning.append(options.get_session_config_entry(ALLOW_SPINNING_CONFIG_KEY))
         return encoder
 
     monkeypatch.setattr(pipeline_module, "OnnxEncoder", recording_encoder)
     build_index(parameters([source], tmp_path / "one_thread", encoder_threads=1))
 
     assert thread_counts == [1]
+    # The build's encoder leaves the cores it waits on to the tile reader and the writer.
+    assert spinning == ["0"]
 
     default = TileIndex.open(tmp_path / "default")
     one_thread = TileIndex.open(tmp_path / "one_thread")
