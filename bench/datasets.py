@@ -8,15 +8,36 @@ ignores and is never committed.
 from __future__ import annotations
 
 import csv
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, TypeVar
 
 import numpy as np
 from osgeo import gdal, osr
 
-gdal.UseExceptions()
+_Result = TypeVar("_Result")
+
+
+def with_gdal_exceptions(function: Callable[..., _Result]) -> Callable[..., _Result]:
+    """Run ``function`` with GDAL raising exceptions, and restore the caller's setting after it.
+
+    Turning exceptions on for the whole process at import would change GDAL's behaviour for every
+    test that runs after a test importing this module.
+    """
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> _Result:
+        was_on = gdal.GetUseExceptions()
+        gdal.UseExceptions()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if not was_on:
+                gdal.DontUseExceptions()
+
+    return wrapper
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 AID_FOLDER = SHARED_DATA / "labelled" / "aid_150px"
@@ -125,6 +146,7 @@ def _first_per_class(paths: list[Path], labels: list[str], per_class: Optional[i
     return kept_paths, kept_labels
 
 
+@with_gdal_exceptions
 def read_rgb_chip(path: Path, size_px: int) -> np.ndarray:
     """Read an RGB image file as uint8 ``(3, size_px, size_px)``, failing on any other shape."""
     dataset = gdal.Open(str(path))
@@ -165,6 +187,7 @@ def grid_shape(cell_count: int) -> tuple[int, int]:
     return cell_count // n_cols, n_cols
 
 
+@with_gdal_exceptions
 def write_chip_mosaic(chips: LabelledChips, output: Path, cell_order: Sequence[int]) -> ChipMosaic:
     """Write the chips as a tiled, deflate-compressed GeoTIFF in UTM zone 33N.
 
@@ -202,6 +225,7 @@ def write_chip_mosaic(chips: LabelledChips, output: Path, cell_order: Sequence[i
     )
 
 
+@with_gdal_exceptions
 def read_mosaic_cells(mosaic: ChipMosaic, size_px: int) -> np.ndarray:
     """Read every cell of a mosaic back as uint8 ``(cells, 3, size_px, size_px)``."""
     dataset = gdal.Open(str(mosaic.path))
@@ -210,6 +234,7 @@ def read_mosaic_cells(mosaic: ChipMosaic, size_px: int) -> np.ndarray:
     return cells.transpose(1, 3, 0, 2, 4).reshape(mosaic.n_rows * mosaic.n_cols, 3, size_px, size_px)
 
 
+@with_gdal_exceptions
 def write_tiled_vrt(source: Path, output: Path, repeats_per_side: int) -> Path:
     """Write a VRT that tiles ``source`` ``repeats_per_side`` x ``repeats_per_side`` times, edge to edge.
 

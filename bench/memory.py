@@ -20,7 +20,7 @@ from typing import Any
 from osgeo import gdal
 
 from .common import CACHE_DIR, log
-from .datasets import PIPELINE_RASTER, write_tiled_vrt
+from .datasets import PIPELINE_RASTER, with_gdal_exceptions, write_tiled_vrt
 
 WORKER = Path(__file__).resolve().parent / "memory_worker.py"
 AREA_FACTOR_SIDE = 4
@@ -44,6 +44,7 @@ def _build_in_subprocess(source: Path, index_folder: Path, encoder_path: Path,
     return json.loads(completed.stdout.strip().splitlines()[-1])
 
 
+@with_gdal_exceptions
 def _as_geotiff(vrt: Path) -> Path:
     """Write ``vrt`` as a tiled, DEFLATE-compressed GeoTIFF beside it, as imagery is usually delivered."""
     output = vrt.with_suffix(".tif")

@@ -186,6 +186,7 @@ def indexed_source_for_geometry(
     sources = _manifest_of(index_or_manifest)["sources"]
     if not sources:
         raise SearchError("The index has no rasters yet; build it before searching.")
+    wkt = _valid_region_wkt(wkt)
     best_path, best_area = "", 0.0
     for record in sources:
         xmin, ymin, xmax, ymax = record["bounds"]
@@ -253,6 +254,23 @@ def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds
         return wkt
     cut = _polygons_of(geometry.Intersection(surroundings))
     return wkt if cut is None else cut.ExportToWkt()
+
+
+def _valid_region_wkt(wkt: str) -> str:
+    """Return ``wkt`` with a self-intersecting polygon repaired into the polygons its rings enclose.
+
+    A polygon drawn with crossing edges is invalid, and OGR's Intersection() of such a polygon
+    returns nothing, which made a query around a raster look as if it missed every raster.
+    """
+    geometry = ogr.CreateGeometryFromWkt(wkt)
+    if geometry is None or geometry.GetDimension() < 2 or geometry.IsValid():
+        return wkt
+    # MakeValid keeps both lobes of a figure-eight; Buffer(0), the fallback for GDAL builds
+    # without it, keeps only one of them.
+    repaired = _polygons_of(geometry.MakeValid() if hasattr(geometry, "MakeValid") else None)
+    if repaired is None:
+        repaired = _polygons_of(geometry.Buffer(0))
+    return wkt if repaired is None else repaired.ExportToWkt()
 
 
 def _sample_points_wkt(bounds: Sequence[float]) -> str:
@@ -382,6 +400,7 @@ def _query_footprints(
         SearchError: the geometry type is not supported, or the region covers more than
             ``MAX_QUERY_TILES`` tiles of the raster.
     """
+    wkt = _valid_region_wkt(wkt)
     near_wkt = wkt if raster_bounds is None else _cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
     if near_wkt is None:
         # The region covers the whole raster, which is already in the grid CRS.

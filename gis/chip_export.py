@@ -11,6 +11,7 @@ Shared by the Processing algorithm ``lookalike:exportchips`` and the dock's expo
 
 from __future__ import annotations
 
+import codecs
 import csv
 import math
 import os
@@ -46,6 +47,10 @@ LABELS_CSV_NAME = "labels.csv"
 # The names this module gives chips; only files so named and listed in an earlier labels.csv are
 # removed when a new export replaces that list.
 CHIP_NAME_PATTERN = re.compile(r"chip_\d{5}\.(tif|png)")
+# Delimiters of a labels.csv saved again by a spreadsheet; a tie between them goes to the first.
+CSV_DELIMITERS = (",", ";", "\t")
+# Excel can write the delimiter as a first line such as "sep=;".
+EXCEL_SEPARATOR_LINE = re.compile(r"sep=(.)", re.IGNORECASE)
 # 8-bit output: the chip values are the encoder's raw units at this value scale.
 CHIP_VALUE_SCALE = 255.0
 ALPHA_VALID = 255
@@ -395,10 +400,10 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
 def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
     """Return the rows of an existing ``labels.csv`` by chip name, for chips still in its folder; {} without one.
 
-    Spreadsheets save the file with a byte order mark, in a Windows code page, with semicolons or
-    with carriage-return line ends, and each of these is read. A file without a ``chip`` column
-    stops the export, because the chips of the earlier export would then be indistinguishable
-    from the analyst's files.
+    Spreadsheets save the file with a byte order mark, as UTF-16, in a Windows code page, with
+    semicolons or tabs, with a ``sep=`` first line (Excel) or with carriage-return line ends, and
+    each of these is read. A file without a ``chip`` column stops the export, because the chips
+    of the earlier export would then be indistinguishable from the analyst's files.
 
     Raises:
         LookalikeError: the file cannot be read or has no ``chip`` column.
@@ -413,22 +418,20 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
             f"{csv_path} of an earlier export cannot be read ({error.strerror or error}); move it away or "
             "choose another folder."
         ) from error
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        text = raw.decode("cp1252", errors="replace")
+    text = _decoded_csv(raw)
     if not text.strip():
         return {}
     # splitlines() also ends lines at a lone carriage return, as old Mac spreadsheets write them.
     lines = text.splitlines()
-    header = lines[0]
-    delimiter = ";" if header.count(";") > header.count(",") else ","
+    delimiter = _csv_delimiter(lines[0])
+    if EXCEL_SEPARATOR_LINE.fullmatch(lines[0].strip()):
+        lines = lines[1:]
     try:
         reader = csv.DictReader(lines, delimiter=delimiter)
         if "chip" not in (reader.fieldnames or []):
             raise LookalikeError(
                 f"{csv_path} has no 'chip' column in its first line, so the chips of an earlier export there are "
-                "unknown; save it as CSV with commas or semicolons, or move it away, or choose another folder."
+                "unknown; add that column, or move the file away, or choose another folder."
             )
         present = _chip_names_in(csv_path.parent)
         return {
@@ -438,9 +441,26 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
         }
     except csv.Error as error:
         raise LookalikeError(
-            f"{csv_path} of an earlier export cannot be read as CSV ({error}); save it as CSV with commas or "
-            "semicolons, or move it away, or choose another folder."
+            f"{csv_path} of an earlier export cannot be read as CSV ({error}); save it as CSV, or move it away, "
+            "or choose another folder."
         ) from error
+
+
+def _decoded_csv(raw: bytes) -> str:
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16", errors="replace")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", errors="replace")
+
+
+def _csv_delimiter(first_line: str) -> str:
+    """Return the delimiter named by an Excel ``sep=`` line, or the commonest of comma, semicolon and tab."""
+    declared = EXCEL_SEPARATOR_LINE.fullmatch(first_line.strip())
+    if declared:
+        return declared.group(1)
+    return max(CSV_DELIMITERS, key=first_line.count)
 
 
 def _chip_names_in(folder: Path) -> set[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Optional
 
 from qgis.core import (
@@ -25,6 +26,9 @@ from qgis.core import (
 )
 
 from ..core.encoder import OnnxEncoder, default_model_path
+from ..core.errors import LookalikeError
+from ..core.grid import TileGrid
+from ..core.index import MANIFEST_NAME, read_manifest_json
 from ..core.parameters import MAX_ENCODER_THREADS
 from ..core.pipeline import BuildParameters, Progress, Region, build_index
 from .support import (
@@ -151,11 +155,12 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
 
         overlap = QgsProcessingParameterNumber(
             self.OVERLAP_PERCENT, tr("Tile overlap (%)"), QgsProcessingParameterNumber.Double,
-            defaultValue=0.0, minValue=0.0, maxValue=95.0,
+            defaultValue=None, optional=True, minValue=0.0, maxValue=95.0,
         )
         overlap.setHelp(tr(
             "Overlap between neighbouring tiles, in percent of the tile side (0 to 95). 50 halves the "
-            "stride, so an object is more likely to sit whole in some tile, at four times the tiles."
+            "stride, so an object is more likely to sit whole in some tile, at four times the tiles. "
+            "Empty: 0 for a new index, the index's own overlap with APPEND."
         ))
         self.addParameter(overlap)
 
@@ -194,8 +199,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         append = QgsProcessingParameterBoolean(self.APPEND, tr("Add to the existing index in the folder"), False)
         append.setHelp(tr(
             "Add the rasters to the index already in the output folder instead of creating one. The "
-            "tile size, GSD, overlap and encoder must match the index's; leave the tile size empty to "
-            "use the index's."
+            "tile size, GSD, overlap and encoder must match the index's; leave the tile size and the "
+            "overlap empty to use the index's."
         ))
         self.addParameter(append)
 
@@ -306,7 +311,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
                 encoder_path=encoder_path,
                 tile_size_source_px=tile_size_source_px,
                 tile_ground_size_m=tile_ground_size_m,
-                overlap_fraction=self.parameterAsDouble(parameters, self.OVERLAP_PERCENT, context) / 100.0,
+                overlap_fraction=self._overlap_fraction(parameters, context),
                 extent=extent,
                 mask=mask,
                 band_indexes=parse_band_indexes(self.parameterAsString(parameters, self.BANDS, context), self.BANDS),
@@ -314,6 +319,22 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
                 overwrite_existing_index=self.parameterAsBool(parameters, self.OVERWRITE, context),
                 encoder_threads=self.parameterAsInt(parameters, self.ENCODER_THREADS, context) or None,
             )
+
+    def _overlap_fraction(self, parameters: dict, context: QgsProcessingContext) -> float:
+        """Return OVERLAP_PERCENT as a fraction. Left empty, it is 0, or the index's overlap with APPEND."""
+        overlap_percent = _optional_number(self, parameters, self.OVERLAP_PERCENT, context)
+        if overlap_percent is not None:
+            return overlap_percent / 100.0
+        if not self.parameterAsBool(parameters, self.APPEND, context):
+            return 0.0
+        folder = Path(self.parameterAsString(parameters, self.OUTPUT, context))
+        try:
+            grid = TileGrid.from_dict(read_manifest_json(folder / MANIFEST_NAME)["sources"][0]["grid"])
+        except (TypeError, KeyError, IndexError, ValueError, LookalikeError):
+            # Without a readable index the build reports what is wrong with the folder.
+            return 0.0
+        # The exact fraction, because a rounded percentage can give a stride other than the index's.
+        return 1.0 - grid.stride_px / grid.tile_size_px
 
     def _tile_size(
         self, parameters: dict, context: QgsProcessingContext, encoder_path: Optional[str]

@@ -242,7 +242,7 @@ class BuildPanelMixin:
         self.add_to_index_check = QCheckBox("Add this raster to the existing index")
         self.add_to_index_check.setObjectName("lookalikeAddToIndex")
         self.add_to_index_check.setToolTip("The added raster is tiled at the index's GSD, which the GSD field shows")
-        self.add_to_index_check.toggled.connect(self._follow_index_gsd)
+        self.add_to_index_check.toggled.connect(self._follow_index_grid)
         form.addRow("", self.add_to_index_check)
 
         buttons = QHBoxLayout()
@@ -316,7 +316,7 @@ class BuildPanelMixin:
         self._gsd_restored_for_encoder = ""
         if spec.gsd_m and not self._restoring and not keep_restored_gsd:
             self.gsd_spin.setValue(spec.gsd_m)
-            self._follow_index_gsd()
+            self._follow_index_grid()
         if self._band_slot_names != list(spec.bands):
             self._set_band_slots(list(spec.bands))
         self._update_tile_size_label()
@@ -405,23 +405,25 @@ class BuildPanelMixin:
         self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
         if self.encoder_spec is not None and self.encoder_spec.gsd_m:
             self.gsd_spin.setValue(self.encoder_spec.gsd_m)
-        self._follow_index_gsd()
+        self._follow_index_grid()
 
-    def _follow_index_gsd(self, *_args) -> None:
-        """Show the index's GSD, fixed, while a raster is to be added to it: an index has one GSD."""
+    def _follow_index_grid(self, *_args) -> None:
+        """Show the index's GSD and overlap, fixed, while a raster is to be added: an index has one grid."""
         adding = self.add_to_index_check.isChecked()
         self.gsd_spin.setEnabled(not adding)
+        self.overlap_spin.setEnabled(not adding)
         if not adding:
             return
         folder = self.index_folder.filePath()
         index_is_open = self.index is not None and bool(self.index.sources) and bool(folder)
         if index_is_open and _folder_key(str(self.index.folder)) == _folder_key(folder):
             # The open index already has the grid, so its manifest is not read again.
-            index_gsd_m = TileGrid.from_dict(self.index.sources[0]["grid"]).gsd_m
+            index_grid = TileGrid.from_dict(self.index.sources[0]["grid"])
         else:
-            index_gsd_m = _index_gsd_m(folder)
-        if index_gsd_m is not None:
-            self.gsd_spin.setValue(index_gsd_m)
+            index_grid = _index_grid(folder)
+        if index_grid is not None:
+            self.gsd_spin.setValue(index_grid.gsd_m)
+            self.overlap_spin.setValue(round(100.0 * _overlap_fraction(index_grid)))
 
     def _on_extent_mode_changed(self, *_args) -> None:
         mode = self.extent_combo.currentData()
@@ -572,6 +574,11 @@ class BuildPanelMixin:
             source_paths = (str(written_raster_path(folder, source.provider_uri, written_bounds, written_crs, gsd)),)
 
         add_to_existing = self.add_to_index_check.isChecked()
+        overlap_fraction = self.overlap_spin.value() / 100.0
+        index_grid = _index_grid(folder) if add_to_existing else None
+        if index_grid is not None:
+            # The overlap field shows whole percent, which may not give the index's stride exactly.
+            overlap_fraction = _overlap_fraction(index_grid)
         params = BuildParameters(
             source_paths=source_paths,
             index_folder=folder,
@@ -580,7 +587,7 @@ class BuildPanelMixin:
             tile_ground_size_m=None if add_to_existing and _matches_index_gsd(folder, gsd) else (
                 gsd * self.encoder_spec.input_size_px
             ),
-            overlap_fraction=self.overlap_spin.value() / 100.0,
+            overlap_fraction=overlap_fraction,
             extent=region,
             mask=self._mask_region(),
             band_indexes=self.band_indexes(),
@@ -807,7 +814,7 @@ class BuildPanelMixin:
     def _on_index_folder_changed(self, path: str) -> None:
         if self._restoring:
             return
-        self._follow_index_gsd()
+        self._follow_index_grid()
         if path and (Path(path) / MANIFEST_NAME).is_file():
             state = _readable_folder_state(Path(path))
             if state in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
@@ -849,10 +856,17 @@ class BuildPanelMixin:
             )
             return
         self.index = task.result
-        self._follow_index_gsd()
+        self._follow_index_grid()
         restored = restore_result_layers(self.project, self.index)
-        if restored:
-            LOGGER.info("Filled %d result layer(s) of the project from the index in %s", restored, folder)
+        if restored.filled:
+            LOGGER.info("Filled %d result layer(s) of the project from the index in %s", restored.filled, folder)
+        if restored.earlier_build_names:
+            names = ", ".join(f"'{name}'" for name in restored.earlier_build_names)
+            self.push_message(
+                f"The result layer(s) {names} came from an earlier build of the index in {folder}, whose tiles "
+                "may differ from this one's, so they stay empty; run their queries again.",
+                Qgis.MessageLevel.Warning,
+            )
         if self.index_folder.filePath() != folder:
             self._restoring, previous = True, self._restoring
             self.index_folder.setFilePath(folder)
@@ -958,20 +972,25 @@ def _format_gsd(gsd_m: float) -> str:
 
 def _matches_index_gsd(folder: str, gsd_m: float) -> bool:
     """Tell whether ``gsd_m``, as the GSD field shows it, is the GSD of the index in ``folder``."""
-    index_gsd_m = _index_gsd_m(folder)
-    return index_gsd_m is not None and math.isclose(gsd_m, index_gsd_m, abs_tol=0.5 * 10 ** -GSD_DECIMALS)
+    index_grid = _index_grid(folder)
+    return index_grid is not None and math.isclose(gsd_m, index_grid.gsd_m, abs_tol=0.5 * 10 ** -GSD_DECIMALS)
 
 
-def _index_gsd_m(folder: str) -> Optional[float]:
-    """Return the GSD in ground metres of the index in ``folder``, or None without a readable index there."""
+def _index_grid(folder: str) -> Optional[TileGrid]:
+    """Return the tile grid of the first raster of the index in ``folder``, or None without a readable index there."""
     if not folder:
         return None
     try:
         manifest = read_manifest_json(Path(folder) / MANIFEST_NAME)
-        return TileGrid.from_dict(manifest["sources"][0]["grid"]).gsd_m
+        return TileGrid.from_dict(manifest["sources"][0]["grid"])
     except (TypeError, KeyError, IndexError, ValueError, LookalikeError, OSError):
         # The build reports what is wrong with the folder.
         return None
+
+
+def _overlap_fraction(grid: TileGrid) -> float:
+    """Return the overlap fraction that gives ``grid``'s stride."""
+    return 1.0 - grid.stride_px / grid.tile_size_px
 
 
 def _started_in_closed_project(dock, task: LookalikeTask) -> bool:

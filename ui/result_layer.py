@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 from qgis.core import QgsProject, QgsVectorLayer
 
@@ -41,19 +41,36 @@ def apply_score_threshold(layer: QgsVectorLayer, min_score: float) -> None:
     layer.triggerRepaint()
 
 
-def remember_matches(layer: QgsVectorLayer, matches: Sequence[Match], index_id: str, encoder_name: str) -> None:
-    """Store the matches of ``layer`` as ranks, tile ids and scores of the index ``index_id``."""
+class RestoredLayers(NamedTuple):
+    """The outcome of :func:`restore_result_layers`: the number of layers filled, and the names of layers left empty."""
+
+    filled: int
+    earlier_build_names: list[str]
+
+
+def remember_matches(
+    layer: QgsVectorLayer, matches: Sequence[Match], index_identity: tuple[str, str], encoder_name: str
+) -> None:
+    """Store the matches of ``layer`` as ranks, tile ids and scores of the index ``(folder, id)``."""
+    index_folder, index_id = index_identity
     layer.setCustomProperty(RESULTS_PROPERTY, json.dumps({
         "index_id": index_id,
+        "index_folder": index_folder,
         "encoder": encoder_name,
         "query": layer.name(),
         "matches": [[match.rank, match.tile_id, match.score] for match in matches],
     }))
 
 
-def restore_result_layers(project: QgsProject, index: TileIndex) -> int:
-    """Fill the empty result layers of ``project`` whose matches came from ``index``; return how many."""
+def restore_result_layers(project: QgsProject, index: TileIndex) -> RestoredLayers:
+    """Fill the empty result layers of ``project`` whose matches came from ``index``.
+
+    Layers whose matches came from an earlier build in the same folder stay empty, because their
+    tile ids may now name other tiles. The result lists their names.
+    """
+    index_folder, index_id = index.identity
     restored = 0
+    earlier_build_names = []
     for layer in project.mapLayers().values():
         if not isinstance(layer, QgsVectorLayer) or layer.providerType() != "memory":
             continue
@@ -62,7 +79,9 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> int:
             continue
         try:
             record = json.loads(stored)
-            if record["index_id"] != index.identity[1]:
+            if record["index_id"] != index_id:
+                if record.get("index_folder") == index_folder:
+                    earlier_build_names.append(layer.name())
                 continue
             matches = matches_for_tiles(index, [_stored_match(entry, index.count) for entry in record["matches"]])
             features = matches_to_features(
@@ -80,7 +99,7 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> int:
             apply_score_threshold(layer, min_score)
         layer.triggerRepaint()
         restored += 1
-    return restored
+    return RestoredLayers(restored, sorted(earlier_build_names))
 
 
 def _stored_min_score(layer: QgsVectorLayer) -> Optional[float]:

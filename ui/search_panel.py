@@ -321,8 +321,7 @@ class SearchPanelMixin:
             self.push_message(str(error), Qgis.MessageLevel.Critical)
             return
         style_result_layer(layer)
-        index_id = self._results_index_identity[1] if self._results_index_identity else ""
-        remember_matches(layer, found, index_id, encoder_name)
+        remember_matches(layer, found, self._results_index_identity or ("", ""), encoder_name)
         self.project.addMapLayer(layer)
         self.result_layer_id = layer.id()
 

@@ -446,6 +446,27 @@ def test_bad_saved_matches_leave_others_filled(searched, tmp_path):
     assert searched.status_label.text().startswith("Index open")
 
 
+def test_results_of_earlier_build_named(searched, qgis_iface, tmp_path):
+    # The index folder was built again since the project was saved: the saved tile ids may name other tiles.
+    layer = searched.result_layer()
+    stored = json.loads(layer.customProperty(RESULTS_PROPERTY))
+    assert stored["index_folder"] == searched.index.identity[0]
+    stored["index_id"] = "an earlier build"
+    layer.setCustomProperty(RESULTS_PROPERTY, json.dumps(stored))
+    project_path = tmp_path / "survey.qgz"
+    assert QgsProject.instance().write(str(project_path))
+    qgis_iface.messageBar().clear_messages()
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    assert QgsProject.instance().mapLayersByName("Lookalike query 1")[0].featureCount() == 0
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("'Lookalike query 1' came from an earlier build" in text and "run their queries again" in text
+               for text in warnings), warnings
+
+
 def test_search_button_cancels_search(searched, monkeypatch):
     from lookalike.ui import jobs
 

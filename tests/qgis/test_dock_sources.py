@@ -16,8 +16,10 @@ from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
+from lookalike.core.encoder import default_model_path
 from lookalike.core.errors import LookalikeError
 from lookalike.core.index import TileIndex
+from lookalike.core.pipeline import BuildParameters, build_index
 from lookalike.gis.raster_layers import ProviderBlockReader, rasters_folder_for, source_spec_for_layer
 from lookalike.gis.tasks import TaskOutcome
 from lookalike.ui.dock import EXTENT_MAP_VIEW
@@ -266,6 +268,34 @@ def test_added_date_takes_index_gsd(dock, shared_data, tmp_path, qgis_canvas, qg
     assert len(TileIndex.open(tmp_path / "index").sources) == 2
     dock.add_to_index_check.setChecked(False)
     assert dock.gsd_spin.isEnabled()
+
+
+def test_added_date_takes_index_overlap(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    # Built in Processing with an overlap no whole percent gives: 33.7 % of 224 px leaves a stride
+    # of 149 px, but the 33 % the field shows leaves 150 px, with which the addition would fail.
+    # The bundled encoder's 224 px input, on which one percent is more than two pixels.
+    dock.encoder_file.setFilePath(str(default_model_path()))
+    wait_until(lambda: dock.encoder_spec is not None and dock.encoder_spec.input_size_px == 224)
+    naip = shared_data / "geo" / "naip_timeseries"
+    build_index(BuildParameters(
+        source_paths=(str(naip / "m_4709963_se_14_1_20090818.tif"),), index_folder=str(tmp_path / "index"),
+        tile_ground_size_m=2240.0, overlap_fraction=0.337,
+    ))
+    dock.overlap_spin.setValue(0)
+    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20200831.tif", "naip 2020", tmp_path / "index")
+    wait_for_tasks(dock)
+
+    dock.add_to_index_check.setChecked(True)
+
+    assert dock.overlap_spin.value() == 33
+    assert not dock.overlap_spin.isEnabled()
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert not qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical)
+    added = TileIndex.open(tmp_path / "index")
+    assert [source["grid"]["stride_px"] for source in added.sources] == [149, 149]
+    dock.add_to_index_check.setChecked(False)
+    assert dock.overlap_spin.isEnabled()
 
 
 def test_bad_encoder_file_reaches_message_bar(dock, tmp_path, qgis_iface):

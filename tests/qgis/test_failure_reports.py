@@ -152,7 +152,8 @@ def test_export_replaces_links_not_targets(repo_root, tmp_path):
     assert csv_chip_names(folder) == ["chip_00001.tif"]
 
 
-@pytest.mark.parametrize("resave", ["byte order mark", "semicolons", "windows code page", "mac line ends"])
+@pytest.mark.parametrize("resave", ["byte order mark", "semicolons", "windows code page", "mac line ends", "utf-16",
+                                    "tabs", "excel separator line"])
 def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
     # The analyst fixed labels in a spreadsheet, which saved labels.csv its own way.
     folder = tmp_path / "chips"
@@ -165,6 +166,12 @@ def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
         labels.write_text(text.replace(",", ";"), encoding="utf-8")
     elif resave == "windows code page":
         labels.write_bytes(text.encode("cp1252"))
+    elif resave == "utf-16":
+        labels.write_bytes(text.encode("utf-16"))
+    elif resave == "tabs":
+        labels.write_text(text.replace(",", "\t"), encoding="utf-8")
+    elif resave == "excel separator line":
+        labels.write_text("sep=;\r\n" + text.replace(",", ";"), encoding="utf-8")
     else:
         labels.write_bytes(text.replace("\r\n", "\r").replace("\n", "\r").encode("cp1252"))
 

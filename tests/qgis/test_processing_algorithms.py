@@ -159,6 +159,30 @@ def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder)
     assert second["GSD_USED"] == pytest.approx(first["GSD_USED"]) == pytest.approx(5.0)
 
 
+def test_build_append_takes_index_overlap(provider, tmp_path, shared_data, tiny_encoder):
+    folder = tmp_path / "naip"
+    extent = "486000,486800,5206000,5206800 [EPSG:26914]"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(shared_data / NAIP_2009)],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 160,
+        "TILE_SIZE_UNIT": 1,
+        "OVERLAP_PERCENT": 50,
+        "EXTENT": extent,
+        "OUTPUT": str(folder),
+    })
+    appended = {"INPUT_RASTERS": [str(shared_data / NAIP_2014)], "ENCODER": tiny_encoder, "EXTENT": extent,
+                "APPEND": True, "OUTPUT": str(folder)}
+
+    with pytest.raises(QgsProcessingException, match="OVERLAP_PERCENT"):
+        run_algorithm("buildindex", {**appended, "OVERLAP_PERCENT": 0})
+    run_algorithm("buildindex", appended)
+
+    grids = [source["grid"] for source in TileIndex.open(folder).sources]
+    assert len(grids) == 2
+    assert grids[1]["stride_px"] == grids[0]["stride_px"] == grids[0]["tile_size_px"] // 2
+
+
 def test_build_mask_skips_tiles(provider, tmp_path, ships_raster, tiny_encoder):
     # The mask covers the western half of the raster (x 557050 to 558780).
     mask = polygon_layer([(557000.0, 4174700.0, 558780.0, 4176500.0)], name="mask")

@@ -1,5 +1,9 @@
 """Chip mosaics, tiled VRTs, colour histograms, confusable classes and goal verdicts of the benchmarks."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from osgeo import gdal, osr
@@ -15,6 +19,29 @@ from lookalike.bench.retrieval import colour_histograms, confusable_classes, ran
 )
 def test_grid_shape_exact_rectangle(cell_count, expected):
     assert grid_shape(cell_count) == expected
+
+
+def test_bench_import_leaves_gdal_exceptions_off():
+    tools = Path(__file__).resolve().parents[2] / "tools"
+    script = (f"import sys; sys.path.insert(0, {str(tools)!r})\n"
+              "from devimport import import_lookalike; import_lookalike()\n"
+              "from osgeo import gdal\n"
+              "import lookalike.bench.datasets\n"
+              "print(gdal.GetUseExceptions())\n")
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert completed.stdout.strip().splitlines()[-1] == "0"
+
+
+def test_bench_gdal_calls_raise_and_restore_setting(tmp_path):
+    was_on = gdal.GetUseExceptions()
+    gdal.DontUseExceptions()
+    try:
+        with pytest.raises(RuntimeError):
+            write_tiled_vrt(tmp_path / "missing.tif", tmp_path / "mosaic.vrt", 2)
+        assert not gdal.GetUseExceptions()
+    finally:
+        if was_on:
+            gdal.UseExceptions()
 
 
 def test_grid_shape_rejects_zero():

@@ -989,6 +989,41 @@ def test_query_around_half_the_globe_finds_the_raster(rgb_index, encoder, shared
         assert top > ymin
 
 
+def _figure_eight(xmin, ymin, xmax, ymax):
+    """A polygon whose edges cross at the centre of the box, enclosing a left and a right triangle."""
+    return f"POLYGON(({xmin} {ymin},{xmax} {ymax},{xmax} {ymin},{xmin} {ymax},{xmin} {ymin}))"
+
+
+def test_query_figure_eight_in_degrees_finds_raster(rgb_index, encoder, shared_data):
+    # Drawn with crossing edges on a map in degrees: OGR cannot intersect such a polygon with the
+    # raster's footprint, which made the query look as if it missed every raster.
+    source_path = geo(shared_data, "rasterio/RGB.byte.tif")
+    west, south, east, north = RasterSource(source_path).bounds_in(epsg_wkt(4326))
+    crossing = _figure_eight(west - 1.0, south - 1.0, east + 1.0, north + 1.0)
+
+    assert indexed_source_for_geometry(rgb_index, crossing, epsg_wkt(4326)) == rgb_index.sources[0]["path"]
+    chips = embed_query(rgb_index, encoder, source_path, crossing, epsg_wkt(4326))
+
+    assert len(chips.footprints) > 0
+
+
+def test_query_figure_eight_reads_both_lobes(rgb_index, encoder, shared_data):
+    source_path = geo(shared_data, "rasterio/RGB.byte.tif")
+    source = RasterSource(source_path)
+    xmin, ymin, xmax, ymax = source.bounds
+    centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
+    tile_m = TileGrid.from_dict(rgb_index.sources[0]["grid"]).tile_ground_size
+    half_width, half_height = 3 * tile_m, 2 * tile_m
+    crossing = _figure_eight(centre_x - half_width, centre_y - half_height,
+                             centre_x + half_width, centre_y + half_height)
+
+    chips = embed_query(rgb_index, encoder, source_path, crossing, source.crs_wkt)
+
+    tile_centres_x = [(left + right) / 2.0 for left, _, right, _ in chips.footprints]
+    assert min(tile_centres_x) < centre_x - tile_m
+    assert max(tile_centres_x) > centre_x + tile_m
+
+
 @pytest.mark.parametrize(("relative", "guessed"), [
     ("naip_timeseries/m_4709963_se_14_1_20090818.tif", True),
     ("rasterio/RGB.byte.tif", False),
