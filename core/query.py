@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from osgeo import ogr
+from osgeo import gdal, ogr
 
 from . import get_logger
 from .crs import grid_scale
@@ -257,20 +258,51 @@ def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds
 
 
 def _valid_region_wkt(wkt: str) -> str:
-    """Return ``wkt`` with a self-intersecting polygon repaired into the polygons its rings enclose.
+    """Return ``wkt`` with a self-intersecting polygon replaced by the region its outline encloses.
 
     A polygon drawn with crossing edges is invalid, and OGR's Intersection() of such a polygon
     returns nothing, which made a query around a raster look as if it missed every raster.
     """
     geometry = ogr.CreateGeometryFromWkt(wkt)
-    if geometry is None or geometry.GetDimension() < 2 or geometry.IsValid():
+    if geometry is None or geometry.GetDimension() < 2:
         return wkt
-    # MakeValid keeps both lobes of a figure-eight; Buffer(0), the fallback for GDAL builds
-    # without it, keeps only one of them.
-    repaired = _polygons_of(geometry.MakeValid() if hasattr(geometry, "MakeValid") else None)
-    if repaired is None:
-        repaired = _polygons_of(geometry.Buffer(0))
+    with _quiet_gdal():
+        # GEOS reports each self-intersection as a warning on stderr.
+        if geometry.IsValid():
+            return wkt
+        repaired = _polygons_of(_enclosed_region(geometry))
     return wkt if repaired is None else repaired.ExportToWkt()
+
+
+def _enclosed_region(geometry: ogr.Geometry) -> Optional[ogr.Geometry]:
+    """Return everything inside the rings of an invalid polygon: both lobes of a figure-eight, all of a star.
+
+    GEOS's default repair keeps only the parts enclosed an odd number of times, so it drops the
+    centre of a star drawn point to point. Its "structure" method (GEOS 3.10, GDAL 3.4) keeps it.
+    Without that method, the default repair and a zero-width buffer are merged: the buffer keeps
+    the centre of a star but only one lobe of a figure-eight.
+    """
+    try:
+        structure = geometry.MakeValid(["METHOD=STRUCTURE"])
+    except (RuntimeError, TypeError):
+        # GDAL before 3.4 takes no options; a GEOS without the method raises in exception mode.
+        structure = None
+    if structure is not None and not structure.IsEmpty():
+        return structure
+    linework = geometry.MakeValid() if hasattr(geometry, "MakeValid") else None
+    buffered = geometry.Buffer(0)
+    if linework is None or buffered is None:
+        return buffered or linework
+    return linework.Union(buffered)
+
+
+@contextlib.contextmanager
+def _quiet_gdal() -> Iterator[None]:
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        yield
+    finally:
+        gdal.PopErrorHandler()
 
 
 def _sample_points_wkt(bounds: Sequence[float]) -> str:

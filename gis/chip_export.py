@@ -418,6 +418,12 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
             f"{csv_path} of an earlier export cannot be read ({error.strerror or error}); move it away or "
             "choose another folder."
         ) from error
+    if b"\x00" in raw and not raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        raise LookalikeError(
+            f"{csv_path} of an earlier export is not text in UTF-8 or a Windows code page (it contains NUL "
+            "bytes, as UTF-16 without a byte order mark and binary files do); save it as CSV UTF-8, or move "
+            "it away, or choose another folder."
+        )
     text = _decoded_csv(raw)
     if not text.strip():
         return {}
@@ -434,8 +440,10 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
                 "unknown; add that column, or move the file away, or choose another folder."
             )
         present = _chip_names_in(csv_path.parent)
+        # Columns the analyst added (notes, a second label) stay with their rows.
+        columns = [*CSV_COLUMNS, *(name for name in reader.fieldnames if name and name not in CSV_COLUMNS)]
         return {
-            row["chip"]: {column: row.get(column) or "" for column in CSV_COLUMNS}
+            row["chip"]: {column: row.get(column) or "" for column in columns}
             for row in reader
             if row.get("chip") in present
         }
@@ -476,9 +484,13 @@ def _remove_chips(folder: Path, names: set[str]) -> None:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    """Write ``rows`` with the standard columns first, then any other column a row has."""
     _unlink_symbolic_link(path)
+    columns = list(CSV_COLUMNS)
+    for row in rows:
+        columns += [name for name in row if name not in columns]
     with path.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=CSV_COLUMNS)
+        writer = csv.DictWriter(stream, fieldnames=columns, restval="")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -63,6 +63,8 @@ LOGGER = get_logger("ui.build_panel")
 # Decimals of the GSD field in m/px.
 GSD_DECIMALS = 3
 
+ADD_TO_INDEX_LABEL = "Add this raster to the existing index"
+
 # The dock rejects a GSD at which a raster's shorter side spans fewer encoder pixels than this,
 # because the raster then shrinks to a speck in one chip. Below about 1.1 pixels the build embeds
 # no tile (measured on the 692 x 332 px ships clip with the 32 px test encoder), so 2 leaves a margin.
@@ -239,7 +241,7 @@ class BuildPanelMixin:
         self.index_folder.setToolTip("Folder the index is written to, or an existing index to open")
         self.index_folder.fileChanged.connect(self._on_index_folder_changed)
         form.addRow("Index folder", self.index_folder)
-        self.add_to_index_check = QCheckBox("Add this raster to the existing index")
+        self.add_to_index_check = QCheckBox(ADD_TO_INDEX_LABEL)
         self.add_to_index_check.setObjectName("lookalikeAddToIndex")
         self.add_to_index_check.setToolTip("The added raster is tiled at the index's GSD, which the GSD field shows")
         self.add_to_index_check.toggled.connect(self._follow_index_grid)
@@ -408,22 +410,35 @@ class BuildPanelMixin:
         self._follow_index_grid()
 
     def _follow_index_grid(self, *_args) -> None:
-        """Show the index's GSD and overlap, fixed, while a raster is to be added: an index has one grid."""
+        """Show the index's GSD and overlap, fixed, while a raster is to be added: an index has one grid.
+
+        The values the analyst had set come back when the box is unchecked.
+        """
         adding = self.add_to_index_check.isChecked()
-        self.gsd_spin.setEnabled(not adding)
-        self.overlap_spin.setEnabled(not adding)
-        if not adding:
+        index_grid = self._grid_to_add_to() if adding else None
+        following = index_grid is not None
+        self.gsd_spin.setEnabled(not following)
+        self.overlap_spin.setEnabled(not following)
+        if not following:
+            if self._own_grid_values is not None:
+                gsd_m, overlap_percent = self._own_grid_values
+                self._own_grid_values = None
+                self.gsd_spin.setValue(gsd_m)
+                self.overlap_spin.setValue(overlap_percent)
             return
+        if self._own_grid_values is None:
+            self._own_grid_values = (self.gsd_spin.value(), self.overlap_spin.value())
+        self.gsd_spin.setValue(index_grid.gsd_m)
+        self.overlap_spin.setValue(round(100.0 * _overlap_fraction(index_grid)))
+
+    def _grid_to_add_to(self) -> Optional[TileGrid]:
+        """Return the grid of the index in the folder field, from the open index when it is that one."""
         folder = self.index_folder.filePath()
         index_is_open = self.index is not None and bool(self.index.sources) and bool(folder)
         if index_is_open and _folder_key(str(self.index.folder)) == _folder_key(folder):
             # The open index already has the grid, so its manifest is not read again.
-            index_grid = TileGrid.from_dict(self.index.sources[0]["grid"])
-        else:
-            index_grid = _index_grid(folder)
-        if index_grid is not None:
-            self.gsd_spin.setValue(index_grid.gsd_m)
-            self.overlap_spin.setValue(round(100.0 * _overlap_fraction(index_grid)))
+            return TileGrid.from_dict(self.index.sources[0]["grid"])
+        return _index_grid(folder)
 
     def _on_extent_mode_changed(self, *_args) -> None:
         mode = self.extent_combo.currentData()
@@ -522,9 +537,17 @@ class BuildPanelMixin:
         step = 10.0 ** GSD_DECIMALS
         lowest = math.ceil(min_gsd * step - 1e-6) / step
         highest = math.floor(max_gsd * step + 1e-6) / step
+        gsd_range = f"between {_format_gsd(lowest)} and {_format_gsd(highest)} m/px"
+        if not self.gsd_spin.isEnabled():
+            # The GSD is the index's, fixed while the raster is added to it.
+            raise LookalikeError(
+                f"Layer {name!r} cannot be added to the index, whose GSD is {gsd:g} m/px with {settings}, "
+                f"because {reason}. Uncheck '{ADD_TO_INDEX_LABEL}' to build a separate index for this layer, "
+                f"at a GSD {gsd_range}."
+            )
         raise LookalikeError(
             f"GSD {gsd:g} m/px does not work for layer {name!r} with {settings}, because {reason}. "
-            f"Set the GSD between {_format_gsd(lowest)} and {_format_gsd(highest)} m/px{fix}."
+            f"Set the GSD {gsd_range}{fix}."
         )
 
     # -- build ---------------------------------------------------------------------------------
@@ -538,6 +561,13 @@ class BuildPanelMixin:
         if not folder:
             raise LookalikeError("No index folder is set; choose a folder to write the index to.")
         check_index_folder(Path(folder))
+        if self.add_to_index_check.isChecked() and _readable_folder_state(Path(folder)) not in (
+            FOLDER_INDEX, FOLDER_DAMAGED_INDEX
+        ):
+            raise LookalikeError(
+                f"{folder} contains no Lookalike index to add this raster to; choose the index's folder, or "
+                f"uncheck '{ADD_TO_INDEX_LABEL}' to build a new index there."
+            )
         encoder_path = self.encoder_path()
         if not encoder_path or not Path(encoder_path).is_file():
             raise LookalikeError(f"The encoder file {encoder_path or '(none)'} is missing; choose an ONNX model.")

@@ -93,6 +93,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self._search_again = False
         self._restoring = False
         self._opening_index_folder = ""
+        # The GSD and overlap the analyst had set before the fields began to show an index's grid.
+        self._own_grid_values: Optional[tuple[float, int]] = None
 
         self._build_widgets()
         self.overlay = QueryOverlay(self.canvas)
@@ -255,6 +257,9 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             self.index_folder.setFilePath(state.index_folder)
         finally:
             self._restoring = False
+        # Read now from the folder's manifest, because a build started before the index opens
+        # must already use the index's grid.
+        self._follow_index_grid()
         if state.index_folder:
             self.open_index(state.index_folder)
 

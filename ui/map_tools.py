@@ -207,7 +207,9 @@ class PolygonQueryTool(QueryMapTool):
             # A right-click or Enter with nothing drawn is not an attempt at a polygon.
             return
         polygon = QgsGeometry.fromPolygonXY([vertices]) if len(vertices) >= 3 else None
-        if polygon is None or polygon.area() <= 0:
+        # The area of a ring whose edges cross is signed per lobe, so the two equal lobes of a
+        # figure-eight sum to 0. The repaired polygon has the area that was drawn.
+        if polygon is None or polygon.makeValid().area() <= 0:
             self.queryRejected.emit(POLYGON_WITHOUT_AREA)
             return
         self.queryDrawn.emit(polygon, negative)

@@ -160,6 +160,22 @@ def test_polygon_without_area_shows_message(dock, ships_clip, qgis_canvas, qgis_
     assert "at least three points" in warnings[0]
 
 
+def test_polygon_with_crossing_edges_is_drawn(dock, ships_clip, qgis_canvas, qgis_iface):
+    # A figure-eight of two equal lobes, whose signed areas cancel.
+    drawn = record_polygons(dock)
+    x0, y0, x1, y1 = ship_query_bounds(ships_clip)
+    dock.activate_tool("polygon")
+    qgis_iface.messageBar().clear_messages()
+
+    for point in ((x0, y0), (x1, y1), (x1, y0), (x0, y1)):
+        click_map(qgis_canvas, point)
+    click_map(qgis_canvas, (x0, y1), Qt.MouseButton.RightButton)
+
+    assert len(drawn) == 1
+    assert len(ring_vertices(drawn[0])) == 4
+    assert not any("no area" in text for text in messages(qgis_iface, Qgis.MessageLevel.Warning))
+
+
 def test_polygon_of_two_points_shows_message(dock, ships_clip, qgis_canvas, qgis_iface):
     drawn = record_polygons(dock)
     points = triangle(ships_clip, 0.2, 0.5)

@@ -298,6 +298,93 @@ def test_added_date_takes_index_overlap(dock, shared_data, tmp_path, qgis_canvas
     assert dock.overlap_spin.isEnabled()
 
 
+def test_unchecking_add_brings_own_grid_back(dock, shared_data, tmp_path, qgis_canvas):
+    naip = shared_data / "geo" / "naip_timeseries"
+    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
+    dock.gsd_spin.setValue(12.0)
+    dock.overlap_spin.setValue(25)
+    dock.start_build()
+    wait_for_tasks(dock)
+    dock.gsd_spin.setValue(7.5)
+    dock.overlap_spin.setValue(40)
+
+    dock.add_to_index_check.setChecked(True)
+    assert (dock.gsd_spin.value(), dock.overlap_spin.value()) == (pytest.approx(12.0), 25)
+    dock.add_to_index_check.setChecked(False)
+
+    assert (dock.gsd_spin.value(), dock.overlap_spin.value()) == (pytest.approx(7.5), 40)
+
+
+def test_add_to_folder_without_index_says_uncheck(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    naip = shared_data / "geo" / "naip_timeseries"
+    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
+    dock.gsd_spin.setValue(12.0)
+    dock.start_build()
+    wait_for_tasks(dock)
+    dock.add_to_index_check.setChecked(True)
+    assert not dock.gsd_spin.isEnabled()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    dock.index_folder.setFilePath(str(empty))
+
+    # Nothing to follow: the fields are the analyst's again.
+    assert dock.gsd_spin.isEnabled() and dock.overlap_spin.isEnabled()
+    qgis_iface.messageBar().clear_messages()
+    dock.start_build()
+    wait_for_tasks(dock)
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("contains no Lookalike index to add this raster to" in text and "uncheck" in text
+               for text in warnings), warnings
+    assert list(empty.iterdir()) == []
+
+
+def test_coarse_raster_added_gets_separate_index_advice(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    naip = shared_data / "geo" / "naip_timeseries"
+    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
+    dock.gsd_spin.setValue(12.0)
+    dock.start_build()
+    wait_for_tasks(dock)
+    dock.add_to_index_check.setChecked(True)
+    # 300 m pixels: a tile at 12 m/px spans about one of them.
+    choose_raster(dock, qgis_canvas, shared_data / "geo" / "rasterio" / "RGB.byte.tif", "rgb")
+    qgis_iface.messageBar().clear_messages()
+
+    dock.start_build()
+    wait_for_tasks(dock)
+
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("cannot be added to the index, whose GSD is 12 m/px" in text and "Uncheck" in text
+               for text in warnings), warnings
+    assert len(TileIndex.open(tmp_path / "index").sources) == 1
+
+
+def test_project_opened_with_add_checked_takes_rebuilt_grid(dock, shared_data, tmp_path, qgis_canvas):
+    # The index was built again elsewhere since the project was saved; a build started before
+    # the index opens must already use the new grid.
+    naip = shared_data / "geo" / "naip_timeseries"
+    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
+    dock.gsd_spin.setValue(20.0)
+    dock.overlap_spin.setValue(60)
+    dock.start_build()
+    wait_for_tasks(dock)
+    project_path = tmp_path / "survey.qgz"
+    assert QgsProject.instance().write(str(project_path))
+    build_index(BuildParameters(
+        source_paths=(str(naip / "m_4709963_se_14_1_20090818.tif"),), index_folder=str(tmp_path / "index"),
+        encoder_path=dock.encoder_path(), tile_ground_size_m=8.0 * dock.encoder_spec.input_size_px,
+        overlap_fraction=0.1, overwrite_existing_index=True,
+    ))
+    dock.add_to_index_check.setChecked(True)
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+
+    assert dock.gsd_spin.value() == pytest.approx(8.0)
+    assert dock.overlap_spin.value() == round(100 * (1 - 29 / 32))
+    wait_for_tasks(dock)
+
+
 def test_bad_encoder_file_reaches_message_bar(dock, tmp_path, qgis_iface):
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not an onnx model")

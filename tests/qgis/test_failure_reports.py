@@ -126,6 +126,50 @@ def test_cancelled_reexport_keeps_earlier_chips(repo_root, tmp_path):
     assert csv_chip_names(folder) == names
 
 
+def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 3), folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    with open(labels, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        row["notes"] = f"checked {row['chip']} by hand"
+    with open(labels, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
+        writer.writeheader()
+        writer.writerows(rows)
+    polls = []
+
+    def cancel_after_one_chip() -> bool:
+        polls.append(1)
+        return len(polls) > 1
+
+    with pytest.raises(CancelledError):
+        chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after_one_chip)
+
+    with open(labels, newline="", encoding="utf-8") as stream:
+        notes = {row["chip"]: row["notes"] for row in csv.DictReader(stream)}
+    # The chip written again has a new row; the two the export did not reach keep theirs.
+    assert notes == {"chip_00001.tif": "", "chip_00002.tif": "checked chip_00002.tif by hand",
+                     "chip_00003.tif": "checked chip_00003.tif by hand"}
+
+
+def test_labels_with_nul_bytes_stop_export(repo_root, tmp_path):
+    # UTF-16 saved without a byte order mark decodes as text with NUL bytes between the letters.
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    labels = folder / chip_export.LABELS_CSV_NAME
+    content = "chip\tlabel\r\nchip_00001.tif\twheat\r\n".encode("utf-16-le")
+    labels.write_bytes(content)
+
+    with pytest.raises(LookalikeError, match="NUL bytes") as raised:
+        chip_export.export_chips(ships_requests(repo_root, 1), folder)
+
+    assert "save it as CSV UTF-8" in str(raised.value)
+    assert labels.read_bytes() == content
+    assert not list(folder.glob("chip_*"))
+
+
 def test_export_without_chips_keeps_earlier(repo_root, tmp_path):
     folder = tmp_path / "chips"
     chip_export.export_chips(ships_requests(repo_root, 2), folder)

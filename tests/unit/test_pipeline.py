@@ -1024,6 +1024,25 @@ def test_query_figure_eight_reads_both_lobes(rgb_index, encoder, shared_data):
     assert max(tile_centres_x) > centre_x + tile_m
 
 
+def test_query_star_keeps_its_centre(rgb_index, encoder, shared_data):
+    # A five-pointed star drawn point to point encloses its centre twice; it is still part of the region.
+    source_path = geo(shared_data, "rasterio/RGB.byte.tif")
+    source = RasterSource(source_path)
+    xmin, ymin, xmax, ymax = source.bounds
+    centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
+    tile_m = TileGrid.from_dict(rgb_index.sources[0]["grid"]).tile_ground_size
+    # The inner pentagon then reaches 1.8 tiles from the centre, so a tile there meets no point of the star.
+    radius = 6 * tile_m
+    points = [(centre_x + radius * math.cos(math.pi / 2 + step * 4 * math.pi / 5),
+               centre_y + radius * math.sin(math.pi / 2 + step * 4 * math.pi / 5)) for step in range(5)]
+    star = "POLYGON((" + ",".join(f"{x} {y}" for x, y in points + points[:1]) + "))"
+
+    chips = embed_query(rgb_index, encoder, source_path, star, source.crs_wkt)
+
+    assert any(left <= centre_x <= right and bottom <= centre_y <= top
+               for left, bottom, right, top in chips.footprints)
+
+
 @pytest.mark.parametrize(("relative", "guessed"), [
     ("naip_timeseries/m_4709963_se_14_1_20090818.tif", True),
     ("rasterio/RGB.byte.tif", False),
