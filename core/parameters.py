@@ -48,6 +48,10 @@ MIN_SOURCE_PIXELS_PER_TILE = 16
 # embeddings at 1280 dims, so a larger plan is much more likely a mistake than an intent.
 DEFAULT_MAX_TILE_COUNT = 5_000_000
 
+# The largest tile overlap the dock and Processing offer, in percent of the tile side. At 95 %, a
+# tile advances by a twentieth of its side.
+MAX_OVERLAP_PERCENT = 95
+
 # Larger thread counts are rejected as typing mistakes: for 10**9 threads onnxruntime failed
 # with a bare allocation error instead of a message.
 MAX_ENCODER_THREADS = 256

@@ -16,7 +16,7 @@ from osgeo import gdal, ogr
 from . import get_logger
 from .crs import grid_scale
 from .encoder import OnnxEncoder, default_model_path, file_sha256
-from .errors import CancelledError, GridError, RasterError, SearchError, SearchIndexError
+from .errors import CancelledError, GridError, LookalikeError, RasterError, SearchError, SearchIndexError
 from .grid import Bounds, TileGrid, gsd_in_units
 from .index import TileIndex
 from .parameters import (
@@ -63,10 +63,20 @@ class QueryChips:
     embeddings: np.ndarray
     footprints: list[Bounds]
     crs_wkt: str
+    # Query tiles of the geometry's part over other indexed rasters, each with its grid CRS. They
+    # were not read, but a match there would still show the example.
+    footprints_elsewhere: list[tuple[Bounds, str]] = dataclasses.field(default_factory=list)
 
     def __iter__(self) -> Iterator[Any]:
         # Unpacks as (embeddings, footprints), the two values most callers need.
         return iter((self.embeddings, self.footprints))
+
+    def excluded_footprints(self) -> list[tuple[Bounds, str]]:
+        """Return every query tile of the geometry, read or not, with its CRS.
+
+        A match that overlaps one of them shows the example.
+        """
+        return [(bounds, self.crs_wkt) for bounds in self.footprints] + list(self.footprints_elsewhere)
 
 
 def _manifest_of(index_or_manifest: Union[TileIndex, Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -142,11 +152,12 @@ def embed_query(
         grid_crs_wkt = raster.grid_crs_wkt()
         raster_bounds = _raster_bounds(raster, grid_crs_wkt)
         query_grid = _query_grid(index_grid, grid_crs_wkt, raster_bounds)
-        footprints = _query_footprints(
-            _geometry_to_wkt(geometry), crs_wkt, grid_crs_wkt, query_grid, raster_bounds, raster.path
-        )
+        wkt = _geometry_to_wkt(geometry)
+        footprints = _query_footprints(wkt, crs_wkt, grid_crs_wkt, query_grid, raster_bounds, raster.path)
         if len(footprints) > MAX_QUERY_TILES:
             raise SearchError(_too_many_tiles_message(len(footprints), query_grid, raster.path))
+        footprints_elsewhere = _footprints_off_raster(manifest, wkt, crs_wkt, raster.path, raster_bounds,
+                                                      grid_crs_wkt)
         chips = []
         embedded = []
         kept_footprints = []
@@ -174,7 +185,50 @@ def embed_query(
         embedded.append(encoder.encode(np.stack(chips)))
     if not embedded:
         raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size_m))
-    return QueryChips(embeddings=np.concatenate(embedded), footprints=kept_footprints, crs_wkt=grid_crs_wkt)
+    return QueryChips(embeddings=np.concatenate(embedded), footprints=kept_footprints, crs_wkt=grid_crs_wkt,
+                      footprints_elsewhere=footprints_elsewhere)
+
+
+def _footprints_off_raster(
+    manifest: Mapping[str, Any],
+    wkt: str,
+    crs_wkt: str,
+    raster_path: str,
+    raster_bounds: Optional[Bounds],
+    grid_crs_wkt: str,
+) -> list[tuple[Bounds, str]]:
+    """Return the query tiles, on the other indexed rasters, of a region's part beyond the raster it is read from.
+
+    Only the part off that raster counts, so a region over two dates of one place adds nothing.
+    A part that cannot be placed on a raster (outside its CRS's area of use, or too large) adds
+    nothing for that raster.
+    """
+    if raster_bounds is None:
+        return []
+    geometry = ogr.CreateGeometryFromWkt(_valid_region_wkt(wkt))
+    if geometry is None or geometry.GetDimension() < 2:
+        # A point gives one tile centred on it, all of which was read.
+        return []
+    try:
+        read_area = ogr.CreateGeometryFromWkt(
+            transform_geometry_wkt(_bounds_to_wkt(raster_bounds), grid_crs_wkt, crs_wkt))
+    except GridError:
+        return []
+    with _quiet_gdal():
+        rest = _polygons_of(geometry.Difference(read_area)) if read_area is not None else None
+    if rest is None:
+        return []
+    footprints: list[tuple[Bounds, str]] = []
+    for record in manifest["sources"]:
+        if _same_source_path(record.get("path"), raster_path):
+            continue
+        try:
+            grid = TileGrid.from_dict(record["grid"])
+            footprints += [(bounds, grid.crs_wkt) for bounds in _query_footprints(
+                rest.ExportToWkt(), crs_wkt, grid.crs_wkt, grid, grid.bounds, str(record.get("path", "")))]
+        except LookalikeError as error:
+            LOGGER.info("The query's part off %s is not placed on %s: %s", raster_path, record.get("path"), error)
+    return footprints
 
 
 def indexed_source_for_geometry(
@@ -262,16 +316,22 @@ def _valid_region_wkt(wkt: str) -> str:
 
     A polygon drawn with crossing edges is invalid, and OGR's Intersection() of such a polygon
     returns nothing, which made a query around a raster look as if it missed every raster.
+
+    Raises:
+        SearchError: the polygon encloses no area.
     """
     geometry = ogr.CreateGeometryFromWkt(wkt)
     if geometry is None or geometry.GetDimension() < 2:
         return wkt
     with _quiet_gdal():
         # GEOS reports each self-intersection as a warning on stderr.
-        if geometry.IsValid():
-            return wkt
-        repaired = _polygons_of(_enclosed_region(geometry))
-    return wkt if repaired is None else repaired.ExportToWkt()
+        repaired = geometry if geometry.IsValid() else _polygons_of(_enclosed_region(geometry))
+    if repaired is None or repaired.IsEmpty() or not repaired.GetArea() > 0:
+        raise SearchError(
+            "The query polygon encloses no area: its points lie on one line, or it has fewer than three "
+            "distinct points. Draw a polygon around the object, or click a point."
+        )
+    return wkt if repaired is geometry else repaired.ExportToWkt()
 
 
 def _enclosed_region(geometry: ogr.Geometry) -> Optional[ogr.Geometry]:
@@ -537,13 +597,13 @@ def search_query_chips(
 ) -> list[Match]:
     """Search ``index`` with embedded query chips; ``search_options`` go to :func:`core.search.search`.
 
-    Tiles that overlap a positive chip's footprint show the example itself, so they are dropped.
+    Tiles that overlap a positive's query tiles, read or not, show the example itself, so they are dropped.
     """
     positive_embeddings = np.concatenate([chips.embeddings for chips in positive_chips])
     negative_embeddings = (
         np.concatenate([chips.embeddings for chips in negative_chips]) if negative_chips else None
     )
-    exclude = [(bounds, chips.crs_wkt) for chips in positive_chips for bounds in chips.footprints]
+    exclude = [footprint for chips in positive_chips for footprint in chips.excluded_footprints()]
     return search(index, positive_embeddings, negative_embeddings, exclude=exclude, **search_options)
 
 

@@ -50,7 +50,8 @@ CHIP_NAME_PATTERN = re.compile(r"chip_\d{5}\.(tif|png)")
 # Delimiters of a labels.csv saved again by a spreadsheet; a tie between them goes to the first.
 CSV_DELIMITERS = (",", ";", "\t")
 # Excel can write the delimiter as a first line such as "sep=;".
-EXCEL_SEPARATOR_LINE = re.compile(r"sep=(.)", re.IGNORECASE)
+# LibreOffice quotes it when it saves such a file again.
+EXCEL_SEPARATOR_LINE = re.compile(r'"?sep=(.)"?', re.IGNORECASE)
 # 8-bit output: the chip values are the encoder's raw units at this value scale.
 CHIP_VALUE_SCALE = 255.0
 ALPHA_VALID = 255
@@ -430,7 +431,7 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
     # splitlines() also ends lines at a lone carriage return, as old Mac spreadsheets write them.
     lines = text.splitlines()
     delimiter = _csv_delimiter(lines[0])
-    if EXCEL_SEPARATOR_LINE.fullmatch(lines[0].strip()):
+    if _separator_line(lines[0]):
         lines = lines[1:]
     try:
         reader = csv.DictReader(lines, delimiter=delimiter)
@@ -463,9 +464,14 @@ def _decoded_csv(raw: bytes) -> str:
         return raw.decode("cp1252", errors="replace")
 
 
+def _separator_line(line: str) -> Optional[re.Match]:
+    # Only spaces are stripped, because the declared delimiter can be a tab.
+    return EXCEL_SEPARATOR_LINE.fullmatch(line.strip(" "))
+
+
 def _csv_delimiter(first_line: str) -> str:
     """Return the delimiter named by an Excel ``sep=`` line, or the commonest of comma, semicolon and tab."""
-    declared = EXCEL_SEPARATOR_LINE.fullmatch(first_line.strip())
+    declared = _separator_line(first_line)
     if declared:
         return declared.group(1)
     return max(CSV_DELIMITERS, key=first_line.count)

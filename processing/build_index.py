@@ -27,9 +27,9 @@ from qgis.core import (
 
 from ..core.encoder import OnnxEncoder, default_model_path
 from ..core.errors import LookalikeError
-from ..core.grid import TileGrid
+from ..core.grid import TileGrid, stride_from_overlap
 from ..core.index import MANIFEST_NAME, read_manifest_json
-from ..core.parameters import MAX_ENCODER_THREADS
+from ..core.parameters import MAX_ENCODER_THREADS, MAX_OVERLAP_PERCENT
 from ..core.pipeline import BuildParameters, Progress, Region, build_index
 from .support import (
     ENCODER_PACKAGES,
@@ -155,7 +155,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
 
         overlap = QgsProcessingParameterNumber(
             self.OVERLAP_PERCENT, tr("Tile overlap (%)"), QgsProcessingParameterNumber.Double,
-            defaultValue=None, optional=True, minValue=0.0, maxValue=95.0,
+            defaultValue=None, optional=True, minValue=0.0, maxValue=float(MAX_OVERLAP_PERCENT),
         )
         overlap.setHelp(tr(
             "Overlap between neighbouring tiles, in percent of the tile side (0 to 95). 50 halves the "
@@ -323,18 +323,29 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
     def _overlap_fraction(self, parameters: dict, context: QgsProcessingContext) -> float:
         """Return OVERLAP_PERCENT as a fraction. Left empty, it is 0, or the index's overlap with APPEND."""
         overlap_percent = _optional_number(self, parameters, self.OVERLAP_PERCENT, context)
-        if overlap_percent is not None:
-            return overlap_percent / 100.0
-        if not self.parameterAsBool(parameters, self.APPEND, context):
-            return 0.0
-        folder = Path(self.parameterAsString(parameters, self.OUTPUT, context))
-        try:
-            grid = TileGrid.from_dict(read_manifest_json(folder / MANIFEST_NAME)["sources"][0]["grid"])
-        except (TypeError, KeyError, IndexError, ValueError, LookalikeError):
+        index_grid = None
+        if self.parameterAsBool(parameters, self.APPEND, context):
+            index_grid = _index_grid(Path(self.parameterAsString(parameters, self.OUTPUT, context)))
+        if index_grid is None:
             # Without a readable index the build reports what is wrong with the folder.
-            return 0.0
+            return 0.0 if overlap_percent is None else overlap_percent / 100.0
         # The exact fraction, because a rounded percentage can give a stride other than the index's.
-        return 1.0 - grid.stride_px / grid.tile_size_px
+        index_fraction = 1.0 - index_grid.stride_px / index_grid.tile_size_px
+        if overlap_percent is None:
+            return index_fraction
+        if not 0.0 <= overlap_percent < 100.0:
+            # Out of range (or NaN): BuildParameters names the valid range.
+            return overlap_percent / 100.0
+        with core_errors(PARAMETER_NAMES):
+            stride_px = stride_from_overlap(index_grid.tile_size_px, overlap_fraction=overlap_percent / 100.0)
+        if stride_px != index_grid.stride_px:
+            raise QgsProcessingException(tr(
+                f"{self.OVERLAP_PERCENT}={overlap_percent:g} gives a stride of {stride_px} of "
+                f"{index_grid.tile_size_px} encoder pixels, but the index in the {self.OUTPUT} folder has a stride "
+                f"of {index_grid.stride_px} ({100.0 * index_fraction:.6g} % overlap); leave {self.OVERLAP_PERCENT} "
+                f"empty to use the index's overlap, or give {100.0 * index_fraction:.6g}."
+            ))
+        return overlap_percent / 100.0
 
     def _tile_size(
         self, parameters: dict, context: QgsProcessingContext, encoder_path: Optional[str]
@@ -390,6 +401,14 @@ def _advanced_flag() -> Any:
     if flags is not None:
         return flags.Advanced
     return QgsProcessingParameterDefinition.FlagAdvanced
+
+
+def _index_grid(folder: Path) -> Optional[TileGrid]:
+    """Return the tile grid of the first raster of the index in ``folder``, or None without a readable index."""
+    try:
+        return TileGrid.from_dict(read_manifest_json(folder / MANIFEST_NAME)["sources"][0]["grid"])
+    except (TypeError, KeyError, IndexError, ValueError, LookalikeError):
+        return None
 
 
 def _optional_number(

@@ -57,6 +57,7 @@ from .support import (
     cancel_check,
     core_errors,
     crs_wkt,
+    features_of,
     gdal_source_path,
     geometry_wkt,
     reject_output_in_folder,
@@ -446,7 +447,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             transform = QgsCoordinateTransform(source.sourceCrs(), query_crs, context.transformContext())
         geometries = []
         feature_count = 0
-        for feature in source.getFeatures():
+        for feature in features_of(source):
             feature_count += 1
             geometry = feature.geometry()
             if geometry is None or geometry.isEmpty():

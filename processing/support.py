@@ -13,11 +13,13 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
+    QgsFeatureRequest,
     QgsFeatureSource,
     QgsGeometry,
     QgsProcessingAlgorithm,
     QgsProcessingContext,
     QgsProcessingException,
+    QgsProcessingFeatureSource,
     QgsProcessingFeedback,
     QgsRasterLayer,
 )
@@ -222,10 +224,22 @@ def geometry_wkt(geometry: QgsGeometry) -> str:
     return flat.asWkt()
 
 
+def features_of(source: QgsFeatureSource):
+    """Return the features of ``source``, invalid geometries included.
+
+    The algorithms repair self-intersecting polygons themselves, keeping everything their rings
+    enclose. QGIS's default "invalid features filtering" would instead stop the algorithm on
+    such a feature when it runs from the toolbox or from processing.run.
+    """
+    if isinstance(source, QgsProcessingFeatureSource):
+        return source.getFeatures(QgsFeatureRequest(), QgsProcessingFeatureSource.FlagSkipGeometryValidityChecks)
+    return source.getFeatures()
+
+
 def feature_geometries_wkt(source: QgsFeatureSource, parameter_name: str) -> list[str]:
     """Return the WKT of every non-empty geometry of a feature source, in the source's CRS."""
     geometries = []
-    for feature in source.getFeatures():
+    for feature in features_of(source):
         geometry = feature.geometry()
         if geometry is None or geometry.isEmpty():
             continue

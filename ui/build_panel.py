@@ -40,7 +40,7 @@ from ..core.index import (
     index_folder_state,
     read_manifest_json,
 )
-from ..core.parameters import MIN_SOURCE_PIXELS_PER_TILE, MIN_TILE_SIZE_SOURCE_PX
+from ..core.parameters import MAX_OVERLAP_PERCENT, MIN_SOURCE_PIXELS_PER_TILE, MIN_TILE_SIZE_SOURCE_PX
 from ..core.pipeline import BuildParameters, Region
 from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
 from ..gis.tasks import LookalikeTask, TaskOutcome, TileProgress
@@ -211,7 +211,8 @@ class BuildPanelMixin:
         form.addRow("Tile size", self.tile_size_label)
         self.overlap_spin = QSpinBox()
         self.overlap_spin.setObjectName("lookalikeOverlap")
-        self.overlap_spin.setRange(0, 90)
+        # The Processing algorithm's limit too, so that the field can show the overlap of any index.
+        self.overlap_spin.setRange(0, MAX_OVERLAP_PERCENT)
         self.overlap_spin.setValue(DEFAULT_OVERLAP_PERCENT)
         self.overlap_spin.setSuffix(" %")
         self.overlap_spin.setToolTip("Overlap between neighbouring tiles; 50 % halves the step between tiles")

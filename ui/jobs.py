@@ -201,7 +201,7 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
             raise QueryPartError(position, error) from error
         (negatives if part.negative else positives).append(chips.embeddings)
         if not part.negative:
-            exclude.extend((tuple(bounds), chips.crs_wkt) for bounds in chips.footprints)
+            exclude.extend((tuple(bounds), crs) for bounds, crs in chips.excluded_footprints())
 
     stored = request.index.embeddings
     if request.relevant_tile_ids:

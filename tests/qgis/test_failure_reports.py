@@ -197,7 +197,8 @@ def test_export_replaces_links_not_targets(repo_root, tmp_path):
 
 
 @pytest.mark.parametrize("resave", ["byte order mark", "semicolons", "windows code page", "mac line ends", "utf-16",
-                                    "tabs", "excel separator line"])
+                                    "tabs", "excel separator line", "excel tab separator line",
+                                    "quoted separator line"])
 def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
     # The analyst fixed labels in a spreadsheet, which saved labels.csv its own way.
     folder = tmp_path / "chips"
@@ -216,6 +217,10 @@ def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
         labels.write_text(text.replace(",", "\t"), encoding="utf-8")
     elif resave == "excel separator line":
         labels.write_text("sep=;\r\n" + text.replace(",", ";"), encoding="utf-8")
+    elif resave == "excel tab separator line":
+        labels.write_text("sep=\t\r\n" + text.replace(",", "\t"), encoding="utf-8")
+    elif resave == "quoted separator line":
+        labels.write_text('"sep=;"\r\n' + text.replace(",", ";"), encoding="utf-8")
     else:
         labels.write_bytes(text.replace("\r\n", "\r").replace("\n", "\r").encode("cp1252"))
 

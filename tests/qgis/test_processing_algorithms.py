@@ -17,6 +17,7 @@ from osgeo import gdal
 from processing_testing import SHIPS_CRS, point_layer, polygon_layer, run_algorithm
 from qgis.core import (
     QgsApplication,
+    QgsFeature,
     QgsGeometry,
     QgsPointXY,
     QgsProcessingException,
@@ -174,8 +175,9 @@ def test_build_append_takes_index_overlap(provider, tmp_path, shared_data, tiny_
     appended = {"INPUT_RASTERS": [str(shared_data / NAIP_2014)], "ENCODER": tiny_encoder, "EXTENT": extent,
                 "APPEND": True, "OUTPUT": str(folder)}
 
-    with pytest.raises(QgsProcessingException, match="OVERLAP_PERCENT"):
-        run_algorithm("buildindex", {**appended, "OVERLAP_PERCENT": 0})
+    with pytest.raises(QgsProcessingException, match="OVERLAP_PERCENT=30 gives a stride of 22 of 32") as raised:
+        run_algorithm("buildindex", {**appended, "OVERLAP_PERCENT": 30})
+    assert "leave OVERLAP_PERCENT empty to use the index's overlap, or give 50." in str(raised.value)
     run_algorithm("buildindex", appended)
 
     grids = [source["grid"] for source in TileIndex.open(folder).sources]
@@ -309,6 +311,25 @@ def test_search_output_fields(tiny_index, tiny_encoder):
         box = feature.geometry().boundingBox()
         assert box.width() == pytest.approx(160.0)
         assert box.height() == pytest.approx(160.0)
+
+
+def test_search_takes_example_with_crossing_edges(tiny_index, tiny_encoder):
+    # QGIS's default "invalid features filtering" stops an algorithm on such a polygon; the
+    # search repairs it instead, keeping both lobes.
+    folder, _results = tiny_index
+    x, y = SHIP_CENTRES[1]
+    examples = QgsVectorLayer(f"Polygon?crs={SHIPS_CRS}", "figure eight", "memory")
+    feature = QgsFeature()
+    corners = [(x - 200, y - 200), (x + 200, y + 200), (x + 200, y - 200), (x - 200, y + 200), (x - 200, y - 200)]
+    feature.setGeometry(QgsGeometry.fromWkt("POLYGON((" + ",".join(f"{cx} {cy}" for cx, cy in corners) + "))"))
+    examples.dataProvider().addFeatures([feature])
+    assert not feature.geometry().isGeosValid()
+
+    results = run_algorithm("search", {
+        "INDEX": folder, "POSITIVES": examples, "ENCODER": tiny_encoder, "K": 3, "OUTPUT": "memory:",
+    })
+
+    assert results["MATCH_COUNT"] == 3
 
 
 def test_search_min_score_and_negatives(tiny_index, tiny_encoder, ships_raster):

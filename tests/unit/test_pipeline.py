@@ -1007,6 +1007,25 @@ def test_query_figure_eight_in_degrees_finds_raster(rgb_index, encoder, shared_d
     assert len(chips.footprints) > 0
 
 
+@pytest.mark.parametrize("shape", ["three points", "one line", "empty"])
+def test_query_polygon_without_area_named(rgb_index, encoder, shared_data, shape):
+    source_path = geo(shared_data, "rasterio/RGB.byte.tif")
+    source = RasterSource(source_path)
+    xmin, ymin, xmax, ymax = source.bounds
+    x0, y0 = xmin + (xmax - xmin) / 3.0, ymin + (ymax - ymin) / 3.0
+    x1, y1 = xmin + 2.0 * (xmax - xmin) / 3.0, ymin + 2.0 * (ymax - ymin) / 3.0
+    polygon = {
+        "three points": f"POLYGON(({x0} {y0},{x1} {y1},{x0} {y0}))",
+        "one line": f"POLYGON(({x0} {y0},{(x0 + x1) / 2} {(y0 + y1) / 2},{x1} {y1},{x0} {y0}))",
+        "empty": "POLYGON EMPTY",
+    }[shape]
+
+    with pytest.raises(SearchError, match="encloses no area"):
+        indexed_source_for_geometry(rgb_index, polygon, source.crs_wkt)
+    with pytest.raises(SearchError, match="encloses no area"):
+        embed_query(rgb_index, encoder, source_path, polygon, source.crs_wkt)
+
+
 def test_query_figure_eight_reads_both_lobes(rgb_index, encoder, shared_data):
     source_path = geo(shared_data, "rasterio/RGB.byte.tif")
     source = RasterSource(source_path)
@@ -1246,6 +1265,28 @@ def test_run_search_excludes_the_query_tile(rgb_index, shared_data):
     for match in matches:
         assert match.tile_id != tile_id
         assert match.source_path == source
+
+
+def test_example_over_two_rasters_not_matched_on_either(shared_data, tmp_path):
+    # Two parts of one scene with a 30 km gap, indexed together. The example reaches from the
+    # left part across the gap into the right one, and is read from the left part only.
+    scene = geo(shared_data, "rasterio/RGB.byte.tif")
+    left, right = tmp_path / "left.tif", tmp_path / "right.tif"
+    gdal.Translate(str(left), scene, srcWin=[0, 0, 300, 718])
+    gdal.Translate(str(right), scene, srcWin=[400, 0, 391, 718])
+    build_index(parameters([left, right], tmp_path / "index"))
+    left_bounds = RasterSource(str(left)).bounds
+    right_bounds = RasterSource(str(right)).bounds
+    example = (left_bounds[2] - 20_000.0, 2_700_000.0, right_bounds[0] + 40_000.0, 2_740_000.0)
+
+    matches = run_search(tmp_path / "index", left, [example], k=40)
+
+    assert any(match.source_path == str(right) for match in matches)
+    for match in matches:
+        xmin, ymin, xmax, ymax = match.bounds
+        inside = (min(xmax, example[2]) - max(xmin, example[0])) * (min(ymax, example[3]) - max(ymin, example[1]))
+        assert not (xmin < example[2] and xmax > example[0] and ymin < example[3] and ymax > example[1]
+                    and inside > 0.5 * (xmax - xmin) * (ymax - ymin)), match
 
 
 def test_run_search_needs_a_positive(rgb_index, shared_data):
