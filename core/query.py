@@ -197,38 +197,56 @@ def _footprints_off_raster(
     raster_bounds: Optional[Bounds],
     grid_crs_wkt: str,
 ) -> list[tuple[Bounds, str]]:
-    """Return the query tiles, on the other indexed rasters, of a region's part beyond the raster it is read from.
+    """Return the query tiles, on the other indexed rasters, of a geometry's part beyond the raster it is read from.
 
     Only the part off that raster counts, so a region over two dates of one place adds nothing.
-    A part that cannot be placed on a raster (outside its CRS's area of use, or too large) adds
-    nothing for that raster.
+    A part too large for query tiles on a raster is excluded there by its bounding box. A part
+    that cannot be placed on a raster (outside its CRS's area of use) adds nothing for it.
     """
     if raster_bounds is None:
         return []
-    geometry = ogr.CreateGeometryFromWkt(_valid_region_wkt(wkt))
-    if geometry is None or geometry.GetDimension() < 2:
-        # A point gives one tile centred on it, all of which was read.
+    geometry = ogr.CreateGeometryFromWkt(valid_region_wkt(wkt))
+    if geometry is None:
         return []
     try:
         read_area = ogr.CreateGeometryFromWkt(
             transform_geometry_wkt(_bounds_to_wkt(raster_bounds), grid_crs_wkt, crs_wkt))
     except GridError:
         return []
+    # NOTE: a raster that ends at the antimeridian, seen from a query in degrees, has bounds
+    # that span the globe, so nothing of the query is off it and this returns nothing.
     with _quiet_gdal():
-        rest = _polygons_of(geometry.Difference(read_area)) if read_area is not None else None
-    if rest is None:
+        rest = geometry.Difference(read_area) if read_area is not None else None
+    if rest is not None and geometry.GetDimension() >= 2:
+        rest = _polygons_of(rest)
+    if rest is None or rest.IsEmpty():
         return []
+    rest_wkt = rest.ExportToWkt()
     footprints: list[tuple[Bounds, str]] = []
     for record in manifest["sources"]:
         if _same_source_path(record.get("path"), raster_path):
             continue
+        path = str(record.get("path", ""))
         try:
             grid = TileGrid.from_dict(record["grid"])
-            footprints += [(bounds, grid.crs_wkt) for bounds in _query_footprints(
-                rest.ExportToWkt(), crs_wkt, grid.crs_wkt, grid, grid.bounds, str(record.get("path", "")))]
+            try:
+                tiles = _query_footprints(rest_wkt, crs_wkt, grid.crs_wkt, grid, grid.bounds, path)
+                footprints += [(bounds, grid.crs_wkt) for bounds in tiles]
+            except SearchError:
+                # More query tiles than a query may have: the part's bounding box stands for them.
+                box = _bounds_within(rest_wkt, crs_wkt, grid.crs_wkt, grid.bounds)
+                footprints += [] if box is None else [(box, grid.crs_wkt)]
         except LookalikeError as error:
-            LOGGER.info("The query's part off %s is not placed on %s: %s", raster_path, record.get("path"), error)
+            LOGGER.info("The query's part off %s is not placed on %s: %s", raster_path, path, error)
     return footprints
+
+
+def _bounds_within(wkt: str, crs_wkt: str, to_crs_wkt: str, limits: Bounds) -> Optional[Bounds]:
+    """Return the bounding box of ``wkt`` in ``to_crs_wkt``, cut to ``limits``, or None when it misses them."""
+    xmin, xmax, ymin, ymax = ogr.CreateGeometryFromWkt(transform_geometry_wkt(wkt, crs_wkt, to_crs_wkt)).GetEnvelope()
+    xmin, ymin = max(xmin, limits[0]), max(ymin, limits[1])
+    xmax, ymax = min(xmax, limits[2]), min(ymax, limits[3])
+    return (xmin, ymin, xmax, ymax) if xmin < xmax and ymin < ymax else None
 
 
 def indexed_source_for_geometry(
@@ -241,7 +259,7 @@ def indexed_source_for_geometry(
     sources = _manifest_of(index_or_manifest)["sources"]
     if not sources:
         raise SearchError("The index has no rasters yet; build it before searching.")
-    wkt = _valid_region_wkt(wkt)
+    wkt = valid_region_wkt(wkt)
     best_path, best_area = "", 0.0
     for record in sources:
         xmin, ymin, xmax, ymax = record["bounds"]
@@ -311,7 +329,7 @@ def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds
     return wkt if cut is None else cut.ExportToWkt()
 
 
-def _valid_region_wkt(wkt: str) -> str:
+def valid_region_wkt(wkt: str) -> str:
     """Return ``wkt`` with a self-intersecting polygon replaced by the region its outline encloses.
 
     A polygon drawn with crossing edges is invalid, and OGR's Intersection() of such a polygon
@@ -492,7 +510,7 @@ def _query_footprints(
         SearchError: the geometry type is not supported, or the region covers more than
             ``MAX_QUERY_TILES`` tiles of the raster.
     """
-    wkt = _valid_region_wkt(wkt)
+    wkt = valid_region_wkt(wkt)
     near_wkt = wkt if raster_bounds is None else _cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
     if near_wkt is None:
         # The region covers the whole raster, which is already in the grid CRS.

@@ -355,7 +355,8 @@ def _suppress(
         bounds, crs_wkt = footprints.bounds(tile_id)
         if footprints.overlaps_any(bounds, crs_wkt, excluded, QUERY_OVERLAP_TOLERANCE):
             continue
-        if footprints.overlaps_any(bounds, crs_wkt, kept_footprints, max_overlap):
+        # No overlap fraction exceeds 1, so at max_overlap 1 matches are not compared with each other.
+        if max_overlap < 1.0 and footprints.overlaps_any(bounds, crs_wkt, kept_footprints, max_overlap):
             continue
         survivors.append((tile_id, score))
         kept_footprints.append((bounds, crs_wkt))
@@ -390,6 +391,9 @@ class _FootprintIndex:
         self._sources = index.sources
         self._same_crs: dict[tuple[str, str], bool] = {}
         self._transforms: dict[tuple[str, str], Any] = {}
+        # Each kept match and excluded footprint is compared with every later candidate, but
+        # candidates come in a few grid CRSs only, so its transformed bounds are kept.
+        self._transformed_bounds: dict[tuple[Bounds, str, str], Bounds] = {}
 
     def bounds(self, tile_id: int) -> tuple[Bounds, str]:
         return self._index.tile_bounds(tile_id), self._index.tile_crs_wkt(tile_id)
@@ -420,10 +424,14 @@ class _FootprintIndex:
     def _to_crs(self, bounds: Bounds, from_wkt: str, to_wkt: str) -> Bounds:
         if self._is_same_crs(from_wkt, to_wkt):
             return bounds
+        cached = self._transformed_bounds.get((bounds, from_wkt, to_wkt))
+        if cached is not None:
+            return cached
         key = (from_wkt, to_wkt)
         if key not in self._transforms:
             self._transforms[key] = _make_transform(from_wkt, to_wkt)
         xmin, ymin, xmax, ymax = self._transforms[key].TransformBounds(*bounds, 21)
+        self._transformed_bounds[(bounds, from_wkt, to_wkt)] = (xmin, ymin, xmax, ymax)
         return xmin, ymin, xmax, ymax
 
     def _is_same_crs(self, first_wkt: str, second_wkt: str) -> bool:

@@ -32,7 +32,7 @@ from qgis.core import (
 )
 
 from ..core.encoder import OnnxEncoder
-from ..core.errors import SearchIndexError
+from ..core.errors import SearchError, SearchIndexError
 from ..core.index import TileIndex
 from ..core.pipeline import (
     QueryChips,
@@ -41,6 +41,7 @@ from ..core.pipeline import (
     indexed_source_for_geometry,
     search_query_chips,
 )
+from ..core.query import valid_region_wkt
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
     DEFAULT_STRATEGY,
@@ -460,7 +461,13 @@ class SearchAlgorithm(LookalikeAlgorithm):
                         f"Feature {feature.id()} of {name} cannot be reprojected to the CRS of "
                         f"{self.POSITIVES} ({query_crs.authid()}): {error}."
                     )) from error
-            geometries.append(geometry_wkt(geometry))
+            wkt = geometry_wkt(geometry)
+            try:
+                valid_region_wkt(wkt)
+            except SearchError as error:
+                # Named here, because the search itself cannot tell which feature it came from.
+                raise QgsProcessingException(tr(f"Feature {feature.id()} of {name}: {error}")) from error
+            geometries.append(wkt)
         return geometries, feature_count
 
 

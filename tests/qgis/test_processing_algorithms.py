@@ -332,6 +332,20 @@ def test_search_takes_example_with_crossing_edges(tiny_index, tiny_encoder):
     assert results["MATCH_COUNT"] == 3
 
 
+def test_search_names_example_without_area(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    x, y = SHIP_CENTRES[1]
+    examples = polygon_layer([(x - 100, y - 100, x + 100, y + 100)], name="examples")
+    line = QgsFeature()
+    line.setGeometry(QgsGeometry.fromWkt(f"POLYGON(({x} {y},{x + 50} {y + 50},{x + 100} {y + 100},{x} {y}))"))
+    examples.dataProvider().addFeatures([line])
+
+    with pytest.raises(QgsProcessingException, match="Feature 2 of POSITIVES: The query polygon encloses no area"):
+        run_algorithm("search", {
+            "INDEX": folder, "POSITIVES": examples, "ENCODER": tiny_encoder, "K": 3, "OUTPUT": "memory:",
+        })
+
+
 def test_search_min_score_and_negatives(tiny_index, tiny_encoder, ships_raster):
     folder, _results = tiny_index
     results = run_algorithm("search", {

@@ -14,6 +14,7 @@ from osgeo import gdal, ogr, osr
 
 from lookalike.core import index as index_module
 from lookalike.core import pipeline as pipeline_module
+from lookalike.core import query as query_module
 from lookalike.core.checkpoints import _PartialBuild
 from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder
 from lookalike.core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
@@ -911,8 +912,6 @@ def test_query_on_indexed_tile_matches_its_embedding(rgb_index, encoder, shared_
 
 
 def test_query_tile_count_is_bounded(rgb_index, encoder, shared_data, monkeypatch):
-    from lookalike.core import query as query_module
-
     monkeypatch.setattr(query_module, "MAX_QUERY_TILES", 4)
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
     xmin, ymin, xmax, ymax = source.bounds
@@ -1287,6 +1286,38 @@ def test_example_over_two_rasters_not_matched_on_either(shared_data, tmp_path):
         inside = (min(xmax, example[2]) - max(xmin, example[0])) * (min(ymax, example[3]) - max(ymin, example[1]))
         assert not (xmin < example[2] and xmax > example[0] and ymin < example[3] and ymax > example[1]
                     and inside > 0.5 * (xmax - xmin) * (ymax - ymin)), match
+
+
+def _two_raster_manifest(tile_size_px: int) -> dict:
+    """Rasters 'left' (x 0 to 10 km) and 'right' (x 20 to 30 km) in UTM 33N, with 10 m encoder pixels."""
+    grids = [TileGrid(crs_wkt=epsg_wkt(32633), origin_x=origin_x, origin_y=10_000.0, gsd=10.0,
+                      tile_size_px=tile_size_px, stride_px=tile_size_px, n_rows=10_000 // (10 * tile_size_px),
+                      n_cols=10_000 // (10 * tile_size_px)) for origin_x in (0.0, 20_000.0)]
+    return {"sources": [{"path": name, "grid": grid.to_dict()} for name, grid in zip(("left", "right"), grids)]}
+
+
+def test_points_off_read_raster_excluded():
+    # One point over each raster; the search reads the left one only.
+    manifest = _two_raster_manifest(tile_size_px=10)
+    points = "MULTIPOINT((5000 5000),(25000 5000))"
+
+    footprints = query_module._footprints_off_raster(
+        manifest, points, epsg_wkt(32633), "left", (0.0, 0.0, 10_000.0, 10_000.0), epsg_wkt(32633))
+
+    assert len(footprints) == 1
+    (xmin, ymin, xmax, ymax), _ = footprints[0]
+    assert xmin < 25_000.0 < xmax and ymin < 5_000.0 < ymax
+
+
+def test_large_part_off_read_raster_excluded_by_its_box():
+    # 10 m tiles: the part over the right raster would take 10,000 query tiles.
+    manifest = _two_raster_manifest(tile_size_px=1)
+    region = "POLYGON((5000 0,30000 0,30000 10000,5000 10000,5000 0))"
+
+    footprints = query_module._footprints_off_raster(
+        manifest, region, epsg_wkt(32633), "left", (0.0, 0.0, 10_000.0, 10_000.0), epsg_wkt(32633))
+
+    assert footprints == [((20_000.0, 0.0, 30_000.0, 10_000.0), epsg_wkt(32633))]
 
 
 def test_run_search_needs_a_positive(rgb_index, shared_data):

@@ -1,5 +1,6 @@
 """Tests of search(): query strategies, negatives, overlap suppression and widening."""
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -218,6 +219,39 @@ def test_query_footprint_in_other_crs(tmp_path: Path) -> None:
     in_degrees = search(index, query, k=5, exclude=[(footprint_degrees, crs_wkt(4326))], max_overlap=0.3)
 
     assert [match.tile_id for match in in_degrees] == [match.tile_id for match in in_utm]
+
+
+def test_footprints_in_other_crs_transformed_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two rasters in neighbouring UTM zones: each kept match is compared with every later
+    # candidate of the other zone, so its bounds in that zone must be computed only once.
+    index = TileIndex.create(tmp_path / "index",
+                             {"name": "test", "checksum": "c" * 64, "embedding_dim": EMBEDDING_DIM, "spec": {}})
+    tile_count = N_ROWS * N_COLS
+    for epsg in (32633, 32634):
+        grid = dataclasses.replace(overlapping_grid(), crs_wkt=crs_wkt(epsg))
+        source_id = index.add_source({"path": f"/data/{epsg}.tif", "crs_wkt": crs_wkt(epsg), "grid": grid.to_dict()})
+        index.add(random_unit_vectors(tile_count, seed=epsg),
+                  make_tile_table(source_id, np.arange(tile_count) // N_COLS, np.arange(tile_count) % N_COLS))
+    transformed = []
+    make_transform = search_module._make_transform
+
+    class CountingTransform:
+        def __init__(self, transform) -> None:
+            self._transform = transform
+
+        def TransformBounds(self, *arguments):  # noqa: N802 - the OSR method it stands for
+            transformed.append(arguments[:4])
+            return self._transform.TransformBounds(*arguments)
+
+    monkeypatch.setattr(search_module, "_make_transform",
+                        lambda from_wkt, to_wkt: CountingTransform(make_transform(from_wkt, to_wkt)))
+    k = 40
+
+    matches = search(index, random_unit_vectors(1, seed=3)[0], k=k, max_overlap=0.25)
+
+    assert len(matches) == k
+    # Each kept match at most once into the other zone.
+    assert len(transformed) <= k
 
 
 def _gis_order(wkt: str) -> osr.SpatialReference:
