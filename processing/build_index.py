@@ -256,10 +256,17 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         for warning in report.warnings:
             feedback.pushWarning(with_parameter_names(warning, PARAMETER_NAMES))
         skipped = ", ".join(f"{count} {reason}" for reason, count in report.skipped_by_reason.items())
-        feedback.pushInfo(tr(
-            f"{report.tiles_embedded} of {report.tiles_total} tiles embedded with {report.encoder_name} "
-            f"(skipped: {skipped or 'none'}) in {report.elapsed_s:.1f} s."
-        ))
+        if report.already_complete:
+            feedback.pushWarning(tr(
+                f"The index in {report.index_folder} already contains this build (the same rasters and "
+                f"parameters), so nothing was embedded or added. {self.TILES_EMBEDDED} counts the tiles of "
+                "that earlier build."
+            ))
+        else:
+            feedback.pushInfo(tr(
+                f"{report.tiles_embedded} of {report.tiles_total} tiles embedded with {report.encoder_name} "
+                f"(skipped: {skipped or 'none'}) in {report.elapsed_s:.1f} s."
+            ))
         if report.tiles_total and not report.tiles_embedded:
             feedback.reportError(
                 tr("Every tile was skipped, so the index is empty; check the nodata value, mask and extent."),

@@ -179,7 +179,12 @@ def test_build_append_takes_index_overlap(provider, tmp_path, shared_data, tiny_
         run_algorithm("buildindex", {**appended, "OVERLAP_PERCENT": 30})
     assert "leave OVERLAP_PERCENT empty to use the index's overlap, or give 50." in str(raised.value)
     run_algorithm("buildindex", appended)
+    feedback = RecordingFeedback()
+    again = run_algorithm("buildindex", appended, feedback)
 
+    assert any("already contains this build" in text and "nothing was embedded or added" in text
+               for text in feedback.warnings), feedback.warnings
+    assert again["TILES_EMBEDDED"] == again["TILES_RESUMED"]
     grids = [source["grid"] for source in TileIndex.open(folder).sources]
     assert len(grids) == 2
     assert grids[1]["stride_px"] == grids[0]["stride_px"] == grids[0]["tile_size_px"] // 2
