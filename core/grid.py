@@ -29,11 +29,12 @@ its scale factor where the CRS is far from true to scale).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
-from osgeo import ogr
+from osgeo import gdal, ogr
 
 from . import get_logger
 from .crs import grid_scale
@@ -480,11 +481,62 @@ def _parse_polygons(polygons_wkt: Iterable[str], description: str) -> list[ogr.G
                 f"{description} {_shorten(wkt)!r} is a {geometry.GetGeometryName()}; pass a POLYGON or "
                 "MULTIPOLYGON in the grid CRS."
             )
-        if not geometry.IsValid():
-            # Self-intersecting rings make Intersection() fail; a zero-width buffer repairs them.
-            geometry = geometry.Buffer(0)
+        with quiet_gdal():
+            if not geometry.IsValid():
+                # Self-intersecting rings make Intersection() fail.
+                geometry = repaired_polygons(geometry) or geometry.Buffer(0)
         polygons.append(geometry)
     return polygons
+
+
+def polygons_of(geometry: Optional[ogr.Geometry]) -> Optional[ogr.Geometry]:
+    """Return the polygons of a geometry (an intersection can add lines where edges touch), or None without any."""
+    if geometry is None or geometry.IsEmpty():
+        return None
+    if ogr.GT_Flatten(geometry.GetGeometryType()) in (ogr.wkbPolygon, ogr.wkbMultiPolygon):
+        return geometry
+    polygons = ogr.Geometry(ogr.wkbMultiPolygon)
+    for number in range(geometry.GetGeometryCount()):
+        part = geometry.GetGeometryRef(number)
+        if ogr.GT_Flatten(part.GetGeometryType()) == ogr.wkbPolygon:
+            polygons.AddGeometry(part)
+        elif ogr.GT_Flatten(part.GetGeometryType()) == ogr.wkbMultiPolygon:
+            for index in range(part.GetGeometryCount()):
+                polygons.AddGeometry(part.GetGeometryRef(index))
+    return polygons if polygons.GetGeometryCount() else None
+
+
+def repaired_polygons(geometry: ogr.Geometry) -> Optional[ogr.Geometry]:
+    """Return everything inside the rings of an invalid polygon, or None when they enclose nothing.
+
+    That is both lobes of a figure-eight and all of a star drawn point to point. GEOS's default
+    repair keeps only the parts enclosed an odd number of times, so it drops the centre of such a
+    star. Its "structure" method (GEOS 3.10, GDAL 3.4) keeps it. Without that method, the default
+    repair and a zero-width buffer are merged: the buffer keeps the centre of a star but only one
+    lobe of a figure-eight.
+    """
+    try:
+        structure = geometry.MakeValid(["METHOD=STRUCTURE"])
+    except (RuntimeError, TypeError):
+        # GDAL before 3.4 takes no options; a GEOS without the method raises in exception mode.
+        structure = None
+    if structure is not None and not structure.IsEmpty():
+        return polygons_of(structure)
+    linework = geometry.MakeValid() if hasattr(geometry, "MakeValid") else None
+    buffered = geometry.Buffer(0)
+    if linework is None or buffered is None:
+        return polygons_of(buffered or linework)
+    return polygons_of(linework.Union(buffered))
+
+
+@contextlib.contextmanager
+def quiet_gdal() -> Iterator[None]:
+    """Keep GDAL's and GEOS's messages (such as each self-intersection found) off stderr."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        yield
+    finally:
+        gdal.PopErrorHandler()
 
 
 def _geometry_from_wkt(wkt: str) -> Optional[ogr.Geometry]:

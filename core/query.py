@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -11,13 +10,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import numpy as np
-from osgeo import gdal, ogr
+from osgeo import ogr
 
 from . import get_logger
 from .crs import grid_scale
 from .encoder import OnnxEncoder, default_model_path, file_sha256
 from .errors import CancelledError, GridError, LookalikeError, RasterError, SearchError, SearchIndexError
-from .grid import Bounds, TileGrid, gsd_in_units
+from .grid import Bounds, TileGrid, gsd_in_units, polygons_of, quiet_gdal, repaired_polygons
 from .index import TileIndex
 from .parameters import (
     Geometry,
@@ -215,10 +214,10 @@ def _footprints_off_raster(
         return []
     # NOTE: a raster that ends at the antimeridian, seen from a query in degrees, has bounds
     # that span the globe, so nothing of the query is off it and this returns nothing.
-    with _quiet_gdal():
+    with quiet_gdal():
         rest = geometry.Difference(read_area) if read_area is not None else None
     if rest is not None and geometry.GetDimension() >= 2:
-        rest = _polygons_of(rest)
+        rest = polygons_of(rest)
     if rest is None or rest.IsEmpty():
         return []
     rest_wkt = rest.ExportToWkt()
@@ -325,7 +324,7 @@ def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds
         return None
     if not surroundings.IsValid():
         return wkt
-    cut = _polygons_of(geometry.Intersection(surroundings))
+    cut = polygons_of(geometry.Intersection(surroundings))
     return wkt if cut is None else cut.ExportToWkt()
 
 
@@ -341,9 +340,9 @@ def valid_region_wkt(wkt: str) -> str:
     geometry = ogr.CreateGeometryFromWkt(wkt)
     if geometry is None or geometry.GetDimension() < 2:
         return wkt
-    with _quiet_gdal():
+    with quiet_gdal():
         # GEOS reports each self-intersection as a warning on stderr.
-        repaired = geometry if geometry.IsValid() else _polygons_of(_enclosed_region(geometry))
+        repaired = geometry if geometry.IsValid() else repaired_polygons(geometry)
     if repaired is None or repaired.IsEmpty() or not repaired.GetArea() > 0:
         raise SearchError(
             "The query polygon encloses no area: its points lie on one line, or it has fewer than three "
@@ -352,59 +351,11 @@ def valid_region_wkt(wkt: str) -> str:
     return wkt if repaired is geometry else repaired.ExportToWkt()
 
 
-def _enclosed_region(geometry: ogr.Geometry) -> Optional[ogr.Geometry]:
-    """Return everything inside the rings of an invalid polygon: both lobes of a figure-eight, all of a star.
-
-    GEOS's default repair keeps only the parts enclosed an odd number of times, so it drops the
-    centre of a star drawn point to point. Its "structure" method (GEOS 3.10, GDAL 3.4) keeps it.
-    Without that method, the default repair and a zero-width buffer are merged: the buffer keeps
-    the centre of a star but only one lobe of a figure-eight.
-    """
-    try:
-        structure = geometry.MakeValid(["METHOD=STRUCTURE"])
-    except (RuntimeError, TypeError):
-        # GDAL before 3.4 takes no options; a GEOS without the method raises in exception mode.
-        structure = None
-    if structure is not None and not structure.IsEmpty():
-        return structure
-    linework = geometry.MakeValid() if hasattr(geometry, "MakeValid") else None
-    buffered = geometry.Buffer(0)
-    if linework is None or buffered is None:
-        return buffered or linework
-    return linework.Union(buffered)
-
-
-@contextlib.contextmanager
-def _quiet_gdal() -> Iterator[None]:
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        yield
-    finally:
-        gdal.PopErrorHandler()
-
-
 def _sample_points_wkt(bounds: Sequence[float]) -> str:
     """Return a MULTIPOINT of the corners, edge midpoints and centre of ``bounds``."""
     xmin, ymin, xmax, ymax = bounds
     xs, ys = (xmin, (xmin + xmax) / 2.0, xmax), (ymin, (ymin + ymax) / 2.0, ymax)
     return "MULTIPOINT (" + ", ".join(f"({x!r} {y!r})" for x in xs for y in ys) + ")"
-
-
-def _polygons_of(geometry: Optional[ogr.Geometry]) -> Optional[ogr.Geometry]:
-    """Return the polygons of an intersection (a cut can add lines where edges touch), or None without any."""
-    if geometry is None or geometry.IsEmpty():
-        return None
-    if ogr.GT_Flatten(geometry.GetGeometryType()) in (ogr.wkbPolygon, ogr.wkbMultiPolygon):
-        return geometry
-    polygons = ogr.Geometry(ogr.wkbMultiPolygon)
-    for number in range(geometry.GetGeometryCount()):
-        part = geometry.GetGeometryRef(number)
-        if ogr.GT_Flatten(part.GetGeometryType()) == ogr.wkbPolygon:
-            polygons.AddGeometry(part)
-        elif ogr.GT_Flatten(part.GetGeometryType()) == ogr.wkbMultiPolygon:
-            for index in range(part.GetGeometryCount()):
-                polygons.AddGeometry(part.GetGeometryRef(index))
-    return polygons if polygons.GetGeometryCount() else None
 
 
 def _envelope_area(geometry: ogr.Geometry) -> float:

@@ -243,13 +243,13 @@ def feature_geometries_wkt(source: QgsFeatureSource, parameter_name: str) -> lis
         geometry = feature.geometry()
         if geometry is None or geometry.isEmpty():
             continue
-        if not geometry.isGeosValid():
-            geometry = geometry.makeValid()
-            if geometry.isEmpty():
-                raise QgsProcessingException(
-                    tr(f"Feature {feature.id()} of {parameter_name} has an invalid geometry that cannot be "
-                       "repaired; fix it with 'Fix geometries' first.")
-                )
+        # The core repairs self-intersecting polygons, keeping everything their rings enclose, where
+        # QGIS's makeValid() would drop the centre of a star; this only rejects what no repair saves.
+        if not geometry.isGeosValid() and geometry.makeValid().isEmpty():
+            raise QgsProcessingException(
+                tr(f"Feature {feature.id()} of {parameter_name} has an invalid geometry that cannot be "
+                   "repaired; fix it with 'Fix geometries' first.")
+            )
         geometries.append(geometry_wkt(geometry))
     return geometries
 

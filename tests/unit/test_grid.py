@@ -254,6 +254,17 @@ def test_tiles_intersecting_polygons_union_and_outside():
     assert grid.tiles_intersecting_polygons([box_wkt(5000, 5000, 5100, 5100)]) == []
 
 
+def test_tiles_intersecting_figure_eight_keeps_both_lobes():
+    # Grid x 500 to 1500, y 2000 to 2600. The edges cross at (1000, 2300): a left and a right triangle.
+    grid = make_grid(1000.0, 600.0, gsd=1.0, tile_size_px=100)
+    figure_eight = "POLYGON ((550 2050, 1450 2550, 1450 2050, 550 2550, 550 2050))"
+
+    selected = grid.tiles_intersecting_polygons([figure_eight])
+
+    columns = {col for _row, col in selected}
+    assert min(columns) == 0 and max(columns) == grid.n_cols - 1
+
+
 def test_tiles_intersecting_polygons_rejects_bad_wkt():
     grid = make_grid()
     with pytest.raises(GridError, match=r"'POLYGON \(\(oops\)\)' is not valid WKT"):

@@ -1347,14 +1347,14 @@ def test_batch_slots_reuse_released_chip_arrays():
 
 def test_cut_keeps_polygons_only():
     # Cutting a multipolygon whose far part touches the cut line leaves that line in a collection.
-    from lookalike.core.query import _polygons_of
+    from lookalike.core.grid import polygons_of
 
     collection = ogr.CreateGeometryFromWkt(
         "GEOMETRYCOLLECTION (POLYGON ((0 0,1 0,1 1,0 1,0 0)), LINESTRING (2 0,2 1))"
     )
 
-    polygons = _polygons_of(collection)
+    polygons = polygons_of(collection)
 
     assert polygons.GetGeometryName() == "MULTIPOLYGON"
     assert polygons.GetGeometryCount() == 1
-    assert _polygons_of(ogr.CreateGeometryFromWkt("LINESTRING (0 0,1 1)")) is None
+    assert polygons_of(ogr.CreateGeometryFromWkt("LINESTRING (0 0,1 1)")) is None
