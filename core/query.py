@@ -183,7 +183,8 @@ def embed_query(
     if chips:
         embedded.append(encoder.encode(np.stack(chips)))
     if not embedded:
-        raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size_m))
+        raise SearchError(_no_query_chip_message(raster.path, best_valid_fraction, index_grid.tile_ground_size_m,
+                                                 len(footprints)))
     return QueryChips(embeddings=np.concatenate(embedded), footprints=kept_footprints, crs_wkt=grid_crs_wkt,
                       footprints_elsewhere=footprints_elsewhere)
 
@@ -396,15 +397,23 @@ def _too_many_tiles_message(tile_count: int, index_grid: TileGrid, path: str) ->
     )
 
 
-def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size_m: float) -> str:
+def _no_query_chip_message(path: str, best_valid_fraction: float, tile_ground_size_m: float,
+                           chip_count: int = 1) -> str:
     if best_valid_fraction == 0.0:
         return f"The query geometry covers no valid pixels of {path!r}; draw it over the imagery."
     # The geometry may well sit on image pixels: the chip is a whole tile around it, and that
     # tile reaches past the raster edge or into nodata.
+    valid_percent = f"{100 * best_valid_fraction:.0f} %"
+    chips = (
+        f"The query chip ({tile_ground_size_m:.4g} m wide, centred on the geometry) has only {valid_percent}"
+        if chip_count == 1 else
+        f"The {chip_count} query chips ({tile_ground_size_m:.4g} m wide, covering the geometry) have at most "
+        f"{valid_percent}"
+    )
     return (
-        f"The query chip ({tile_ground_size_m:.4g} m wide, centred on the geometry) has only "
-        f"{100 * best_valid_fraction:.0f} % valid pixels of {path!r}, below the threshold of "
-        f"{100 * DEFAULT_MIN_VALID_FRACTION:.0f} %: most of it lies outside the raster or on nodata. Draw the "
+        f"{chips} valid pixels of {path!r}, below the threshold of "
+        f"{100 * DEFAULT_MIN_VALID_FRACTION:.0f} %: most of {'it' if chip_count == 1 else 'each'} lies outside "
+        "the raster or on nodata. Draw the "
         "query at least half a tile away from the raster edge and from nodata areas."
     )
 

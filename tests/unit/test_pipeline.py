@@ -1296,6 +1296,14 @@ def _two_raster_manifest(tile_size_px: int) -> dict:
     return {"sources": [{"path": name, "grid": grid.to_dict()} for name, grid in zip(("left", "right"), grids)]}
 
 
+def test_message_for_several_mostly_nodata_chips():
+    message = query_module._no_query_chip_message("/data/a.tif", 0.38, 16.0, 3)
+
+    assert message.startswith("The 3 query chips (16 m wide, covering the geometry) have at most 38 % valid pixels")
+    assert "centred" not in message
+    assert "most of each lies outside the raster" in message
+
+
 def test_points_off_read_raster_excluded():
     # One point over each raster; the search reads the left one only.
     manifest = _two_raster_manifest(tile_size_px=10)
