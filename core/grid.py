@@ -283,6 +283,11 @@ class TileGrid:
         return self.gsd * self.stride_px
 
     @property
+    def overlap_fraction(self) -> float:
+        """Overlap between neighbouring tiles as a fraction of the tile side; gives ``stride_px`` again."""
+        return 1.0 - self.stride_px / self.tile_size_px
+
+    @property
     def units_per_metre(self) -> float:
         """Grid CRS units that span one metre on the ground over this grid.
 

@@ -922,6 +922,15 @@ def read_manifest_json(manifest_path: Path) -> Optional[dict[str, Any]]:
     return content if isinstance(content, dict) else None
 
 
+def first_grid_in(folder: Path) -> Optional[TileGrid]:
+    """Return the tile grid of the first raster of the index in ``folder``, or None without a readable one there."""
+    try:
+        manifest = read_manifest_json(Path(folder) / MANIFEST_NAME)
+        return TileGrid.from_dict(manifest["sources"][0]["grid"])
+    except (TypeError, KeyError, IndexError, ValueError, LookalikeError, OSError):
+        return None
+
+
 def index_folder_state(folder: Path) -> str:
     """Classify ``folder`` before an index is written into it; return one of the ``FOLDER_*`` values.
 

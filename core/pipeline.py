@@ -250,10 +250,10 @@ def _build_index_locked(
 ) -> BuildReport:
     started_at = time.monotonic()
     # The tile reader and the checkpoint writer share the cores with the encoder, and spinning
-    # workers kept those cores busy between operators. On 2 CPUs (2,609 NAIP tiles, int8
-    # encoder), builds without spinning were faster in 6 of 8 alternating pairs, with a median of
-    # 246 against 223 tiles/s at 7.8 instead of 8.8 ms of CPU per tile, and in 6 of 10 pairs of a
-    # second run (265 against 247 tiles/s). Rounds on this machine vary by up to 30 %.
+    # workers kept those cores busy between operators. Measured on 2 CPUs (2,609 NAIP tiles, int8
+    # encoder, alternating builds): without spinning, 6 of 8 builds were faster, at a median of 246
+    # against 223 tiles/s and 7.8 instead of 8.8 ms of CPU per tile. In a second run, 6 of 10 were
+    # faster (265 against 247 tiles/s). Rounds on that machine vary by up to 30 %.
     encoder = OnnxEncoder(params.encoder_path or default_model_path(), batch_size=params.batch_size,
                           intra_op_threads=params.encoder_threads, spin_between_operators=False)
     existing_index = _check_index_folder(params)

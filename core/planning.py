@@ -179,7 +179,7 @@ def _plan_sources(
                         f"overlap_fraction {params.overlap_fraction!r} gives a stride of {stride_px} px, but "
                         f"the index was built with a stride of {existing_grid.stride_px} of "
                         f"{existing_grid.tile_size_px} px; pass overlap_fraction="
-                        f"{1 - existing_grid.stride_px / existing_grid.tile_size_px:g}."
+                        f"{existing_grid.overlap_fraction:g}."
                     )
 
             gsd = gsd_in_units(first_gsd, first_units_per_metre, scale.units_per_metre)

@@ -151,7 +151,7 @@ def embed_query(
         grid_crs_wkt = raster.grid_crs_wkt()
         raster_bounds = _raster_bounds(raster, grid_crs_wkt)
         query_grid = _query_grid(index_grid, grid_crs_wkt, raster_bounds)
-        wkt = _geometry_to_wkt(geometry)
+        wkt = valid_region_wkt(_geometry_to_wkt(geometry))
         footprints = _query_footprints(wkt, crs_wkt, grid_crs_wkt, query_grid, raster_bounds, raster.path)
         if len(footprints) > MAX_QUERY_TILES:
             raise SearchError(_too_many_tiles_message(len(footprints), query_grid, raster.path))
@@ -199,13 +199,14 @@ def _footprints_off_raster(
 ) -> list[tuple[Bounds, str]]:
     """Return the query tiles, on the other indexed rasters, of a geometry's part beyond the raster it is read from.
 
-    Only the part off that raster counts, so a region over two dates of one place adds nothing.
-    A part too large for query tiles on a raster is excluded there by its bounding box. A part
-    that cannot be placed on a raster (outside its CRS's area of use) adds nothing for it.
+    ``wkt`` is already repaired (:func:`valid_region_wkt`). Only the part off that raster counts,
+    so a region over two dates of one place adds nothing. A part too large for query tiles on a
+    raster is excluded there by its bounding box. A part that cannot be placed on a raster
+    (outside its CRS's area of use) adds nothing for it.
     """
     if raster_bounds is None:
         return []
-    geometry = ogr.CreateGeometryFromWkt(valid_region_wkt(wkt))
+    geometry = ogr.CreateGeometryFromWkt(wkt)
     if geometry is None:
         return []
     try:
@@ -228,17 +229,21 @@ def _footprints_off_raster(
             continue
         path = str(record.get("path", ""))
         try:
-            grid = TileGrid.from_dict(record["grid"])
-            try:
-                tiles = _query_footprints(rest_wkt, crs_wkt, grid.crs_wkt, grid, grid.bounds, path)
-                footprints += [(bounds, grid.crs_wkt) for bounds in tiles]
-            except SearchError:
-                # More query tiles than a query may have: the part's bounding box stands for them.
-                box = _bounds_within(rest_wkt, crs_wkt, grid.crs_wkt, grid.bounds)
-                footprints += [] if box is None else [(box, grid.crs_wkt)]
+            footprints += _footprints_on(rest_wkt, crs_wkt, TileGrid.from_dict(record["grid"]), path)
         except LookalikeError as error:
             LOGGER.info("The query's part off %s is not placed on %s: %s", raster_path, path, error)
     return footprints
+
+
+def _footprints_on(wkt: str, crs_wkt: str, grid: TileGrid, path: str) -> list[tuple[Bounds, str]]:
+    """Return the query tiles of ``wkt`` on one raster's grid, or its bounding box when they are too many."""
+    try:
+        tiles = _query_footprints(wkt, crs_wkt, grid.crs_wkt, grid, grid.bounds, path)
+    except SearchError:
+        # More query tiles than a query may have: the part's bounding box stands for them.
+        box = _bounds_within(wkt, crs_wkt, grid.crs_wkt, grid.bounds)
+        return [] if box is None else [(box, grid.crs_wkt)]
+    return [(bounds, grid.crs_wkt) for bounds in tiles]
 
 
 def _bounds_within(wkt: str, crs_wkt: str, to_crs_wkt: str, limits: Bounds) -> Optional[Bounds]:

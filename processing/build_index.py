@@ -26,9 +26,8 @@ from qgis.core import (
 )
 
 from ..core.encoder import OnnxEncoder, default_model_path
-from ..core.errors import LookalikeError
-from ..core.grid import TileGrid, stride_from_overlap
-from ..core.index import MANIFEST_NAME, read_manifest_json
+from ..core.grid import stride_from_overlap
+from ..core.index import first_grid_in
 from ..core.parameters import MAX_ENCODER_THREADS, MAX_OVERLAP_PERCENT
 from ..core.pipeline import BuildParameters, Progress, Region, build_index
 from .support import (
@@ -332,12 +331,12 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         overlap_percent = _optional_number(self, parameters, self.OVERLAP_PERCENT, context)
         index_grid = None
         if self.parameterAsBool(parameters, self.APPEND, context):
-            index_grid = _index_grid(Path(self.parameterAsString(parameters, self.OUTPUT, context)))
+            index_grid = first_grid_in(Path(self.parameterAsString(parameters, self.OUTPUT, context)))
         if index_grid is None:
             # Without a readable index the build reports what is wrong with the folder.
             return 0.0 if overlap_percent is None else overlap_percent / 100.0
         # The exact fraction, because a rounded percentage can give a stride other than the index's.
-        index_fraction = 1.0 - index_grid.stride_px / index_grid.tile_size_px
+        index_fraction = index_grid.overlap_fraction
         if overlap_percent is None:
             return index_fraction
         if not 0.0 <= overlap_percent < 100.0:
@@ -408,14 +407,6 @@ def _advanced_flag() -> Any:
     if flags is not None:
         return flags.Advanced
     return QgsProcessingParameterDefinition.FlagAdvanced
-
-
-def _index_grid(folder: Path) -> Optional[TileGrid]:
-    """Return the tile grid of the first raster of the index in ``folder``, or None without a readable index."""
-    try:
-        return TileGrid.from_dict(read_manifest_json(folder / MANIFEST_NAME)["sources"][0]["grid"])
-    except (TypeError, KeyError, IndexError, ValueError, LookalikeError):
-        return None
 
 
 def _optional_number(

@@ -243,8 +243,8 @@ def feature_geometries_wkt(source: QgsFeatureSource, parameter_name: str) -> lis
         geometry = feature.geometry()
         if geometry is None or geometry.isEmpty():
             continue
-        # The core repairs self-intersecting polygons, keeping everything their rings enclose, where
-        # QGIS's makeValid() would drop the centre of a star; this only rejects what no repair saves.
+        # The core repairs self-intersecting polygons and keeps everything their rings enclose,
+        # whereas QGIS's makeValid() drops the centre of a star. So only what no repair saves is rejected.
         if not geometry.isGeosValid() and geometry.makeValid().isEmpty():
             raise QgsProcessingException(
                 tr(f"Feature {feature.id()} of {parameter_name} has an invalid geometry that cannot be "

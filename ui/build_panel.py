@@ -37,8 +37,8 @@ from ..core.index import (
     FOLDER_INDEX,
     MANIFEST_NAME,
     TileIndex,
+    first_grid_in,
     index_folder_state,
-    read_manifest_json,
 )
 from ..core.parameters import MAX_OVERLAP_PERCENT, MIN_SOURCE_PIXELS_PER_TILE, MIN_TILE_SIZE_SOURCE_PX
 from ..core.pipeline import BuildParameters, Region
@@ -430,7 +430,7 @@ class BuildPanelMixin:
         if self._own_grid_values is None:
             self._own_grid_values = (self.gsd_spin.value(), self.overlap_spin.value())
         self.gsd_spin.setValue(index_grid.gsd_m)
-        self.overlap_spin.setValue(round(100.0 * _overlap_fraction(index_grid)))
+        self.overlap_spin.setValue(round(100.0 * index_grid.overlap_fraction))
 
     def _grid_to_add_to(self) -> Optional[TileGrid]:
         """Return the grid of the index in the folder field, from the open index when it is that one."""
@@ -439,7 +439,7 @@ class BuildPanelMixin:
         if index_is_open and _folder_key(str(self.index.folder)) == _folder_key(folder):
             # The open index already has the grid, so its manifest is not read again.
             return TileGrid.from_dict(self.index.sources[0]["grid"])
-        return _index_grid(folder)
+        return _index_grid_in(folder)
 
     def _on_extent_mode_changed(self, *_args) -> None:
         mode = self.extent_combo.currentData()
@@ -606,10 +606,10 @@ class BuildPanelMixin:
 
         add_to_existing = self.add_to_index_check.isChecked()
         overlap_fraction = self.overlap_spin.value() / 100.0
-        index_grid = _index_grid(folder) if add_to_existing else None
+        index_grid = _index_grid_in(folder) if add_to_existing else None
         if index_grid is not None:
             # The overlap field shows whole percent, which may not give the index's stride exactly.
-            overlap_fraction = _overlap_fraction(index_grid)
+            overlap_fraction = index_grid.overlap_fraction
         params = BuildParameters(
             source_paths=source_paths,
             index_folder=folder,
@@ -1003,25 +1003,13 @@ def _format_gsd(gsd_m: float) -> str:
 
 def _matches_index_gsd(folder: str, gsd_m: float) -> bool:
     """Tell whether ``gsd_m``, as the GSD field shows it, is the GSD of the index in ``folder``."""
-    index_grid = _index_grid(folder)
+    index_grid = _index_grid_in(folder)
     return index_grid is not None and math.isclose(gsd_m, index_grid.gsd_m, abs_tol=0.5 * 10 ** -GSD_DECIMALS)
 
 
-def _index_grid(folder: str) -> Optional[TileGrid]:
-    """Return the tile grid of the first raster of the index in ``folder``, or None without a readable index there."""
-    if not folder:
-        return None
-    try:
-        manifest = read_manifest_json(Path(folder) / MANIFEST_NAME)
-        return TileGrid.from_dict(manifest["sources"][0]["grid"])
-    except (TypeError, KeyError, IndexError, ValueError, LookalikeError, OSError):
-        # The build reports what is wrong with the folder.
-        return None
-
-
-def _overlap_fraction(grid: TileGrid) -> float:
-    """Return the overlap fraction that gives ``grid``'s stride."""
-    return 1.0 - grid.stride_px / grid.tile_size_px
+def _index_grid_in(folder: str) -> Optional[TileGrid]:
+    # An empty field is no folder, not the working directory.
+    return first_grid_in(Path(folder)) if folder else None
 
 
 def _started_in_closed_project(dock, task: LookalikeTask) -> bool:

@@ -27,6 +27,7 @@ from lookalike.ui.dock import EXTENT_MAP_VIEW
 SHIPS_RASTER = Path("geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
 LARGE_RASTER = Path("geo/planet/difference.tif")
 NAIP_RASTER = Path("geo/naip_timeseries/m_4709963_se_14_1_20200831.tif")
+NAIP_2009_RASTER = Path("geo/naip_timeseries/m_4709963_se_14_1_20090818.tif")
 WEB_MERCATOR_HALF_WIDTH_M = 20037508.342789244
 XYZ_ZOOM = 15
 
@@ -299,12 +300,7 @@ def test_added_date_takes_index_overlap(dock, shared_data, tmp_path, qgis_canvas
 
 
 def test_unchecking_add_brings_own_grid_back(dock, shared_data, tmp_path, qgis_canvas):
-    naip = shared_data / "geo" / "naip_timeseries"
-    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
-    dock.gsd_spin.setValue(12.0)
-    dock.overlap_spin.setValue(25)
-    dock.start_build()
-    wait_for_tasks(dock)
+    build_naip_2009(dock, qgis_canvas, shared_data, tmp_path / "index", gsd_m=12.0, overlap_percent=25)
     dock.gsd_spin.setValue(7.5)
     dock.overlap_spin.setValue(40)
 
@@ -316,11 +312,7 @@ def test_unchecking_add_brings_own_grid_back(dock, shared_data, tmp_path, qgis_c
 
 
 def test_add_to_folder_without_index_says_uncheck(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
-    naip = shared_data / "geo" / "naip_timeseries"
-    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
-    dock.gsd_spin.setValue(12.0)
-    dock.start_build()
-    wait_for_tasks(dock)
+    build_naip_2009(dock, qgis_canvas, shared_data, tmp_path / "index", gsd_m=12.0)
     dock.add_to_index_check.setChecked(True)
     assert not dock.gsd_spin.isEnabled()
 
@@ -329,22 +321,20 @@ def test_add_to_folder_without_index_says_uncheck(dock, shared_data, tmp_path, q
     dock.index_folder.setFilePath(str(empty))
 
     # Nothing to follow: the fields are the analyst's again.
-    assert dock.gsd_spin.isEnabled() and dock.overlap_spin.isEnabled()
+    assert dock.gsd_spin.isEnabled()
+    assert dock.overlap_spin.isEnabled()
     qgis_iface.messageBar().clear_messages()
     dock.start_build()
     wait_for_tasks(dock)
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
-    assert any("contains no Lookalike index to add this raster to" in text and "uncheck" in text
-               for text in warnings), warnings
+    no_index = [text for text in warnings if "contains no Lookalike index to add this raster to" in text]
+    assert no_index, warnings
+    assert "uncheck" in no_index[0]
     assert list(empty.iterdir()) == []
 
 
 def test_coarse_raster_added_gets_separate_index_advice(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
-    naip = shared_data / "geo" / "naip_timeseries"
-    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
-    dock.gsd_spin.setValue(12.0)
-    dock.start_build()
-    wait_for_tasks(dock)
+    build_naip_2009(dock, qgis_canvas, shared_data, tmp_path / "index", gsd_m=12.0)
     dock.add_to_index_check.setChecked(True)
     # 300 m pixels: a tile at 12 m/px spans about one of them.
     choose_raster(dock, qgis_canvas, shared_data / "geo" / "rasterio" / "RGB.byte.tif", "rgb")
@@ -354,24 +344,20 @@ def test_coarse_raster_added_gets_separate_index_advice(dock, shared_data, tmp_p
     wait_for_tasks(dock)
 
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
-    assert any("cannot be added to the index, whose GSD is 12 m/px" in text and "Uncheck" in text
-               for text in warnings), warnings
+    too_coarse = [text for text in warnings if "cannot be added to the index, whose GSD is 12 m/px" in text]
+    assert too_coarse, warnings
+    assert "Uncheck" in too_coarse[0]
     assert len(TileIndex.open(tmp_path / "index").sources) == 1
 
 
 def test_project_opened_with_add_checked_takes_rebuilt_grid(dock, shared_data, tmp_path, qgis_canvas):
     # The index was built again elsewhere since the project was saved; a build started before
     # the index opens must already use the new grid.
-    naip = shared_data / "geo" / "naip_timeseries"
-    choose_raster(dock, qgis_canvas, naip / "m_4709963_se_14_1_20090818.tif", "naip 2009", tmp_path / "index")
-    dock.gsd_spin.setValue(20.0)
-    dock.overlap_spin.setValue(60)
-    dock.start_build()
-    wait_for_tasks(dock)
+    build_naip_2009(dock, qgis_canvas, shared_data, tmp_path / "index", gsd_m=20.0, overlap_percent=60)
     project_path = tmp_path / "survey.qgz"
     assert QgsProject.instance().write(str(project_path))
     build_index(BuildParameters(
-        source_paths=(str(naip / "m_4709963_se_14_1_20090818.tif"),), index_folder=str(tmp_path / "index"),
+        source_paths=(str(shared_data / NAIP_2009_RASTER),), index_folder=str(tmp_path / "index"),
         encoder_path=dock.encoder_path(), tile_ground_size_m=8.0 * dock.encoder_spec.input_size_px,
         overlap_fraction=0.1, overwrite_existing_index=True,
     ))
@@ -423,6 +409,17 @@ def choose_raster(dock, canvas, path: Path, name: str, index_folder: Optional[Pa
     if index_folder is not None:
         dock.index_folder.setFilePath(str(index_folder))
     return layer
+
+
+def build_naip_2009(dock, canvas, shared_data: Path, index_folder: Path, gsd_m: float,
+                    overlap_percent: Optional[int] = None) -> None:
+    """Build an index of the 2009 NAIP date in the dock at ``gsd_m`` (and ``overlap_percent``)."""
+    choose_raster(dock, canvas, shared_data / NAIP_2009_RASTER, "naip 2009", index_folder)
+    dock.gsd_spin.setValue(gsd_m)
+    if overlap_percent is not None:
+        dock.overlap_spin.setValue(overlap_percent)
+    dock.start_build()
+    wait_for_tasks(dock)
 
 
 def test_geographic_raster_gets_metric_defaults(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):

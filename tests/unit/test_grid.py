@@ -262,7 +262,8 @@ def test_tiles_intersecting_figure_eight_keeps_both_lobes():
     selected = grid.tiles_intersecting_polygons([figure_eight])
 
     columns = {col for _row, col in selected}
-    assert min(columns) == 0 and max(columns) == grid.n_cols - 1
+    assert min(columns) == 0
+    assert max(columns) == grid.n_cols - 1
 
 
 def test_tiles_intersecting_polygons_rejects_bad_wkt():
