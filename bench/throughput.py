@@ -4,7 +4,8 @@ The pipeline figure is wall time around the whole ``build_index`` call: opening 
 planning the grid and value stretch, reading and warping chips, encoding, checkpointing every
 batch and committing the HNSW index. The bare-encoder figure encodes the very chips the build
 embedded, read beforehand with the index's grid and stretch, at the same batch size. The two
-alternate round by round so that a drift in machine speed affects both alike.
+alternate round by round, and which runs first flips every round, so that a steady drift in
+machine speed favours neither.
 
 Both are also timed in CPU seconds of this process (all threads), which other processes on the
 machine barely change. A pipeline that only waits longer shows in wall time alone, and one that
@@ -130,17 +131,27 @@ def measure_encoder(encoder_path: Path, tiles_per_side: Optional[int], overlap_f
     OnnxEncoder(encoder_path, batch_size=BATCH_SIZE, intra_op_threads=encoder_threads)
     encoder_open_s = time.perf_counter() - started
 
+    def bare_run() -> tuple[dict[str, Any], np.ndarray]:
+        started = time.perf_counter()
+        cpu_started = time.process_time()
+        embeddings = encode_in_batches(encoder, chips)
+        bare_s = time.perf_counter() - started
+        cpu_s = time.process_time() - cpu_started
+        return {"wall_s": bare_s, "tiles_per_s": chips.shape[0] / bare_s, "cpu_s": cpu_s,
+                "cpu_ms_per_tile": cpu_s * 1000.0 / chips.shape[0]}, embeddings
+
     pipeline_runs = []
     bare_runs = []
     for round_number in range(1, rounds + 1):
-        started = time.perf_counter()
-        cpu_started = time.process_time()
-        bare_embeddings = encode_in_batches(encoder, chips)
-        bare_s = time.perf_counter() - started
-        cpu_s = time.process_time() - cpu_started
-        bare_runs.append({"wall_s": bare_s, "tiles_per_s": chips.shape[0] / bare_s, "cpu_s": cpu_s,
-                          "cpu_ms_per_tile": cpu_s * 1000.0 / chips.shape[0]})
-        pipeline_runs.append(_build_once(parameters(round_number)))
+        # The order flips every round (bare first, then pipeline first), so that a machine
+        # that slows or speeds up steadily favours neither side.
+        pipeline_first = round_number % 2 == 0
+        if pipeline_first:
+            pipeline_runs.append(_build_once(parameters(round_number)))
+        bare, bare_embeddings = bare_run()
+        bare_runs.append(bare)
+        if not pipeline_first:
+            pipeline_runs.append(_build_once(parameters(round_number)))
         shutil.rmtree(parameters(round_number).index_folder, ignore_errors=True)
         log(f"throughput: {encoder.name} round {round_number}: bare {bare_runs[-1]['tiles_per_s']:.1f} tiles/s, "
             f"pipeline {pipeline_runs[-1]['tiles_per_s']:.1f} tiles/s")
