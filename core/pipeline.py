@@ -93,7 +93,7 @@ from .query import (
     run_search,
     search_query_chips,
 )
-from .raster import SKIP_BLANK
+from .raster import SKIP_BLANK, SKIP_MOSTLY_INVALID
 from .tile_reader import (
     _END_OF_TILES,
     MAX_TILES_PER_BATCH_FACTOR,
@@ -378,8 +378,17 @@ def _check_checkpoints_complete(partial: _PartialBuild, end_position: int, tiles
         )
 
 
+# The skip reasons as a message names them; the manifest keeps the short keys.
+SKIP_REASON_WORDS = {
+    SKIP_MASKED: "masked",
+    SKIP_MOSTLY_INVALID: "mostly nodata or off the raster",
+    SKIP_BLANK: "blank",
+}
+
+
 def _describe_skips(counts: np.ndarray) -> str:
-    return ", ".join(f"{int(count)} {reason}" for reason, count in zip(SKIP_REASONS, counts) if count)
+    return ", ".join(f"{int(count)} {SKIP_REASON_WORDS[reason]}" for reason, count in zip(SKIP_REASONS, counts)
+                     if count)
 
 
 def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray) -> str:
@@ -414,10 +423,9 @@ def _nothing_embedded_message(
     zero_embedding_tiles: int,
 ) -> str:
     totals = skipped.sum(axis=0)
-    parts = [
-        f"0 tiles embedded into {params.index_folder} (skipped: {_describe_skips(totals) or 'none'}), so no "
-        "index was written."
-    ]
+    # With one raster its own sentence below gives the counts.
+    counts = f" (skipped: {_describe_skips(totals) or 'none'})" if len(plans) > 1 else ""
+    parts = [f"0 tiles embedded into {params.index_folder}{counts}, so no index was written."]
     if zero_embedding_tiles:
         # The data is then not to blame, so the model is named before the per-raster advice.
         parts.append(

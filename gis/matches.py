@@ -188,6 +188,11 @@ def write_matches(
             f"The output file {path} already exists; choose another path or pass overwrite=True "
             "to replace it."
         )
+    if not path.parent.is_dir():
+        raise LookalikeError(
+            f"The folder {path.parent} does not exist, so {path.name} cannot be written there; create the "
+            "folder or choose a path in an existing one."
+        )
 
     if driver_name is None:
         driver_name = QgsVectorFileWriter.driverForExtension(path.suffix)

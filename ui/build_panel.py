@@ -748,16 +748,19 @@ class BuildPanelMixin:
             self.status_label.setText("Build cancelled; Resume continues where it stopped.")
             manifest_stamp = _manifest_stamp(folder)
             self._resume_items[_folder_key(folder)] = self._push_with_button(
-                f"The build of {folder} was cancelled. Its finished tiles are kept; click Resume to continue it.",
+                f"The build of {folder} was cancelled. Its finished tiles are kept; click Resume to continue it "
+                f"with the settings it started with ({_build_settings_text(request)}).",
                 "Resume",
                 lambda: self.resume_build(request, manifest_stamp),
                 Qgis.MessageLevel.Info,
             )
             self._reopen_index_after_build(folder, task)
             return
-        self.status_label.setText("The build failed; see the message bar.")
         self._report_failure("Building the index", task)
         self._reopen_index_after_build(folder, task)
+        self._show_index_status()
+        # The index open before the build stays open and searchable.
+        self.status_label.setText(f"The build failed; see the message bar. {self.status_label.text()}")
 
     def _on_closed_project_build_finished(self, folder: str) -> None:
         """Report a build started in a project since closed; reopen the open index if it came from that folder."""
@@ -832,6 +835,13 @@ class BuildPanelMixin:
             )
             if request is None:
                 return None
+        if (abs(self.gsd_spin.value() - request.gsd) > 1e-9 * request.gsd
+                or self.overlap_spin.value() != round(request.params.overlap_fraction * 100)):
+            self.push_message(
+                f"Resuming {folder} with the settings the build started with ({_build_settings_text(request)}); "
+                "the GSD and overlap in the fields apply to the next Build index.",
+                Qgis.MessageLevel.Info,
+            )
         return self.run_build(request)
 
     def _remove_resume_message(self, folder_key: str) -> None:
@@ -902,6 +912,9 @@ class BuildPanelMixin:
             self._restoring, previous = True, self._restoring
             self.index_folder.setFilePath(folder)
             self._restoring = previous
+        saved_query, self._saved_query = self._saved_query, None
+        self.continue_saved_query(saved_query)
+        self.set_results_of_other_index_aside()
         self._show_index_status()
         self._store_state()
 
@@ -993,6 +1006,10 @@ def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _build_settings_text(request: jobs.BuildRequest) -> str:
+    return f"GSD {_format_gsd(request.gsd)} m, overlap {request.params.overlap_fraction * 100:.0f} %"
 
 
 def _format_gsd(gsd_m: float) -> str:

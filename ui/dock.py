@@ -38,6 +38,7 @@ from .dock_constants import (
     THRESHOLD_STEPS,
 )
 from .map_tools import PointQueryTool, PolygonQueryTool, QueryOverlay, RectangleQueryTool
+from .query_session import QuerySession, read_session, write_session
 from .results_panel import ResultsPanelMixin
 from .search_panel import SearchPanelMixin
 
@@ -93,6 +94,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self._search_again = False
         self._restoring = False
         self._opening_index_folder = ""
+        # The query of a project being opened, continued once its index is open.
+        self._saved_query: Optional[QuerySession] = None
         # The GSD and overlap the analyst had set before the fields began to show an index's grid.
         self._own_grid_values: Optional[tuple[float, int]] = None
 
@@ -225,11 +228,15 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             k=self.k_spin.value(),
         )
         project_state.write_state(state, self.project)
+        write_session(self.query_session(), self.project)
 
     def restore_from_project(self) -> None:
         state = project_state.read_state(self.project)
         if not state.index_folder and not state.raster_layer_id:
             return
+        self._saved_query = read_session(self.project)
+        if self._saved_query is not None:
+            self.restore_query(self._saved_query)
         self._restoring = True
         try:
             layer = self.project.mapLayer(state.raster_layer_id) if state.raster_layer_id else None
@@ -286,6 +293,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.index = None
         self.matches = []
         self.result_layer_id = ""
+        self._results_index_identity = None
+        self._saved_query = None
         self.results_table.set_matches([])
         self.histogram.set_scores([])
         self.status_label.setText("No index open.")

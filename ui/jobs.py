@@ -29,7 +29,13 @@ from ..core.pipeline import (
     indexed_source_for_geometry,
 )
 from ..core.raster import RasterSource, open_raster_quietly
-from ..core.search import NEGATIVES_WITHOUT_EFFECT_MESSAGE, Match, negatives_without_effect, search
+from ..core.search import (
+    DEFAULT_MAX_OVERLAP,
+    NEGATIVES_WITHOUT_EFFECT_MESSAGE,
+    Match,
+    negatives_without_effect,
+    search,
+)
 from ..gis.raster_layers import (
     LayerSourceSpec,
     ProviderBlockReader,
@@ -218,6 +224,13 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
     task.check_cancelled()
     matches = search(request.index, positive_matrix, negative_matrix, k=request.k, exclude=exclude)
     warnings = []
+    if 0 < len(matches) < request.k:
+        # The search widens until k matches survive, so fewer means no tile is left to try.
+        warnings.append(
+            f"The search found {len(matches)} of the {request.k} matches asked for: every other tile of the "
+            f"index overlaps the query, or a better-ranked match by more than {DEFAULT_MAX_OVERLAP:.0%}, and such "
+            "tiles are left out so that each match is a distinct place."
+        )
     if negatives_without_effect(positive_matrix, negative_matrix):
         warnings.append(NEGATIVES_WITHOUT_EFFECT_MESSAGE)
     return SearchOutcome(

@@ -83,7 +83,7 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> RestoredLaye
                 if record.get("index_folder") == index_folder:
                     earlier_build_names.append(layer.name())
                 continue
-            matches = matches_for_tiles(index, [_stored_match(entry, index.count) for entry in record["matches"]])
+            matches = _matches_of_record(record, index)
             features = matches_to_features(
                 matches, layer.fields(), layer.crs(), encoder_name=str(record.get("encoder", "")),
                 query_label=str(record.get("query") or layer.name()),
@@ -94,7 +94,7 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> RestoredLaye
             continue
         layer.dataProvider().addFeatures(features)
         layer.updateExtents()
-        min_score = _stored_min_score(layer)
+        min_score = stored_min_score(layer)
         if min_score is not None:
             apply_score_threshold(layer, min_score)
         layer.triggerRepaint()
@@ -102,7 +102,27 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> RestoredLaye
     return RestoredLayers(restored, sorted(earlier_build_names))
 
 
-def _stored_min_score(layer: QgsVectorLayer) -> Optional[float]:
+def stored_matches(layer: QgsVectorLayer, index: TileIndex) -> Optional[list[Match]]:
+    """Return the matches saved with ``layer``, or None when they did not come from this build of ``index``."""
+    stored = layer.customProperty(RESULTS_PROPERTY)
+    if not stored:
+        return None
+    try:
+        record = json.loads(stored)
+        if record["index_id"] != index.identity[1]:
+            return None
+        return _matches_of_record(record, index)
+    except (ValueError, TypeError, KeyError, IndexError, LookalikeError) as error:
+        LOGGER.warning("The matches saved with the result layer %s cannot be read: %s", layer.name(), error)
+        return None
+
+
+def _matches_of_record(record: dict, index: TileIndex) -> list[Match]:
+    return matches_for_tiles(index, [_stored_match(entry, index.count) for entry in record["matches"]])
+
+
+def stored_min_score(layer: QgsVectorLayer) -> Optional[float]:
+    """Return the score threshold saved with a result layer, or None."""
     try:
         min_score = float(layer.customProperty(MIN_SCORE_PROPERTY))
     except (TypeError, ValueError):

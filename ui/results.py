@@ -126,6 +126,21 @@ class ResultsTable(QTableWidget):
         self._show_relevance(tile_id, relevance)
         self.relevanceChanged.emit(tile_id, relevance)
 
+    def marks(self) -> Dict[int, Relevance]:
+        """Return every mark made since :meth:`clear_marks`, also of tiles no longer listed."""
+        return dict(self._relevance)
+
+    def restore_marks(self, marks: Dict[int, Relevance]) -> None:
+        """Replace the marks with ``marks`` (from a saved project), showing those of listed tiles."""
+        self.clear_marks()
+        for tile_id, relevance in marks.items():
+            if relevance is Relevance.UNMARKED:
+                continue
+            if tile_id in self._row_of_tile:
+                self._show_relevance(tile_id, relevance)
+            else:
+                self._relevance[tile_id] = relevance
+
     def clear_marks(self) -> None:
         for tile_id in list(self._relevance):
             if tile_id in self._row_of_tile:

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Optional
 
-from qgis.core import Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsVectorLayer
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsFeatureRequest,
+    QgsGeometry,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsMapLayerComboBox
 from qgis.PyQt.QtWidgets import (
     QGroupBox,
@@ -16,6 +24,7 @@ from qgis.PyQt.QtWidgets import (
     QVBoxLayout,
 )
 
+from ..core import get_logger
 from ..core.errors import LookalikeError
 from ..gis import matches as match_layers
 from ..gis.raster_layers import crs_to_wkt
@@ -23,8 +32,11 @@ from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs
 from .compat import POINT_GEOMETRY, POLYGON_GEOMETRY, VECTOR_LAYER_FILTER
 from .dock_constants import DEFAULT_K, THRESHOLD_STEPS
-from .result_layer import apply_score_threshold, remember_matches, style_result_layer
+from .query_session import QuerySession
+from .result_layer import apply_score_threshold, remember_matches, stored_matches, stored_min_score, style_result_layer
 from .results import Relevance
+
+LOGGER = get_logger("ui.search_panel")
 
 
 class SearchPanelMixin:
@@ -112,20 +124,64 @@ class SearchPanelMixin:
 
     def add_query_geometry(self, geometry: QgsGeometry, negative: bool) -> None:
         """Add a drawn part (canvas CRS) to the query and search again."""
+        if self.index is None and self.build_task is None:
+            # A part kept now would join the first query of the index built later, unseen.
+            self.push_message(
+                "No index is open, so the drawing was not kept; build an index or choose an index folder, "
+                "then draw the query.",
+                Qgis.MessageLevel.Warning,
+            )
+            return
         crs_wkt = crs_to_wkt(self.canvas.mapSettings().destinationCrs())
         self._add_query_part(geometry, negative, crs_wkt)
         self.start_search()
 
     def _add_query_part(self, geometry: QgsGeometry, negative: bool, crs_wkt: str) -> None:
         if not self.query_parts:
-            self.query_number += 1
-            # A project saved with results brings their layers back (empty, as memory layers are
-            # not saved), so a new query takes a name no layer of the project has.
-            while self.project.mapLayersByName(self.query_layer_name()):
-                self.query_number += 1
+            self._next_query_number()
         self.query_parts.append((QgsGeometry(geometry), negative, crs_wkt))
-        self.overlay.add(geometry, negative)
+        self._show_query_part(geometry, negative, crs_wkt)
         self._update_query_label()
+
+    def _next_query_number(self) -> None:
+        self.query_number += 1
+        # A project saved with results brings their layers back (empty, as memory layers are
+        # not saved), so a new query takes a name no layer of the project has.
+        while self.project.mapLayersByName(self.query_layer_name()):
+            self.query_number += 1
+
+    def _show_query_part(self, geometry: QgsGeometry, negative: bool, crs_wkt: str) -> None:
+        canvas_crs = self.canvas.mapSettings().destinationCrs()
+        if crs_wkt and crs_wkt != crs_to_wkt(canvas_crs):
+            # A part restored from a project whose map has since changed CRS.
+            geometry = QgsGeometry(geometry)
+            geometry.transform(QgsCoordinateTransform(QgsCoordinateReferenceSystem.fromWkt(crs_wkt), canvas_crs,
+                                                      self.project))
+        self.overlay.add(geometry, negative)
+
+    def restore_query(self, session: QuerySession) -> None:
+        """Bring back the query parts and query number of a saved project; marks wait for the index."""
+        self.query_parts = []
+        self.overlay.clear()
+        self.query_number = max(self.query_number, session.query_number)
+        for wkt, negative, crs_wkt in session.parts:
+            geometry = QgsGeometry.fromWkt(wkt)
+            if geometry.isNull() or geometry.isEmpty():
+                LOGGER.warning("A saved query part is not a geometry and was left out: %.80s", wkt)
+                continue
+            self.query_parts.append((geometry, negative, crs_wkt))
+            self._show_query_part(geometry, negative, crs_wkt)
+        self._update_query_label()
+
+    def query_session(self) -> QuerySession:
+        """Return the query as it is now, to be saved with the project."""
+        return QuerySession(
+            query_number=self.query_number,
+            parts=[(geometry.asWkt(), negative, crs_wkt) for geometry, negative, crs_wkt in self.query_parts],
+            result_layer_id=self.result_layer_id,
+            results_index=self._results_index_identity,
+            marks=self.results_table.marks(),
+        )
 
     def add_selected_features(self) -> None:
         layer = self.query_layer_combo.currentLayer()
@@ -169,8 +225,8 @@ class SearchPanelMixin:
     def _remove_query_part(self, position: int) -> None:
         del self.query_parts[position]
         self.overlay.clear()
-        for geometry, negative, _crs_wkt in self.query_parts:
-            self.overlay.add(geometry, negative)
+        for geometry, negative, crs_wkt in self.query_parts:
+            self._show_query_part(geometry, negative, crs_wkt)
         self._update_query_label()
 
     def _update_query_label(self, *_args) -> None:
@@ -325,13 +381,7 @@ class SearchPanelMixin:
         self.project.addMapLayer(layer)
         self.result_layer_id = layer.id()
 
-        self.results_table.set_matches(found)
-        scores = [match.score for match in found]
-        self.histogram.set_scores(scores)
-        self.threshold_slider.blockSignals(True)
-        self.threshold_slider.setValue(0)
-        self.threshold_slider.blockSignals(False)
-        self._on_threshold_changed(0)
+        self._fill_result_views(found)
         if not found:
             # Searches widen until k matches survive, so none means every tile overlaps the query.
             self.push_message(
@@ -340,6 +390,69 @@ class SearchPanelMixin:
                 "makes the tiles smaller."
             )
         self._load_thumbnails(found)
+
+    def _fill_result_views(self, found: list, min_score: Optional[float] = None) -> None:
+        """Show ``found`` in the table and histogram, with the slider at ``min_score`` (None: every match)."""
+        self.results_table.set_matches(found)
+        self.histogram.set_scores([match.score for match in found])
+        position = 0
+        if min_score is not None and found:
+            # A threshold the slider set maps back to the same slider position.
+            low, high = self.histogram.score_range()
+            position = min(max(round((min_score - low) / (high - low) * THRESHOLD_STEPS), 0), THRESHOLD_STEPS)
+        self.threshold_slider.blockSignals(True)
+        self.threshold_slider.setValue(position)
+        self.threshold_slider.blockSignals(False)
+        self._on_threshold_changed(position)
+
+    def continue_saved_query(self, session: Optional[QuerySession]) -> None:
+        """Show the saved query's matches and marks again, when they came from the index now open."""
+        if session is None or self.index is None:
+            return
+        if session.results_index is None or session.results_index[1] != self.index.identity[1]:
+            # Their tile ids would name other tiles of this index.
+            return
+        layer = self.project.mapLayer(session.result_layer_id) if session.result_layer_id else None
+        matches = stored_matches(layer, self.index) if isinstance(layer, QgsVectorLayer) else None
+        if matches is not None:
+            self._results_index_identity = self.index.identity
+            self.result_layer_id = layer.id()
+            self.matches = matches
+            self._fill_result_views(matches, stored_min_score(layer))
+            self._load_thumbnails(matches)
+        if session.marks:
+            self._results_index_identity = self.index.identity
+            self.results_table.restore_marks(session.marks)
+        self._update_query_label()
+
+    def set_results_of_other_index_aside(self) -> None:
+        """Stop showing matches and marks of another index (or an earlier build) in the table."""
+        if self._results_index_identity is None or self.index is None:
+            return
+        if self._results_index_identity == self.index.identity:
+            return
+        previous_folder = self._results_index_identity[0]
+        layer = self.result_layer()
+        had_results = bool(self.matches) or bool(self.results_table.marks())
+        self._results_index_identity = None
+        self.result_layer_id = ""
+        self.matches = []
+        self.results_table.clear_marks()
+        self._fill_result_views([])
+        if layer is not None and self.query_parts:
+            # The parts stay, as the analyst may search the same place in another date's index, but
+            # their matches here go to a new layer instead of replacing the other index's.
+            self._next_query_number()
+        self._update_query_label()
+        if not had_results:
+            return
+        same_folder = Path(self.index.identity[0]) == Path(previous_folder)
+        where = f" in the layer '{layer.name()}'" if layer is not None else ""
+        self.push_message(
+            f"The matches shown came from {'an earlier build of this index' if same_folder else 'another index'}; "
+            f"they stay{where}, and their relevance marks are cleared. Search again to find matches in this index.",
+            Qgis.MessageLevel.Info,
+        )
 
     def result_layer(self) -> Optional[QgsVectorLayer]:
         layer = self.project.mapLayer(self.result_layer_id) if self.result_layer_id else None

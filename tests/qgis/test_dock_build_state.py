@@ -18,7 +18,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QMessageBox, QPushButton
 
-from lookalike.core.index import TileIndex
+from lookalike.core.index import TileIndex, first_grid_in
 from lookalike.core.pipeline import BuildParameters, build_index
 from lookalike.gis.tasks import TaskOutcome
 from lookalike.ui import jobs
@@ -179,6 +179,24 @@ def test_rebuild_of_reopened_project_folder_reopens(dock, ships_clip, tmp_path, 
     assert f"Index open: {dock.index.count} tiles" in dock.status_label.text()
     infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
     assert any("it is open again" in text for text in infos), infos
+
+
+def test_resume_names_the_settings_it_keeps(dock, ships_clip, tmp_path, qgis_iface, build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.overlap_spin.setValue(50)
+    bar = qgis_iface.messageBar()
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    resume_item = current_resume_item(bar)
+    assert "overlap 50 %" in resume_item.text()
+    dock.overlap_spin.setValue(25)
+
+    QTest.mouseClick(resume_item.findChild(QPushButton, "lookalikeMessageButton"), Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    infos = bar.get_messages(Qgis.MessageLevel.Info)
+    assert any("with the settings the build started with (GSD 1.25 m, overlap 50 %)" in text for text in infos), infos
+    assert first_grid_in(tmp_path / "index").overlap_fraction == 0.5
 
 
 def test_new_project_drops_resume(dock, ships_clip, tmp_path, qgis_iface, build_hold):

@@ -103,20 +103,28 @@ def test_removing_result_layer_empties_table(searched):
     assert searched.histogram.bin_counts() == [0] * len(searched.histogram.bin_counts())
 
 
-def test_other_index_marks_cleared(searched, qgis_iface, qgis_canvas, ships_layer, tmp_path):
+def test_other_index_sets_results_and_marks_aside(searched, qgis_iface, qgis_canvas, ships_layer, tmp_path):
     marked = searched.matches[0].tile_id
     searched.results_table.set_relevance(marked, Relevance.RELEVANT)
+    first_layer_id = searched.result_layer_id
     other = tmp_path / "other"
     searched.gsd_spin.setValue(searched.gsd_spin.value() * 1.5)
     build(searched, other)
     assert searched.index is not None and Path(searched.index.folder) == other
 
+    assert searched.results_table.tiles_marked(Relevance.RELEVANT) == []
+    assert searched.results_table.rowCount() == 0
+    assert searched.result_layer() is None
+    assert searched.project.mapLayer(first_layer_id) is not None
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("came from another index" in text for text in infos), infos
+
     searched.start_search()
     wait_for_tasks(searched)
 
-    assert searched.results_table.tiles_marked(Relevance.RELEVANT) == []
-    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
-    assert any("made on another index" in text for text in infos), infos
+    assert searched.result_layer_id not in ("", first_layer_id)
+    assert searched.project.mapLayer(first_layer_id) is not None
+    assert searched.result_layer().name() != searched.project.mapLayer(first_layer_id).name()
 
 
 def test_marks_kept_for_same_index(searched):
@@ -422,6 +430,112 @@ def test_saved_project_brings_results_back(searched, tmp_path):
                               for feature in restored.getFeatures())
     assert restored_matches == saved
     assert restored.extent().toString(1) == saved_extent.toString(1)
+
+
+def save_and_reopen(dock, path) -> None:
+    assert QgsProject.instance().write(str(path))
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(path))
+    wait_for_tasks(dock)
+
+
+def test_saved_project_continues_query(searched, qgis_canvas, ships_layer, tmp_path):
+    relevant, not_relevant = searched.matches[0].tile_id, searched.matches[1].tile_id
+    searched.results_table.set_relevance(relevant, Relevance.RELEVANT)
+    searched.results_table.set_relevance(not_relevant, Relevance.NOT_RELEVANT)
+    searched.threshold_slider.setValue(searched.threshold_slider.maximum() // 2)
+    shown = searched.threshold_label.text()
+    tile_ids = [match.tile_id for match in searched.matches]
+    part_wkt = searched.query_parts[0][0].asWkt()
+
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+
+    (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
+    assert searched.result_layer() is restored
+    assert [match.tile_id for match in searched.matches] == tile_ids
+    assert searched.results_table.rowCount() == len(tile_ids)
+    assert searched.results_table.relevance(relevant) is Relevance.RELEVANT
+    assert searched.results_table.relevance(not_relevant) is Relevance.NOT_RELEVANT
+    assert searched.threshold_label.text() == shown
+    assert [(geometry.asWkt(), negative) for geometry, negative, _crs in searched.query_parts] == [(part_wkt, False)]
+    assert len(searched.overlay) == 1
+    assert searched.query_label.text().startswith("Query 1: 1 positive")
+
+    # The slider drives the restored layer, and a new search replaces it as the same query.
+    searched.threshold_slider.setValue(0)
+    assert restored.featureCount() == len(tile_ids)
+    searched.start_search()
+    wait_for_tasks(searched)
+    assert [layer.name() for layer in QgsProject.instance().mapLayersByName("Lookalike query 1")] == [
+        "Lookalike query 1"
+    ]
+    assert searched.result_layer().name() == "Lookalike query 1"
+    assert not_relevant not in [match.tile_id for match in searched.matches]
+
+
+def test_saved_project_exports_restored_layer(searched, tmp_path):
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+
+    written = searched.export_layer(str(tmp_path / "matches.gpkg"))
+
+    assert written is not None
+    exported = QgsVectorLayer(str(written), "exported", "ogr")
+    assert exported.featureCount() == len(searched.matches) > 0
+
+
+def test_saved_marks_of_earlier_build_not_restored(searched, tmp_path):
+    marked = searched.matches[0].tile_id
+    searched.results_table.set_relevance(marked, Relevance.RELEVANT)
+    project_path = tmp_path / "survey.qgz"
+    assert QgsProject.instance().write(str(project_path))
+    # The folder is built again (another index id) before the project is opened.
+    manifest_path = Path(searched.index.folder) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["index_id"] = "a later build"
+    manifest_path.write_text(json.dumps(manifest))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    assert searched.results_table.tiles_marked(Relevance.RELEVANT) == []
+    assert searched.result_layer() is None
+    assert len(searched.query_parts) == 1
+
+
+def test_rebuild_of_open_index_sets_results_aside(searched, qgis_iface, monkeypatch):
+    monkeypatch.setattr(QMessageBox, "question", lambda *_args: QMessageBox.StandardButton.Yes)
+    searched.results_table.set_relevance(searched.matches[0].tile_id, Relevance.RELEVANT)
+    old_layer_id = searched.result_layer_id
+
+    build(searched, Path(searched.index.folder))
+
+    assert searched.result_layer() is None
+    assert searched.results_table.rowCount() == 0
+    assert searched.results_table.marks() == {}
+    assert QgsProject.instance().mapLayer(old_layer_id) is not None
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("came from an earlier build of this index" in text for text in infos), infos
+
+
+def test_fewer_matches_than_k_explained(searched, qgis_iface):
+    searched.k_spin.setValue(searched.k_spin.maximum())
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert 0 < len(searched.matches) < searched.k_spin.value()
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any(f"found {len(searched.matches)} of the {searched.k_spin.value()} matches" in text
+               for text in warnings), warnings
+
+
+def test_export_into_missing_folder_named(searched, qgis_iface, tmp_path):
+    missing = tmp_path / "no such folder"
+
+    assert searched.export_layer(str(missing / "matches.gpkg")) is None
+
+    critical = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any(f"The folder {missing} does not exist" in text for text in critical), critical
 
 
 def test_bad_saved_matches_leave_others_filled(searched, tmp_path):

@@ -243,6 +243,26 @@ def test_failed_append_keeps_index_open(dock, shared_data, tmp_path, qgis_canvas
     assert dock.index.count > 0
 
 
+def test_failed_build_elsewhere_keeps_index_status(dock, shared_data, tmp_path, qgis_canvas, monkeypatch):
+    from lookalike.ui import jobs
+
+    choose_raster(dock, qgis_canvas, shared_data / SHIPS_RASTER, "ships", tmp_path / "index")
+    dock.start_build()
+    wait_for_tasks(dock)
+    open_count = dock.index.count
+
+    def failing_build(params, progress=None, is_cancelled=None):
+        raise LookalikeError(f"0 tiles embedded into {params.index_folder}")
+
+    monkeypatch.setattr(jobs, "build_index", failing_build)
+    dock.index_folder.setFilePath(str(tmp_path / "other"))
+    dock.start_build()
+    wait_for_tasks(dock)
+
+    assert dock.index is not None
+    assert dock.status_label.text().startswith(f"The build failed; see the message bar. Index open: {open_count}")
+
+
 def test_added_date_takes_index_gsd(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
     # Another date of the same NAIP quarter quad is added to an index built at a coarser GSD than
     # the raster's own: choosing the new layer must not reset the GSD to the layer's 5 m.

@@ -8,7 +8,16 @@ import csv
 from pathlib import Path
 
 import pytest
-from dock_testing import SHIPS_RASTER, build, drag_rectangle, map_to_pixel, messages, ship_query_bounds, wait_for_tasks
+from dock_testing import (
+    SHIPS_RASTER,
+    build,
+    drag_rectangle,
+    map_to_pixel,
+    messages,
+    ship_query_bounds,
+    show_layer,
+    wait_for_tasks,
+)
 from qgis.core import (
     Qgis,
     QgsFeature,
@@ -227,6 +236,19 @@ def test_dock_export_formats(dock, ships_layer, tmp_path, qgis_canvas, format_na
     assert written.featureCount() == 3
     assert "score" in written.fields().names()
     assert written.isSpatial() is has_geometry
+
+
+def test_drawing_without_index_is_not_kept(dock, ships_layer, qgis_canvas, qgis_iface):
+    show_layer(qgis_canvas, ships_layer)
+    dock.activate_tool("rectangle")
+
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+
+    assert dock.query_parts == []
+    assert len(dock.overlay) == 0
+    assert dock.query_number == 0
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("No index is open, so the drawing was not kept" in text for text in warnings), warnings
 
 
 def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas):

@@ -110,7 +110,7 @@ def test_build_with_no_embedded_tiles_fails(shared_data, tmp_path):
     # min_valid_fraction=1.0 every tile is skipped as mostly invalid.
     with pytest.raises(LookalikeError, match="0 tiles embedded") as error:
         build_index(parameters([source], folder, min_valid_fraction=1.0, tile_size_source_px=700))
-    assert "mostly_invalid" in str(error.value)
+    assert "mostly nodata or off the raster" in str(error.value)
     assert not (folder / "manifest.json").exists()
     assert not partial_folder_for(folder).exists()
 
