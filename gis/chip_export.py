@@ -70,6 +70,8 @@ MATCH_COLUMNS = (
     matches.FIELD_COL,
 )
 CSV_COLUMNS = ("chip", "label", "feature_id", *MATCH_COLUMNS, "xmin", "ymin", "xmax", "ymax", "crs")
+# Columns every labels.csv of this module has, whatever the layer: a file lacking one is not ours.
+EXPORT_MARK_COLUMNS = ("chip", "feature_id", "xmin", "ymin", "xmax", "ymax", "crs")
 
 
 @dataclass(frozen=True)
@@ -237,6 +239,7 @@ def export_chips(
 
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
     earlier_rows = _listed_chip_rows(report.csv_path)
+    _check_no_unlisted_chips(folder, len(requests), FILE_EXTENSIONS[image_format], earlier_rows)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
     total = len(requests)
@@ -440,6 +443,13 @@ def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:
                 f"{csv_path} has no 'chip' column in its first line, so the chips of an earlier export there are "
                 "unknown; add that column, or move the file away, or choose another folder."
             )
+        missing = [name for name in EXPORT_MARK_COLUMNS if name not in reader.fieldnames]
+        if missing:
+            # Another tool's list: its files are the analyst's, and replacing it would lose it.
+            raise LookalikeError(
+                f"{csv_path} was not written by a Lookalike chip export (it has no column {', '.join(missing)}), "
+                "so it and the chips there could be another tool's; move them away or choose another folder."
+            )
         present = _chip_names_in(csv_path.parent)
         # Columns the analyst added (notes, a second label) stay with their rows.
         columns = [*CSV_COLUMNS, *(name for name in reader.fieldnames if name and name not in CSV_COLUMNS)]
@@ -475,6 +485,18 @@ def _csv_delimiter(first_line: str) -> str:
     if declared:
         return declared.group(1)
     return max(CSV_DELIMITERS, key=first_line.count)
+
+
+def _check_no_unlisted_chips(folder: Path, count: int, extension: str, earlier_rows: Mapping[str, Any]) -> None:
+    """Refuse to replace a chip file that no earlier export's ``labels.csv`` lists: it may be the analyst's."""
+    names = {f"chip_{position:05d}.{extension}" for position in range(1, count + 1)}
+    unlisted = sorted(name for name in names & _chip_names_in(folder) if name not in earlier_rows)
+    if unlisted:
+        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        raise LookalikeError(
+            f"{folder} already contains {shown}, which no labels.csv of an earlier Lookalike export there lists, "
+            "so the export would replace files it did not write; move them away or choose another folder."
+        )
 
 
 def _chip_names_in(folder: Path) -> set[str]:

@@ -242,3 +242,42 @@ def test_labels_without_chip_column_stop_export(repo_root, tmp_path):
 
     assert labels.read_text(encoding="utf-8") == "name,label\nfield_1,wheat\n"
     assert not list(folder.glob("chip_*"))
+
+
+def test_labels_of_another_tool_stop_export(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    labels = folder / chip_export.LABELS_CSV_NAME
+    labels.write_text("chip,label\ndata.tif,forest\nchip_00009.tif,water\n", encoding="utf-8")
+    own_chip = folder / "chip_00009.tif"
+    own_chip.write_bytes(b"the analyst's image")
+
+    with pytest.raises(LookalikeError, match="was not written by a Lookalike chip export"):
+        chip_export.export_chips(ships_requests(repo_root, 2), folder)
+
+    assert labels.read_text(encoding="utf-8") == "chip,label\ndata.tif,forest\nchip_00009.tif,water\n"
+    assert own_chip.read_bytes() == b"the analyst's image"
+    assert sorted(path.name for path in folder.iterdir()) == ["chip_00009.tif", "labels.csv"]
+
+
+def test_unlisted_chip_file_stops_export(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    own_chip = folder / "chip_00002.tif"
+    own_chip.write_bytes(b"the analyst's image")
+
+    with pytest.raises(LookalikeError, match="already contains chip_00002.tif, which no labels.csv"):
+        chip_export.export_chips(ships_requests(repo_root, 3), folder)
+
+    assert own_chip.read_bytes() == b"the analyst's image"
+    assert sorted(path.name for path in folder.iterdir()) == ["chip_00002.tif"]
+
+
+def test_reexport_replaces_its_own_chips(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 3), folder)
+
+    chip_export.export_chips(ships_requests(repo_root, 2), folder)
+
+    assert csv_chip_names(folder) == ["chip_00001.tif", "chip_00002.tif"]
+    assert sorted(path.name for path in folder.glob("chip_*")) == ["chip_00001.tif", "chip_00002.tif"]
