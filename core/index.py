@@ -422,6 +422,7 @@ class TileIndex:
                 f"tile table {paths['tiles']} contains {tile_table.dtype} {tile_table.shape} but the manifest "
                 f"expects {count} rows of (source_id, row, col); the index is damaged, rebuild it"
             )
+        _check_tiles_on_grids(paths["tiles"], tile_table, manifest["sources"])
 
         graph = hnswlib.Index(space=manifest["hnsw"]["space"], dim=embedding_dim)
         try:
@@ -1084,6 +1085,31 @@ def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
     if source_tiles != manifest["tile_count"]:
         return f"sources with {source_tiles} tiles in all but tile_count {manifest['tile_count']}"
     return None
+
+
+def _check_tiles_on_grids(path: Path, tile_table: np.ndarray, sources: Sequence[Mapping[str, Any]]) -> None:
+    """Raise SearchIndexError when a tile names no source, or a row or column outside its source's grid."""
+    if not len(tile_table):
+        return
+    # The manifest was validated before, so source ids are positions and every grid has its size.
+    n_rows = np.array([source["grid"]["n_rows"] for source in sources] or [0], dtype=np.int64)
+    n_cols = np.array([source["grid"]["n_cols"] for source in sources] or [0], dtype=np.int64)
+    source_ids = tile_table["source_id"].astype(np.int64)
+    known = (source_ids >= 0) & (source_ids < len(sources))
+    ids = np.where(known, source_ids, 0)
+    fits = known & (tile_table["row"] >= 0) & (tile_table["row"] < n_rows[ids])
+    fits &= (tile_table["col"] >= 0) & (tile_table["col"] < n_cols[ids])
+    if fits.all():
+        return
+    tile_id = int(np.argmin(fits))
+    source_id, row, col = (int(value) for value in tile_table[tile_id])
+    where = (
+        f"row {row}, col {col} of source {source_id}, whose grid has {n_rows[source_id]} rows x "
+        f"{n_cols[source_id]} columns" if known[tile_id] else f"source {source_id}, which the manifest lacks"
+    )
+    raise SearchIndexError(
+        f"tile table {path} gives tile {tile_id} {where}; the index is damaged, rebuild it"
+    )
 
 
 # The header hnswlib 0.8 writes before the graph: six size_t, the top level (int), the entry point

@@ -189,6 +189,39 @@ def embed_query(
                       footprints_elsewhere=footprints_elsewhere)
 
 
+# SHA-256 of source files by (path, size, modification time), so that a file is hashed once per
+# change instead of at every search.
+_SOURCE_CHECKSUMS: dict[tuple[str, int, int], str] = {}
+
+
+def changed_source_warnings(index: TileIndex) -> list[str]:
+    """Return a warning for each indexed raster file whose content changed after it was indexed.
+
+    A file whose size and modification time still equal those in the manifest is taken as
+    unchanged without reading it. Otherwise its SHA-256 decides, because copying a folder often
+    gives files a new time. Sources indexed before the manifest kept size and time, missing
+    files (reported where they are read) and connection strings are not checked.
+    """
+    warnings = []
+    for source in index.sources:
+        path = str(source.get("path") or "")
+        if "file_mtime_ns" not in source or not os.path.isfile(path):
+            continue
+        info = os.stat(path)
+        if (info.st_size, info.st_mtime_ns) == (source.get("file_size_bytes"), source.get("file_mtime_ns")):
+            continue
+        key = (path, info.st_size, info.st_mtime_ns)
+        if key not in _SOURCE_CHECKSUMS:
+            _SOURCE_CHECKSUMS[key] = file_sha256(Path(path))
+        if _SOURCE_CHECKSUMS[key] != source.get("checksum"):
+            warnings.append(
+                f"Raster {path} changed after it was indexed: the index holds embeddings of its earlier pixels, "
+                "while examples drawn over it are read from the current ones, so the scores compare the two. "
+                "Build the index again to search the raster as it is now."
+            )
+    return warnings
+
+
 def _footprints_off_raster(
     manifest: Mapping[str, Any],
     wkt: str,

@@ -838,6 +838,7 @@ class RasterSource:
             "pixel_size": list(self.pixel_size),
             "data_type": self.data_type_name,
             "checksum": self.checksum(),
+            **_file_stamp(self.path),
         }
 
     @property
@@ -855,6 +856,14 @@ class RasterSource:
 
     def __repr__(self) -> str:
         return f"RasterSource({self.path!r}, band_indexes={list(self.band_indexes)})"
+
+
+def _file_stamp(path: str) -> dict[str, int]:
+    """Return the size and modification time of a local file, which tell cheaply whether it changed."""
+    if not os.path.isfile(path):
+        return {}
+    info = os.stat(path)
+    return {"file_size_bytes": info.st_size, "file_mtime_ns": info.st_mtime_ns}
 
 
 def apply_stretch(values: np.ndarray, stretch: Mapping[str, Any]) -> np.ndarray:

@@ -32,6 +32,7 @@ from ..core.parameters import MAX_ENCODER_THREADS, MAX_OVERLAP_PERCENT
 from ..core.pipeline import BuildParameters, Progress, Region, build_index
 from .support import (
     ENCODER_PACKAGES,
+    EXTENT_CRS_FIX,
     INDEX_PACKAGES,
     LookalikeAlgorithm,
     cancel_check,
@@ -299,7 +300,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
             extent_crs = self.parameterAsExtentCrs(parameters, self.EXTENT, context)
             if not rectangle.isEmpty():
                 extent = Region(
-                    crs_wkt=crs_wkt(extent_crs, self.EXTENT),
+                    crs_wkt=crs_wkt(extent_crs, self.EXTENT, EXTENT_CRS_FIX),
                     bounds=(rectangle.xMinimum(), rectangle.yMinimum(), rectangle.xMaximum(), rectangle.yMaximum()),
                 )
 

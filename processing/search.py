@@ -41,7 +41,7 @@ from ..core.pipeline import (
     indexed_source_for_geometry,
     search_query_chips,
 )
-from ..core.query import valid_region_wkt
+from ..core.query import changed_source_warnings, valid_region_wkt
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
     DEFAULT_STRATEGY,
@@ -252,6 +252,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
             f"Searching {index_folder} ({index.count} tiles) with {len(examples.positives)} example(s) and "
             f"{len(examples.negatives)} counter-example(s) read from {source_names}"
         ))
+        for warning in changed_source_warnings(index):
+            feedback.pushWarning(warning)
         set_progress(feedback, 5, 100)
         if feedback.isCanceled():
             return {}

@@ -205,12 +205,18 @@ def gdal_source_path(layer: Optional[QgsRasterLayer], parameter_name: str) -> st
     return path
 
 
-def crs_wkt(crs: QgsCoordinateReferenceSystem, parameter_name: str) -> str:
-    """Return a CRS as the GDAL-flavoured WKT the core's OSR calls read."""
+# How to give a CRS to an extent typed as text, which has no layer whose CRS could be set.
+EXTENT_CRS_FIX = (
+    "add the CRS after the coordinates, as in 'xmin,xmax,ymin,ymax [EPSG:32610]', or take the extent from a "
+    "layer or the map, which carry their CRS"
+)
+
+
+def crs_wkt(crs: QgsCoordinateReferenceSystem, parameter_name: str,
+            fix: str = "set the layer's CRS (Layer Properties > Source)") -> str:
+    """Return a CRS as the GDAL-flavoured WKT the core's OSR calls read; ``fix`` says how to give one."""
     if not crs.isValid():
-        raise QgsProcessingException(
-            tr(f"The CRS of {parameter_name} is unknown; set the layer's CRS (Layer Properties > Source).")
-        )
+        raise QgsProcessingException(tr(f"The CRS of {parameter_name} is unknown; {fix}."))
     return crs_to_wkt(crs)
 
 

@@ -28,6 +28,7 @@ from ..core.pipeline import (
     index_encoder_path,
     indexed_source_for_geometry,
 )
+from ..core.query import changed_source_warnings
 from ..core.raster import RasterSource, open_raster_quietly
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
@@ -223,7 +224,7 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
     negative_matrix = np.concatenate(negatives) if negatives else None
     task.check_cancelled()
     matches = search(request.index, positive_matrix, negative_matrix, k=request.k, exclude=exclude)
-    warnings = []
+    warnings = changed_source_warnings(request.index)
     if 0 < len(matches) < request.k:
         # The search widens until k matches survive, so fewer means no tile is left to try.
         warnings.append(

@@ -692,3 +692,36 @@ def test_build_help_states_metres(provider):
     assert "metres per encoder pixel" in algorithm.parameterDefinition("GSD").description()
     assert "grid CRS units" not in help_text
     assert "units of the tile grid's CRS" not in help_text
+
+
+def test_extent_without_crs_says_how_to_add_one(provider, tmp_path, ships_raster, tiny_encoder):
+    message = run_failure("buildindex", {
+        "INPUT_RASTERS": [ships_raster], "ENCODER": tiny_encoder, "TILE_SIZE": 32,
+        "EXTENT": SHIP_EXTENT.split(" [")[0], "OUTPUT": str(tmp_path / "index"),
+    })
+
+    assert "The CRS of EXTENT is unknown" in message
+    assert "'xmin,xmax,ymin,ymax [EPSG:32610]'" in message
+    assert "Layer Properties" not in message
+
+
+def test_search_warns_of_raster_changed_since_build(provider, tmp_path, ships_raster, tiny_encoder):
+    raster = tmp_path / "ships.tif"
+    shutil.copyfile(ships_raster, raster)
+    folder = tmp_path / "index"
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(raster)], "ENCODER": tiny_encoder, "TILE_SIZE": 32, "EXTENT": SHIP_EXTENT,
+        "OUTPUT": str(folder),
+    })
+    dataset = gdal.Open(str(raster), gdal.GA_Update)
+    band = dataset.GetRasterBand(2)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+    feedback = RecordingFeedback()
+
+    run_algorithm("search", {
+        "INDEX": str(folder), "POSITIVES": point_layer([SHIP_CENTRE]), "K": 2, "OUTPUT": "memory:",
+    }, feedback=feedback)
+
+    assert any(f"Raster {raster} changed after it was indexed" in text for text in feedback.warnings), \
+        feedback.warnings

@@ -230,6 +230,24 @@ def test_open_detects_truncated_file(tmp_path: Path, kind: str) -> None:
         TileIndex.open(folder)
 
 
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("row", 99999, r"gives tile 1 row 99999, col \d+ of source 0, whose grid has \d+ rows"),
+    ("col", -1, r"gives tile 1 row \d+, col -1 of source 0"),
+    ("source_id", 7, "gives tile 1 source 7, which the manifest lacks"),
+])
+def test_open_detects_tiles_off_their_grid(tmp_path: Path, field: str, value: int, message: str) -> None:
+    # Same size and header: only the values tell that the table was edited.
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["tiles"]["name"]
+    tiles = np.load(path)
+    tiles[field][1] = value
+    np.save(path, tiles)
+
+    with pytest.raises(SearchIndexError, match=message + ".*the index is damaged, rebuild it"):
+        TileIndex.open(folder)
+
+
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("rows", [slice(None), slice(5, 6)])
 def test_nan_embeddings_named_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: slice,

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import threading
 import time
 import tracemalloc
@@ -1370,3 +1371,27 @@ def test_cut_keeps_polygons_only():
     assert polygons.GetGeometryName() == "MULTIPOLYGON"
     assert polygons.GetGeometryCount() == 1
     assert polygons_of(ogr.CreateGeometryFromWkt("LINESTRING (0 0,1 1)")) is None
+
+
+def test_changed_raster_is_reported(shared_data, tmp_path):
+    # The analyst's copy of a real scene, built into an index and then edited in place.
+    raster = tmp_path / "scene.tif"
+    gdal.Translate(str(raster), geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    index_folder = tmp_path / "index"
+    build_index(parameters([raster], index_folder, tile_size_source_px=64))
+    index = TileIndex.open(index_folder)
+    assert query_module.changed_source_warnings(index) == []
+
+    # A copy of the folder gives the file a new time but not new content.
+    stamp = raster.stat()
+    os.utime(raster, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+    assert query_module.changed_source_warnings(index) == []
+
+    dataset = gdal.Open(str(raster), gdal.GA_Update)
+    band = dataset.GetRasterBand(1)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+
+    (warning,) = query_module.changed_source_warnings(index)
+    assert f"Raster {raster} changed after it was indexed" in warning
+    assert "Build the index again" in warning
