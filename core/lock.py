@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import threading
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,8 @@ from .errors import LookalikeError
 LOCK_SUFFIX = ".lock"
 # Attempts to open and lock the lock file while other holders keep deleting it, before giving up.
 MAX_LOCK_ATTEMPTS = 5
+# A lock file holds a process id and a newline; a longer file is someone else's.
+MAX_LOCK_FILE_BYTES = 24
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -100,6 +103,12 @@ def _acquire(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
         _release(stream)
     else:
         raise _locked_error(index_folder, path)
+    if not created and not _holds_a_process_id(stream):
+        _release(stream)
+        raise LookalikeError(
+            f"{path}, where the lock file of index folder {os.fspath(index_folder)} goes, is a file that Lookalike "
+            "did not write (a lock file holds only a process id); move or rename it, or choose another index folder."
+        )
     try:
         # The PID is only for people who find the file; the OS lock is what excludes writers.
         stream.seek(0)
@@ -152,6 +161,13 @@ def _open_no_follow(path: Path, flags: int) -> IO[bytes]:
     """Open ``path`` for reading and writing, without following a symbolic link put there meanwhile."""
     descriptor = os.open(path, os.O_RDWR | flags | getattr(os, "O_NOFOLLOW", 0), 0o644)
     return os.fdopen(descriptor, "r+b")
+
+
+def _holds_a_process_id(stream: IO[bytes]) -> bool:
+    """Tell whether an existing lock file holds what this module writes: nothing, or a process id line."""
+    stream.seek(0)
+    content = stream.read(MAX_LOCK_FILE_BYTES + 1)
+    return len(content) <= MAX_LOCK_FILE_BYTES and re.fullmatch(rb"\d*\r?\n?", content) is not None
 
 
 def _still_at(stream: IO[bytes], path: Path) -> bool:

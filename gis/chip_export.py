@@ -174,6 +174,12 @@ def chip_requests_from_layer(
                     f"{layer_crs.authid()} to the CRS of {source_path}: {error}."
                 ) from error
         box = geometry.boundingBox()
+        if box.width() <= 0 or box.height() <= 0:
+            raise LookalikeError(
+                f"Feature {feature.id()} of layer {layer.name()!r} covers no area (a point, or a line along one "
+                "axis), so it has no footprint to cut a chip from; export polygons, or buffer the features first "
+                "(Vector > Geoprocessing Tools > Buffer)."
+            )
         attributes = {name: feature[name] for name in MATCH_COLUMNS if name in field_names}
         requests.append(
             ChipRequest(
@@ -228,6 +234,8 @@ def export_chips(
         raise LookalikeError(f"Chip size {chip_size_px!r} px is invalid; pass a whole number of pixels >= 1.")
 
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise LookalikeError(f"The chip folder {folder} is a file; choose a folder path for the chips and labels.csv.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -433,7 +433,8 @@ class SearchPanelMixin:
             return
         previous_folder = self._results_index_identity[0]
         layer = self.result_layer()
-        had_results = bool(self.matches) or bool(self.results_table.marks())
+        had_matches = bool(self.matches)
+        had_marks = bool(self.results_table.marks())
         self._results_index_identity = None
         self.result_layer_id = ""
         self.matches = []
@@ -444,13 +445,15 @@ class SearchPanelMixin:
             # their matches here go to a new layer instead of replacing the other index's.
             self._next_query_number()
         self._update_query_label()
-        if not had_results:
+        if not (had_matches or had_marks):
             return
-        same_folder = Path(self.index.identity[0]) == Path(previous_folder)
-        where = f" in the layer '{layer.name()}'" if layer is not None else ""
+        source = "an earlier build of this index" if Path(self.index.identity[0]) == Path(previous_folder) else (
+            "another index"
+        )
+        kept = f"; they stay in the layer '{layer.name()}'" if layer is not None else ""
+        marks = ", and their relevance marks are cleared" if had_marks else ""
         self.push_message(
-            f"The matches shown came from {'an earlier build of this index' if same_folder else 'another index'}; "
-            f"they stay{where}, and their relevance marks are cleared. Search again to find matches in this index.",
+            f"The matches shown came from {source}{kept}{marks}. Search again to find matches in this index.",
             Qgis.MessageLevel.Info,
         )
 

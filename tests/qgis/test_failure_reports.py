@@ -281,3 +281,26 @@ def test_reexport_replaces_its_own_chips(repo_root, tmp_path):
 
     assert csv_chip_names(folder) == ["chip_00001.tif", "chip_00002.tif"]
     assert sorted(path.name for path in folder.glob("chip_*")) == ["chip_00001.tif", "chip_00002.tif"]
+
+
+def test_chip_folder_that_is_a_file_named(repo_root, tmp_path):
+    existing = tmp_path / "chips"
+    existing.write_text("an analyst's notes")
+
+    with pytest.raises(LookalikeError, match=f"The chip folder {existing} is a file; choose a folder path"):
+        chip_export.export_chips(ships_requests(repo_root, 1), existing)
+
+    assert existing.read_text() == "an analyst's notes"
+
+
+def test_point_features_named_as_without_footprint(repo_root):
+    from qgis.core import QgsFeature, QgsGeometry, QgsPointXY, QgsVectorLayer
+
+    raster = str(repo_root / "sample_data" / "1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+    layer = QgsVectorLayer("Point?crs=EPSG:32610", "ship points", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromPointXY(QgsPointXY(558585.0, 4176120.0)))
+    layer.dataProvider().addFeatures([feature])
+
+    with pytest.raises(LookalikeError, match="of layer 'ship points' covers no area .* buffer the features first"):
+        chip_export.chip_requests_from_layer(layer, raster_path=raster)

@@ -438,6 +438,22 @@ def test_lock_file_beside_an_index_is_kept(shared_data, tmp_path):
     assert lock_file.exists()
 
 
+def test_file_of_lock_name_not_overwritten(tmp_path):
+    notes = tmp_path / "index.lock"
+    notes.write_text("lock? ask Maria before changing the survey index\n")
+
+    with pytest.raises(LookalikeError, match="is a file that Lookalike did not write"):
+        index_lock(tmp_path / "index").__enter__()
+
+    assert notes.read_text() == "lock? ask Maria before changing the survey index\n"
+    with index_lock(tmp_path / "other"):
+        pass
+    # The file a crashed build left behind is taken over.
+    (tmp_path / "crashed.lock").write_text("4242\n")
+    with index_lock(tmp_path / "crashed"):
+        assert (tmp_path / "crashed.lock").read_text() == f"{os.getpid()}\n"
+
+
 def test_lock_retaken_after_file_replaced(tmp_path, monkeypatch):
     # Another holder deletes the lock file after this writer opened it and before it locked it:
     # a lock on the deleted file would exclude no other writer, so the writer locks the new file.
