@@ -395,6 +395,13 @@ class BuildPanelMixin:
             )
         return tuple(chosen)
 
+    def _band_choice_or_none(self) -> Optional[Tuple[int, ...]]:
+        """Return :meth:`band_indexes`, or None where the choice is incomplete (a build would say so)."""
+        try:
+            return self.band_indexes()
+        except LookalikeError:
+            return None
+
     def _on_raster_layer_changed(self, layer: Optional[QgsMapLayer]) -> None:
         self._update_band_combos(layer)
         # Band numbers chosen for another raster mean other bands here, so each starts at auto.
@@ -836,10 +843,12 @@ class BuildPanelMixin:
             if request is None:
                 return None
         if (abs(self.gsd_spin.value() - request.gsd) > 1e-9 * request.gsd
-                or self.overlap_spin.value() != round(request.params.overlap_fraction * 100)):
+                or self.overlap_spin.value() != round(request.params.overlap_fraction * 100)
+                or self.encoder_path() != request.params.encoder_path
+                or self._band_choice_or_none() != request.params.band_indexes):
             self.push_message(
                 f"Resuming {folder} with the settings the build started with ({_build_settings_text(request)}); "
-                "the GSD and overlap in the fields apply to the next Build index.",
+                "the settings now in the fields apply to the next Build index.",
                 Qgis.MessageLevel.Info,
             )
         return self.run_build(request)
@@ -873,6 +882,7 @@ class BuildPanelMixin:
         A missing or damaged index gets a message-bar message with a Locate button.
         """
         self._opening_index_folder = str(folder)
+        self._index_opening = True
         self.status_label.setText(f"Opening the index in {folder}…")
         task = LookalikeTask(
             f"Lookalike: open index {Path(folder).name}",
@@ -886,6 +896,7 @@ class BuildPanelMixin:
         if folder != self._opening_index_folder:
             # The analyst chose another folder while this one was loading.
             return
+        self._index_opening = False
         if task.outcome is not TaskOutcome.SUCCEEDED:
             self.index = None
             self.status_label.setText("No index open.")
@@ -1009,7 +1020,10 @@ def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
 
 
 def _build_settings_text(request: jobs.BuildRequest) -> str:
-    return f"GSD {_format_gsd(request.gsd)} m, overlap {request.params.overlap_fraction * 100:.0f} %"
+    params = request.params
+    bands = ", ".join(str(band) for band in params.band_indexes) if params.band_indexes else "auto"
+    return (f"encoder {Path(params.encoder_path).name}, GSD {_format_gsd(request.gsd)} m, overlap "
+            f"{params.overlap_fraction * 100:.0f} %, bands {bands}")
 
 
 def _format_gsd(gsd_m: float) -> str:

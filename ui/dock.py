@@ -94,6 +94,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self._search_again = False
         self._restoring = False
         self._opening_index_folder = ""
+        self._index_opening = False
         # The query of a project being opened, continued once its index is open.
         self._saved_query: Optional[QuerySession] = None
         # The GSD and overlap the analyst had set before the fields began to show an index's grid.
@@ -111,6 +112,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             tool.queryRejected.connect(self._on_query_rejected)
             tool.setAction(self.tool_buttons[name].defaultAction())
         self.canvas.mapToolSet.connect(self._on_map_tool_set)
+        self.canvas.destinationCrsChanged.connect(self.redraw_query_parts)
 
         self.project.readProject.connect(self._on_project_read)
         self.project.writeProject.connect(self._on_project_written)
@@ -234,9 +236,15 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         state = project_state.read_state(self.project)
         if not state.index_folder and not state.raster_layer_id:
             return
-        self._saved_query = read_session(self.project)
+        problems: list[str] = []
+        self._saved_query = read_session(self.project, problems)
         if self._saved_query is not None:
             self.restore_query(self._saved_query)
+        for problem in problems:
+            self.push_message(
+                f"The Lookalike query saved in this project cannot be restored ({problem}); draw it again.",
+                Qgis.MessageLevel.Warning,
+            )
         self._restoring = True
         try:
             layer = self.project.mapLayer(state.raster_layer_id) if state.raster_layer_id else None
@@ -286,10 +294,13 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             self._discard_task(self.search_task)
         self._search_again = False
         self._opening_index_folder = ""
+        self._index_opening = False
         self.project_epoch += 1
         for tool in self.map_tools.values():
             tool.cancel_drawing()
         self.clear_query()
+        # Query layers of the next project are named from 1 again.
+        self.query_number = 0
         self.index = None
         self.matches = []
         self.result_layer_id = ""
@@ -345,6 +356,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
             (self.project.writeProject, self._on_project_written),
             (self.project.cleared, self._on_project_cleared),
             (self.canvas.mapToolSet, self._on_map_tool_set),
+            (self.canvas.destinationCrsChanged, self.redraw_query_parts),
         ]
         if hasattr(self, "_on_layer_will_be_removed"):
             connections.append((self.project.layerWillBeRemoved, self._on_layer_will_be_removed))

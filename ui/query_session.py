@@ -51,8 +51,11 @@ def write_session(session: QuerySession, project: QgsProject) -> None:
     project.writeEntry(SCOPE, SESSION_KEY, json.dumps(record))
 
 
-def read_session(project: QgsProject) -> Optional[QuerySession]:
-    """Return the stored query, or None when the project has none or an entry the dock cannot use."""
+def read_session(project: QgsProject, problems: Optional[list[str]] = None) -> Optional[QuerySession]:
+    """Return the stored query, or None when the project has none or an entry the dock cannot use.
+
+    Why an entry cannot be used is appended to ``problems``.
+    """
     text, found = project.readEntry(SCOPE, SESSION_KEY, "")
     if not found or not text:
         return None
@@ -63,7 +66,7 @@ def read_session(project: QgsProject) -> Optional[QuerySession]:
         results_index = record.get("results_index")
         session = QuerySession(
             query_number=_whole_number(record.get("query_number", 0)),
-            parts=[(str(wkt), bool(negative), str(crs_wkt)) for wkt, negative, crs_wkt in record.get("parts", [])],
+            parts=[(str(wkt), _flag(negative), str(crs_wkt)) for wkt, negative, crs_wkt in record.get("parts", [])],
             result_layer_id=str(record.get("result_layer_id") or ""),
             results_index=(str(results_index[0]), str(results_index[1])) if results_index else None,
             marks={_whole_number(tile_id): Relevance(value) for tile_id, value in record.get("marks", [])},
@@ -71,8 +74,16 @@ def read_session(project: QgsProject) -> Optional[QuerySession]:
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         # A project edited by hand, or written by a later version: the rest of the project still opens.
         LOGGER.warning("The project's Lookalike query cannot be restored (%s); draw the query again", error)
+        if problems is not None:
+            problems.append(str(error))
         return None
     return session
+
+
+def _flag(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{value!r} is not true or false")
+    return value
 
 
 def _whole_number(value: object) -> int:

@@ -124,17 +124,25 @@ class SearchPanelMixin:
 
     def add_query_geometry(self, geometry: QgsGeometry, negative: bool) -> None:
         """Add a drawn part (canvas CRS) to the query and search again."""
-        if self.index is None and self.build_task is None:
-            # A part kept now would join the first query of the index built later, unseen.
-            self.push_message(
-                "No index is open, so the drawing was not kept; build an index or choose an index folder, "
-                "then draw the query.",
-                Qgis.MessageLevel.Warning,
-            )
+        if not self._can_take_query_parts("drawing"):
             return
         crs_wkt = crs_to_wkt(self.canvas.mapSettings().destinationCrs())
         self._add_query_part(geometry, negative, crs_wkt)
         self.start_search()
+
+    def _can_take_query_parts(self, what: str) -> bool:
+        """Tell whether a new query part can be kept, and say why not when it cannot."""
+        if self.index is not None or self.build_task is not None:
+            return True
+        # A part kept now would join the first query of the index built or opened later, unseen.
+        if self._index_opening:
+            text = (f"The index is still opening, so the {what} was not kept; add it again when the status line "
+                    "says 'Index open'.")
+        else:
+            text = (f"No index is open, so the {what} was not kept; build an index or choose an index folder, "
+                    "then add the query.")
+        self.push_message(text, Qgis.MessageLevel.Warning)
+        return False
 
     def _add_query_part(self, geometry: QgsGeometry, negative: bool, crs_wkt: str) -> None:
         if not self.query_parts:
@@ -164,13 +172,21 @@ class SearchPanelMixin:
         self.query_parts = []
         self.overlay.clear()
         self.query_number = max(self.query_number, session.query_number)
+        left_out = 0
         for wkt, negative, crs_wkt in session.parts:
             geometry = QgsGeometry.fromWkt(wkt)
-            if geometry.isNull() or geometry.isEmpty():
-                LOGGER.warning("A saved query part is not a geometry and was left out: %.80s", wkt)
+            if geometry.isNull() or geometry.isEmpty() or not QgsCoordinateReferenceSystem.fromWkt(crs_wkt).isValid():
+                LOGGER.warning("A saved query part without a valid geometry or CRS was left out: %.80s", wkt)
+                left_out += 1
                 continue
             self.query_parts.append((geometry, negative, crs_wkt))
             self._show_query_part(geometry, negative, crs_wkt)
+        if left_out:
+            self.push_message(
+                f"{left_out} query part(s) saved with this project have no valid geometry or CRS and were left "
+                "out; draw them again.",
+                Qgis.MessageLevel.Warning,
+            )
         self._update_query_label()
 
     def query_session(self) -> QuerySession:
@@ -184,6 +200,8 @@ class SearchPanelMixin:
         )
 
     def add_selected_features(self) -> None:
+        if not self._can_take_query_parts("selection"):
+            return
         layer = self.query_layer_combo.currentLayer()
         if not isinstance(layer, QgsVectorLayer) or layer.selectedFeatureCount() == 0:
             self.push_message(
@@ -224,10 +242,14 @@ class SearchPanelMixin:
 
     def _remove_query_part(self, position: int) -> None:
         del self.query_parts[position]
+        self.redraw_query_parts()
+        self._update_query_label()
+
+    def redraw_query_parts(self, *_args) -> None:
+        """Draw the query parts again, in the map's CRS (also after it changed)."""
         self.overlay.clear()
         for geometry, negative, crs_wkt in self.query_parts:
             self._show_query_part(geometry, negative, crs_wkt)
-        self._update_query_label()
 
     def _update_query_label(self, *_args) -> None:
         positives = sum(1 for _geometry, negative, _crs in self.query_parts if not negative)
@@ -331,7 +353,14 @@ class SearchPanelMixin:
         self.search_task = None
         self.search_button.setText("Search")
         self._update_query_label()
-        if task.outcome is TaskOutcome.SUCCEEDED:
+        if task.outcome is TaskOutcome.SUCCEEDED and (self.index is None or index_identity != self.index.identity):
+            # The index was replaced while the search ran: its tile ids mean other tiles now.
+            self.push_message(
+                "A search of the index open before finished after another index was opened, so its matches are "
+                "not shown; search again to query the open index.",
+                Qgis.MessageLevel.Info,
+            )
+        elif task.outcome is TaskOutcome.SUCCEEDED:
             outcome: jobs.SearchOutcome = task.result
             self._encoder_cache = outcome.encoder
             self._results_index_identity = index_identity
@@ -410,7 +439,16 @@ class SearchPanelMixin:
         if session is None or self.index is None:
             return
         if session.results_index is None or session.results_index[1] != self.index.identity[1]:
-            # Their tile ids would name other tiles of this index.
+            # Their tile ids would name other tiles of this index, so this query's next matches go
+            # to a layer of a new name.
+            self._free_query_name()
+            if session.marks:
+                self.push_message(
+                    f"The {len(session.marks)} relevance mark(s) saved with this project were made on another "
+                    "build of the index, whose tiles may differ, so they are not restored; mark the matches again.",
+                    Qgis.MessageLevel.Info,
+                )
+            self._update_query_label()
             return
         layer = self.project.mapLayer(session.result_layer_id) if session.result_layer_id else None
         matches = stored_matches(layer, self.index) if isinstance(layer, QgsVectorLayer) else None
@@ -420,10 +458,22 @@ class SearchPanelMixin:
             self.matches = matches
             self._fill_result_views(matches, stored_min_score(layer))
             self._load_thumbnails(matches)
-        if session.marks:
+        else:
+            self._free_query_name()
+        # A mark edited by hand may name no tile of this index.
+        marks = {tile_id: mark for tile_id, mark in session.marks.items() if 0 <= tile_id < self.index.count}
+        if len(marks) < len(session.marks):
+            LOGGER.warning("%d saved relevance mark(s) name no tile of %s and were left out",
+                           len(session.marks) - len(marks), self.index.folder)
+        if marks:
             self._results_index_identity = self.index.identity
-            self.results_table.restore_marks(session.marks)
+            self.results_table.restore_marks(marks)
         self._update_query_label()
+
+    def _free_query_name(self) -> None:
+        """Move the query number past layers of the project that already have this query's name."""
+        while self.query_parts and self.project.mapLayersByName(self.query_layer_name()):
+            self.query_number += 1
 
     def set_results_of_other_index_aside(self) -> None:
         """Stop showing matches and marks of another index (or an earlier build) in the table."""

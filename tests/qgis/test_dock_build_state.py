@@ -188,14 +188,14 @@ def test_resume_names_the_settings_it_keeps(dock, ships_clip, tmp_path, qgis_ifa
     bar = qgis_iface.messageBar()
     cancel_build_at(dock, FINE_GSD_M, build_hold)
     resume_item = current_resume_item(bar)
-    assert "overlap 50 %" in resume_item.text()
+    assert "overlap 50 %, bands auto" in resume_item.text()
     dock.overlap_spin.setValue(25)
 
     QTest.mouseClick(resume_item.findChild(QPushButton, "lookalikeMessageButton"), Qt.MouseButton.LeftButton)
     wait_for_tasks(dock)
 
     infos = bar.get_messages(Qgis.MessageLevel.Info)
-    assert any("with the settings the build started with (GSD 1.25 m, overlap 50 %)" in text for text in infos), infos
+    assert any("GSD 1.25 m, overlap 50 %, bands auto)" in text for text in infos), infos
     assert first_grid_in(tmp_path / "index").overlap_fraction == 0.5
 
 

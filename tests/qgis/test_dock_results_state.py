@@ -12,6 +12,7 @@ from dock_testing import build, drag_rectangle, messages, ship_query_bounds, wai
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
     QgsFeature,
     QgsGeometry,
     QgsProject,
@@ -600,3 +601,133 @@ def test_search_button_cancels_search(searched, monkeypatch):
     assert searched.search_task is None
     assert searched.search_button.text() == "Search"
     assert searched.matches == matches_before
+
+
+def test_search_finishing_after_index_switch_not_shown(searched, qgis_iface, ships_layer, tmp_path, monkeypatch):
+    from lookalike.ui import jobs
+
+    release = []
+    real_search_work = jobs.search_work
+
+    def held_search(request, task):
+        wait_until(lambda: release, timeout_s=30.0)
+        return real_search_work(request, task)
+
+    first_layer_id = searched.result_layer_id
+    other = tmp_path / "other"
+    searched.gsd_spin.setValue(searched.gsd_spin.value() * 1.5)
+    build(searched, other)
+    searched.index_folder.setFilePath(str(tmp_path / "index"))
+    wait_for_tasks(searched)
+    monkeypatch.setattr(jobs, "search_work", held_search)
+    searched.start_search()
+    searched.index_folder.setFilePath(str(other))
+    wait_until(lambda: searched.index is not None and Path(searched.index.folder) == other)
+    release.append(True)
+    wait_for_tasks(searched)
+
+    assert searched.matches == []
+    assert searched.results_table.rowCount() == 0
+    assert searched.result_layer() is None
+    assert QgsProject.instance().mapLayer(first_layer_id) is not None
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("finished after another index was opened, so its matches are not shown" in text for text in infos)
+
+
+def test_selected_features_refused_without_index(dock, ships_layer, qgis_iface):
+    points = QgsVectorLayer("Point?crs=EPSG:32610", "examples", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromWkt("POINT (558585 4176120)"))
+    points.dataProvider().addFeatures([feature])
+    QgsProject.instance().addMapLayer(points)
+    points.selectAll()
+    dock.query_layer_combo.setLayer(points)
+
+    dock.add_selected_features()
+
+    assert dock.query_parts == []
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("No index is open, so the selection was not kept" in text for text in warnings), warnings
+
+
+def test_query_of_rebuilt_index_gets_new_layer_name(searched, tmp_path):
+    project_path = tmp_path / "survey.qgz"
+    assert QgsProject.instance().write(str(project_path))
+    manifest_path = Path(searched.index.folder) / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["index_id"] = "a later build"
+    manifest_path.write_text(json.dumps(manifest))
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    names = sorted(layer.name() for layer in QgsProject.instance().mapLayers().values()
+                   if layer.name().startswith("Lookalike query"))
+    assert names == ["Lookalike query 1", "Lookalike query 2"]
+    assert searched.result_layer().name() == "Lookalike query 2"
+
+
+def edit_saved_session(project_path: Path, edit) -> None:
+    """Change the query saved in a .qgs project file, as a hand edit would."""
+    import xml.etree.ElementTree as ElementTree
+
+    tree = ElementTree.parse(project_path)
+    entry = tree.getroot().find("./properties/lookalike/query_session")
+    record = json.loads(entry.text)
+    edit(record)
+    entry.text = json.dumps(record)
+    tree.write(project_path)
+
+
+def test_hand_edited_marks_outside_index_left_out(searched, tmp_path):
+    kept = searched.matches[0].tile_id
+    searched.results_table.set_relevance(kept, Relevance.RELEVANT)
+    project_path = tmp_path / "survey.qgs"
+    assert QgsProject.instance().write(str(project_path))
+    edit_saved_session(project_path, lambda record: record["marks"].extend(
+        [[10**9, "relevant"], [-5, "not relevant"]]))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    assert searched.results_table.marks() == {kept: Relevance.RELEVANT}
+    searched.start_search()
+    wait_for_tasks(searched)
+    assert searched.matches
+
+
+def test_hand_edited_part_flag_rejected_with_message(searched, qgis_iface, tmp_path):
+    project_path = tmp_path / "survey.qgs"
+    assert QgsProject.instance().write(str(project_path))
+    edit_saved_session(project_path, lambda record: record["parts"][0].__setitem__(1, "false"))
+
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(project_path))
+    wait_for_tasks(searched)
+
+    assert searched.query_parts == []
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("The Lookalike query saved in this project cannot be restored ('false' is not true or false)"
+               in text for text in warnings), warnings
+
+
+def test_query_outline_follows_map_crs(searched, qgis_canvas):
+    (band,) = searched.overlay._bands
+    centre = band.asGeometry().centroid().asPoint()
+    web_mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    drawn_crs = qgis_canvas.mapSettings().destinationCrs()
+
+    qgis_canvas.setDestinationCrs(web_mercator)
+
+    try:
+        (band,) = searched.overlay._bands
+        moved = band.asGeometry().centroid().asPoint()
+    finally:
+        qgis_canvas.setDestinationCrs(drawn_crs)
+    expected = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:32610"), web_mercator,
+                                      QgsProject.instance()).transform(centre)
+    assert moved.distance(expected) < 1.0
