@@ -199,8 +199,9 @@ def changed_source_warnings(index: TileIndex) -> list[str]:
 
     A file whose size and modification time still equal those in the manifest is taken as
     unchanged without reading it. Otherwise its SHA-256 decides, because copying a folder often
-    gives files a new time. Sources indexed before the manifest kept size and time, missing
-    files (reported where they are read) and connection strings are not checked.
+    gives files a new time. Sources indexed before the manifest kept size and time, VRT mosaics
+    (see :func:`~lookalike.core.raster._file_stamp`), missing files (reported where they are read)
+    and connection strings are not checked.
     """
     warnings = []
     for source in index.sources:
@@ -588,6 +589,8 @@ def run_search(
     index = TileIndex.open(index_folder)
     encoder = OnnxEncoder(encoder_path or index_encoder_path(index))
     index.check_encoder(encoder.name, encoder.checksum)
+    for warning in changed_source_warnings(index):
+        LOGGER.warning(warning)
     raster = RasterSource(os.fspath(source), _band_indexes_for(index.manifest, source))
     try:
         query_crs_wkt = crs_wkt or raster.crs_wkt

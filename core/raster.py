@@ -838,7 +838,7 @@ class RasterSource:
             "pixel_size": list(self.pixel_size),
             "data_type": self.data_type_name,
             "checksum": self.checksum(),
-            **_file_stamp(self.path),
+            **({} if self._dataset.GetDriver().ShortName == "VRT" else _file_stamp(self.path)),
         }
 
     @property
@@ -859,7 +859,11 @@ class RasterSource:
 
 
 def _file_stamp(path: str) -> dict[str, int]:
-    """Return the size and modification time of a local file, which tell cheaply whether it changed."""
+    """Return the size and modification time of a local file, which tell cheaply whether it changed.
+
+    VRT mosaics get none. QGIS writes band statistics into a VRT when it closes a layer of it, so
+    its bytes change without its pixels, and the files it references are not stamped.
+    """
     if not os.path.isfile(path):
         return {}
     info = os.stat(path)

@@ -215,7 +215,8 @@ def export_chips(
     reported instead of writing an empty chip. ``progress(done, total)`` is called after each
     chip and ``is_cancelled()`` is polled before each. ``labels.csv`` lists the chips of this
     run, and the chips an earlier ``labels.csv`` there listed are removed unless this run wrote
-    them again. A run stopped after some chips keeps the earlier chips it did not reach, listed
+    them again. Columns the analyst added to that list stay with the rows of chips written again
+    from the same footprint. A run stopped after some chips keeps the earlier chips it did not reach, listed
     with their rows. A run that writes no chip (stopped before its first, or with every footprint
     skipped) leaves an existing ``labels.csv`` and its chips alone.
 
@@ -274,7 +275,7 @@ def export_chips(
             written = _write_chip(source, stretch, request, chip_path, image_format, chip_size_px)
             if written:
                 report.chip_paths.append(chip_path)
-                rows.append(_csv_row(chip_path.name, request))
+                rows.append(_with_analyst_columns(_csv_row(chip_path.name, request), earlier_rows.get(chip_path.name)))
             else:
                 report.skipped.append((request.feature_id, "no valid pixel under the footprint"))
                 LOGGER.info("Skipped feature %d: no valid pixel of %s under its footprint",
@@ -407,6 +408,21 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
     for name, value in zip(("xmin", "ymin", "xmax", "ymax"), request.bounds):
         row[name] = repr(float(value))
     return row
+
+
+def _with_analyst_columns(row: dict[str, Any], earlier: Optional[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add the columns the analyst added to ``earlier`` (this chip name's old row) when it shows the same footprint."""
+    if earlier is None or earlier.get("crs") != row["crs"]:
+        return row
+    try:
+        same_bounds = all(math.isclose(float(earlier[name]), float(row[name]), rel_tol=1e-12, abs_tol=1e-9)
+                          for name in ("xmin", "ymin", "xmax", "ymax"))
+    except (KeyError, TypeError, ValueError):
+        return row
+    if not same_bounds:
+        # Another footprint under the same chip name: notes about the old chip would mislabel it.
+        return row
+    return {**row, **{name: value for name, value in earlier.items() if name not in CSV_COLUMNS}}
 
 
 def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:

@@ -149,9 +149,32 @@ def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
 
     with open(labels, newline="", encoding="utf-8") as stream:
         notes = {row["chip"]: row["notes"] for row in csv.DictReader(stream)}
-    # The chip written again has a new row; the two the export did not reach keep theirs.
-    assert notes == {"chip_00001.tif": "", "chip_00002.tif": "checked chip_00002.tif by hand",
+    # The chip written again shows the same footprint, so its note stays, as do the rows of the
+    # two the export did not reach.
+    assert notes == {"chip_00001.tif": "checked chip_00001.tif by hand",
+                     "chip_00002.tif": "checked chip_00002.tif by hand",
                      "chip_00003.tif": "checked chip_00003.tif by hand"}
+
+
+def test_reexport_keeps_notes_of_same_footprints_only(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 2), folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    with open(labels, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        row["notes"] = f"checked {row['chip']} by hand"
+    with open(labels, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    # The second footprint now comes first, so chip_00001 shows another place.
+    chip_export.export_chips(list(reversed(ships_requests(repo_root, 2))), folder)
+
+    with open(labels, newline="", encoding="utf-8") as stream:
+        notes = {row["chip"]: row.get("notes", "") for row in csv.DictReader(stream)}
+    assert notes == {"chip_00001.tif": "", "chip_00002.tif": ""}
 
 
 def test_labels_with_nul_bytes_stop_export(repo_root, tmp_path):

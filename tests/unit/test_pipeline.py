@@ -1,6 +1,7 @@
 """Build and query pipeline on small real rasters with the tiny test encoder."""
 
 import json
+import logging
 import math
 import os
 import threading
@@ -1395,3 +1396,34 @@ def test_changed_raster_is_reported(shared_data, tmp_path):
     (warning,) = query_module.changed_source_warnings(index)
     assert f"Raster {raster} changed after it was indexed" in warning
     assert "Build the index again" in warning
+
+
+def test_vrt_rewritten_without_new_pixels_not_reported(shared_data, tmp_path):
+    # QGIS writes band statistics into a VRT when it closes a layer of it.
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), [geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")]).FlushCache()
+    index_folder = tmp_path / "index"
+    build_index(parameters([mosaic], index_folder, tile_size_source_px=64))
+    text = mosaic.read_text()
+    mosaic.write_text(text.replace("</VRTRasterBand>", "<Metadata><MDI key=\"STATISTICS_MEAN\">80</MDI></Metadata>"
+                                                       "</VRTRasterBand>", 1))
+
+    assert query_module.changed_source_warnings(TileIndex.open(index_folder)) == []
+
+
+def test_python_search_logs_changed_raster(shared_data, tmp_path, caplog):
+    raster = tmp_path / "scene.tif"
+    gdal.Translate(str(raster), geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    index_folder = tmp_path / "index"
+    build_index(parameters([raster], index_folder, tile_size_source_px=64))
+    dataset = gdal.Open(str(raster), gdal.GA_Update)
+    band = dataset.GetRasterBand(3)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+    xmin, ymin, xmax, ymax = RasterSource(str(raster)).bounds
+    box = (xmin + 200, ymin + 200, xmin + 520, ymin + 520)
+
+    with caplog.at_level(logging.WARNING, logger="lookalike"):
+        run_search(str(index_folder), str(raster), [box], k=3)
+
+    assert any(f"Raster {raster} changed after it was indexed" in record.getMessage() for record in caplog.records)
