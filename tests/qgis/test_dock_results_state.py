@@ -484,20 +484,22 @@ def test_saved_project_exports_restored_layer(searched, tmp_path):
     assert exported.featureCount() == len(searched.matches) > 0
 
 
-def test_saved_marks_of_earlier_build_not_restored(searched, tmp_path):
-    marked = searched.matches[0].tile_id
-    searched.results_table.set_relevance(marked, Relevance.RELEVANT)
-    project_path = tmp_path / "survey.qgz"
+def reopen_after_rebuild(dock, project_path: Path) -> None:
+    """Save the project, give the index folder another build's id (as a rebuild does), and reopen the project."""
     assert QgsProject.instance().write(str(project_path))
-    # The folder is built again (another index id) before the project is opened.
-    manifest_path = Path(searched.index.folder) / "manifest.json"
+    manifest_path = Path(dock.index.folder) / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["index_id"] = "a later build"
     manifest_path.write_text(json.dumps(manifest))
-
     QgsProject.instance().clear()
     assert QgsProject.instance().read(str(project_path))
-    wait_for_tasks(searched)
+    wait_for_tasks(dock)
+
+
+def test_saved_marks_of_earlier_build_not_restored(searched, tmp_path):
+    marked = searched.matches[0].tile_id
+    searched.results_table.set_relevance(marked, Relevance.RELEVANT)
+    reopen_after_rebuild(searched, tmp_path / "survey.qgz")
 
     assert searched.results_table.tiles_marked(Relevance.RELEVANT) == []
     assert searched.result_layer() is None
@@ -651,15 +653,7 @@ def test_selected_features_refused_without_index(dock, ships_layer, qgis_iface):
 
 
 def test_query_of_rebuilt_index_gets_new_layer_name(searched, tmp_path):
-    project_path = tmp_path / "survey.qgz"
-    assert QgsProject.instance().write(str(project_path))
-    manifest_path = Path(searched.index.folder) / "manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["index_id"] = "a later build"
-    manifest_path.write_text(json.dumps(manifest))
-    QgsProject.instance().clear()
-    assert QgsProject.instance().read(str(project_path))
-    wait_for_tasks(searched)
+    reopen_after_rebuild(searched, tmp_path / "survey.qgz")
 
     searched.start_search()
     wait_for_tasks(searched)

@@ -126,10 +126,8 @@ def test_cancelled_reexport_keeps_earlier_chips(repo_root, tmp_path):
     assert csv_chip_names(folder) == names
 
 
-def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
-    folder = tmp_path / "chips"
-    chip_export.export_chips(ships_requests(repo_root, 3), folder)
-    labels = folder / chip_export.LABELS_CSV_NAME
+def add_notes_column(labels) -> None:
+    """Add a column of notes to ``labels``, as an analyst would in a spreadsheet."""
     with open(labels, newline="", encoding="utf-8") as stream:
         rows = list(csv.DictReader(stream))
     for row in rows:
@@ -138,6 +136,13 @@ def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
         writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
         writer.writeheader()
         writer.writerows(rows)
+
+
+def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 3), folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    add_notes_column(labels)
     polls = []
 
     def cancel_after_one_chip() -> bool:
@@ -160,14 +165,7 @@ def test_reexport_keeps_notes_of_same_footprints_only(repo_root, tmp_path):
     folder = tmp_path / "chips"
     chip_export.export_chips(ships_requests(repo_root, 2), folder)
     labels = folder / chip_export.LABELS_CSV_NAME
-    with open(labels, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    for row in rows:
-        row["notes"] = f"checked {row['chip']} by hand"
-    with open(labels, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
-        writer.writeheader()
-        writer.writerows(rows)
+    add_notes_column(labels)
 
     # The second footprint now comes first, so chip_00001 shows another place.
     chip_export.export_chips(list(reversed(ships_requests(repo_root, 2))), folder)
