@@ -27,7 +27,7 @@ from .errors import LookalikeError
 LOCK_SUFFIX = ".lock"
 # Attempts to open and lock the lock file while other holders keep deleting it, before giving up.
 MAX_LOCK_ATTEMPTS = 5
-# A lock file holds a process id and a newline; a longer file is someone else's.
+# A lock file contains a process id and a newline, so a longer file is someone else's.
 MAX_LOCK_FILE_BYTES = 24
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -103,11 +103,11 @@ def _acquire(path: Path, index_folder: PathLike) -> tuple[IO[bytes], bool]:
         _release(stream)
     else:
         raise _locked_error(index_folder, path)
-    if not created and not _holds_a_process_id(stream):
+    if not created and not _contains_only_a_process_id(stream):
         _release(stream)
         raise LookalikeError(
             f"{path}, where the lock file of index folder {os.fspath(index_folder)} goes, is a file that Lookalike "
-            "did not write (a lock file holds only a process id); move or rename it, or choose another index folder."
+            "did not write (a lock file contains only a process id); move or rename it, or choose another index folder."
         )
     try:
         # The PID is only for people who find the file; the OS lock is what excludes writers.
@@ -163,8 +163,8 @@ def _open_no_follow(path: Path, flags: int) -> IO[bytes]:
     return os.fdopen(descriptor, "r+b")
 
 
-def _holds_a_process_id(stream: IO[bytes]) -> bool:
-    """Tell whether an existing lock file holds what this module writes: nothing, or a process id line."""
+def _contains_only_a_process_id(stream: IO[bytes]) -> bool:
+    """Return whether an existing lock file contains what this module writes: nothing, or a process id line."""
     stream.seek(0)
     content = stream.read(MAX_LOCK_FILE_BYTES + 1)
     return len(content) <= MAX_LOCK_FILE_BYTES and re.fullmatch(rb"\d*\r?\n?", content) is not None

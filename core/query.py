@@ -216,7 +216,7 @@ def changed_source_warnings(index: TileIndex) -> list[str]:
             _SOURCE_CHECKSUMS[key] = file_sha256(Path(path))
         if _SOURCE_CHECKSUMS[key] != source.get("checksum"):
             warnings.append(
-                f"Raster {path} changed after it was indexed: the index holds embeddings of its earlier pixels, "
+                f"Raster {path} changed after it was indexed: the index contains embeddings of its earlier pixels, "
                 "while examples drawn over it are read from the current ones, so the scores compare the two. "
                 "Build the index again to search the raster as it is now."
             )

@@ -216,9 +216,10 @@ def export_chips(
     chip and ``is_cancelled()`` is polled before each. ``labels.csv`` lists the chips of this
     run, and the chips an earlier ``labels.csv`` there listed are removed unless this run wrote
     them again. Columns the analyst added to that list stay with the rows of chips written again
-    from the same footprint. A run stopped after some chips keeps the earlier chips it did not reach, listed
-    with their rows. A run that writes no chip (stopped before its first, or with every footprint
-    skipped) leaves an existing ``labels.csv`` and its chips alone.
+    from the same footprint, under whatever chip number. A run stopped after some chips keeps the
+    earlier chips it did not reach, listed with their rows. A run that writes no chip (stopped
+    before its first, or with every footprint skipped) leaves an existing ``labels.csv`` and its
+    chips alone.
 
     Raises:
         LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
@@ -248,6 +249,8 @@ def export_chips(
 
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
     earlier_rows = _listed_chip_rows(report.csv_path)
+    # Notes follow the footprint, which a new export may write under another chip number.
+    earlier_by_footprint = {_footprint_key(row): row for row in earlier_rows.values()}
     _check_no_unlisted_chips(folder, len(requests), FILE_EXTENSIONS[image_format], earlier_rows)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
@@ -275,7 +278,7 @@ def export_chips(
             written = _write_chip(source, stretch, request, chip_path, image_format, chip_size_px)
             if written:
                 report.chip_paths.append(chip_path)
-                rows.append(_with_analyst_columns(_csv_row(chip_path.name, request), earlier_rows.get(chip_path.name)))
+                rows.append(_with_analyst_columns(_csv_row(chip_path.name, request), earlier_by_footprint))
             else:
                 report.skipped.append((request.feature_id, "no valid pixel under the footprint"))
                 LOGGER.info("Skipped feature %d: no valid pixel of %s under its footprint",
@@ -410,17 +413,20 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
     return row
 
 
-def _with_analyst_columns(row: dict[str, Any], earlier: Optional[Mapping[str, Any]]) -> dict[str, Any]:
-    """Add the columns the analyst added to ``earlier`` (this chip name's old row) when it shows the same footprint."""
-    if earlier is None or earlier.get("crs") != row["crs"]:
-        return row
+def _footprint_key(row: Mapping[str, Any]) -> Optional[tuple]:
+    """Return a row's CRS and bounds, rounded so that a spreadsheet's shorter numbers match; None if unreadable."""
     try:
-        same_bounds = all(math.isclose(float(earlier[name]), float(row[name]), rel_tol=1e-12, abs_tol=1e-9)
-                          for name in ("xmin", "ymin", "xmax", "ymax"))
+        return (str(row["crs"]), *(round(float(row[name]), 6) for name in ("xmin", "ymin", "xmax", "ymax")))
     except (KeyError, TypeError, ValueError):
-        return row
-    if not same_bounds:
-        # Another footprint under the same chip name: notes about the old chip would mislabel it.
+        return None
+
+
+def _with_analyst_columns(
+    row: dict[str, Any], earlier_by_footprint: Mapping[Any, Mapping[str, Any]]
+) -> dict[str, Any]:
+    """Add the columns the analyst added to the earlier row of the same footprint, if there was one."""
+    earlier = earlier_by_footprint.get(_footprint_key(row))
+    if earlier is None:
         return row
     return {**row, **{name: value for name, value in earlier.items() if name not in CSV_COLUMNS}}
 
@@ -512,7 +518,7 @@ def _csv_delimiter(first_line: str) -> str:
 
 
 def _check_no_unlisted_chips(folder: Path, count: int, extension: str, earlier_rows: Mapping[str, Any]) -> None:
-    """Refuse to replace a chip file that no earlier export's ``labels.csv`` lists: it may be the analyst's."""
+    """Raise when the export would replace a chip file that no earlier ``labels.csv`` lists (the analyst's, maybe)."""
     names = {f"chip_{position:05d}.{extension}" for position in range(1, count + 1)}
     unlisted = sorted(name for name in names & _chip_names_in(folder) if name not in earlier_rows)
     if unlisted:

@@ -289,6 +289,10 @@ def reject_output_in_folder(output_path: str, output_name: str, folder: str, fol
         ))
 
 
+# Sidecar files GDAL and other GIS programs keep beside a raster, whatever GDAL's settings.
+SIDECAR_SUFFIXES = (".aux.xml", ".ovr", ".msk")
+
+
 def raster_files(raster_path: str) -> list[str]:
     """Return the files a raster consists of: its path and GDAL's file list for the dataset.
 
@@ -296,7 +300,9 @@ def raster_files(raster_path: str) -> list[str]:
     GeoPackage raster, whose GDAL path is ``GPKG:file:table``. A raster GDAL cannot open (moved or
     deleted since the index was built) contributes only its path.
     """
-    files = [raster_path]
+    # GDAL leaves the .aux.xml sidecar out of the list when GDAL_PAM_ENABLED=NO, although the file
+    # (written by another program, or before PAM was turned off) is still part of the raster.
+    files = [raster_path, *(raster_path + suffix for suffix in SIDECAR_SUFFIXES)]
     dataset = open_raster_quietly(raster_path)
     if dataset is not None:
         files.extend(dataset.GetFileList() or [])

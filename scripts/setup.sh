@@ -28,7 +28,10 @@ fi
 
 # Pin numpy to the version QGIS was built with, so no requirement can replace it.
 system_numpy=$(/usr/bin/python3 -c 'import numpy; print(numpy.__version__)')
-printf 'numpy==%s\n' "$system_numpy" > .venv/constraints.txt
+# Written only when it changes, so that a second run leaves .venv as it is.
+if [ "$(cat .venv/constraints.txt 2>/dev/null)" != "numpy==$system_numpy" ]; then
+  printf 'numpy==%s\n' "$system_numpy" > .venv/constraints.txt
+fi
 
 stamp=.venv/requirements.stamp
 wanted=$(cat requirements.txt requirements-dev.txt .venv/constraints.txt | sha256sum | cut -d' ' -f1)

@@ -95,8 +95,8 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--k", type=match_count, default=DEMO_K,
                         help=f"number of matches, a whole number of at least 1 (default: {DEMO_K})")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace matches.gpkg, matches.png, demo_index/ and demo_outputs.json even when "
-                             "the demo did not write them")
+                        help="replace matches.gpkg, matches.png and demo_outputs.json even when the demo did "
+                             "not write them; demo_index/ is still replaced only when it is empty or an index")
     arguments = parser.parse_args(argv)
 
     if arguments.output_folder.exists() and not arguments.output_folder.is_dir():

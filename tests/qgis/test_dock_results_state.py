@@ -636,7 +636,7 @@ def test_search_finishing_after_index_switch_not_shown(searched, qgis_iface, shi
     assert any("finished after another index was opened, so its matches are not shown" in text for text in infos)
 
 
-def test_selected_features_refused_without_index(dock, ships_layer, qgis_iface):
+def test_selected_features_rejected_without_index(dock, ships_layer, qgis_iface):
     points = QgsVectorLayer("Point?crs=EPSG:32610", "examples", "memory")
     feature = QgsFeature()
     feature.setGeometry(QgsGeometry.fromWkt("POINT (558585 4176120)"))

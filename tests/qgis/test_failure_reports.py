@@ -161,18 +161,21 @@ def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
                      "chip_00003.tif": "checked chip_00003.tif by hand"}
 
 
-def test_reexport_keeps_notes_of_same_footprints_only(repo_root, tmp_path):
+def test_reexport_notes_follow_footprints(repo_root, tmp_path):
     folder = tmp_path / "chips"
-    chip_export.export_chips(ships_requests(repo_root, 2), folder)
+    first, second, third, new = ships_requests(repo_root, 4)
+    chip_export.export_chips([first, second, third], folder)
     labels = folder / chip_export.LABELS_CSV_NAME
     add_notes_column(labels)
 
-    # The second footprint now comes first, so chip_00001 shows another place.
-    chip_export.export_chips(list(reversed(ships_requests(repo_root, 2))), folder)
+    # Only two of the earlier matches are exported again, under other chip numbers, with a new one.
+    chip_export.export_chips([third, first, new], folder)
 
     with open(labels, newline="", encoding="utf-8") as stream:
-        notes = {row["chip"]: row.get("notes", "") for row in csv.DictReader(stream)}
-    assert notes == {"chip_00001.tif": "", "chip_00002.tif": ""}
+        notes = {row["chip"]: row["notes"] for row in csv.DictReader(stream)}
+    assert notes == {"chip_00001.tif": "checked chip_00003.tif by hand",
+                     "chip_00002.tif": "checked chip_00001.tif by hand",
+                     "chip_00003.tif": ""}
 
 
 def test_labels_with_nul_bytes_stop_export(repo_root, tmp_path):

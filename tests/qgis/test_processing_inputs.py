@@ -579,6 +579,20 @@ def test_indexinfo_rejects_output_over_raster(clip_copy_index, tmp_path, output_
     assert raster.read_bytes() == raster_bytes
 
 
+def test_indexinfo_keeps_sidecar_without_pam(clip_copy_index, monkeypatch):
+    # The tests run with GDAL_PAM_ENABLED=NO, as GDAL then leaves .aux.xml out of a raster's files.
+    raster, folder = clip_copy_index
+    sidecar = raster.with_name(raster.name + ".aux.xml")
+    sidecar.write_text("<PAMDataset><Metadata><MDI key=\"NOTE\">statistics of another program</MDI></Metadata>"
+                       "</PAMDataset>")
+    monkeypatch.setenv("GDAL_PAM_ENABLED", "NO")
+
+    message = run_failure("indexinfo", {"INDEX": str(folder), "OUTPUT_HTML": str(sidecar)})
+
+    assert f"OUTPUT_HTML: {sidecar} is the file " in message
+    assert "statistics of another program" in sidecar.read_text()
+
+
 def test_indexinfo_writes_beside_raster(clip_copy_index, tmp_path):
     raster, folder = clip_copy_index
 
