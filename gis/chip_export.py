@@ -247,10 +247,14 @@ def export_chips(
     if not os.access(folder, os.W_OK):
         raise LookalikeError(f"The chip folder {folder} is not writable; choose a folder you can write to.")
 
+    _check_sources_outside_chips(folder, requests)
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
     earlier_rows = _listed_chip_rows(report.csv_path)
-    # Notes follow the footprint, which a new export may write under another chip number.
-    earlier_by_footprint = {_footprint_key(row): row for row in earlier_rows.values()}
+    # Notes follow the footprint, which a new export may write under another chip number. The same
+    # footprint can appear more than once (two dates of one place), so its rows are handed out in order.
+    earlier_by_footprint: dict[Any, list[Mapping[str, Any]]] = {}
+    for row in earlier_rows.values():
+        earlier_by_footprint.setdefault(_footprint_key(row), []).append(row)
     _check_no_unlisted_chips(folder, len(requests), FILE_EXTENSIONS[image_format], earlier_rows)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
@@ -414,20 +418,25 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
 
 
 def _footprint_key(row: Mapping[str, Any]) -> Optional[tuple]:
-    """Return a row's CRS and bounds, rounded so that a spreadsheet's shorter numbers match; None if unreadable."""
+    """Return a row's raster, CRS and bounds, rounded so that a spreadsheet's shorter numbers match.
+
+    None when the row lacks a readable bound.
+    """
     try:
-        return (str(row["crs"]), *(round(float(row[name]), 6) for name in ("xmin", "ymin", "xmax", "ymax")))
+        bounds = tuple(round(float(row[name]), 6) for name in ("xmin", "ymin", "xmax", "ymax"))
     except (KeyError, TypeError, ValueError):
         return None
+    return (str(row.get(matches.FIELD_SOURCE) or ""), str(row.get("crs") or ""), *bounds)
 
 
 def _with_analyst_columns(
-    row: dict[str, Any], earlier_by_footprint: Mapping[Any, Mapping[str, Any]]
+    row: dict[str, Any], earlier_by_footprint: dict[Any, list[Mapping[str, Any]]]
 ) -> dict[str, Any]:
-    """Add the columns the analyst added to the earlier row of the same footprint, if there was one."""
-    earlier = earlier_by_footprint.get(_footprint_key(row))
-    if earlier is None:
+    """Return ``row`` with the columns the analyst added to the next unused earlier row of its footprint."""
+    earlier_rows = earlier_by_footprint.get(_footprint_key(row))
+    if not earlier_rows:
         return row
+    earlier = earlier_rows.pop(0)
     return {**row, **{name: value for name, value in earlier.items() if name not in CSV_COLUMNS}}
 
 
@@ -517,14 +526,26 @@ def _csv_delimiter(first_line: str) -> str:
     return max(CSV_DELIMITERS, key=first_line.count)
 
 
+def _check_sources_outside_chips(folder: Path, requests: Sequence[ChipRequest]) -> None:
+    """Raise when a raster to read is a chip file of ``folder``, which the export replaces or removes."""
+    chip_names = _chip_names_in(folder)
+    for source_path in dict.fromkeys(request.source_path for request in requests):
+        path = Path(source_path)
+        if path.name in chip_names and path.exists() and (folder / path.name).samefile(path):
+            raise LookalikeError(
+                f"The raster to read, {source_path}, is a chip in the chip folder {folder}, which this export "
+                "replaces or removes; copy the raster elsewhere or choose another chip folder."
+            )
+
+
 def _check_no_unlisted_chips(folder: Path, count: int, extension: str, earlier_rows: Mapping[str, Any]) -> None:
-    """Raise when the export would replace a chip file that no earlier ``labels.csv`` lists (the analyst's, maybe)."""
+    """Raise when the export would replace a chip file that no earlier ``labels.csv`` lists: it may be a user file."""
     names = {f"chip_{position:05d}.{extension}" for position in range(1, count + 1)}
     unlisted = sorted(name for name in names & _chip_names_in(folder) if name not in earlier_rows)
     if unlisted:
-        shown = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
+        named = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
         raise LookalikeError(
-            f"{folder} already contains {shown}, which no labels.csv of an earlier Lookalike export there lists, "
+            f"{folder} already contains {named}, which no labels.csv of an earlier Lookalike export there lists, "
             "so the export would replace files it did not write; move them away or choose another folder."
         )
 

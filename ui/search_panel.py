@@ -356,8 +356,8 @@ class SearchPanelMixin:
         if task.outcome is TaskOutcome.SUCCEEDED and (self.index is None or index_identity != self.index.identity):
             # The index was replaced while the search ran: its tile ids mean other tiles now.
             self.push_message(
-                "A search of the index open before finished after another index was opened, so its matches are "
-                "not shown; search again to query the open index.",
+                "A search finished after its index was replaced (another index opened, or this one built again), "
+                "so its matches are not shown; search again to query the open index.",
                 Qgis.MessageLevel.Info,
             )
         elif task.outcome is TaskOutcome.SUCCEEDED:

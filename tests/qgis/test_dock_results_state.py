@@ -633,7 +633,7 @@ def test_search_finishing_after_index_switch_not_shown(searched, qgis_iface, shi
     assert searched.result_layer() is None
     assert QgsProject.instance().mapLayer(first_layer_id) is not None
     infos = messages(qgis_iface, Qgis.MessageLevel.Info)
-    assert any("finished after another index was opened, so its matches are not shown" in text for text in infos)
+    assert any("finished after its index was replaced (another index opened" in text for text in infos)
 
 
 def test_selected_features_rejected_without_index(dock, ships_layer, qgis_iface):

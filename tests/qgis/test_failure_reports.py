@@ -328,3 +328,56 @@ def test_point_features_named_as_without_footprint(repo_root):
 
     with pytest.raises(LookalikeError, match="of layer 'ship points' covers no area .* buffer the features first"):
         chip_export.chip_requests_from_layer(layer, raster_path=raster)
+
+
+def test_notes_of_two_dates_of_one_footprint_stay_apart(repo_root, tmp_path):
+    first_date = ships_request(repo_root)
+    second_raster = tmp_path / "second_date.tif"
+    gdal.Translate(str(second_raster), first_date.source_path)
+    second_date = replace(first_date, feature_id=2, source_path=str(second_raster),
+                          attributes={"source": str(second_raster)})
+    first_date = replace(first_date, attributes={"source": first_date.source_path})
+    folder = tmp_path / "chips"
+    chip_export.export_chips([first_date, second_date], folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    add_notes_column(labels)
+
+    chip_export.export_chips([second_date, first_date], folder)
+
+    with open(labels, newline="", encoding="utf-8") as stream:
+        notes = {row["source"]: row["notes"] for row in csv.DictReader(stream)}
+    assert notes == {first_date.source_path: "checked chip_00001.tif by hand",
+                     str(second_raster): "checked chip_00002.tif by hand"}
+
+
+def test_notes_of_a_footprint_exported_twice_keep_their_order(repo_root, tmp_path):
+    first, other = ships_requests(repo_root, 2)
+    folder = tmp_path / "chips"
+    chip_export.export_chips([first, first, other], folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    add_notes_column(labels)
+
+    chip_export.export_chips([first, first, other], folder)
+
+    assert csv_notes(labels) == {"chip_00001.tif": "checked chip_00001.tif by hand",
+                                 "chip_00002.tif": "checked chip_00002.tif by hand",
+                                 "chip_00003.tif": "checked chip_00003.tif by hand"}
+
+
+def test_raster_that_is_a_chip_of_the_folder_rejected(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 3), folder)
+    chip_as_raster = folder / "chip_00002.tif"
+    before = chip_as_raster.read_bytes()
+    request = replace(ships_request(repo_root), source_path=str(chip_as_raster))
+
+    with pytest.raises(LookalikeError, match="is a chip in the chip folder"):
+        chip_export.export_chips([request], folder)
+
+    assert chip_as_raster.read_bytes() == before
+    assert csv_chip_names(folder) == ["chip_00001.tif", "chip_00002.tif", "chip_00003.tif"]
+
+
+def csv_notes(labels) -> dict:
+    with open(labels, newline="", encoding="utf-8") as stream:
+        return {row["chip"]: row.get("notes", "") for row in csv.DictReader(stream)}
