@@ -119,9 +119,9 @@ def _throughput_section(throughput: dict[str, Any]) -> list[str]:
         "beforehand with the index's grid and stretch. The pipeline opens its encoder with onnxruntime's idle "
         "threads sleeping instead of spinning, because other threads of the build need the cores; the bare "
         "encoder keeps onnxruntime's default, spinning, which is its faster setting when it runs alone. "
-        f"The two alternate, {throughput['rounds']} round(s) each, the bare encoder first in odd rounds and the "
-        "pipeline first in even ones, so that a machine that slows down or speeds up steadily favours neither; "
-        "the ratio is the median of the per-round ratios. Goal: ratio >= 0.9.",
+        f"The two alternate, {throughput['rounds']} round(s) each. The bare encoder runs first in odd rounds and "
+        "the pipeline first in even ones, so that a machine that slows down or speeds up steadily favours neither. "
+        "The ratio is the median of the per-round ratios. Goal: ratio >= 0.9.",
         "",
     ]
     rows = []

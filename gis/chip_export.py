@@ -247,7 +247,8 @@ def export_chips(
     if not os.access(folder, os.W_OK):
         raise LookalikeError(f"The chip folder {folder} is not writable; choose a folder you can write to.")
 
-    _check_sources_outside_chips(folder, requests)
+    present_chips = _chip_names_in(folder)
+    _check_sources_outside_chips(folder, requests, present_chips)
     report = ChipExportReport(folder=folder, csv_path=folder / LABELS_CSV_NAME)
     earlier_rows = _listed_chip_rows(report.csv_path)
     # Notes follow the footprint, which a new export may write under another chip number. The same
@@ -255,7 +256,7 @@ def export_chips(
     earlier_by_footprint: dict[Any, list[Mapping[str, Any]]] = {}
     for row in earlier_rows.values():
         earlier_by_footprint.setdefault(_footprint_key(row), []).append(row)
-    _check_no_unlisted_chips(folder, len(requests), FILE_EXTENSIONS[image_format], earlier_rows)
+    _check_no_unlisted_chips(folder, len(requests), FILE_EXTENSIONS[image_format], earlier_rows, present_chips)
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
     total = len(requests)
@@ -526,9 +527,8 @@ def _csv_delimiter(first_line: str) -> str:
     return max(CSV_DELIMITERS, key=first_line.count)
 
 
-def _check_sources_outside_chips(folder: Path, requests: Sequence[ChipRequest]) -> None:
-    """Raise when a raster to read is a chip file of ``folder``, which the export replaces or removes."""
-    chip_names = _chip_names_in(folder)
+def _check_sources_outside_chips(folder: Path, requests: Sequence[ChipRequest], chip_names: set[str]) -> None:
+    """Raise when a raster to read is one of the chip files ``chip_names`` of ``folder``, which the export replaces."""
     for source_path in dict.fromkeys(request.source_path for request in requests):
         path = Path(source_path)
         if path.name in chip_names and path.exists() and (folder / path.name).samefile(path):
@@ -538,10 +538,15 @@ def _check_sources_outside_chips(folder: Path, requests: Sequence[ChipRequest]) 
             )
 
 
-def _check_no_unlisted_chips(folder: Path, count: int, extension: str, earlier_rows: Mapping[str, Any]) -> None:
-    """Raise when the export would replace a chip file that no earlier ``labels.csv`` lists: it may be a user file."""
+def _check_no_unlisted_chips(
+    folder: Path, count: int, extension: str, earlier_rows: Mapping[str, Any], chip_names: set[str]
+) -> None:
+    """Raise when the export would replace a chip file that no earlier ``labels.csv`` lists: it may be a user file.
+
+    ``chip_names`` are the chip-named files now in ``folder``.
+    """
     names = {f"chip_{position:05d}.{extension}" for position in range(1, count + 1)}
-    unlisted = sorted(name for name in names & _chip_names_in(folder) if name not in earlier_rows)
+    unlisted = sorted(name for name in names & chip_names if name not in earlier_rows)
     if unlisted:
         named = ", ".join(unlisted[:3]) + (f" and {len(unlisted) - 3} more" if len(unlisted) > 3 else "")
         raise LookalikeError(

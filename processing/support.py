@@ -214,7 +214,10 @@ EXTENT_CRS_FIX = (
 
 def crs_wkt(crs: QgsCoordinateReferenceSystem, parameter_name: str,
             fix: str = "set the layer's CRS (Layer Properties > Source)") -> str:
-    """Return a CRS as the GDAL-flavoured WKT the core's OSR calls read; ``fix`` says how to give one."""
+    """Return a CRS as the GDAL-flavoured WKT the core's OSR calls read.
+
+    ``fix`` is the advice the error gives when the CRS is invalid.
+    """
     if not crs.isValid():
         raise QgsProcessingException(tr(f"The CRS of {parameter_name} is unknown; {fix}."))
     return crs_to_wkt(crs)

@@ -396,7 +396,7 @@ class BuildPanelMixin:
         return tuple(chosen)
 
     def _band_choice_or_none(self) -> Optional[Tuple[int, ...]]:
-        """Return :meth:`band_indexes`, or None where the choice is incomplete (a build would say so)."""
+        """Return :meth:`band_indexes`, or None where the choice is incomplete (a build reports that)."""
         try:
             return self.band_indexes()
         except LookalikeError:

@@ -131,7 +131,7 @@ class SearchPanelMixin:
         self.start_search()
 
     def _can_take_query_parts(self, what: str) -> bool:
-        """Tell whether a new query part can be kept, and say why not when it cannot."""
+        """Return whether a new query part can be added; when it cannot, show why in the message bar."""
         if self.index is not None or self.build_task is not None:
             return True
         # A part kept now would join the first query of the index built or opened later, unseen.
@@ -485,6 +485,7 @@ class SearchPanelMixin:
         layer = self.result_layer()
         had_matches = bool(self.matches)
         had_marks = bool(self.results_table.marks())
+
         self._results_index_identity = None
         self.result_layer_id = ""
         self.matches = []
@@ -497,6 +498,7 @@ class SearchPanelMixin:
         self._update_query_label()
         if not (had_matches or had_marks):
             return
+
         source = "an earlier build of this index" if Path(self.index.identity[0]) == Path(previous_folder) else (
             "another index"
         )

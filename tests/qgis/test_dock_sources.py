@@ -343,14 +343,19 @@ def test_add_to_folder_without_index_says_uncheck(dock, shared_data, tmp_path, q
     # Nothing to follow: the fields are the analyst's again.
     assert dock.gsd_spin.isEnabled()
     assert dock.overlap_spin.isEnabled()
+    no_index, warnings = build_warnings(dock, qgis_iface, "contains no Lookalike index to add this raster to")
+    assert no_index, warnings
+    assert "uncheck" in no_index[0]
+    assert list(empty.iterdir()) == []
+
+
+def build_warnings(dock, qgis_iface, phrase: str) -> tuple[list, list]:
+    """Click Build with a clear message bar; return the warnings containing ``phrase``, and all warnings."""
     qgis_iface.messageBar().clear_messages()
     dock.start_build()
     wait_for_tasks(dock)
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
-    no_index = [text for text in warnings if "contains no Lookalike index to add this raster to" in text]
-    assert no_index, warnings
-    assert "uncheck" in no_index[0]
-    assert list(empty.iterdir()) == []
+    return [text for text in warnings if phrase in text], warnings
 
 
 def test_coarse_raster_added_gets_separate_index_advice(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
@@ -358,13 +363,9 @@ def test_coarse_raster_added_gets_separate_index_advice(dock, shared_data, tmp_p
     dock.add_to_index_check.setChecked(True)
     # 300 m pixels: a tile at 12 m/px spans about one of them.
     choose_raster(dock, qgis_canvas, shared_data / "geo" / "rasterio" / "RGB.byte.tif", "rgb")
-    qgis_iface.messageBar().clear_messages()
 
-    dock.start_build()
-    wait_for_tasks(dock)
+    too_coarse, warnings = build_warnings(dock, qgis_iface, "cannot be added to the index, whose GSD is 12 m/px")
 
-    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
-    too_coarse = [text for text in warnings if "cannot be added to the index, whose GSD is 12 m/px" in text]
     assert too_coarse, warnings
     assert "Uncheck" in too_coarse[0]
     assert len(TileIndex.open(tmp_path / "index").sources) == 1

@@ -138,11 +138,23 @@ def add_notes_column(labels) -> None:
         writer.writerows(rows)
 
 
-def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
-    folder = tmp_path / "chips"
-    chip_export.export_chips(ships_requests(repo_root, 3), folder)
+def csv_notes(labels) -> dict:
+    """Return the notes column of ``labels`` by chip name; empty where a row has none."""
+    with open(labels, newline="", encoding="utf-8") as stream:
+        return {row["chip"]: row.get("notes", "") for row in csv.DictReader(stream)}
+
+
+def export_with_notes(requests, folder):
+    """Export ``requests`` into ``folder``, add a notes column to its labels.csv and return that file."""
+    chip_export.export_chips(requests, folder)
     labels = folder / chip_export.LABELS_CSV_NAME
     add_notes_column(labels)
+    return labels
+
+
+def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    labels = export_with_notes(ships_requests(repo_root, 3), folder)
     polls = []
 
     def cancel_after_one_chip() -> bool:
@@ -152,8 +164,7 @@ def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
     with pytest.raises(CancelledError):
         chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after_one_chip)
 
-    with open(labels, newline="", encoding="utf-8") as stream:
-        notes = {row["chip"]: row["notes"] for row in csv.DictReader(stream)}
+    notes = csv_notes(labels)
     # The chip written again shows the same footprint, so its note stays, as do the rows of the
     # two the export did not reach.
     assert notes == {"chip_00001.tif": "checked chip_00001.tif by hand",
@@ -164,16 +175,12 @@ def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
 def test_reexport_notes_follow_footprints(repo_root, tmp_path):
     folder = tmp_path / "chips"
     first, second, third, new = ships_requests(repo_root, 4)
-    chip_export.export_chips([first, second, third], folder)
-    labels = folder / chip_export.LABELS_CSV_NAME
-    add_notes_column(labels)
+    labels = export_with_notes([first, second, third], folder)
 
     # Only two of the earlier matches are exported again, under other chip numbers, with a new one.
     chip_export.export_chips([third, first, new], folder)
 
-    with open(labels, newline="", encoding="utf-8") as stream:
-        notes = {row["chip"]: row["notes"] for row in csv.DictReader(stream)}
-    assert notes == {"chip_00001.tif": "checked chip_00003.tif by hand",
+    assert csv_notes(labels) == {"chip_00001.tif": "checked chip_00003.tif by hand",
                      "chip_00002.tif": "checked chip_00001.tif by hand",
                      "chip_00003.tif": ""}
 
@@ -330,19 +337,16 @@ def test_point_features_named_as_without_footprint(repo_root):
         chip_export.chip_requests_from_layer(layer, raster_path=raster)
 
 
-def test_notes_of_two_dates_of_one_footprint_stay_apart(repo_root, tmp_path):
+def test_notes_kept_per_date(repo_root, tmp_path):
     first_date = ships_request(repo_root)
     second_raster = tmp_path / "second_date.tif"
     gdal.Translate(str(second_raster), first_date.source_path)
     second_date = replace(first_date, feature_id=2, source_path=str(second_raster),
                           attributes={"source": str(second_raster)})
     first_date = replace(first_date, attributes={"source": first_date.source_path})
-    folder = tmp_path / "chips"
-    chip_export.export_chips([first_date, second_date], folder)
-    labels = folder / chip_export.LABELS_CSV_NAME
-    add_notes_column(labels)
+    labels = export_with_notes([first_date, second_date], tmp_path / "chips")
 
-    chip_export.export_chips([second_date, first_date], folder)
+    chip_export.export_chips([second_date, first_date], tmp_path / "chips")
 
     with open(labels, newline="", encoding="utf-8") as stream:
         notes = {row["source"]: row["notes"] for row in csv.DictReader(stream)}
@@ -350,12 +354,10 @@ def test_notes_of_two_dates_of_one_footprint_stay_apart(repo_root, tmp_path):
                      str(second_raster): "checked chip_00002.tif by hand"}
 
 
-def test_notes_of_a_footprint_exported_twice_keep_their_order(repo_root, tmp_path):
+def test_notes_of_repeated_footprint(repo_root, tmp_path):
     first, other = ships_requests(repo_root, 2)
     folder = tmp_path / "chips"
-    chip_export.export_chips([first, first, other], folder)
-    labels = folder / chip_export.LABELS_CSV_NAME
-    add_notes_column(labels)
+    labels = export_with_notes([first, first, other], folder)
 
     chip_export.export_chips([first, first, other], folder)
 
@@ -364,7 +366,7 @@ def test_notes_of_a_footprint_exported_twice_keep_their_order(repo_root, tmp_pat
                                  "chip_00003.tif": "checked chip_00003.tif by hand"}
 
 
-def test_raster_that_is_a_chip_of_the_folder_rejected(repo_root, tmp_path):
+def test_chip_as_raster_rejected(repo_root, tmp_path):
     folder = tmp_path / "chips"
     chip_export.export_chips(ships_requests(repo_root, 3), folder)
     chip_as_raster = folder / "chip_00002.tif"
@@ -376,8 +378,3 @@ def test_raster_that_is_a_chip_of_the_folder_rejected(repo_root, tmp_path):
 
     assert chip_as_raster.read_bytes() == before
     assert csv_chip_names(folder) == ["chip_00001.tif", "chip_00002.tif", "chip_00003.tif"]
-
-
-def csv_notes(labels) -> dict:
-    with open(labels, newline="", encoding="utf-8") as stream:
-        return {row["chip"]: row.get("notes", "") for row in csv.DictReader(stream)}
