@@ -16,6 +16,8 @@ import csv
 import math
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
@@ -47,6 +49,8 @@ LABELS_CSV_NAME = "labels.csv"
 # The names this module gives chips; only files so named and listed in an earlier labels.csv are
 # removed when a new export replaces that list.
 CHIP_NAME_PATTERN = re.compile(r"chip_\d{5}\.(tif|png)")
+# Chips are written into a folder of this prefix inside the chip folder, then moved into place.
+STAGING_PREFIX = ".lookalike-chips-"
 # Delimiters of a labels.csv saved again by a spreadsheet; a tie between them goes to the first.
 CSV_DELIMITERS = (",", ";", "\t")
 # Excel can write the delimiter as a first line such as "sep=;".
@@ -216,16 +220,14 @@ def export_chips(
     chip and ``is_cancelled()`` is polled before each. ``labels.csv`` lists the chips of this
     run, and the chips an earlier ``labels.csv`` there listed are removed unless this run wrote
     them again. Columns the analyst added to that list stay with the rows of chips written again
-    from the same footprint, under whatever chip number. A run stopped after some chips keeps the
-    earlier chips it did not reach, listed with their rows. A run that writes no chip (stopped
-    before its first, or with every footprint skipped) leaves an existing ``labels.csv`` and its
-    chips alone.
+    from the same footprint, under whatever chip number. Chips are moved into the folder only
+    after the last one is written: a run that stops, fails or writes no chip (every footprint
+    skipped) leaves the folder as it was, an earlier ``labels.csv`` and its chips included.
 
     Raises:
         LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
             that PNG cannot store, or a raster that cannot be read.
-        CancelledError: ``is_cancelled`` returned True; the chips written so far stay, with a
-            CSV that lists them and the earlier chips still there.
+        CancelledError: ``is_cancelled`` returned True; the folder is as it was.
     """
     if image_format not in FILE_EXTENSIONS:
         raise LookalikeError(
@@ -257,17 +259,23 @@ def export_chips(
     for row in earlier_rows.values():
         earlier_by_footprint.setdefault(_footprint_key(row), []).append(row)
     _check_no_unlisted_chips(folder, len(requests), FILE_EXTENSIONS[image_format], earlier_rows, present_chips)
+    # Chips are written beside the folder's files and moved into place only once every chip is
+    # written, so that a run that stops midway replaces no chip of an earlier export.
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    except OSError as error:
+        raise LookalikeError(
+            f"The chip folder {folder} is not writable ({error.strerror or error}); choose a folder you can write to."
+        ) from error
     rows: list[dict[str, Any]] = []
     sources: dict[str, tuple[RasterSource, dict[str, Any]]] = {}
     total = len(requests)
-    failure: Optional[BaseException] = None
     try:
         for position, request in enumerate(requests, start=1):
             if is_cancelled is not None and is_cancelled():
                 raise CancelledError(
-                    f"Chip export cancelled after {report.written_count} of {total} chips; the chips "
-                    f"written so far, and those of an earlier export it did not reach, are listed in "
-                    f"{report.csv_path}."
+                    f"Chip export cancelled after {len(rows)} of {total} chips; {folder} was left as it was "
+                    "before the export."
                 )
             if request.source_path not in sources:
                 source = RasterSource(request.source_path, band_indexes)
@@ -279,11 +287,9 @@ def export_chips(
                 sources[request.source_path] = (source, source.value_stretch(CHIP_VALUE_SCALE))
             source, stretch = sources[request.source_path]
 
-            chip_path = folder / f"chip_{position:05d}.{FILE_EXTENSIONS[image_format]}"
-            written = _write_chip(source, stretch, request, chip_path, image_format, chip_size_px)
-            if written:
-                report.chip_paths.append(chip_path)
-                rows.append(_with_analyst_columns(_csv_row(chip_path.name, request), earlier_by_footprint))
+            chip_name = f"chip_{position:05d}.{FILE_EXTENSIONS[image_format]}"
+            if _write_chip(source, stretch, request, staging / chip_name, image_format, chip_size_px):
+                rows.append(_with_analyst_columns(_csv_row(chip_name, request), earlier_by_footprint))
             else:
                 report.skipped.append((request.feature_id, "no valid pixel under the footprint"))
                 LOGGER.info("Skipped feature %d: no valid pixel of %s under its footprint",
@@ -295,33 +301,22 @@ def export_chips(
                 f"No chip was written ({len(report.skipped)} of {total} footprints have no valid pixel), so "
                 f"{report.csv_path} and the chips it lists are kept; export footprints over the raster."
             )
-    except BaseException as error:
-        failure = error
-        raise
-    finally:
         try:
-            # A run that failed before its first chip leaves an existing labels.csv, whose chips
-            # are all still there, as it was.
-            if failure is None or rows:
-                rewritten = {row["chip"] for row in rows}
-                kept_rows = [row for name, row in earlier_rows.items() if name not in rewritten]
-                if failure is None:
-                    # Chips of the earlier export that this one did not overwrite would be listed nowhere.
-                    _remove_chips(folder, {row["chip"] for row in kept_rows})
-                    kept_rows = []
-                # A stopped run keeps the earlier chips it did not reach, with their rows.
-                _write_csv(report.csv_path, rows + kept_rows)
+            _move_into_place(staging, folder)
+            rewritten = {row["chip"] for row in rows}
+            # Chips of the earlier export that this one did not overwrite would be listed nowhere.
+            _remove_chips(folder, {name for name in earlier_rows if name not in rewritten})
+            _write_csv(report.csv_path, rows)
         except OSError as error:
-            if failure is None:
-                raise LookalikeError(
-                    f"Writing {report.csv_path} failed ({error.strerror or error}); choose a folder you can "
-                    "write to, with free space."
-                ) from error
-            # The error that stopped the export is the one to report; this one follows from it.
-            LOGGER.warning("%s could not be written either: %s", report.csv_path, error)
-        finally:
-            for source, _stretch in sources.values():
-                source.close()
+            raise LookalikeError(
+                f"Moving the chips into {folder} or writing {report.csv_path} failed ({error.strerror or error}); "
+                "choose a folder you can write to, with free space."
+            ) from error
+        report.chip_paths = [folder / row["chip"] for row in rows]
+    finally:
+        for source, _stretch in sources.values():
+            source.close()
+        shutil.rmtree(staging, ignore_errors=True)
     LOGGER.info("Wrote %d chips and %s (%d skipped)", report.written_count, report.csv_path, len(report.skipped))
     return report
 
@@ -368,7 +363,6 @@ def _write_chip(
         if band_count == 3:
             options.append("PHOTOMETRIC=RGB")
     driver = gdal.GetDriverByName(image_format)
-    _unlink_symbolic_link(path)
     written = driver.CreateCopy(str(path), memory, strict=0, options=options)
     if written is None:
         raise RasterError(
@@ -567,22 +561,30 @@ def _remove_chips(folder: Path, names: set[str]) -> None:
             LOGGER.warning("The earlier chip %s could not be removed (%s); delete it by hand", folder / name, error)
 
 
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Move every file written into ``staging`` (chips and any GDAL sidecar) into ``folder``, replacing its namesakes.
+
+    A renamed file replaces a symbolic link of its name, not the file the link points to.
+    """
+    for path in sorted(staging.iterdir()):
+        os.replace(path, folder / path.name)
+
+
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Write ``rows`` with the standard columns first, then any other column a row has."""
-    _unlink_symbolic_link(path)
+    """Write ``rows`` with the standard columns first, then any other column a row has, atomically."""
     columns = list(CSV_COLUMNS)
     for row in rows:
         columns += [name for name in row if name not in columns]
-    with path.open("w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
-def _unlink_symbolic_link(path: Path) -> None:
-    """Remove a symbolic link at ``path``, so that writing there replaces the link and not the file it points to."""
-    if path.is_symlink():
-        path.unlink()
+    temp_path = path.with_name(f".{path.name}.tmp")
+    try:
+        with temp_path.open("w", newline="", encoding="utf-8") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temp_path, path)
+    finally:
+        if temp_path.exists():
+            temp_path.unlink()
 
 
 def _raster_crs(path: str) -> QgsCoordinateReferenceSystem:

@@ -109,21 +109,75 @@ def csv_chip_names(folder) -> list:
         return sorted(row["chip"] for row in csv.DictReader(stream))
 
 
+def cancel_after(chip_count: int):
+    """Return an ``is_cancelled`` check that stops an export after ``chip_count`` chips."""
+    polls = []
+
+    def is_cancelled() -> bool:
+        polls.append(1)
+        return len(polls) > chip_count
+
+    return is_cancelled
+
+
+def folder_files(folder) -> dict:
+    """Return the content of every file in ``folder`` and below, by relative path."""
+    return {str(path.relative_to(folder)): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
 def test_cancelled_reexport_keeps_earlier_chips(repo_root, tmp_path):
     folder = tmp_path / "chips"
     chip_export.export_chips(ships_requests(repo_root, 5), folder)
-    polls = []
+    before = folder_files(folder)
 
-    def cancel_after_two_chips() -> bool:
-        polls.append(1)
-        return len(polls) > 2
+    with pytest.raises(CancelledError, match="left as it was"):
+        chip_export.export_chips(ships_requests(repo_root, 3)[::-1], folder, is_cancelled=cancel_after(2))
 
-    with pytest.raises(CancelledError, match="earlier export"):
-        chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after_two_chips)
+    assert folder_files(folder) == before
 
-    names = [f"chip_{number:05d}.tif" for number in range(1, 6)]
-    assert sorted(path.name for path in folder.glob("chip_*.tif")) == names
-    assert csv_chip_names(folder) == names
+
+def test_cancelled_reexport_in_new_order_keeps_notes_and_images(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    first, second = ships_requests(repo_root, 2)
+    labels = export_with_notes([first, second], folder)
+    before = folder_files(folder)
+
+    # The first chip of this run shows the footprint that chip_00002 shows now.
+    with pytest.raises(CancelledError):
+        chip_export.export_chips([second, first], folder, is_cancelled=cancel_after(1))
+
+    assert folder_files(folder) == before
+    assert csv_notes(labels)["chip_00001.tif"] == "checked chip_00001.tif by hand"
+
+
+def test_cancelled_first_export_leaves_no_files(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+
+    with pytest.raises(CancelledError):
+        chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after(2))
+
+    assert list(folder.iterdir()) == []
+
+
+def test_failed_export_leaves_earlier_export(repo_root, tmp_path, monkeypatch):
+    folder = tmp_path / "chips"
+    chip_export.export_chips(ships_requests(repo_root, 3), folder)
+    before = folder_files(folder)
+    write_chip = chip_export._write_chip
+    written = []
+
+    def fail_on_third_chip(*args, **kwargs):
+        written.append(1)
+        if len(written) == 3:
+            raise RasterError("disk full")
+        return write_chip(*args, **kwargs)
+
+    monkeypatch.setattr(chip_export, "_write_chip", fail_on_third_chip)
+    with pytest.raises(RasterError, match="disk full"):
+        chip_export.export_chips(ships_requests(repo_root, 3)[::-1], folder)
+
+    assert folder_files(folder) == before
 
 
 def add_notes_column(labels) -> None:
@@ -155,14 +209,9 @@ def export_with_notes(requests, folder):
 def test_cancelled_reexport_keeps_analyst_columns(repo_root, tmp_path):
     folder = tmp_path / "chips"
     labels = export_with_notes(ships_requests(repo_root, 3), folder)
-    polls = []
-
-    def cancel_after_one_chip() -> bool:
-        polls.append(1)
-        return len(polls) > 1
 
     with pytest.raises(CancelledError):
-        chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after_one_chip)
+        chip_export.export_chips(ships_requests(repo_root, 3), folder, is_cancelled=cancel_after(1))
 
     notes = csv_notes(labels)
     # The chip written again shows the same footprint, so its note stays, as do the rows of the
