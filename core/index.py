@@ -1100,6 +1100,7 @@ def _check_tiles_on_grids(path: Path, tile_table: np.ndarray, sources: Sequence[
     fits = known & (tile_table["row"] >= 0) & (tile_table["row"] < n_rows[ids])
     fits &= (tile_table["col"] >= 0) & (tile_table["col"] < n_cols[ids])
     if fits.all():
+        _check_tiles_unique(path, tile_table, n_rows, n_cols)
         return
     tile_id = int(np.argmin(fits))
     source_id, row, col = (int(value) for value in tile_table[tile_id])
@@ -1109,6 +1110,24 @@ def _check_tiles_on_grids(path: Path, tile_table: np.ndarray, sources: Sequence[
     )
     raise SearchIndexError(
         f"tile table {path} gives tile {tile_id} {where}; the index is damaged, rebuild it"
+    )
+
+
+def _check_tiles_unique(path: Path, tile_table: np.ndarray, n_rows: np.ndarray, n_cols: np.ndarray) -> None:
+    """Raise SearchIndexError when the tile table lists one tile twice; every tile must lie on its grid."""
+    # One number per tile: the tile's cell counted across the grids of all sources in order.
+    first_cell = np.concatenate([[0], np.cumsum(n_rows * n_cols)[:-1]])
+    source_ids = tile_table["source_id"].astype(np.int64)
+    cells = first_cell[source_ids] + tile_table["row"].astype(np.int64) * n_cols[source_ids] + tile_table["col"]
+    order = np.argsort(cells, kind="stable")
+    repeated = np.flatnonzero(cells[order][1:] == cells[order][:-1])
+    if not repeated.size:
+        return
+    first, second = sorted(int(order[position]) for position in (repeated[0], repeated[0] + 1))
+    source_id, row, col = (int(value) for value in tile_table[first])
+    raise SearchIndexError(
+        f"tile table {path} lists row {row}, col {col} of source {source_id} twice (tiles {first} and {second}); "
+        "the index is damaged, rebuild it"
     )
 
 

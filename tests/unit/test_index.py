@@ -248,6 +248,19 @@ def test_open_detects_tiles_off_their_grid(tmp_path: Path, field: str, value: in
         TileIndex.open(folder)
 
 
+def test_open_detects_a_tile_listed_twice(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["tiles"]["name"]
+    tiles = np.load(path)
+    tiles[2] = tiles[0]
+    np.save(path, tiles)
+
+    expected = f"lists row {tiles['row'][0]}, col {tiles['col'][0]} of source 0 twice \\(tiles 0 and 2\\)"
+    with pytest.raises(SearchIndexError, match=expected + ".*the index is damaged, rebuild it"):
+        TileIndex.open(folder)
+
+
 @pytest.mark.parametrize("graph", [False, True])
 @pytest.mark.parametrize("rows", [slice(None), slice(5, 6)])
 def test_nan_embeddings_named_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: slice,
