@@ -1,5 +1,7 @@
 """Exceptions raised by the core, each carrying a message an analyst can act on."""
 
+from typing import Mapping
+
 
 class LookalikeError(Exception):
     """Base class for every error the engine raises on purpose.
@@ -31,3 +33,18 @@ class SearchError(LookalikeError):
 
 class CancelledError(LookalikeError):
     """The user cancelled a long-running job."""
+
+
+def with_field_names(message: str, field_names: Mapping[str, str], where: str) -> str:
+    """Append to a core message which field of ``where`` each core argument it names is.
+
+    Core messages name the engine's arguments (``band_indexes``); the dock and Processing show
+    them with a sentence such as "(In this panel band_indexes is the Bands row.)".
+    """
+    mentioned = [f"{core_name} is {field}" for core_name, field in field_names.items() if core_name in message]
+    if not mentioned:
+        return message
+    # Core messages may end without a full stop; the added sentence needs one before it.
+    if not message.endswith((".", "!", "?")):
+        message += "."
+    return f"{message} (In {where} {'; '.join(mentioned)}.)"

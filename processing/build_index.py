@@ -63,6 +63,7 @@ PARAMETER_NAMES = {
     "add_to_existing": "APPEND",
     "overwrite_existing_index": "OVERWRITE",
     "encoder_threads": "ENCODER_THREADS",
+    "max_tile_count": "a limit this algorithm keeps; raise it only through build_index in Python",
 }
 
 

@@ -26,7 +26,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 
 from ..core import dependencies as core_dependencies
-from ..core.errors import LookalikeError
+from ..core.errors import LookalikeError, with_field_names
 from ..core.raster import open_raster_quietly
 from ..gis import dependencies
 from ..gis.raster_layers import crs_to_wkt, gdal_path_of
@@ -152,17 +152,7 @@ def core_errors(parameter_names: Optional[Mapping[str, str]] = None) -> Iterator
 
 def with_parameter_names(message: str, parameter_names: Optional[Mapping[str, str]] = None) -> str:
     """Append to a core message which algorithm parameter each core argument it names is."""
-    mentioned = [
-        f"{core_name} is {parameter}"
-        for core_name, parameter in (parameter_names or {}).items()
-        if core_name in message
-    ]
-    if not mentioned:
-        return message
-    # Core messages may end without a full stop; the added sentence needs one before it.
-    if not message.endswith((".", "!", "?")):
-        message += "."
-    return message + " " + tr(f"(In this algorithm {'; '.join(mentioned)}.)")
+    return with_field_names(message, parameter_names or {}, tr("this algorithm"))
 
 
 def cancel_check(feedback: Optional[QgsProcessingFeedback]) -> Callable[[], bool]:

@@ -17,7 +17,7 @@ from qgis.PyQt.QtWidgets import QMessageBox, QPushButton, QScrollArea, QVBoxLayo
 
 from ..core import get_logger
 from ..core.encoder import OnnxEncoder
-from ..core.errors import LookalikeError
+from ..core.errors import LookalikeError, with_field_names
 from ..core.index import TileIndex
 from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs, project_state
@@ -35,6 +35,7 @@ from .dock_constants import (
     MESSAGE_TITLE,
     METRES_PER_DEGREE,
     OTHER_ENCODER,
+    PANEL_FIELD_NAMES,
     THRESHOLD_STEPS,
 )
 from .map_tools import PointQueryTool, PolygonQueryTool, QueryOverlay, RectangleQueryTool
@@ -149,6 +150,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         """Show a sentence in the QGIS message bar under the plugin's title; errors stay until closed."""
         if level == Qgis.MessageLevel.Critical:
             duration_s = 0
+        text = with_field_names(text, PANEL_FIELD_NAMES, "this panel")
         self.iface.messageBar().pushMessage(MESSAGE_TITLE, text, level, duration_s)
 
     def _push_with_button(self, text: str, button_text: str, callback, level=Qgis.MessageLevel.Warning):

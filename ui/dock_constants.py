@@ -4,6 +4,18 @@ from __future__ import annotations
 
 MESSAGE_TITLE = "Lookalike"
 
+# The panel's fields for the engine's arguments, for engine messages that name an argument.
+PANEL_FIELD_NAMES = {
+    "band_indexes": "the Bands row",
+    "tile_size_source_px": "the tile size, which the GSD sets",
+    "tile_ground_size_m": "the tile size, which the GSD sets",
+    "overlap_fraction": "the Overlap field (percent)",
+    "index_folder": "the Index folder field",
+    "encoder_path": "the Encoder field",
+    "add_to_existing": "the box to add the raster to the existing index",
+    "max_tile_count": "a limit of the engine that the panel keeps; choose a coarser GSD or a smaller extent",
+}
+
 EXTENT_WHOLE_LAYER = "whole_layer"
 EXTENT_MAP_VIEW = "map_view"
 EXTENT_POLYGONS = "polygons"

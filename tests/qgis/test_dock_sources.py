@@ -191,6 +191,20 @@ def test_band_choice_reaches_index(dock, shared_data, tmp_path, qgis_canvas):
     assert dock.index.sources[0]["band_indexes"] == [4, 1, 2]
 
 
+def test_auto_band_warning_names_the_bands_row(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    # The 4-band NAIP scene has no colour interpretation, so the engine warns which bands it reads.
+    choose_raster(dock, qgis_canvas, shared_data / NAIP_RASTER, "naip", tmp_path / "index")
+    dock.gsd_spin.setValue(40.0)
+
+    dock.start_build()
+    wait_for_tasks(dock)
+
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    band_warnings = [text for text in warnings if "are read as the encoder's red, green, blue" in text]
+    assert band_warnings
+    assert all("(In this panel band_indexes is the Bands row.)" in text for text in band_warnings)
+
+
 def test_partial_band_choice_warns(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
     choose_raster(dock, qgis_canvas, shared_data / NAIP_RASTER, "naip", tmp_path / "index")
     dock.band_combos[0].setBand(4)
