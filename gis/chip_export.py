@@ -73,7 +73,11 @@ MATCH_COLUMNS = (
     matches.FIELD_ROW,
     matches.FIELD_COL,
 )
-CSV_COLUMNS = ("chip", "label", "feature_id", *MATCH_COLUMNS, "xmin", "ymin", "xmax", "ymax", "crs")
+# The bounds and crs describe the chip as cut from chip_source, which differs from the match's
+# source when the chips are read from another raster (another date of the place).
+CHIP_SOURCE_COLUMN = "chip_source"
+CSV_COLUMNS = ("chip", "label", "feature_id", *MATCH_COLUMNS, "xmin", "ymin", "xmax", "ymax", "crs",
+               CHIP_SOURCE_COLUMN)
 # Columns every labels.csv of this module has, whatever the layer: a file lacking one is not ours.
 EXPORT_MARK_COLUMNS = ("chip", "feature_id", "xmin", "ymin", "xmax", "ymax", "crs")
 
@@ -403,6 +407,7 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
         "label": request.label,
         "feature_id": request.feature_id,
         "crs": request.crs_authid or request.crs_wkt,
+        CHIP_SOURCE_COLUMN: request.source_path,
     }
     for name in MATCH_COLUMNS:
         value = request.attributes.get(name)
@@ -413,15 +418,18 @@ def _csv_row(chip_name: str, request: ChipRequest) -> dict[str, Any]:
 
 
 def _footprint_key(row: Mapping[str, Any]) -> Optional[tuple]:
-    """Return a row's raster, CRS and bounds, rounded so that a spreadsheet's shorter numbers match.
+    """Return the raster a row's chip was cut from, its CRS and bounds, rounded to match a spreadsheet's.
 
-    None when the row lacks a readable bound.
+    None when the row lacks a readable bound. Rows of exports before the ``chip_source`` column
+    name only the match's raster, which was then also the one the chip was cut from unless the
+    export read another raster.
     """
     try:
         bounds = tuple(round(float(row[name]), 6) for name in ("xmin", "ymin", "xmax", "ymax"))
     except (KeyError, TypeError, ValueError):
         return None
-    return (str(row.get(matches.FIELD_SOURCE) or ""), str(row.get("crs") or ""), *bounds)
+    raster = row.get(CHIP_SOURCE_COLUMN) or row.get(matches.FIELD_SOURCE) or ""
+    return (str(raster), str(row.get("crs") or ""), *bounds)
 
 
 def _with_analyst_columns(

@@ -403,6 +403,44 @@ def test_notes_kept_per_date(repo_root, tmp_path):
                      str(second_raster): "checked chip_00002.tif by hand"}
 
 
+def test_chips_from_another_raster_keep_their_own_notes(repo_root, tmp_path):
+    # One match exported twice, once from its own raster and once from another date of the place.
+    match = ships_request(repo_root)
+    match = replace(match, attributes={"source": match.source_path})
+    other_raster = tmp_path / "other_date.tif"
+    gdal.Translate(str(other_raster), match.source_path)
+    from_other_date = replace(match, feature_id=2, source_path=str(other_raster))
+    labels = export_with_notes([match, from_other_date], tmp_path / "chips")
+
+    chip_export.export_chips([from_other_date, match], tmp_path / "chips")
+
+    with open(labels, newline="", encoding="utf-8") as stream:
+        rows = {row["chip"]: row for row in csv.DictReader(stream)}
+    assert {chip: (row["source"], row["chip_source"], row["notes"]) for chip, row in rows.items()} == {
+        "chip_00001.tif": (match.source_path, str(other_raster), "checked chip_00002.tif by hand"),
+        "chip_00002.tif": (match.source_path, match.source_path, "checked chip_00001.tif by hand"),
+    }
+
+
+def test_notes_of_labels_without_chip_source_column(repo_root, tmp_path):
+    # A labels.csv of an export before the chip_source column keeps its notes.
+    first, second = (replace(request, attributes={"source": request.source_path})
+                     for request in ships_requests(repo_root, 2))
+    labels = export_with_notes([first, second], tmp_path / "chips")
+    with open(labels, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    with open(labels, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=[name for name in rows[0] if name != "chip_source"],
+                                extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    chip_export.export_chips([second, first], tmp_path / "chips")
+
+    assert csv_notes(labels) == {"chip_00001.tif": "checked chip_00002.tif by hand",
+                                 "chip_00002.tif": "checked chip_00001.tif by hand"}
+
+
 def test_notes_of_repeated_footprint(repo_root, tmp_path):
     first, other = ships_requests(repo_root, 2)
     folder = tmp_path / "chips"
