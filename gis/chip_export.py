@@ -307,14 +307,20 @@ def export_chips(
             )
         try:
             _move_into_place(staging, folder)
-            rewritten = {row["chip"] for row in rows}
-            # Chips of the earlier export that this one did not overwrite would be listed nowhere.
-            _remove_chips(folder, {name for name in earlier_rows if name not in rewritten})
+        except OSError as error:
+            raise LookalikeError(
+                f"Moving the chips into {folder} failed ({error.strerror or error}); choose a folder you can write "
+                "to, and export again."
+            ) from error
+        rewritten = {row["chip"] for row in rows}
+        # Chips of the earlier export that this one did not overwrite would be listed nowhere.
+        _remove_chips(folder, {name for name in earlier_rows if name not in rewritten})
+        try:
             _write_csv(report.csv_path, rows)
         except OSError as error:
             raise LookalikeError(
-                f"Moving the chips into {folder} or writing {report.csv_path} failed ({error.strerror or error}); "
-                "choose a folder you can write to, with free space."
+                f"Writing {report.csv_path} failed ({error.strerror or error}); choose a folder you can write to, "
+                "with free space."
             ) from error
         report.chip_paths = [folder / row["chip"] for row in rows]
     finally:

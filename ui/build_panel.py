@@ -40,8 +40,14 @@ from ..core.index import (
     first_grid_in,
     index_folder_state,
 )
-from ..core.parameters import MAX_OVERLAP_PERCENT, MIN_SOURCE_PIXELS_PER_TILE, MIN_TILE_SIZE_SOURCE_PX
+from ..core.parameters import (
+    MAX_OVERLAP_PERCENT,
+    MIN_DEFAULT_TILE_SIZE_SOURCE_PX,
+    MIN_SOURCE_PIXELS_PER_TILE,
+    MIN_TILE_SIZE_SOURCE_PX,
+)
 from ..core.pipeline import BuildParameters, Region
+from ..core.spec import ModelSpec
 from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
 from ..gis.tasks import LookalikeTask, TaskOutcome, TileProgress
 from . import jobs
@@ -160,8 +166,11 @@ class BuildPanelMixin:
         group = QGroupBox("1 · Index a raster")
         form = QFormLayout(group)
 
-        # Encoder path whose loading must keep the GSD restored from the project, or "".
-        self._gsd_restored_for_encoder = ""
+        # True once the analyst typed a GSD (or a project restored one): choosing another raster
+        # then keeps it. Choosing another encoder applies that encoder's suggestion again.
+        self._gsd_chosen = False
+        # Set while the panel itself changes the GSD, so that the change is not taken as the analyst's.
+        self._setting_gsd = False
         # Per index folder (see _folder_key): the request of the build started last, which a
         # Resume button must match, and the message bar item of that folder's Resume button.
         self._latest_build_requests: Dict[str, jobs.BuildRequest] = {}
@@ -206,6 +215,7 @@ class BuildPanelMixin:
             "Ground sample distance of the chips the encoder sees, in metres per encoder pixel"
         )
         self.gsd_spin.valueChanged.connect(self._update_tile_size_label)
+        self.gsd_spin.valueChanged.connect(self._on_gsd_changed)
         form.addRow("GSD", self.gsd_spin)
         self.tile_size_label = QLabel("–")
         form.addRow("Tile size", self.tile_size_label)
@@ -285,7 +295,7 @@ class BuildPanelMixin:
         self.encoder_spec = None
         if not self._restoring:
             # The analyst chose another encoder, whose suggested GSD then applies.
-            self._gsd_restored_for_encoder = ""
+            self._gsd_chosen = False
         if not path:
             self.encoder_info.setText("Choose an ONNX encoder file.")
             return
@@ -315,10 +325,8 @@ class BuildPanelMixin:
             f"{spec.name} {spec.version}: {spec.input_size_px} px input, bands {', '.join(spec.bands)}, "
             f"GSD {gsd_text}, {spec.embedding_dim}-d embeddings"
         )
-        keep_restored_gsd = self._gsd_restored_for_encoder == str(encoder.path)
-        self._gsd_restored_for_encoder = ""
-        if spec.gsd_m and not self._restoring and not keep_restored_gsd:
-            self.gsd_spin.setValue(spec.gsd_m)
+        if not self._restoring and not self._gsd_chosen:
+            self._apply_suggested_gsd()
             self._follow_index_grid()
         if self._band_slot_names != list(spec.bands):
             self._set_band_slots(list(spec.bands))
@@ -330,7 +338,31 @@ class BuildPanelMixin:
             return
         size_px = self.encoder_spec.input_size_px
         ground_m = size_px * self.gsd_spin.value()
-        self.tile_size_label.setText(f"{size_px} px × {self.gsd_spin.value():g} m = {ground_m:g} m")
+        text = f"{size_px} px × {self.gsd_spin.value():g} m = {ground_m:g} m"
+        pixel_size_m = _native_pixel_size_m(self.raster_combo.currentLayer())
+        if pixel_size_m:
+            # How far the chips are upsampled or downsampled shows in the raster pixels a tile spans.
+            text += f", {ground_m / pixel_size_m:.3g} raster px"
+        self.tile_size_label.setText(text)
+
+    def _on_gsd_changed(self, *_args) -> None:
+        if not self._setting_gsd:
+            self._gsd_chosen = True
+
+    def _set_gsd(self, gsd_m: float) -> None:
+        """Set the GSD field from the panel's own rules, not as the analyst's choice."""
+        self._setting_gsd = True
+        try:
+            self.gsd_spin.setValue(gsd_m)
+        finally:
+            self._setting_gsd = False
+
+    def _apply_suggested_gsd(self) -> None:
+        layer = self.raster_combo.currentLayer()
+        if isinstance(layer, QgsRasterLayer) and layer.isValid():
+            self._set_gsd(suggested_gsd_m(layer, self.canvas, self.encoder_spec))
+        elif self.encoder_spec is not None and self.encoder_spec.gsd_m:
+            self._set_gsd(self.encoder_spec.gsd_m)
 
     # -- raster, bands and extent -------------------------------------------------------------
 
@@ -411,10 +443,9 @@ class BuildPanelMixin:
             self._band_choice_to_restore = ""
         if self._restoring or not isinstance(layer, QgsRasterLayer) or not layer.isValid():
             return
-        self._gsd_restored_for_encoder = ""
-        self.gsd_spin.setValue(default_gsd_m(layer, self.canvas))
-        if self.encoder_spec is not None and self.encoder_spec.gsd_m:
-            self.gsd_spin.setValue(self.encoder_spec.gsd_m)
+        if not self._gsd_chosen:
+            self._apply_suggested_gsd()
+        self._update_tile_size_label()
         self._follow_index_grid()
 
     def _follow_index_grid(self, *_args) -> None:
@@ -431,12 +462,12 @@ class BuildPanelMixin:
             if self._own_grid_values is not None:
                 gsd_m, overlap_percent = self._own_grid_values
                 self._own_grid_values = None
-                self.gsd_spin.setValue(gsd_m)
+                self._set_gsd(gsd_m)
                 self.overlap_spin.setValue(overlap_percent)
             return
         if self._own_grid_values is None:
             self._own_grid_values = (self.gsd_spin.value(), self.overlap_spin.value())
-        self.gsd_spin.setValue(index_grid.gsd_m)
+        self._set_gsd(index_grid.gsd_m)
         self.overlap_spin.setValue(round(100.0 * index_grid.overlap_fraction))
 
     def _grid_to_add_to(self) -> Optional[TileGrid]:
@@ -792,12 +823,20 @@ class BuildPanelMixin:
     def _show_index_status(self) -> None:
         if self.index is None:
             self.status_label.setText("No index open.")
+            self.status_label.setToolTip("")
             return
         encoder = self.index.encoder_info
-        self.status_label.setText(
-            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s), "
+        open_folder = Path(self.index.folder)
+        text = (
+            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s) in {open_folder.name}, "
             f"encoder {encoder.get('name', '?')}."
         )
+        field_folder = self.index_folder.filePath().strip()
+        if field_folder and _folder_key(field_folder) != _folder_key(str(open_folder)):
+            # Searches go to the open index, whatever the folder field says.
+            text += f" Searches use it; the next build writes to {Path(field_folder).name}."
+        self.status_label.setText(text)
+        self.status_label.setToolTip(f"Open index: {open_folder}")
 
     def _reopen_index_after_build(self, folder: str, task: LookalikeTask) -> None:
         # A failed or cancelled build leaves the index that was there before, so it is searchable again.
@@ -865,6 +904,9 @@ class BuildPanelMixin:
         if self._restoring:
             return
         self._follow_index_grid()
+        if self.index is not None and not self._index_opening and self.build_task is None:
+            # The status says which index searches use when the field names another folder.
+            self._show_index_status()
         if path and (Path(path) / MANIFEST_NAME).is_file():
             state = _readable_folder_state(Path(path))
             if state in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX):
@@ -1045,6 +1087,33 @@ def _index_grid_in(folder: str) -> Optional[TileGrid]:
 
 def _started_in_closed_project(dock, task: LookalikeTask) -> bool:
     return getattr(task, "project_epoch", dock.project_epoch) != dock.project_epoch
+
+
+def _native_pixel_size_m(layer: Optional[QgsMapLayer]) -> Optional[float]:
+    """Return a raster layer's pixel size in metres, or None for tile services and other layers."""
+    if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
+        return None
+    if not layer.dataProvider().capabilities() & QgsRasterDataProvider.Size or layer.width() <= 0:
+        return None
+    return default_gsd_m(layer, None)
+
+
+def suggested_gsd_m(layer: QgsRasterLayer, canvas, spec: Optional[ModelSpec]) -> float:
+    """Return the GSD to start from for this raster and encoder.
+
+    That is the encoder's suggested tile, widened to ``MIN_DEFAULT_TILE_SIZE_SOURCE_PX`` raster
+    pixels on coarse imagery as the engine's default is (see ``core.planning``), or the raster's
+    pixel size when the encoder suggests no GSD.
+    """
+    pixel_size_m = _native_pixel_size_m(layer)
+    tile_ground_size_m = spec.tile_ground_size_m if spec is not None else None
+    if spec is not None and tile_ground_size_m is None and spec.gsd_m:
+        tile_ground_size_m = spec.gsd_m * spec.input_size_px
+    if spec is None or tile_ground_size_m is None:
+        return default_gsd_m(layer, canvas)
+    if pixel_size_m is not None:
+        tile_ground_size_m = max(tile_ground_size_m, MIN_DEFAULT_TILE_SIZE_SOURCE_PX * pixel_size_m)
+    return tile_ground_size_m / spec.input_size_px
 
 
 def default_gsd_m(layer: QgsRasterLayer, canvas) -> float:

@@ -261,9 +261,9 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
                     self.encoder_combo.setCurrentIndex(self.encoder_combo.findData(OTHER_ENCODER))
                     self.encoder_file.setFilePath(state.encoder_path)
             if state.gsd is not None and state.gsd > 0:
+                # Taken as the analyst's choice: the encoder, which may still be loading, and a
+                # raster chosen later keep it.
                 self.gsd_spin.setValue(state.gsd)
-                # The encoder may still be loading; its suggested GSD must not replace the stored one.
-                self._gsd_restored_for_encoder = self.encoder_path()
             if state.overlap_percent is not None:
                 self.overlap_spin.setValue(state.overlap_percent)
             position = self.extent_combo.findData(state.extent_mode)

@@ -198,7 +198,11 @@ class ResultsPanelMixin:
         except LookalikeError as error:
             self.push_message(str(error), Qgis.MessageLevel.Critical)
             return None
-        self.push_message(f"Exported {layer.featureCount()} matches to {written}.", Qgis.MessageLevel.Success)
+        count = layer.featureCount()
+        # The layer's filter is the Min score slider: the matches below it are not written.
+        shown = " shown above Min score" if layer.subsetString() else ""
+        self.push_message(f"Exported {count} {'match' if count == 1 else 'matches'}{shown} to {written}.",
+                          Qgis.MessageLevel.Success)
         return written
 
     def export_chips_with_dialog(self) -> None:

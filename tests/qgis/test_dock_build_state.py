@@ -400,7 +400,9 @@ def test_encoder_choice_after_restore_sets_its_gsd(qgis_iface, qgis_new_project,
         panel.encoder_combo.setCurrentIndex(panel.encoder_combo.findData(bundled_path))
         wait_until(lambda: panel.encoder_spec is not None and panel.encoder_spec.gsd_m == bundled_gsd_m)
 
-        assert panel.gsd_spin.value() == pytest.approx(bundled_gsd_m)
+        # Its 112 m tile would span 22.4 pixels of the 5 m clip, so the tile widens to 32 pixels.
+        assert bundled_gsd_m * 224 / 5.0 < 32
+        assert panel.gsd_spin.value() == pytest.approx(round(32 * 5.0 / 224, 3))
     finally:
         wait_for_tasks(panel)
         panel.cleanup()
@@ -592,3 +594,42 @@ def test_gsd_bounds_keep_field_decimals():
     assert _format_gsd(16965.062) == "16965.062"
     assert _format_gsd(830.0) == "830"
     assert _format_gsd(1.25) == "1.25"
+
+
+@pytest.fixture()
+def bundled_dock(qgis_iface, qgis_new_project):
+    """A panel with the bundled encoder, loaded."""
+    panel = LookalikeDockWidget(qgis_iface, qgis_iface.mainWindow())
+    wait_until(lambda: panel.encoder_spec is not None)
+    yield panel
+    wait_for_tasks(panel)
+    panel.cleanup()
+    panel.deleteLater()
+    QgsApplication.processEvents()
+
+
+def test_default_gsd_widens_tiles_on_coarse_imagery(bundled_dock, shared_data, ships_clip, qgis_canvas):
+    half_metre = QgsRasterLayer(str(shared_data / "geo/solaris/sample_geotiff.tif"), "half metre")
+    show_layer(qgis_canvas, half_metre)
+    spec = bundled_dock.encoder_spec
+
+    bundled_dock.raster_combo.setLayer(half_metre)
+    # On 0.5 m imagery the encoder's suggested tile spans 224 raster pixels, so its GSD stands.
+    assert bundled_dock.gsd_spin.value() == pytest.approx(spec.gsd_m)
+    assert bundled_dock.tile_size_label.text().endswith(", 224 raster px")
+
+    bundled_dock.raster_combo.setLayer(ships_clip)
+    # On the 5 m clip it would span 22.4 pixels; the engine widens a suggested tile to 32 pixels.
+    assert bundled_dock.gsd_spin.value() == pytest.approx(round(32 * 5.0 / 224, 3))
+    assert bundled_dock.tile_size_label.text().endswith(", 32 raster px")
+
+
+def test_typed_gsd_stays_when_raster_changes(bundled_dock, shared_data, ships_clip, qgis_canvas):
+    bundled_dock.raster_combo.setLayer(ships_clip)
+    bundled_dock.gsd_spin.setValue(2.5)
+    naip = QgsRasterLayer(str(shared_data / "geo/naip_timeseries/m_4709963_se_14_1_20090818.tif"), "naip 2009")
+    show_layer(qgis_canvas, naip)
+
+    bundled_dock.raster_combo.setLayer(naip)
+
+    assert bundled_dock.gsd_spin.value() == 2.5

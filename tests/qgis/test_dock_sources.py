@@ -277,6 +277,19 @@ def test_failed_build_elsewhere_keeps_index_status(dock, shared_data, tmp_path, 
     assert dock.status_label.text().startswith(f"The build failed; see the message bar. Index open: {open_count}")
 
 
+def test_status_names_the_index_searches_use(dock, shared_data, tmp_path, qgis_canvas):
+    choose_raster(dock, qgis_canvas, shared_data / SHIPS_RASTER, "ships", tmp_path / "ships_index")
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert "in ships_index," in dock.status_label.text()
+    assert "next build" not in dock.status_label.text()
+
+    dock.index_folder.setFilePath(str(tmp_path / "new_index"))
+
+    assert dock.status_label.text().endswith("Searches use it; the next build writes to new_index.")
+    assert "in ships_index," in dock.status_label.text()
+
+
 def test_added_date_takes_index_gsd(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
     # Another date of the same NAIP quarter quad is added to an index built at a coarser GSD than
     # the raster's own: choosing the new layer must not reset the GSD to the layer's 5 m.
