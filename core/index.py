@@ -709,9 +709,14 @@ class TileIndex:
             )
         except BaseException:
             # No manifest names this generation's files, so they only take up space, and a save
-            # that failed on a full disk needs that space back.
+            # that failed on a full disk needs that space back. Temporary files of an earlier save
+            # that was killed are removed too: under the lock no other save is writing them.
             for path in paths.values():
                 _remove_quietly(path)
+            for path in self._folder.iterdir():
+                match = DATA_FILE_PATTERN.match(path.name)
+                if match is not None and match.group(4):
+                    _remove_quietly(path)
             raise
         _fsync_directory(self._folder)
         self._manifest = manifest
@@ -881,13 +886,16 @@ def _as_query_matrix(vectors: np.ndarray, embedding_dim: int) -> np.ndarray:
 
 
 def _write_embeddings(path: Path, embeddings: np.ndarray) -> None:
-    # Written block by block so that copying a memory-mapped generation does not load it.
-    output = np.lib.format.open_memmap(path, mode="w+", dtype=EMBEDDING_DTYPE, shape=embeddings.shape)
-    for block_start in range(0, embeddings.shape[0], EXACT_SEARCH_BLOCK_ROWS):
-        block_stop = block_start + EXACT_SEARCH_BLOCK_ROWS
-        output[block_start:block_stop] = embeddings[block_start:block_stop]
-    output.flush()
-    del output
+    # Written block by block so that copying a memory-mapped generation does not load it. Plain
+    # writes, not a writable memory map: a full disk then raises OSError, where the pages of a
+    # map that cannot be stored kill the process with SIGBUS.
+    header = {"descr": np.lib.format.dtype_to_descr(EMBEDDING_DTYPE), "fortran_order": False,
+              "shape": tuple(embeddings.shape)}
+    with open(path, "wb") as handle:
+        np.lib.format.write_array_header_1_0(handle, header)
+        for block_start in range(0, embeddings.shape[0], EXACT_SEARCH_BLOCK_ROWS):
+            block = embeddings[block_start : block_start + EXACT_SEARCH_BLOCK_ROWS]
+            handle.write(np.ascontiguousarray(block, dtype=EMBEDDING_DTYPE).tobytes())
 
 
 def _write_npy(path: Path, array: np.ndarray) -> None:

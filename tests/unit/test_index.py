@@ -517,6 +517,40 @@ def test_crash_between_data_files_keeps_old_index(tmp_path: Path, monkeypatch: p
     assert data_file_names(folder) == files_before
 
 
+def test_failed_save_removes_files_of_a_killed_save(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "index"
+    index = filled_index(folder, n=10)
+    index.add(unit_vectors(5, seed=4), make_tile_table(0, np.full(5, 5), np.arange(5)))
+    # What an earlier save killed while writing leaves behind, taking space a full disk needs.
+    (folder / "embeddings.000007.npy.tmp").write_bytes(b"left by a killed save")
+
+    def disk_full(path: Path, array: np.ndarray) -> None:
+        raise OSError(28, "No space left on device")
+
+    files_before = data_file_names(folder) - {"embeddings.000007.npy.tmp"}
+    monkeypatch.setattr(index_module, "_write_npy", disk_full)
+    with pytest.raises(SearchIndexError, match="No space left"):
+        index.save()
+
+    assert data_file_names(folder) == files_before
+    assert TileIndex.open(folder).count == 10
+
+
+def test_embeddings_written_without_a_memory_map(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Pages of a writable map that a full disk cannot store end the process with SIGBUS.
+    open_memmap = np.lib.format.open_memmap
+
+    def read_only_maps(filename, mode="r+", *args, **kwargs):
+        if mode != "r":
+            raise AssertionError(f"the embeddings were written through a memory map (mode {mode!r})")
+        return open_memmap(filename, mode, *args, **kwargs)
+
+    monkeypatch.setattr(np.lib.format, "open_memmap", read_only_maps)
+    index = filled_index(tmp_path / "index", n=10)
+
+    np.testing.assert_array_equal(TileIndex.open(tmp_path / "index").embeddings, index.embeddings)
+
+
 def test_save_refuses_a_stale_copy(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     filled_index(folder, n=10)
