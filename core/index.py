@@ -424,6 +424,7 @@ class TileIndex:
             )
         _check_tiles_on_grids(paths["tiles"], tile_table, manifest["sources"])
 
+        _check_graph_links(paths["graph"], count)
         graph = hnswlib.Index(space=manifest["hnsw"]["space"], dim=embedding_dim)
         try:
             graph.load_index(str(paths["graph"]), max_elements=max(count, 1))
@@ -1167,6 +1168,68 @@ def _check_graph_file_length(path: Path, expected_count: int) -> None:
             f"the graph file {path} was not written completely ({size_bytes} bytes for {count} of "
             f"{expected_count} tiles); the disk may be full"
         )
+
+
+def _check_graph_links(path: Path, count: int) -> None:
+    """Raise SearchIndexError when the graph file's links, labels or entry point name no tile of its ``count``.
+
+    hnswlib follows the links it loads without checking them, so a link damaged in place (the
+    file keeps its length) made a search read outside the graph and crash the process.
+    """
+    with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        # The arrays viewing the map are gone when the helper returns, so the map can close.
+        try:
+            problem = _graph_link_problem(data, count)
+        except (ValueError, struct.error) as error:
+            problem = f"cannot be read ({error})"
+    if problem is not None:
+        raise SearchIndexError(f"HNSW graph {path} {problem}; the index is damaged, rebuild it")
+
+
+def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
+    """Return what is wrong with the links, labels or entry point of the graph in ``data``, or None.
+
+    The layout is the one :func:`_check_graph_file_length` describes. Each level-0 record starts
+    with its link count (the low 16 bits of a uint32) and ``maxM0`` tile numbers, and holds the
+    tile's label (uint64) at ``label_offset``; each upper level has a count and ``maxM`` numbers.
+    """
+    (_offset_level0, _max_elements, element_count, record_bytes, label_offset, _offset_data, max_level,
+     entry_point, max_m, max_m0, _m, _mult, _ef_construction) = _GRAPH_HEADER.unpack_from(data, 0)
+    if element_count != count or not count:
+        # A count that differs from the manifest's is reported by the caller.
+        return None
+    if record_bytes % 4 or label_offset % 4 or label_offset + 8 > record_bytes or 4 * (1 + max_m0) > record_bytes:
+        return f"has records of {record_bytes} bytes that cannot hold its {max_m0} links and label"
+    if entry_point >= count or max_level < 0:
+        return f"starts its search at tile {entry_point} on level {max_level}, outside its {count} tiles"
+    records = np.frombuffer(data, dtype="<u4", count=count * record_bytes // 4,
+                            offset=_GRAPH_HEADER.size).reshape(count, record_bytes // 4)
+    link_counts = records[:, 0] & 0xFFFF
+    used = np.arange(max_m0) < np.minimum(link_counts, max_m0)[:, None]
+    if (link_counts > max_m0).any() or (records[:, 1 : 1 + max_m0][used] >= count).any():
+        return f"links level-0 tiles to tile numbers beyond its {count} tiles"
+    labels = records[:, label_offset // 4] | (records[:, label_offset // 4 + 1].astype(np.uint64) << np.uint64(32))
+    if labels.max() >= count or np.unique(labels).size != count:
+        return f"labels its tiles with other numbers than 0 to {count - 1}"
+    upper_record_bytes = 4 * (1 + max_m)
+    position = _GRAPH_HEADER.size + count * record_bytes
+    for _ in range(count):
+        if position + _LINK_LIST_SIZE.size > len(data):
+            return "ends before the upper-level links of every tile"
+        (size_bytes,) = _LINK_LIST_SIZE.unpack_from(data, position)
+        position += _LINK_LIST_SIZE.size
+        if not size_bytes:
+            continue
+        levels = size_bytes // upper_record_bytes
+        if size_bytes % upper_record_bytes or levels > max_level or position + size_bytes > len(data):
+            return f"gives a tile {size_bytes} bytes of upper-level links"
+        upper = np.frombuffer(data, dtype="<u4", count=size_bytes // 4, offset=position).reshape(levels, -1)
+        upper_counts = upper[:, 0] & 0xFFFF
+        upper_used = np.arange(max_m) < np.minimum(upper_counts, max_m)[:, None]
+        if (upper_counts > max_m).any() or (upper[:, 1:][upper_used] >= count).any():
+            return f"links upper-level tiles to tile numbers beyond its {count} tiles"
+        position += size_bytes
+    return None
 
 
 def _check_data_files(folder: Path, manifest: dict[str, Any]) -> dict[str, Path]:

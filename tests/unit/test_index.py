@@ -248,6 +248,43 @@ def test_open_detects_tiles_off_their_grid(tmp_path: Path, field: str, value: in
         TileIndex.open(folder)
 
 
+def damage_graph(folder: Path, damage) -> None:
+    """Apply ``damage(records, header)`` to the level-0 records of the index's graph file, in place."""
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["graph"]["name"]
+    content = bytearray(path.read_bytes())
+    header = index_module._GRAPH_HEADER.unpack_from(content, 0)
+    count, record_bytes = header[2], header[3]
+    records = np.frombuffer(content, dtype="<u4", count=count * record_bytes // 4,
+                            offset=index_module._GRAPH_HEADER.size).reshape(count, -1)
+    damage(records, header)
+    path.write_bytes(bytes(content))
+
+
+@pytest.mark.parametrize(("part", "message"), [
+    ("link", "links level-0 tiles to tile numbers beyond its 30 tiles"),
+    ("link count", "links level-0 tiles to tile numbers beyond"),
+    ("label", "labels its tiles with other numbers than 0 to 29"),
+])
+def test_open_detects_graph_damaged_in_place(tmp_path: Path, part: str, message: str) -> None:
+    # The file keeps its length; a search over such links read outside the graph and crashed.
+    folder = tmp_path / "index"
+    filled_index(folder, n=30)
+
+    def damage(records, header):
+        label_offset = header[4]
+        if part == "link":
+            records[:, 1] = 0x7FFFFFFF
+        elif part == "link count":
+            records[:, 0] = 0xFFFF
+        else:
+            records[3, label_offset // 4] = records[4, label_offset // 4]
+
+    damage_graph(folder, damage)
+
+    with pytest.raises(SearchIndexError, match=message + ".*the index is damaged, rebuild it"):
+        TileIndex.open(folder)
+
+
 def test_open_detects_a_tile_listed_twice(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     filled_index(folder, n=3)
