@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import get_logger
+from .crs import spatial_reference
 from .errors import LookalikeError, SearchError, SearchIndexError
 from .grid import TileGrid
 from .lock import index_lock
@@ -82,6 +83,11 @@ EXACT_SEARCH_MIN_FRACTION = 0.125
 # Rows per block in exact_knn() and when copying embeddings: a float64 block of 1280-dim rows
 # takes 80 MiB.
 EXACT_SEARCH_BLOCK_ROWS = 8192
+
+# Rows of a large index whose stored embedding is compared with the graph's copy at open, and
+# the largest difference allowed: float16 rounding of a unit vector's component is below 5e-4.
+EMBEDDING_CHECK_ROWS = 256
+EMBEDDING_GRAPH_TOLERANCE = 2e-3
 
 # Embeddings whose norm differs from 1 by more than this are renormalised on add.
 NORM_TOLERANCE = 1e-3
@@ -438,6 +444,7 @@ class TileIndex:
                 f"{count}; the index is damaged, rebuild it"
             )
         graph.set_ef(manifest["hnsw"]["ef_search"])
+        _check_embeddings_match_graph(paths["embeddings"], embeddings, graph)
         return cls(folder, manifest, graph, embeddings, tile_table)
 
     # -- properties ---------------------------------------------------------------------------
@@ -1014,6 +1021,12 @@ def _read_generation_for_overwrite(manifest_path: Path) -> int:
 def _read_manifest(folder: Path) -> dict[str, Any]:
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
+        if index_folder_state(folder) == FOLDER_UNFINISHED:
+            raise SearchIndexError(
+                f"{folder} contains the files of an index whose first save stopped before it finished; run the "
+                "build again with the same settings to finish it (it continues from its checkpoints), or choose "
+                "the folder of a finished index"
+            )
         raise SearchIndexError(
             f"{manifest_path} not found, so {folder} is not a Lookalike index; choose the index folder "
             "or build an index there"
@@ -1063,6 +1076,8 @@ def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
                       ("build_parameters", dict), ("metric", str)):
         if not isinstance(manifest[key], kind):
             return f"{key} of type {type(manifest[key]).__name__}, not {kind.__name__}"
+    if manifest["metric"] not in SUPPORTED_METRICS:
+        return f"metric {manifest['metric']!r}, not one of {', '.join(SUPPORTED_METRICS)}"
     encoder = manifest["encoder"]
     if not all(isinstance(encoder.get(key), str) for key in ("name", "checksum")):
         return "an encoder without a name or checksum"
@@ -1088,6 +1103,7 @@ def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
             return f"source {source_id} with invalid tile or skip counts"
         try:
             TileGrid.from_dict(record["grid"])
+            spatial_reference(str(record["grid"].get("crs_wkt")))
         except (LookalikeError, KeyError, TypeError, ValueError) as error:
             return f"source {source_id} with an invalid grid ({error})"
         source_tiles += record.get("tile_count", 0)
@@ -1120,6 +1136,32 @@ def _check_tiles_on_grids(path: Path, tile_table: np.ndarray, sources: Sequence[
     raise SearchIndexError(
         f"tile table {path} gives tile {tile_id} {where}; the index is damaged, rebuild it"
     )
+
+
+def _check_embeddings_match_graph(path: Path, embeddings: np.ndarray, graph: Any) -> None:
+    """Raise SearchIndexError when stored embeddings differ from the graph's float32 copies of them.
+
+    Exact search reads the embeddings file and graph search the graph, so a file edited in place
+    (same length) would give other answers than the graph. Indexes searched exactly
+    (``EXACT_SEARCH_MAX_TILES`` tiles or fewer) are compared row by row; larger ones at evenly
+    spaced rows, which catches reordered, rescaled or replaced files.
+    """
+    count = embeddings.shape[0]
+    if not count:
+        return
+    if count <= EXACT_SEARCH_MAX_TILES:
+        rows = np.arange(count)
+    else:
+        rows = np.unique(np.linspace(0, count - 1, EMBEDDING_CHECK_ROWS).astype(np.int64))
+    stored = np.asarray(embeddings[rows], dtype=np.float32)
+    in_graph = np.asarray(graph.get_items(rows), dtype=np.float32)
+    # float16 keeps about 3 decimal digits of a unit vector's components.
+    differs = np.abs(stored - in_graph).max(axis=1) > EMBEDDING_GRAPH_TOLERANCE
+    if differs.any():
+        raise SearchIndexError(
+            f"embeddings file {path} differs from the HNSW graph's copy of tile {int(rows[np.argmax(differs)])} "
+            f"({int(differs.sum())} of {rows.size} tiles compared); the index is damaged, rebuild it"
+        )
 
 
 def _check_tiles_unique(path: Path, tile_table: np.ndarray, n_rows: np.ndarray, n_cols: np.ndarray) -> None:

@@ -285,6 +285,54 @@ def test_open_detects_graph_damaged_in_place(tmp_path: Path, part: str, message:
         TileIndex.open(folder)
 
 
+@pytest.mark.parametrize("edit", ["scaled", "reversed", "zero row"])
+def test_open_detects_embeddings_edited_in_place(tmp_path: Path, edit: str) -> None:
+    # Exact search reads this file, so an edit that keeps its length changed the answers silently.
+    folder = tmp_path / "index"
+    filled_index(folder, n=30)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]
+    embeddings = np.load(path, mmap_mode="r+")
+    if edit == "scaled":
+        embeddings[:] = embeddings * 10
+    elif edit == "reversed":
+        embeddings[:] = embeddings[::-1].copy()
+    else:
+        embeddings[7] = 0
+    embeddings.flush()
+    del embeddings
+
+    with pytest.raises(SearchIndexError, match="differs from the HNSW graph's copy .*the index is damaged"):
+        TileIndex.open(folder)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("metric", "l2", "metric 'l2', not one of cosine"),
+    ("crs_wkt", "garbage", "source 0 with an invalid grid .*garbage"),
+])
+def test_open_rejects_manifest_values(tmp_path: Path, key: str, value: str, message: str) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    if key == "metric":
+        manifest["metric"] = value
+    else:
+        manifest["sources"][0]["grid"]["crs_wkt"] = value
+    manifest_path.write_text(json.dumps(manifest))
+
+    with pytest.raises(SearchIndexError, match=f"manifest.json has {message}.*the index is damaged"):
+        TileIndex.open(folder)
+
+
+def test_open_of_unfinished_first_save_says_to_build_again(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    folder.mkdir()
+    (folder / "graph.000001.hnsw.tmp").write_bytes(b"left by a killed first save")
+
+    with pytest.raises(SearchIndexError, match="first save stopped before it finished; run the build again"):
+        TileIndex.open(folder)
+
+
 def test_open_detects_a_tile_listed_twice(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     filled_index(folder, n=3)
