@@ -913,6 +913,38 @@ def test_query_on_indexed_tile_matches_its_embedding(rgb_index, encoder, shared_
     np.testing.assert_allclose(embeddings[0], stored, atol=2e-3)
 
 
+def test_query_box_slightly_larger_than_a_tile_reads_nearly_the_centred_tile(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    xmin, ymin, xmax, ymax = rgb_index.tile_bounds(rgb_index.count // 2)
+    tile_m = xmax - xmin
+    inside = (xmin + 0.5, ymin + 0.5, xmax - 0.5, ymax - 0.5)
+    wider = (xmin - 0.5, ymin - 0.5, xmax + 0.5, ymax + 0.5)
+
+    one, (centred,) = embed_query(rgb_index, encoder, source, inside, source.crs_wkt)
+    several, footprints = embed_query(rgb_index, encoder, source, wider, source.crs_wkt)
+
+    # Two tiles per axis, spread from edge to edge of the box: each lies within a metre of the
+    # centred tile. Tiles laid from the box's corner put three of four almost outside it.
+    assert len(footprints) == 4
+    for footprint in footprints:
+        assert np.abs(np.subtract(footprint, centred)).max() <= 0.5 + 1e-6
+        assert footprint[2] - footprint[0] == pytest.approx(tile_m)
+    assert (several @ one[0]).min() > 0.99
+
+
+def test_query_box_of_whole_tiles_reads_them_side_by_side(rgb_index, encoder, shared_data):
+    source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
+    xmin, ymin, xmax, ymax = rgb_index.tile_bounds(rgb_index.count // 2)
+    tile_m = xmax - xmin
+    box = (xmin, ymin - tile_m, xmax + 2 * tile_m, ymax)
+
+    _, footprints = embed_query(rgb_index, encoder, source, box, source.crs_wkt)
+
+    expected = [(xmin + column * tile_m, ymin - row * tile_m, xmax + column * tile_m, ymax - row * tile_m)
+                for row in range(2) for column in range(3)]
+    np.testing.assert_allclose(np.array(footprints), np.array(expected), atol=1e-6)
+
+
 def test_query_tile_count_is_bounded(rgb_index, encoder, shared_data, monkeypatch):
     monkeypatch.setattr(query_module, "MAX_QUERY_TILES", 4)
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
