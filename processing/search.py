@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
-from typing import Any, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 from qgis.core import (
@@ -32,7 +32,7 @@ from qgis.core import (
 )
 
 from ..core.encoder import OnnxEncoder
-from ..core.errors import SearchError, SearchIndexError
+from ..core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
 from ..core.index import TileIndex
 from ..core.pipeline import (
     QueryChips,
@@ -95,6 +95,9 @@ class _Examples:
     positive_sources: list[str]
     negative_sources: list[str]
     crs_wkt: str
+    # The feature id of each geometry, for messages that name the example at fault.
+    positive_ids: list[int] = field(default_factory=list)
+    negative_ids: list[int] = field(default_factory=list)
 
 
 class SearchAlgorithm(LookalikeAlgorithm):
@@ -302,23 +305,26 @@ class SearchAlgorithm(LookalikeAlgorithm):
         query_crs = positives_source.sourceCrs()
         # The geometries are read before the CRS is checked: QGIS reports no CRS for a GeoJSON
         # file without features, and the missing examples are then the problem to report.
-        positives, feature_count = self._geometries(positives_source, self.POSITIVES, query_crs, context)
+        positive_ids, positives, feature_count = self._geometries(positives_source, self.POSITIVES, query_crs, context)
         if not positives:
             raise QgsProcessingException(_no_examples_message(self.POSITIVES, positives_source, feature_count))
         query_crs_wkt = crs_wkt(query_crs, self.POSITIVES)
         negatives_source = self._source(parameters, self.NEGATIVES, context, optional=True)
-        negatives = []
+        negative_ids: list[int] = []
+        negatives: list[str] = []
         if negatives_source is not None:
-            negatives, _ = self._geometries(negatives_source, self.NEGATIVES, query_crs, context)
+            negative_ids, negatives, _ = self._geometries(negatives_source, self.NEGATIVES, query_crs, context)
 
         raster_path = self._raster_path(parameters, context)
         with core_errors(PARAMETER_NAMES):
-            positive_sources = [
-                raster_path or indexed_source_for_geometry(index, wkt, query_crs_wkt) for wkt in positives
-            ]
-            negative_sources = [
-                raster_path or indexed_source_for_geometry(index, wkt, query_crs_wkt) for wkt in negatives
-            ]
+            positive_sources = _for_each_example(
+                self.POSITIVES, positive_ids, positives,
+                lambda wkt: raster_path or indexed_source_for_geometry(index, wkt, query_crs_wkt),
+            )
+            negative_sources = _for_each_example(
+                self.NEGATIVES, negative_ids, negatives,
+                lambda wkt: raster_path or indexed_source_for_geometry(index, wkt, query_crs_wkt),
+            )
         return _Examples(
             positives_source=positives_source,
             negatives_source=negatives_source,
@@ -327,6 +333,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
             positive_sources=positive_sources,
             negative_sources=negative_sources,
             crs_wkt=query_crs_wkt,
+            positive_ids=positive_ids,
+            negative_ids=negative_ids,
         )
 
     def _rank_tiles(
@@ -348,10 +356,10 @@ class SearchAlgorithm(LookalikeAlgorithm):
         with core_errors(PARAMETER_NAMES):
             encoder = OnnxEncoder(encoder_path)
             index.check_encoder(encoder.name, encoder.checksum)
-            positive_chips = _embed_examples(index, encoder, examples.positive_sources, examples.positives,
-                                             examples.crs_wkt, feedback)
-            negative_chips = _embed_examples(index, encoder, examples.negative_sources, examples.negatives,
-                                             examples.crs_wkt, feedback)
+            positive_chips = _embed_examples(index, encoder, self.POSITIVES, examples.positive_ids,
+                                             examples.positive_sources, examples.positives, examples.crs_wkt, feedback)
+            negative_chips = _embed_examples(index, encoder, self.NEGATIVES, examples.negative_ids,
+                                             examples.negative_sources, examples.negatives, examples.crs_wkt, feedback)
             if negative_chips and negatives_without_effect(
                 np.concatenate([chips.embeddings for chips in positive_chips]),
                 np.concatenate([chips.embeddings for chips in negative_chips]),
@@ -443,11 +451,12 @@ class SearchAlgorithm(LookalikeAlgorithm):
         name: str,
         query_crs: QgsCoordinateReferenceSystem,
         context: QgsProcessingContext,
-    ) -> tuple[list[str], int]:
-        """Return the WKT of every feature's geometry in ``query_crs``, and the number of features read."""
+    ) -> tuple[list[int], list[str], int]:
+        """Return the ids and WKT (in ``query_crs``) of the features with a geometry, and the features read."""
         transform = None
         if source.sourceCrs() != query_crs:
             transform = QgsCoordinateTransform(source.sourceCrs(), query_crs, context.transformContext())
+        feature_ids = []
         geometries = []
         feature_count = 0
         for feature in features_of(source):
@@ -469,23 +478,40 @@ class SearchAlgorithm(LookalikeAlgorithm):
             except SearchError as error:
                 # Named here, because the search itself cannot tell which feature it came from.
                 raise QgsProcessingException(tr(f"Feature {feature.id()} of {name}: {error}")) from error
+            feature_ids.append(int(feature.id()))
             geometries.append(wkt)
-        return geometries, feature_count
+        return feature_ids, geometries, feature_count
 
 
 def _embed_examples(
     index: TileIndex,
     encoder: OnnxEncoder,
+    parameter_name: str,
+    feature_ids: list[int],
     sources: list[str],
     geometries: list[str],
     crs_wkt: str,
     feedback: QgsProcessingFeedback,
 ) -> list[QueryChips]:
-    """Embed each example geometry from the raster given for it; raises the core's errors."""
-    return [
-        embed_query(index, encoder, source, geometry, crs_wkt, is_cancelled=cancel_check(feedback))
-        for source, geometry in zip(sources, geometries)
-    ]
+    """Embed each example geometry from the raster given for it; raises the core's errors, naming the feature."""
+    pairs = list(zip(sources, geometries))
+    return _for_each_example(
+        parameter_name, feature_ids, pairs,
+        lambda pair: embed_query(index, encoder, pair[0], pair[1], crs_wkt, is_cancelled=cancel_check(feedback)),
+    )
+
+
+def _for_each_example(parameter_name: str, feature_ids: list[int], items: list, action: Callable[[Any], Any]) -> list:
+    """Return ``action`` of each item; a core error names the feature of ``parameter_name`` it came from."""
+    results = []
+    for feature_id, item in zip(feature_ids, items):
+        try:
+            results.append(action(item))
+        except CancelledError:
+            raise
+        except LookalikeError as error:
+            raise LookalikeError(f"Feature {feature_id} of {parameter_name}: {error}") from error
+    return results
 
 
 def _destination_file(destination: str) -> tuple[str, str]:

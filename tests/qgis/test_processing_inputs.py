@@ -19,6 +19,8 @@ from dock_testing import SAMPLE_CLIP
 from osgeo import gdal
 from processing_testing import point_layer, polygon_layer, run_algorithm
 from qgis.core import (
+    QgsFeature,
+    QgsGeometry,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsVectorLayer,
@@ -367,6 +369,32 @@ def test_search_rejects_example_off_every_raster(two_raster_index):
 
     assert "outside every indexed raster" in message
     assert "rgb1.tif" in message
+
+
+def test_search_names_the_negative_off_every_raster(two_raster_index):
+    negatives = point_layer([POINT_ON_RGB4, (500000.0, 2000000.0)], crs=RGB_CRS)
+    off_raster_id = [feature.id() for feature in negatives.getFeatures()][1]
+
+    message = run_failure("search", {
+        "INDEX": two_raster_index, "POSITIVES": point_layer([POINT_ON_RGB1], crs=RGB_CRS),
+        "NEGATIVES": negatives, "OUTPUT": "memory:",
+    })
+
+    assert f"Feature {off_raster_id} of NEGATIVES: The query lies outside every indexed raster" in message
+
+
+def test_search_names_the_positive_that_is_a_line(two_raster_index):
+    layer = QgsVectorLayer(f"LineString?crs={RGB_CRS}", "lines", "memory")
+    feature = QgsFeature()
+    x, y = POINT_ON_RGB1
+    feature.setGeometry(QgsGeometry.fromWkt(f"LINESTRING({x} {y}, {x + 500} {y + 500})"))
+    layer.dataProvider().addFeatures([feature])
+    feature_id = next(layer.getFeatures()).id()
+
+    message = run_failure("search", {"INDEX": two_raster_index, "POSITIVES": layer, "OUTPUT": "memory:"})
+
+    assert f"Feature {feature_id} of POSITIVES:" in message
+    assert "LINESTRING is not supported" in message
 
 
 def test_search_given_raster_overrides_index(two_raster_index, shared_data):
