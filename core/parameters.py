@@ -52,6 +52,18 @@ DEFAULT_MAX_TILE_COUNT = 5_000_000
 # tile advances by a twentieth of its side.
 MAX_OVERLAP_PERCENT = 95
 
+# Upper limits of integer build parameters, each far above any useful value, so that a typing
+# mistake is rejected instead of allocating for it. A batch of 224 px RGB chips takes 0.6 MiB per
+# chip in float32, so 4096 chips take 2.4 GiB, times the prefetched batches. hnswlib's own
+# guidance puts M between 2 and 100; each unit of M adds 8 bytes of links per tile on level 0.
+# ef_construction sets the build time of every insert.
+MAX_BUILD_INTEGERS = {
+    "batch_size": 4096,
+    "prefetch_batches": 64,
+    "hnsw_m": 256,
+    "hnsw_ef_construction": 4096,
+}
+
 # Larger thread counts are rejected as typing mistakes: for 10**9 threads onnxruntime failed
 # with a bare allocation error instead of a message.
 MAX_ENCODER_THREADS = 256
@@ -199,6 +211,9 @@ class BuildParameters:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LookalikeError(f"{name} {value!r} is invalid; pass a positive integer.")
+            largest = MAX_BUILD_INTEGERS.get(name)
+            if largest is not None and value > largest:
+                raise LookalikeError(f"{name} {value!r} is too large; pass an integer from 1 to {largest}.")
         threads = self.encoder_threads
         is_integer = isinstance(threads, int) and not isinstance(threads, bool)
         if threads is not None and not (is_integer and 1 <= threads <= MAX_ENCODER_THREADS):

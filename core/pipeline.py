@@ -408,9 +408,9 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
             f"({plan.width_px}x{plan.height_px} px), and its only tiles were skipped as {dominant}; {advice}"
         )
     if dominant == SKIP_BLANK:
-        return "every tile is uniform (a fill value or cloud); check the band selection and the nodata value"
+        return "most tiles are uniform (a fill value or cloud); check the band selection and the nodata value"
     return (
-        f"every tile has less than {100 * params.min_valid_fraction:.0f} % valid pixels; use smaller tiles so that "
+        f"most tiles have less than {100 * params.min_valid_fraction:.0f} % valid pixels; use smaller tiles so that "
         "more of them fit inside the valid area, or check that the raster's nodata value does not mark image pixels"
     )
 

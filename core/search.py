@@ -132,7 +132,7 @@ def search(
         SearchError: on a blank (all-zero) or non-finite query embedding, a dimension other
             than the index's, negatives that cancel the positives, or an invalid parameter.
     """
-    _check_parameters(k, max_overlap, strategy, negative_weight)
+    _check_parameters(k, max_overlap, strategy, negative_weight, min_score)
     positive_matrix = _as_embeddings(positives, index.embedding_dim, "positive")
     negative_matrix = (
         np.empty((0, index.embedding_dim), dtype=np.float32)
@@ -167,6 +167,14 @@ def search(
         logger.debug("%d of %d matches after %d candidates; widening", len(survivors), k, n_candidates)
         n_candidates = min(index.count, 2 * n_candidates)
 
+    if not survivors and exhausted and min_score is None:
+        # The best candidate survives suppression between matches, so only the query's own
+        # footprints can have removed every tile. The dock and Processing explain an empty result
+        # themselves; this tells callers of the engine.
+        logger.warning(
+            "No match: every one of the index's %d tiles overlaps the query, and tiles under the query are never "
+            "matches; draw the example over a smaller area, around one object", index.count,
+        )
     return [footprints.match(rank, tile_id, score) for rank, (tile_id, score) in enumerate(survivors, start=1)]
 
 
@@ -211,7 +219,15 @@ def negatives_without_effect(
     return norms > 0 and float(positive_mean @ negative_mean) / norms >= PARALLEL_NEGATIVES_MIN_COSINE
 
 
-def _check_parameters(k: int, max_overlap: float, strategy: str, negative_weight: float) -> None:
+def _check_parameters(k: int, max_overlap: float, strategy: str, negative_weight: float,
+                      min_score: Optional[float] = None) -> None:
+    # Scores fall below -1 only with negatives and the max strategy, so only the upper end is fixed.
+    if min_score is not None and not (isinstance(min_score, (int, float)) and not isinstance(min_score, bool)
+                                      and math.isfinite(min_score) and min_score <= 1.0):
+        raise SearchError(
+            f"min_score {min_score!r} is out of range; no score exceeds 1 (identical embeddings), so pass a "
+            "number up to 1, or None for no minimum"
+        )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise SearchError(f"k {k!r} is invalid; pass the number of matches as a positive integer")
     if not (isinstance(max_overlap, (int, float)) and 0.0 <= max_overlap <= 1.0):

@@ -150,6 +150,15 @@ def test_extent_outside_every_raster_is_rejected(shared_data, tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+@pytest.mark.parametrize(("name", "value", "largest"), [
+    ("hnsw_m", 1_000_000_000, 256), ("hnsw_ef_construction", 10**6, 4096), ("batch_size", 10**6, 4096),
+    ("prefetch_batches", 1000, 64),
+])
+def test_parameters_reject_huge_integers(tmp_path, name, value, largest):
+    with pytest.raises(LookalikeError, match=f"{name} {value} is too large; pass an integer from 1 to {largest}"):
+        parameters(["a.tif"], tmp_path / "index", **{name: value})
+
+
 def test_parameters_are_json_safe(tmp_path):
     extent = Region(crs_wkt="EPSG:4326", bounds=(0.0, 0.0, 1.0, 1.0))
     params = parameters(["a.tif"], tmp_path / "index", extent=extent, band_indexes=[1, 2, 3])
@@ -613,7 +622,7 @@ def test_all_zero_embeddings_blame_the_encoder(shared_data, tmp_path, monkeypatc
 
     message = str(raised.value)
     assert "returned all-zero embeddings for" in message
-    assert message.index("all-zero embeddings") < message.index("every tile is uniform")
+    assert message.index("all-zero embeddings") < message.index("most tiles are uniform")
     assert not (tmp_path / "index").exists()
 
 

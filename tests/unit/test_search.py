@@ -206,6 +206,28 @@ def test_query_footprint_excluded(tmp_path: Path) -> None:
         assert intersection_over_smaller(match.bounds, query_footprint) <= 0.25
 
 
+def test_query_over_every_tile_says_why_nothing_matches(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    query = random_unit_vectors(1, seed=12)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
+    corners = [index.tile_bounds(tile_id) for tile_id in range(index.count)]
+    whole = (min(b[0] for b in corners), min(b[1] for b in corners), max(b[2] for b in corners),
+             max(b[3] for b in corners))
+
+    with caplog.at_level(logging.WARNING):
+        assert search(index, query, k=5, exclude=[(whole, UTM_WKT)]) == []
+
+    assert f"every one of the index's {index.count} tiles overlaps the query" in caplog.text
+
+
+@pytest.mark.parametrize("min_score", [2.0, 1.01, float("nan"), True])
+def test_min_score_out_of_range_is_rejected(tmp_path: Path, min_score) -> None:
+    query = random_unit_vectors(1, seed=12)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
+
+    with pytest.raises(SearchError, match="min_score .* is out of range; no score exceeds 1"):
+        search(index, query, k=5, min_score=min_score)
+
+
 def test_query_footprint_in_other_crs(tmp_path: Path) -> None:
     query = random_unit_vectors(1, seed=12)[0]
     index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
@@ -342,7 +364,7 @@ def test_min_score_drops_weak_matches(tmp_path: Path) -> None:
     assert len(matches) >= 10
     assert all(match.score >= threshold for match in matches)
     assert len(matches) < len(everything)
-    assert search(index, query, k=5, min_score=1.01) == []
+    assert search(index, query, k=5, min_score=1.0) == []
 
 
 # -- positives and negatives ------------------------------------------------------------------------------
