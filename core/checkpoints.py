@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import shutil
@@ -191,19 +192,27 @@ class _PartialBuild:
     def write_chunk(self, chunk: _Chunk) -> None:
         path = self.chunk_path(chunk.start_position)
         temp_path = path.with_name(path.name + ".tmp")
-        with open(temp_path, "wb") as stream:
-            np.savez(
-                stream,
-                positions=np.array([chunk.start_position, chunk.end_position], dtype=np.int64),
-                source_positions=chunk.source_positions,
-                rows=chunk.rows,
-                cols=chunk.cols,
-                embeddings=np.asarray(chunk.embeddings, dtype=np.float32),
-                skipped=chunk.skipped,
-            )
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp_path, path)
+        # Built in memory (a batch is a few hundred KiB) and written in one call, so that a full
+        # disk raises from the write alone, not from inside a half-written zip file.
+        content = io.BytesIO()
+        np.savez(
+            content,
+            positions=np.array([chunk.start_position, chunk.end_position], dtype=np.int64),
+            source_positions=chunk.source_positions,
+            rows=chunk.rows,
+            cols=chunk.cols,
+            embeddings=np.asarray(chunk.embeddings, dtype=np.float32),
+            skipped=chunk.skipped,
+        )
+        try:
+            with open(temp_path, "wb") as stream:
+                stream.write(content.getbuffer())
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temp_path, path)
+        except BaseException:
+            temp_path.unlink(missing_ok=True)
+            raise
 
     def remove(self) -> None:
         """Delete the folder, its marker last, so that a run stopped midway leaves a folder still marked as ours."""

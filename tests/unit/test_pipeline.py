@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from osgeo import gdal, ogr, osr
 
+from lookalike.core import checkpoints as checkpoints_module
 from lookalike.core import index as index_module
 from lookalike.core import pipeline as pipeline_module
 from lookalike.core import query as query_module
@@ -309,6 +310,25 @@ def test_cancel_before_first_batch(shared_data, tmp_path):
 
     assert not (tmp_path / "index" / "manifest.json").exists()
     assert partial_folder_for(tmp_path / "index").is_dir()
+
+
+def test_full_disk_during_checkpoints_leaves_no_partial_chunk(shared_data, tmp_path, monkeypatch):
+    params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index")
+    synced = []
+
+    def disk_full_on_third_chunk(descriptor):
+        synced.append(descriptor)
+        if len(synced) == 3:
+            raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoints_module.os, "fsync", disk_full_on_third_chunk)
+    with pytest.raises(SearchIndexError, match="writing a checkpoint into .* failed: .*No space left on device"):
+        build_index(params)
+
+    partial = partial_folder_for(tmp_path / "index")
+    assert not list(partial.glob("*.tmp"))
+    # The chunks written before the disk filled stay, for the resumed build.
+    assert _PartialBuild(partial, "").chunk_paths()
 
 
 def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
