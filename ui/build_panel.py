@@ -273,6 +273,8 @@ class BuildPanelMixin:
         self.progress_bar.setObjectName("lookalikeBuildProgress")
         self.progress_bar.setRange(0, 100)
         self.progress_bar.setValue(0)
+        # No percentage until a build runs: "0%" beside an opened index read as a stalled build.
+        self.progress_bar.setTextVisible(False)
         form.addRow(self.progress_bar)
         self.status_label = QLabel("No index open.")
         self.status_label.setObjectName("lookalikeIndexStatus")
@@ -721,6 +723,7 @@ class BuildPanelMixin:
         self.build_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(True)
         self.status_label.setText(f"Building the index of {request.source.layer_name}…")
         self._start_task(task)
         return task
@@ -764,9 +767,12 @@ class BuildPanelMixin:
                 return
             self.open_index(report.index_folder)
             skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
+            # After a resume the time covers this run only, so the message says where it started.
+            resumed = (f", continuing from tile {report.tiles_resumed} of {report.tiles_total}"
+                       if report.tiles_resumed and not report.already_complete else "")
             self.push_message(
                 f"Index built: {report.tiles_embedded} tiles embedded{skipped} in "
-                f"{_format_duration(report.elapsed_s)}. Draw on the map to search.",
+                f"{_format_duration(report.elapsed_s)}{resumed}. Draw on the map to search.",
                 Qgis.MessageLevel.Success,
             )
             for warning in report.warnings:

@@ -136,7 +136,7 @@ def test_xyz_whole_layer_extent_is_rejected(dock, shared_data, tmp_path, qgis_ca
     assert any("covers the whole world" in text for text in warnings)
 
 
-def test_build_cancel_then_resume(dock, shared_data, tmp_path, qgis_canvas):
+def test_build_cancel_then_resume(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
     layer = QgsRasterLayer(str(shared_data / LARGE_RASTER), "difference")
     show_layer(qgis_canvas, layer)
     dock.raster_combo.setLayer(layer)
@@ -163,6 +163,9 @@ def test_build_cancel_then_resume(dock, shared_data, tmp_path, qgis_canvas):
     assert resumed.result.tiles_resumed > 0
     assert resumed.result.tiles_total == tiles_total
     assert dock.index is not None
+    # The time in the message is the resumed run's, so it says where that run started.
+    successes = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
+    assert any(f"continuing from tile {resumed.result.tiles_resumed} of {tiles_total}." in text for text in successes)
 
 
 def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
