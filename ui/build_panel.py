@@ -70,6 +70,9 @@ LOGGER = get_logger("ui.build_panel")
 GSD_DECIMALS = 3
 
 ADD_TO_INDEX_LABEL = "Add this raster to the existing index"
+# Characters the band and encoder lists show at their narrowest; the open list shows whole names.
+BAND_COMBO_MIN_CHARACTERS = 3
+ENCODER_COMBO_MIN_CHARACTERS = 18
 
 # The dock rejects a GSD at which a raster's shorter side spans fewer encoder pixels than this,
 # because the raster then shrinks to a speck in one chip. Below about 1.1 pixels the build embeds
@@ -165,6 +168,8 @@ class BuildPanelMixin:
     def _build_index_group(self) -> QGroupBox:
         group = QGroupBox("1 · Index a raster")
         form = QFormLayout(group)
+        # In a narrow dock the labels go above their fields instead of widening the panel.
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
 
         # True once the analyst typed a GSD (or a project restored one): choosing another raster
         # then keeps it. Choosing another encoder applies that encoder's suggestion again.
@@ -195,6 +200,8 @@ class BuildPanelMixin:
         for model_path in sorted(MODELS_DIR.glob("*.onnx")):
             self.encoder_combo.addItem(f"{model_path.stem} (bundled)", str(model_path))
         self.encoder_combo.addItem("Other ONNX file…", OTHER_ENCODER)
+        self.encoder_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.encoder_combo.setMinimumContentsLength(ENCODER_COMBO_MIN_CHARACTERS)
         self.encoder_combo.currentIndexChanged.connect(self._on_encoder_choice_changed)
         form.addRow("Encoder", self.encoder_combo)
         self.encoder_file = QgsFileWidget()
@@ -256,7 +263,7 @@ class BuildPanelMixin:
         self.add_to_index_check.setObjectName("lookalikeAddToIndex")
         self.add_to_index_check.setToolTip("The added raster is tiled at the index's GSD, which the GSD field shows")
         self.add_to_index_check.toggled.connect(self._follow_index_grid)
-        form.addRow("", self.add_to_index_check)
+        form.addRow(self.add_to_index_check)
 
         buttons = QHBoxLayout()
         self.build_button = QPushButton("Build index")
@@ -377,6 +384,9 @@ class BuildPanelMixin:
         self._band_slot_names = list(encoder_bands)
         for band in encoder_bands:
             combo = QgsRasterBandComboBox()
+            # Band names are long ("Band 1: Red"); three side by side set the panel's width otherwise.
+            combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+            combo.setMinimumContentsLength(BAND_COMBO_MIN_CHARACTERS)
             combo.setShowNotSetOption(True, f"{band}: auto")
             combo.setToolTip(
                 f"Raster band fed to the encoder's {band} input; auto picks it from the colour interpretation"

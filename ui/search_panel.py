@@ -96,11 +96,21 @@ class SearchPanelMixin:
         self.search_button.setToolTip("Search again with the drawn query and the relevance marks")
         self.search_button.clicked.connect(self._on_search_button_clicked)
         run_row.addWidget(self.search_button)
+        layout.addLayout(run_row)
+        # Editing the query has its own row, which keeps the panel narrow enough to dock at a side.
+        edit_row = QHBoxLayout()
+        self.remove_part_button = QPushButton("Remove last part")
+        self.remove_part_button.setObjectName("lookalikeRemoveLastPart")
+        self.remove_part_button.setToolTip("Remove the part added last, positive or negative, and search again")
+        self.remove_part_button.clicked.connect(self.remove_last_query_part)
+        edit_row.addWidget(self.remove_part_button)
         self.clear_query_button = QPushButton("Clear query")
         self.clear_query_button.setObjectName("lookalikeClearQuery")
+        self.clear_query_button.setToolTip("Remove every part and the relevance marks, to start a new query")
         self.clear_query_button.clicked.connect(self.clear_query)
-        run_row.addWidget(self.clear_query_button)
-        layout.addLayout(run_row)
+        edit_row.addWidget(self.clear_query_button)
+        edit_row.addStretch(1)
+        layout.addLayout(edit_row)
         self.query_label = QLabel("Draw on the map to search.")
         self.query_label.setObjectName("lookalikeQueryStatus")
         self.query_label.setWordWrap(True)
@@ -239,6 +249,16 @@ class SearchPanelMixin:
         self.overlay.clear()
         self.results_table.clear_marks()
         self._update_query_label()
+
+    def remove_last_query_part(self) -> None:
+        """Remove the part added last and search again with the rest; the marks stay."""
+        if not self.query_parts:
+            self.push_message("The query has no part to remove; draw one on the map.", Qgis.MessageLevel.Info)
+            return
+        self._remove_query_part(len(self.query_parts) - 1)
+        self._store_state()
+        if any(not negative for _geometry, negative, _crs in self.query_parts):
+            self.start_search()
 
     def _remove_query_part(self, position: int) -> None:
         del self.query_parts[position]

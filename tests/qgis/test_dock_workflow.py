@@ -274,6 +274,37 @@ def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas)
     assert dock.query_parts == []
 
 
+def test_remove_last_part_drops_the_negative_and_searches_again(dock, ships_layer, tmp_path, qgis_canvas,
+                                                               qgis_iface):
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    dock.activate_tool("rectangle")
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    wait_for_tasks(dock)
+    extent = ships_layer.extent()
+    water = (extent.xMinimum() + 100, extent.yMinimum() + 100, extent.xMinimum() + 400, extent.yMinimum() + 400)
+    drag_rectangle(qgis_canvas, water, Qt.KeyboardModifier.ShiftModifier)
+    wait_for_tasks(dock)
+    dock.results_table.set_relevance(dock.matches[0].tile_id, Relevance.RELEVANT)
+    marked = dock.results_table.marks()
+
+    QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
+    assert dock.search_task is not None
+    wait_for_tasks(dock)
+
+    assert [negative for _geometry, negative, _crs in dock.query_parts] == [False]
+    assert len(dock.overlay) == 1
+    assert "1 positive, 0 negative" in dock.query_label.text()
+    assert dock.results_table.marks() == marked
+    assert len(dock.matches) == dock.k_spin.value()
+
+    QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
+    assert dock.query_parts == [] and len(dock.overlay) == 0
+    QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("The query has no part to remove" in text for text in infos)
+
+
 def click_map(canvas, x: float, y: float, button=Qt.MouseButton.LeftButton) -> None:
     QTest.mouseClick(canvas.viewport(), button, Qt.KeyboardModifier.NoModifier, map_to_pixel(canvas, x, y))
 
