@@ -997,6 +997,22 @@ def test_query_box_of_whole_tiles_reads_them_side_by_side(rgb_index, encoder, sh
     np.testing.assert_allclose(np.array(footprints), np.array(expected), atol=1e-6)
 
 
+def test_query_at_the_seam_of_two_rasters_reads_both(shared_data, tmp_path, encoder):
+    quarters = [geo(shared_data, f"rasterio/rgb{number}.tif") for number in range(1, 5)]
+    build_index(parameters(quarters, tmp_path / "index", tile_size_source_px=32))
+    index = TileIndex.open(tmp_path / "index")
+    # Where the four quarters of one image meet: a chip from rgb1 alone is 27 % valid.
+    seam_point = "POINT(221850 2707050)"
+    source = RasterSource(quarters[0])
+
+    chips = embed_query(index, encoder, source, seam_point, "EPSG:32618")
+
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), quarters).FlushCache()
+    from_mosaic = embed_query(index, encoder, RasterSource(str(mosaic), source.band_indexes), seam_point, "EPSG:32618")
+    np.testing.assert_allclose(chips.embeddings, from_mosaic.embeddings, atol=1e-5)
+
+
 def test_query_tile_count_is_bounded(rgb_index, encoder, shared_data, monkeypatch):
     monkeypatch.setattr(query_module, "MAX_QUERY_TILES", 4)
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
