@@ -112,6 +112,7 @@ def embed_query(
     geometry: Geometry,
     crs_wkt: str,
     is_cancelled: Optional[Callable[[], bool]] = None,
+    complete_from_index: bool = True,
 ) -> QueryChips:
     """Read and embed the query chips for one geometry, at the index's GSD and tile size.
 
@@ -122,8 +123,10 @@ def embed_query(
 
     The raster may be an indexed source or any other raster. Indexed sources are read with the
     stretch stored in the index, so query and tiles see the same values. Tiles off the raster
-    are left out before reading; at most ``MAX_QUERY_TILES`` tiles may remain. ``is_cancelled``
-    is polled before each chip is read.
+    are left out before reading; at most ``MAX_QUERY_TILES`` tiles may remain. With
+    ``complete_from_index``, a chip that reaches past the raster is completed from the index's
+    other rasters in its CRS with its bands (see :func:`_read_across_neighbours`); pass False
+    when the caller chose the raster to read. ``is_cancelled`` is polled before each chip is read.
 
     Raises:
         SearchIndexError: the index is empty or was built with another encoder.
@@ -163,7 +166,7 @@ def embed_query(
         embedded = []
         kept_footprints = []
         best_valid_fraction = 0.0
-        neighbours = _neighbouring_sources(manifest, raster)
+        neighbours = _neighbouring_sources(manifest, raster) if complete_from_index else []
         for bounds in footprints:
             if is_cancelled is not None and is_cancelled():
                 raise CancelledError("The query was cancelled while its chips were read.")
@@ -199,8 +202,11 @@ def _neighbouring_sources(manifest: Mapping[str, Any], raster: RasterSource) -> 
     """Return the other indexed rasters a query chip of ``raster`` could be completed from.
 
     They are those in its CRS read with the same bands, as the tiles of one mosaic delivered as
-    separate files are. Rasters that are missing now are left out.
+    separate files are. Rasters that are missing now are left out. A raster that is not in the
+    index (another date, say) gets none: its pixels must not be mixed with the index's.
     """
+    if not any(_same_source_path(record.get("path"), raster.path) for record in manifest["sources"]):
+        return []
     neighbours = []
     for record in manifest["sources"]:
         path = record.get("path")

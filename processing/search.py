@@ -356,10 +356,14 @@ class SearchAlgorithm(LookalikeAlgorithm):
         with core_errors(PARAMETER_NAMES):
             encoder = OnnxEncoder(encoder_path)
             index.check_encoder(encoder.name, encoder.checksum)
+            # A RASTER chosen by the analyst is read alone, not completed from the indexed rasters.
+            complete = self._raster_path(parameters, context) is None
             positive_chips = _embed_examples(index, encoder, self.POSITIVES, examples.positive_ids,
-                                             examples.positive_sources, examples.positives, examples.crs_wkt, feedback)
+                                             examples.positive_sources, examples.positives, examples.crs_wkt,
+                                             feedback, complete)
             negative_chips = _embed_examples(index, encoder, self.NEGATIVES, examples.negative_ids,
-                                             examples.negative_sources, examples.negatives, examples.crs_wkt, feedback)
+                                             examples.negative_sources, examples.negatives, examples.crs_wkt,
+                                             feedback, complete)
             if negative_chips and negatives_without_effect(
                 np.concatenate([chips.embeddings for chips in positive_chips]),
                 np.concatenate([chips.embeddings for chips in negative_chips]),
@@ -492,12 +496,14 @@ def _embed_examples(
     geometries: list[str],
     crs_wkt: str,
     feedback: QgsProcessingFeedback,
+    complete_from_index: bool = True,
 ) -> list[QueryChips]:
     """Embed each example geometry from the raster given for it; raises the core's errors, naming the feature."""
     pairs = list(zip(sources, geometries))
     return _for_each_example(
         parameter_name, feature_ids, pairs,
-        lambda pair: embed_query(index, encoder, pair[0], pair[1], crs_wkt, is_cancelled=cancel_check(feedback)),
+        lambda pair: embed_query(index, encoder, pair[0], pair[1], crs_wkt, is_cancelled=cancel_check(feedback),
+                                 complete_from_index=complete_from_index),
     )
 
 
