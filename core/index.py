@@ -104,6 +104,10 @@ FOLDER_UNFINISHED = "unfinished save"
 FOLDER_FOREIGN = "foreign"
 
 ENCODER_KEYS = ("name", "checksum", "embedding_dim", "spec")
+
+
+class IndexSavedElsewhereError(SearchIndexError):
+    """The folder's index was saved by another copy (another build or program) since this one was opened."""
 SOURCE_REQUIRED_KEYS = ("path", "grid")
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -749,7 +753,7 @@ class TileIndex:
         on_disk = (content.get("generation"), content.get("index_id"))
         if on_disk == self._replaces:
             return
-        raise SearchIndexError(
+        raise IndexSavedElsewhereError(
             f"the index in {self._folder} was saved from another copy since this one was opened "
             f"(generation {on_disk[0]} on disk, {self._manifest['generation']} here); open it again with "
             "TileIndex.open and repeat the change, so that the tiles saved there are kept"

@@ -58,6 +58,7 @@ from .index import (
     FOLDER_FOREIGN,
     FOLDER_INDEX,
     MANIFEST_NAME,
+    IndexSavedElsewhereError,
     TileIndex,
     index_damage,
     index_folder_state,
@@ -314,7 +315,15 @@ def _build_index_locked(
         partial.remove()
         raise LookalikeError(_nothing_embedded_message(params, plans, skipped, encoder.name, zero_embedding_tiles))
     warnings.extend(_empty_source_warnings(plans, embedded_by_source, skipped))
-    source_ids = _commit(params, encoder, plans, partial, build_id, existing_index, int(embedded_by_source.sum()))
+    try:
+        source_ids = _commit(params, encoder, plans, partial, build_id, existing_index, int(embedded_by_source.sum()))
+    except IndexSavedElsewhereError as error:
+        # Only possible when the folder's lock file was removed while this build ran.
+        raise SearchIndexError(
+            f"Another build or program saved an index in {params.index_folder} while this build ran (was the "
+            f"lock file {params.index_folder}.lock removed?), so this build did not replace it. Its tiles are kept "
+            f"in {partial.folder}; run the build again, which commits them or says how to add them to that index."
+        ) from error
     try:
         partial.remove()
     except OSError as error:

@@ -4,6 +4,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import tracemalloc
@@ -338,6 +339,26 @@ def test_full_disk_during_checkpoints_leaves_no_partial_chunk(shared_data, tmp_p
     assert not list(partial.glob("*.tmp"))
     # The chunks written before the disk filled stay, for the resumed build.
     assert _PartialBuild(partial, "").chunk_paths()
+
+
+def test_index_saved_by_another_build_meanwhile_is_kept(shared_data, tmp_path, monkeypatch):
+    folder = tmp_path / "index"
+    raster = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([raster], tmp_path / "other", tile_size_source_px=96))
+    save = TileIndex.save
+
+    def other_build_saves_first(index):
+        # What a removed lock file allows: another build saves into the folder while this one commits.
+        shutil.copytree(tmp_path / "other", folder, dirs_exist_ok=True)
+        save(index)
+
+    monkeypatch.setattr(TileIndex, "save", other_build_saves_first)
+    with pytest.raises(SearchIndexError, match="Another build or program saved an index in .* while this build ran"):
+        build_index(parameters([raster], folder))
+
+    monkeypatch.undo()
+    assert TileIndex.open(folder).build_parameters["tile_size_source_px"] == 96
+    assert partial_folder_for(folder).is_dir()
 
 
 def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
