@@ -84,9 +84,8 @@ EXACT_SEARCH_MIN_FRACTION = 0.125
 # takes 80 MiB.
 EXACT_SEARCH_BLOCK_ROWS = 8192
 
-# Rows of a large index whose stored embedding is compared with the graph's copy at open, and
-# the largest difference allowed: float16 rounding of a unit vector's component is below 5e-4.
-EMBEDDING_CHECK_ROWS = 256
+# The largest difference allowed at open between a stored embedding and the graph's float32 copy
+# of it: float16 rounding of a unit vector's component stays below 5e-4.
 EMBEDDING_GRAPH_TOLERANCE = 2e-3
 
 # Embeddings whose norm differs from 1 by more than this are renormalised on add.
@@ -434,7 +433,7 @@ class TileIndex:
             )
         _check_tiles_on_grids(paths["tiles"], tile_table, manifest["sources"])
 
-        _check_graph_links(paths["graph"], count)
+        _check_graph_links(paths["graph"], count, embeddings, paths["embeddings"])
         graph = hnswlib.Index(space=manifest["hnsw"]["space"], dim=embedding_dim)
         try:
             graph.load_index(str(paths["graph"]), max_elements=max(count, 1))
@@ -448,7 +447,6 @@ class TileIndex:
                 f"{count}; the index is damaged, rebuild it"
             )
         graph.set_ef(manifest["hnsw"]["ef_search"])
-        _check_embeddings_match_graph(paths["embeddings"], embeddings, graph)
         return cls(folder, manifest, graph, embeddings, tile_table)
 
     # -- properties ---------------------------------------------------------------------------
@@ -1142,32 +1140,6 @@ def _check_tiles_on_grids(path: Path, tile_table: np.ndarray, sources: Sequence[
     )
 
 
-def _check_embeddings_match_graph(path: Path, embeddings: np.ndarray, graph: Any) -> None:
-    """Raise SearchIndexError when stored embeddings differ from the graph's float32 copies of them.
-
-    Exact search reads the embeddings file and graph search the graph, so a file edited in place
-    (same length) would give other answers than the graph. Indexes searched exactly
-    (``EXACT_SEARCH_MAX_TILES`` tiles or fewer) are compared row by row; larger ones at evenly
-    spaced rows, which catches reordered, rescaled or replaced files.
-    """
-    count = embeddings.shape[0]
-    if not count:
-        return
-    if count <= EXACT_SEARCH_MAX_TILES:
-        rows = np.arange(count)
-    else:
-        rows = np.unique(np.linspace(0, count - 1, EMBEDDING_CHECK_ROWS).astype(np.int64))
-    stored = np.asarray(embeddings[rows], dtype=np.float32)
-    in_graph = np.asarray(graph.get_items(rows), dtype=np.float32)
-    # float16 keeps about 3 decimal digits of a unit vector's components.
-    differs = np.abs(stored - in_graph).max(axis=1) > EMBEDDING_GRAPH_TOLERANCE
-    if differs.any():
-        raise SearchIndexError(
-            f"embeddings file {path} differs from the HNSW graph's copy of tile {int(rows[np.argmax(differs)])} "
-            f"({int(differs.sum())} of {rows.size} tiles compared); the index is damaged, rebuild it"
-        )
-
-
 def _check_tiles_unique(path: Path, tile_table: np.ndarray, n_rows: np.ndarray, n_cols: np.ndarray) -> None:
     """Raise SearchIndexError when the tile table lists one tile twice; every tile must lie on its grid."""
     # One number per tile: the tile's cell counted across the grids of all sources in order.
@@ -1216,28 +1188,41 @@ def _check_graph_file_length(path: Path, expected_count: int) -> None:
         )
 
 
-def _check_graph_links(path: Path, count: int) -> None:
-    """Raise SearchIndexError when the graph file's links, labels or entry point name no tile of its ``count``.
+def _check_graph_links(path: Path, count: int, embeddings: np.ndarray, embeddings_path: Path) -> None:
+    """Raise SearchIndexError when the graph file does not hold a sound graph of these ``count`` embeddings.
 
-    hnswlib follows the links it loads without checking them, so a link damaged in place (the
-    file keeps its length) made a search read outside the graph and crash the process.
+    hnswlib follows the links it loads without checking them, so a link or entry point damaged
+    in place (the file keeps its length) made a search read outside the graph and crash the
+    process. Exact search reads the embeddings file and graph search the graph's own float32
+    copies, so every copy is compared with its stored embedding: an edit of either file, in place,
+    would otherwise change answers silently.
     """
     with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
         # The arrays viewing the map are gone when the helper returns, so the map can close.
         try:
             problem = _graph_link_problem(data, count)
+            if problem is None:
+                problem = _graph_vector_problem(data, embeddings, embeddings_path)
         except (ValueError, struct.error) as error:
             problem = f"cannot be read ({error})"
     if problem is not None:
         raise SearchIndexError(f"HNSW graph {path} {problem}; the index is damaged, rebuild it")
 
 
+def _graph_records(data: mmap.mmap, count: int, record_bytes: int) -> np.ndarray:
+    """Return the level-0 records of the graph in ``data`` as uint32 rows, a view of the map."""
+    return np.frombuffer(data, dtype="<u4", count=count * record_bytes // 4,
+                         offset=_GRAPH_HEADER.size).reshape(count, record_bytes // 4)
+
+
 def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
-    """Return what is wrong with the links, labels or entry point of the graph in ``data``, or None.
+    """Return what is wrong with the links, levels, labels or entry point of the graph in ``data``, or None.
 
     The layout is the one :func:`_check_graph_file_length` describes. Each level-0 record starts
     with its link count (the low 16 bits of a uint32) and ``maxM0`` tile numbers, and holds the
-    tile's label (uint64) at ``label_offset``; each upper level has a count and ``maxM`` numbers.
+    tile's label (uint64) at ``label_offset``. Each tile's upper levels follow the records, each
+    a count and ``maxM`` numbers; a link on level ``l`` must name a tile that has level ``l``,
+    and the entry point must be a tile on the top level.
     """
     (_offset_level0, _max_elements, element_count, record_bytes, label_offset, _offset_data, max_level,
      entry_point, max_m, max_m0, _m, _mult, _ef_construction) = _GRAPH_HEADER.unpack_from(data, 0)
@@ -1248,8 +1233,7 @@ def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
         return f"has records of {record_bytes} bytes that cannot hold its {max_m0} links and label"
     if entry_point >= count or max_level < 0:
         return f"starts its search at tile {entry_point} on level {max_level}, outside its {count} tiles"
-    records = np.frombuffer(data, dtype="<u4", count=count * record_bytes // 4,
-                            offset=_GRAPH_HEADER.size).reshape(count, record_bytes // 4)
+    records = _graph_records(data, count, record_bytes)
     link_counts = records[:, 0] & 0xFFFF
     used = np.arange(max_m0) < np.minimum(link_counts, max_m0)[:, None]
     if (link_counts > max_m0).any() or (records[:, 1 : 1 + max_m0][used] >= count).any():
@@ -1258,23 +1242,65 @@ def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
     if labels.max() >= count or np.unique(labels).size != count:
         return f"labels its tiles with other numbers than 0 to {count - 1}"
     upper_record_bytes = 4 * (1 + max_m)
+    levels = np.zeros(count, dtype=np.int64)
+    upper_positions: list[tuple[int, int]] = []
     position = _GRAPH_HEADER.size + count * record_bytes
-    for _ in range(count):
+    for element in range(count):
         if position + _LINK_LIST_SIZE.size > len(data):
             return "ends before the upper-level links of every tile"
         (size_bytes,) = _LINK_LIST_SIZE.unpack_from(data, position)
         position += _LINK_LIST_SIZE.size
         if not size_bytes:
             continue
-        levels = size_bytes // upper_record_bytes
-        if size_bytes % upper_record_bytes or levels > max_level or position + size_bytes > len(data):
+        level = size_bytes // upper_record_bytes
+        if size_bytes % upper_record_bytes or level > max_level or position + size_bytes > len(data):
             return f"gives a tile {size_bytes} bytes of upper-level links"
-        upper = np.frombuffer(data, dtype="<u4", count=size_bytes // 4, offset=position).reshape(levels, -1)
-        upper_counts = upper[:, 0] & 0xFFFF
-        upper_used = np.arange(max_m) < np.minimum(upper_counts, max_m)[:, None]
-        if (upper_counts > max_m).any() or (upper[:, 1:][upper_used] >= count).any():
-            return f"links upper-level tiles to tile numbers beyond its {count} tiles"
+        levels[element] = level
+        upper_positions.append((element, position))
         position += size_bytes
+    if levels.max() != max_level or levels[entry_point] != max_level:
+        return (f"starts its search at tile {entry_point} of level {levels[entry_point]}, but its top level is "
+                f"{max_level} and its highest tile has level {levels.max()}")
+    for element, start in upper_positions:
+        upper = np.frombuffer(data, dtype="<u4", count=int(levels[element]) * upper_record_bytes // 4,
+                              offset=start).reshape(int(levels[element]), -1)
+        upper_counts = upper[:, 0] & 0xFFFF
+        if (upper_counts > max_m).any():
+            return f"gives tile {element} more than {max_m} upper-level links"
+        for level in range(1, int(levels[element]) + 1):
+            targets = upper[level - 1, 1 : 1 + int(upper_counts[level - 1])]
+            if (targets >= count).any() or (levels[targets.astype(np.int64)] < level).any():
+                return f"links tile {element} on level {level} to a tile that has no such level"
+    return None
+
+
+def _graph_vector_problem(data: mmap.mmap, embeddings: np.ndarray, embeddings_path: Path) -> Optional[str]:
+    """Return where the graph's float32 vectors differ from the stored embeddings of their tiles, or None.
+
+    Each record holds a tile's vector at ``offset_data`` and its tile id (label); the stored
+    embedding of that tile is its float16 copy. Compared in blocks, so memory stays bounded.
+    """
+    header = _GRAPH_HEADER.unpack_from(data, 0)
+    count, record_bytes, label_offset, offset_data = header[2], header[3], header[4], header[5]
+    dim = embeddings.shape[1] if embeddings.ndim == 2 else 0
+    if count != embeddings.shape[0] or offset_data % 4 or offset_data + 4 * dim > record_bytes:
+        return f"has records that cannot hold {dim}-dim vectors"
+    records = _graph_records(data, count, record_bytes)
+    for start in range(0, count, EXACT_SEARCH_BLOCK_ROWS):
+        block = records[start : start + EXACT_SEARCH_BLOCK_ROWS]
+        vectors = block[:, offset_data // 4 : offset_data // 4 + dim].view("<f4")
+        labels = (block[:, label_offset // 4] | (block[:, label_offset // 4 + 1].astype(np.uint64) << np.uint64(32)))
+        stored = np.asarray(embeddings[np.sort(labels.astype(np.int64))], dtype=np.float32)
+        stored = stored[np.argsort(np.argsort(labels))]
+        # float16 keeps about 3 decimal digits of a unit vector's components; NaN never passes.
+        close = np.abs(stored - vectors) <= EMBEDDING_GRAPH_TOLERANCE
+        if not close.all():
+            row = int(np.argmin(close.all(axis=1)))
+            return (f"holds another vector for tile {int(labels[row])} than the embeddings file {embeddings_path} "
+                    f"({int((~close.all(axis=1)).sum())} tiles of rows {start} to {start + len(block) - 1} differ)")
+        norms = np.linalg.norm(vectors.astype(np.float64), axis=1)
+        if not (np.abs(norms - 1.0) <= NORM_TOLERANCE).all():
+            return f"holds a vector of length {float(norms[np.argmax(np.abs(norms - 1.0))]):.4g}, not 1"
     return None
 
 

@@ -301,7 +301,7 @@ def test_open_detects_embeddings_edited_in_place(tmp_path: Path, edit: str) -> N
     embeddings.flush()
     del embeddings
 
-    with pytest.raises(SearchIndexError, match="differs from the HNSW graph's copy .*the index is damaged"):
+    with pytest.raises(SearchIndexError, match="holds another vector for tile .* than the embeddings file"):
         TileIndex.open(folder)
 
 
@@ -333,6 +333,61 @@ def test_open_of_unfinished_first_save_says_to_build_again(tmp_path: Path) -> No
         TileIndex.open(folder)
 
 
+def graph_file(folder: Path) -> Path:
+    return folder / json.loads((folder / "manifest.json").read_text())["files"]["graph"]["name"]
+
+
+def graph_levels(content: bytes) -> tuple[tuple, list, list]:
+    """Return a graph file's header, each tile's level and where its upper-level links start."""
+    header = index_module._GRAPH_HEADER.unpack_from(content, 0)
+    count, record_bytes, max_m = header[2], header[3], header[8]
+    position = index_module._GRAPH_HEADER.size + count * record_bytes
+    levels, starts = [], []
+    for _ in range(count):
+        (size_bytes,) = index_module._LINK_LIST_SIZE.unpack_from(content, position)
+        position += index_module._LINK_LIST_SIZE.size
+        levels.append(size_bytes // (4 * (1 + max_m)))
+        starts.append(position)
+        position += size_bytes
+    return header, levels, starts
+
+
+@pytest.mark.parametrize("damage", ["entry point on level 0", "upper link to a level-0 tile", "top level raised",
+                                    "one vector scaled"])
+def test_open_detects_graph_structure_damaged_in_place(tmp_path: Path, damage: str) -> None:
+    # Each of these once passed open() and crashed a later graph search (QA), or answered wrongly.
+    folder = tmp_path / "index"
+    filled_index(folder, n=100, m=4)
+    path = graph_file(folder)
+    content = bytearray(path.read_bytes())
+    header, levels, starts = graph_levels(content)
+    level_zero_tile = levels.index(0)
+    header_fields = list(header)
+    if damage == "entry point on level 0":
+        header_fields[7] = level_zero_tile
+        index_module._GRAPH_HEADER.pack_into(content, 0, *header_fields)
+        message = f"starts its search at tile {level_zero_tile} of level 0"
+    elif damage == "upper link to a level-0 tile":
+        upper_tile = next(tile for tile, level in enumerate(levels) if level >= 1)
+        upper_links = np.frombuffer(content, dtype="<u4", count=2, offset=starts[upper_tile])
+        assert upper_links[0] & 0xFFFF >= 1
+        np.frombuffer(content, dtype="<u4", count=2, offset=starts[upper_tile])[1] = level_zero_tile
+        message = f"links tile {upper_tile} on level 1 to a tile that has no such level"
+    elif damage == "top level raised":
+        header_fields[6] += 2
+        index_module._GRAPH_HEADER.pack_into(content, 0, *header_fields)
+        message = "but its top level is"
+    else:
+        record_bytes, offset_data, dim = header[3], header[5], EMBEDDING_DIM
+        start = index_module._GRAPH_HEADER.size + 77 * record_bytes + offset_data
+        np.frombuffer(content, dtype="<f4", count=dim, offset=start)[:] *= 3
+        message = "holds another vector for tile"
+    path.write_bytes(bytes(content))
+
+    with pytest.raises(SearchIndexError, match=message + ".*the index is damaged, rebuild it"):
+        TileIndex.open(folder)
+
+
 def test_open_detects_a_tile_listed_twice(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     filled_index(folder, n=3)
@@ -350,14 +405,18 @@ def test_open_detects_a_tile_listed_twice(tmp_path: Path) -> None:
 @pytest.mark.parametrize("rows", [slice(None), slice(5, 6)])
 def test_nan_embeddings_named_damaged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: slice,
                                       graph: bool) -> None:
-    # Same size and header, so open() cannot detect the damage, and the search must not return NaN scores.
     folder = tmp_path / "index"
-    filled_index(folder, n=16)
+    # Opened before the damage: its embeddings are a memory map of the file edited below.
+    index = filled_index(folder, n=16)
     path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]
     embeddings = np.load(path)
     embeddings[rows] = np.nan
-    np.save(path, embeddings)
-    index = TileIndex.open(folder)
+    with open(path, "r+b") as stream:
+        np.save(stream, embeddings)
+    # Same size and header: open() finds the damage by comparing the embeddings with the graph.
+    with pytest.raises(SearchIndexError, match="holds another vector for tile .* than the embeddings file"):
+        TileIndex.open(folder)
+    # The index opened before must not return NaN scores either.
     if graph:
         monkeypatch.setattr(index_module, "EXACT_SEARCH_MAX_TILES", 0)
         monkeypatch.setattr(index_module, "EXACT_SEARCH_MIN_FRACTION", 2.0)
@@ -386,7 +445,7 @@ def test_open_detects_corrupt_graph(tmp_path: Path) -> None:
     # Same size, so only hnswlib's own checks can notice.
     path.write_bytes(b"\xff" * manifest["files"]["graph"]["size_bytes"])
 
-    with pytest.raises(SearchIndexError, match="cannot be loaded"):
+    with pytest.raises(SearchIndexError, match="HNSW graph .* the index is damaged, rebuild it"):
         TileIndex.open(folder)
 
 
