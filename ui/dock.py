@@ -80,6 +80,9 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.result_layer_id = ""
         self.query_parts: List[Tuple[QgsGeometry, bool, str]] = []
         self.query_number = 0
+        # True while the query's parts were all removed with Remove last part: the next part
+        # continues that query (same number, layer and marks) instead of starting a new one.
+        self._query_emptied_by_removal = False
         self.last_build_request: Optional[jobs.BuildRequest] = None
         self.encoder_spec = None
         self._encoder_cache: Optional[OnnxEncoder] = None

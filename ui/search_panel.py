@@ -155,8 +155,9 @@ class SearchPanelMixin:
         return False
 
     def _add_query_part(self, geometry: QgsGeometry, negative: bool, crs_wkt: str) -> None:
-        if not self.query_parts:
+        if not self.query_parts and not self._query_emptied_by_removal:
             self._next_query_number()
+        self._query_emptied_by_removal = False
         self.query_parts.append((QgsGeometry(geometry), negative, crs_wkt))
         self._show_query_part(geometry, negative, crs_wkt)
         self._update_query_label()
@@ -244,21 +245,40 @@ class SearchPanelMixin:
             self.start_search()
 
     def clear_query(self) -> None:
-        """Remove the drawn parts and the relevance marks; the next drawing starts a new query."""
+        """Remove the drawn parts and the relevance marks; the next drawing starts a new query.
+
+        A search still running belongs to the cleared query, so it is cancelled and shows nothing.
+        """
+        if self.search_task is not None:
+            self._search_again = False
+            self.search_task.cancel()
         self.query_parts = []
+        self._query_emptied_by_removal = False
         self.overlay.clear()
         self.results_table.clear_marks()
         self._update_query_label()
 
     def remove_last_query_part(self) -> None:
-        """Remove the part added last and search again with the rest; the marks stay."""
+        """Remove the part added last and search again with the rest; the query and its marks stay.
+
+        Without a positive part or a relevant mark left there is nothing to search for, so the
+        matches shown stay those of the query before, and the message bar says so.
+        """
         if not self.query_parts:
             self.push_message("The query has no part to remove; draw one on the map.", Qgis.MessageLevel.Info)
             return
         self._remove_query_part(len(self.query_parts) - 1)
+        self._query_emptied_by_removal = not self.query_parts
         self._store_state()
-        if any(not negative for _geometry, negative, _crs in self.query_parts):
+        has_positive = any(not negative for _geometry, negative, _crs in self.query_parts)
+        if has_positive or self.results_table.tiles_marked(Relevance.RELEVANT):
             self.start_search()
+            return
+        self.push_message(
+            "No positive part or relevant mark is left, so no search ran and the matches shown are those of the "
+            "query before; draw a positive part to search again, or click Clear query to start a new query.",
+            Qgis.MessageLevel.Info,
+        )
 
     def _remove_query_part(self, position: int) -> None:
         del self.query_parts[position]

@@ -299,10 +299,51 @@ def test_remove_last_part_drops_the_negative_and_searches_again(dock, ships_laye
     assert len(dock.matches) == dock.k_spin.value()
 
     QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
     assert dock.query_parts == [] and len(dock.overlay) == 0
     QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
     infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
     assert any("The query has no part to remove" in text for text in infos)
+
+    # Parts removed one by one leave the query open: the next part continues it, marks included.
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    wait_for_tasks(dock)
+    assert dock.result_layer().name() == "Lookalike query 1"
+    assert dock.results_table.marks() == marked
+
+
+def test_remove_last_positive_says_no_search_ran(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    dock.activate_tool("rectangle")
+    extent = ships_layer.extent()
+    water = (extent.xMinimum() + 100, extent.yMinimum() + 100, extent.xMinimum() + 400, extent.yMinimum() + 400)
+    drag_rectangle(qgis_canvas, water, Qt.KeyboardModifier.ShiftModifier)
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    wait_for_tasks(dock)
+    shown = [match.tile_id for match in dock.matches]
+
+    QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
+
+    assert dock.search_task is None
+    assert [negative for _geometry, negative, _crs in dock.query_parts] == [True]
+    assert [match.tile_id for match in dock.matches] == shown
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("No positive part or relevant mark is left, so no search ran" in text for text in infos)
+
+
+def test_clear_query_cancels_the_running_search(dock, ships_layer, tmp_path, qgis_canvas):
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    dock.activate_tool("rectangle")
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    assert dock.search_task is not None
+
+    dock.clear_query()
+    wait_for_tasks(dock)
+
+    assert dock.query_parts == []
+    assert dock.result_layer() is None or dock.result_layer().featureCount() == 0
 
 
 def click_map(canvas, x: float, y: float, button=Qt.MouseButton.LeftButton) -> None:
