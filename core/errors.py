@@ -1,5 +1,6 @@
 """Exceptions raised by the core, each carrying a message an analyst can act on."""
 
+import re
 from typing import Mapping
 
 
@@ -41,7 +42,9 @@ def with_field_names(message: str, field_names: Mapping[str, str], where: str) -
     Core messages name the engine's arguments (``band_indexes``); the dock and Processing show
     them with a sentence such as "(In this panel band_indexes is the Bands row.)".
     """
-    mentioned = [f"{core_name} is {field}" for core_name, field in field_names.items() if core_name in message]
+    # A name inside a path or a longer word (a folder called my_index_folder) is not the argument.
+    mentioned = [f"{core_name} is {field}" for core_name, field in field_names.items()
+                 if re.search(rf"(?<![\w/\\.'\"-]){re.escape(core_name)}(?![\w/\\.'\"-])", message)]
     if not mentioned:
         return message
     # Core messages may end without a full stop; the added sentence needs one before it.

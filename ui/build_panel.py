@@ -28,7 +28,7 @@ from qgis.PyQt.QtWidgets import (
 
 from ..core import get_logger
 from ..core.crs import grid_scale
-from ..core.encoder import MODELS_DIR, OnnxEncoder
+from ..core.encoder import MODELS_DIR, OnnxEncoder, default_model_path
 from ..core.errors import LookalikeError
 from ..core.grid import TileGrid, stride_from_overlap, tile_count
 from ..core.index import (
@@ -197,7 +197,9 @@ class BuildPanelMixin:
 
         self.encoder_combo = QComboBox()
         self.encoder_combo.setObjectName("lookalikeEncoder")
-        for model_path in sorted(MODELS_DIR.glob("*.onnx")):
+        # The engine's default encoder comes first, so the panel starts with it as Processing does.
+        bundled = sorted(MODELS_DIR.glob("*.onnx"), key=lambda path: (path != default_model_path(), path.name))
+        for model_path in bundled:
             self.encoder_combo.addItem(f"{model_path.stem} (bundled)", str(model_path))
         self.encoder_combo.addItem("Other ONNX file…", OTHER_ENCODER)
         self.encoder_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
@@ -611,6 +613,16 @@ class BuildPanelMixin:
         folder = self.index_folder.filePath().strip()
         if not folder:
             raise LookalikeError("No index folder is set; choose a folder to write the index to.")
+        if not Path(folder).is_absolute():
+            # QGIS's working directory is no place the analyst chose; the project's folder is.
+            home = self.project.homePath()
+            if not home:
+                raise LookalikeError(
+                    f"The index folder {folder!r} is a relative path and the project has no folder yet; choose a "
+                    "full path with the … button, or save the project first."
+                )
+            folder = str(Path(home) / folder)
+            self.index_folder.setFilePath(folder)
         check_index_folder(Path(folder))
         if self.add_to_index_check.isChecked() and _readable_folder_state(Path(folder)) not in (
             FOLDER_INDEX, FOLDER_DAMAGED_INDEX
@@ -778,11 +790,11 @@ class BuildPanelMixin:
             self.open_index(report.index_folder)
             skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
             # After a resume the time covers this run only, so the message says where it started.
-            resumed = (f", continuing from tile {report.tiles_resumed} of {report.tiles_total}"
+            resumed = (f" (resumed at tile {report.tiles_resumed} of {report.tiles_total})"
                        if report.tiles_resumed and not report.already_complete else "")
             self.push_message(
-                f"Index built: {report.tiles_embedded} tiles embedded{skipped} in "
-                f"{_format_duration(report.elapsed_s)}{resumed}. Draw on the map to search.",
+                f"Index built{resumed}: {report.tiles_embedded} tiles embedded{skipped} in "
+                f"{_format_duration(report.elapsed_s)}. Draw on the map to search.",
                 Qgis.MessageLevel.Success,
             )
             for warning in report.warnings:
@@ -799,7 +811,10 @@ class BuildPanelMixin:
             )
             return
         if task.outcome is TaskOutcome.CANCELLED:
-            self.status_label.setText("Build cancelled; Resume continues where it stopped.")
+            self._show_index_status()
+            # The index open before the build stays open and searchable, and the line still says which.
+            still_open = f" {self.status_label.text()}" if self.index is not None else ""
+            self.status_label.setText(f"Build cancelled; Resume continues where it stopped.{still_open}")
             manifest_stamp = _manifest_stamp(folder)
             self._resume_items[_folder_key(folder)] = self._push_with_button(
                 f"The build of {folder} was cancelled. Its finished tiles are kept; click Resume to continue it "
@@ -1136,10 +1151,14 @@ def default_gsd_m(layer: QgsRasterLayer, canvas) -> float:
     """Return the layer's native pixel size in metres, or the map view's for tile services."""
     provider = layer.dataProvider()
     if provider.capabilities() & QgsRasterDataProvider.Size and layer.width() > 0:
-        size = (layer.rasterUnitsPerPixelX() + layer.rasterUnitsPerPixelY()) / 2.0
+        width, height = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
         if layer.crs().isGeographic():
+            # A degree of longitude shrinks with latitude and one of latitude does not. The geometric
+            # mean of both sides in metres is the pixel size the engine plans with (core.planning).
             centre_latitude = layer.extent().center().y()
-            return size * METRES_PER_DEGREE * max(math.cos(math.radians(centre_latitude)), 0.01)
+            width_m = width * METRES_PER_DEGREE * max(math.cos(math.radians(centre_latitude)), 0.01)
+            return math.sqrt(width_m * height * METRES_PER_DEGREE)
+        size = math.sqrt(width * height)
         if layer.crs().isValid():
             return size * ground_metres_per_unit(layer)
         return size

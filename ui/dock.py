@@ -304,6 +304,9 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         for tool in self.map_tools.values():
             tool.cancel_drawing()
         self.clear_query()
+        # A percentage of the closed project's build would read as a build of the next project.
+        self.progress_bar.setValue(0)
+        self.progress_bar.setTextVisible(False)
         # Query layers of the next project are named from 1 again.
         self.query_number = 0
         self.index = None

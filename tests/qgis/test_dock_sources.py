@@ -165,7 +165,8 @@ def test_build_cancel_then_resume(dock, shared_data, tmp_path, qgis_canvas, qgis
     assert dock.index is not None
     # The time in the message is the resumed run's, so it says where that run started.
     successes = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
-    assert any(f"continuing from tile {resumed.result.tiles_resumed} of {tiles_total}." in text for text in successes)
+    assert any(f"Index built (resumed at tile {resumed.result.tiles_resumed} of {tiles_total}):" in text
+               for text in successes)
 
 
 def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
@@ -177,6 +178,24 @@ def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
     assert dock.start_build() is None
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("No index folder is set" in text for text in warnings)
+
+
+def test_relative_index_folder_needs_a_project_folder(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    choose_raster(dock, qgis_canvas, shared_data / SHIPS_RASTER, "ships")
+    dock.index_folder.setFilePath("relative_dir")
+
+    assert dock.start_build() is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("'relative_dir' is a relative path and the project has no folder yet" in text for text in warnings)
+
+    # Once the project has a folder, the index goes there.
+    assert QgsProject.instance().write(str(tmp_path / "survey.qgz"))
+    dock.index_folder.setFilePath("relative_dir")
+    dock.gsd_spin.setValue(20.0)
+    dock.start_build()
+    wait_for_tasks(dock)
+    assert dock.index_folder.filePath() == str(tmp_path / "relative_dir")
+    assert (tmp_path / "relative_dir" / "manifest.json").is_file()
 
 
 def test_band_choice_reaches_index(dock, shared_data, tmp_path, qgis_canvas):

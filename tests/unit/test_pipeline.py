@@ -21,7 +21,14 @@ from lookalike.core import pipeline as pipeline_module
 from lookalike.core import query as query_module
 from lookalike.core.checkpoints import _PartialBuild
 from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder
-from lookalike.core.errors import CancelledError, GridError, LookalikeError, SearchError, SearchIndexError
+from lookalike.core.errors import (
+    CancelledError,
+    GridError,
+    LookalikeError,
+    SearchError,
+    SearchIndexError,
+    with_field_names,
+)
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex
 from lookalike.core.pipeline import (
@@ -168,6 +175,19 @@ def test_extent_outside_every_raster_is_rejected(shared_data, tmp_path):
 def test_parameters_reject_huge_integers(tmp_path, name, value, largest):
     with pytest.raises(LookalikeError, match=f"{name} {value} is too large; pass an integer from 1 to {largest}"):
         parameters(["a.tif"], tmp_path / "index", **{name: value})
+
+
+@pytest.mark.parametrize(("message", "noted"), [
+    ("choose the bands to read (band_indexes) when those are other bands.", True),
+    ("pass band_indexes with 3 band numbers", True),
+    ("The folder /data/my_band_indexes contains other files", False),
+    ("The folder '/data/band_indexes' contains other files", False),
+    ("band_indexes_extra is unknown", False),
+])
+def test_field_names_note_only_the_argument(message, noted):
+    text = with_field_names(message, {"band_indexes": "the Bands row"}, "this panel")
+
+    assert ("(In this panel band_indexes is the Bands row.)" in text) is noted
 
 
 def test_parameters_are_json_safe(tmp_path):
