@@ -690,9 +690,11 @@ class TileIndex:
             try:
                 self._save_unlocked()
             except OSError as error:
+                earlier = ("; the index saved there before is unchanged" if self._replaces is not None
+                           else "; nothing of it was left there")
                 raise SearchIndexError(
                     f"saving the index in {self._folder} failed: {error}. Free disk space or fix the folder's "
-                    "permissions, then try again; the index saved there before is unchanged."
+                    f"permissions, then try again{earlier}."
                 ) from error
 
     def _save_unlocked(self) -> None:

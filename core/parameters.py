@@ -64,6 +64,10 @@ MAX_BUILD_INTEGERS = {
     "hnsw_ef_construction": 4096,
 }
 
+# Chips a build may hold at once, (prefetch_batches + 1) * batch_size: about 4.6 GiB of 224 px RGB
+# float32 chips.
+MAX_CHIPS_IN_FLIGHT = 8192
+
 # Larger thread counts are rejected as typing mistakes: for 10**9 threads onnxruntime failed
 # with a bare allocation error instead of a message.
 MAX_ENCODER_THREADS = 256
@@ -214,6 +218,12 @@ class BuildParameters:
             largest = MAX_BUILD_INTEGERS.get(name)
             if largest is not None and value > largest:
                 raise LookalikeError(f"{name} {value!r} is too large; pass an integer from 1 to {largest}.")
+        chips_in_flight = (self.prefetch_batches + 1) * self.batch_size
+        if chips_in_flight > MAX_CHIPS_IN_FLIGHT:
+            raise LookalikeError(
+                f"batch_size {self.batch_size} with prefetch_batches {self.prefetch_batches} keeps "
+                f"{chips_in_flight} chips in memory, more than {MAX_CHIPS_IN_FLIGHT}; lower one of them."
+            )
         threads = self.encoder_threads
         is_integer = isinstance(threads, int) and not isinstance(threads, bool)
         if threads is not None and not (is_integer and 1 <= threads <= MAX_ENCODER_THREADS):

@@ -455,7 +455,8 @@ def _empty_source_warnings(
 ) -> list[str]:
     warnings = []
     for plan in plans:
-        if embedded_by_source[plan.position]:
+        # A raster with no tile to read lies outside the extent, which planning already said.
+        if embedded_by_source[plan.position] or not plan.tile_count:
             continue
         warning = (
             f"Raster {plan.path!r} contributed 0 tiles ({_describe_skips(skipped[plan.position]) or 'no tiles'}); "

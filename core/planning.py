@@ -281,10 +281,9 @@ def _check_tile_count(plan: _SourcePlan) -> None:
         # Every raster of an index shares one tile size, taken from its first raster; a much
         # coarser raster gets tiles of a few of its pixels, and no overlap setting helps.
         raise GridError(
-            f"raster {plan.path!r} has pixels of {plan.pixel_size:.4g} CRS units, so the index's tiles of "
-            f"{plan.grid.tile_ground_size:.4g} span only {span_px:.3g} of its pixels (at least "
-            f"{MIN_TILE_SIZE_SOURCE_PX:g} are needed); index it in a separate index, or pass a tile size that suits "
-            "every raster."
+            f"raster {plan.path!r} is too coarse for the index's tile size: a tile spans only {span_px:.3g} of its "
+            f"pixels, and at least {MIN_TILE_SIZE_SOURCE_PX:g} are needed; index it in an index of its own (or, for a "
+            "new index of several rasters, pass a tile size that suits every raster)."
         )
     max_tiles = max(1, plan.width_px * plan.height_px // MIN_SOURCE_PIXELS_PER_TILE)
     if plan.tile_count <= max_tiles:

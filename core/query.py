@@ -44,6 +44,11 @@ LOGGER = get_logger("pipeline")
 # query drawn at the wrong zoom. The bound also keeps reading and embedding a query short.
 # NOTE: 256 is a judgement (16 x 16 tiles), not a measured limit.
 MAX_QUERY_TILES = 256
+# A region up to this fraction of a tile longer than a whole number of tiles gets no extra tile
+# along that axis; its tiles then leave at most half of it uncovered at each end. A box of one
+# tile drawn on a map in another CRS comes back a little larger (0.4 % from UTM through Web
+# Mercator, QA), and took four nearly equal query tiles instead of one.
+QUERY_TILE_SLACK = 0.02
 # A polygon's covering grid may hold this many times MAX_QUERY_TILES before its tiles are tested
 # against the polygon: a thin diagonal polygon covers few of its grid's tiles.
 MAX_QUERY_GRID_FACTOR = 16
@@ -117,9 +122,10 @@ def embed_query(
     """Read and embed the query chips for one geometry, at the index's GSD and tile size.
 
     ``geometry`` is ``(xmin, ymin, xmax, ymax)`` or WKT (POINT, POLYGON, MULTIPOLYGON) in
-    ``crs_wkt``. A point gives the tile centred on it. A region that fits in one tile gives one
-    chip centred on the region. A larger region gives the tiles (without overlap) that cover it,
-    each a separate query chip. Chips that are mostly nodata are dropped.
+    ``crs_wkt``. A point gives the tile centred on it. A region that fits in one tile (with
+    ``QUERY_TILE_SLACK``) gives one chip centred on the region. A larger region gives the fewest
+    tiles that cover it, spread from edge to edge (see :func:`_tile_starts`), each a separate
+    query chip. Chips that are mostly nodata are dropped.
 
     The raster may be an indexed source or any other raster. Indexed sources are read with the
     stretch stored in the index, so query and tiles see the same values. Tiles off the raster
@@ -623,7 +629,8 @@ def _query_footprints(
             raise SearchError(_too_many_tiles_message(len(points), index_grid, raster_path))
         return [(point.GetX() - half, point.GetY() - half, point.GetX() + half, point.GetY() + half)
                 for point in points]
-    if geometry_type == ogr.wkbPoint or (xmax - xmin <= tile and ymax - ymin <= tile):
+    if geometry_type == ogr.wkbPoint or (xmax - xmin <= tile * (1 + QUERY_TILE_SLACK)
+                                         and ymax - ymin <= tile * (1 + QUERY_TILE_SLACK)):
         centre_x, centre_y = (xmin + xmax) / 2.0, (ymin + ymax) / 2.0
         return [(centre_x - half, centre_y - half, centre_x + half, centre_y + half)]
     if raster_bounds is not None:
@@ -648,14 +655,14 @@ def _query_footprints(
 def _tile_starts(low: float, high: float, tile: float) -> list[float]:
     """Return where the tiles covering ``[low, high]`` along one axis start, spread from end to end.
 
-    The fewest tiles that cover the span are spaced evenly, the first starting at ``low`` and
-    the last ending at ``high``, so neighbours overlap where the span is not a whole number of
-    tiles. A region a metre wider than one tile thus gives two tiles almost on top of each other,
-    both close to the one tile centred on a region a metre narrower. Tiles laid on a fixed grid
+    The fewest tiles that cover the span (up to ``QUERY_TILE_SLACK``) are spaced evenly, the first
+    starting at ``low`` and the last ending at ``high``, so neighbours overlap where the span is not
+    a whole number of tiles. A region 3 % wider than one tile thus gives two tiles close together,
+    both close to the one tile centred on a narrower region. Tiles laid on a fixed grid
     from the corner instead gave a second tile almost entirely outside the region, and other
     matches (QA: a 161 m box on 160 m tiles).
     """
-    count = max(1, math.ceil((high - low) / tile - 1e-9))
+    count = max(1, math.ceil((high - low) / tile - QUERY_TILE_SLACK))
     if count == 1:
         return [(low + high - tile) / 2.0]
     step = (high - low - tile) / (count - 1)

@@ -225,8 +225,8 @@ def _check_parameters(k: int, max_overlap: float, strategy: str, negative_weight
     if min_score is not None and not (isinstance(min_score, (int, float)) and not isinstance(min_score, bool)
                                       and math.isfinite(min_score) and min_score <= 1.0):
         raise SearchError(
-            f"min_score {min_score!r} is out of range; no score exceeds 1 (identical embeddings), so pass a "
-            "number up to 1, or None for no minimum"
+            f"min_score {min_score!r} is not a number up to 1; no score exceeds 1 (identical embeddings), so "
+            "pass a number up to 1, or leave min_score unset for no minimum"
         )
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise SearchError(f"k {k!r} is invalid; pass the number of matches as a positive integer")

@@ -376,7 +376,8 @@ def _write_chip(
     written = driver.CreateCopy(str(path), memory, strict=0, options=options)
     if written is None:
         raise RasterError(
-            f"Writing the chip {path} failed ({gdal.GetLastErrorMsg()}); check that the folder is writable."
+            f"Writing the chip {path.name} into {path.parent.parent} failed ({gdal.GetLastErrorMsg()}); check that "
+            "the folder is writable and the disk has free space."
         )
     written.FlushCache()
     written = None

@@ -516,7 +516,7 @@ def _for_each_example(parameter_name: str, feature_ids: list[int], items: list, 
         except CancelledError:
             raise
         except LookalikeError as error:
-            raise LookalikeError(f"Feature {feature_id} of {parameter_name}: {error}") from error
+            raise LookalikeError(f"Feature with id {feature_id} in {parameter_name}: {error}") from error
     return results
 
 

@@ -380,7 +380,7 @@ def test_search_names_the_negative_off_every_raster(two_raster_index):
         "NEGATIVES": negatives, "OUTPUT": "memory:",
     })
 
-    assert f"Feature {off_raster_id} of NEGATIVES: The query lies outside every indexed raster" in message
+    assert f"Feature with id {off_raster_id} in NEGATIVES: The query lies outside every indexed raster" in message
 
 
 def test_search_names_the_positive_that_is_a_line(two_raster_index):
@@ -393,7 +393,7 @@ def test_search_names_the_positive_that_is_a_line(two_raster_index):
 
     message = run_failure("search", {"INDEX": two_raster_index, "POSITIVES": layer, "OUTPUT": "memory:"})
 
-    assert f"Feature {feature_id} of POSITIVES:" in message
+    assert f"Feature with id {feature_id} in POSITIVES:" in message
     assert "LINESTRING is not supported" in message
 
 

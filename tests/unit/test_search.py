@@ -224,7 +224,7 @@ def test_min_score_out_of_range_is_rejected(tmp_path: Path, min_score) -> None:
     query = random_unit_vectors(1, seed=12)[0]
     index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
 
-    with pytest.raises(SearchError, match="min_score .* is out of range; no score exceeds 1"):
+    with pytest.raises(SearchError, match="min_score .* is not a number up to 1; no score exceeds 1"):
         search(index, query, k=5, min_score=min_score)
 
 
