@@ -36,7 +36,7 @@ from .raster import (
     chip_skip_reason,
     open_raster_quietly,
 )
-from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, search
+from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, example_embeddings, search
 
 LOGGER = get_logger("pipeline")
 
@@ -739,9 +739,10 @@ def search_query_chips(
 
     Tiles that overlap a positive's query tiles, read or not, show the example itself, so they are dropped.
     """
-    positive_embeddings = np.concatenate([chips.embeddings for chips in positive_chips])
+    strategy = search_options.get("strategy", DEFAULT_STRATEGY)
+    positive_embeddings = example_embeddings([chips.embeddings for chips in positive_chips], strategy)
     negative_embeddings = (
-        np.concatenate([chips.embeddings for chips in negative_chips]) if negative_chips else None
+        example_embeddings([chips.embeddings for chips in negative_chips], strategy) if negative_chips else None
     )
     exclude = [footprint for chips in positive_chips for footprint in chips.excluded_footprints()]
     return search(index, positive_embeddings, negative_embeddings, exclude=exclude, **search_options)

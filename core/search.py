@@ -17,6 +17,15 @@ Two query strategies are implemented, selected by ``strategy``:
 
 ``"mean"`` is the default because it costs one search and its score keeps one meaning. Use
 ``"max"`` when the positives show different kinds of the object.
+
+An example (a drawn part, or a tile the analyst marked) can cover several query chips.
+:func:`example_embeddings` turns the examples into the rows ``search`` takes: for ``"mean"`` each
+example becomes the unit-length mean of its chips, so that every example counts once. Counted
+chip by chip, a negative drawn over nine tiles outweighed a tile marked not relevant nine to one,
+and marking a match barely moved it. Measured on the 2009 NAIP scene (bundled int8 encoder, 2,609
+tiles, 12 random queries of a 300 m positive and a 460 m negative box): the match at rank 2,
+marked not relevant, fell to a median rank of 5.5 counted by chip and of 145.5 by example (8 of
+12 out of the top 200). For ``"max"`` every chip stays a row of its own.
 ``compare_query_strategies`` measures both on tiles an analyst has labelled.
 """
 
@@ -176,6 +185,24 @@ def search(
             "matches; draw the example over a smaller area, around one object", index.count,
         )
     return [footprints.match(rank, tile_id, score) for rank, (tile_id, score) in enumerate(survivors, start=1)]
+
+
+def example_embeddings(examples: Sequence[np.ndarray], strategy: str = DEFAULT_STRATEGY) -> np.ndarray:
+    """Return the query rows for ``examples``, each an ``(n_i, dim)`` array of one example's chip embeddings.
+
+    With ``"mean"`` each example gives one row, the unit-length mean of its chips; with ``"max"``
+    every chip is a row. No examples give an empty ``(0, 0)`` array.
+    """
+    blocks = [np.asarray(example, dtype=np.float32).reshape(-1, np.shape(example)[-1]) for example in examples
+              if np.size(example)]
+    if not blocks:
+        return np.empty((0, 0), dtype=np.float32)
+    if strategy != "mean":
+        return np.concatenate(blocks)
+    means = np.stack([block.mean(axis=0) for block in blocks])
+    lengths = np.linalg.norm(means, axis=1, keepdims=True)
+    # A zero mean (chips that cancel out) stays zero, for search() to reject with its message.
+    return np.divide(means, lengths, out=np.zeros_like(means), where=lengths > 0)
 
 
 def compare_query_strategies(

@@ -34,6 +34,7 @@ from ..core.search import (
     DEFAULT_MAX_OVERLAP,
     NEGATIVES_WITHOUT_EFFECT_MESSAGE,
     Match,
+    example_embeddings,
     negatives_without_effect,
     search,
 )
@@ -211,17 +212,18 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
             exclude.extend((tuple(bounds), crs) for bounds, crs in chips.excluded_footprints())
 
     stored = request.index.embeddings
-    if request.relevant_tile_ids:
-        positives.append(np.asarray(stored[list(request.relevant_tile_ids)], dtype=np.float32))
-    if request.not_relevant_tile_ids:
-        negatives.append(np.asarray(stored[list(request.not_relevant_tile_ids)], dtype=np.float32))
+    # Each marked tile is an example of its own, as each drawn part is (core.search.example_embeddings).
+    positives.extend(np.asarray(stored[[tile_id]], dtype=np.float32) for tile_id in request.relevant_tile_ids)
+    negatives.extend(np.asarray(stored[[tile_id]], dtype=np.float32) for tile_id in request.not_relevant_tile_ids)
     if not positives:
         raise SearchError(
             "The query has no positive example; draw at least one area that shows what to look for "
             "(negatives only push matches away)."
         )
-    positive_matrix = np.concatenate(positives)
-    negative_matrix = np.concatenate(negatives) if negatives else None
+    positive_chip_count = sum(len(chips) for chips in positives)
+    negative_chip_count = sum(len(chips) for chips in negatives)
+    positive_matrix = example_embeddings(positives)
+    negative_matrix = example_embeddings(negatives) if negatives else None
     task.check_cancelled()
     matches = search(request.index, positive_matrix, negative_matrix, k=request.k, exclude=exclude)
     warnings = changed_source_warnings(request.index)
@@ -238,8 +240,8 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
         matches=matches,
         encoder=encoder,
         query_footprints=exclude,
-        positive_count=len(positive_matrix),
-        negative_count=0 if negative_matrix is None else len(negative_matrix),
+        positive_count=positive_chip_count,
+        negative_count=negative_chip_count,
         warnings=warnings,
     )
 

@@ -13,7 +13,14 @@ from lookalike.core import search as search_module
 from lookalike.core.errors import SearchError
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex, make_tile_table
-from lookalike.core.search import Match, compare_query_strategies, negatives_without_effect, overlap_fraction, search
+from lookalike.core.search import (
+    Match,
+    compare_query_strategies,
+    example_embeddings,
+    negatives_without_effect,
+    overlap_fraction,
+    search,
+)
 
 EMBEDDING_DIM = 32
 N_ROWS = 8
@@ -226,6 +233,25 @@ def test_min_score_out_of_range_is_rejected(tmp_path: Path, min_score) -> None:
 
     with pytest.raises(SearchError, match="min_score .* is not a number up to 1; no score exceeds 1"):
         search(index, query, k=5, min_score=min_score)
+
+
+def test_each_example_counts_once_in_the_mean() -> None:
+    drawn = random_unit_vectors(9, seed=31)  # a negative drawn over nine tiles
+    marked = random_unit_vectors(1, seed=32)  # one tile marked not relevant
+
+    rows = example_embeddings([drawn, marked], "mean")
+
+    assert rows.shape == (2, drawn.shape[1])
+    np.testing.assert_allclose(rows[0], unit(drawn.mean(axis=0, keepdims=True))[0], atol=1e-6)
+    np.testing.assert_allclose(rows[1], marked[0], atol=1e-6)
+    # The mean negative the search subtracts now gives the marked tile half the weight, not a tenth.
+    np.testing.assert_allclose(rows.mean(axis=0) @ marked[0], 0.5 * (1 + rows[0] @ marked[0]), atol=1e-6)
+
+
+def test_max_strategy_keeps_every_chip() -> None:
+    drawn, marked = random_unit_vectors(9, seed=31), random_unit_vectors(1, seed=32)
+
+    np.testing.assert_array_equal(example_embeddings([drawn, marked], "max"), np.concatenate([drawn, marked]))
 
 
 def test_query_footprint_in_other_crs(tmp_path: Path) -> None:
