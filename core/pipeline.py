@@ -331,7 +331,10 @@ def _build_index_locked(
         LOGGER.warning("The index in %s is saved, but its checkpoints %s could not be removed (%s); delete "
                        "that folder or run the build again to remove them", params.index_folder, partial.folder, error)
 
-    _, embedded, skipped = _totals_from_index(params.index_folder, build_id, len(plans))
+    # The index was just saved and checked; its manifest has the counts, and opening the index
+    # again would read the whole graph and embeddings once more.
+    saved = read_manifest_json(Path(params.index_folder) / MANIFEST_NAME) or {}
+    _, embedded, skipped = _totals_from_sources(saved.get("sources", []), build_id, len(plans))
     elapsed_s = time.monotonic() - started_at
     processed = tiles_total - start_position
     report = BuildReport(
@@ -549,8 +552,13 @@ def _same_graph_parameters(params: BuildParameters) -> bool:
 
 
 def _totals_from_index(index_folder: str, build_id: str, n_sources: int) -> tuple[list[int], int, np.ndarray]:
-    index = TileIndex.open(index_folder)
-    records = [record for record in index.sources if record.get("build_id") == build_id]
+    return _totals_from_sources(TileIndex.open(index_folder).sources, build_id, n_sources)
+
+
+def _totals_from_sources(
+    sources: Sequence[dict[str, Any]], build_id: str, n_sources: int
+) -> tuple[list[int], int, np.ndarray]:
+    records = [record for record in sources if record.get("build_id") == build_id]
     skipped = np.zeros((n_sources, len(SKIP_REASONS)), dtype=np.int64)
     embedded = 0
     for position, record in enumerate(records[:n_sources]):
