@@ -84,9 +84,9 @@ EXACT_SEARCH_MIN_FRACTION = 0.125
 # takes 80 MiB.
 EXACT_SEARCH_BLOCK_ROWS = 8192
 
-# Indexes up to this many tiles have every graph vector compared with its embedding at open (about
-# 0.4 s for 20,000 tiles of 1280 dims on 2 CPUs, mostly reading the files); larger ones have
-# blocks of rows spread over the index compared, as many rows in all.
+# Indexes up to this many tiles have every graph vector compared with its embedding at open. That
+# took about 0.4 s for 20,000 tiles of 1280 dims on 2 CPUs, mostly reading the files. Larger
+# indexes have blocks of rows spread over the index compared, as many rows in all.
 FULL_VECTOR_CHECK_MAX_TILES = 200_000
 # The largest difference allowed at open between a stored embedding and the graph's float32 copy
 # of it: float16 rounding of a unit vector's component stays below 5e-4.
@@ -1200,8 +1200,8 @@ def _check_graph_links(path: Path, count: int, embeddings: np.ndarray, embedding
     hnswlib follows the links it loads without checking them, so a link or entry point damaged
     in place (the file keeps its length) made a search read outside the graph and crash the
     process. Exact search reads the embeddings file and graph search the graph's own float32
-    copies, so the copies are compared with the stored embeddings (see :func:`_graph_vector_problem`):
-    an edit of either file, in place, would otherwise change answers silently.
+    copies, so the copies are compared with the stored embeddings (see :func:`_graph_vector_problem`).
+    An edit of either file, in place, would otherwise change search results silently.
     """
     with open(path, "rb") as stream, mmap.mmap(stream.fileno(), 0, access=mmap.ACCESS_READ) as data:
         # The arrays viewing the map are gone when the helper returns, so the map can close.
@@ -1225,7 +1225,7 @@ def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
     """Return what is wrong with the links, levels, labels or entry point of the graph in ``data``, or None.
 
     The layout is the one :func:`_check_graph_file_length` describes. Each level-0 record starts
-    with its link count (the low 16 bits of a uint32) and ``maxM0`` tile numbers, and holds the
+    with its link count (the low 16 bits of a uint32) and ``maxM0`` tile numbers, and contains the
     tile's label (uint64) at ``label_offset``. Each tile's upper levels follow the records, each
     a count and ``maxM`` numbers; a link on level ``l`` must name a tile that has level ``l``,
     and the entry point must be a tile on the top level.
@@ -1283,7 +1283,7 @@ def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
 def _graph_vector_problem(data: mmap.mmap, embeddings: np.ndarray, embeddings_path: Path) -> Optional[str]:
     """Return where the graph's float32 vectors differ from the stored embeddings of their tiles, or None.
 
-    Each record holds a tile's vector at ``offset_data`` and its tile id (label); the stored
+    Each record contains a tile's vector at ``offset_data`` and its tile id (label). The stored
     embedding of that tile is its float16 copy. Compared in blocks, so memory stays bounded; all
     of them up to ``FULL_VECTOR_CHECK_MAX_TILES`` tiles.
     """
@@ -1295,8 +1295,8 @@ def _graph_vector_problem(data: mmap.mmap, embeddings: np.ndarray, embeddings_pa
     records = _graph_records(data, count, record_bytes)
     starts = np.arange(0, count, EXACT_SEARCH_BLOCK_ROWS)
     if count > FULL_VECTOR_CHECK_MAX_TILES:
-        # Reading every vector of a larger index would make each open read both files whole;
-        # evenly spread blocks still catch a file replaced, reordered or rescaled.
+        # Reading every vector of a larger index would make each open read both files whole.
+        # Evenly spread blocks still catch a file replaced, reordered or rescaled.
         block_count = FULL_VECTOR_CHECK_MAX_TILES // EXACT_SEARCH_BLOCK_ROWS
         starts = starts[np.unique(np.linspace(0, len(starts) - 1, block_count).astype(np.int64))]
     for start in starts.tolist():

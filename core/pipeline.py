@@ -331,8 +331,8 @@ def _build_index_locked(
         LOGGER.warning("The index in %s is saved, but its checkpoints %s could not be removed (%s); delete "
                        "that folder or run the build again to remove them", params.index_folder, partial.folder, error)
 
-    # The index was just saved and checked; its manifest has the counts, and opening the index
-    # again would read the whole graph and embeddings once more.
+    # The saved manifest contains the counts. Opening the index again would read the whole graph
+    # and the embeddings once more.
     saved = read_manifest_json(Path(params.index_folder) / MANIFEST_NAME) or {}
     _, embedded, skipped = _totals_from_sources(saved.get("sources", []), build_id, len(plans))
     elapsed_s = time.monotonic() - started_at
@@ -458,7 +458,7 @@ def _empty_source_warnings(
 ) -> list[str]:
     warnings = []
     for plan in plans:
-        # A raster with no tile to read lies outside the extent, which planning already said.
+        # A raster with no tile to read lies outside the extent, which planning already warned about.
         if embedded_by_source[plan.position] or not plan.tile_count:
             continue
         warning = (

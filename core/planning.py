@@ -278,8 +278,8 @@ def _min_valid_fraction_for(min_valid_fraction: float, raster_bounds: Bounds, gr
 def _check_tile_count(plan: _SourcePlan) -> None:
     span_px = plan.tile_size_source_px
     if span_px < MIN_TILE_SIZE_SOURCE_PX:
-        # Every raster of an index shares one tile size, taken from its first raster; a much
-        # coarser raster gets tiles of a few of its pixels, and no overlap setting helps.
+        # Every raster of an index shares one tile size, taken from its first raster. A much
+        # coarser raster then gets tiles of a few of its pixels, which no overlap setting helps.
         raise GridError(
             f"raster {plan.path!r} is too coarse for the index's tile size: a tile spans only {span_px:.3g} of its "
             f"pixels, and at least {MIN_TILE_SIZE_SOURCE_PX:g} are needed; index it in an index of its own (or, for a "

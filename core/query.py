@@ -45,7 +45,7 @@ LOGGER = get_logger("pipeline")
 # NOTE: 256 is a judgement (16 x 16 tiles), not a measured limit.
 MAX_QUERY_TILES = 256
 # A region up to this fraction of a tile longer than a whole number of tiles gets no extra tile
-# along that axis; its tiles then leave at most half of it uncovered at each end. A box of one
+# along that axis, so its tiles leave at most half of that fraction uncovered at each end. A box of one
 # tile drawn on a map in another CRS comes back a little larger (0.4 % from UTM through Web
 # Mercator, QA), and took four nearly equal query tiles instead of one.
 QUERY_TILE_SLACK = 0.02

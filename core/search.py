@@ -179,7 +179,7 @@ def search(
     if not survivors and exhausted and min_score is None:
         # The best candidate survives suppression between matches, so only the query's own
         # footprints can have removed every tile. The dock and Processing explain an empty result
-        # themselves; this tells callers of the engine.
+        # themselves, so this warning is for callers of the engine.
         logger.warning(
             "No match: every one of the index's %d tiles overlaps the query, and tiles under the query are never "
             "matches; draw the example over a smaller area, around one object", index.count,

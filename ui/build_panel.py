@@ -789,7 +789,7 @@ class BuildPanelMixin:
                 return
             self.open_index(report.index_folder)
             skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
-            # After a resume the time covers this run only, so the message says where it started.
+            # After a resume the time covers this run only, so the message names where it started.
             resumed = (f" (resumed at tile {report.tiles_resumed} of {report.tiles_total})"
                        if report.tiles_resumed and not report.already_complete else "")
             self.push_message(
@@ -812,7 +812,7 @@ class BuildPanelMixin:
             return
         if task.outcome is TaskOutcome.CANCELLED:
             self._show_index_status()
-            # The index open before the build stays open and searchable, and the line still says which.
+            # The index open before the build stays open and searchable, and the line still names it.
             still_open = f" {self.status_label.text()}" if self.index is not None else ""
             self.status_label.setText(f"Build cancelled; Resume continues where it stopped.{still_open}")
             manifest_stamp = _manifest_stamp(folder)
@@ -864,7 +864,7 @@ class BuildPanelMixin:
         )
         field_folder = self.index_folder.filePath().strip()
         if field_folder and _folder_key(field_folder) != _folder_key(str(open_folder)):
-            # Searches go to the open index, whatever the folder field says.
+            # Searches go to the open index, whatever folder the field shows.
             text += f" Searches use it; the next build writes to {Path(field_folder).name}."
         self.status_label.setText(text)
         self.status_label.setToolTip(f"Open index: {open_folder}")

@@ -200,8 +200,8 @@ class ResultsPanelMixin:
             return None
         count = layer.featureCount()
         # The layer's filter is the Min score slider: the matches below it are not written.
-        shown = " shown above Min score" if layer.subsetString() else ""
-        self.push_message(f"Exported {count} {'match' if count == 1 else 'matches'}{shown} to {written}.",
+        filter_note = " shown above Min score" if layer.subsetString() else ""
+        self.push_message(f"Exported {count} {'match' if count == 1 else 'matches'}{filter_note} to {written}.",
                           Qgis.MessageLevel.Success)
         return written
 

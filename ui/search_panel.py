@@ -262,7 +262,7 @@ class SearchPanelMixin:
         """Remove the part added last and search again with the rest; the query and its marks stay.
 
         Without a positive part or a relevant mark left there is nothing to search for, so the
-        matches shown stay those of the query before, and the message bar says so.
+        matches shown stay those of the query before, and the message bar explains that.
         """
         if not self.query_parts:
             self.push_message("The query has no part to remove; draw one on the map.", Qgis.MessageLevel.Info)

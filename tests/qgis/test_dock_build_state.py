@@ -614,7 +614,7 @@ def test_default_gsd_widens_tiles_on_coarse_imagery(bundled_dock, shared_data, s
     spec = bundled_dock.encoder_spec
 
     bundled_dock.raster_combo.setLayer(half_metre)
-    # On 0.5 m imagery the encoder's suggested tile spans 224 raster pixels, so its GSD stands.
+    # On 0.5 m imagery the encoder's suggested tile spans 224 raster pixels, so its GSD is kept.
     assert bundled_dock.gsd_spin.value() == pytest.approx(spec.gsd_m)
     assert bundled_dock.tile_size_label.text().endswith(", 224 raster px")
 

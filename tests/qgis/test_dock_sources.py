@@ -163,7 +163,7 @@ def test_build_cancel_then_resume(dock, shared_data, tmp_path, qgis_canvas, qgis
     assert resumed.result.tiles_resumed > 0
     assert resumed.result.tiles_total == tiles_total
     assert dock.index is not None
-    # The time in the message is the resumed run's, so it says where that run started.
+    # The time in the message is the resumed run's, so the message names where that run started.
     successes = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
     assert any(f"Index built (resumed at tile {resumed.result.tiles_resumed} of {tiles_total}):" in text
                for text in successes)

