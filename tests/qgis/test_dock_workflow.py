@@ -254,16 +254,21 @@ def test_drawing_without_index_is_not_kept(dock, ships_layer, qgis_canvas, qgis_
     assert any("No index is open, so the drawing was not kept" in text for text in warnings), warnings
 
 
-def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas):
+def search_ship_then_water_negative(dock, ships_layer, folder, canvas) -> None:
+    """Build the ships index, search with a box around a ship, then add a negative box over water."""
     dock.raster_combo.setLayer(ships_layer)
-    build(dock, tmp_path / "index")
+    build(dock, folder)
     dock.activate_tool("rectangle")
-    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    drag_rectangle(canvas, ship_query_bounds(ships_layer))
     wait_for_tasks(dock)
     extent = ships_layer.extent()
     water = (extent.xMinimum() + 100, extent.yMinimum() + 100, extent.xMinimum() + 400, extent.yMinimum() + 400)
-    drag_rectangle(qgis_canvas, water, Qt.KeyboardModifier.ShiftModifier)
+    drag_rectangle(canvas, water, Qt.KeyboardModifier.ShiftModifier)
     wait_for_tasks(dock)
+
+
+def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas):
+    search_ship_then_water_negative(dock, ships_layer, tmp_path / "index", qgis_canvas)
 
     assert [negative for _geometry, negative, _crs in dock.query_parts] == [False, True]
     assert "1 positive, 1 negative" in dock.query_label.text()
@@ -275,15 +280,7 @@ def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas)
 
 
 def test_remove_last_part_searches_again(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
-    dock.raster_combo.setLayer(ships_layer)
-    build(dock, tmp_path / "index")
-    dock.activate_tool("rectangle")
-    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
-    wait_for_tasks(dock)
-    extent = ships_layer.extent()
-    water = (extent.xMinimum() + 100, extent.yMinimum() + 100, extent.xMinimum() + 400, extent.yMinimum() + 400)
-    drag_rectangle(qgis_canvas, water, Qt.KeyboardModifier.ShiftModifier)
-    wait_for_tasks(dock)
+    search_ship_then_water_negative(dock, ships_layer, tmp_path / "index", qgis_canvas)
     dock.results_table.set_relevance(dock.matches[0].tile_id, Relevance.RELEVANT)
     marked = dock.results_table.marks()
 
