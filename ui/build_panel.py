@@ -73,6 +73,8 @@ ADD_TO_INDEX_LABEL = "Add this raster to the existing index"
 # Characters the band and encoder lists show at their narrowest; the open list shows whole names.
 BAND_COMBO_MIN_CHARACTERS = 3
 ENCODER_COMBO_MIN_CHARACTERS = 18
+# Folder names in the status line are cut to this length; the tooltip shows the whole path.
+STATUS_NAME_MAX_CHARACTERS = 32
 
 # The dock rejects a GSD at which a raster's shorter side spans fewer encoder pixels than this,
 # because the raster then shrinks to a speck in one chip. Below about 1.1 pixels the build embeds
@@ -859,13 +861,13 @@ class BuildPanelMixin:
         encoder = self.index.encoder_info
         open_folder = Path(self.index.folder)
         text = (
-            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s) in {open_folder.name}, "
-            f"encoder {encoder.get('name', '?')}."
+            f"Index open: {self.index.count} tiles from {len(self.index.sources)} raster(s) in "
+            f"{_short_name(open_folder.name)}, encoder {encoder.get('name', '?')}."
         )
         field_folder = self.index_folder.filePath().strip()
         if field_folder and _folder_key(field_folder) != _folder_key(str(open_folder)):
             # Searches go to the open index, whatever folder the field shows.
-            text += f" Searches use it; the next build writes to {Path(field_folder).name}."
+            text += f" Searches use it; the next build writes to {_short_name(Path(field_folder).name)}."
         self.status_label.setText(text)
         self.status_label.setToolTip(f"Open index: {open_folder}")
 
@@ -1074,6 +1076,14 @@ def _readable_folder_state(folder: Path) -> str:
     except OSError as error:
         LOGGER.warning("Cannot read index folder %s: %s", folder, error)
         return ""
+
+
+def _short_name(name: str, limit: int = STATUS_NAME_MAX_CHARACTERS) -> str:
+    """Return ``name`` cut in the middle to ``limit`` characters, because the status line cannot wrap one word."""
+    if len(name) <= limit:
+        return name
+    head = (limit - 1) // 2
+    return f"{name[:head]}…{name[len(name) - (limit - 1 - head):]}"
 
 
 def _folder_key(folder: str) -> str:

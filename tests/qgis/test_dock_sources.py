@@ -311,6 +311,10 @@ def test_status_names_the_index_searches_use(dock, shared_data, tmp_path, qgis_c
     assert dock.status_label.text().endswith("Searches use it; the next build writes to new_index.")
     assert "in ships_index," in dock.status_label.text()
 
+    # A long name is cut in the middle, because the line cannot wrap one word and would widen the panel.
+    dock.index_folder.setFilePath(str(tmp_path / ("survey_" + "x" * 60 + "_2026")))
+    assert dock.status_label.text().endswith("the next build writes to survey_xxxxxxxx…xxxxxxxxxxx_2026.")
+
 
 def test_added_date_takes_index_gsd(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
     # Another date of the same NAIP quarter quad is added to an index built at a coarser GSD than
