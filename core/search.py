@@ -50,6 +50,10 @@ DEFAULT_STRATEGY = "mean"
 # Cosine similarity of the mean negative to the mean positive from which a "mean" query keeps the
 # positives' direction, so that its negatives change nothing. NOTE: a judgement, not a measurement.
 PARALLEL_NEGATIVES_MIN_COSINE = 0.999
+NEGATIVES_LIKE_POSITIVES_MESSAGE = (
+    "{count} of the negative examples look like the positive ones to the encoder, as a negative drawn over the "
+    "example itself does, so they only weaken the other negatives; remove them (Remove last part in the panel)."
+)
 NEGATIVES_WITHOUT_EFFECT_MESSAGE = (
     "The negative examples look like the positive ones to the encoder, so they change nothing in the averaged "
     "query; draw negatives over what the matches should not look like, not over the examples themselves."
@@ -228,6 +232,21 @@ def compare_query_strategies(
 
 
 # -- query preparation --------------------------------------------------------------------------
+
+
+def negatives_like_positives(positives: np.ndarray, negatives: Optional[np.ndarray]) -> int:
+    """Return how many negative rows point the way of the positives' mean, as one drawn over the example does.
+
+    Among other negatives such a row changes the query after all: averaged in, it only weakens
+    the others. ``negatives_without_effect`` covers a lone one.
+    """
+    if negatives is None or not len(negatives) or not len(positives):
+        return 0
+    positive_mean = np.asarray(positives, dtype=np.float64).mean(axis=0)
+    rows = np.asarray(negatives, dtype=np.float64)
+    norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(positive_mean)
+    cosines = np.divide(rows @ positive_mean, norms, out=np.zeros(len(rows)), where=norms > 0)
+    return int((cosines >= PARALLEL_NEGATIVES_MIN_COSINE).sum())
 
 
 def negatives_without_effect(

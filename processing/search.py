@@ -6,7 +6,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-import numpy as np
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -45,9 +44,12 @@ from ..core.query import changed_source_warnings, valid_region_wkt
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
     DEFAULT_STRATEGY,
+    NEGATIVES_LIKE_POSITIVES_MESSAGE,
     NEGATIVES_WITHOUT_EFFECT_MESSAGE,
     STRATEGIES,
     Match,
+    example_embeddings,
+    negatives_like_positives,
     negatives_without_effect,
 )
 from ..gis import matches as match_layers
@@ -364,14 +366,17 @@ class SearchAlgorithm(LookalikeAlgorithm):
             negative_chips = _embed_examples(index, encoder, self.NEGATIVES, examples.negative_ids,
                                              examples.negative_sources, examples.negatives, examples.crs_wkt,
                                              feedback, complete)
-            if negative_chips and negatives_without_effect(
-                np.concatenate([chips.embeddings for chips in positive_chips]),
-                np.concatenate([chips.embeddings for chips in negative_chips]),
-                strategy,
-            ):
+            # Judged on the rows the search combines: one per example with the mean strategy.
+            positive_rows = example_embeddings([chips.embeddings for chips in positive_chips])
+            negative_rows = example_embeddings([chips.embeddings for chips in negative_chips])
+            if negative_chips and negatives_without_effect(positive_rows, negative_rows, strategy):
                 feedback.pushWarning(NEGATIVES_WITHOUT_EFFECT_MESSAGE + tr(
                     f" With {self.STRATEGY} max, a negative demotes only the tiles that look like it."
                 ))
+            elif strategy == "mean" and len(negative_rows) > 1:
+                parallel = negatives_like_positives(positive_rows, negative_rows)
+                if parallel:
+                    feedback.pushWarning(NEGATIVES_LIKE_POSITIVES_MESSAGE.format(count=parallel))
             found = search_query_chips(
                 index,
                 positive_chips,

@@ -616,14 +616,13 @@ class BuildPanelMixin:
         if not folder:
             raise LookalikeError("No index folder is set; choose a folder to write the index to.")
         if not Path(folder).is_absolute():
-            # QGIS's working directory is no place the analyst chose; the project's folder is.
-            home = self.project.homePath()
-            if not home:
+            absolute = self._absolute_index_folder(folder)
+            if absolute is None:
                 raise LookalikeError(
                     f"The index folder {folder!r} is a relative path and the project has no folder yet; choose a "
                     "full path with the … button, or save the project first."
                 )
-            folder = str(Path(home) / folder)
+            folder = absolute
             self.index_folder.setFilePath(folder)
         check_index_folder(Path(folder))
         if self.add_to_index_check.isChecked() and _readable_folder_state(Path(folder)) not in (
@@ -933,9 +932,21 @@ class BuildPanelMixin:
 
     # -- index ---------------------------------------------------------------------------------
 
+    def _absolute_index_folder(self, path: str) -> Optional[str]:
+        """Return ``path`` as an absolute path, a relative one taken from the project's folder; None without one.
+
+        QGIS's working directory is no folder the analyst chose, so it never anchors a relative path.
+        """
+        if Path(path).is_absolute():
+            return path
+        home = self.project.homePath()
+        return str(Path(home) / path) if home else None
+
     def _on_index_folder_changed(self, path: str) -> None:
         if self._restoring:
             return
+        if path:
+            path = self._absolute_index_folder(path) or ""
         self._follow_index_grid()
         if self.index is not None and not self._index_opening and self.build_task is None:
             # The status says which index searches use when the field names another folder.

@@ -32,9 +32,11 @@ from ..core.query import changed_source_warnings
 from ..core.raster import RasterSource, open_raster_quietly
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
+    NEGATIVES_LIKE_POSITIVES_MESSAGE,
     NEGATIVES_WITHOUT_EFFECT_MESSAGE,
     Match,
     example_embeddings,
+    negatives_like_positives,
     negatives_without_effect,
     search,
 )
@@ -236,6 +238,10 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
         )
     if negatives_without_effect(positive_matrix, negative_matrix):
         warnings.append(NEGATIVES_WITHOUT_EFFECT_MESSAGE)
+    elif negative_matrix is not None and len(negative_matrix) > 1:
+        parallel = negatives_like_positives(positive_matrix, negative_matrix)
+        if parallel:
+            warnings.append(NEGATIVES_LIKE_POSITIVES_MESSAGE.format(count=parallel))
     return SearchOutcome(
         matches=matches,
         encoder=encoder,

@@ -65,6 +65,8 @@ class ResultsPanelMixin:
         ):
             button = QPushButton(label)
             button.setObjectName(name)
+            if relevance is Relevance.UNMARKED:
+                button.setToolTip("Clear the marks of the selected rows; with no row selected, clear every mark")
             button.clicked.connect(lambda _checked, mark=relevance: self.mark_selected(mark))
             marks_row.addWidget(button)
         layout.addLayout(marks_row)
@@ -157,6 +159,15 @@ class ResultsPanelMixin:
 
     def mark_selected(self, relevance: Relevance) -> None:
         tile_ids = self.results_table.selected_tile_ids()
+        if not tile_ids and relevance is Relevance.UNMARKED and self.results_table.marks():
+            # Marks of tiles a later search no longer lists have no row to select, yet steer every
+            # search of the query; without a selection, Clear mark clears them all.
+            count = len(self.results_table.marks())
+            self.results_table.clear_marks()
+            self._update_query_label()
+            self._store_state()
+            self.push_message(f"Cleared the {count} relevance mark(s) of this query.", Qgis.MessageLevel.Info)
+            return
         if not tile_ids:
             self.push_message("Select result rows to mark them.", Qgis.MessageLevel.Info)
             return

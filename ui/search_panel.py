@@ -267,8 +267,13 @@ class SearchPanelMixin:
         if not self.query_parts:
             self.push_message("The query has no part to remove; draw one on the map.", Qgis.MessageLevel.Info)
             return
+        if self.search_task is not None:
+            # The running search may include the removed part, so its matches must not be shown.
+            self._search_again = False
+            self.search_task.cancel()
         self._remove_query_part(len(self.query_parts) - 1)
         self._query_emptied_by_removal = not self.query_parts
+        self._update_query_label()
         self._store_state()
         has_positive = any(not negative for _geometry, negative, _crs in self.query_parts)
         if has_positive or self.results_table.tiles_marked(Relevance.RELEVANT):
@@ -299,6 +304,8 @@ class SearchPanelMixin:
             text = "Searching…"
         elif self.query_parts:
             text = f"Query {self.query_number}: {positives} positive, {negatives} negative part(s)."
+        elif self._query_emptied_by_removal:
+            text = f"Query {self.query_number}: no drawn part left; draw one to continue it."
         else:
             text = "Draw on the map to search."
         # Marks steer every search of this query, also when their rows are no longer listed.

@@ -198,6 +198,25 @@ def test_relative_index_folder_needs_a_project_folder(dock, shared_data, tmp_pat
     assert (tmp_path / "relative_dir" / "manifest.json").is_file()
 
 
+def test_relative_folder_opens_from_project_folder(dock, shared_data, tmp_path, qgis_canvas, monkeypatch):
+    # An index of the same name in QGIS's working directory must not be the one that opens.
+    working = tmp_path / "working"
+    build_index(BuildParameters(source_paths=(str(shared_data / SHIPS_RASTER),), index_folder=str(working / "idx"),
+                                encoder_path=str(dock.encoder_path()), tile_size_source_px=64))
+    project_folder = tmp_path / "project"
+    build_index(BuildParameters(source_paths=(str(shared_data / SHIPS_RASTER),),
+                                index_folder=str(project_folder / "idx"), encoder_path=str(dock.encoder_path()),
+                                tile_size_source_px=32))
+    assert QgsProject.instance().write(str(project_folder / "survey.qgz"))
+    monkeypatch.chdir(working)
+
+    dock.index_folder.setFilePath("idx")
+    wait_for_tasks(dock)
+
+    assert dock.index is not None
+    assert Path(dock.index.folder) == project_folder / "idx"
+
+
 def test_band_choice_reaches_index(dock, shared_data, tmp_path, qgis_canvas):
     choose_raster(dock, qgis_canvas, shared_data / NAIP_RASTER, "naip", tmp_path / "index")
     dock.gsd_spin.setValue(40.0)

@@ -279,6 +279,16 @@ def test_shift_drag_adds_negative_part(dock, ships_layer, tmp_path, qgis_canvas)
     assert dock.query_parts == []
 
 
+def test_negative_over_the_example_among_others_warns(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
+    search_ship_then_water_negative(dock, ships_layer, tmp_path / "index", qgis_canvas)
+
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer), Qt.KeyboardModifier.ShiftModifier)
+    wait_for_tasks(dock)
+
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("1 of the negative examples look like the positive ones" in text for text in warnings), warnings
+
+
 def test_remove_last_part_searches_again(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
     search_ship_then_water_negative(dock, ships_layer, tmp_path / "index", qgis_canvas)
     dock.results_table.set_relevance(dock.matches[0].tile_id, Relevance.RELEVANT)
@@ -327,6 +337,35 @@ def test_remove_last_positive_says_no_search_ran(dock, ships_layer, tmp_path, qg
     assert [match.tile_id for match in dock.matches] == tile_ids_before
     infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
     assert any("No positive part or relevant mark is left, so no search ran" in text for text in infos)
+
+
+def test_remove_last_part_cancels_the_running_search(dock, ships_layer, tmp_path, qgis_canvas):
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    dock.activate_tool("rectangle")
+    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    assert dock.search_task is not None
+
+    QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    # The search of the removed part shows nothing.
+    assert dock.query_parts == []
+    assert dock.result_layer() is None or dock.result_layer().featureCount() == 0
+    assert "no drawn part left" in dock.query_label.text()
+
+
+def test_clear_mark_without_selection_clears_every_mark(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
+    search_ship_then_water_negative(dock, ships_layer, tmp_path / "index", qgis_canvas)
+    # A mark of a tile the table no longer lists has no row to select.
+    dock.results_table.restore_marks({dock.matches[0].tile_id: Relevance.RELEVANT, 10**6: Relevance.NOT_RELEVANT})
+    dock.results_table.clearSelection()
+
+    QTest.mouseClick(dock.findChild(type(dock.build_button), "lookalikeClearMark"), Qt.MouseButton.LeftButton)
+
+    assert dock.results_table.marks() == {}
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("Cleared the 2 relevance mark(s) of this query." in text for text in infos)
 
 
 def test_clear_query_cancels_the_running_search(dock, ships_layer, tmp_path, qgis_canvas):

@@ -17,6 +17,7 @@ from lookalike.core.search import (
     Match,
     compare_query_strategies,
     example_embeddings,
+    negatives_like_positives,
     negatives_without_effect,
     overlap_fraction,
     search,
@@ -246,6 +247,15 @@ def test_each_example_counts_once_in_the_mean() -> None:
     np.testing.assert_allclose(rows[1], marked[0], atol=1e-6)
     # The mean negative the search subtracts now gives the marked tile half the weight, not a tenth.
     np.testing.assert_allclose(rows.mean(axis=0) @ marked[0], 0.5 * (1 + rows[0] @ marked[0]), atol=1e-6)
+
+
+def test_negative_like_the_positives_among_others_is_counted() -> None:
+    positive = random_unit_vectors(1, seed=41)
+    water = random_unit_vectors(1, seed=42)
+
+    # Drawn over the example itself, the second negative equals the positive.
+    assert negatives_like_positives(positive, np.concatenate([water, positive])) == 1
+    assert negatives_like_positives(positive, water) == 0
 
 
 def test_max_strategy_keeps_every_chip() -> None:
