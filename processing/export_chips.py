@@ -98,7 +98,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
             defaultValue=0, minValue=0, maxValue=chip_export.MAX_NATIVE_CHIP_SIZE_PX,
         )
         chip_size.setHelp(tr(
-            "Pixels along the long side of each chip, e.g. 224 for training sets. 0 reads each "
+            "Pixels along the long side of each chip, e.g. 224 for training sets. 0, the default, reads each "
             f"footprint at the raster's native resolution (at most {chip_export.MAX_NATIVE_CHIP_SIZE_PX} px)."
         ))
         self.addParameter(chip_size)
@@ -111,7 +111,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
         self.addParameter(bands)
 
         label = QgsProcessingParameterString(self.LABEL, tr("Label"), defaultValue="match", optional=True)
-        label.setHelp(tr("Text written in the label column of labels.csv for every chip."))
+        label.setHelp(tr("Text written in the label column of labels.csv for every chip; 'match' when left unset."))
         self.addParameter(label)
 
         label_field = QgsProcessingParameterField(

@@ -79,7 +79,9 @@ def _number_message(
     try:
         number = float(value)
     except (TypeError, ValueError):
-        if acceptable:
+        # QGIS accepts any text for an optional number and then reads it as 0 ("50%", or "0,8"
+        # with a decimal comma), so text that is no number is rejected here whatever QGIS says.
+        if acceptable and not isinstance(value, str):
             return None
         return tr(f"{name}={value!r} is not a number; give {_allowed_numbers(definition, positive)}.")
     whole = definition.dataType() != QgsProcessingParameterNumber.Integer or number.is_integer()

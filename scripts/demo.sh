@@ -10,4 +10,9 @@ cd "$repo_root"
 bash scripts/setup.sh
 
 export QT_QPA_PLATFORM=offscreen
+# Without it Qt warns on every run that it falls back to a folder of its own choice.
+if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
+  export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/lookalike-runtime-$(id -u)"
+  mkdir -p -m 700 "$XDG_RUNTIME_DIR"
+fi
 exec .venv/bin/python tools/run_demo.py "$@"

@@ -168,6 +168,9 @@ class ResultsPanelMixin:
             self._store_state()
             self.push_message(f"Cleared the {count} relevance mark(s) of this query.", Qgis.MessageLevel.Info)
             return
+        if not tile_ids and relevance is Relevance.UNMARKED:
+            self.push_message("This query has no relevance mark to clear.", Qgis.MessageLevel.Info)
+            return
         if not tile_ids:
             self.push_message("Select result rows to mark them.", Qgis.MessageLevel.Info)
             return

@@ -227,6 +227,27 @@ def test_search_rejects_invalid_k(tiny_index, tiny_encoder, k):
     assert "k 0" not in message
 
 
+@pytest.mark.parametrize("min_score", ["0,8", "abc"])
+def test_search_rejects_text_min_score(tiny_index, tiny_encoder, min_score):
+    # QGIS reads such text in an optional number as 0, which dropped no match.
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "MIN_SCORE": min_score, "OUTPUT": "memory:",
+    })
+
+    assert f"MIN_SCORE={min_score!r} is not a number; give a number from -2 to 1." in message
+
+
+@pytest.mark.parametrize(("name", "value"), [("OVERLAP_PERCENT", "50%"), ("TILE_SIZE", "abc"), ("GSD", "0,5")])
+def test_build_rejects_text_numbers(provider, tmp_path, ships_raster, name, value):
+    message = run_failure("buildindex", {
+        "INPUT_RASTERS": [ships_raster], name: value, "OUTPUT": str(tmp_path / "index"),
+    })
+
+    assert f"{name}={value!r} is not a number" in message
+    assert not (tmp_path / "index").exists()
+
+
 def test_search_accepts_k_maximum(tiny_index, tiny_encoder):
     results = run_algorithm("search", {
         "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "K": MAX_K,
