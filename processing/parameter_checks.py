@@ -80,7 +80,7 @@ def _number_message(
         number = float(value)
     except (TypeError, ValueError):
         # QGIS accepts any text for an optional number and then reads it as 0 ("50%", or "0,8"
-        # with a decimal comma), so text that is no number is rejected here whatever QGIS says.
+        # with a decimal comma), so text that is no number is rejected here even when QGIS accepts it.
         if acceptable and not isinstance(value, str):
             return None
         return tr(f"{name}={value!r} is not a number; give {_allowed_numbers(definition, positive)}.")

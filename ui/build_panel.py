@@ -949,7 +949,7 @@ class BuildPanelMixin:
             path = self._absolute_index_folder(path) or ""
         self._follow_index_grid()
         if self.index is not None and not self._index_opening and self.build_task is None:
-            # The status says which index searches use when the field names another folder.
+            # The status line names the index searches use when the field names another folder.
             self._show_index_status()
         if path and (Path(path) / MANIFEST_NAME).is_file():
             state = _readable_folder_state(Path(path))

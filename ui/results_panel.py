@@ -160,8 +160,8 @@ class ResultsPanelMixin:
     def mark_selected(self, relevance: Relevance) -> None:
         tile_ids = self.results_table.selected_tile_ids()
         if not tile_ids and relevance is Relevance.UNMARKED and self.results_table.marks():
-            # Marks of tiles a later search no longer lists have no row to select, yet steer every
-            # search of the query; without a selection, Clear mark clears them all.
+            # Marks of tiles a later search no longer lists have no row to select, yet they steer every
+            # search of the query. So without a selection, Clear mark clears them all.
             count = len(self.results_table.marks())
             self.results_table.clear_marks()
             self._update_query_label()

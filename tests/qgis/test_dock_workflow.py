@@ -339,12 +339,17 @@ def test_remove_last_positive_says_no_search_ran(dock, ships_layer, tmp_path, qg
     assert any("No positive part or relevant mark is left, so no search ran" in text for text in infos)
 
 
-def test_remove_last_part_cancels_the_running_search(dock, ships_layer, tmp_path, qgis_canvas):
+def start_ship_search(dock, ships_layer, folder, canvas) -> None:
+    """Build the ships index and draw a box around a ship, leaving its search running."""
     dock.raster_combo.setLayer(ships_layer)
-    build(dock, tmp_path / "index")
+    build(dock, folder)
     dock.activate_tool("rectangle")
-    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
+    drag_rectangle(canvas, ship_query_bounds(ships_layer))
     assert dock.search_task is not None
+
+
+def test_remove_last_part_cancels_the_running_search(dock, ships_layer, tmp_path, qgis_canvas):
+    start_ship_search(dock, ships_layer, tmp_path / "index", qgis_canvas)
 
     QTest.mouseClick(dock.remove_part_button, Qt.MouseButton.LeftButton)
     wait_for_tasks(dock)
@@ -369,11 +374,7 @@ def test_clear_mark_without_selection_clears_every_mark(dock, ships_layer, tmp_p
 
 
 def test_clear_query_cancels_the_running_search(dock, ships_layer, tmp_path, qgis_canvas):
-    dock.raster_combo.setLayer(ships_layer)
-    build(dock, tmp_path / "index")
-    dock.activate_tool("rectangle")
-    drag_rectangle(qgis_canvas, ship_query_bounds(ships_layer))
-    assert dock.search_task is not None
+    start_ship_search(dock, ships_layer, tmp_path / "index", qgis_canvas)
 
     dock.clear_query()
     wait_for_tasks(dock)
