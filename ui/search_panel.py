@@ -109,6 +109,9 @@ class SearchPanelMixin:
         self.clear_query_button.setToolTip("Remove every part and the relevance marks, to start a new query")
         self.clear_query_button.clicked.connect(self.clear_query)
         edit_row.addWidget(self.clear_query_button)
+        # Enabled once there is a part or mark to remove (see _update_query_label).
+        self.remove_part_button.setEnabled(False)
+        self.clear_query_button.setEnabled(False)
         edit_row.addStretch(1)
         layout.addLayout(edit_row)
         self.query_label = QLabel("Draw on the map to search.")
@@ -314,6 +317,9 @@ class SearchPanelMixin:
         if relevant or not_relevant:
             text += f" Marked tiles: {relevant} relevant, {not_relevant} not relevant."
         self.query_label.setText(text)
+        # The label follows every change of parts and marks, and so do the buttons that edit them.
+        self.remove_part_button.setEnabled(bool(self.query_parts))
+        self.clear_query_button.setEnabled(bool(self.query_parts) or bool(relevant or not_relevant))
 
     def query_layer_name(self) -> str:
         return f"Lookalike query {self.query_number}"
