@@ -432,22 +432,40 @@ def _footprint_key(row: Mapping[str, Any]) -> Optional[tuple]:
     export read another raster.
     """
     try:
-        bounds = tuple(round(float(row[name]), 6) for name in ("xmin", "ymin", "xmax", "ymax"))
+        bounds = tuple(round(_spreadsheet_number(row[name]), 6) for name in ("xmin", "ymin", "xmax", "ymax"))
     except (KeyError, TypeError, ValueError):
         return None
     raster = row.get(CHIP_SOURCE_COLUMN) or row.get(matches.FIELD_SOURCE) or ""
     return (str(raster), str(row.get("crs") or ""), *bounds)
 
 
+def _spreadsheet_number(value: Any) -> float:
+    """Return a number of a ``labels.csv`` cell, also as a spreadsheet in a decimal-comma locale writes it."""
+    text = str(value).strip()
+    try:
+        return float(text)
+    except ValueError:
+        if text.count(",") == 1 and "." not in text:
+            return float(text.replace(",", "."))
+        raise
+
+
 def _with_analyst_columns(
     row: dict[str, Any], earlier_by_footprint: dict[Any, list[Mapping[str, Any]]]
 ) -> dict[str, Any]:
-    """Return ``row`` with the columns the analyst added to the next unused earlier row of its footprint."""
+    """Return ``row`` with the columns the analyst added to the next unused earlier row of its footprint.
+
+    A label the analyst typed into that earlier row stays when this export brings none (an unmarked
+    match); a label this export brings, from a relevance mark or the Label setting, replaces it.
+    """
     earlier_rows = earlier_by_footprint.get(_footprint_key(row))
     if not earlier_rows:
         return row
     earlier = earlier_rows.pop(0)
-    return {**row, **{name: value for name, value in earlier.items() if name not in CSV_COLUMNS}}
+    merged = {**row, **{name: value for name, value in earlier.items() if name not in CSV_COLUMNS}}
+    if not merged.get("label") and earlier.get("label"):
+        merged["label"] = earlier["label"]
+    return merged
 
 
 def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:

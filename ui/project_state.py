@@ -8,9 +8,12 @@ moved together with its index keeps working.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 from qgis.core import QgsProject
+
+from ..core.encoder import MODELS_DIR
 
 SCOPE = "lookalike"
 
@@ -40,15 +43,24 @@ class DockState:
     k: Optional[int] = None
 
 
+# A bundled encoder is stored by file name under this prefix: a path relative to the project
+# file breaks when the project moves to another depth, and the plugin folder differs per machine.
+BUNDLED_PREFIX = "bundled:"
+
+
 def _absolute(project: QgsProject, path: str) -> str:
     if not path:
         return path
+    if path.startswith(BUNDLED_PREFIX):
+        return str(MODELS_DIR / path[len(BUNDLED_PREFIX):])
     return project.pathResolver().readPath(path)
 
 
 def _relative(project: QgsProject, path: str) -> str:
     if not path:
         return path
+    if Path(path).parent.resolve() == MODELS_DIR.resolve():
+        return f"{BUNDLED_PREFIX}{Path(path).name}"
     return project.pathResolver().writePath(path)
 
 

@@ -224,8 +224,9 @@ class ResultsPanelMixin:
         if not folder:
             return
         if any(Path(folder).iterdir()) and not self._confirmed(
-            f"{folder} is not empty. Chips named chip_00001 and up and labels.csv there will be replaced, and "
-            "the chips an earlier labels.csv lists will be removed. Continue?"
+            f"{folder} is not empty. Chips named chip_00001 and up and labels.csv there will be replaced. The "
+            "chips an earlier labels.csv lists that this export does not write again will be removed, with their "
+            "rows and any columns you added to them. Continue?"
         ):
             return
         self.export_chips(folder, self.chip_format_combo.currentText())
@@ -277,7 +278,8 @@ class ResultsPanelMixin:
             report = task.result
             skipped = f"; {len(report.skipped)} without valid pixels were skipped" if report.skipped else ""
             self.push_message(
-                f"Exported {report.written_count} chips and {report.csv_path.name} to {report.folder}{skipped}.",
+                f"Exported {report.written_count} {'chip' if report.written_count == 1 else 'chips'} and "
+                f"{report.csv_path.name} to {report.folder}{skipped}.",
                 Qgis.MessageLevel.Success,
             )
         elif task.outcome is TaskOutcome.FAILED:

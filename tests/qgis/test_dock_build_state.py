@@ -633,3 +633,22 @@ def test_typed_gsd_stays_when_raster_changes(bundled_dock, shared_data, ships_cl
     bundled_dock.raster_combo.setLayer(naip)
 
     assert bundled_dock.gsd_spin.value() == 2.5
+
+
+def test_bundled_encoder_survives_a_project_move(qgis_new_project, tmp_path):
+    from lookalike.core.encoder import default_model_path
+    from lookalike.ui import project_state
+
+    project = QgsProject.instance()
+    (tmp_path / "a").mkdir()
+    assert project.write(str(tmp_path / "a" / "survey.qgz"))
+    project_state.write_state(project_state.DockState(encoder_path=str(default_model_path())), project)
+
+    # Stored by name, not as a path relative to the project file.
+    stored, _found = project.readEntry(project_state.SCOPE, "/encoder_path", "")
+    assert stored == f"bundled:{default_model_path().name}"
+    (tmp_path / "deeper" / "still").mkdir(parents=True)
+    assert project.write(str(tmp_path / "deeper" / "still" / "survey.qgz"))
+    QgsProject.instance().clear()
+    assert QgsProject.instance().read(str(tmp_path / "deeper" / "still" / "survey.qgz"))
+    assert project_state.read_state(QgsProject.instance()).encoder_path == str(default_model_path())

@@ -311,6 +311,48 @@ def test_spreadsheet_saved_labels_still_cleaned(repo_root, tmp_path, resave):
     assert csv_chip_names(folder) == names
 
 
+def test_notes_survive_decimal_comma_spreadsheet(repo_root, tmp_path):
+    # A spreadsheet in a decimal-comma locale saves with semicolons and writes 558810,5 for 558810.5.
+    folder = tmp_path / "chips"
+    requests = ships_requests(repo_root, 2)
+    labels = export_with_notes(requests, folder)
+    with open(labels, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    for row in rows:
+        for name in ("xmin", "ymin", "xmax", "ymax"):
+            row[name] = f"{float(row[name]):.3f}".replace(".", ",")
+    with open(labels, "w", newline="", encoding="utf-8-sig") as stream:
+        writer = csv.DictWriter(stream, fieldnames=[*rows[0]], delimiter=";")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    chip_export.export_chips(requests[::-1], folder)
+
+    assert csv_notes(labels) == {"chip_00001.tif": "checked chip_00002.tif by hand",
+                                 "chip_00002.tif": "checked chip_00001.tif by hand"}
+
+
+def test_label_typed_in_labels_csv_stays_without_a_mark(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    requests = [replace(request, label="") for request in ships_requests(repo_root, 2)]
+    chip_export.export_chips(requests, folder)
+    labels = folder / chip_export.LABELS_CSV_NAME
+    with open(labels, newline="", encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    rows[1]["label"] = "ship"
+    with open(labels, "w", newline="", encoding="utf-8") as stream:
+        writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
+        writer.writeheader()
+        writer.writerows(rows)
+
+    # The second match is now unmarked again; the first gets a label from its mark.
+    chip_export.export_chips([replace(requests[0], label="not relevant"), requests[1]], folder)
+
+    with open(labels, newline="", encoding="utf-8") as stream:
+        assert {row["chip"]: row["label"] for row in csv.DictReader(stream)} == {
+            "chip_00001.tif": "not relevant", "chip_00002.tif": "ship"}
+
+
 def test_labels_without_chip_column_stop_export(repo_root, tmp_path):
     folder = tmp_path / "chips"
     folder.mkdir()
