@@ -455,8 +455,8 @@ def _with_analyst_columns(
 ) -> dict[str, Any]:
     """Return ``row`` with the columns the analyst added to the next unused earlier row of its footprint.
 
-    A label the analyst typed into that earlier row stays when this export brings none (an unmarked
-    match); a label this export brings, from a relevance mark or the Label setting, replaces it.
+    A label the analyst typed into that earlier row stays when this export brings none, as for an
+    unmarked match. A label this export brings, from a relevance mark or the Label setting, replaces it.
     """
     earlier_rows = earlier_by_footprint.get(_footprint_key(row))
     if not earlier_rows:

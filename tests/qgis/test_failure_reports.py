@@ -332,7 +332,7 @@ def test_notes_survive_decimal_comma_spreadsheet(repo_root, tmp_path):
                                  "chip_00002.tif": "checked chip_00001.tif by hand"}
 
 
-def test_label_typed_in_labels_csv_stays_without_a_mark(repo_root, tmp_path):
+def test_typed_label_stays_unmarked(repo_root, tmp_path):
     folder = tmp_path / "chips"
     requests = [replace(request, label="") for request in ships_requests(repo_root, 2)]
     chip_export.export_chips(requests, folder)
