@@ -554,6 +554,20 @@ def _csv_delimiter(first_line: str) -> str:
     return max(CSV_DELIMITERS, key=first_line.count)
 
 
+def check_chip_folder(folder: os.PathLike | str, chip_count: int, image_format: str = FORMAT_GEOTIFF) -> None:
+    """Raise LookalikeError when an export of ``chip_count`` chips into ``folder`` would stop at its checks.
+
+    Those are the checks :func:`export_chips` runs before it writes anything: an unreadable or
+    foreign ``labels.csv``, and chip-named files that no earlier ``labels.csv`` lists. A caller
+    runs them before asking the analyst to confirm a non-empty folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    earlier_rows = _listed_chip_rows(folder / LABELS_CSV_NAME)
+    _check_no_unlisted_chips(folder, chip_count, FILE_EXTENSIONS[image_format], earlier_rows, _chip_names_in(folder))
+
+
 def _check_sources_outside_chips(folder: Path, requests: Sequence[ChipRequest], chip_names: set[str]) -> None:
     """Raise when a raster to read is one of the chip files ``chip_names`` of ``folder``, which the export replaces."""
     for source_path in dict.fromkeys(request.source_path for request in requests):

@@ -223,6 +223,17 @@ class ResultsPanelMixin:
         folder = QFileDialog.getExistingDirectory(self, "Folder for the chips and labels.csv")
         if not folder:
             return
+        from ..gis.chip_export import check_chip_folder
+
+        chip_count = len(self.results_table.selected_tile_ids()) or sum(
+            1 for match in self.matches if match.score >= self.score_threshold()
+        )
+        try:
+            # Asked after this, the analyst would confirm an export that then stops anyway.
+            check_chip_folder(folder, chip_count, CHIP_FORMATS[self.chip_format_combo.currentText()])
+        except LookalikeError as error:
+            self.push_message(str(error), Qgis.MessageLevel.Warning)
+            return
         if any(Path(folder).iterdir()) and not self._confirmed(
             f"{folder} is not empty. Chips named chip_00001 and up and labels.csv there will be replaced. The "
             "chips an earlier labels.csv lists that this export does not write again will be removed, with their "

@@ -727,3 +727,21 @@ def test_query_outline_follows_map_crs(searched, qgis_canvas):
     expected = QgsCoordinateTransform(QgsCoordinateReferenceSystem("EPSG:32610"), web_mercator,
                                       QgsProject.instance()).transform(centre)
     assert moved.distance(expected) < 1.0
+
+
+def test_foreign_chip_rejected_before_question(searched, tmp_path, monkeypatch, qgis_iface):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+    own_chip = folder / "chip_00001.tif"
+    own_chip.write_bytes(b"the analyst's own file")
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *_args, **_kwargs: str(folder))
+    questions = answer_no(monkeypatch)
+
+    searched.export_chips_with_dialog()
+
+    # Asked first, the analyst would confirm an export that then stops.
+    assert questions == []
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("chip_00001.tif, which no labels.csv of an earlier Lookalike export there lists" in text
+               for text in warnings)
+    assert own_chip.read_bytes() == b"the analyst's own file"
