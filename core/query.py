@@ -172,14 +172,19 @@ def embed_query(
         embedded = []
         kept_footprints = []
         best_valid_fraction = 0.0
-        neighbours = _neighbouring_sources(manifest, raster) if complete_from_index else []
+        # Listed when a chip first needs them: comparing the CRS of every raster of a large mosaic
+        # costs more than most queries, whose chips lie inside one raster.
+        neighbours: Optional[list[Mapping[str, Any]]] = None if complete_from_index else []
         for bounds in footprints:
             if is_cancelled is not None and is_cancelled():
                 raise CancelledError("The query was cancelled while its chips were read.")
             chip, valid = raster.read_chip(bounds, grid_crs_wkt, index_grid.tile_size_px, stretch)
-            if not valid.all() and neighbours:
-                chip, valid = _read_across_neighbours(raster, neighbours, bounds, grid_crs_wkt,
-                                                      index_grid.tile_size_px, stretch, chip, valid)
+            if not valid.all():
+                if neighbours is None:
+                    neighbours = _neighbouring_sources(manifest, raster)
+                if neighbours:
+                    chip, valid = _read_across_neighbours(raster, neighbours, bounds, grid_crs_wkt,
+                                                          index_grid.tile_size_px, stretch, chip, valid)
             reason = chip_skip_reason(chip, valid, encoder.spec.value_scale)
             if reason == SKIP_MOSTLY_INVALID:
                 valid_fraction = float(np.count_nonzero(valid)) / valid.size
