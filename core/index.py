@@ -726,7 +726,7 @@ class TileIndex:
         except BaseException:
             # No manifest names this generation's files, so they only take up space, and a save
             # that failed on a full disk needs that space back. Temporary files of an earlier save
-            # that was killed are removed too: under the lock no other save is writing them.
+            # that was killed are removed too, because under the lock no other save writes them.
             for path in paths.values():
                 _remove_quietly(path)
             for path in self._folder.iterdir():
@@ -903,8 +903,8 @@ def _as_query_matrix(vectors: np.ndarray, embedding_dim: int) -> np.ndarray:
 
 def _write_embeddings(path: Path, embeddings: np.ndarray) -> None:
     # Written block by block so that copying a memory-mapped generation does not load it. Plain
-    # writes, not a writable memory map: a full disk then raises OSError, where the pages of a
-    # map that cannot be stored kill the process with SIGBUS.
+    # writes replace a writable memory map, because on a full disk they raise OSError, while the
+    # pages of a map that cannot be stored kill the process with SIGBUS.
     header = {"descr": np.lib.format.dtype_to_descr(EMBEDDING_DTYPE), "fortran_order": False,
               "shape": tuple(embeddings.shape)}
     with open(path, "wb") as handle:
@@ -1147,7 +1147,7 @@ def _check_tiles_on_grids(path: Path, tile_table: np.ndarray, sources: Sequence[
 
 
 def _check_tiles_unique(path: Path, tile_table: np.ndarray, n_rows: np.ndarray, n_cols: np.ndarray) -> None:
-    """Raise SearchIndexError when the tile table lists one tile twice; every tile must lie on its grid."""
+    """Raise SearchIndexError when the tile table lists one tile twice. Every tile must already lie on its grid."""
     # One number per tile: the tile's cell counted across the grids of all sources in order.
     first_cell = np.concatenate([[0], np.cumsum(n_rows * n_cols)[:-1]])
     source_ids = tile_table["source_id"].astype(np.int64)
@@ -1195,7 +1195,7 @@ def _check_graph_file_length(path: Path, expected_count: int) -> None:
 
 
 def _check_graph_links(path: Path, count: int, embeddings: np.ndarray, embeddings_path: Path) -> None:
-    """Raise SearchIndexError when the graph file does not hold a sound graph of these ``count`` embeddings.
+    """Raise SearchIndexError when the graph file does not contain a sound graph of these ``count`` embeddings.
 
     hnswlib follows the links it loads without checking them, so a link or entry point damaged
     in place (the file keeps its length) made a search read outside the graph and crash the
@@ -1227,7 +1227,7 @@ def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
     The layout is the one :func:`_check_graph_file_length` describes. Each level-0 record starts
     with its link count (the low 16 bits of a uint32) and ``maxM0`` tile numbers, and contains the
     tile's label (uint64) at ``label_offset``. Each tile's upper levels follow the records, each
-    a count and ``maxM`` numbers; a link on level ``l`` must name a tile that has level ``l``,
+    a count and ``maxM`` numbers. A link on level ``l`` must name a tile that has level ``l``,
     and the entry point must be a tile on the top level.
     """
     (_offset_level0, _max_elements, element_count, record_bytes, label_offset, _offset_data, max_level,
@@ -1311,7 +1311,7 @@ def _graph_vector_problem(data: mmap.mmap, embeddings: np.ndarray, embeddings_pa
         else:
             stored = np.asarray(embeddings[labels], dtype=np.float32)
         differences = np.abs(stored - vectors)
-        # float16 keeps about 3 decimal digits of a unit vector's components; NaN fails the test.
+        # float16 keeps about 3 decimal digits of a unit vector's components, and NaN fails the test.
         if not differences.max() <= EMBEDDING_GRAPH_TOLERANCE:
             row_differs = ~(differences.max(axis=1) <= EMBEDDING_GRAPH_TOLERANCE)
             return (f"holds another vector for tile {int(labels[np.argmax(row_differs)])} than the embeddings file "

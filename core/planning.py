@@ -145,7 +145,7 @@ def _plan_sources(
     Warnings for the user (e.g. a tile size other than the encoder's) are appended to ``warnings``.
     """
     plans: list[_SourcePlan] = []
-    # The rasters the extent misses; an extent that misses every raster is an error.
+    # The rasters the extent misses. An extent that misses every raster is an error.
     outside: list[GridError] = []
     # The first source's GSD and its grid CRS units per ground metre. Every later source gets
     # the same GSD in metres, converted to its own grid CRS.
@@ -200,8 +200,8 @@ def _plan_sources(
                 except GridError as error:
                     if len(params.source_paths) == 1:
                         raise
-                    # With several rasters the extent may cover some only; the others are
-                    # recorded with 0 tiles, as a raster of nodata is. All outside is an error.
+                    # With several rasters the extent may cover only some. The others are recorded
+                    # with 0 tiles, as a raster of nodata is, and an extent outside all is an error.
                     outside.append(error)
                     outside_extent = True
                     warning = f"Raster {path!r} lies outside the extent, so none of its tiles are read."

@@ -45,9 +45,9 @@ LOGGER = get_logger("pipeline")
 # NOTE: 256 is a judgement (16 x 16 tiles), not a measured limit.
 MAX_QUERY_TILES = 256
 # A region up to this fraction of a tile longer than a whole number of tiles gets no extra tile
-# along that axis, so its tiles leave at most half of that fraction uncovered at each end. A box of one
-# tile drawn on a map in another CRS comes back a little larger (0.4 % from UTM through Web
-# Mercator, QA), and took four nearly equal query tiles instead of one.
+# along that axis, so its tiles leave at most half of that fraction uncovered at each end. A box
+# of one tile drawn on a map in another CRS comes back a little larger (0.4 % from UTM through
+# Web Mercator), and without the slack it took four nearly equal query tiles instead of one.
 QUERY_TILE_SLACK = 0.02
 # A polygon's covering grid may hold this many times MAX_QUERY_TILES before its tiles are tested
 # against the polygon: a thin diagonal polygon covers few of its grid's tiles.
@@ -247,9 +247,9 @@ def _read_across_neighbours(
     """Read a chip that reaches past ``raster`` from a mosaic of it and the neighbours under the chip.
 
     An example drawn where two files of one mosaic meet would otherwise be read from one of them,
-    with the rest of its chip left empty (QA: 27 % valid, and the query was refused). The
-    mosaic is a VRT in memory with an alpha band, so what no file covers stays invalid, and the
-    chip keeps the stretch of ``raster``. Returns the chip read from ``raster`` when no
+    with the rest of its chip left empty (27 % valid at the corner of four files, so the query was
+    rejected). The mosaic is a VRT in memory with an alpha band, so what no file covers stays
+    invalid, and the chip keeps the stretch of ``raster``. Returns the chip read from ``raster`` when no
     neighbour lies under it or the mosaic adds no valid pixel.
     """
     chip_bounds = _bounds_within(_bounds_to_wkt(bounds), grid_crs_wkt, raster.crs_wkt,
@@ -663,9 +663,9 @@ def _tile_starts(low: float, high: float, tile: float) -> list[float]:
     The fewest tiles that cover the span (up to ``QUERY_TILE_SLACK``) are spaced evenly, the first
     starting at ``low`` and the last ending at ``high``, so neighbours overlap where the span is not
     a whole number of tiles. A region 3 % wider than one tile thus gives two tiles close together,
-    both close to the one tile centred on a narrower region. Tiles laid on a fixed grid
-    from the corner instead gave a second tile almost entirely outside the region, and other
-    matches (QA: a 161 m box on 160 m tiles).
+    both close to the one tile centred on a narrower region. Tiles laid on a fixed grid from the
+    corner instead put the second tile almost entirely outside the region, so a 161 m box on 160 m
+    tiles found other matches than a 159 m box.
     """
     count = max(1, math.ceil((high - low) / tile - QUERY_TILE_SLACK))
     if count == 1:

@@ -234,11 +234,27 @@ def compare_query_strategies(
 # -- query preparation --------------------------------------------------------------------------
 
 
+def negative_example_warnings(
+    positives: np.ndarray, negatives: Optional[np.ndarray], strategy: str = DEFAULT_STRATEGY
+) -> list[str]:
+    """Return the warnings for negative examples that look like the positives, for the dock and Processing.
+
+    ``positives`` and ``negatives`` are rows from :func:`example_embeddings` with the mean strategy.
+    """
+    if negatives_without_effect(positives, negatives, strategy):
+        return [NEGATIVES_WITHOUT_EFFECT_MESSAGE]
+    if strategy == "mean" and negatives is not None and len(negatives) > 1:
+        parallel = negatives_like_positives(positives, negatives)
+        if parallel:
+            return [NEGATIVES_LIKE_POSITIVES_MESSAGE.format(count=parallel)]
+    return []
+
+
 def negatives_like_positives(positives: np.ndarray, negatives: Optional[np.ndarray]) -> int:
     """Return how many negative rows point the way of the positives' mean, as one drawn over the example does.
 
-    Among other negatives such a row changes the query after all: averaged in, it only weakens
-    the others. ``negatives_without_effect`` covers a lone one.
+    Among other negatives such a row does change the query, because averaged in it weakens the
+    others. ``negatives_without_effect`` covers a lone one.
     """
     if negatives is None or not len(negatives) or not len(positives):
         return 0

@@ -231,7 +231,7 @@ def export_chips(
     Raises:
         LookalikeError: an unknown format, a bad chip size, an unwritable folder, a band mapping
             that PNG cannot store, or a raster that cannot be read.
-        CancelledError: ``is_cancelled`` returned True; the folder is as it was.
+        CancelledError: ``is_cancelled`` returned True, and the folder is as it was.
     """
     if image_format not in FILE_EXTENSIONS:
         raise LookalikeError(

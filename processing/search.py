@@ -44,13 +44,11 @@ from ..core.query import changed_source_warnings, valid_region_wkt
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
     DEFAULT_STRATEGY,
-    NEGATIVES_LIKE_POSITIVES_MESSAGE,
     NEGATIVES_WITHOUT_EFFECT_MESSAGE,
     STRATEGIES,
     Match,
     example_embeddings,
-    negatives_like_positives,
-    negatives_without_effect,
+    negative_example_warnings,
 )
 from ..gis import matches as match_layers
 from .support import (
@@ -100,6 +98,8 @@ class _Examples:
     # The feature id of each geometry, for messages that name the example at fault.
     positive_ids: list[int] = field(default_factory=list)
     negative_ids: list[int] = field(default_factory=list)
+    # True when RASTER names the raster to read, which is then read alone.
+    raster_chosen: bool = False
 
 
 class SearchAlgorithm(LookalikeAlgorithm):
@@ -337,6 +337,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             crs_wkt=query_crs_wkt,
             positive_ids=positive_ids,
             negative_ids=negative_ids,
+            raster_chosen=raster_path is not None,
         )
 
     def _rank_tiles(
@@ -359,7 +360,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             encoder = OnnxEncoder(encoder_path)
             index.check_encoder(encoder.name, encoder.checksum)
             # A RASTER chosen by the analyst is read alone, not completed from the indexed rasters.
-            complete = self._raster_path(parameters, context) is None
+            complete = not examples.raster_chosen
             positive_chips = _embed_examples(index, encoder, self.POSITIVES, examples.positive_ids,
                                              examples.positive_sources, examples.positives, examples.crs_wkt,
                                              feedback, complete)
@@ -369,14 +370,10 @@ class SearchAlgorithm(LookalikeAlgorithm):
             # Judged on the rows the search combines: one per example with the mean strategy.
             positive_rows = example_embeddings([chips.embeddings for chips in positive_chips])
             negative_rows = example_embeddings([chips.embeddings for chips in negative_chips])
-            if negative_chips and negatives_without_effect(positive_rows, negative_rows, strategy):
-                feedback.pushWarning(NEGATIVES_WITHOUT_EFFECT_MESSAGE + tr(
-                    f" With {self.STRATEGY} max, a negative demotes only the tiles that look like it."
-                ))
-            elif strategy == "mean" and len(negative_rows) > 1:
-                parallel = negatives_like_positives(positive_rows, negative_rows)
-                if parallel:
-                    feedback.pushWarning(NEGATIVES_LIKE_POSITIVES_MESSAGE.format(count=parallel))
+            for warning in negative_example_warnings(positive_rows, negative_rows, strategy):
+                if warning == NEGATIVES_WITHOUT_EFFECT_MESSAGE:
+                    warning += tr(f" With {self.STRATEGY} max, a negative demotes only the tiles that look like it.")
+                feedback.pushWarning(warning)
             found = search_query_chips(
                 index,
                 positive_chips,
@@ -503,7 +500,7 @@ def _embed_examples(
     feedback: QgsProcessingFeedback,
     complete_from_index: bool = True,
 ) -> list[QueryChips]:
-    """Embed each example geometry from the raster given for it; raises the core's errors, naming the feature."""
+    """Embed each example geometry from the raster given for it. A core error names the feature it came from."""
     pairs = list(zip(sources, geometries))
     return _for_each_example(
         parameter_name, feature_ids, pairs,

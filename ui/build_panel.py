@@ -70,10 +70,10 @@ LOGGER = get_logger("ui.build_panel")
 GSD_DECIMALS = 3
 
 ADD_TO_INDEX_LABEL = "Add this raster to the existing index"
-# Characters the band and encoder lists show at their narrowest; the open list shows whole names.
+# Characters the band and encoder lists show at their narrowest. The open list shows whole names.
 BAND_COMBO_MIN_CHARACTERS = 3
 ENCODER_COMBO_MIN_CHARACTERS = 18
-# Folder names in the status line are cut to this length; the tooltip shows the whole path.
+# Folder names in the status line are cut to this length. The tooltip shows the whole path.
 STATUS_NAME_MAX_CHARACTERS = 32
 
 # The dock rejects a GSD at which a raster's shorter side spans fewer encoder pixels than this,
@@ -388,7 +388,7 @@ class BuildPanelMixin:
         self._band_slot_names = list(encoder_bands)
         for band in encoder_bands:
             combo = QgsRasterBandComboBox()
-            # Band names are long ("Band 1: Red"); three side by side set the panel's width otherwise.
+            # Band names are long, and three lists side by side would otherwise set the panel's width.
             combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
             combo.setMinimumContentsLength(BAND_COMBO_MIN_CHARACTERS)
             combo.setShowNotSetOption(True, f"{band}: auto")
@@ -933,7 +933,7 @@ class BuildPanelMixin:
     # -- index ---------------------------------------------------------------------------------
 
     def _absolute_index_folder(self, path: str) -> Optional[str]:
-        """Return ``path`` as an absolute path, a relative one taken from the project's folder; None without one.
+        """Return ``path`` as an absolute path, a relative one taken from the project's folder, or None without one.
 
         QGIS's working directory is no folder the analyst chose, so it never anchors a relative path.
         """

@@ -32,12 +32,9 @@ from ..core.query import changed_source_warnings
 from ..core.raster import RasterSource, open_raster_quietly
 from ..core.search import (
     DEFAULT_MAX_OVERLAP,
-    NEGATIVES_LIKE_POSITIVES_MESSAGE,
-    NEGATIVES_WITHOUT_EFFECT_MESSAGE,
     Match,
     example_embeddings,
-    negatives_like_positives,
-    negatives_without_effect,
+    negative_example_warnings,
     search,
 )
 from ..gis.raster_layers import (
@@ -236,12 +233,7 @@ def search_work(request: SearchRequest, task: LookalikeTask) -> SearchOutcome:
             f"index overlaps the query, or a better-ranked match by more than {DEFAULT_MAX_OVERLAP:.0%}, and such "
             "tiles are left out so that each match is a distinct place."
         )
-    if negatives_without_effect(positive_matrix, negative_matrix):
-        warnings.append(NEGATIVES_WITHOUT_EFFECT_MESSAGE)
-    elif negative_matrix is not None and len(negative_matrix) > 1:
-        parallel = negatives_like_positives(positive_matrix, negative_matrix)
-        if parallel:
-            warnings.append(NEGATIVES_LIKE_POSITIVES_MESSAGE.format(count=parallel))
+    warnings.extend(negative_example_warnings(positive_matrix, negative_matrix))
     return SearchOutcome(
         matches=matches,
         encoder=encoder,

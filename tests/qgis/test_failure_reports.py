@@ -180,16 +180,26 @@ def test_failed_export_leaves_earlier_export(repo_root, tmp_path, monkeypatch):
     assert folder_files(folder) == before
 
 
-def add_notes_column(labels) -> None:
-    """Add a column of notes to ``labels``, as an analyst would in a spreadsheet."""
+def read_labels(labels) -> list:
+    """Return the rows of ``labels`` as dictionaries."""
     with open(labels, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    for row in rows:
-        row["notes"] = f"checked {row['chip']} by hand"
-    with open(labels, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
+        return list(csv.DictReader(stream))
+
+
+def write_labels(labels, rows, columns=None, delimiter=",", encoding="utf-8") -> None:
+    """Write ``rows`` to ``labels`` (only ``columns`` when given), as a spreadsheet saves them."""
+    with open(labels, "w", newline="", encoding=encoding) as stream:
+        writer = csv.DictWriter(stream, fieldnames=columns or [*rows[0]], delimiter=delimiter, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def add_notes_column(labels) -> None:
+    """Add a column of notes to ``labels``, as an analyst would in a spreadsheet."""
+    rows = read_labels(labels)
+    for row in rows:
+        row["notes"] = f"checked {row['chip']} by hand"
+    write_labels(labels, rows)
 
 
 def csv_notes(labels) -> dict:
@@ -316,15 +326,11 @@ def test_notes_survive_decimal_comma_spreadsheet(repo_root, tmp_path):
     folder = tmp_path / "chips"
     requests = ships_requests(repo_root, 2)
     labels = export_with_notes(requests, folder)
-    with open(labels, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
+    rows = read_labels(labels)
     for row in rows:
         for name in ("xmin", "ymin", "xmax", "ymax"):
             row[name] = f"{float(row[name]):.3f}".replace(".", ",")
-    with open(labels, "w", newline="", encoding="utf-8-sig") as stream:
-        writer = csv.DictWriter(stream, fieldnames=[*rows[0]], delimiter=";")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_labels(labels, rows, delimiter=";", encoding="utf-8-sig")
 
     chip_export.export_chips(requests[::-1], folder)
 
@@ -337,20 +343,15 @@ def test_typed_label_stays_unmarked(repo_root, tmp_path):
     requests = [replace(request, label="") for request in ships_requests(repo_root, 2)]
     chip_export.export_chips(requests, folder)
     labels = folder / chip_export.LABELS_CSV_NAME
-    with open(labels, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
+    rows = read_labels(labels)
     rows[1]["label"] = "ship"
-    with open(labels, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=[*rows[0]])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_labels(labels, rows)
 
     # The second match is now unmarked again; the first gets a label from its mark.
     chip_export.export_chips([replace(requests[0], label="not relevant"), requests[1]], folder)
 
-    with open(labels, newline="", encoding="utf-8") as stream:
-        assert {row["chip"]: row["label"] for row in csv.DictReader(stream)} == {
-            "chip_00001.tif": "not relevant", "chip_00002.tif": "ship"}
+    assert {row["chip"]: row["label"] for row in read_labels(labels)} == {
+        "chip_00001.tif": "not relevant", "chip_00002.tif": "ship"}
 
 
 def test_labels_without_chip_column_stop_export(repo_root, tmp_path):
@@ -456,8 +457,7 @@ def test_chips_from_another_raster_keep_their_own_notes(repo_root, tmp_path):
 
     chip_export.export_chips([from_other_date, match], tmp_path / "chips")
 
-    with open(labels, newline="", encoding="utf-8") as stream:
-        rows = {row["chip"]: row for row in csv.DictReader(stream)}
+    rows = {row["chip"]: row for row in read_labels(labels)}
     assert {chip: (row["source"], row["chip_source"], row["notes"]) for chip, row in rows.items()} == {
         "chip_00001.tif": (match.source_path, str(other_raster), "checked chip_00002.tif by hand"),
         "chip_00002.tif": (match.source_path, match.source_path, "checked chip_00001.tif by hand"),
@@ -469,13 +469,8 @@ def test_notes_of_labels_without_chip_source_column(repo_root, tmp_path):
     first, second = (replace(request, attributes={"source": request.source_path})
                      for request in ships_requests(repo_root, 2))
     labels = export_with_notes([first, second], tmp_path / "chips")
-    with open(labels, newline="", encoding="utf-8") as stream:
-        rows = list(csv.DictReader(stream))
-    with open(labels, "w", newline="", encoding="utf-8") as stream:
-        writer = csv.DictWriter(stream, fieldnames=[name for name in rows[0] if name != "chip_source"],
-                                extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = read_labels(labels)
+    write_labels(labels, rows, columns=[name for name in rows[0] if name != "chip_source"])
 
     chip_export.export_chips([second, first], tmp_path / "chips")
 
