@@ -8,7 +8,6 @@ import shutil
 import threading
 import time
 import tracemalloc
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +34,6 @@ from lookalike.core.pipeline import (
     SKIP_MASKED,
     BuildParameters,
     Region,
-    _counts_from_checkpoints,
     build_index,
     embed_query,
     indexed_source_for_geometry,
@@ -494,19 +492,20 @@ def test_truncated_checkpoint_read_again(shared_data, tmp_path):
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
 
 
-def test_damaged_checkpoint_is_not_committed(shared_data, tmp_path):
+def test_damaged_checkpoint_embedded_again(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
+    uninterrupted = build_index(parameters([source], tmp_path / "reference"))
     params = parameters([source], tmp_path / "index")
     batches_seen = build_cancelled_after(params, 3)
     chunks = sorted(partial_folder_for(tmp_path / "index").glob("chunk_*.npz"))
-    partial = _PartialBuild(partial_folder_for(tmp_path / "index"), "unused")
     chunks[1].write_bytes(b"damaged")
 
-    with pytest.raises(LookalikeError, match="Run the build again"):
-        _counts_from_checkpoints(partial, 1, batches_seen[-1].tiles_done)
-
     resumed = build_index(params)
+
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
+    index = TileIndex.open(tmp_path / "index")
+    np.testing.assert_array_equal(index.tile_table, TileIndex.open(tmp_path / "reference").tile_table)
+    assert index.count == uninterrupted.tiles_embedded
 
 
 def rewrite_chunk(chunk_path: Path, change) -> None:
@@ -703,30 +702,25 @@ def test_all_zero_embeddings_blame_the_encoder(shared_data, tmp_path, monkeypatc
     assert not (tmp_path / "index").exists()
 
 
-def damage_embeddings_after_count_pass(monkeypatch, chunk_number: int) -> None:
-    """Make one chunk's embeddings unreadable once the count pass has read the chunks' small members."""
-    count_pass = pipeline_module._counts_from_checkpoints
+def fail_second_insert(monkeypatch) -> None:
+    """Make the second insert into an index fail, as hnswlib does when it cannot grow its graph."""
+    add = TileIndex.add
+    calls = []
 
-    def count_then_damage(partial, *args):
-        counts = count_pass(partial, *args)
-        chunk_path = partial.chunk_paths()[chunk_number]
-        with np.load(chunk_path, allow_pickle=False) as data:
-            members = {name: data[name] for name in data.files if name != "embeddings"}
-        with zipfile.ZipFile(chunk_path, "w") as archive:
-            for name, values in members.items():
-                with archive.open(f"{name}.npy", "w") as stream:
-                    np.lib.format.write_array(stream, values)
-            archive.writestr("embeddings.npy", b"not an array")
-        return counts
+    def add_or_fail(index, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("insert failed")
+        return add(index, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline_module, "_counts_from_checkpoints", count_then_damage)
+    monkeypatch.setattr(TileIndex, "add", add_or_fail)
 
 
 def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
     params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index")
-    damage_embeddings_after_count_pass(monkeypatch, 1)
+    fail_second_insert(monkeypatch)
 
-    with pytest.raises(LookalikeError, match="Run the build again"):
+    with pytest.raises(RuntimeError, match="insert failed"):
         build_index(params)
 
     assert not (tmp_path / "index").exists()
@@ -739,9 +733,9 @@ def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
 def test_failed_commit_keeps_replaced_index(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     first = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
-    damage_embeddings_after_count_pass(monkeypatch, 1)
+    fail_second_insert(monkeypatch)
 
-    with pytest.raises(LookalikeError, match="Run the build again"):
+    with pytest.raises(RuntimeError, match="insert failed"):
         build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
 
     kept_index = TileIndex.open(tmp_path / "index")
@@ -796,6 +790,26 @@ def test_rerun_after_commit_only_cleans_up(shared_data, tmp_path):
     assert again.skipped_by_reason == first.skipped_by_reason
     assert TileIndex.open(tmp_path / "index").count == first.tiles_embedded
     assert not partial.exists()
+
+
+def test_resumed_addition_finds_every_tile(shared_data, tmp_path):
+    first_source, second_source = geo(shared_data, "rasterio/rgb1.tif"), geo(shared_data, "rasterio/rgb2.tif")
+    for folder in ("reference", "index"):
+        build_index(parameters([first_source], tmp_path / folder))
+    build_index(parameters([second_source], tmp_path / "reference", add_to_existing=True))
+    batches_seen = build_cancelled_after(
+        parameters([second_source], tmp_path / "index", add_to_existing=True, batch_size=8), 2)
+
+    resumed = build_index(parameters([second_source], tmp_path / "index", add_to_existing=True, batch_size=8))
+
+    assert resumed.tiles_resumed == batches_seen[-1].tiles_done > 0
+    index = TileIndex.open(tmp_path / "index")
+    np.testing.assert_array_equal(index.tile_table, TileIndex.open(tmp_path / "reference").tile_table)
+    # Each tile (from the first raster, resumed, or embedded after the resume) is found in the
+    # graph. knn() would search this small index exactly, so the graph is asked directly.
+    vectors = np.asarray(index.embeddings, dtype=np.float32)
+    _, distances = index._graph.knn_query(vectors, k=1)
+    np.testing.assert_allclose(distances[:, 0], 0.0, atol=1e-3)
 
 
 def test_finished_build_rerun_keeps_index(shared_data, tmp_path):
