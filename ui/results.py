@@ -36,13 +36,31 @@ RELEVANCE_COLORS = {
 }
 
 
+# Sorting the Mark column ascending lists relevant tiles first, then unmarked, then not relevant.
+RELEVANCE_SORT_KEYS = {Relevance.RELEVANT: 0, Relevance.UNMARKED: 1, Relevance.NOT_RELEVANT: 2}
+
+
+class _SortKeyItem(QTableWidgetItem):
+    """A cell that shows text and sorts by ``sort_key``: a score as a number, not as text."""
+
+    def __init__(self, text: str, sort_key: float) -> None:
+        super().__init__(text)
+        self.sort_key = sort_key
+
+    def __lt__(self, other: QTableWidgetItem) -> bool:
+        if isinstance(other, _SortKeyItem):
+            return self.sort_key < other.sort_key
+        return super().__lt__(other)
+
+
 class ResultsTable(QTableWidget):
     """One row per match: thumbnail, rank, score and the analyst's relevance mark.
 
     Rows are keyed by tile id. ``matchActivated`` carries the tile id of a clicked row. Marks
     cycle with a double click on the mark cell or are set with :meth:`set_relevance`. Marks
     outlive the rows: a marked tile that a new search no longer returns keeps its mark, so it
-    still steers the next search, until :meth:`clear_marks`.
+    still steers the next search, until :meth:`clear_marks`. A click on a column header sorts
+    the rows by rank, score or mark, and a new search keeps the chosen order.
     """
 
     COLUMN_THUMBNAIL = 0
@@ -68,38 +86,49 @@ class ResultsTable(QTableWidget):
         self.setColumnWidth(self.COLUMN_THUMBNAIL, THUMBNAIL_SIZE_PX + 8)
         header.setSectionResizeMode(self.COLUMN_RELEVANCE, QHeaderView.ResizeMode.Stretch)
         self.setMinimumHeight(260)
-        self._row_of_tile: Dict[int, int] = {}
+        # Sorting moves rows, so each tile is found through its thumbnail item, not a row number.
+        self._item_of_tile: Dict[int, QTableWidgetItem] = {}
         self._relevance: Dict[int, Relevance] = {}
         self._scores: Dict[int, float] = {}
         self.cellClicked.connect(self._on_cell_clicked)
         self.cellDoubleClicked.connect(self._on_cell_double_clicked)
+        self.setSortingEnabled(True)
+        self.sortByColumn(self.COLUMN_RANK, Qt.SortOrder.AscendingOrder)
 
     def set_matches(self, matches: Sequence) -> None:
         """Fill the table from ``core.search.Match`` objects, showing the marks made so far."""
+        # Qt would sort the table after every item set while the rows are filled.
+        self.setSortingEnabled(False)
         self.setRowCount(0)
-        self._row_of_tile = {}
+        self._item_of_tile = {}
         self._scores = {}
         self.setRowCount(len(matches))
         for row, match in enumerate(matches):
             tile_id = int(match.tile_id)
-            self._row_of_tile[tile_id] = row
             self._scores[tile_id] = float(match.score)
             thumbnail = QTableWidgetItem()
             thumbnail.setData(Qt.ItemDataRole.UserRole, tile_id)
             thumbnail.setToolTip(f"Tile {tile_id} (row {match.row}, col {match.col}) of {match.source_path}")
             self.setItem(row, self.COLUMN_THUMBNAIL, thumbnail)
+            self._item_of_tile[tile_id] = thumbnail
             rank = QTableWidgetItem()
             rank.setData(Qt.ItemDataRole.DisplayRole, int(match.rank))
             self.setItem(row, self.COLUMN_RANK, rank)
-            self.setItem(row, self.COLUMN_SCORE, QTableWidgetItem(f"{match.score:.3f}"))
-            self.setItem(row, self.COLUMN_RELEVANCE, QTableWidgetItem())
+            self.setItem(row, self.COLUMN_SCORE, _SortKeyItem(f"{match.score:.3f}", float(match.score)))
+            self.setItem(row, self.COLUMN_RELEVANCE, _SortKeyItem("", 0))
             self._show_relevance(tile_id, self.relevance(tile_id))
+        self.setSortingEnabled(True)
 
     def tile_ids(self) -> List[int]:
-        return list(self._row_of_tile)
+        """Return the listed tiles in rank order, whatever order the rows are sorted in."""
+        return list(self._item_of_tile)
+
+    def _row(self, tile_id: int) -> Optional[int]:
+        item = self._item_of_tile.get(tile_id)
+        return None if item is None else self.row(item)
 
     def set_thumbnail(self, tile_id: int, image: QImage) -> None:
-        row = self._row_of_tile.get(tile_id)
+        row = self._row(tile_id)
         if row is None or image.isNull():
             return
         pixmap = QPixmap.fromImage(image).scaled(
@@ -111,8 +140,8 @@ class ResultsTable(QTableWidget):
         self.item(row, self.COLUMN_THUMBNAIL).setIcon(QIcon(pixmap))
 
     def has_thumbnail(self, tile_id: int) -> bool:
-        row = self._row_of_tile.get(tile_id)
-        return row is not None and not self.item(row, self.COLUMN_THUMBNAIL).icon().isNull()
+        item = self._item_of_tile.get(tile_id)
+        return item is not None and not item.icon().isNull()
 
     def relevance(self, tile_id: int) -> Relevance:
         return self._relevance.get(tile_id, Relevance.UNMARKED)
@@ -121,7 +150,7 @@ class ResultsTable(QTableWidget):
         return [tile_id for tile_id, mark in self._relevance.items() if mark is relevance]
 
     def set_relevance(self, tile_id: int, relevance: Relevance) -> None:
-        if tile_id not in self._row_of_tile:
+        if tile_id not in self._item_of_tile:
             return
         self._show_relevance(tile_id, relevance)
         self.relevanceChanged.emit(tile_id, relevance)
@@ -136,14 +165,14 @@ class ResultsTable(QTableWidget):
         for tile_id, relevance in marks.items():
             if relevance is Relevance.UNMARKED:
                 continue
-            if tile_id in self._row_of_tile:
+            if tile_id in self._item_of_tile:
                 self._show_relevance(tile_id, relevance)
             else:
                 self._relevance[tile_id] = relevance
 
     def clear_marks(self) -> None:
         for tile_id in list(self._relevance):
-            if tile_id in self._row_of_tile:
+            if tile_id in self._item_of_tile:
                 self._show_relevance(tile_id, Relevance.UNMARKED)
         self._relevance = {}
 
@@ -154,21 +183,18 @@ class ResultsTable(QTableWidget):
     def apply_score_threshold(self, min_score: float) -> int:
         """Hide the rows scoring below ``min_score`` and return how many stay visible."""
         visible = 0
-        for tile_id, row in self._row_of_tile.items():
+        for tile_id, item in self._item_of_tile.items():
             hidden = self._scores[tile_id] < min_score
-            self.setRowHidden(row, hidden)
+            self.setRowHidden(self.row(item), hidden)
             visible += not hidden
         return visible
 
     def _show_relevance(self, tile_id: int, relevance: Relevance) -> None:
-        row = self._row_of_tile[tile_id]
+        row = self._row(tile_id)
         if relevance is Relevance.UNMARKED:
             self._relevance.pop(tile_id, None)
         else:
             self._relevance[tile_id] = relevance
-        item = self.item(row, self.COLUMN_RELEVANCE)
-        item.setText(RELEVANCE_LABELS[relevance])
-        item.setToolTip("Double-click to cycle: relevant, not relevant, unmarked")
         color = RELEVANCE_COLORS.get(relevance)
         for column in range(self.columnCount()):
             cell = self.item(row, column)
@@ -176,6 +202,11 @@ class ResultsTable(QTableWidget):
                 cell.setData(Qt.ItemDataRole.BackgroundRole, None)
             else:
                 cell.setBackground(color)
+        # Last, because a table sorted by mark moves the row when the text changes.
+        item = self.item(row, self.COLUMN_RELEVANCE)
+        item.setToolTip("Double-click to cycle: relevant, not relevant, unmarked")
+        item.sort_key = RELEVANCE_SORT_KEYS[relevance]
+        item.setText(RELEVANCE_LABELS[relevance])
 
     def _on_cell_clicked(self, row: int, _column: int) -> None:
         self.matchActivated.emit(self.item(row, self.COLUMN_THUMBNAIL).data(Qt.ItemDataRole.UserRole))
