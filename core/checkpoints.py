@@ -14,7 +14,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
@@ -164,13 +164,10 @@ class _PartialBuild:
             yield chunk
             expected_start = chunk.end_position
 
-    def resume_state(
-        self, n_sources: int, on_chunk: Optional[Callable[[_Chunk], None]] = None
-    ) -> tuple[int, int, np.ndarray]:
+    def resume_state(self, n_sources: int) -> tuple[int, int, np.ndarray]:
         """Return the next tile position, the tiles embedded so far and the skip counts so far.
 
-        ``on_chunk`` is called with each resumable chunk, in tile order. Chunk files after the
-        first damaged or missing chunk are removed.
+        Chunk files after the first damaged or missing chunk are removed.
         """
         position = 0
         embedded = 0
@@ -182,8 +179,6 @@ class _PartialBuild:
             embedded += len(chunk.rows)
             skipped += chunk.skipped
             resumable_paths.add(self.chunk_path(chunk.start_position))
-            if on_chunk is not None:
-                on_chunk(chunk)
         # Chunks after a gap are embedded again, maybe in other batches, so the old ones would
         # break the order of the new ones.
         for path in self.chunk_paths():
@@ -232,14 +227,12 @@ class _PartialBuild:
 class _ChunkWriter:
     """Writes chunks in order on one background thread, so that encoding does not wait for fsync.
 
-    ``after_write`` is called on that thread with each chunk once it is on disk. At most
-    ``MAX_PENDING_CHUNKS`` chunks wait at any time. An error of a write or of ``after_write`` is
-    raised by the next ``write`` or by ``finish``, which also waits until every chunk is done.
+    At most ``MAX_PENDING_CHUNKS`` chunks wait at any time. A write error is raised by the
+    next ``write`` or by ``finish``, which also waits until every chunk is on disk.
     """
 
-    def __init__(self, partial: _PartialBuild, after_write: Optional[Callable[[_Chunk], None]] = None) -> None:
+    def __init__(self, partial: _PartialBuild) -> None:
         self._partial = partial
-        self._after_write = after_write
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lookalike-checkpoints")
         self._pending: deque[Future[None]] = deque()
         self._failed = threading.Event()
@@ -265,8 +258,6 @@ class _ChunkWriter:
             return
         try:
             self._partial.write_chunk(chunk)
-            if self._after_write is not None:
-                self._after_write(chunk)
         except BaseException:
             self._failed.set()
             raise

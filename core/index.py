@@ -595,7 +595,7 @@ class TileIndex:
 
     # -- adding tiles -------------------------------------------------------------------------
 
-    def add(self, embeddings: np.ndarray, tile_table: np.ndarray, insert_threads: Optional[int] = None) -> np.ndarray:
+    def add(self, embeddings: np.ndarray, tile_table: np.ndarray) -> np.ndarray:
         """Add tiles and return their new tile ids (int64).
 
         ``embeddings`` is float32 ``(n, dim)``; rows are L2-normalised here if they are not
@@ -603,7 +603,6 @@ class TileIndex:
         integer ``(n, 3)`` array of ``(source_id, row, col)``. All-zero and non-finite
         embeddings are rejected: blank and nodata tiles must be skipped before encoding, because
         a zero vector has no direction to compare. The graph is resized when it is full.
-        ``insert_threads`` is how many threads hnswlib inserts with; None uses every core.
         Changes are on disk only after ``save()``.
 
         NOTE: a tile already in the index is not detected; a resumed build must skip the
@@ -634,7 +633,7 @@ class TileIndex:
             logger.debug("resizing HNSW graph from %d to %d tiles", capacity, new_capacity)
             self._graph.resize_index(new_capacity)
         tile_ids = np.arange(start, needed, dtype=np.int64)
-        self._graph.add_items(vectors, tile_ids, num_threads=-1 if insert_threads is None else insert_threads)
+        self._graph.add_items(vectors, tile_ids)
 
         self._pending_embeddings.append(vectors.astype(EMBEDDING_DTYPE))
         self._pending_tile_tables.append(tiles)

@@ -702,23 +702,18 @@ def test_all_zero_embeddings_blame_the_encoder(shared_data, tmp_path, monkeypatc
     assert not (tmp_path / "index").exists()
 
 
-def fail_second_insert(monkeypatch) -> None:
-    """Make the second insert into an index fail, as hnswlib does when it cannot grow its graph."""
-    add = TileIndex.add
-    calls = []
+def fail_inserts(monkeypatch) -> None:
+    """Make every insert into an index fail, as hnswlib does when it cannot allocate its graph."""
 
-    def add_or_fail(index, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("insert failed")
-        return add(index, *args, **kwargs)
+    def fail(index, *args, **kwargs):
+        raise RuntimeError("insert failed")
 
-    monkeypatch.setattr(TileIndex, "add", add_or_fail)
+    monkeypatch.setattr(TileIndex, "add", fail)
 
 
 def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
     params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index")
-    fail_second_insert(monkeypatch)
+    fail_inserts(monkeypatch)
 
     with pytest.raises(RuntimeError, match="insert failed"):
         build_index(params)
@@ -733,7 +728,7 @@ def test_failed_commit_writes_no_index(shared_data, tmp_path, monkeypatch):
 def test_failed_commit_keeps_replaced_index(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     first = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
-    fail_second_insert(monkeypatch)
+    fail_inserts(monkeypatch)
 
     with pytest.raises(RuntimeError, match="insert failed"):
         build_index(parameters([source], tmp_path / "index", overwrite_existing_index=True))
