@@ -130,9 +130,10 @@ class _PartialBuild:
         if folder.exists():
             stored_id = _read_partial_marker(marker)
             if stored_id is None:
+                state = "unreadable" if marker.exists() else "missing"
                 raise SearchIndexError(
                     f"{folder} exists but is not a Lookalike checkpoint folder ({PARTIAL_MARKER_NAME} is "
-                    "missing); move it away or choose another index folder."
+                    f"{state}); move it away or choose another index folder."
                 )
             if stored_id == build_id:
                 return cls(folder, build_id, layout)

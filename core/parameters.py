@@ -193,6 +193,13 @@ class BuildParameters:
             )
         if not self.index_folder:
             raise LookalikeError("index_folder is empty; pass the folder to write the index to.")
+        for name in ("extent", "mask"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Region):
+                raise LookalikeError(
+                    f"{name} {value!r} is a {type(value).__name__}; pass a Region, e.g. "
+                    f"Region(bounds=(xmin, ymin, xmax, ymax), crs_wkt='EPSG:4326'), or None."
+                )
         if self.tile_size_source_px is not None and self.tile_ground_size_m is not None:
             raise LookalikeError(
                 f"both tile_size_source_px={self.tile_size_source_px!r} and tile_ground_size_m="

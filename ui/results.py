@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence
 
 from qgis.PyQt.QtCore import QRectF, QSize, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QColor, QIcon, QImage, QPainter, QPen, QPixmap
@@ -36,14 +37,15 @@ RELEVANCE_COLORS = {
 }
 
 
-# Sorting the Mark column ascending lists relevant tiles first, then unmarked, then not relevant.
+# Sorting the Mark column ascending lists relevant tiles first, then unmarked, then not relevant,
+# each group in rank order.
 RELEVANCE_SORT_KEYS = {Relevance.RELEVANT: 0, Relevance.UNMARKED: 1, Relevance.NOT_RELEVANT: 2}
 
 
 class _SortKeyItem(QTableWidgetItem):
-    """A cell that shows text and sorts by ``sort_key``: a score as a number, not as text."""
+    """A cell that shows text and sorts by ``sort_key``, such as a mark and then the rank."""
 
-    def __init__(self, text: str, sort_key: float) -> None:
+    def __init__(self, text: str, sort_key: object) -> None:
         super().__init__(text)
         self.sort_key = sort_key
 
@@ -90,6 +92,7 @@ class ResultsTable(QTableWidget):
         self._item_of_tile: Dict[int, QTableWidgetItem] = {}
         self._relevance: Dict[int, Relevance] = {}
         self._scores: Dict[int, float] = {}
+        self._ranks: Dict[int, int] = {}
         self.cellClicked.connect(self._on_cell_clicked)
         self.cellDoubleClicked.connect(self._on_cell_double_clicked)
         self.setSortingEnabled(True)
@@ -102,6 +105,7 @@ class ResultsTable(QTableWidget):
         self.setRowCount(0)
         self._item_of_tile = {}
         self._scores = {}
+        self._ranks = {int(match.tile_id): int(match.rank) for match in matches}
         self.setRowCount(len(matches))
         for row, match in enumerate(matches):
             tile_id = int(match.tile_id)
@@ -114,9 +118,12 @@ class ResultsTable(QTableWidget):
             rank = QTableWidgetItem()
             rank.setData(Qt.ItemDataRole.DisplayRole, int(match.rank))
             self.setItem(row, self.COLUMN_RANK, rank)
-            self.setItem(row, self.COLUMN_SCORE, _SortKeyItem(f"{match.score:.3f}", float(match.score)))
-            self.setItem(row, self.COLUMN_RELEVANCE, _SortKeyItem("", 0))
-            self._show_relevance(tile_id, self.relevance(tile_id))
+            # A number, not text, so that Qt sorts scores as numbers without calling back into Python.
+            score = QTableWidgetItem()
+            score.setData(Qt.ItemDataRole.DisplayRole, round(float(match.score), 3))
+            self.setItem(row, self.COLUMN_SCORE, score)
+            self.setItem(row, self.COLUMN_RELEVANCE, _SortKeyItem("", (0, 0)))
+            self._show_relevance(tile_id, self.relevance(tile_id), row)
         self.setSortingEnabled(True)
 
     def tile_ids(self) -> List[int]:
@@ -126,6 +133,15 @@ class ResultsTable(QTableWidget):
     def _row(self, tile_id: int) -> Optional[int]:
         item = self._item_of_tile.get(tile_id)
         return None if item is None else self.row(item)
+
+    def _rows_by_tile(self) -> Dict[int, int]:
+        """Return the row of every listed tile, for changes to many rows while sorting is paused.
+
+        Once rows were sorted, Qt finds an item's row by a search through every cell, which made
+        marking 10,000 rows take a second.
+        """
+        return {self.item(row, self.COLUMN_THUMBNAIL).data(Qt.ItemDataRole.UserRole): row
+                for row in range(self.rowCount())}
 
     def set_thumbnail(self, tile_id: int, image: QImage) -> None:
         row = self._row(tile_id)
@@ -150,10 +166,31 @@ class ResultsTable(QTableWidget):
         return [tile_id for tile_id, mark in self._relevance.items() if mark is relevance]
 
     def set_relevance(self, tile_id: int, relevance: Relevance) -> None:
-        if tile_id not in self._item_of_tile:
-            return
-        self._show_relevance(tile_id, relevance)
-        self.relevanceChanged.emit(tile_id, relevance)
+        self.set_relevances([tile_id], relevance)
+
+    def set_relevances(self, tile_ids: Iterable[int], relevance: Relevance) -> None:
+        """Mark the listed tiles among ``tile_ids``; tiles without a row are left alone."""
+        listed = [tile_id for tile_id in tile_ids if tile_id in self._item_of_tile]
+        with self._sorting_paused():
+            rows = self._rows_by_tile()
+            for tile_id in listed:
+                self._show_relevance(tile_id, relevance, rows[tile_id])
+        for tile_id in listed:
+            self.relevanceChanged.emit(tile_id, relevance)
+
+    @contextlib.contextmanager
+    def _sorting_paused(self) -> Iterator[None]:
+        """Keep rows in place while cells change, then sort once.
+
+        With sorting on, Qt sorts a row again after each change of one of its cells: marking
+        10,000 rows took 2 to 6 s instead of 0.14 s.
+        """
+        was_sorting = self.isSortingEnabled()
+        self.setSortingEnabled(False)
+        try:
+            yield
+        finally:
+            self.setSortingEnabled(was_sorting)
 
     def marks(self) -> Dict[int, Relevance]:
         """Return every mark made since :meth:`clear_marks`, also of tiles no longer listed."""
@@ -162,18 +199,22 @@ class ResultsTable(QTableWidget):
     def restore_marks(self, marks: Dict[int, Relevance]) -> None:
         """Replace the marks with ``marks`` (from a saved project), showing those of listed tiles."""
         self.clear_marks()
-        for tile_id, relevance in marks.items():
-            if relevance is Relevance.UNMARKED:
-                continue
-            if tile_id in self._item_of_tile:
-                self._show_relevance(tile_id, relevance)
-            else:
-                self._relevance[tile_id] = relevance
+        with self._sorting_paused():
+            rows = self._rows_by_tile()
+            for tile_id, relevance in marks.items():
+                if relevance is Relevance.UNMARKED:
+                    continue
+                if tile_id in rows:
+                    self._show_relevance(tile_id, relevance, rows[tile_id])
+                else:
+                    self._relevance[tile_id] = relevance
 
     def clear_marks(self) -> None:
-        for tile_id in list(self._relevance):
-            if tile_id in self._item_of_tile:
-                self._show_relevance(tile_id, Relevance.UNMARKED)
+        with self._sorting_paused():
+            rows = self._rows_by_tile()
+            for tile_id in list(self._relevance):
+                if tile_id in rows:
+                    self._show_relevance(tile_id, Relevance.UNMARKED, rows[tile_id])
         self._relevance = {}
 
     def selected_tile_ids(self) -> List[int]:
@@ -183,14 +224,14 @@ class ResultsTable(QTableWidget):
     def apply_score_threshold(self, min_score: float) -> int:
         """Hide the rows scoring below ``min_score`` and return how many stay visible."""
         visible = 0
-        for tile_id, item in self._item_of_tile.items():
+        for tile_id, row in self._rows_by_tile().items():
             hidden = self._scores[tile_id] < min_score
-            self.setRowHidden(self.row(item), hidden)
+            self.setRowHidden(row, hidden)
             visible += not hidden
         return visible
 
-    def _show_relevance(self, tile_id: int, relevance: Relevance) -> None:
-        row = self._row(tile_id)
+    def _show_relevance(self, tile_id: int, relevance: Relevance, row: int) -> None:
+        """Show the mark in the tile's ``row``; callers pause sorting, so the row stays in place."""
         if relevance is Relevance.UNMARKED:
             self._relevance.pop(tile_id, None)
         else:
@@ -202,10 +243,9 @@ class ResultsTable(QTableWidget):
                 cell.setData(Qt.ItemDataRole.BackgroundRole, None)
             else:
                 cell.setBackground(color)
-        # Last, because a table sorted by mark moves the row when the text changes.
         item = self.item(row, self.COLUMN_RELEVANCE)
         item.setToolTip("Double-click to cycle: relevant, not relevant, unmarked")
-        item.sort_key = RELEVANCE_SORT_KEYS[relevance]
+        item.sort_key = (RELEVANCE_SORT_KEYS[relevance], self._ranks.get(tile_id, 0))
         item.setText(RELEVANCE_LABELS[relevance])
 
     def _on_cell_clicked(self, row: int, _column: int) -> None:

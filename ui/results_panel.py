@@ -174,8 +174,7 @@ class ResultsPanelMixin:
         if not tile_ids:
             self.push_message("Select result rows to mark them.", Qgis.MessageLevel.Info)
             return
-        for tile_id in tile_ids:
-            self.results_table.set_relevance(tile_id, relevance)
+        self.results_table.set_relevances(tile_ids, relevance)
 
     # -- export --------------------------------------------------------------------------------
 

@@ -100,3 +100,33 @@ def test_mark_column_sorts_relevant_first_and_new_search_keeps_order(qgis_app):
     table.set_matches([FakeMatch(3, 1, 0.9), FakeMatch(40, 2, 0.8), FakeMatch(12, 3, 0.7)])
     order = shown_tile_ids(table)
     assert (order[0], order[-1]) == (12, 40)
+
+
+def test_cleared_marks_return_to_rank_order(qgis_app):
+    table = ResultsTable()
+    table.set_matches([FakeMatch(100 + rank, rank, 1.0 - rank / 10) for rank in range(1, 9)])
+    table.sortByColumn(table.COLUMN_RELEVANCE, Qt.SortOrder.AscendingOrder)
+
+    table.set_relevance(106, Relevance.RELEVANT)
+    table.set_relevance(103, Relevance.NOT_RELEVANT)
+    assert shown_tile_ids(table) == [106, 101, 102, 104, 105, 107, 108, 103]
+    table.set_relevances([106, 103], Relevance.UNMARKED)
+
+    assert shown_tile_ids(table) == [101, 102, 103, 104, 105, 106, 107, 108]
+
+
+def test_marking_many_rows_sorted_by_mark(qgis_app):
+    table = ResultsTable()
+    table.set_matches([FakeMatch(tile_id, tile_id + 1, 1.0 - tile_id / 1000) for tile_id in range(500)])
+    table.sortByColumn(table.COLUMN_RELEVANCE, Qt.SortOrder.AscendingOrder)
+    changed = []
+    table.relevanceChanged.connect(lambda tile_id, relevance: changed.append(tile_id))
+
+    table.set_relevances(range(250, 500, 2), Relevance.RELEVANT)
+
+    assert changed == list(range(250, 500, 2))
+    order = shown_tile_ids(table)
+    assert order[:125] == list(range(250, 500, 2))
+    for row, tile_id in enumerate(order):
+        expected = Relevance.RELEVANT if tile_id >= 250 and tile_id % 2 == 0 else Relevance.UNMARKED
+        assert table.item(row, table.COLUMN_RELEVANCE).text() == RELEVANCE_LABELS[expected]

@@ -908,10 +908,32 @@ def test_foreign_partial_folder_is_never_removed(shared_data, tmp_path):
     foreign.mkdir()
     (foreign / "data.bin").write_bytes(b"\x00")
 
-    with pytest.raises(SearchIndexError, match="not a Lookalike checkpoint folder"):
+    with pytest.raises(SearchIndexError, match=r"not a Lookalike checkpoint folder \(partial_build.json is missing"):
         build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
 
     assert (foreign / "data.bin").exists()
+
+
+def test_unreadable_checkpoint_marker_named(shared_data, tmp_path):
+    params = parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index")
+    build_cancelled_after(params, 1)
+    marker = partial_folder_for(tmp_path / "index") / "partial_build.json"
+    marker.write_text("garbage", encoding="utf-8")
+
+    with pytest.raises(SearchIndexError, match="partial_build.json is unreadable"):
+        build_index(params)
+
+    assert marker.read_text(encoding="utf-8") == "garbage"
+
+
+@pytest.mark.parametrize("name", ["extent", "mask"])
+def test_region_given_as_tuple_rejected(shared_data, tmp_path, name):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+
+    with pytest.raises(LookalikeError, match=rf"{name} \(1, 2, 3, 4\) is a tuple; pass a Region"):
+        build_index(parameters([source], tmp_path / "index", **{name: (1, 2, 3, 4)}))
+
+    assert not (tmp_path / "index").exists()
 
 
 def test_existing_index_needs_a_flag(shared_data, tmp_path):
