@@ -162,6 +162,20 @@ def matches_to_memory_layer(
     return layer
 
 
+# Files of one shapefile: writing matches.shp replaces matches.dbf, matches.prj and the others too.
+SHAPEFILE_MEMBER_SUFFIXES = (".shp", ".shx", ".dbf", ".prj", ".cpg")
+
+
+def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) -> list[Path]:
+    """Return the existing files that writing matches to ``path`` would replace."""
+    path = Path(path)
+    if path.suffix.lower() == ".shp" or driver_name == "ESRI Shapefile":
+        candidates = [path.with_suffix(suffix) for suffix in SHAPEFILE_MEMBER_SUFFIXES]
+    else:
+        candidates = [path]
+    return [candidate for candidate in candidates if candidate.is_file()]
+
+
 def write_matches(
     layer: QgsVectorLayer,
     path: Union[str, Path],
@@ -174,7 +188,9 @@ def write_matches(
 
     The OGR driver comes from the file extension (``.gpkg``, ``.shp``, ``.geojson``, ...) unless
     ``driver_name`` is given. An existing file is replaced only with ``overwrite=True``, and
-    then the whole file is replaced, not only the layer of that name.
+    then the whole file is replaced, not only the layer of that name. For a shapefile, each of
+    its files counts (see :func:`files_replaced`): a ``.dbf`` of that name is not replaced
+    without ``overwrite`` either.
 
     Raises:
         LookalikeError: the file exists and ``overwrite`` is false, the extension names no
@@ -183,9 +199,11 @@ def write_matches(
     path = Path(path)
     if path.is_dir():
         raise LookalikeError(f"The output path {path} is a folder; choose a file name such as {path / 'matches.gpkg'}.")
-    if path.exists() and not overwrite:
+    replaced = files_replaced(path, driver_name)
+    if replaced and not overwrite:
+        existing = ", ".join(str(file) for file in replaced)
         raise LookalikeError(
-            f"The output file {path} already exists; choose another path or pass overwrite=True "
+            f"The output file {existing} already exists; choose another path or pass overwrite=True "
             "to replace it."
         )
     if not path.parent.is_dir():
@@ -202,11 +220,11 @@ def write_matches(
             "use .gpkg, .shp, .geojson or pass driver_name."
         )
 
-    if path.exists():
-        # Removing the old file first gives the same result with every driver, whatever each
+    for file in replaced:
+        # Removing the old files first gives the same result with every driver, whatever each
         # driver does with other layers of an existing file.
-        path.unlink()
-        LOGGER.info("Replacing the existing file %s", path)
+        file.unlink()
+        LOGGER.info("Replacing the existing file %s", file)
 
     options = QgsVectorFileWriter.SaveVectorOptions()
     options.driverName = driver_name

@@ -31,6 +31,7 @@ from ..core.index import first_grid_in
 from ..core.parameters import MAX_ENCODER_THREADS, MAX_OVERLAP_PERCENT
 from ..core.pipeline import BuildParameters, Progress, Region, build_index
 from .support import (
+    ENCODER_FILE_FILTER,
     ENCODER_PACKAGES,
     EXTENT_CRS_FIX,
     INDEX_PACKAGES,
@@ -123,8 +124,10 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addParameter(rasters)
 
         encoder = QgsProcessingParameterFile(
-            self.ENCODER, tr("Encoder (ONNX model)"), extension="onnx",
-            defaultValue=str(default_model_path()), optional=True,
+            self.ENCODER, tr("Encoder (ONNX model)"), defaultValue=str(default_model_path()), optional=True,
+            # A filter, not an extension: QGIS rejects a file of another extension with a message
+            # that names no file, before the encoder's own check can say what is wrong with it.
+            fileFilter=ENCODER_FILE_FILTER,
         )
         encoder.setHelp(tr(
             "ONNX image encoder with a Lookalike or Deepness model spec in its metadata. Empty selects "

@@ -145,7 +145,8 @@ def _file_message(definition: QgsProcessingParameterFile, value: Any) -> Optiona
         kind = "folder" if wants_folder else "file"
         return tr(f"{name}: the {kind} {value} does not exist; {_path_advice(value)}.")
     if wants_folder and not os.path.isdir(value):
-        return tr(f"{name}: {value} is a file, but {name} takes a folder; give the folder that contains it.")
+        return tr(f"{name}: {value} is a file, but {name} takes a folder; choose the folder itself (for an index, "
+                  "the folder that contains manifest.json).")
     if not wants_folder and os.path.isdir(value):
         return tr(f"{name}: {value} is a folder, but {name} takes a file; give the path of the file in it.")
     return None

@@ -52,6 +52,7 @@ from ..core.search import (
 )
 from ..gis import matches as match_layers
 from .support import (
+    ENCODER_FILE_FILTER,
     ENCODER_PACKAGES,
     INDEX_PACKAGES,
     LookalikeAlgorithm,
@@ -173,7 +174,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
         ))
         self.addParameter(raster)
 
-        encoder = QgsProcessingParameterFile(self.ENCODER, tr("Encoder (ONNX model)"), extension="onnx", optional=True)
+        encoder = QgsProcessingParameterFile(self.ENCODER, tr("Encoder (ONNX model)"), optional=True,
+                                             fileFilter=ENCODER_FILE_FILTER)
         encoder.setHelp(tr(
             "The ONNX file the index was built with. Empty uses the encoder file recorded in the "
             "index. When that file no longer exists, the bundled EfficientNet-Lite0 is used if the "

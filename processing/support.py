@@ -39,6 +39,9 @@ GROUP_NAME = "Similarity search"
 ENCODER_PACKAGES = ("onnxruntime",)
 INDEX_PACKAGES = ("hnswlib",)
 
+# The file dialog's filter for ENCODER. A file of another name can still be typed in, and is then checked.
+ENCODER_FILE_FILTER = "ONNX models (*.onnx);;All files (*)"
+
 
 class LookalikeAlgorithm(QgsProcessingAlgorithm):
     """Base of the Lookalike algorithms: group, instance creation and generated help.
@@ -314,8 +317,9 @@ def reject_outputs_over_rasters(
         for raster_file in raster_files(raster_path):
             for output_path in output_paths:
                 if output_path and same_file(output_path, raster_file):
+                    target = (f"the raster {raster_path}" if same_file(raster_file, raster_path)
+                              else f"the file {raster_file} of the raster {raster_path}")
                     raise QgsProcessingException(tr(
-                        f"{output_name}: {output_path} is the file {raster_file} of the raster {raster_path} "
-                        f"in {rasters_name}, and writing it would replace that file. Choose another "
-                        "output path."
+                        f"{output_name}: {output_path} is {target} in {rasters_name}, and writing it would "
+                        "replace that file. Choose another output path."
                     ))

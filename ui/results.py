@@ -37,8 +37,8 @@ RELEVANCE_COLORS = {
 }
 
 
-# Sorting the Mark column ascending lists relevant tiles first, then unmarked, then not relevant,
-# each group in rank order.
+# The first click on Mark lists relevant tiles first, then unmarked, then not relevant, each group
+# in rank order.
 RELEVANCE_SORT_KEYS = {Relevance.RELEVANT: 0, Relevance.UNMARKED: 1, Relevance.NOT_RELEVANT: 2}
 
 
@@ -62,7 +62,8 @@ class ResultsTable(QTableWidget):
     cycle with a double click on the mark cell or are set with :meth:`set_relevance`. Marks
     outlive the rows: a marked tile that a new search no longer returns keeps its mark, so it
     still steers the next search, until :meth:`clear_marks`. A click on a column header sorts
-    the rows by rank, score or mark, and a new search keeps the chosen order.
+    the rows by rank, score or mark, best first (a second click reverses the order), and a new
+    search keeps the chosen order.
     """
 
     COLUMN_THUMBNAIL = 0
@@ -118,10 +119,9 @@ class ResultsTable(QTableWidget):
             rank = QTableWidgetItem()
             rank.setData(Qt.ItemDataRole.DisplayRole, int(match.rank))
             self.setItem(row, self.COLUMN_RANK, rank)
-            # A number, not text, so that Qt sorts scores as numbers without calling back into Python.
-            score = QTableWidgetItem()
-            score.setData(Qt.ItemDataRole.DisplayRole, round(float(match.score), 3))
-            self.setItem(row, self.COLUMN_SCORE, score)
+            # Sorted by the negated score, so that the first click on Score lists the best match
+            # first, as the first click on Rank does.
+            self.setItem(row, self.COLUMN_SCORE, _SortKeyItem(f"{match.score:.3f}", -float(match.score)))
             self.setItem(row, self.COLUMN_RELEVANCE, _SortKeyItem("", (0, 0)))
             self._show_relevance(tile_id, self.relevance(tile_id), row)
         self.setSortingEnabled(True)

@@ -184,18 +184,26 @@ class ResultsPanelMixin:
             self.push_message("There is no result layer to export; run a search first.", Qgis.MessageLevel.Info)
             return
         format_name = self.export_format_combo.currentText()
-        _driver, extension = EXPORT_FORMATS[format_name]
+        driver, extension = EXPORT_FORMATS[format_name]
         # The file dialog requests confirmation before replacing a file of the name as typed.
         path, _filter = QFileDialog.getSaveFileName(
             self, "Export the result layer", f"{layer.name()}.{extension}", f"{format_name} (*.{extension})"
         )
         if not path:
             return
+        typed_path = path
         if not path.lower().endswith(f".{extension}"):
-            # The dialog checked the name as typed; the name with the extension is checked here.
             path = f"{path}.{extension}"
-            replace_question = f"{path} already exists. Replace it with the result layer?"
-            if Path(path).is_file() and not self._confirmed(replace_question):
+        # The dialog asked about the name as typed. Other files the export replaces (the name with
+        # its extension, the .dbf and other files of a shapefile) are asked about here.
+        unasked = [file for file in match_layers.files_replaced(path, driver) if str(file) != typed_path]
+        if unasked:
+            replace_question = (
+                f"{path} already exists. Replace it with the result layer?" if unasked == [Path(path)]
+                else f"Exporting to {path} replaces {', '.join(str(file) for file in unasked)}. "
+                     "Replace them with the result layer?"
+            )
+            if not self._confirmed(replace_question):
                 return
         self.export_layer(path, format_name, overwrite=True)
 

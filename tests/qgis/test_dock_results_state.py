@@ -77,6 +77,26 @@ def test_export_asks_before_replacing_extension(searched, tmp_path, monkeypatch)
     assert QgsVectorLayer(str(users_file), "export", "ogr").featureCount() == 3
 
 
+def test_export_asks_before_replacing_shapefile_table(searched, tmp_path, monkeypatch):
+    users_table = tmp_path / "roads.dbf"
+    users_table.write_bytes(b"user dbf")
+    # The file dialog confirms only the .shp name, which does not exist yet.
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "roads.shp"), ""))
+    questions = answer_no(monkeypatch)
+    searched.export_format_combo.setCurrentText("ESRI Shapefile")
+
+    QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
+
+    assert len(questions) == 1
+    assert str(users_table) in questions[0]
+    assert users_table.read_bytes() == b"user dbf"
+    assert not (tmp_path / "roads.shp").exists()
+
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
+    assert QgsVectorLayer(str(tmp_path / "roads.shp"), "export", "ogr").featureCount() == 3
+
+
 def test_export_to_folder_rejected(searched, qgis_iface, tmp_path, monkeypatch):
     (tmp_path / "matches.gpkg").mkdir()
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "matches"), ""))

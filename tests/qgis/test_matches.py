@@ -153,6 +153,18 @@ def test_write_rejects_existing_file(utm_matches, tmp_path):
     assert path.read_bytes() == b"user data"
 
 
+def test_write_rejects_existing_shapefile_table(utm_matches, tmp_path):
+    table = tmp_path / "matches.dbf"
+    table.write_bytes(b"user table")
+    layer = matches_to_memory_layer(utm_matches, "matches", UTM_10N)
+
+    with pytest.raises(LookalikeError, match=f"{table} already exists"):
+        write_matches(layer, tmp_path / "matches.shp")
+
+    assert table.read_bytes() == b"user table"
+    assert not (tmp_path / "matches.shp").exists()
+
+
 def test_write_overwrite_replaces_file(utm_matches, tmp_path):
     path = tmp_path / "matches.gpkg"
     first = matches_to_memory_layer(utm_matches, "matches", UTM_10N)

@@ -70,6 +70,33 @@ def run_failure(algorithm_id: str, parameters: dict) -> str:
     return str(raised.value)
 
 
+@pytest.mark.parametrize("algorithm_id", ["buildindex", "search"])
+def test_encoder_of_another_extension_checked_by_lookalike(provider, ships_raster, tiny_index, tmp_path, algorithm_id):
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("not a model", encoding="utf-8")
+    parameters = {"ENCODER": str(not_a_model)}
+    if algorithm_id == "buildindex":
+        parameters.update(INPUT_RASTERS=[ships_raster], OUTPUT=str(tmp_path / "index"))
+    else:
+        parameters.update(INDEX=tiny_index, POSITIVES=polygon_layer([(558505.0, 4176040.0, 558665.0, 4176200.0)]),
+                          OUTPUT=str(tmp_path / "matches.gpkg"))
+
+    message = run_failure(algorithm_id, parameters)
+
+    assert "Incorrect parameter value for ENCODER" not in message
+    assert str(not_a_model) in message
+
+
+def test_file_as_index_names_manifest(provider, tmp_path):
+    not_an_index = tmp_path / "README.md"
+    not_an_index.write_text("text", encoding="utf-8")
+
+    message = run_failure("indexinfo", {"INDEX": str(not_an_index), "OUTPUT_HTML": str(tmp_path / "info.html")})
+
+    assert f"INDEX: {not_an_index} is a file, but INDEX takes a folder" in message
+    assert "the folder that contains manifest.json" in message
+
+
 @pytest.fixture(scope="module")
 def tiny_index(provider, tmp_path_factory, ships_raster: str, tiny_encoder: str) -> str:
     """Index of the whole ships raster built with the tiny encoder: 32 source px tiles, no overlap."""
@@ -622,8 +649,7 @@ def test_indexinfo_rejects_output_over_raster(clip_copy_index, tmp_path, output_
 
     message = run_failure("indexinfo", {"INDEX": str(folder), output_parameter: str(target)})
 
-    assert f"{output_parameter}: {target} is the file " in message
-    assert "in the index given for INDEX" in message
+    assert f"{output_parameter}: {target} is the raster {raster} in the index given for INDEX" in message
     assert "Choose another output path" in message
     assert raster.read_bytes() == raster_bytes
 
@@ -663,7 +689,7 @@ def test_export_rejects_chip_over_raster(provider, tmp_path, repo_root):
         "OUTPUT": str(chip_folder),
     })
 
-    assert f"OUTPUT: {raster} is the file {raster} of the raster {raster} in RASTER" in message
+    assert f"OUTPUT: {raster} is the raster {raster} in RASTER" in message
     assert raster.read_bytes() == raster_bytes
 
 
