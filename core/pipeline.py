@@ -147,6 +147,7 @@ LOGGER = get_logger("pipeline")
 # wait less: 2,609 NAIP tiles took 0.45 s in inserts of 32 and 0.34 s in inserts of 1,024 (2 cores).
 COMMIT_ADD_TILES = 1024
 
+
 # -- building -----------------------------------------------------------------------------------
 
 
