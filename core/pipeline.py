@@ -744,12 +744,11 @@ class _GrowingIndex:
         self._pending_tiles = 0
 
     def add_chunk(self, chunk: _Chunk) -> None:
-        """Take the tiles of the chunk that follows the last one; they are inserted in blocks (see :meth:`flush`)."""
-        if chunk.start_position != self.end_position:
-            raise LookalikeError(
-                f"internal error: a checkpoint of tiles {chunk.start_position} to {chunk.end_position} came after "
-                f"tile {self.end_position}; run the build again to continue from its checkpoints."
-            )
+        """Take the tiles of the next chunk, which :meth:`flush` inserts in blocks.
+
+        ``_PartialBuild.load_chunks`` yields the chunks in tile order and stops at a gap, so each
+        chunk continues where the one before ended.
+        """
         if len(chunk.rows):
             tiles = make_tile_table(0, chunk.rows, chunk.cols)
             tiles["source_id"] = self._source_id_array[chunk.source_positions]
@@ -769,7 +768,7 @@ class _GrowingIndex:
             self._pending, self._pending_tiles = [], 0
 
     def save(self) -> list[int]:
-        """Record the skip counts and write the index; return the new source ids."""
+        """Record the skip counts, write the index and return the new source ids."""
         for plan, source_id in zip(self._plans, self.source_ids):
             counts = {reason: int(count) for reason, count in zip(SKIP_REASONS, self.skipped[plan.position])}
             self.index.update_source(source_id, {"skipped_counts": counts})

@@ -125,8 +125,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
 
         encoder = QgsProcessingParameterFile(
             self.ENCODER, tr("Encoder (ONNX model)"), defaultValue=str(default_model_path()), optional=True,
-            # A filter, not an extension: QGIS rejects a file of another extension with a message
-            # that names no file, before the encoder's own check can say what is wrong with it.
+            # A filter, not an extension, because QGIS rejects a file of another extension with a
+            # message that names no file, before the encoder check can report what is wrong with it.
             fileFilter=ENCODER_FILE_FILTER,
         )
         encoder.setHelp(tr(

@@ -102,7 +102,10 @@ class ResultsTable(QTableWidget):
     def set_matches(self, matches: Sequence) -> None:
         """Fill the table from ``core.search.Match`` objects, showing the marks made so far."""
         # Qt would sort the table after every item set while the rows are filled.
-        self.setSortingEnabled(False)
+        with self._sorting_paused():
+            self._fill_rows(matches)
+
+    def _fill_rows(self, matches: Sequence) -> None:
         self.setRowCount(0)
         self._item_of_tile = {}
         self._scores = {}
@@ -124,7 +127,6 @@ class ResultsTable(QTableWidget):
             self.setItem(row, self.COLUMN_SCORE, _SortKeyItem(f"{match.score:.3f}", -float(match.score)))
             self.setItem(row, self.COLUMN_RELEVANCE, _SortKeyItem("", (0, 0)))
             self._show_relevance(tile_id, self.relevance(tile_id), row)
-        self.setSortingEnabled(True)
 
     def tile_ids(self) -> List[int]:
         """Return the listed tiles in rank order, whatever order the rows are sorted in."""
@@ -169,7 +171,7 @@ class ResultsTable(QTableWidget):
         self.set_relevances([tile_id], relevance)
 
     def set_relevances(self, tile_ids: Iterable[int], relevance: Relevance) -> None:
-        """Mark the listed tiles among ``tile_ids``; tiles without a row are left alone."""
+        """Mark the tiles of ``tile_ids`` that have a row, and leave the others alone."""
         listed = [tile_id for tile_id in tile_ids if tile_id in self._item_of_tile]
         with self._sorting_paused():
             rows = self._rows_by_tile()
@@ -231,7 +233,7 @@ class ResultsTable(QTableWidget):
         return visible
 
     def _show_relevance(self, tile_id: int, relevance: Relevance, row: int) -> None:
-        """Show the mark in the tile's ``row``; callers pause sorting, so the row stays in place."""
+        """Show the mark in the tile's ``row``, which stays in place because callers pause sorting."""
         if relevance is Relevance.UNMARKED:
             self._relevance.pop(tile_id, None)
         else:

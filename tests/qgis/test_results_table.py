@@ -85,7 +85,7 @@ def test_sorted_rows_keep_marks_and_clicks(qgis_app):
     assert sorted(hidden) == [3, 12]
 
 
-def test_mark_column_sorts_relevant_first_and_new_search_keeps_order(qgis_app):
+def test_mark_sort_survives_new_search(qgis_app):
     table = make_table(qgis_app)
     table.set_relevance(12, Relevance.RELEVANT)
     table.set_relevance(40, Relevance.NOT_RELEVANT)

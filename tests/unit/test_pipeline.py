@@ -801,7 +801,7 @@ def test_resumed_addition_finds_every_tile(shared_data, tmp_path):
     index = TileIndex.open(tmp_path / "index")
     np.testing.assert_array_equal(index.tile_table, TileIndex.open(tmp_path / "reference").tile_table)
     # Each tile (from the first raster, resumed, or embedded after the resume) is found in the
-    # graph. knn() would search this small index exactly, so the graph is asked directly.
+    # graph. knn() would search this small index exactly, so the graph is queried directly.
     vectors = np.asarray(index.embeddings, dtype=np.float32)
     _, distances = index._graph.knn_query(vectors, k=1)
     np.testing.assert_allclose(distances[:, 0], 0.0, atol=1e-3)
