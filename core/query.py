@@ -301,28 +301,50 @@ def changed_source_warnings(index: TileIndex) -> list[str]:
 
     A file whose size and modification time still equal those in the manifest is taken as
     unchanged without reading it. Otherwise its SHA-256 decides, because copying a folder often
-    gives files a new time. Sources indexed before the manifest kept size and time, VRT mosaics
-    (see :func:`~lookalike.core.raster._file_stamp`), missing files (reported where they are read)
-    and connection strings are not checked.
+    gives files a new time. For a VRT mosaic the files it references are checked, not the VRT
+    itself (see :func:`~lookalike.core.raster._file_stamp`). Sources indexed before the manifest
+    kept size and time, missing files (reported where they are read) and connection strings are
+    not checked.
     """
     warnings = []
     for source in index.sources:
         path = str(source.get("path") or "")
-        if "file_mtime_ns" not in source or not os.path.isfile(path):
-            continue
-        info = os.stat(path)
-        if (info.st_size, info.st_mtime_ns) == (source.get("file_size_bytes"), source.get("file_mtime_ns")):
-            continue
-        key = (path, info.st_size, info.st_mtime_ns)
-        if key not in _SOURCE_CHECKSUMS:
-            _SOURCE_CHECKSUMS[key] = file_sha256(Path(path))
-        if _SOURCE_CHECKSUMS[key] != source.get("checksum"):
+        if _file_changed(path, source):
             warnings.append(
                 f"Raster {path} changed after it was indexed: the index contains embeddings of its earlier pixels, "
                 "while examples drawn over it are read from the current ones, so the scores compare the two. "
                 "Build the index again to search the raster as it is now."
             )
+        changed_members = []
+        for member in source.get("member_files") or []:
+            member_path = str(member.get("path") or "") if isinstance(member, dict) else ""
+            if member_path and _file_changed(member_path, member):
+                changed_members.append(member_path)
+        if changed_members:
+            warnings.append(
+                f"{_count_files(changed_members)} of the VRT mosaic {path} changed after it was indexed "
+                f"({', '.join(changed_members)}): the index contains embeddings of the earlier pixels, while examples "
+                "drawn over the mosaic are read from the current ones. Build the index again to search the mosaic "
+                "as it is now."
+            )
     return warnings
+
+
+def _file_changed(path: str, record: Mapping[str, Any]) -> bool:
+    """Tell whether the local file at ``path`` differs from the size, time and SHA-256 in ``record``."""
+    if "file_mtime_ns" not in record or not os.path.isfile(path):
+        return False
+    info = os.stat(path)
+    if (info.st_size, info.st_mtime_ns) == (record.get("file_size_bytes"), record.get("file_mtime_ns")):
+        return False
+    key = (path, info.st_size, info.st_mtime_ns)
+    if key not in _SOURCE_CHECKSUMS:
+        _SOURCE_CHECKSUMS[key] = file_sha256(Path(path))
+    return _SOURCE_CHECKSUMS[key] != record.get("checksum")
+
+
+def _count_files(paths: Sequence[str]) -> str:
+    return "A file" if len(paths) == 1 else f"{len(paths)} files"
 
 
 def _footprints_off_raster(

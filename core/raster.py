@@ -170,6 +170,7 @@ class RasterSource:
         self._axis_lerp_cache: dict[tuple[float, float, int], _AxisLerp] = {}
         self._scratch_array: Optional[np.ndarray] = None
         self._checksum: Optional[str] = None
+        self._member_checksums: dict[str, str] = {}
         self._source_pixel_size_by_crs: dict[str, float] = {}
         LOGGER.debug(
             "opened %s: %d x %d px, %d bands, reading bands %s",
@@ -810,27 +811,49 @@ class RasterSource:
     def checksum(self) -> str:
         """Return the sha256 hex digest identifying the source's content.
 
-        For a file, the digest covers its bytes, read in 1 MiB blocks. For anything else (a
-        connection string, a /vsi path that is not a local file) it covers the string and the
-        raster size, because the content is not reachable as one local file.
+        For a file, the digest covers its bytes, read in 1 MiB blocks. For a VRT it covers the
+        VRT's bytes and the digest of every local file the VRT references, so that a changed
+        member changes the mosaic's identity. For anything else (a connection string, a /vsi
+        path that is not a local file) it covers the string and the raster size, because the
+        content is not reachable as one local file.
         """
         if self._checksum is not None:
             return self._checksum
         digest = hashlib.sha256()
         if os.path.isfile(self.path):
-            # NOTE: for a VRT this covers the VRT's XML only, not the rasters it references.
-            with open(self.path, "rb") as stream:
-                for block in iter(lambda: stream.read(_CHECKSUM_BLOCK_BYTES), b""):
-                    digest.update(block)
+            _update_with_file(digest, self.path)
+            for member in self.member_files():
+                digest.update(f"|{member}|".encode("utf-8", "surrogateescape"))
+                digest.update(self._member_checksum(member).encode("ascii"))
         else:
             digest.update(self.path.encode("utf-8"))
             digest.update(f"|{self.width}x{self.height}x{self.band_count}".encode("ascii"))
         self._checksum = digest.hexdigest()
         return self._checksum
 
+    def member_files(self) -> list[str]:
+        """Return the local files a VRT references, in GDAL's order; empty for any other raster."""
+        if not self.is_vrt:
+            return []
+        listed = self._dataset.GetFileList() or []
+        own_path = os.path.abspath(self.path)
+        return [path for path in dict.fromkeys(listed)
+                if os.path.abspath(path) != own_path and os.path.isfile(path)]
+
+    def _member_checksum(self, path: str) -> str:
+        if path not in self._member_checksums:
+            digest = hashlib.sha256()
+            _update_with_file(digest, path)
+            self._member_checksums[path] = digest.hexdigest()
+        return self._member_checksums[path]
+
+    @property
+    def is_vrt(self) -> bool:
+        return self._dataset.GetDriver().ShortName == "VRT"
+
     def to_dict(self) -> dict[str, Any]:
         """Return the source's identity and geometry as a JSON-safe dict for the index manifest."""
-        return {
+        record = {
             "path": self.path,
             "crs_wkt": self.crs_wkt,
             "bounds": list(self.bounds),
@@ -841,8 +864,16 @@ class RasterSource:
             "pixel_size": list(self.pixel_size),
             "data_type": self.data_type_name,
             "checksum": self.checksum(),
-            **({} if self._dataset.GetDriver().ShortName == "VRT" else _file_stamp(self.path)),
         }
+        if not self.is_vrt:
+            record.update(_file_stamp(self.path))
+            return record
+        # The VRT file itself gets no stamp (see _file_stamp), but the files it reads do.
+        record["member_files"] = [
+            {"path": member, "checksum": self._member_checksum(member), **_file_stamp(member)}
+            for member in self.member_files()
+        ]
+        return record
 
     @property
     def block_height_px(self) -> int:
@@ -864,13 +895,20 @@ class RasterSource:
 def _file_stamp(path: str) -> dict[str, int]:
     """Return the size and modification time of a local file, which tell cheaply whether it changed.
 
-    VRT mosaics get none. QGIS writes band statistics into a VRT when it closes a layer of it, so
-    its bytes change without its pixels, and the files it references are not stamped.
+    A VRT file itself gets none: QGIS writes band statistics into a VRT when it closes a layer of
+    it, so its bytes change without its pixels. The files it references are stamped instead
+    (``member_files`` in :meth:`RasterSource.to_dict`).
     """
     if not os.path.isfile(path):
         return {}
     info = os.stat(path)
     return {"file_size_bytes": info.st_size, "file_mtime_ns": info.st_mtime_ns}
+
+
+def _update_with_file(digest: Any, path: str) -> None:
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(_CHECKSUM_BLOCK_BYTES), b""):
+            digest.update(block)
 
 
 def apply_stretch(values: np.ndarray, stretch: Mapping[str, Any]) -> np.ndarray:

@@ -1012,6 +1012,7 @@ class BuildPanelMixin:
         saved_query, self._saved_query = self._saved_query, None
         self.continue_saved_query(saved_query)
         self.set_results_of_other_index_aside()
+        self.restore_marks_set_aside()
         self._show_index_status()
         self._store_state()
 

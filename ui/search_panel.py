@@ -45,6 +45,9 @@ class SearchPanelMixin:
     def _build_search_group(self) -> QGroupBox:
         # The index the shown matches and their relevance marks belong to.
         self._results_index_identity: Optional[tuple] = None
+        # Marks made on indexes that another index replaced, by index identity, brought back when
+        # that index opens again. Clearing the query drops them, because they belong to it.
+        self._marks_set_aside: Dict[tuple, Dict[int, Relevance]] = {}
         group = QGroupBox("2 · Search")
         layout = QVBoxLayout(group)
         tools_row = QHBoxLayout()
@@ -259,6 +262,7 @@ class SearchPanelMixin:
         self._query_emptied_by_removal = False
         self.overlay.clear()
         self.results_table.clear_marks()
+        self._marks_set_aside.clear()
         self._update_query_label()
 
     def remove_last_query_part(self) -> None:
@@ -385,10 +389,21 @@ class SearchPanelMixin:
         )
         if not marked or self._results_index_identity == self.index.identity:
             return
+        if self._results_index_identity is not None and Path(self._results_index_identity[0]) == Path(
+            self.index.identity[0]
+        ):
+            self.results_table.clear_marks()
+            self.push_message(
+                f"The {len(marked)} relevance mark(s) were made on an earlier build of this index and are cleared; "
+                "mark the matches of this index again.",
+                Qgis.MessageLevel.Info,
+            )
+            return
+        self._set_marks_aside()
         self.results_table.clear_marks()
         self.push_message(
-            f"The {len(marked)} relevance mark(s) were made on another index and are cleared; mark the "
-            "matches of this index again.",
+            f"The {len(marked)} relevance mark(s) were made on another index, so this search does not use them; "
+            "they come back when that index is open again. Mark the matches of this index to steer its search.",
             Qgis.MessageLevel.Info,
         )
 
@@ -535,9 +550,12 @@ class SearchPanelMixin:
         if self._results_index_identity == self.index.identity:
             return
         previous_folder = self._results_index_identity[0]
+        is_earlier_build = Path(self.index.identity[0]) == Path(previous_folder)
         layer = self.result_layer()
         had_matches = bool(self.matches)
         had_marks = bool(self.results_table.marks())
+        if had_marks and not is_earlier_build:
+            self._set_marks_aside()
 
         self._results_index_identity = None
         self.result_layer_id = ""
@@ -552,13 +570,40 @@ class SearchPanelMixin:
         if not (had_matches or had_marks):
             return
 
-        source = "an earlier build of this index" if Path(self.index.identity[0]) == Path(previous_folder) else (
-            "another index"
-        )
+        source = "an earlier build of this index" if is_earlier_build else "another index"
         kept = f"; they stay in the layer '{layer.name()}'" if layer is not None else ""
-        marks = ", and their relevance marks are cleared" if had_marks else ""
+        marks = ""
+        if had_marks:
+            marks = (", and their relevance marks are cleared" if is_earlier_build
+                     else ", and their relevance marks are set aside until that index is open again")
         self.push_message(
             f"The matches shown came from {source}{kept}{marks}. Search again to find matches in this index.",
+            Qgis.MessageLevel.Info,
+        )
+
+    def _set_marks_aside(self) -> None:
+        if self._results_index_identity is not None:
+            self._marks_set_aside[self._results_index_identity] = dict(self.results_table.marks())
+
+    def restore_marks_set_aside(self) -> None:
+        """Bring back the marks made on the open index before another index replaced it.
+
+        Marks restored from the saved project win, because they are the ones the project stored last.
+        """
+        if self.index is None:
+            return
+        marks = self._marks_set_aside.pop(self.index.identity, None)
+        if not marks or self.results_table.marks():
+            return
+        marks = {tile_id: mark for tile_id, mark in marks.items() if 0 <= tile_id < self.index.count}
+        if not marks:
+            return
+        self._results_index_identity = self.index.identity
+        self.results_table.restore_marks(marks)
+        self._update_query_label()
+        self.push_message(
+            f"The {len(marks)} relevance mark(s) made on this index before another index was opened are back; "
+            "search again to use them.",
             Qgis.MessageLevel.Info,
         )
 

@@ -148,6 +148,45 @@ def test_other_index_sets_results_and_marks_aside(searched, qgis_iface, qgis_can
     assert searched.result_layer().name() != searched.project.mapLayer(first_layer_id).name()
 
 
+def test_marks_come_back_with_their_index(searched, qgis_iface, tmp_path):
+    first = tmp_path / "index"
+    relevant = searched.matches[0].tile_id
+    not_relevant = searched.matches[1].tile_id
+    searched.results_table.set_relevance(relevant, Relevance.RELEVANT)
+    searched.results_table.set_relevance(not_relevant, Relevance.NOT_RELEVANT)
+    other = tmp_path / "other"
+    searched.gsd_spin.setValue(searched.gsd_spin.value() * 1.5)
+    build(searched, other)
+    assert searched.results_table.marks() == {}
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("set aside until that index is open again" in text for text in infos), infos
+
+    searched.index_folder.setFilePath(str(first))
+    wait_until(lambda: searched.index is not None and Path(searched.index.folder) == first)
+    wait_for_tasks(searched)
+
+    assert searched.results_table.tiles_marked(Relevance.RELEVANT) == [relevant]
+    assert searched.results_table.tiles_marked(Relevance.NOT_RELEVANT) == [not_relevant]
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("2 relevance mark(s) made on this index before another index was opened are back" in text
+               for text in infos), infos
+
+
+def test_cleared_query_drops_marks_set_aside(searched, tmp_path):
+    first = tmp_path / "index"
+    searched.results_table.set_relevance(searched.matches[0].tile_id, Relevance.RELEVANT)
+    other = tmp_path / "other"
+    searched.gsd_spin.setValue(searched.gsd_spin.value() * 1.5)
+    build(searched, other)
+    searched.clear_query()
+
+    searched.index_folder.setFilePath(str(first))
+    wait_until(lambda: searched.index is not None and Path(searched.index.folder) == first)
+    wait_for_tasks(searched)
+
+    assert searched.results_table.marks() == {}
+
+
 def test_marks_kept_for_same_index(searched):
     marked = searched.matches[1].tile_id
     searched.results_table.set_relevance(marked, Relevance.RELEVANT)

@@ -1620,3 +1620,42 @@ def test_python_search_logs_changed_raster(shared_data, tmp_path, caplog):
         run_search(str(index_folder), str(raster), [box], k=3)
 
     assert any(f"Raster {raster} changed after it was indexed" in record.getMessage() for record in caplog.records)
+
+
+def test_changed_vrt_member_is_reported(shared_data, tmp_path):
+    # A mosaic of the analyst's own copy of a real scene, whose copy is then edited in place.
+    member = tmp_path / "scene.tif"
+    gdal.Translate(str(member), geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), [str(member)]).FlushCache()
+    index_folder = tmp_path / "index"
+    build_index(parameters([mosaic], index_folder, tile_size_source_px=64))
+    index = TileIndex.open(index_folder)
+    (record,) = index.sources
+    assert [entry["path"] for entry in record["member_files"]] == [str(member)]
+    assert query_module.changed_source_warnings(index) == []
+    checksum_before = RasterSource(str(mosaic)).checksum()
+
+    dataset = gdal.Open(str(member), gdal.GA_Update)
+    band = dataset.GetRasterBand(2)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+
+    (warning,) = query_module.changed_source_warnings(index)
+    assert f"A file of the VRT mosaic {mosaic} changed after it was indexed ({member})" in warning
+    assert "Build the index again" in warning
+    assert RasterSource(str(mosaic)).checksum() != checksum_before
+
+
+def test_vrt_member_copied_not_reported(shared_data, tmp_path):
+    # A copy of the folder gives the member a new time but not new content.
+    member = tmp_path / "scene.tif"
+    gdal.Translate(str(member), geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), [str(member)]).FlushCache()
+    index_folder = tmp_path / "index"
+    build_index(parameters([mosaic], index_folder, tile_size_source_px=64))
+    stamp = member.stat()
+    os.utime(member, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
+
+    assert query_module.changed_source_warnings(TileIndex.open(index_folder)) == []
