@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
+from osgeo import gdal
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -174,6 +175,33 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
     else:
         candidates = [path]
     return [candidate for candidate in candidates if candidate.is_file()]
+
+
+def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> Optional[list[str]]:
+    """Return the layers of the existing vector file ``path`` that are not Lookalike match layers.
+
+    A match layer has at least the fields rank, score and tile_id. With ``layer_name``, only the
+    layer of that name counts, and an empty list means there is none. Returns None when ``path``
+    is not a vector file with layers (a raster, a text file, a damaged file).
+    """
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(str(path), gdal.OF_VECTOR | gdal.OF_READONLY)
+    finally:
+        gdal.PopErrorHandler()
+    if dataset is None or dataset.GetLayerCount() == 0:
+        return None
+    match_field_names = {FIELD_RANK, FIELD_SCORE, FIELD_TILE_ID}
+    foreign = []
+    for layer_position in range(dataset.GetLayerCount()):
+        layer = dataset.GetLayer(layer_position)
+        if layer_name and layer.GetName() != layer_name:
+            continue
+        definition = layer.GetLayerDefn()
+        field_names = {definition.GetFieldDefn(field).GetName().lower() for field in range(definition.GetFieldCount())}
+        if not match_field_names <= field_names:
+            foreign.append(layer.GetName())
+    return foreign
 
 
 def write_matches(

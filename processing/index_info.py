@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -29,6 +29,10 @@ from .support import (
     require_packages,
     tr,
 )
+
+# An existing report with this title near its start was written by this algorithm and may be replaced.
+REPORT_TITLE = "<title>Lookalike index</title>"
+HTML_MARKER_SEARCH_CHARS = 512
 
 
 class IndexInfoAlgorithm(LookalikeAlgorithm):
@@ -126,6 +130,8 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         source_paths = [str(source["path"]) for source in sources]
         for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
             reject_outputs_over_rasters([path], name, source_paths, f"the index given for {self.INDEX}")
+        _reject_foreign_file(html_path, self.OUTPUT_HTML, _is_own_html_report, "an index report")
+        _reject_foreign_file(json_path, self.OUTPUT_JSON, _is_manifest_copy, "a copy of an index manifest")
 
         results: dict[str, Any] = {
             self.TILE_COUNT: index.count,
@@ -160,6 +166,33 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
             _write_text(json_path, json.dumps(manifest, indent=2), self.OUTPUT_JSON)
             results[self.OUTPUT_JSON] = json_path
         return results
+
+
+def _reject_foreign_file(path: str, parameter_name: str, is_own: Callable[[str], bool], kind: str) -> None:
+    """Reject replacing an existing file that this algorithm did not write; qgis_process cannot ask first."""
+    if not path or not Path(path).exists() or is_own(path):
+        return
+    raise QgsProcessingException(tr(
+        f"{parameter_name}: {path} exists and is not {kind} that Lookalike wrote, so writing there would "
+        "replace it. Choose another file, or delete that file first."
+    ))
+
+
+def _is_own_html_report(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as stream:
+            head = stream.read(HTML_MARKER_SEARCH_CHARS)
+    except OSError:
+        return False
+    return REPORT_TITLE in head
+
+
+def _is_manifest_copy(path: str) -> bool:
+    try:
+        content = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(content, dict) and "format_version" in content and "encoder" in content
 
 
 def _crs_name(crs_wkt: str) -> str:
@@ -201,7 +234,7 @@ def _html_report(index_folder: str, results: dict[str, Any], sources: list[dict[
             "</tr>"
         )
     return (
-        "<html><head><meta charset='utf-8'><title>Lookalike index</title></head><body>"
+        f"<html><head><meta charset='utf-8'>{REPORT_TITLE}</head><body>"
         f"<h2>Lookalike index {html.escape(index_folder)}</h2>"
         f"<table border='1' cellspacing='0' cellpadding='3'>{summary_rows}</table>"
         "<h3>Rasters</h3><table border='1' cellspacing='0' cellpadding='3'>"

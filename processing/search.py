@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Optional
 
+from osgeo import gdal
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -425,9 +427,53 @@ class SearchAlgorithm(LookalikeAlgorithm):
             if output_layer and input_layer and output_layer != input_layer:
                 # Another layer of the same GeoPackage leaves the examples' layer in place.
                 continue
+            if output_layer and output_layer != _first_layer_name(input_path):
+                # QGIS 3.22 failed to load the new layer after writing it into the GeoPackage that
+                # it read the examples from without a layer name.
+                raise QgsProcessingException(tr(
+                    f"{self.OUTPUT}: {output_path} is the file {name} is read from. To add the matches to it as a "
+                    f"layer, give {name} with its layer name ({output_path}|layername=...). Otherwise choose "
+                    "another output file."
+                ))
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} is the file of {name}, and writing the matches there "
                 "would replace the examples. Choose another output file."
+            ))
+        self._reject_replacing_user_data(output_path, output_layer)
+
+    def _reject_replacing_user_data(self, output_path: str, output_layer: str) -> None:
+        """Reject an OUTPUT that would replace a file or layer that is not a Lookalike match layer.
+
+        Processing replaces an existing file whole, every layer of a GeoPackage included, and
+        qgis_process cannot ask first. Match layers of an earlier search may be replaced.
+        """
+        replaced = match_layers.files_replaced(output_path)
+        if not replaced:
+            return
+        if not Path(output_path).is_file():
+            # Only other files of a shapefile exist, such as a .dbf of that name.
+            names = ", ".join(str(path) for path in replaced)
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: writing the shapefile {output_path} would replace {names}, which Lookalike "
+                "did not write. Choose another output file."
+            ))
+        foreign = match_layers.layers_not_from_lookalike(output_path, output_layer)
+        if foreign is None:
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} exists and is not a vector file that Lookalike wrote, so writing "
+                "the matches would replace it. Choose another output file, or delete that file first."
+            ))
+        if foreign and output_layer:
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: the layer '{output_layer}' of {output_path} is not a Lookalike match layer, and "
+                "writing the matches would replace it. Choose another layer name."
+            ))
+        if foreign:
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} contains layers that Lookalike did not write "
+                f"({', '.join(foreign)}), and writing the matches replaces the whole file. Choose another output "
+                f"file, or add the matches to it as a new layer with OUTPUT=ogr:dbname='{output_path}' "
+                'table="matches" (geom).'
             ))
 
     def _input_file(self, parameters: dict, name: str, context: QgsProcessingContext) -> tuple[str, str]:
@@ -522,6 +568,18 @@ def _for_each_example(parameter_name: str, feature_ids: list[int], items: list, 
         except LookalikeError as error:
             raise LookalikeError(f"Feature with id {feature_id} in {parameter_name}: {error}") from error
     return results
+
+
+def _first_layer_name(path: str) -> str:
+    """Return the name of the layer QGIS opens for a vector file given without a layer name."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_READONLY)
+    finally:
+        gdal.PopErrorHandler()
+    if dataset is None or dataset.GetLayerCount() == 0:
+        return ""
+    return dataset.GetLayer(0).GetName()
 
 
 def _destination_file(destination: str) -> tuple[str, str]:

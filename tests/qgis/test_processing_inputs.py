@@ -200,6 +200,119 @@ def test_search_output_other_geopackage_layer(tiny_index, tiny_encoder, tmp_path
     assert examples_layer.featureCount() == 1
 
 
+def user_geopackage(path: Path) -> Path:
+    """Write a GeoPackage with one point layer of the analyst's own, 'parcels'."""
+    converted = gdal.VectorTranslate(
+        str(path), str(ship_point_geojson(path.with_suffix(".geojson"))), format="GPKG", layerName="parcels"
+    )
+    assert converted is not None
+    converted = None
+    return path
+
+
+def test_search_keeps_user_geopackage(tiny_index, tiny_encoder, tmp_path):
+    geopackage = user_geopackage(tmp_path / "work.gpkg")
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(geopackage),
+    })
+
+    assert f"OUTPUT: {geopackage} contains layers that Lookalike did not write (parcels)" in message
+    assert f"OUTPUT=ogr:dbname='{geopackage}' table=\"matches\" (geom)" in message
+    assert geopackage.read_bytes() == before
+
+
+def test_search_keeps_user_layer_named(tiny_index, tiny_encoder, tmp_path):
+    geopackage = user_geopackage(tmp_path / "work.gpkg")
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": f"ogr:dbname='{geopackage}' table=\"parcels\" (geom)",
+    })
+
+    assert f"OUTPUT: the layer 'parcels' of {geopackage} is not a Lookalike match layer" in message
+    assert geopackage.read_bytes() == before
+
+
+def test_search_keeps_non_vector_file(tiny_index, tiny_encoder, tmp_path):
+    notes = tmp_path / "notes.gpkg"
+    notes.write_text("field notes, not a GeoPackage", encoding="utf-8")
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(notes),
+    })
+
+    assert f"OUTPUT: {notes} exists and is not a vector file that Lookalike wrote" in message
+    assert notes.read_text(encoding="utf-8") == "field notes, not a GeoPackage"
+
+
+def test_search_keeps_shapefile_table(tiny_index, tiny_encoder, tmp_path):
+    table = tmp_path / "roads.dbf"
+    table.write_bytes(b"the analyst's attribute table")
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / "roads.shp"),
+    })
+
+    assert f"would replace {table}, which Lookalike did not write" in message
+    assert table.read_bytes() == b"the analyst's attribute table"
+
+
+@pytest.mark.parametrize("name", ["matches.gpkg", "matches.shp", "matches.geojson"])
+def test_search_replaces_own_output(tiny_index, tiny_encoder, tmp_path, name):
+    parameters = {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / name),
+    }
+    assert run_algorithm("search", {**parameters, "K": 2})["MATCH_COUNT"] == 2
+
+    results = run_algorithm("search", {**parameters, "K": 3})
+
+    assert results["MATCH_COUNT"] == 3
+    assert QgsVectorLayer(str(tmp_path / name), "matches", "ogr").featureCount() == 3
+
+
+def test_search_into_examples_file_needs_layer(tiny_index, tiny_encoder, tmp_path):
+    geopackage = user_geopackage(tmp_path / "work.gpkg")
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": str(geopackage), "ENCODER": tiny_encoder,
+        "OUTPUT": f"ogr:dbname='{geopackage}' table=\"matches\" (geom)",
+    })
+
+    assert f"give POSITIVES with its layer name ({geopackage}|layername=...)" in message
+    assert geopackage.read_bytes() == before
+
+
+@pytest.mark.parametrize("output_parameter, name", [("OUTPUT_HTML", "report.html"), ("OUTPUT_JSON", "report.json")])
+def test_indexinfo_keeps_user_file(tiny_index, tmp_path, output_parameter, name):
+    user_file = tmp_path / name
+    user_file.write_text('{"my": "settings"}', encoding="utf-8")
+
+    message = run_failure("indexinfo", {"INDEX": tiny_index, output_parameter: str(user_file)})
+
+    assert f"{output_parameter}: {user_file} exists and is not" in message
+    assert user_file.read_text(encoding="utf-8") == '{"my": "settings"}'
+
+
+@pytest.mark.parametrize("output_parameter, name", [("OUTPUT_HTML", "report.html"), ("OUTPUT_JSON", "report.json")])
+def test_indexinfo_replaces_own_report(tiny_index, tmp_path, output_parameter, name):
+    report = tmp_path / name
+    run_algorithm("indexinfo", {"INDEX": tiny_index, output_parameter: str(report)})
+    written = report.read_bytes()
+    report.write_bytes(written + b"\n")
+
+    run_algorithm("indexinfo", {"INDEX": tiny_index, output_parameter: str(report)})
+
+    assert report.read_bytes() == written
+
+
 def index_copy(tiny_index: str, tmp_path: Path) -> Path:
     """Copy the shared index for a test that could damage it, so a failure stays in that test."""
     return Path(shutil.copytree(tiny_index, tmp_path / "index_copy"))
