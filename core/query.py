@@ -135,7 +135,8 @@ def embed_query(
     when the caller chose the raster to read. ``is_cancelled`` is polled before each chip is read.
 
     Raises:
-        SearchIndexError: the index is empty or was built with another encoder.
+        SearchIndexError: the index is empty, was built with another encoder, or ``source`` is
+            one of its rasters and no longer exists.
         SearchError: every chip of the geometry is nodata, or it covers too many tiles.
         CancelledError: ``is_cancelled`` returned True.
     """
@@ -149,6 +150,8 @@ def embed_query(
             f"'{encoder.name}'; query with the index's encoder."
         )
     index_grid = TileGrid.from_dict(manifest["sources"][0]["grid"])
+    if not isinstance(source, RasterSource):
+        _check_indexed_raster_present(manifest, os.fspath(source), index_or_manifest)
     raster = source if isinstance(source, RasterSource) else RasterSource(os.fspath(source),
                                                                           _band_indexes_for(manifest, source))
     try:
@@ -207,6 +210,23 @@ def embed_query(
                                                  len(footprints)))
     return QueryChips(embeddings=np.concatenate(embedded), footprints=kept_footprints, crs_wkt=grid_crs_wkt,
                       footprints_elsewhere=footprints_elsewhere)
+
+
+def _check_indexed_raster_present(
+    manifest: Mapping[str, Any], path: str, index_or_manifest: Union[TileIndex, Mapping[str, Any]]
+) -> None:
+    """Raise a SearchIndexError naming the index when ``path`` is one of its rasters and that file is gone."""
+    if os.path.exists(path) or not any(_same_source_path(record.get("path"), path) for record in manifest["sources"]):
+        return
+    if path.startswith("/vsi") or (not os.path.isabs(path) and ":" in path):
+        # A GDAL virtual path or a connection string: GDAL's own error says more.
+        return
+    index_name = f"index {index_or_manifest.folder}" if isinstance(index_or_manifest, TileIndex) else "index"
+    raise SearchIndexError(
+        f"The raster {path}, which the {index_name} was built from, is not found: it was moved, renamed or "
+        "deleted. Put it back at that path, or read the examples from another copy of the same imagery "
+        "(the raster to read from, RASTER in Processing), or build the index again from where the raster is now."
+    )
 
 
 def _neighbouring_sources(manifest: Mapping[str, Any], raster: RasterSource) -> list[Mapping[str, Any]]:
@@ -732,6 +752,8 @@ def run_search(
         SearchIndexError: the index is missing, damaged or was built with another encoder.
         SearchError: no positive geometry was given or one covers only nodata.
     """
+    _check_geometry_list(positives, "positives")
+    _check_geometry_list(negatives, "negatives")
     if not positives:
         raise SearchError("No positive geometry was given; draw at least one example of what to find.")
     index = TileIndex.open(index_folder)
@@ -739,6 +761,7 @@ def run_search(
     index.check_encoder(encoder.name, encoder.checksum)
     for warning in changed_source_warnings(index):
         LOGGER.warning(warning)
+    _check_indexed_raster_present(index.manifest, os.fspath(source), index)
     raster = RasterSource(os.fspath(source), _band_indexes_for(index.manifest, source))
     try:
         query_crs_wkt = crs_wkt or raster.crs_wkt
@@ -754,6 +777,21 @@ def run_search(
                 sum(len(chips.embeddings) for chips in positive_chips),
                 sum(len(chips.embeddings) for chips in negative_chips), len(matches))
     return matches
+
+
+def _check_geometry_list(geometries: Any, name: str) -> None:
+    """Reject one geometry given where a list of them is expected, before it is read item by item."""
+    if isinstance(geometries, np.ndarray) and geometries.ndim == 2:
+        return
+    is_sequence = isinstance(geometries, Sequence) and not isinstance(geometries, (str, bytes))
+    is_one_box = is_sequence and len(geometries) == 4 and all(
+        isinstance(value, (int, float, np.number)) and not isinstance(value, bool) for value in geometries
+    )
+    if not is_sequence or is_one_box:
+        raise SearchError(
+            f"{name} must be a list of geometries, each a (xmin, ymin, xmax, ymax) tuple or WKT, but got "
+            f"{geometries!r:.80}; wrap a single geometry in a list, e.g. {name}=[geometry]."
+        )
 
 
 def search_query_chips(

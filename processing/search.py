@@ -563,7 +563,8 @@ def _for_each_example(parameter_name: str, feature_ids: list[int], items: list, 
     for feature_id, item in zip(feature_ids, items):
         try:
             results.append(action(item))
-        except CancelledError:
+        except (CancelledError, SearchIndexError):
+            # Neither is about the feature: the run was cancelled, or the index cannot be searched.
             raise
         except LookalikeError as error:
             raise LookalikeError(f"Feature with id {feature_id} in {parameter_name}: {error}") from error

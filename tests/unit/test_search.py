@@ -515,3 +515,34 @@ def test_negative_like_positive_detected():
     assert not negatives_without_effect(positive, other)
     assert not negatives_without_effect(positive, positive.copy(), strategy="max")
     assert not negatives_without_effect(positive, None)
+
+
+@pytest.mark.parametrize("geometry", [(557670.0, 4176095.0, 557780.0, 4176355.0), "POINT (557726.5 4176224.6)"])
+def test_run_search_single_geometry_rejected(geometry, tmp_path):
+    from lookalike.core.query import run_search
+
+    with pytest.raises(SearchError, match=r"positives must be a list of geometries.*positives=\[geometry\]"):
+        run_search(tmp_path / "no_index", tmp_path / "no_raster.tif", geometry)
+
+
+def test_moved_indexed_raster_named(shared_data, tmp_path):
+    from osgeo import gdal
+
+    from lookalike.core.errors import SearchIndexError
+    from lookalike.core.pipeline import BuildParameters, build_index
+    from lookalike.core.query import run_search
+
+    raster = tmp_path / "ships.tif"
+    gdal.Translate(str(raster), str(shared_data / "geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    index_folder = tmp_path / "index"
+    build_index(BuildParameters(source_paths=(str(raster),), index_folder=str(index_folder),
+                                tile_size_source_px=64))
+    moved = raster.rename(tmp_path / "ships_moved.tif")
+
+    with pytest.raises(SearchIndexError) as raised:
+        run_search(index_folder, raster, [(557670.0, 4176095.0, 557780.0, 4176355.0)])
+
+    message = str(raised.value)
+    assert f"The raster {raster}, which the index {index_folder} was built from, is not found" in message
+    assert "Put it back at that path" in message
+    assert moved.is_file()
