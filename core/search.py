@@ -54,6 +54,11 @@ NEGATIVES_LIKE_POSITIVES_MESSAGE = (
     "{count} of the negative examples look like the positive ones to the encoder, as a negative drawn over the "
     "example itself does, so they only weaken the other negatives; remove them (Remove last part in the panel)."
 )
+NEGATIVES_ONLY_SCALE_SCORES_MESSAGE = (
+    "The negative examples look like the positive one to the encoder, so with the max strategy they lower every "
+    "positive score in proportion (to about half with the default negative weight) and leave the ranking as it "
+    "is. Draw negatives over what the matches should not look like, not over the example itself."
+)
 NEGATIVES_WITHOUT_EFFECT_MESSAGE = (
     "The negative examples look like the positive ones to the encoder, so they change nothing in the averaged "
     "query; draw negatives over what the matches should not look like, not over the examples themselves."
@@ -243,6 +248,8 @@ def negative_example_warnings(
     """
     if negatives_without_effect(positives, negatives, strategy):
         return [NEGATIVES_WITHOUT_EFFECT_MESSAGE]
+    if negatives_only_scale_scores(positives, negatives, strategy):
+        return [NEGATIVES_ONLY_SCALE_SCORES_MESSAGE]
     if strategy == "mean" and negatives is not None and len(negatives) > 1:
         parallel = negatives_like_positives(positives, negatives)
         if parallel:
@@ -279,6 +286,19 @@ def negatives_without_effect(
     negative_mean = np.asarray(negatives, dtype=np.float64).mean(axis=0)
     norms = float(np.linalg.norm(positive_mean) * np.linalg.norm(negative_mean))
     return norms > 0 and float(positive_mean @ negative_mean) / norms >= PARALLEL_NEGATIVES_MIN_COSINE
+
+
+def negatives_only_scale_scores(
+    positives: np.ndarray, negatives: Optional[np.ndarray], strategy: str = DEFAULT_STRATEGY
+) -> bool:
+    """Tell whether, in "max", every negative points the way of the single positive row.
+
+    Each score is then ``c - w * max(0, c')`` with ``c'`` about ``c``: the scores shrink by the
+    negative weight, so the ranking stays and only a minimum score keeps fewer matches.
+    """
+    if strategy != "max" or negatives is None or not len(negatives) or len(positives) != 1:
+        return False
+    return negatives_like_positives(positives, negatives) == len(negatives)
 
 
 def _check_parameters(k: int, max_overlap: float, strategy: str, negative_weight: float,

@@ -191,8 +191,9 @@ class SearchAlgorithm(LookalikeAlgorithm):
             defaultValue=DEFAULT_K, minValue=1, maxValue=MAX_K,
         )
         k.setHelp(tr(
-            f"Maximum number of matches returned, a whole number from 1 to {MAX_K}. Fewer come back "
-            "when the index has fewer tiles left."
+            f"Maximum number of matches returned, a whole number from 1 to {MAX_K}. Fewer come back when "
+            "the index has no other tile left: tiles that overlap an example or a better-ranked match by more "
+            "than MAX_OVERLAP, or score below MIN_SCORE, are left out."
         ))
         self.addParameter(k)
 
@@ -297,6 +298,11 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
         if found:
             feedback.pushInfo(tr(f"{len(found)} matches, scores {found[0].score:.3f} to {found[-1].score:.3f}."))
+            k = self.parameterAsInt(parameters, self.K, context)
+            if len(found) < k:
+                feedback.pushWarning(_fewer_than_k_message(
+                    len(found), k, self.parameterAsDouble(parameters, self.MAX_OVERLAP, context), min_score
+                ))
         else:
             feedback.pushWarning(_no_match_message(index.count, min_score, best_score))
         return {
@@ -604,6 +610,16 @@ def _no_examples_message(name: str, source: QgsFeatureSource, feature_count: int
     return tr(
         f"{name} ({source.sourceName()}) has {feature_count} feature(s) but none has a geometry, so there "
         "is no example to search with; give points or polygons over objects like the ones to find."
+    )
+
+
+def _fewer_than_k_message(found_count: int, k: int, max_overlap: float, min_score: Optional[float]) -> str:
+    # The search widens until k matches survive, so fewer means that no tile is left to try.
+    below_score = f", or scores below MIN_SCORE {min_score:g}" if min_score is not None else ""
+    return tr(
+        f"The search found {found_count} of the K={k} matches asked for: every other tile of the index overlaps "
+        f"an example, or a better-ranked match by more than MAX_OVERLAP {max_overlap:g}{below_score}. Raise "
+        "MAX_OVERLAP (1 turns the overlap rule off) to get more matches of the same places."
     )
 
 

@@ -389,6 +389,40 @@ def test_negative_same_as_positive_warned(tiny_index, tiny_encoder):
     assert any("look like the positive ones" in text and "STRATEGY max" in text for text in feedback.warnings)
 
 
+def test_max_negative_same_as_positive_warned(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    feedback = RecordingFeedback()
+
+    run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "NEGATIVES": point_layer([SHIP_CENTRES[1]], name="same ship"),
+        "ENCODER": tiny_encoder,
+        "STRATEGY": 1,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    assert any("with the max strategy they lower every positive score" in text for text in feedback.warnings)
+
+
+def test_fewer_than_k_explained(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "ENCODER": tiny_encoder,
+        "K": 10000,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    found = results["MATCH_COUNT"]
+    assert 0 < found < 10000
+    assert any(f"found {found} of the K=10000 matches asked for" in text and "MAX_OVERLAP 0.25" in text
+               for text in feedback.warnings), feedback.warnings
+
+
 def test_search_rejects_missing_index(provider, tmp_path):
     missing = tmp_path / "no_index_here"
     missing.mkdir()

@@ -517,6 +517,18 @@ def test_negative_like_positive_detected():
     assert not negatives_without_effect(positive, None)
 
 
+def test_max_negative_like_positive_warned():
+    from lookalike.core.search import NEGATIVES_ONLY_SCALE_SCORES_MESSAGE, negative_example_warnings
+
+    positive = random_unit_vectors(1, seed=51)
+    other = random_unit_vectors(1, seed=52)
+
+    assert negative_example_warnings(positive, positive.copy(), "max") == [NEGATIVES_ONLY_SCALE_SCORES_MESSAGE]
+    assert negative_example_warnings(positive, other, "max") == []
+    # With two positives, a negative like one of them demotes the tiles like that one only.
+    assert negative_example_warnings(np.concatenate([positive, other]), positive.copy(), "max") == []
+
+
 @pytest.mark.parametrize("geometry", [(557670.0, 4176095.0, 557780.0, 4176355.0), "POINT (557726.5 4176224.6)"])
 def test_run_search_single_geometry_rejected(geometry, tmp_path):
     from lookalike.core.query import run_search
