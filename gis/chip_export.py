@@ -295,15 +295,19 @@ def export_chips(
             if _write_chip(source, stretch, request, staging / chip_name, image_format, chip_size_px):
                 rows.append(_with_analyst_columns(_csv_row(chip_name, request), earlier_by_footprint))
             else:
-                report.skipped.append((request.feature_id, "no valid pixel under the footprint"))
+                report.skipped.append((request.feature_id, f"no valid pixel of {request.source_path} under the "
+                                                           "footprint (it lies outside that raster or over nodata)"))
                 LOGGER.info("Skipped feature %d: no valid pixel of %s under its footprint",
                             request.feature_id, request.source_path)
             if progress is not None:
                 progress(position, total)
-        if not rows and report.csv_path.exists():
+        if not rows and total:
+            # An export with nothing in it would replace an earlier one by an empty table.
+            kept = f", so {report.csv_path} and the chips it lists are kept" if report.csv_path.exists() else ""
+            raster_paths = ", ".join(sorted({request.source_path for request in requests}))
             raise LookalikeError(
-                f"No chip was written ({len(report.skipped)} of {total} footprints have no valid pixel), so "
-                f"{report.csv_path} and the chips it lists are kept; export footprints over the raster."
+                f"No chip was written: none of the {total} footprints has a valid pixel of {raster_paths} under "
+                f"it{kept}. Export footprints that lie over that raster, or choose the raster they were found in."
             )
         try:
             _move_into_place(staging, folder)

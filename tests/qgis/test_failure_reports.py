@@ -266,11 +266,23 @@ def test_export_without_chips_keeps_earlier(repo_root, tmp_path):
     before = (folder / chip_export.LABELS_CSV_NAME).read_text()
     off_raster = replace(ships_request(repo_root), bounds=(100.0, 100.0, 200.0, 200.0))
 
-    with pytest.raises(LookalikeError, match="No chip was written .* are kept"):
+    with pytest.raises(LookalikeError, match="No chip was written: none of the 1 footprints .* are kept"):
         chip_export.export_chips([off_raster], folder)
 
     assert (folder / chip_export.LABELS_CSV_NAME).read_text() == before
     assert len(list(folder.glob("chip_*.tif"))) == 2
+
+
+def test_export_without_chips_fails_in_new_folder(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    off_raster = replace(ships_request(repo_root), bounds=(100.0, 100.0, 200.0, 200.0))
+
+    with pytest.raises(LookalikeError, match="No chip was written: none of the 1 footprints") as raised:
+        chip_export.export_chips([off_raster], folder)
+
+    assert off_raster.source_path in str(raised.value)
+    assert not (folder / chip_export.LABELS_CSV_NAME).exists()
+    assert not list(folder.glob("chip_*"))
 
 
 def test_export_replaces_links_not_targets(repo_root, tmp_path):
