@@ -254,6 +254,14 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         feedback.pushInfo(tr(
             f"Indexing {len(build_parameters.source_paths)} raster(s) into {build_parameters.index_folder}"
         ))
+        overlap_percent = _optional_number(self, parameters, self.OVERLAP_PERCENT, context)
+        if overlap_percent is not None and 0.0 < overlap_percent < 1.0:
+            # A fraction typed where a percentage is expected gives tiles that barely overlap.
+            feedback.pushWarning(tr(
+                f"{self.OVERLAP_PERCENT}={overlap_percent:g} is read as {overlap_percent:g} % of the tile side, "
+                f"almost no overlap. For an overlap of {100.0 * overlap_percent:g} % of the tile side, give "
+                f"{self.OVERLAP_PERCENT}={100.0 * overlap_percent:g}."
+            ))
         with core_errors(PARAMETER_NAMES):
             report = build_index(build_parameters, progress=report_progress, is_cancelled=cancel_check(feedback))
 
@@ -267,9 +275,11 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
                 "that earlier build."
             ))
         else:
+            resumed = (f" The first {report.tiles_resumed} tiles came from the checkpoints of an interrupted run."
+                       if report.tiles_resumed else "")
             feedback.pushInfo(tr(
                 f"{report.tiles_embedded} of {report.tiles_total} tiles embedded with {report.encoder_name} "
-                f"(skipped: {skipped or 'none'}) in {report.elapsed_s:.1f} s."
+                f"(skipped: {skipped or 'none'}) in {report.elapsed_s:.1f} s.{resumed}"
             ))
         if report.tiles_total and not report.tiles_embedded:
             feedback.reportError(

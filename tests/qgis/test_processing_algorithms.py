@@ -160,6 +160,22 @@ def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder)
     assert second["GSD_USED"] == pytest.approx(first["GSD_USED"]) == pytest.approx(5.0)
 
 
+def test_build_warns_overlap_fraction(provider, tmp_path, ships_raster, tiny_encoder):
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("buildindex", {
+        "INPUT_RASTERS": [ships_raster],
+        "ENCODER": tiny_encoder,
+        "TILE_SIZE": 64,
+        "OVERLAP_PERCENT": 0.5,
+        "OUTPUT": str(tmp_path / "index"),
+    }, feedback)
+
+    assert results["TILES_EMBEDDED"] > 0
+    assert any("OVERLAP_PERCENT=0.5 is read as 0.5 % of the tile side" in text and "OVERLAP_PERCENT=50" in text
+               for text in feedback.warnings), feedback.warnings
+
+
 def test_build_append_takes_index_overlap(provider, tmp_path, shared_data, tiny_encoder):
     folder = tmp_path / "naip"
     extent = "486000,486800,5206000,5206800 [EPSG:26914]"
