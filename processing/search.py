@@ -103,6 +103,8 @@ class _Examples:
     negative_ids: list[int] = field(default_factory=list)
     # True when RASTER names the raster to read, which is then read alone.
     raster_chosen: bool = False
+    # Features left out because they have no geometry, by parameter name.
+    without_geometry: dict[str, int] = field(default_factory=dict)
 
 
 class SearchAlgorithm(LookalikeAlgorithm):
@@ -262,6 +264,11 @@ class SearchAlgorithm(LookalikeAlgorithm):
             f"Searching {index_folder} ({index.count} tiles) with {len(examples.positives)} example(s) and "
             f"{len(examples.negatives)} counter-example(s) read from {source_names}"
         ))
+        for name, count in examples.without_geometry.items():
+            if count:
+                feedback.pushWarning(tr(
+                    f"{count} feature(s) of {name} have no geometry and were left out; the search uses the others."
+                ))
         for warning in changed_source_warnings(index):
             feedback.pushWarning(warning)
         set_progress(feedback, 5, 100)
@@ -324,8 +331,12 @@ class SearchAlgorithm(LookalikeAlgorithm):
         negatives_source = self._source(parameters, self.NEGATIVES, context, optional=True)
         negative_ids: list[int] = []
         negatives: list[str] = []
+        without_geometry = {self.POSITIVES: feature_count - len(positives)}
         if negatives_source is not None:
-            negative_ids, negatives, _ = self._geometries(negatives_source, self.NEGATIVES, query_crs, context)
+            negative_ids, negatives, negative_count = self._geometries(
+                negatives_source, self.NEGATIVES, query_crs, context
+            )
+            without_geometry[self.NEGATIVES] = negative_count - len(negatives)
 
         raster_path = self._raster_path(parameters, context)
         with core_errors(PARAMETER_NAMES):
@@ -348,6 +359,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             positive_ids=positive_ids,
             negative_ids=negative_ids,
             raster_chosen=raster_path is not None,
+            without_geometry=without_geometry,
         )
 
     def _rank_tiles(

@@ -447,6 +447,18 @@ def test_search_examples_without_geometry(tiny_index, tiny_encoder, tmp_path, ge
     assert "CRS" not in message
 
 
+def test_search_warns_features_without_geometry(tiny_index, tiny_encoder, tmp_path):
+    examples = write_geojson(tmp_path / "examples.geojson", [{"type": "Point", "coordinates": list(SHIP_CENTRE)}, None])
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": tiny_index, "POSITIVES": str(examples), "ENCODER": tiny_encoder, "K": 3, "OUTPUT": "memory:",
+    }, feedback)
+
+    assert results["MATCH_COUNT"] == 3
+    assert any("1 feature(s) of POSITIVES have no geometry and were left out" in text for text in feedback.warnings)
+
+
 # -- empty results -----------------------------------------------------------------------------
 
 
