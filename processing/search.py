@@ -437,6 +437,13 @@ class SearchAlgorithm(LookalikeAlgorithm):
         output_path, output_layer = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
         if not output_path:
             return
+        folder = Path(output_path).parent
+        if not folder.is_dir():
+            # Found now, not after the search: QGIS creates the output file only at the end.
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: the folder {folder} does not exist; create it or choose an output file in "
+                "another folder."
+            ))
         reject_output_in_folder(output_path, self.OUTPUT, index_folder, self.INDEX)
         for name in (self.POSITIVES, self.NEGATIVES):
             input_path, input_layer = self._input_file(parameters, name, context)
