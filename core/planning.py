@@ -96,11 +96,13 @@ def _choose_gsd(
         tile_ground_size = params.tile_ground_size_m * units_per_metre
         tile_size_source_px = tile_ground_size / pixel_size
         if tile_size_source_px < MIN_TILE_SIZE_SOURCE_PX:
+            min_tile_ground_size_m = math.ceil(MIN_TILE_SIZE_SOURCE_PX * pixel_size_m * 100) / 100
             raise GridError(
                 f"tile_ground_size_m {params.tile_ground_size_m:g} is only {tile_size_source_px:.4g} source "
                 f"pixels of {first_source.path!r} ({pixel_size_m:.6g} m per pixel on the ground); pass "
-                f"tile_ground_size_m >= {math.ceil(MIN_TILE_SIZE_SOURCE_PX * pixel_size_m * 100) / 100:.10g} "
-                f"({MIN_TILE_SIZE_SOURCE_PX:g} source pixels)."
+                f"tile_ground_size_m >= {min_tile_ground_size_m:.10g} ({MIN_TILE_SIZE_SOURCE_PX:g} source pixels), "
+                f"which is a GSD of at least {min_tile_ground_size_m / tile_size_px:.4g} m per encoder pixel at the "
+                f"encoder's input size of {tile_size_px} px."
             )
         return gsd_from_tile_ground_size(tile_ground_size, tile_size_px), None
     if params.tile_size_source_px is not None:

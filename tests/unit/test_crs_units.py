@@ -295,8 +295,10 @@ def test_feet_crs_tiny_ground_size_names_metres(tmp_path):
     source = feet_copy(tmp_path)
 
     expected = r"\(0\.49987\d m per pixel on the ground\); pass tile_ground_size_m >= 4 "
-    with pytest.raises(LookalikeError, match=expected):
+    with pytest.raises(LookalikeError, match=expected) as raised:
         build_index(parameters([source], tmp_path / "index", tile_size_source_px=None, tile_ground_size_m=3.0))
+    # The same limit as a GSD, for callers that set the GSD: 4 m over the test encoder's 32 px.
+    assert "a GSD of at least 0.125 m per encoder pixel at the encoder's input size of 32 px" in str(raised.value)
 
 
 def test_feet_and_metre_sources_share_ground_size(tmp_path):
