@@ -34,6 +34,10 @@ class LookalikePlugin:
     # Called by QGIS before initGui for plugins with hasProcessingProvider=yes, and again by
     # initGui for QGIS versions that do not.
     def initProcessing(self) -> None:  # noqa: N802 - QGIS plugin interface
+        if self.log_handler is None:
+            # qgis_process calls only this method. Without a handler, Python's logging would print
+            # each warning to stderr, after Processing has already shown it.
+            self.log_handler = install_message_log_handler()
         if self.provider is not None:
             return
         # "from .package import module" lets QGIS's import hook record the subpackage too, so
@@ -46,7 +50,6 @@ class LookalikePlugin:
     def initGui(self) -> None:  # noqa: N802 - QGIS plugin interface
         if self.actions:
             return
-        self.log_handler = install_message_log_handler()
         self.initProcessing()
 
         icon = QIcon(str(self.plugin_folder / "icon.svg"))

@@ -127,3 +127,19 @@ def test_invalid_values_reported_once(qgis_process_available, repo_root, tmp_pat
         assert "setapi" not in stderr
         assert "Incorrect parameter value" not in stderr
         assert stderr.count(expected) == 1, stderr
+
+
+def test_build_warning_printed_once(qgis_process_available, repo_root, shared_data, tmp_path):
+    # NAIP bands carry no colour interpretation, so the build warns which bands it read.
+    home = tmp_path / "qgis_process_home"
+    environment = dict(os.environ, LOOKALIKE_QGIS_PROCESS_HOME=str(home))
+    raster = shared_data / "geo/naip_timeseries/m_4709963_se_14_1_20200831.tif"
+    completed = subprocess.run(
+        ["bash", str(repo_root / "scripts" / "qgis_process.sh"), "run", "lookalike:buildindex", "--",
+         f"INPUT_RASTERS={raster}", "TILE_SIZE=640", f"OUTPUT={tmp_path / 'index'}"],
+        capture_output=True, text=True, env=environment, timeout=QGIS_PROCESS_TIMEOUT_S, check=False,
+    )
+
+    assert completed.returncode == 0, completed.stderr
+    output = completed.stdout + completed.stderr
+    assert output.count("without red, green and blue colour interpretation") == 1, output
