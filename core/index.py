@@ -72,6 +72,9 @@ DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_EF_SEARCH = 512
 DEFAULT_RANDOM_SEED = 100
 DEFAULT_INITIAL_CAPACITY_TILES = 1024
+# Opens of an index that another process saves meanwhile: each save replaces the manifest once,
+# so a second attempt reads a complete generation unless saves follow each other closely.
+OPEN_ATTEMPTS = 3
 
 # Below this many tiles, knn() uses brute force, which is exact and costs one small matrix
 # product. The recall test uses more tiles so that it exercises HNSW.
@@ -404,8 +407,31 @@ class TileIndex:
             )
         if not folder.is_dir():
             raise SearchIndexError(f"index folder {folder} not found; check the path or build an index there")
+        for attempt in range(1, OPEN_ATTEMPTS + 1):
+            manifest_identity = _file_identity(folder / MANIFEST_NAME)
+            try:
+                return cls._load_translating_errors(folder)
+            except (SearchIndexError, FileNotFoundError):
+                # A save in another process replaces the manifest and then deletes the files of the
+                # generation before it, which this open may have been reading.
+                if attempt == OPEN_ATTEMPTS or _file_identity(folder / MANIFEST_NAME) == manifest_identity:
+                    raise
+                logger.info("The index in %s was saved while it was being opened; opening it again", folder)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    @classmethod
+    def _load_translating_errors(cls, folder: Path) -> TileIndex:
         try:
             return cls._load(folder)
+        except PermissionError as error:
+            raise SearchIndexError(
+                f"{error.filename or folder} cannot be read (permission denied); give your user read access to "
+                f"the index folder {folder} and its files"
+            ) from error
+        except FileNotFoundError as error:
+            raise SearchIndexError(
+                f"index file {error.filename} is missing; the index is damaged, rebuild it"
+            ) from error
         except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError, SyntaxError,
                 tokenize.TokenError) as error:
             # Files edited or overwritten by hand fail in many ways inside json, NumPy and hnswlib.
@@ -1026,6 +1052,15 @@ def _read_generation_for_overwrite(manifest_path: Path) -> int:
     return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
 
 
+def _file_identity(path: Path) -> Optional[tuple[int, int, int]]:
+    """Return ``(inode, size, mtime_ns)`` of ``path``, or None when it cannot be read; a replaced file differs."""
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
@@ -1041,6 +1076,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
         )
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except PermissionError:
+        # Not damage: the caller names the file and the fix.
+        raise
     except (OSError, ValueError) as error:
         raise SearchIndexError(
             f"{manifest_path} cannot be read as JSON ({error}); the index is damaged; build it again "
@@ -1230,8 +1268,13 @@ def _graph_link_problem(data: mmap.mmap, count: int) -> Optional[str]:
     a count and ``maxM`` numbers. A link on level ``l`` must name a tile that has level ``l``,
     and the entry point must be a tile on the top level.
     """
-    (_offset_level0, _max_elements, element_count, record_bytes, label_offset, _offset_data, max_level,
+    (offset_level0, _max_elements, element_count, record_bytes, label_offset, offset_data, max_level,
      entry_point, max_m, max_m0, _m, _mult, _ef_construction) = _GRAPH_HEADER.unpack_from(data, 0)
+    # hnswlib 0.8.0 writes these fields from the others and loads them unchecked: a damaged level-0
+    # offset crashed the process inside load_index.
+    if offset_level0 != 0 or offset_data != 4 * (1 + max_m0) or record_bytes != label_offset + 8:
+        return (f"has a header whose offsets (level 0 at {offset_level0}, vectors at {offset_data}, labels at "
+                f"{label_offset} of {record_bytes}-byte records) do not fit its {max_m0} level-0 links")
     if element_count != count or not count:
         # A count that differs from the manifest's is reported by the caller.
         return None

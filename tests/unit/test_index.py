@@ -388,6 +388,22 @@ def test_open_detects_graph_structure_damaged_in_place(tmp_path: Path, damage: s
         TileIndex.open(folder)
 
 
+@pytest.mark.parametrize("field, value", [(0, 2**32), (0, 8), (5, 12), (4, 20)])
+def test_open_detects_graph_header_offsets(tmp_path: Path, field: int, value: int) -> None:
+    # hnswlib loads the offsets unchecked; a damaged level-0 offset (field 0) crashed the process.
+    folder = tmp_path / "index"
+    filled_index(folder, n=20, m=4)
+    path = graph_file(folder)
+    content = bytearray(path.read_bytes())
+    header_fields = list(index_module._GRAPH_HEADER.unpack_from(content, 0))
+    header_fields[field] = value
+    index_module._GRAPH_HEADER.pack_into(content, 0, *header_fields)
+    path.write_bytes(bytes(content))
+
+    with pytest.raises(SearchIndexError, match="has a header whose offsets .* the index is damaged, rebuild it"):
+        TileIndex.open(folder)
+
+
 def test_open_detects_a_tile_listed_twice(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     filled_index(folder, n=3)
@@ -905,3 +921,49 @@ def test_short_graph_write_keeps_old_index(tmp_path: Path) -> None:
 
     assert TileIndex.open(folder).count == 10
     assert data_file_names(folder) == files_before
+
+
+def test_open_during_save_elsewhere_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process saves right after this open read the manifest, deleting the files it names.
+    folder = tmp_path / "index"
+    writer = filled_index(folder, n=20)
+    real_check = index_module._check_data_files
+    saves = []
+
+    def save_meanwhile(index_folder: Path, manifest: dict) -> dict:
+        paths = real_check(index_folder, manifest)
+        if not saves:
+            writer.add(unit_vectors(5, seed=9), first_tiles(0, 25)[20:])
+            writer.save()
+            saves.append(True)
+        return paths
+
+    monkeypatch.setattr(index_module, "_check_data_files", save_meanwhile)
+
+    opened = TileIndex.open(folder)
+
+    assert saves == [True]
+    assert opened.count == 25
+
+
+def test_open_unreadable_file_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Tests run as root here, which chmod cannot lock out, so the read itself is made to fail.
+    folder = tmp_path / "index"
+    filled_index(folder, n=5)
+    embeddings_path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]
+    real_load = np.load
+
+    def load(path, *args, **kwargs):
+        if Path(path) == embeddings_path:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_load(path, *args, **kwargs)
+
+    monkeypatch.setattr(index_module.np, "load", load)
+
+    with pytest.raises(SearchIndexError) as raised:
+        TileIndex.open(folder)
+
+    message = str(raised.value)
+    assert f"{embeddings_path} cannot be read (permission denied)" in message
+    assert "give your user read access" in message
+    assert "damaged" not in message
