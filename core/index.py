@@ -556,18 +556,25 @@ class TileIndex:
 
     # -- encoder check ------------------------------------------------------------------------
 
-    def check_encoder(self, name: str, checksum: str) -> None:
+    def check_encoder(self, name: str, checksum: str, purpose: str = "query") -> None:
         """Raise ``SearchIndexError`` unless the encoder is the one that built the index.
 
-        The sha256 checksum decides; the names only make the message readable.
+        The sha256 checksum decides; the names only make the message readable. ``purpose`` is
+        "query" for a search and "add" for a build that adds rasters to the index.
         """
         built_with = self._manifest["encoder"]
         if checksum == built_with["checksum"]:
             return
+        built = (f"index {self._folder} was built with encoder '{built_with['name']}' "
+                 f"(sha256 {built_with['checksum'][:12]})")
+        given = f"'{name}' (sha256 {str(checksum)[:12]})"
+        if purpose == "add":
+            raise SearchIndexError(
+                f"{built}, but this build uses encoder {given}, and embeddings of two encoders cannot be compared; "
+                f"add the rasters with '{built_with['name']}', or build a new index with '{name}' in another folder"
+            )
         raise SearchIndexError(
-            f"index {self._folder} was built with encoder '{built_with['name']}' "
-            f"(sha256 {built_with['checksum'][:12]}), but the query uses encoder '{name}' "
-            f"(sha256 {str(checksum)[:12]}); query with '{built_with['name']}' or rebuild the index "
+            f"{built}, but the query uses encoder {given}; query with '{built_with['name']}' or rebuild the index "
             f"with '{name}'"
         )
 

@@ -259,7 +259,7 @@ def _build_index_locked(
                           intra_op_threads=params.encoder_threads, spin_between_operators=False)
     existing_index = _check_index_folder(params)
     if existing_index is not None:
-        existing_index.check_encoder(encoder.name, encoder.checksum)
+        existing_index.check_encoder(encoder.name, encoder.checksum, purpose="add")
     existing_grid = _first_grid(existing_index)
     warnings: list[str] = []
     plans = _plan_sources(params, encoder.spec, existing_grid, warnings)

@@ -473,6 +473,18 @@ def test_check_encoder_accepts_same_checksum(tmp_path: Path) -> None:
     index.check_encoder("renamed-but-same-file", "a" * 64)
 
 
+def test_check_encoder_for_adding_names_build(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info(name="resnet-rgb"))
+
+    with pytest.raises(SearchIndexError) as raised:
+        index.check_encoder("vit-naip", "f" * 64, purpose="add")
+
+    message = str(raised.value)
+    assert "but this build uses encoder 'vit-naip'" in message
+    assert "add the rasters with 'resnet-rgb', or build a new index with 'vit-naip'" in message
+    assert "query" not in message
+
+
 def test_check_encoder_mismatch_names_both(tmp_path: Path) -> None:
     index = TileIndex.create(tmp_path / "index", encoder_info(name="resnet-rgb"))
 
