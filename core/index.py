@@ -449,13 +449,13 @@ class TileIndex:
         embedding_dim = manifest["encoder"]["embedding_dim"]
         paths = _check_data_files(folder, manifest)
 
-        embeddings = np.load(paths["embeddings"], mmap_mode="r", allow_pickle=False)
+        embeddings = _load_array(paths["embeddings"], mmap_mode="r")
         if embeddings.dtype != EMBEDDING_DTYPE or embeddings.shape != (count, embedding_dim):
             raise SearchIndexError(
                 f"embeddings file {paths['embeddings']} contains {embeddings.dtype} {embeddings.shape} but the "
                 f"manifest expects float16 ({count}, {embedding_dim}); the index is damaged, rebuild it"
             )
-        tile_table = np.load(paths["tiles"], allow_pickle=False)
+        tile_table = _load_array(paths["tiles"])
         if tile_table.dtype != TILE_TABLE_DTYPE or tile_table.shape != (count,):
             raise SearchIndexError(
                 f"tile table {paths['tiles']} contains {tile_table.dtype} {tile_table.shape} but the manifest "
@@ -1059,6 +1059,17 @@ def _read_generation_for_overwrite(manifest_path: Path) -> int:
     return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
 
 
+def _load_array(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:
+    """Load an index's .npy file; a damaged header raises SearchIndexError naming the file."""
+    try:
+        return np.load(path, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, SyntaxError, tokenize.TokenError, EOFError) as error:
+        raise SearchIndexError(
+            f"{path} is not a readable NumPy array file ({type(error).__name__}: {error}); the index is damaged, "
+            "rebuild it"
+        ) from error
+
+
 def _file_identity(path: Path) -> Optional[tuple[int, int, int]]:
     """Return ``(inode, size, mtime_ns)`` of ``path``, or None when it cannot be read; a replaced file differs."""
     try:
@@ -1150,6 +1161,14 @@ def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
             return f"source {source_id} without a grid"
         if record.get("id") != source_id:
             return f"source {source_id} with id {record.get('id')!r}"
+        stretch = record.get("value_stretch")
+        if stretch is not None and not isinstance(stretch, dict):
+            return f"source {source_id} with a value_stretch of type {type(stretch).__name__}, not dict"
+        band_indexes = record.get("band_indexes")
+        if band_indexes is not None and not (
+            isinstance(band_indexes, list) and band_indexes and all(_is_count(band) and band for band in band_indexes)
+        ):
+            return f"source {source_id} with band_indexes {band_indexes!r}, not a list of band numbers"
         skipped_counts = record.get("skipped_counts", {})
         if (not isinstance(skipped_counts, dict) or not _is_count(record.get("tile_count", 0))
                 or not all(_is_count(count) and count < 2**62 for count in skipped_counts.values())):

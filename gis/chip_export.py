@@ -282,6 +282,7 @@ def export_chips(
                     "before the export."
                 )
             if request.source_path not in sources:
+                _check_raster_present(request)
                 source = RasterSource(request.source_path, band_indexes)
                 if image_format == FORMAT_PNG and len(source.band_indexes) not in (1, 3):
                     raise LookalikeError(
@@ -333,6 +334,17 @@ def export_chips(
         shutil.rmtree(staging, ignore_errors=True)
     LOGGER.info("Wrote %d chips and %s (%d skipped)", report.written_count, report.csv_path, len(report.skipped))
     return report
+
+
+def _check_raster_present(request: ChipRequest) -> None:
+    """Name a raster that was moved or deleted after the search that found the footprint."""
+    path = request.source_path
+    if os.path.exists(path) or path.startswith("/vsi") or (not os.path.isabs(path) and ":" in path):
+        return
+    raise LookalikeError(
+        f"The raster {path} of feature {request.feature_id} is not found: it was moved, renamed or deleted after "
+        "the search. Put it back at that path, or choose the raster to cut the chips from (RASTER in Processing)."
+    )
 
 
 def _write_chip(

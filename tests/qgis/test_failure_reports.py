@@ -285,6 +285,17 @@ def test_export_without_chips_fails_in_new_folder(repo_root, tmp_path):
     assert not list(folder.glob("chip_*"))
 
 
+def test_export_names_moved_raster(repo_root, tmp_path):
+    moved = replace(ships_request(repo_root), source_path=str(tmp_path / "ships_moved_away.tif"))
+
+    with pytest.raises(LookalikeError) as raised:
+        chip_export.export_chips([moved], tmp_path / "chips")
+
+    message = str(raised.value)
+    assert f"The raster {tmp_path / 'ships_moved_away.tif'} of feature {moved.feature_id} is not found" in message
+    assert "Put it back at that path" in message
+
+
 def test_export_replaces_links_not_targets(repo_root, tmp_path):
     folder = tmp_path / "chips"
     folder.mkdir()

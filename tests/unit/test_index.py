@@ -308,6 +308,9 @@ def test_open_detects_embeddings_edited_in_place(tmp_path: Path, edit: str) -> N
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("metric", "l2", "metric 'l2', not one of cosine"),
     ("crs_wkt", "garbage", "source 0 with an invalid grid .*garbage"),
+    ("value_stretch", "junk", "source 0 with a value_stretch of type str, not dict"),
+    ("band_indexes", [0, 1, 2], r"source 0 with band_indexes \[0, 1, 2\], not a list of band numbers"),
+    ("band_indexes", "1,2,3", "source 0 with band_indexes '1,2,3', not a list of band numbers"),
 ])
 def test_open_rejects_manifest_values(tmp_path: Path, key: str, value: str, message: str) -> None:
     folder = tmp_path / "index"
@@ -316,8 +319,10 @@ def test_open_rejects_manifest_values(tmp_path: Path, key: str, value: str, mess
     manifest = json.loads(manifest_path.read_text())
     if key == "metric":
         manifest["metric"] = value
-    else:
+    elif key == "crs_wkt":
         manifest["sources"][0]["grid"]["crs_wkt"] = value
+    else:
+        manifest["sources"][0][key] = value
     manifest_path.write_text(json.dumps(manifest))
 
     with pytest.raises(SearchIndexError, match=f"manifest.json has {message}.*the index is damaged"):
@@ -979,3 +984,16 @@ def test_open_unreadable_file_named(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert f"{embeddings_path} cannot be read (permission denied)" in message
     assert "give your user read access" in message
     assert "damaged" not in message
+
+
+@pytest.mark.parametrize("kind", ["embeddings", "tiles"])
+def test_open_names_damaged_array_header(tmp_path: Path, kind: str) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=5)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"][kind]["name"]
+    content = bytearray(path.read_bytes())
+    content[10:26] = bytes(byte ^ 0x5A for byte in content[10:26])
+    path.write_bytes(bytes(content))
+
+    with pytest.raises(SearchIndexError, match=f"{path} is not a readable NumPy array file .* rebuild it"):
+        TileIndex.open(folder)
