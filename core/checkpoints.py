@@ -113,6 +113,8 @@ class _PartialBuild:
         self.folder = folder
         self.build_id = build_id
         self.layout = layout
+        # True when checkpoints of another build were in the folder and were removed.
+        self.discarded_other_build = False
 
     @classmethod
     def open_or_create(cls, folder: Path, build_id: str, layout: Optional[_ChunkLayout] = None) -> _PartialBuild:
@@ -127,6 +129,7 @@ class _PartialBuild:
         if _is_unstarted(folder):
             LOGGER.info("Removing %s: a run stopped while creating it", folder)
             shutil.rmtree(folder)
+        discarded = False
         if folder.exists():
             stored_id = _read_partial_marker(marker)
             if stored_id is None:
@@ -140,13 +143,16 @@ class _PartialBuild:
             LOGGER.warning("Discarding the checkpoints in %s: they belong to a build with other parameters, "
                            "sources or encoder, so their tiles are read again", folder)
             shutil.rmtree(folder)
+            discarded = True
         folder.mkdir(parents=True)
         _write_atomically(
             marker,
             json.dumps({"format": PARTIAL_FORMAT, "format_version": PARTIAL_FORMAT_VERSION,
                         "build_id": build_id}).encode("utf-8"),
         )
-        return cls(folder, build_id, layout)
+        partial = cls(folder, build_id, layout)
+        partial.discarded_other_build = discarded
+        return partial
 
     def chunk_paths(self) -> list[Path]:
         return sorted(self.folder.glob(f"{CHUNK_PREFIX}*{CHUNK_SUFFIX}"))

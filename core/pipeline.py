@@ -294,6 +294,11 @@ def _build_index_locked(
               for plan in plans),
     )
     partial = _PartialBuild.open_or_create(partial_folder, build_id, layout)
+    if partial.discarded_other_build:
+        warnings.append(
+            f"The checkpoints of an interrupted build in {partial_folder} were made with other parameters, rasters "
+            "or encoder than this build, so they were discarded and every tile is read again."
+        )
     start_position, embedded, skipped = partial.resume_state(len(plans))
     if start_position:
         LOGGER.info("Resuming the build of %s at tile %d of %d from %s", params.index_folder,

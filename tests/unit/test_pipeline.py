@@ -416,6 +416,21 @@ def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
     np.testing.assert_array_equal(np.asarray(resumed_index.embeddings), np.asarray(reference_index.embeddings))
 
 
+def test_discarded_checkpoints_reported(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    batches_seen = []
+    with pytest.raises(CancelledError):
+        build_index(parameters([source], tmp_path / "index"), progress=batches_seen.append,
+                    is_cancelled=lambda: len(batches_seen) >= 2)
+
+    report = build_index(parameters([source], tmp_path / "index", tile_size_source_px=96))
+
+    assert report.tiles_resumed == 0
+    partial = partial_folder_for(tmp_path / "index")
+    assert any(f"The checkpoints of an interrupted build in {partial} were made with other parameters" in warning
+               for warning in report.warnings), report.warnings
+
+
 def test_checkpoint_write_error_resumable(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     uninterrupted = build_index(parameters([source], tmp_path / "reference"))
