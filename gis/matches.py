@@ -93,17 +93,19 @@ def matches_to_features(
             transforms[match.crs_wkt] = transform
 
         geometry = QgsGeometry.fromRect(QgsRectangle(*match.bounds))
-        # A rectangle in a projected CRS becomes a curved quadrilateral elsewhere, so the
-        # footprint is densified first and its sides stay close to the true edges.
-        geometry = geometry.densifyByCount(8)
-        try:
-            geometry.transform(transform)
-        except QgsCsException as error:
-            raise LookalikeError(
-                f"The footprint of match rank {match.rank} (tile {match.tile_id}) cannot be "
-                f"transformed to {destination_crs.authid() or destination_crs.description()}: "
-                f"{error}; choose a destination CRS that covers the indexed rasters."
-            ) from error
+        # In the grid's own CRS the footprint stays the tile's rectangle of five vertices.
+        if not transform.isShortCircuited():
+            # A rectangle in a projected CRS becomes a curved quadrilateral elsewhere, so the
+            # footprint is densified first and its sides stay close to the true edges.
+            geometry = geometry.densifyByCount(8)
+            try:
+                geometry.transform(transform)
+            except QgsCsException as error:
+                raise LookalikeError(
+                    f"The footprint of match rank {match.rank} (tile {match.tile_id}) cannot be "
+                    f"transformed to {destination_crs.authid() or destination_crs.description()}: "
+                    f"{error}; choose a destination CRS that covers the indexed rasters."
+                ) from error
 
         feature = QgsFeature(fields)
         feature.setGeometry(geometry)
