@@ -565,17 +565,18 @@ class TileIndex:
         built_with = self._manifest["encoder"]
         if checksum == built_with["checksum"]:
             return
-        built = (f"index {self._folder} was built with encoder '{built_with['name']}' "
-                 f"(sha256 {built_with['checksum'][:12]})")
-        given = f"'{name}' (sha256 {str(checksum)[:12]})"
+        index_encoder = (f"index {self._folder} was built with encoder '{built_with['name']}' "
+                         f"(sha256 {built_with['checksum'][:12]})")
+        other_encoder = f"'{name}' (sha256 {str(checksum)[:12]})"
         if purpose == "add":
             raise SearchIndexError(
-                f"{built}, but this build uses encoder {given}, and embeddings of two encoders cannot be compared; "
-                f"add the rasters with '{built_with['name']}', or build a new index with '{name}' in another folder"
+                f"{index_encoder}, but this build uses encoder {other_encoder}, and embeddings of two encoders "
+                f"cannot be compared; add the rasters with '{built_with['name']}', or build a new index with "
+                f"'{name}' in another folder"
             )
         raise SearchIndexError(
-            f"{built}, but the query uses encoder {given}; query with '{built_with['name']}' or rebuild the index "
-            f"with '{name}'"
+            f"{index_encoder}, but the query uses encoder {other_encoder}; query with '{built_with['name']}' or "
+            f"rebuild the index with '{name}'"
         )
 
     # -- sources ------------------------------------------------------------------------------
@@ -1071,7 +1072,7 @@ def _load_array(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:
 
 
 def _file_identity(path: Path) -> Optional[tuple[int, int, int]]:
-    """Return ``(inode, size, mtime_ns)`` of ``path``, or None when it cannot be read; a replaced file differs."""
+    """Return ``(inode, size, mtime_ns)`` of ``path``, or None when it cannot be read. A replaced file differs."""
     try:
         info = path.stat()
     except OSError:

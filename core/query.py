@@ -219,7 +219,7 @@ def _check_indexed_raster_present(
     if os.path.exists(path) or not any(_same_source_path(record.get("path"), path) for record in manifest["sources"]):
         return
     if path.startswith("/vsi") or (not os.path.isabs(path) and ":" in path):
-        # A GDAL virtual path or a connection string: GDAL's own error says more.
+        # A GDAL virtual path or a connection string: GDAL's own error is more precise.
         return
     index_name = f"index {index_or_manifest.folder}" if isinstance(index_or_manifest, TileIndex) else "index"
     raise SearchIndexError(

@@ -304,11 +304,13 @@ def export_chips(
                 progress(position, total)
         if not rows and total:
             # An export with nothing in it would replace an earlier one by an empty table.
-            kept = f", so {report.csv_path} and the chips it lists are kept" if report.csv_path.exists() else ""
+            earlier_export_note = (f", so {report.csv_path} and the chips it lists are kept"
+                                   if report.csv_path.exists() else "")
             raster_paths = ", ".join(sorted({request.source_path for request in requests}))
             raise LookalikeError(
                 f"No chip was written: none of the {total} footprints has a valid pixel of {raster_paths} under "
-                f"it{kept}. Export footprints that lie over that raster, or choose the raster they were found in."
+                f"it{earlier_export_note}. Export footprints that lie over that raster, or choose the raster they "
+                "were found in."
             )
         try:
             _move_into_place(staging, folder)
