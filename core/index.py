@@ -22,6 +22,7 @@ manifest with its complete old files or the new manifest with its complete new f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
@@ -462,6 +463,8 @@ class TileIndex:
                 f"expects {count} rows of (source_id, row, col); the index is damaged, rebuild it"
             )
         _check_tiles_on_grids(paths["tiles"], tile_table, manifest["sources"])
+        # Last, because the checks above name what is wrong where they can.
+        _check_tile_table_digest(paths["tiles"], manifest["files"]["tiles"])
 
         _check_graph_links(paths["graph"], count, embeddings, paths["embeddings"])
         graph = hnswlib.Index(space=manifest["hnsw"]["space"], dim=embedding_dim)
@@ -748,6 +751,9 @@ class TileIndex:
             manifest["files"] = {
                 kind: {"name": paths[kind].name, "size_bytes": paths[kind].stat().st_size} for kind in DATA_FILE_KINDS
             }
+            # The tile table maps tile ids to places. Rows swapped in place keep its size and every
+            # other check, so its digest is kept too (12 bytes per tile, quick to hash at open).
+            manifest["files"]["tiles"]["sha256"] = _file_digest(paths["tiles"])
             manifest["updated_at"] = _utc_now()
             manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
             # The manifest is replaced last: until then it names the previous generation's files,
@@ -1058,6 +1064,29 @@ def _read_generation_for_overwrite(manifest_path: Path) -> int:
         return 0
     generation = content.get("generation", 0)
     return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_tile_table_digest(path: Path, entry: Mapping[str, Any]) -> None:
+    """Raise SearchIndexError when the tile table differs from the SHA-256 its manifest entry records.
+
+    Indexes saved before the digest was recorded have none, and are not checked.
+    """
+    recorded = entry.get("sha256")
+    if recorded is None:
+        return
+    if not isinstance(recorded, str) or _file_digest(path) != recorded:
+        raise SearchIndexError(
+            f"tile table {path} does not match the SHA-256 in the manifest: its rows were edited or the file was "
+            "replaced, so tile ids would point at other places; the index is damaged, rebuild it"
+        )
 
 
 def _load_array(path: Path, mmap_mode: Optional[str] = None) -> np.ndarray:

@@ -997,3 +997,29 @@ def test_open_names_damaged_array_header(tmp_path: Path, kind: str) -> None:
 
     with pytest.raises(SearchIndexError, match=f"{path} is not a readable NumPy array file .* rebuild it"):
         TileIndex.open(folder)
+
+
+def test_open_detects_swapped_tile_rows(tmp_path: Path) -> None:
+    # Swapping two rows keeps the file's size and every tile on its grid, but points ids at other places.
+    folder = tmp_path / "index"
+    filled_index(folder, n=6)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["tiles"]["name"]
+    tiles = np.load(path)
+    tiles[[1, 4]] = tiles[[4, 1]]
+    with open(path, "r+b") as stream:
+        np.save(stream, tiles)
+
+    with pytest.raises(SearchIndexError, match=f"tile table {path} does not match the SHA-256 in the manifest"):
+        TileIndex.open(folder)
+
+
+def test_index_without_tile_digest_opens(tmp_path: Path) -> None:
+    # Indexes saved before the digest was recorded open as before.
+    folder = tmp_path / "index"
+    filled_index(folder, n=6)
+    manifest_path = folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["files"]["tiles"]["sha256"]
+    manifest_path.write_text(json.dumps(manifest))
+
+    assert TileIndex.open(folder).count == 6
