@@ -5,7 +5,7 @@ An index folder contains:
 - ``manifest.json``: format version, encoder, sources (path, CRS, checksum, tile grid, band
   mapping, value stretch, tile and skip counts), metric, counts, build and HNSW parameters,
   a random ``index_id`` given at creation, timestamps, and the names and sizes of the data
-  files of the current generation;
+  files of the current generation, with the SHA-256 of its tile table;
 - ``graph.<generation>.hnsw``: the hnswlib graph, whose labels are tile ids;
 - ``embeddings.<generation>.npy``: the L2-normalised embeddings as float16 ``(count, dim)``;
 - ``tiles.<generation>.npy``: the tile table, a structured array ``(source_id, row, col)`` of
