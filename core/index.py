@@ -1436,6 +1436,8 @@ def _check_data_files(folder: Path, manifest: dict[str, Any]) -> dict[str, Path]
                 "the index is damaged, rebuild it"
             )
         path = folder / name
+        if path.exists() and not path.is_file():
+            raise SearchIndexError(f"index file {path} is a folder, not a file; the index is damaged, rebuild it")
         if not path.is_file():
             raise SearchIndexError(f"index file {path} is missing; the index is damaged, rebuild it")
         size_bytes = path.stat().st_size

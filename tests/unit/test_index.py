@@ -1023,3 +1023,14 @@ def test_index_without_tile_digest_opens(tmp_path: Path) -> None:
     manifest_path.write_text(json.dumps(manifest))
 
     assert TileIndex.open(folder).count == 6
+
+
+def test_open_names_folder_in_place_of_file(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["embeddings"]["name"]
+    path.unlink()
+    path.mkdir()
+
+    with pytest.raises(SearchIndexError, match=f"index file {path} is a folder, not a file"):
+        TileIndex.open(folder)
