@@ -545,11 +545,12 @@ def quiet_gdal() -> Iterator[None]:
 
 
 def _geometry_from_wkt(wkt: str) -> Optional[ogr.Geometry]:
-    """Parse WKT whether or not the OGR bindings are in exception mode."""
-    try:
-        return ogr.CreateGeometryFromWkt(wkt)
-    except RuntimeError:
-        return None
+    """Parse WKT whether or not the OGR bindings are in exception mode; None for invalid WKT, quietly."""
+    with quiet_gdal():
+        try:
+            return ogr.CreateGeometryFromWkt(wkt)
+        except RuntimeError:
+            return None
 
 
 def _union(polygons: list[ogr.Geometry]) -> Optional[ogr.Geometry]:

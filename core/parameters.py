@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence, Union
 
-from osgeo import ogr, osr
+from osgeo import gdal, ogr, osr
 
 from .crs import spatial_reference
 from .errors import GridError, LookalikeError
@@ -309,10 +309,14 @@ def _spatial_reference(crs: str) -> osr.SpatialReference:
 
 
 def _parse_geometry(wkt: str) -> ogr.Geometry:
+    # The GridError below names the WKT, so OGR's own "Corrupt data" lines stay off stderr.
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
     try:
         geometry = ogr.CreateGeometryFromWkt(wkt)
     except RuntimeError:
         geometry = None
+    finally:
+        gdal.PopErrorHandler()
     if geometry is None:
         shortened_wkt = wkt if len(wkt) <= 60 else wkt[:57] + "..."
         raise GridError(f"geometry {shortened_wkt!r} is not valid WKT; pass a POINT, POLYGON or MULTIPOLYGON.")

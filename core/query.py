@@ -519,10 +519,11 @@ def valid_region_wkt(wkt: str) -> str:
     returns nothing, which made a query around a raster look as if it missed every raster.
 
     Raises:
+        GridError: ``wkt`` is not valid WKT.
         SearchError: the polygon encloses no area.
     """
-    geometry = ogr.CreateGeometryFromWkt(wkt)
-    if geometry is None or geometry.GetDimension() < 2:
+    geometry = _parse_geometry(wkt)
+    if geometry.GetDimension() < 2:
         return wkt
     with quiet_gdal():
         # GEOS reports each self-intersection as a warning on stderr.

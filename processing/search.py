@@ -33,7 +33,7 @@ from qgis.core import (
 )
 
 from ..core.encoder import OnnxEncoder
-from ..core.errors import CancelledError, LookalikeError, SearchError, SearchIndexError
+from ..core.errors import CancelledError, GridError, LookalikeError, SearchError, SearchIndexError
 from ..core.index import TileIndex
 from ..core.pipeline import (
     QueryChips,
@@ -554,7 +554,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             wkt = geometry_wkt(geometry)
             try:
                 valid_region_wkt(wkt)
-            except SearchError as error:
+            except (SearchError, GridError) as error:
                 # Named here, because the search itself cannot tell which feature it came from.
                 raise QgsProcessingException(tr(f"Feature {feature.id()} of {name}: {error}")) from error
             feature_ids.append(int(feature.id()))

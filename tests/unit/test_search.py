@@ -558,3 +558,22 @@ def test_moved_indexed_raster_named(shared_data, tmp_path):
     assert f"The raster {raster}, which the index {index_folder} was built from, is not found" in message
     assert "Put it back at that path" in message
     assert moved.is_file()
+
+
+def test_invalid_wkt_rejected_quietly(shared_data, tmp_path, capfd):
+    from osgeo import gdal
+
+    from lookalike.core.errors import GridError
+    from lookalike.core.pipeline import BuildParameters, build_index
+    from lookalike.core.query import run_search
+
+    raster = tmp_path / "ships.tif"
+    gdal.Translate(str(raster), str(shared_data / "geo/planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
+    build_index(BuildParameters(source_paths=(str(raster),), index_folder=str(tmp_path / "index"),
+                                tile_size_source_px=64))
+    capfd.readouterr()
+
+    with pytest.raises(GridError, match="geometry 'POINT \\(bad' is not valid WKT"):
+        run_search(tmp_path / "index", raster, ["POINT (bad"])
+
+    assert "OGR Error" not in capfd.readouterr().err
