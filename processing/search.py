@@ -28,7 +28,9 @@ from qgis.core import (
     QgsProcessingParameterFile,
     QgsProcessingParameterNumber,
     QgsProcessingParameterRasterLayer,
+    QgsProcessingUtils,
     QgsProviderRegistry,
+    QgsVectorFileWriter,
     QgsWkbTypes,
 )
 
@@ -85,6 +87,10 @@ DEFAULT_K = 10
 # The k box of the Lookalike panel stops at the same number. Without a maximum, QGIS's integer
 # conversion turned values past 2**31 into k=0 or other numbers the user never gave.
 MAX_K = 10000
+
+
+# OGR drivers whose files hold several layers, so that a match layer can be added to one.
+MULTI_LAYER_DRIVERS = frozenset({"GPKG", "SQLite"})
 
 
 @dataclass
@@ -472,6 +478,10 @@ class SearchAlgorithm(LookalikeAlgorithm):
         Processing replaces an existing file whole, every layer of a GeoPackage included, and
         qgis_process cannot ask first. Match layers of an earlier search may be replaced.
         """
+        if Path(output_path).is_dir():
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} is a folder; give the name of a file to write the matches to."
+            ))
         replaced = match_layers.files_replaced(output_path)
         if not replaced:
             return
@@ -488,17 +498,25 @@ class SearchAlgorithm(LookalikeAlgorithm):
                 f"{self.OUTPUT}: {output_path} exists and is not a vector file that Lookalike wrote, so writing "
                 "the matches would replace it. Choose another output file, or delete that file first."
             ))
+        driver = _driver_name(output_path)
+        holds_layers = driver in MULTI_LAYER_DRIVERS
+        if output_layer and not holds_layers:
+            # QGIS 3.22 deleted a shapefile given this way and then failed to write the layer.
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} is in the {driver} format, which holds a single layer, so a layer "
+                f"named '{output_layer}' cannot be added to it. Choose another output file."
+            ))
         if foreign and output_layer:
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: the layer '{output_layer}' of {output_path} is not a Lookalike match layer, and "
                 "writing the matches would replace it. Choose another layer name."
             ))
         if foreign:
+            advice = (f" Choose another output file, or add the matches to it as a new layer with "
+                      f"OUTPUT={_ogr_uri(output_path, 'matches')}." if holds_layers else " Choose another output file.")
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} contains layers that Lookalike did not write "
-                f"({', '.join(foreign)}), and writing the matches replaces the whole file. Choose another output "
-                f"file, or add the matches to it as a new layer with OUTPUT=ogr:dbname='{output_path}' "
-                'table="matches" (geom).'
+                f"({', '.join(foreign)}), and writing the matches replaces the whole file.{advice}"
             ))
 
     def _input_file(self, parameters: dict, name: str, context: QgsProcessingContext) -> tuple[str, str]:
@@ -609,7 +627,11 @@ def _first_layer_name(path: str) -> str:
 
 
 def _destination_file(destination: str) -> tuple[str, str]:
-    """Return the file and layer name a sink destination writes; empty strings for memory and databases."""
+    """Return the file and layer name a sink destination writes; empty strings for memory and databases.
+
+    The file is the one QGIS writes: a path without the extension of a vector format gets the
+    default one (``.gpkg``), so ``matches`` and ``r.tif`` become ``matches.gpkg`` and ``r.tif.gpkg``.
+    """
     if destination.startswith("ogr:"):
         uri = QgsDataSourceUri(destination[len("ogr:"):])
         return uri.database(), uri.table()
@@ -617,7 +639,26 @@ def _destination_file(destination: str) -> tuple[str, str]:
     # a single letter, so it does not match.
     if re.match(r"[A-Za-z]{2,}:", destination):
         return "", ""
+    extension = Path(destination).suffix[1:]
+    if not extension or not QgsVectorFileWriter.driverForExtension(extension):
+        destination = f"{destination}.{QgsProcessingUtils.defaultVectorExtension()}"
     return destination, ""
+
+
+def _driver_name(path: str) -> str:
+    """Return the OGR driver of the existing vector file ``path``, or an empty string."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_READONLY)
+    finally:
+        gdal.PopErrorHandler()
+    return dataset.GetDriver().ShortName if dataset is not None else ""
+
+
+def _ogr_uri(path: str, table: str) -> str:
+    """Return an ``ogr:`` destination that writes ``table`` into ``path``, quoted as QGIS parses it."""
+    quoted = path.replace("\\", "\\\\").replace("'", "\\'")
+    return f"ogr:dbname='{quoted}' table=\"{table}\" (geom)"
 
 
 def _no_examples_message(name: str, source: QgsFeatureSource, feature_count: int) -> str:

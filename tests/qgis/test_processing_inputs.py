@@ -289,6 +289,99 @@ def test_search_replaces_own_output(tiny_index, tiny_encoder, tmp_path, name):
     assert QgsVectorLayer(str(tmp_path / name), "matches", "ogr").featureCount() == 3
 
 
+def test_search_output_without_extension_checked(tiny_index, tiny_encoder, tmp_path):
+    # QGIS writes work.gpkg for OUTPUT=work, so that is the file to keep.
+    geopackage = user_geopackage(tmp_path / "work.gpkg")
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / "work"),
+    })
+
+    assert f"OUTPUT: {geopackage} contains layers that Lookalike did not write (parcels)" in message
+    assert geopackage.read_bytes() == before
+
+
+def test_search_output_named_like_raster(tiny_index, tiny_encoder, tmp_path):
+    # QGIS writes scene.tif.gpkg beside scene.tif, which stays as it is.
+    raster = tmp_path / "scene.tif"
+    raster.write_bytes(b"not really a raster")
+
+    results = run_algorithm("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "K": 2,
+        "OUTPUT": str(raster),
+    })
+
+    assert results["MATCH_COUNT"] == 2
+    assert raster.read_bytes() == b"not really a raster"
+    assert (tmp_path / "scene.tif.gpkg").is_file()
+
+
+def test_search_output_folder_rejected(tiny_index, tiny_encoder, tmp_path):
+    folder = tmp_path / "matches.gpkg"
+    folder.mkdir()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(folder),
+    })
+
+    assert f"OUTPUT: {folder} is a folder; give the name of a file" in message
+
+
+@pytest.mark.parametrize("name, driver", [("roads.shp", "ESRI Shapefile"), ("roads.geojson", "GeoJSON")])
+def test_search_no_layer_added_to_single_layer_file(tiny_index, tiny_encoder, tmp_path, name, driver):
+    path = tmp_path / name
+    converted = gdal.VectorTranslate(str(path), str(ship_point_geojson(tmp_path / "examples.geojson")), format=driver)
+    assert converted is not None
+    converted = None
+    before = {member.name: member.read_bytes() for member in tmp_path.glob("roads.*")}
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": f"ogr:dbname='{path}' table=\"matches\" (geom)",
+    })
+
+    assert f"OUTPUT: {path} is in the {driver} format, which holds a single layer" in message
+    assert {member.name: member.read_bytes() for member in tmp_path.glob("roads.*")} == before
+
+
+def test_search_user_shapefile_gets_no_layer_advice(tiny_index, tiny_encoder, tmp_path):
+    path = tmp_path / "roads.shp"
+    converted = gdal.VectorTranslate(str(path), str(ship_point_geojson(tmp_path / "examples.geojson")),
+                                     format="ESRI Shapefile")
+    assert converted is not None
+    converted = None
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "OUTPUT": str(path),
+    })
+
+    assert "contains layers that Lookalike did not write (roads)" in message
+    assert "ogr:dbname" not in message
+
+
+def test_search_layer_advice_quotes_path(tiny_index, tiny_encoder, tmp_path):
+    folder = tmp_path / "analyst's data"
+    folder.mkdir()
+    geopackage = user_geopackage(folder / "work.gpkg")
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(geopackage),
+    })
+
+    advised = message[message.index("OUTPUT=ogr:") + len("OUTPUT="):].rstrip(".")
+    results = run_algorithm("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "K": 2,
+        "OUTPUT": advised,
+    })
+    assert results["MATCH_COUNT"] == 2
+    assert QgsVectorLayer(f"{geopackage}|layername=parcels", "parcels", "ogr").featureCount() == 1
+    assert QgsVectorLayer(f"{geopackage}|layername=matches", "matches", "ogr").featureCount() == 2
+
+
 def test_search_into_examples_file_needs_layer(tiny_index, tiny_encoder, tmp_path):
     geopackage = user_geopackage(tmp_path / "work.gpkg")
     before = geopackage.read_bytes()
