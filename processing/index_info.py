@@ -24,6 +24,7 @@ from .support import (
     INDEX_PACKAGES,
     LookalikeAlgorithm,
     core_errors,
+    reject_output_in_any_index,
     reject_output_in_folder,
     reject_outputs_over_rasters,
     require_packages,
@@ -122,6 +123,7 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         json_path = self.parameterAsFileOutput(parameters, self.OUTPUT_JSON, context)
         for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
             reject_output_in_folder(path, name, index_folder, self.INDEX)
+            reject_output_in_any_index(path, name)
         with core_errors({"index folder": self.INDEX}):
             index = TileIndex.open(index_folder)
         manifest = index.manifest

@@ -66,6 +66,7 @@ from .support import (
     features_of,
     gdal_source_path,
     geometry_wkt,
+    reject_output_in_any_index,
     reject_output_in_folder,
     require_packages,
     same_file,
@@ -451,6 +452,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
                 "another folder."
             ))
         reject_output_in_folder(output_path, self.OUTPUT, index_folder, self.INDEX)
+        reject_output_in_any_index(output_path, self.OUTPUT)
         for name in (self.POSITIVES, self.NEGATIVES):
             input_path, input_layer = self._input_file(parameters, name, context)
             if not input_path or not same_file(input_path, output_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from qgis.core import (
@@ -282,6 +283,24 @@ def reject_output_in_folder(output_path: str, output_name: str, folder: str, fol
         raise QgsProcessingException(tr(
             f"{output_name}: {output_path} is inside the index folder {folder} given for {folder_name}, "
             "where writing it could replace a file of the index. Choose a file outside that folder."
+        ))
+
+
+def reject_output_in_any_index(output_path: str, output_name: str) -> None:
+    """Raise QgsProcessingException when an output path lies in a Lookalike index folder.
+
+    This covers the indexes not given to the algorithm, such as another index's manifest.json
+    given as OUTPUT_JSON. Symlinks are resolved first.
+    """
+    if not output_path:
+        return
+    from ..core.index import FOLDER_DAMAGED_INDEX, FOLDER_INDEX, FOLDER_UNFINISHED, index_folder_state
+
+    folder = Path(os.path.realpath(output_path)).parent
+    if index_folder_state(folder) in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED):
+        raise QgsProcessingException(tr(
+            f"{output_name}: {output_path} is inside the Lookalike index folder {folder}, where writing it could "
+            "replace a file of that index. Choose a file outside that folder."
         ))
 
 

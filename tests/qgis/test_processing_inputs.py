@@ -418,6 +418,17 @@ def test_indexinfo_replaces_own_report(tiny_index, tmp_path, output_parameter, n
     assert report.read_bytes() == written
 
 
+def test_indexinfo_keeps_other_index_manifest(tiny_index, two_raster_index, tmp_path):
+    manifest = Path(two_raster_index) / "manifest.json"
+    before = manifest.read_bytes()
+
+    message = run_failure("indexinfo", {"INDEX": tiny_index, "OUTPUT_JSON": str(manifest)})
+
+    assert f"OUTPUT_JSON: {manifest} is inside the Lookalike index folder {Path(two_raster_index)}" in message
+    assert manifest.read_bytes() == before
+    assert TileIndex.open(two_raster_index).count > 0
+
+
 def index_copy(tiny_index: str, tmp_path: Path) -> Path:
     """Copy the shared index for a test that could damage it, so a failure stays in that test."""
     return Path(shutil.copytree(tiny_index, tmp_path / "index_copy"))
