@@ -164,6 +164,7 @@ def chip_requests_from_layer(
                 "field; choose the raster to read the chips from."
             )
         if source_path not in crs_by_source:
+            _check_raster_present(source_path, feature.id())
             crs_by_source[source_path] = _raster_crs(source_path)
         raster_crs = crs_by_source[source_path]
 
@@ -282,7 +283,7 @@ def export_chips(
                     "before the export."
                 )
             if request.source_path not in sources:
-                _check_raster_present(request)
+                _check_raster_present(request.source_path, request.feature_id)
                 source = RasterSource(request.source_path, band_indexes)
                 if image_format == FORMAT_PNG and len(source.band_indexes) not in (1, 3):
                     raise LookalikeError(
@@ -338,13 +339,12 @@ def export_chips(
     return report
 
 
-def _check_raster_present(request: ChipRequest) -> None:
+def _check_raster_present(path: str, feature_id: int) -> None:
     """Name a raster that was moved or deleted after the search that found the footprint."""
-    path = request.source_path
     if os.path.exists(path) or path.startswith("/vsi") or (not os.path.isabs(path) and ":" in path):
         return
     raise LookalikeError(
-        f"The raster {path} of feature {request.feature_id} is not found: it was moved, renamed or deleted after "
+        f"The raster {path} of feature {feature_id} is not found: it was moved, renamed or deleted after "
         "the search. Put it back at that path, or choose the raster to cut the chips from (RASTER in Processing)."
     )
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -555,6 +556,25 @@ def test_export_geotiff_chips(tiny_index, tiny_encoder, tmp_path):
         assert origin_y == pytest.approx(float(row["ymax"]))
         assert pixel_width == pytest.approx(5.0)
         assert pixel_height == pytest.approx(-5.0)
+
+
+def test_export_names_moved_raster(provider, tiny_encoder, tmp_path, ships_raster):
+    raster = tmp_path / "ships.tif"
+    shutil.copyfile(ships_raster, raster)
+    run_algorithm("buildindex", {
+        "INPUT_RASTERS": [str(raster)], "ENCODER": tiny_encoder, "TILE_SIZE": 32, "OUTPUT": str(tmp_path / "index"),
+    })
+    search = run_algorithm("search", {
+        "INDEX": str(tmp_path / "index"), "POSITIVES": point_layer([SHIP_CENTRES[1]]), "ENCODER": tiny_encoder,
+        "K": 2, "OUTPUT": str(tmp_path / "matches.gpkg"),
+    })
+    raster.rename(tmp_path / "ships_moved.tif")
+
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("exportchips", {"INPUT": search["OUTPUT"], "OUTPUT": str(tmp_path / "chips")})
+
+    assert f"The raster {raster} of feature" in str(raised.value)
+    assert "is not found: it was moved, renamed or deleted after the search" in str(raised.value)
 
 
 def test_export_png_chips_with_size(provider, tmp_path, ships_raster):
