@@ -35,6 +35,7 @@ from .raster import (
     _same_crs,
     chip_skip_reason,
     open_raster_quietly,
+    vrt_member_files,
 )
 from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, example_embeddings, search
 
@@ -335,18 +336,39 @@ def changed_source_warnings(index: TileIndex) -> list[str]:
                 "while examples drawn over it are read from the current ones, so the scores compare the two. "
                 "Build the index again to search the raster as it is now."
             )
-        changed_members = []
-        for member in source.get("member_files") or []:
-            member_path = str(member.get("path") or "") if isinstance(member, dict) else ""
-            if member_path and _file_changed(member_path, member):
-                changed_members.append(member_path)
-        if changed_members:
-            warnings.append(
-                f"{_count_files(changed_members)} of the VRT mosaic {path} changed after it was indexed "
-                f"({', '.join(changed_members)}): the index contains embeddings of the earlier pixels, while examples "
-                "drawn over the mosaic are read from the current ones. Build the index again to search the mosaic "
-                "as it is now."
-            )
+        if isinstance(source.get("member_files"), list):
+            warnings.extend(_changed_mosaic_warnings(path, source["member_files"]))
+    return warnings
+
+
+def _changed_mosaic_warnings(path: str, recorded_members: Sequence[Any]) -> list[str]:
+    """Return warnings for a VRT mosaic whose files changed, went missing or are others than when indexed."""
+    recorded_paths = [str(member.get("path") or "") for member in recorded_members if isinstance(member, dict)]
+    changed = [member_path for member_path, member in zip(recorded_paths, recorded_members)
+               if member_path and _file_changed(member_path, member)]
+    missing = [member_path for member_path in recorded_paths if member_path and not os.path.exists(member_path)]
+    current = vrt_member_files(path) if os.path.isfile(path) else None
+    added = [member_path for member_path in current or [] if member_path not in recorded_paths]
+    no_longer_read = [member_path for member_path in recorded_paths
+                      if current is not None and member_path not in current and member_path not in missing]
+    warnings = []
+    consequence = ("the index contains embeddings of the earlier pixels, while examples drawn over the mosaic are "
+                   "read from the current ones. Build the index again to search the mosaic as it is now.")
+    if changed:
+        warnings.append(f"{_count_files(changed)} of the VRT mosaic {path} changed after it was indexed "
+                        f"({', '.join(changed)}): {consequence}")
+    if missing:
+        subject = f"The file {missing[0]} of the VRT mosaic {path} is" if len(missing) == 1 else (
+            f"The files {', '.join(missing)} of the VRT mosaic {path} are")
+        warnings.append(f"{subject} missing, so examples and chips over them cannot be read. Put the files back, or "
+                        "build the index again.")
+    if added or no_longer_read:
+        details = "; ".join(part for part in (
+            f"now also {', '.join(added)}" if added else "",
+            f"no longer {', '.join(no_longer_read)}" if no_longer_read else "",
+        ) if part)
+        warnings.append(f"The VRT mosaic {path} reads other files than when it was indexed ({details}): "
+                        f"{consequence}")
     return warnings
 
 

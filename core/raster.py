@@ -832,13 +832,10 @@ class RasterSource:
         return self._checksum
 
     def member_files(self) -> list[str]:
-        """Return the local files a VRT references, in GDAL's order; empty for any other raster."""
+        """Return the local image files a VRT reads, through nested VRTs too; empty for any other raster."""
         if not self.is_vrt:
             return []
-        listed = self._dataset.GetFileList() or []
-        own_path = os.path.abspath(self.path)
-        return [path for path in dict.fromkeys(listed)
-                if os.path.abspath(path) != own_path and os.path.isfile(path)]
+        return vrt_member_files(self.path, self._dataset) or []
 
     def _member_checksum(self, path: str) -> str:
         if path not in self._member_checksums:
@@ -890,6 +887,36 @@ class RasterSource:
 
     def __repr__(self) -> str:
         return f"RasterSource({self.path!r}, band_indexes={list(self.band_indexes)})"
+
+
+def vrt_member_files(path: str, dataset: Optional[gdal.Dataset] = None) -> Optional[list[str]]:
+    """Return the local files a VRT reads, in GDAL's order, or None when it cannot be opened.
+
+    GDAL lists only the files a VRT names itself, so the files of a VRT it names are looked up
+    in turn, and listed instead of that VRT, whose own bytes QGIS may rewrite (see :func:`_file_stamp`).
+    Files that do not exist are left out, as they cannot be read, and so are .aux.xml sidecars.
+    """
+    if dataset is None:
+        dataset = open_raster_quietly(path)
+        if dataset is None:
+            return None
+    members: list[str] = []
+    visited = {os.path.abspath(path)}
+    pending = [(path, dataset)]
+    while pending:
+        vrt_path, vrt_dataset = pending.pop(0)
+        for listed in vrt_dataset.GetFileList() or []:
+            absolute = os.path.abspath(listed)
+            # QGIS rewrites .aux.xml sidecars when it computes statistics, without new pixels.
+            if absolute in visited or not os.path.isfile(listed) or listed.lower().endswith(".aux.xml"):
+                continue
+            visited.add(absolute)
+            nested = open_raster_quietly(listed) if listed.lower().endswith(".vrt") else None
+            if nested is not None and nested.GetDriver().ShortName == "VRT":
+                pending.append((listed, nested))
+            else:
+                members.append(listed)
+    return members
 
 
 def _file_stamp(path: str) -> dict[str, int]:

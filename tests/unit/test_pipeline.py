@@ -1674,3 +1674,55 @@ def test_vrt_member_copied_not_reported(shared_data, tmp_path):
     os.utime(member, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
 
     assert query_module.changed_source_warnings(TileIndex.open(index_folder)) == []
+
+
+def mosaic_of_copies(shared_data, folder, count):
+    """Copy ``count`` quarters of the ships clip into ``folder`` and return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    clip = geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif")
+    width = gdal.Open(clip).RasterXSize
+    quarters = []
+    for position in range(count):
+        path = folder / f"part{position}.tif"
+        gdal.Translate(str(path), clip, srcWin=[position * width // count, 0, width // count, 200])
+        quarters.append(path)
+    return quarters
+
+
+def test_nested_vrt_member_change_reported(shared_data, tmp_path):
+    parts = mosaic_of_copies(shared_data, tmp_path / "parts", 2)
+    inner = tmp_path / "inner.vrt"
+    gdal.BuildVRT(str(inner), [str(path) for path in parts]).FlushCache()
+    outer = tmp_path / "outer.vrt"
+    gdal.BuildVRT(str(outer), [str(inner)]).FlushCache()
+    index_folder = tmp_path / "index"
+    build_index(parameters([outer], index_folder, tile_size_source_px=64))
+    (record,) = TileIndex.open(index_folder).sources
+    assert sorted(entry["path"] for entry in record["member_files"]) == sorted(str(path) for path in parts)
+
+    dataset = gdal.Open(str(parts[1]), gdal.GA_Update)
+    band = dataset.GetRasterBand(1)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+
+    (warning,) = query_module.changed_source_warnings(TileIndex.open(index_folder))
+    assert f"A file of the VRT mosaic {outer} changed after it was indexed ({parts[1]})" in warning
+
+
+def test_vrt_member_missing_or_replaced_reported(shared_data, tmp_path):
+    parts = mosaic_of_copies(shared_data, tmp_path / "parts", 3)
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), [str(path) for path in parts]).FlushCache()
+    index_folder = tmp_path / "index"
+    build_index(parameters([mosaic], index_folder, tile_size_source_px=64))
+    index = TileIndex.open(index_folder)
+
+    parts[2].rename(tmp_path / "moved.tif")
+    (missing,) = query_module.changed_source_warnings(index)
+    assert f"The file {parts[2]} of the VRT mosaic {mosaic} is missing" in missing
+
+    extra = mosaic_of_copies(shared_data, tmp_path / "extra", 1)[0]
+    gdal.BuildVRT(str(mosaic), [str(parts[0]), str(extra)]).FlushCache()
+    warnings = query_module.changed_source_warnings(index)
+    assert any(f"The VRT mosaic {mosaic} reads other files than when it was indexed (now also {extra}; no longer "
+               f"{parts[1]})" in warning for warning in warnings), warnings
