@@ -41,6 +41,7 @@ from .crs import spatial_reference
 from .errors import LookalikeError, SearchError, SearchIndexError
 from .grid import TileGrid
 from .lock import index_lock
+from .raster import value_stretch_problem
 
 logger = get_logger("index")
 
@@ -1191,14 +1192,19 @@ def _manifest_problem(manifest: dict[str, Any]) -> Optional[str]:
             return f"source {source_id} without a grid"
         if record.get("id") != source_id:
             return f"source {source_id} with id {record.get('id')!r}"
-        stretch = record.get("value_stretch")
-        if stretch is not None and not isinstance(stretch, dict):
-            return f"source {source_id} with a value_stretch of type {type(stretch).__name__}, not dict"
         band_indexes = record.get("band_indexes")
         if band_indexes is not None and not (
             isinstance(band_indexes, list) and band_indexes and all(_is_count(band) and band for band in band_indexes)
         ):
             return f"source {source_id} with band_indexes {band_indexes!r}, not a list of band numbers"
+        stretch = record.get("value_stretch")
+        if stretch is not None:
+            problem = value_stretch_problem(stretch)
+            if problem is not None:
+                return f"source {source_id} with {problem}"
+            if band_indexes is not None and stretch["band_indexes"] != band_indexes:
+                return (f"source {source_id} with band_indexes {band_indexes} but a value_stretch for bands "
+                        f"{stretch['band_indexes']}")
         skipped_counts = record.get("skipped_counts", {})
         if (not isinstance(skipped_counts, dict) or not _is_count(record.get("tile_count", 0))
                 or not all(_is_count(count) and count < 2**62 for count in skipped_counts.values())):

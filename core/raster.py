@@ -938,6 +938,38 @@ def _update_with_file(digest: Any, path: str) -> None:
             digest.update(block)
 
 
+def value_stretch_problem(stretch: Any) -> Optional[str]:
+    """Say what is wrong with a stored value stretch (see :meth:`RasterSource.value_stretch`), or return None.
+
+    Used on manifests, which may have been edited by hand, so that a bad stretch is named when
+    the index opens instead of failing or scaling values wrongly during a search.
+    """
+    if not isinstance(stretch, dict):
+        return f"a value_stretch of type {type(stretch).__name__}, not dict"
+    kind = stretch.get("kind")
+    if kind not in (STRETCH_KIND_BYTE, STRETCH_KIND_PERCENTILE):
+        return f"a value_stretch of kind {kind!r}, not {STRETCH_KIND_BYTE!r} or {STRETCH_KIND_PERCENTILE!r}"
+    value_scale = stretch.get("value_scale")
+    if not (_is_number(value_scale) and value_scale > 0):
+        return f"a value_stretch with value_scale {value_scale!r}, not a positive number"
+    band_indexes = stretch.get("band_indexes")
+    if not (isinstance(band_indexes, list) and band_indexes
+            and all(isinstance(band, int) and not isinstance(band, bool) and band > 0 for band in band_indexes)):
+        return f"a value_stretch with band_indexes {band_indexes!r}, not a list of band numbers"
+    if kind == STRETCH_KIND_PERCENTILE:
+        for key in ("low", "high", "scale", "offset"):
+            values = stretch.get(key)
+            if not (isinstance(values, list) and len(values) == len(band_indexes) and all(map(_is_number, values))):
+                return f"a value_stretch whose {key} is not one number per band ({values!r})"
+        if any(high < low for low, high in zip(stretch["low"], stretch["high"])):
+            return "a value_stretch whose high is below its low"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def apply_stretch(values: np.ndarray, stretch: Mapping[str, Any]) -> np.ndarray:
     """Map source values ``(bands, H, W)`` to float32 encoder raw units ``[0, value_scale]``.
 

@@ -48,7 +48,7 @@ def source_record(grid: TileGrid, path: str = "/data/scene.tif") -> dict:
         "checksum": "b" * 64,
         "grid": grid.to_dict(),
         "band_indexes": [1, 2, 3],
-        "value_stretch": {"low": [0, 0, 0], "high": [255, 255, 255]},
+        "value_stretch": {"kind": "byte_range", "value_scale": 255.0, "band_indexes": [1, 2, 3]},
     }
 
 
@@ -309,6 +309,17 @@ def test_open_detects_embeddings_edited_in_place(tmp_path: Path, edit: str) -> N
     ("metric", "l2", "metric 'l2', not one of cosine"),
     ("crs_wkt", "garbage", "source 0 with an invalid grid .*garbage"),
     ("value_stretch", "junk", "source 0 with a value_stretch of type str, not dict"),
+    ("value_stretch", {"kind": "bogus", "value_scale": 255.0, "band_indexes": [1, 2, 3]},
+     "source 0 with a value_stretch of kind 'bogus'"),
+    ("value_stretch", {"kind": "byte_range", "value_scale": -1, "band_indexes": [1, 2, 3]},
+     "source 0 with a value_stretch with value_scale -1, not a positive number"),
+    ("value_stretch", {"kind": "byte_range", "value_scale": "abc", "band_indexes": [1, 2, 3]},
+     "source 0 with a value_stretch with value_scale 'abc', not a positive number"),
+    ("value_stretch", {"kind": "percentile", "value_scale": 255.0, "band_indexes": [1, 2, 3], "low": [0, 0],
+                       "high": [9, 9, 9], "scale": [1, 1, 1], "offset": [0, 0, 0]},
+     "source 0 with a value_stretch whose low is not one number per band"),
+    ("value_stretch", {"kind": "byte_range", "value_scale": 255.0, "band_indexes": [1, 2, 9]},
+     r"source 0 with band_indexes \[1, 2, 3\] but a value_stretch for bands \[1, 2, 9\]"),
     ("band_indexes", [0, 1, 2], r"source 0 with band_indexes \[0, 1, 2\], not a list of band numbers"),
     ("band_indexes", "1,2,3", "source 0 with band_indexes '1,2,3', not a list of band numbers"),
 ])
