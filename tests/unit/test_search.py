@@ -537,6 +537,14 @@ def test_run_search_single_geometry_rejected(geometry, tmp_path):
         run_search(tmp_path / "no_index", tmp_path / "no_raster.tif", geometry)
 
 
+def test_run_search_generator_rejected(tmp_path):
+    from lookalike.core.query import run_search
+
+    boxes = (box for box in [(557670.0, 4176095.0, 557780.0, 4176355.0)])
+    with pytest.raises(SearchError, match=r"positives must be a list of geometries.*positives=list\(geometries\)"):
+        run_search(tmp_path / "no_index", tmp_path / "no_raster.tif", boxes)
+
+
 def test_moved_indexed_raster_named(shared_data, tmp_path):
     from osgeo import gdal
 
