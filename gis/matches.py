@@ -179,6 +179,18 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
     return [candidate for candidate in candidates if candidate.is_file()]
 
 
+def open_vector_quietly(path: Union[str, Path]) -> Optional[gdal.Dataset]:
+    """Open ``path`` read-only as a vector dataset, or return None; GDAL prints nothing either way."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        return gdal.OpenEx(str(path), gdal.OF_VECTOR | gdal.OF_READONLY)
+    except RuntimeError:
+        # Raised instead of returning None when the caller has enabled gdal.UseExceptions().
+        return None
+    finally:
+        gdal.PopErrorHandler()
+
+
 def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> Optional[list[str]]:
     """Return the layers of the existing vector file ``path`` that are not Lookalike match layers.
 
@@ -186,11 +198,7 @@ def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> O
     layer of that name counts, and an empty list means there is none. Returns None when ``path``
     is not a vector file with layers (a raster, a text file, a damaged file).
     """
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(str(path), gdal.OF_VECTOR | gdal.OF_READONLY)
-    finally:
-        gdal.PopErrorHandler()
+    dataset = open_vector_quietly(path)
     if dataset is None or dataset.GetLayerCount() == 0:
         return None
     match_field_names = {FIELD_RANK, FIELD_SCORE, FIELD_TILE_ID}

@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from osgeo import gdal
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -618,11 +617,7 @@ def _for_each_example(parameter_name: str, feature_ids: list[int], items: list, 
 
 def _first_layer_name(path: str) -> str:
     """Return the name of the layer QGIS opens for a vector file given without a layer name."""
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_READONLY)
-    finally:
-        gdal.PopErrorHandler()
+    dataset = match_layers.open_vector_quietly(path)
     if dataset is None or dataset.GetLayerCount() == 0:
         return ""
     return dataset.GetLayer(0).GetName()
@@ -649,11 +644,7 @@ def _destination_file(destination: str) -> tuple[str, str]:
 
 def _driver_name(path: str) -> str:
     """Return the OGR driver of the existing vector file ``path``, or an empty string."""
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_READONLY)
-    finally:
-        gdal.PopErrorHandler()
+    dataset = match_layers.open_vector_quietly(path)
     return dataset.GetDriver().ShortName if dataset is not None else ""
 
 
