@@ -34,6 +34,8 @@ class LookalikePlugin:
     # Called by QGIS before initGui for plugins with hasProcessingProvider=yes, and again by
     # initGui for QGIS versions that do not.
     def initProcessing(self) -> None:  # noqa: N802 - QGIS plugin interface
+        # Packages the Install button put into the profile in an earlier session.
+        dependencies.add_packages_folder_to_path()
         if self.log_handler is None:
             # qgis_process calls only this method. Without a handler, Python's logging would print
             # each warning to stderr, after Processing has already shown it.

@@ -120,9 +120,9 @@ def tr(text: str) -> str:
 def require_packages(import_names: Sequence[str]) -> None:
     """Raise QgsProcessingException when a runtime package the algorithm needs cannot be imported.
 
-    Packages installed by the plugin's Install action live in a profile folder that the GUI adds
-    to ``sys.path`` at start. ``qgis_process`` starts only the provider, so the folder is added
-    here as well.
+    Packages installed by the plugin's Install action live in a profile folder that the plugin
+    adds to ``sys.path`` when it starts. It is added here as well, for a provider registered
+    without the plugin, as in a standalone script.
     """
     dependencies.add_packages_folder_to_path()
     missing = core_dependencies.missing_packages(import_names)

@@ -88,6 +88,23 @@ def test_load_unload_load_again(qgis_iface):
         assert "lookalike" not in _provider_ids()
 
 
+def test_installed_packages_found_at_start(plugin, monkeypatch, tmp_path):
+    # The Install button of an earlier session left a package in the profile's folder.
+    folder = tmp_path / "packages"
+    (folder / "lookalike_probe_package").mkdir(parents=True)
+    (folder / "lookalike_probe_package" / "__init__.py").write_text("FOUND = True\n", encoding="utf-8")
+    monkeypatch.setattr(dependencies, "packages_folder", lambda: folder)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+
+    plugin.initGui()
+
+    assert str(folder) in sys.path
+    import lookalike_probe_package
+
+    assert lookalike_probe_package.FOUND
+    sys.modules.pop("lookalike_probe_package", None)
+
+
 def test_missing_package_shows_install_button(plugin, qgis_iface, monkeypatch):
     monkeypatch.setattr(dependencies, "missing_packages", lambda names=None: ["hnswlib"])
     monkeypatch.setattr(plugin_module.dependencies, "missing_packages", lambda names=None: ["hnswlib"])
