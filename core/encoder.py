@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
 from . import get_logger
+from .dependencies import RUNTIME_REQUIREMENTS
 from .errors import EncoderError
 from .spec import ModelSpec
 
@@ -262,8 +264,9 @@ def _import_onnxruntime() -> Any:
         import onnxruntime
     except ImportError as error:
         raise EncoderError(
-            "The Python package onnxruntime is not installed; install it with "
-            "'python -m pip install onnxruntime' in the Python that runs QGIS."
+            f"The Python package onnxruntime cannot be imported by {sys.executable}. In QGIS, click Install in the "
+            "Lookalike message bar. Elsewhere, install it for that Python with pip, naming the numpy it has so that "
+            f"pip keeps it: python -m pip install '{RUNTIME_REQUIREMENTS['onnxruntime']}' 'numpy=={np.__version__}'."
         ) from error
     return onnxruntime
 

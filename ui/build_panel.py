@@ -306,6 +306,7 @@ class BuildPanelMixin:
         self.encoder_file.setVisible(self.encoder_combo.currentData() == OTHER_ENCODER)
         path = self.encoder_path()
         self.encoder_spec = None
+        self._encoder_failure = None
         if not self._restoring:
             # The analyst chose another encoder, whose suggested GSD then applies.
             self._gsd_chosen = False
@@ -325,6 +326,7 @@ class BuildPanelMixin:
     def _on_encoder_loaded(self, task: LookalikeTask) -> None:
         if task.outcome is not TaskOutcome.SUCCEEDED:
             self.encoder_info.setText("This encoder cannot be used; see the message bar.")
+            self._encoder_failure = str(task.error)
             self._report_failure("Reading the encoder", task)
             return
         encoder: OnnxEncoder = task.result
@@ -635,8 +637,10 @@ class BuildPanelMixin:
         encoder_path = self.encoder_path()
         if not encoder_path or not Path(encoder_path).is_file():
             raise LookalikeError(f"The encoder file {encoder_path or '(none)'} is missing; choose an ONNX model.")
+        if self.encoder_spec is None and getattr(self, "_encoder_failure", None):
+            raise LookalikeError(f"The encoder cannot be used: {self._encoder_failure}")
         if self.encoder_spec is None:
-            raise LookalikeError("The encoder is still loading or cannot be used; wait or choose another model.")
+            raise LookalikeError("The encoder is still loading; build again in a moment.")
 
         source = source_spec_for_layer(layer)
         region, bounds_and_crs = self.build_region()

@@ -652,3 +652,21 @@ def test_bundled_encoder_survives_a_project_move(qgis_new_project, tmp_path):
     QgsProject.instance().clear()
     assert QgsProject.instance().read(str(tmp_path / "deeper" / "still" / "survey.qgz"))
     assert project_state.read_state(QgsProject.instance()).encoder_path == str(default_model_path())
+
+
+def test_unusable_encoder_named_at_build(dock, ships_clip, tmp_path, qgis_iface):
+    not_a_model = tmp_path / "notes.onnx"
+    not_a_model.write_text("not an ONNX model", encoding="utf-8")
+    dock.raster_combo.setLayer(ships_clip)
+    dock.encoder_file.setFilePath(str(not_a_model))
+    wait_for_tasks(dock)
+    qgis_iface.messageBar().clear_messages()
+
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+
+    assert dock.build_task is None
+    errors = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Critical) + \
+        qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("The encoder cannot be used:" in text for text in errors), errors
+    assert not any("still loading" in text for text in errors), errors

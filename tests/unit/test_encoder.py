@@ -284,3 +284,20 @@ else:
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
+
+
+def test_missing_onnxruntime_message(monkeypatch):
+    import sys
+
+    from lookalike.core import encoder as encoder_module
+
+    # A None entry makes "import onnxruntime" raise ImportError, as in a Python without it.
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+
+    with pytest.raises(EncoderError) as raised:
+        encoder_module._import_onnxruntime()
+
+    message = str(raised.value)
+    assert f"cannot be imported by {sys.executable}" in message
+    assert "click Install in the Lookalike message bar" in message
+    assert f"'numpy=={np.__version__}'" in message
