@@ -16,6 +16,9 @@ RUNTIME_FILES = ("metadata.txt", "__init__.py", "plugin.py", "icon.svg", "LICENS
 RUNTIME_FOLDERS = ("core", "gis", "processing", "ui", "models")
 EXCLUDED_SUFFIXES = (".pyc", ".pyo")
 EXCLUDED_FOLDER_NAMES = ("__pycache__",)
+# Files a checkout gathers beside the runtime files: editor backups, GDAL's .aux.xml sidecars,
+# and hidden files and folders (.DS_Store, .ruff_cache, .pytest_cache).
+EXCLUDED_NAME_ENDINGS = ("~", ".aux.xml", ".swp", ".orig", ".rej")
 
 
 def runtime_paths(repo_root: Path = REPO_ROOT) -> list:
@@ -29,9 +32,9 @@ def runtime_paths(repo_root: Path = REPO_ROOT) -> list:
     for folder in RUNTIME_FOLDERS:
         for path in sorted((repo_root / folder).rglob("*")):
             relative = path.relative_to(repo_root)
-            if not path.is_file() or path.suffix in EXCLUDED_SUFFIXES:
+            if not path.is_file() or path.suffix in EXCLUDED_SUFFIXES or path.name.endswith(EXCLUDED_NAME_ENDINGS):
                 continue
-            if any(part in EXCLUDED_FOLDER_NAMES for part in relative.parts):
+            if any(part in EXCLUDED_FOLDER_NAMES or part.startswith(".") for part in relative.parts):
                 continue
             paths.append(relative)
     return sorted(paths)

@@ -637,7 +637,7 @@ class BuildPanelMixin:
         encoder_path = self.encoder_path()
         if not encoder_path or not Path(encoder_path).is_file():
             raise LookalikeError(f"The encoder file {encoder_path or '(none)'} is missing; choose an ONNX model.")
-        if self.encoder_spec is None and getattr(self, "_encoder_failure", None):
+        if self.encoder_spec is None and self._encoder_failure:
             raise LookalikeError(f"The encoder cannot be used: {self._encoder_failure}")
         if self.encoder_spec is None:
             raise LookalikeError("The encoder is still loading; build again in a moment.")

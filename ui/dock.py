@@ -85,6 +85,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self._query_emptied_by_removal = False
         self.last_build_request: Optional[jobs.BuildRequest] = None
         self.encoder_spec = None
+        # Why the chosen encoder could not be read, shown when a build is started with it.
+        self._encoder_failure: Optional[str] = None
         self._encoder_cache: Optional[OnnxEncoder] = None
         self._tasks: Dict[int, LookalikeTask] = {}
         # Ids of running tasks whose result belongs to a closed project. Their callbacks get them
