@@ -31,7 +31,7 @@ import os
 import queue
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -367,8 +367,9 @@ def _build_index_locked(
         warnings=warnings,
     )
     LOGGER.info(
-        "Built %s: %d tiles embedded, %d skipped %s, in %.1f s (%.1f tiles/s)",
-        params.index_folder, report.tiles_embedded, report.tiles_skipped, report.skipped_by_reason,
+        "Built %s: %d tiles embedded, %d skipped (%s), in %.1f s (%.1f tiles/s)",
+        params.index_folder, report.tiles_embedded, report.tiles_skipped, describe_skipped(report.skipped_by_reason)
+        or "none",
         elapsed_s, report.rate_tiles_per_s,
     )
     return report
@@ -402,6 +403,12 @@ SKIP_REASON_WORDS = {
 def _describe_skips(counts: np.ndarray) -> str:
     return ", ".join(f"{int(count)} {SKIP_REASON_WORDS[reason]}" for reason, count in zip(SKIP_REASONS, counts)
                      if count)
+
+
+def describe_skipped(skipped_by_reason: Mapping[str, int]) -> str:
+    """Return skip counts in words, such as "5 mostly nodata or off the raster, 2 blank"; empty when none."""
+    return ", ".join(f"{count} {SKIP_REASON_WORDS.get(reason, reason)}"
+                     for reason, count in skipped_by_reason.items() if count)
 
 
 def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray) -> str:

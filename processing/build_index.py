@@ -29,7 +29,7 @@ from ..core.encoder import OnnxEncoder, default_model_path
 from ..core.grid import stride_from_overlap
 from ..core.index import first_grid_in
 from ..core.parameters import MAX_ENCODER_THREADS, MAX_OVERLAP_PERCENT
-from ..core.pipeline import BuildParameters, Progress, Region, build_index
+from ..core.pipeline import BuildParameters, Progress, Region, build_index, describe_skipped
 from .support import (
     ENCODER_FILE_FILTER,
     ENCODER_PACKAGES,
@@ -267,7 +267,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
 
         for warning in report.warnings:
             feedback.pushWarning(with_parameter_names(warning, PARAMETER_NAMES))
-        skipped = ", ".join(f"{count} {reason}" for reason, count in report.skipped_by_reason.items())
+        skipped = describe_skipped(report.skipped_by_reason)
         if report.already_complete:
             feedback.pushWarning(tr(
                 f"The index in {report.index_folder} already contains this build (the same rasters and "

@@ -1726,3 +1726,12 @@ def test_vrt_member_missing_or_replaced_reported(shared_data, tmp_path):
     warnings = query_module.changed_source_warnings(index)
     assert any(f"The VRT mosaic {mosaic} reads other files than when it was indexed (now also {extra}; no longer "
                f"{parts[1]})" in warning for warning in warnings), warnings
+
+
+def test_skip_counts_in_words():
+    from lookalike.core.pipeline import describe_skipped
+
+    assert describe_skipped({"masked": 0, "mostly_invalid": 5, "blank": 2}) == (
+        "5 mostly nodata or off the raster, 2 blank"
+    )
+    assert describe_skipped({"masked": 0, "mostly_invalid": 0, "blank": 0}) == ""
