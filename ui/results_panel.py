@@ -221,9 +221,12 @@ class ResultsPanelMixin:
             return None
         count = layer.featureCount()
         # The layer's filter is the Min score slider: the matches below it are not written.
-        filter_note = " shown above Min score" if layer.subsetString() else ""
-        self.push_message(f"Exported {count} {'match' if count == 1 else 'matches'}{filter_note} to {written}.",
-                          Qgis.MessageLevel.Success)
+        total = len(self.matches)
+        if layer.subsetString() and count < total:
+            what = f"{count} of the {total} matches, those at or above Min score {self.score_threshold():.3f},"
+        else:
+            what = f"{count} {'match' if count == 1 else 'matches'}"
+        self.push_message(f"Exported {what} to {written}.", Qgis.MessageLevel.Success)
         return written
 
     def export_chips_with_dialog(self) -> None:

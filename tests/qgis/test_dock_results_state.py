@@ -413,6 +413,23 @@ def test_slider_end_keeps_single_match(searched, qgis_canvas, ships_layer):
     assert "(1 shown)" in searched.threshold_label.text()
 
 
+def test_export_message_counts_filtered_matches(searched, qgis_iface, tmp_path):
+    qgis_iface.messageBar().clear_messages()
+    searched.export_layer(str(tmp_path / "all.gpkg"), "GeoPackage")
+    successes = messages(qgis_iface, Qgis.MessageLevel.Success)
+    assert any(f"Exported 3 matches to {tmp_path / 'all.gpkg'}" in text for text in successes), successes
+
+    searched.threshold_slider.setValue(searched.threshold_slider.maximum())
+    shown = searched.result_layer().featureCount()
+    assert shown < 3
+    qgis_iface.messageBar().clear_messages()
+    searched.export_layer(str(tmp_path / "best.gpkg"), "GeoPackage")
+
+    successes = messages(qgis_iface, Qgis.MessageLevel.Success)
+    assert any(f"Exported {shown} of the 3 matches, those at or above Min score" in text for text in successes), \
+        successes
+
+
 def test_chips_at_slider_end_export_best_match(searched, qgis_canvas, ships_layer, tmp_path):
     folder = tmp_path / "chips"
     searched.export_chips(str(folder))
