@@ -29,6 +29,7 @@ from .support import (
     cancel_check,
     core_errors,
     gdal_source_path,
+    reject_output_in_any_index,
     reject_outputs_over_rasters,
     set_progress,
     tr,
@@ -159,6 +160,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
                 [request.source_path for request in requests],
                 self.RASTER if raster_path else f"the '{match_layers.FIELD_SOURCE}' field of {self.INPUT}",
             )
+            reject_output_in_any_index(folder, self.OUTPUT, is_folder=True)
             feedback.pushInfo(tr(f"Exporting {len(requests)} chips to {folder}"))
             report = chip_export.export_chips(
                 requests,

@@ -286,21 +286,28 @@ def reject_output_in_folder(output_path: str, output_name: str, folder: str, fol
         ))
 
 
-def reject_output_in_any_index(output_path: str, output_name: str) -> None:
-    """Raise QgsProcessingException when an output path lies in a Lookalike index folder.
+def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bool = False) -> None:
+    """Raise QgsProcessingException when an output path is in a Lookalike index folder, or is one.
 
     This covers the indexes not given to the algorithm, such as another index's manifest.json
-    given as OUTPUT_JSON. Symlinks are resolved first.
+    given as OUTPUT_JSON. Symlinks are resolved first. ``is_folder`` marks an output folder,
+    which must not be an index folder either.
     """
     if not output_path:
         return
     from ..core.index import FOLDER_DAMAGED_INDEX, FOLDER_INDEX, FOLDER_UNFINISHED, index_folder_state
 
-    folder = Path(os.path.realpath(output_path)).parent
-    if index_folder_state(folder) in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED):
+    index_states = (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED)
+    real_path = Path(os.path.realpath(output_path))
+    if is_folder and index_folder_state(real_path) in index_states:
         raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is inside the Lookalike index folder {folder}, where writing it could "
-            "replace a file of that index. Choose a file outside that folder."
+            f"{output_name}: {output_path} is a Lookalike index folder, where the outputs could replace its files. "
+            "Choose another folder."
+        ))
+    if index_folder_state(real_path.parent) in index_states:
+        raise QgsProcessingException(tr(
+            f"{output_name}: {output_path} is inside the Lookalike index folder {real_path.parent}, where writing it "
+            f"could replace a file of that index. Choose a {'folder' if is_folder else 'file'} outside that folder."
         ))
 
 

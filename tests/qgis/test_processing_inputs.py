@@ -429,6 +429,21 @@ def test_indexinfo_keeps_other_index_manifest(tiny_index, two_raster_index, tmp_
     assert TileIndex.open(two_raster_index).count > 0
 
 
+@pytest.mark.parametrize("inside", [False, True])
+def test_exportchips_keeps_out_of_index_folders(two_raster_index, ships_raster, tmp_path, inside):
+    index_folder = Path(two_raster_index)
+    before = folder_contents(index_folder)
+    folder = index_folder / "chips" if inside else index_folder
+
+    message = run_failure("exportchips", {
+        "INPUT": polygon_layer([SHIPS_RASTER_BOX]), "RASTER": ships_raster, "OUTPUT": str(folder),
+    })
+
+    expected = "is inside the Lookalike index folder" if inside else "is a Lookalike index folder"
+    assert f"OUTPUT: {folder} {expected}" in message
+    assert folder_contents(index_folder) == before
+
+
 def index_copy(tiny_index: str, tmp_path: Path) -> Path:
     """Copy the shared index for a test that could damage it, so a failure stays in that test."""
     return Path(shutil.copytree(tiny_index, tmp_path / "index_copy"))
