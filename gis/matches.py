@@ -166,16 +166,29 @@ def matches_to_memory_layer(
 
 
 # Files of one shapefile: writing matches.shp replaces matches.dbf, matches.prj and the others too.
-SHAPEFILE_MEMBER_SUFFIXES = (".shp", ".shx", ".dbf", ".prj", ".cpg")
+# QGIS's writer removes these spatial-index and projection sidecars as well, in any letter case.
+SHAPEFILE_MEMBER_SUFFIXES = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".qpj", ".sbn", ".sbx", ".idm", ".ind")
+# A GML file comes with the schema the writer creates beside it.
+# Formats that keep the fields of a layer as written, so that a field added later is visible.
+EXACT_SCHEMA_DRIVERS = frozenset({"GPKG", "SQLite", "ESRI Shapefile", "GeoJSON", "FlatGeobuf"})
+GML_SCHEMA_SUFFIX = ".xsd"
 
 
 def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) -> list[Path]:
     """Return the existing files that writing matches to ``path`` would replace."""
     path = Path(path)
     if path.suffix.lower() == ".shp" or driver_name == "ESRI Shapefile":
-        candidates = [path.with_suffix(suffix) for suffix in SHAPEFILE_MEMBER_SUFFIXES]
-    else:
-        candidates = [path]
+        suffixes = set(SHAPEFILE_MEMBER_SUFFIXES)
+        folder = path.parent
+        stem = path.stem
+        if not folder.is_dir():
+            return []
+        # Compared without letter case: data.SHP and data.DBF go as well as data.shp.
+        return sorted(entry for entry in folder.iterdir()
+                      if entry.is_file() and entry.stem.lower() == stem.lower() and entry.suffix.lower() in suffixes)
+    candidates = [path]
+    if path.suffix.lower() == ".gml":
+        candidates.append(path.with_suffix(GML_SCHEMA_SUFFIX))
     return [candidate for candidate in candidates if candidate.is_file()]
 
 
@@ -192,26 +205,51 @@ def open_vector_quietly(path: Union[str, Path]) -> Optional[gdal.Dataset]:
 
 
 def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> Optional[list[str]]:
-    """Return the layers of the existing vector file ``path`` that are not Lookalike match layers.
+    """Return the layers and tables of the existing vector file ``path`` that are not Lookalike match layers.
 
-    A match layer has at least the fields rank, score and tile_id. With ``layer_name``, only the
-    layer of that name counts, and an empty list means there is none. Returns None when ``path``
-    is not a vector file with layers (a raster, a text file, a damaged file).
+    A match layer has the fields rank, score and tile_id. In formats that keep a layer's fields as
+    written, it has no other fields than a search writes, so a field the analyst added makes it
+    theirs. With ``layer_name``, only the layer of that name counts, compared without letter case
+    as GeoPackage does, and an empty list means there is none. Returns None when ``path`` is not
+    a vector file with layers (a raster, a text file, a damaged file).
     """
     dataset = open_vector_quietly(path)
     if dataset is None or dataset.GetLayerCount() == 0:
         return None
-    match_field_names = {FIELD_RANK, FIELD_SCORE, FIELD_TILE_ID}
+    exact_schema = dataset.GetDriver().ShortName in EXACT_SCHEMA_DRIVERS
+    written_field_names = {name.lower() for name in match_fields().names()}
+    required_field_names = {FIELD_RANK, FIELD_SCORE, FIELD_TILE_ID}
     foreign = []
     for layer_position in range(dataset.GetLayerCount()):
         layer = dataset.GetLayer(layer_position)
-        if layer_name and layer.GetName() != layer_name:
+        if layer_name and layer.GetName().lower() != layer_name.lower():
             continue
         definition = layer.GetLayerDefn()
         field_names = {definition.GetFieldDefn(field).GetName().lower() for field in range(definition.GetFieldCount())}
-        if not match_field_names <= field_names:
+        if not required_field_names <= field_names or (exact_schema and not field_names <= written_field_names):
             foreign.append(layer.GetName())
+    if not layer_name:
+        # OGR does not list the raster tables of a GeoPackage, which the file's replacement deletes too.
+        foreign.extend(_geopackage_raster_tables(path))
     return foreign
+
+
+def _geopackage_raster_tables(path: Union[str, Path]) -> list[str]:
+    """Return the names of the tiled raster tables of a GeoPackage; empty for any other file."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(str(path), gdal.OF_RASTER | gdal.OF_READONLY, allowed_drivers=["GPKG"])
+    except RuntimeError:
+        dataset = None
+    finally:
+        gdal.PopErrorHandler()
+    if dataset is None:
+        return []
+    subdatasets = [name for name, _description in dataset.GetSubDatasets()]
+    if not subdatasets:
+        # A GeoPackage with a single raster table opens as that table.
+        return [dataset.GetMetadataItem("IDENTIFIER") or "a raster table"]
+    return [name.rsplit(":", 1)[-1] for name in subdatasets]
 
 
 def write_matches(

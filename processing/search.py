@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
+from osgeo import gdal
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -440,7 +441,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
     def _check_output(self, parameters: dict, context: QgsProcessingContext, index_folder: str) -> None:
         """Reject an OUTPUT file that would replace the file of POSITIVES or NEGATIVES, or an index file."""
-        output_path, output_layer = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
+        destination = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
+        output_path, output_layer = destination.path, destination.layer
         if not output_path:
             return
         folder = Path(output_path).parent
@@ -456,10 +458,11 @@ class SearchAlgorithm(LookalikeAlgorithm):
             input_path, input_layer = self._input_file(parameters, name, context)
             if not input_path or not same_file(input_path, output_path):
                 continue
-            if output_layer and input_layer and output_layer != input_layer:
+            # GeoPackage layer names ignore letter case.
+            if output_layer and input_layer and output_layer.lower() != input_layer.lower():
                 # Another layer of the same GeoPackage leaves the examples' layer in place.
                 continue
-            if output_layer and output_layer != _first_layer_name(input_path):
+            if output_layer and output_layer.lower() != _first_layer_name(input_path).lower():
                 # QGIS 3.22 failed to load the new layer after writing it into the GeoPackage that
                 # it read the examples from without a layer name.
                 raise QgsProcessingException(tr(
@@ -471,14 +474,15 @@ class SearchAlgorithm(LookalikeAlgorithm):
                 f"{self.OUTPUT}: {output_path} is the file of {name}, and writing the matches there "
                 "would replace the examples. Choose another output file."
             ))
-        self._reject_replacing_user_data(output_path, output_layer)
+        self._reject_replacing_user_data(destination)
 
-    def _reject_replacing_user_data(self, output_path: str, output_layer: str) -> None:
+    def _reject_replacing_user_data(self, destination: _Destination) -> None:
         """Reject an OUTPUT that would replace a file or layer that is not a Lookalike match layer.
 
         Processing replaces an existing file whole, every layer of a GeoPackage included, and
         qgis_process cannot ask first. Match layers of an earlier search may be replaced.
         """
+        output_path, output_layer = destination.path, destination.layer
         if Path(output_path).is_dir():
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} is a folder; give the name of a file to write the matches to."
@@ -487,37 +491,44 @@ class SearchAlgorithm(LookalikeAlgorithm):
         if not replaced:
             return
         if not Path(output_path).is_file():
-            # Only other files of a shapefile exist, such as a .dbf of that name.
+            # Only other files of that name exist, such as a .dbf of a shapefile or a GML schema.
             names = ", ".join(str(path) for path in replaced)
             raise QgsProcessingException(tr(
-                f"{self.OUTPUT}: writing the shapefile {output_path} would replace {names}, which Lookalike "
-                "did not write. Choose another output file."
+                f"{self.OUTPUT}: writing {output_path} would replace {names}, which Lookalike did not write. Choose "
+                "another output file."
             ))
-        foreign = match_layers.layers_not_from_lookalike(output_path, output_layer)
+        driver = _driver_name(output_path)
+        adds_layers = driver in MULTI_LAYER_DRIVERS
+        if destination.is_ogr_uri and not adds_layers:
+            # QGIS 3.22 deleted a shapefile given as an ogr: URI and then failed to write the layer.
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} exists, and Lookalike adds a layer only to a GeoPackage or SQLite "
+                f"file, not to a file in the {driver or 'unknown'} format. Give a new file name, or the file's path "
+                "itself to replace a match layer an earlier search wrote there."
+            ))
+        if output_layer and adds_layers:
+            foreign = match_layers.layers_not_from_lookalike(output_path, output_layer)
+            if foreign:
+                raise QgsProcessingException(tr(
+                    f"{self.OUTPUT}: the layer '{foreign[0]}' of {output_path} is not a Lookalike match layer, and "
+                    f"writing the matches as '{output_layer}' would replace it. Choose another layer name."
+                ))
+            return
+        foreign = match_layers.layers_not_from_lookalike(output_path)
         if foreign is None:
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} exists and is not a vector file that Lookalike wrote, so writing "
                 "the matches would replace it. Choose another output file, or delete that file first."
             ))
-        driver = _driver_name(output_path)
-        holds_layers = driver in MULTI_LAYER_DRIVERS
-        if output_layer and not holds_layers:
-            # QGIS 3.22 deleted a shapefile given this way and then failed to write the layer.
-            raise QgsProcessingException(tr(
-                f"{self.OUTPUT}: {output_path} is in the {driver} format, which holds a single layer, so a layer "
-                f"named '{output_layer}' cannot be added to it. Choose another output file."
-            ))
-        if foreign and output_layer:
-            raise QgsProcessingException(tr(
-                f"{self.OUTPUT}: the layer '{output_layer}' of {output_path} is not a Lookalike match layer, and "
-                "writing the matches would replace it. Choose another layer name."
-            ))
         if foreign:
-            advice = (f" Choose another output file, or add the matches to it as a new layer with "
-                      f"OUTPUT={_ogr_uri(output_path, 'matches')}." if holds_layers else " Choose another output file.")
+            advice = "Choose another output file."
+            # QGIS 3.22 takes the driver from everything after the first dot, so a.b.gpkg fails as an ogr: URI.
+            if adds_layers and Path(output_path).name.count(".") == 1:
+                advice = ("Choose another output file, or add the matches to this one as a new layer with this "
+                          f"OUTPUT: {_ogr_uri(output_path, 'matches')}")
             raise QgsProcessingException(tr(
-                f"{self.OUTPUT}: {output_path} contains layers that Lookalike did not write "
-                f"({', '.join(foreign)}), and writing the matches replaces the whole file.{advice}"
+                f"{self.OUTPUT}: {output_path} contains layers or fields that Lookalike did not write "
+                f"({', '.join(foreign)}), and writing the matches replaces the whole file. {advice}"
             ))
 
     def _input_file(self, parameters: dict, name: str, context: QgsProcessingContext) -> tuple[str, str]:
@@ -623,28 +634,53 @@ def _first_layer_name(path: str) -> str:
     return dataset.GetLayer(0).GetName()
 
 
-def _destination_file(destination: str) -> tuple[str, str]:
-    """Return the file and layer name a sink destination writes; empty strings for memory and databases.
+class _Destination(NamedTuple):
+    """The file and layer a sink destination writes; ``path`` is empty for memory and databases."""
+
+    path: str
+    layer: str = ""
+    # True for an "ogr:" URI, which QGIS opens in place instead of replacing the file.
+    is_ogr_uri: bool = False
+
+
+def _destination_file(destination: str) -> _Destination:
+    """Return the file and layer name a sink destination writes.
 
     The file is the one QGIS writes: a path without the extension of a vector format gets the
     default one (``.gpkg``), so ``matches`` and ``r.tif`` become ``matches.gpkg`` and ``r.tif.gpkg``.
     """
     if destination.startswith("ogr:"):
-        uri = QgsDataSourceUri(destination[len("ogr:"):])
-        return uri.database(), uri.table()
+        uri_text = destination[len("ogr:"):]
+        if "dbname=" not in uri_text:
+            # "ogr:/path/file.gpkg|layername=name", the form QGIS gives its own OGR layers.
+            path, _, options = uri_text.partition("|")
+            layer = options.partition("layername=")[2].split("|")[0] if "layername=" in options else ""
+            return _Destination(path, layer, is_ogr_uri=True)
+        uri = QgsDataSourceUri(uri_text)
+        return _Destination(uri.database(), uri.table(), is_ogr_uri=True)
     # Provider prefixes such as "memory:" or "postgres:" name no file. A Windows drive letter is
     # a single letter, so it does not match.
     if re.match(r"[A-Za-z]{2,}:", destination):
-        return "", ""
+        return _Destination("")
     extension = Path(destination).suffix[1:]
-    if not extension or not QgsVectorFileWriter.driverForExtension(extension):
+    driver = QgsVectorFileWriter.driverForExtension(extension) if extension else ""
+    if not driver:
         destination = f"{destination}.{QgsProcessingUtils.defaultVectorExtension()}"
-    return destination, ""
+    elif driver == "ESRI Shapefile" and extension.lower() != "shp":
+        # QGIS 3.22 writes "name.shz" as the shapefile "name.shz.shp".
+        destination = f"{destination}.shp"
+    return _Destination(destination)
 
 
 def _driver_name(path: str) -> str:
-    """Return the OGR driver of the existing vector file ``path``, or an empty string."""
-    dataset = match_layers.open_vector_quietly(path)
+    """Return the GDAL driver of the existing file ``path``, vector or raster, or an empty string."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_RASTER | gdal.OF_READONLY)
+    except RuntimeError:
+        dataset = None
+    finally:
+        gdal.PopErrorHandler()
     return dataset.GetDriver().ShortName if dataset is not None else ""
 
 

@@ -20,11 +20,13 @@ from osgeo import gdal
 from processing_testing import point_layer, polygon_layer, run_algorithm
 from qgis.core import (
     QgsFeature,
+    QgsField,
     QgsGeometry,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsVectorLayer,
 )
+from qgis.PyQt.QtCore import QVariant
 
 from lookalike.core.encoder import default_model_path
 from lookalike.core.errors import SearchError
@@ -231,8 +233,8 @@ def test_search_keeps_user_geopackage(tiny_index, tiny_encoder, tmp_path):
         "OUTPUT": str(geopackage),
     })
 
-    assert f"OUTPUT: {geopackage} contains layers that Lookalike did not write (parcels)" in message
-    assert f"OUTPUT=ogr:dbname='{geopackage}' table=\"matches\" (geom)" in message
+    assert f"OUTPUT: {geopackage} contains layers or fields that Lookalike did not write (parcels)" in message
+    assert f"with this OUTPUT: ogr:dbname='{geopackage}' table=\"matches\" (geom)" in message
     assert geopackage.read_bytes() == before
 
 
@@ -299,7 +301,7 @@ def test_search_output_without_extension_checked(tiny_index, tiny_encoder, tmp_p
         "OUTPUT": str(tmp_path / "work"),
     })
 
-    assert f"OUTPUT: {geopackage} contains layers that Lookalike did not write (parcels)" in message
+    assert f"OUTPUT: {geopackage} contains layers or fields that Lookalike did not write (parcels)" in message
     assert geopackage.read_bytes() == before
 
 
@@ -343,7 +345,8 @@ def test_search_no_layer_added_to_single_layer_file(tiny_index, tiny_encoder, tm
         "OUTPUT": f"ogr:dbname='{path}' table=\"matches\" (geom)",
     })
 
-    assert f"OUTPUT: {path} is in the {driver} format, which holds a single layer" in message
+    assert f"OUTPUT: {path} exists, and Lookalike adds a layer only to a GeoPackage or SQLite file, not to a " \
+        f"file in the {driver} format" in message
     assert {member.name: member.read_bytes() for member in tmp_path.glob("roads.*")} == before
 
 
@@ -358,7 +361,7 @@ def test_search_user_shapefile_gets_no_layer_advice(tiny_index, tiny_encoder, tm
         "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "OUTPUT": str(path),
     })
 
-    assert "contains layers that Lookalike did not write (roads)" in message
+    assert "contains layers or fields that Lookalike did not write (roads)" in message
     assert "ogr:dbname" not in message
 
 
@@ -372,7 +375,7 @@ def test_search_layer_advice_quotes_path(tiny_index, tiny_encoder, tmp_path):
         "OUTPUT": str(geopackage),
     })
 
-    advised = message[message.index("OUTPUT=ogr:") + len("OUTPUT="):].rstrip(".")
+    advised = message[message.index("with this OUTPUT: ") + len("with this OUTPUT: "):]
     results = run_algorithm("search", {
         "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "K": 2,
         "OUTPUT": advised,
@@ -380,6 +383,113 @@ def test_search_layer_advice_quotes_path(tiny_index, tiny_encoder, tmp_path):
     assert results["MATCH_COUNT"] == 2
     assert QgsVectorLayer(f"{geopackage}|layername=parcels", "parcels", "ogr").featureCount() == 1
     assert QgsVectorLayer(f"{geopackage}|layername=matches", "matches", "ogr").featureCount() == 2
+
+
+def test_search_keeps_raster_table_of_geopackage(tiny_index, tiny_encoder, ships_raster, tmp_path):
+    geopackage = tmp_path / "mixed.gpkg"
+    parameters = {"INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+                  "OUTPUT": str(geopackage)}
+    run_algorithm("search", parameters)
+    added = gdal.Translate(str(geopackage), ships_raster, format="GPKG", width=32, height=32,
+                           creationOptions=["APPEND_SUBDATASET=YES", "RASTER_TABLE=imagery"])
+    assert added is not None
+    added = None
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", parameters)
+
+    assert "did not write (imagery)" in message
+    assert geopackage.read_bytes() == before
+
+
+def test_search_keeps_fields_added_to_matches(tiny_index, tiny_encoder, tmp_path):
+    geopackage = tmp_path / "reviewed.gpkg"
+    parameters = {"INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+                  "OUTPUT": str(geopackage)}
+    run_algorithm("search", parameters)
+    layer = QgsVectorLayer(str(geopackage), "reviewed", "ogr")
+    assert layer.dataProvider().addAttributes([QgsField("verified", QVariant.String)])
+    layer = None
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", parameters)
+
+    assert "contains layers or fields that Lookalike did not write (reviewed)" in message
+    assert geopackage.read_bytes() == before
+
+
+def test_search_layer_name_compared_without_case(tiny_index, tiny_encoder, tmp_path):
+    geopackage = user_geopackage(tmp_path / "work.gpkg")
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": f"ogr:dbname='{geopackage}' table=\"PARCELS\" (geom)",
+    })
+
+    assert f"OUTPUT: the layer 'parcels' of {geopackage} is not a Lookalike match layer" in message
+    assert geopackage.read_bytes() == before
+
+
+@pytest.mark.parametrize("form", ["ogr:{path}", "ogr:dbname='{path}'"])
+def test_search_ogr_uri_keeps_shapefile(tiny_index, tiny_encoder, tmp_path, form):
+    path = tmp_path / "data.shp"
+    converted = gdal.VectorTranslate(str(path), str(ship_point_geojson(tmp_path / "examples.geojson")),
+                                     format="ESRI Shapefile")
+    assert converted is not None
+    converted = None
+    before = {member.name: member.read_bytes() for member in tmp_path.glob("data.*")}
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": form.format(path=path),
+    })
+
+    assert "Lookalike adds a layer only to a GeoPackage or SQLite file" in message
+    assert {member.name: member.read_bytes() for member in tmp_path.glob("data.*")} == before
+
+
+def test_search_ogr_path_into_index_rejected(tiny_index, tiny_encoder, tmp_path):
+    folder = index_copy(tiny_index, tmp_path)
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": f"ogr:{folder / 'new.gpkg'}",
+    })
+
+    assert "is inside the Lookalike index folder" in message
+    assert not (folder / "new.gpkg").exists()
+
+
+def test_search_keeps_upper_case_shapefile(tiny_index, tiny_encoder, tmp_path):
+    path = tmp_path / "data.shp"
+    converted = gdal.VectorTranslate(str(path), str(ship_point_geojson(tmp_path / "examples.geojson")),
+                                     format="ESRI Shapefile")
+    assert converted is not None
+    converted = None
+    for member in list(tmp_path.glob("data.*")):
+        member.rename(member.with_suffix(member.suffix.upper()))
+    before = {member.name: member.read_bytes() for member in tmp_path.glob("data.*")}
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "OUTPUT": str(path),
+    })
+
+    assert "Lookalike did not write" in message
+    assert {member.name: member.read_bytes() for member in tmp_path.glob("data.*")} == before
+
+
+def test_search_keeps_gml_schema(tiny_index, tiny_encoder, tmp_path):
+    schema = tmp_path / "matches.xsd"
+    schema.write_text("<xs:schema/>", encoding="utf-8")
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / "matches.gml"),
+    })
+
+    assert f"would replace {schema}, which Lookalike did not write" in message
+    assert schema.read_text(encoding="utf-8") == "<xs:schema/>"
 
 
 def test_search_into_examples_file_needs_layer(tiny_index, tiny_encoder, tmp_path):
