@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -133,7 +134,9 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
             reject_outputs_over_rasters([path], name, source_paths, f"the index given for {self.INDEX}")
         _reject_foreign_file(html_path, self.OUTPUT_HTML, _is_own_html_report, "an index report")
-        _reject_foreign_file(json_path, self.OUTPUT_JSON, _is_manifest_copy, "a copy of an index manifest")
+        index_id = str(index.manifest.get("index_id") or "")
+        _reject_foreign_file(json_path, self.OUTPUT_JSON, lambda path: _is_manifest_copy(path, index_id),
+                             "a copy of this index's manifest")
 
         results: dict[str, Any] = {
             self.TILE_COUNT: index.count,
@@ -189,12 +192,13 @@ def _is_own_html_report(path: str) -> bool:
     return REPORT_TITLE in head
 
 
-def _is_manifest_copy(path: str) -> bool:
+def _is_manifest_copy(path: str, index_id: str) -> bool:
+    """Tell whether ``path`` is a copy of the manifest of the index ``index_id``, outside any index folder."""
     try:
         content = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    return isinstance(content, dict) and "format_version" in content and "encoder" in content
+    return isinstance(content, dict) and bool(index_id) and content.get("index_id") == index_id
 
 
 def _crs_name(crs_wkt: str) -> str:
@@ -205,9 +209,15 @@ def _crs_name(crs_wkt: str) -> str:
 
 
 def _write_text(path: str, text: str, parameter_name: str) -> None:
+    # Written beside the target and renamed over it, so that a hard link to the old file, such as
+    # another index's manifest, keeps its content.
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.lookalike-tmp")
     try:
-        Path(path).write_text(text, encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target)
     except OSError as error:
+        temporary.unlink(missing_ok=True)
         raise QgsProcessingException(
             tr(f"Writing {parameter_name} to {path} failed ({error}); choose a writable file.")
         ) from error

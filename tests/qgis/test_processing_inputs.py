@@ -554,6 +554,37 @@ def test_exportchips_keeps_out_of_index_folders(two_raster_index, ships_raster, 
     assert folder_contents(index_folder) == before
 
 
+def test_indexinfo_keeps_hard_linked_manifest(tiny_index, two_raster_index, tmp_path):
+    # Through a hard link outside the index, another index's manifest looks like any JSON file.
+    manifest = Path(two_raster_index) / "manifest.json"
+    before = manifest.read_bytes()
+    link = tmp_path / "report.json"
+    os.link(manifest, link)
+
+    message = run_failure("indexinfo", {"INDEX": tiny_index, "OUTPUT_JSON": str(link)})
+
+    assert f"OUTPUT_JSON: {link} exists and is not a copy of this index's manifest" in message
+    assert manifest.read_bytes() == before
+
+
+def test_indexinfo_rewrite_keeps_linked_manifest(tiny_index, tmp_path):
+    # A hard link to this index's own manifest is a copy it may replace, without writing through the link.
+    folder = index_copy(tiny_index, tmp_path)
+    manifest = folder / "manifest.json"
+    before = manifest.read_bytes()
+    link = tmp_path / "report.json"
+    os.link(manifest, link)
+    manifest_json = json.loads(before)
+    manifest_json["note"] = "kept"
+    manifest.write_text(json.dumps(manifest_json), encoding="utf-8")
+    edited = manifest.read_bytes()
+
+    run_algorithm("indexinfo", {"INDEX": str(folder), "OUTPUT_JSON": str(link)})
+
+    assert manifest.read_bytes() == edited
+    assert json.loads(link.read_text(encoding="utf-8"))["index_id"] == manifest_json["index_id"]
+
+
 def index_copy(tiny_index: str, tmp_path: Path) -> Path:
     """Copy the shared index for a test that could damage it, so a failure stays in that test."""
     return Path(shutil.copytree(tiny_index, tmp_path / "index_copy"))
