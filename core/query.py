@@ -811,13 +811,13 @@ def _check_geometry_list(geometries: Any, name: str) -> None:
         isinstance(value, (int, float, np.number)) and not isinstance(value, bool) for value in geometries
     )
     if not is_sequence or is_one_box:
-        shown = repr(geometries)
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
+        given_text = repr(geometries)
+        if len(given_text) > 80:
+            given_text = given_text[:77] + "..."
         advice = (f"wrap a single geometry in a list, e.g. {name}=[geometry]" if is_one_box or isinstance(
             geometries, (str, bytes)) else f"pass a list or tuple, e.g. {name}=list(geometries)")
         raise SearchError(
-            f"{name} must be a list of geometries, each a (xmin, ymin, xmax, ymax) tuple or WKT, but got {shown}; "
+            f"{name} must be a list of geometries, each a (xmin, ymin, xmax, ymax) tuple or WKT, but got {given_text}; "
             f"{advice}."
         )
 

@@ -223,10 +223,10 @@ class ResultsPanelMixin:
         # The layer's filter is the Min score slider: the matches below it are not written.
         total = len(self.matches)
         if layer.subsetString() and count < total:
-            what = f"{count} of the {total} matches, those at or above Min score {self.score_threshold():.3f},"
+            exported = f"{count} of the {total} matches, those at or above Min score {self.score_threshold():.3f},"
         else:
-            what = f"{count} {'match' if count == 1 else 'matches'}"
-        self.push_message(f"Exported {what} to {written}.", Qgis.MessageLevel.Success)
+            exported = f"{count} {'match' if count == 1 else 'matches'}"
+        self.push_message(f"Exported {exported} to {written}.", Qgis.MessageLevel.Success)
         return written
 
     def export_chips_with_dialog(self) -> None:
