@@ -231,7 +231,40 @@ def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> O
     if not layer_name:
         # OGR does not list the raster tables of a GeoPackage, which the file's replacement deletes too.
         foreign.extend(_geopackage_raster_tables(path))
+        if dataset.GetDriver().ShortName == "GPKG":
+            layer_names = [dataset.GetLayer(position).GetName() for position in range(dataset.GetLayerCount())]
+            foreign.extend(name for name in _geopackage_extra_tables(path, layer_names) if name not in foreign)
     return foreign
+
+
+# Tables every GeoPackage that GDAL writes may contain, besides its layers and their R-tree indexes.
+GEOPACKAGE_SYSTEM_TABLES = frozenset({
+    "gpkg_contents", "gpkg_extensions", "gpkg_geometry_columns", "gpkg_ogr_contents", "gpkg_spatial_ref_sys",
+    "gpkg_tile_matrix", "gpkg_tile_matrix_set", "sqlite_sequence", "sqlite_stat1",
+})
+
+
+def _geopackage_extra_tables(path: Union[str, Path], layer_names: Sequence[str]) -> list[str]:
+    """Return the tables and views of a GeoPackage that are neither its layers nor GDAL's own tables.
+
+    Metadata (``gpkg_metadata``), styles and other extensions are found here, which OGR does not
+    list as layers. An unreadable file gives an empty list; the caller reads it through OGR first.
+    """
+    import sqlite3
+
+    layers = {name.lower() for name in layer_names}
+    try:
+        connection = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            names = [row[0] for row in connection.execute(
+                "SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")]
+        finally:
+            connection.close()
+    except sqlite3.Error:
+        return []
+    return [name for name in names
+            if name.lower() not in GEOPACKAGE_SYSTEM_TABLES and name.lower() not in layers
+            and not any(name.lower().startswith(f"rtree_{layer}_") for layer in layers)]
 
 
 def _geopackage_raster_tables(path: Union[str, Path]) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -91,7 +90,10 @@ MAX_K = 10000
 
 
 # OGR drivers whose files hold several layers, so that a match layer can be added to one.
-MULTI_LAYER_DRIVERS = frozenset({"GPKG", "SQLite"})
+MULTI_LAYER_DRIVERS = frozenset({"GPKG"})
+# The formats search writes to a file: QGIS writes each under the name given, and the files it
+# replaces are known (see gis.matches.files_replaced).
+OUTPUT_FILE_EXTENSIONS = (".gpkg", ".shp", ".geojson", ".fgb", ".csv")
 
 
 @dataclass
@@ -442,9 +444,34 @@ class SearchAlgorithm(LookalikeAlgorithm):
     def _check_output(self, parameters: dict, context: QgsProcessingContext, index_folder: str) -> None:
         """Reject an OUTPUT file that would replace the file of POSITIVES or NEGATIVES, or an index file."""
         destination = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
-        output_path, output_layer = destination.path, destination.layer
+        output_path = destination.path
         if not output_path:
             return
+        try:
+            self._check_output_file(parameters, context, index_folder, destination)
+        except OSError as error:
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} cannot be checked ({error.strerror or error}); choose another "
+                "output file."
+            )) from error
+
+    def _check_output_file(
+        self, parameters: dict, context: QgsProcessingContext, index_folder: str, destination: _Destination
+    ) -> None:
+        output_path, output_layer = destination.path, destination.layer
+        extension = Path(output_path).suffix.lower()
+        if extension not in OUTPUT_FILE_EXTENSIONS:
+            # Other formats write files beside the one named (MapInfo, PDS4) or under another name
+            # (QGIS 3.22 writes m.json as m.json.geojson), which this check could not protect.
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} is not a format Lookalike writes matches to; give a file ending in "
+                f"{', '.join(OUTPUT_FILE_EXTENSIONS)}, or convert the matches afterwards."
+            ))
+        if destination.is_ogr_uri and output_layer and extension != ".gpkg":
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: Lookalike adds a layer only to a GeoPackage (.gpkg), not to {output_path}. Give "
+                "a GeoPackage, or the file's path itself."
+            ))
         folder = Path(output_path).parent
         if not folder.is_dir():
             # Found now, not after the search: QGIS creates the output file only at the end.
@@ -498,13 +525,18 @@ class SearchAlgorithm(LookalikeAlgorithm):
                 "another output file."
             ))
         driver = _driver_name(output_path)
+        if not driver:
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {output_path} exists but cannot be opened: another program may hold it locked, "
+                "or it is damaged or no vector file. Close it elsewhere, or choose another output file."
+            ))
         adds_layers = driver in MULTI_LAYER_DRIVERS
         if destination.is_ogr_uri and not adds_layers:
             # QGIS 3.22 deleted a shapefile given as an ogr: URI and then failed to write the layer.
             raise QgsProcessingException(tr(
-                f"{self.OUTPUT}: {output_path} exists, and Lookalike adds a layer only to a GeoPackage or SQLite "
-                f"file, not to a file in the {driver or 'unknown'} format. Give a new file name, or the file's path "
-                "itself to replace a match layer an earlier search wrote there."
+                f"{self.OUTPUT}: {output_path} exists, and Lookalike adds a layer only to a GeoPackage (.gpkg), not "
+                f"to a file in the {driver} format. Give a new file name, or the file's path itself to replace a "
+                "match layer an earlier search wrote there."
             ))
         if output_layer and adds_layers:
             foreign = match_layers.layers_not_from_lookalike(output_path, output_layer)
@@ -525,7 +557,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             # QGIS 3.22 takes the driver from everything after the first dot, so a.b.gpkg fails as an ogr: URI.
             if adds_layers and Path(output_path).name.count(".") == 1:
                 advice = ("Choose another output file, or add the matches to this one as a new layer with this "
-                          f"OUTPUT: {_ogr_uri(output_path, 'matches')}")
+                          f"OUTPUT: {_ogr_uri(output_path, _free_layer_name(output_path))}")
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} contains layers or fields that Lookalike did not write "
                 f"({', '.join(foreign)}), and writing the matches replaces the whole file. {advice}"
@@ -658,9 +690,9 @@ def _destination_file(destination: str) -> _Destination:
             return _Destination(path, layer, is_ogr_uri=True)
         uri = QgsDataSourceUri(uri_text)
         return _Destination(uri.database(), uri.table(), is_ogr_uri=True)
-    # Provider prefixes such as "memory:" or "postgres:" name no file. A Windows drive letter is
-    # a single letter, so it does not match.
-    if re.match(r"[A-Za-z]{2,}:", destination):
+    # Provider prefixes such as "memory:" or "postgres:" name no file.
+    prefix = destination.split(":", 1)[0]
+    if ":" in destination and prefix in QgsProviderRegistry.instance().providerList():
         return _Destination("")
     extension = Path(destination).suffix[1:]
     driver = QgsVectorFileWriter.driverForExtension(extension) if extension else ""
@@ -682,6 +714,19 @@ def _driver_name(path: str) -> str:
     finally:
         gdal.PopErrorHandler()
     return dataset.GetDriver().ShortName if dataset is not None else ""
+
+
+def _free_layer_name(path: str) -> str:
+    """Return "matches", or "matches_2" and on, whichever no layer of the file ``path`` has, without letter case."""
+    dataset = match_layers.open_vector_quietly(path)
+    taken = set()
+    if dataset is not None:
+        taken = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+    name, number = "matches", 1
+    while name in taken:
+        number += 1
+        name = f"matches_{number}"
+    return name
 
 
 def _ogr_uri(path: str, table: str) -> str:

@@ -260,7 +260,7 @@ def test_search_keeps_non_vector_file(tiny_index, tiny_encoder, tmp_path):
         "OUTPUT": str(notes),
     })
 
-    assert f"OUTPUT: {notes} exists and is not a vector file that Lookalike wrote" in message
+    assert f"OUTPUT: {notes} exists but cannot be opened" in message
     assert notes.read_text(encoding="utf-8") == "field notes, not a GeoPackage"
 
 
@@ -345,8 +345,7 @@ def test_search_no_layer_added_to_single_layer_file(tiny_index, tiny_encoder, tm
         "OUTPUT": f"ogr:dbname='{path}' table=\"matches\" (geom)",
     })
 
-    assert f"OUTPUT: {path} exists, and Lookalike adds a layer only to a GeoPackage or SQLite file, not to a " \
-        f"file in the {driver} format" in message
+    assert f"OUTPUT: Lookalike adds a layer only to a GeoPackage (.gpkg), not to {path}" in message
     assert {member.name: member.read_bytes() for member in tmp_path.glob("roads.*")} == before
 
 
@@ -398,7 +397,28 @@ def test_search_keeps_raster_table_of_geopackage(tiny_index, tiny_encoder, ships
 
     message = run_failure("search", parameters)
 
-    assert "did not write (imagery)" in message
+    assert "did not write (imagery" in message
+    assert geopackage.read_bytes() == before
+
+
+def test_search_keeps_geopackage_metadata(tiny_index, tiny_encoder, tmp_path):
+    # OGR lists no gpkg_metadata table as a layer, but replacing the file would delete it.
+    import sqlite3
+
+    geopackage = tmp_path / "described.gpkg"
+    parameters = {"INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+                  "OUTPUT": str(geopackage)}
+    run_algorithm("search", parameters)
+    connection = sqlite3.connect(geopackage)
+    connection.execute("CREATE TABLE gpkg_metadata (id INTEGER PRIMARY KEY, metadata TEXT)")
+    connection.execute("INSERT INTO gpkg_metadata (metadata) VALUES ('reviewed by the analyst')")
+    connection.commit()
+    connection.close()
+    before = geopackage.read_bytes()
+
+    message = run_failure("search", parameters)
+
+    assert "did not write (gpkg_metadata)" in message
     assert geopackage.read_bytes() == before
 
 
@@ -445,7 +465,7 @@ def test_search_ogr_uri_keeps_shapefile(tiny_index, tiny_encoder, tmp_path, form
         "OUTPUT": form.format(path=path),
     })
 
-    assert "Lookalike adds a layer only to a GeoPackage or SQLite file" in message
+    assert "Lookalike adds a layer only to a GeoPackage (.gpkg)" in message
     assert {member.name: member.read_bytes() for member in tmp_path.glob("data.*")} == before
 
 
@@ -479,17 +499,42 @@ def test_search_keeps_upper_case_shapefile(tiny_index, tiny_encoder, tmp_path):
     assert {member.name: member.read_bytes() for member in tmp_path.glob("data.*")} == before
 
 
-def test_search_keeps_gml_schema(tiny_index, tiny_encoder, tmp_path):
-    schema = tmp_path / "matches.xsd"
-    schema.write_text("<xs:schema/>", encoding="utf-8")
+@pytest.mark.parametrize("name, sidecars", [
+    ("matches.gml", ["matches.xsd"]),
+    ("matches.tab", ["matches.dat", "matches.map", "matches.id"]),
+    ("matches.json", ["matches.json.geojson"]),
+    ("matches.xml", ["matches/matches.csv"]),
+])
+def test_search_rejects_other_formats(tiny_index, tiny_encoder, tmp_path, name, sidecars):
+    # QGIS writes these beside or instead of the file named, where a check of that name sees nothing.
+    for sidecar in sidecars:
+        (tmp_path / sidecar).parent.mkdir(exist_ok=True)
+        (tmp_path / sidecar).write_text("the analyst's file", encoding="utf-8")
 
     message = run_failure("search", {
         "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
-        "OUTPUT": str(tmp_path / "matches.gml"),
+        "OUTPUT": str(tmp_path / name),
     })
 
-    assert f"would replace {schema}, which Lookalike did not write" in message
-    assert schema.read_text(encoding="utf-8") == "<xs:schema/>"
+    assert f"OUTPUT: {tmp_path / name} is not a format Lookalike writes matches to" in message
+    assert ".gpkg, .shp, .geojson, .fgb, .csv" in message
+    for sidecar in sidecars:
+        assert (tmp_path / sidecar).read_text(encoding="utf-8") == "the analyst's file"
+
+
+def test_search_advice_avoids_taken_layer_name(tiny_index, tiny_encoder, tmp_path):
+    geopackage = tmp_path / "work.gpkg"
+    converted = gdal.VectorTranslate(str(geopackage), str(ship_point_geojson(tmp_path / "examples.geojson")),
+                                     format="GPKG", layerName="matches")
+    assert converted is not None
+    converted = None
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(geopackage),
+    })
+
+    assert f"with this OUTPUT: ogr:dbname='{geopackage}' table=\"matches_2\" (geom)" in message
 
 
 def test_search_into_examples_file_needs_layer(tiny_index, tiny_encoder, tmp_path):
@@ -591,6 +636,7 @@ def index_copy(tiny_index: str, tmp_path: Path) -> Path:
 
 
 def test_search_rejects_output_in_index(tiny_index, tiny_encoder, tmp_path):
+    # A .json output such as the manifest is not a format search writes; a GeoPackage there is refused too.
     folder = index_copy(tiny_index, tmp_path)
     before = folder_contents(folder)
 
@@ -598,7 +644,7 @@ def test_search_rejects_output_in_index(tiny_index, tiny_encoder, tmp_path):
         "INDEX": str(folder),
         "POSITIVES": point_layer([SHIP_CENTRE]),
         "ENCODER": tiny_encoder,
-        "OUTPUT": str(folder / "manifest.json"),
+        "OUTPUT": str(folder / "matches.gpkg"),
     })
 
     assert f"is inside the index folder {folder}" in message
