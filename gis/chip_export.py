@@ -640,9 +640,11 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns = list(CSV_COLUMNS)
     for row in rows:
         columns += [name for name in row if name not in columns]
-    temp_path = path.with_name(f".{path.name}.tmp")
+    # mkstemp creates a new file, never following a link that already has the temporary name.
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    temp_path = Path(temp_name)
     try:
-        with temp_path.open("w", newline="", encoding="utf-8") as stream:
+        with os.fdopen(descriptor, "w", newline="", encoding="utf-8") as stream:
             writer = csv.DictWriter(stream, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)

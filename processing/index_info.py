@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -133,6 +134,13 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         source_paths = [str(source["path"]) for source in sources]
         for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
             reject_outputs_over_rasters([path], name, source_paths, f"the index given for {self.INDEX}")
+        if html_path and json_path and os.path.abspath(html_path) == os.path.abspath(json_path):
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT_HTML} and {self.OUTPUT_JSON} are the same file {html_path}; give each its own file."
+            ))
+        for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
+            if path and Path(path).is_dir():
+                raise QgsProcessingException(tr(f"{name}: {path} is a folder; give the name of a file to write."))
         _reject_foreign_file(html_path, self.OUTPUT_HTML, _is_own_html_report, "an index report")
         index_id = str(index.manifest.get("index_id") or "")
         _reject_foreign_file(json_path, self.OUTPUT_JSON, lambda path: _is_manifest_copy(path, index_id),
@@ -210,14 +218,19 @@ def _crs_name(crs_wkt: str) -> str:
 
 def _write_text(path: str, text: str, parameter_name: str) -> None:
     # Written beside the target and renamed over it, so that a hard link to the old file, such as
-    # another index's manifest, keeps its content.
+    # another index's manifest, keeps its content. mkstemp creates a new file, never following a
+    # link that already has the temporary name.
     target = Path(path)
-    temporary = target.with_name(f".{target.name}.lookalike-tmp")
+    temporary: Optional[Path] = None
     try:
-        temporary.write_text(text, encoding="utf-8")
+        descriptor, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        temporary = Path(temporary_name)
+        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+            stream.write(text)
         os.replace(temporary, target)
     except OSError as error:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         raise QgsProcessingException(
             tr(f"Writing {parameter_name} to {path} failed ({error}); choose a writable file.")
         ) from error

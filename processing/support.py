@@ -304,11 +304,13 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
             f"{output_name}: {output_path} is a Lookalike index folder, where the outputs could replace its files. "
             "Choose another folder."
         ))
-    if index_folder_state(real_path.parent) in index_states:
-        raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is inside the Lookalike index folder {real_path.parent}, where writing it "
-            f"could replace a file of that index. Choose a {'folder' if is_folder else 'file'} outside that folder."
-        ))
+    for folder in real_path.parents:
+        if index_folder_state(folder) in index_states:
+            raise QgsProcessingException(tr(
+                f"{output_name}: {output_path} is inside the Lookalike index folder {folder}, where writing it "
+                f"could replace a file of that index. Choose a {'folder' if is_folder else 'file'} outside that "
+                "folder."
+            ))
 
 
 # Sidecar files GDAL and other GIS programs keep beside a raster, whatever GDAL's settings.

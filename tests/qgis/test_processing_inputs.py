@@ -584,11 +584,11 @@ def test_indexinfo_keeps_other_index_manifest(tiny_index, two_raster_index, tmp_
     assert TileIndex.open(two_raster_index).count > 0
 
 
-@pytest.mark.parametrize("inside", [False, True])
+@pytest.mark.parametrize("inside", ["", "chips", "chips/deeper"])
 def test_exportchips_keeps_out_of_index_folders(two_raster_index, ships_raster, tmp_path, inside):
     index_folder = Path(two_raster_index)
     before = folder_contents(index_folder)
-    folder = index_folder / "chips" if inside else index_folder
+    folder = index_folder / inside if inside else index_folder
 
     message = run_failure("exportchips", {
         "INPUT": polygon_layer([SHIPS_RASTER_BOX]), "RASTER": ships_raster, "OUTPUT": str(folder),
@@ -597,6 +597,24 @@ def test_exportchips_keeps_out_of_index_folders(two_raster_index, ships_raster, 
     expected = "is inside the Lookalike index folder" if inside else "is a Lookalike index folder"
     assert f"OUTPUT: {folder} {expected}" in message
     assert folder_contents(index_folder) == before
+
+
+def test_indexinfo_rejects_same_file_twice(tiny_index, tmp_path):
+    report = tmp_path / "report.txt"
+
+    message = run_failure("indexinfo", {"INDEX": tiny_index, "OUTPUT_HTML": str(report), "OUTPUT_JSON": str(report)})
+
+    assert f"OUTPUT_HTML and OUTPUT_JSON are the same file {report}" in message
+    assert not report.exists()
+
+
+def test_indexinfo_rejects_folder_output(tiny_index, tmp_path):
+    folder = tmp_path / "report.html"
+    folder.mkdir()
+
+    message = run_failure("indexinfo", {"INDEX": tiny_index, "OUTPUT_HTML": str(folder)})
+
+    assert f"OUTPUT_HTML: {folder} is a folder; give the name of a file to write." in message
 
 
 def test_indexinfo_keeps_hard_linked_manifest(tiny_index, two_raster_index, tmp_path):
