@@ -246,7 +246,9 @@ class SearchAlgorithm(LookalikeAlgorithm):
         output = QgsProcessingParameterFeatureSink(self.OUTPUT, tr("Matches"), QgsProcessing.TypeVectorPolygon)
         output.setHelp(tr(
             "Tile footprints, best first, with the fields rank, score, tile_id, source (raster path), "
-            "row, col, encoder and query, in the CRS of the index's first tile grid."
+            "row, col, encoder and query, in the CRS of the index's first tile grid. Written as GeoPackage, "
+            "shapefile, GeoJSON, FlatGeobuf or CSV. An existing file is replaced only when it holds nothing but "
+            "match layers of an earlier search."
         ))
         self.addParameter(output)
 
