@@ -218,6 +218,18 @@ def user_geopackage(path: Path) -> Path:
     return user_vector_file(path, "GPKG", "parcels")
 
 
+def test_search_output_folder_missing(tiny_index, tiny_encoder, tmp_path):
+    missing = tmp_path / "no such folder"
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(missing / "matches.gpkg"),
+    })
+
+    assert f"OUTPUT: the folder {missing} does not exist" in message
+    assert not missing.exists()
+
+
 def test_search_keeps_user_geopackage(tiny_index, tiny_encoder, tmp_path):
     geopackage = user_geopackage(tmp_path / "work.gpkg")
     before = geopackage.read_bytes()
