@@ -139,7 +139,13 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
                 f"{self.OUTPUT_HTML} and {self.OUTPUT_JSON} are the same file {html_path}; give each its own file."
             ))
         for name, path in ((self.OUTPUT_HTML, html_path), (self.OUTPUT_JSON, json_path)):
-            if path and Path(path).is_dir():
+            try:
+                is_folder = bool(path) and Path(path).is_dir()
+            except OSError as error:
+                raise QgsProcessingException(tr(
+                    f"{name}: {path} cannot be checked ({error.strerror or error}); choose another file."
+                )) from error
+            if is_folder:
                 raise QgsProcessingException(tr(f"{name}: {path} is a folder; give the name of a file to write."))
         _reject_foreign_file(html_path, self.OUTPUT_HTML, _is_own_html_report, "an index report")
         index_id = str(index.manifest.get("index_id") or "")

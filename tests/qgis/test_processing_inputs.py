@@ -1267,3 +1267,15 @@ def test_search_warns_of_raster_changed_since_build(provider, tmp_path, ships_ra
 
     assert any(f"Raster {raster} changed after it was indexed" in text for text in feedback.warnings), \
         feedback.warnings
+
+
+def test_output_name_too_long_named(tiny_index, tiny_encoder, tmp_path):
+    name = "a" * 300
+    search_message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / f"{name}.gpkg"),
+    })
+    report_message = run_failure("indexinfo", {"INDEX": tiny_index, "OUTPUT_HTML": str(tmp_path / f"{name}.html")})
+
+    assert "cannot be checked (File name too long); choose another output file." in search_message
+    assert "cannot be checked (File name too long); choose another file." in report_message
