@@ -22,7 +22,6 @@ manifest with its complete old files or the new manifest with its complete new f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import mmap
 import os
@@ -38,6 +37,7 @@ import numpy as np
 
 from . import get_logger
 from .crs import spatial_reference
+from .encoder import file_sha256
 from .errors import LookalikeError, SearchError, SearchIndexError
 from .grid import TileGrid
 from .lock import index_lock
@@ -409,17 +409,17 @@ class TileIndex:
             )
         if not folder.is_dir():
             raise SearchIndexError(f"index folder {folder} not found; check the path or build an index there")
-        for attempt in range(1, OPEN_ATTEMPTS + 1):
+        for _ in range(OPEN_ATTEMPTS - 1):
             manifest_identity = _file_identity(folder / MANIFEST_NAME)
             try:
                 return cls._load_translating_errors(folder)
-            except (SearchIndexError, FileNotFoundError):
+            except SearchIndexError:
                 # A save in another process replaces the manifest and then deletes the files of the
                 # generation before it, which this open may have been reading.
-                if attempt == OPEN_ATTEMPTS or _file_identity(folder / MANIFEST_NAME) == manifest_identity:
+                if _file_identity(folder / MANIFEST_NAME) == manifest_identity:
                     raise
                 logger.info("The index in %s was saved while it was being opened; opening it again", folder)
-        raise AssertionError("unreachable: the last attempt returns or raises")
+        return cls._load_translating_errors(folder)
 
     @classmethod
     def _load_translating_errors(cls, folder: Path) -> TileIndex:
@@ -754,7 +754,7 @@ class TileIndex:
             }
             # The tile table maps tile ids to places. Rows swapped in place keep its size and every
             # other check, so its digest is kept too (12 bytes per tile, quick to hash at open).
-            manifest["files"]["tiles"]["sha256"] = _file_digest(paths["tiles"])
+            manifest["files"]["tiles"]["sha256"] = file_sha256(paths["tiles"])
             manifest["updated_at"] = _utc_now()
             manifest_text = json.dumps(manifest, indent=2, sort_keys=True)
             # The manifest is replaced last: until then it names the previous generation's files,
@@ -1067,14 +1067,6 @@ def _read_generation_for_overwrite(manifest_path: Path) -> int:
     return generation if isinstance(generation, int) and not isinstance(generation, bool) else 0
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_tile_table_digest(path: Path, entry: Mapping[str, Any]) -> None:
     """Raise SearchIndexError when the tile table differs from the SHA-256 its manifest entry records.
 
@@ -1083,7 +1075,7 @@ def _check_tile_table_digest(path: Path, entry: Mapping[str, Any]) -> None:
     recorded = entry.get("sha256")
     if recorded is None:
         return
-    if not isinstance(recorded, str) or _file_digest(path) != recorded:
+    if not isinstance(recorded, str) or file_sha256(path) != recorded:
         raise SearchIndexError(
             f"tile table {path} does not match the SHA-256 in the manifest: its rows were edited or the file was "
             "replaced, so tile ids would point at other places; the index is damaged, rebuild it"

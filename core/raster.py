@@ -919,6 +919,17 @@ def vrt_member_files(path: str, dataset: Optional[gdal.Dataset] = None) -> Optio
     return members
 
 
+def is_missing_local_file(path: str) -> bool:
+    """Tell whether ``path`` names a local file that does not exist.
+
+    GDAL virtual paths (``/vsi...``) and connection strings (``PG:...``) are not local files, so
+    GDAL's own error is more precise about them.
+    """
+    if os.path.exists(path) or path.startswith("/vsi"):
+        return False
+    return os.path.isabs(path) or ":" not in path
+
+
 def _file_stamp(path: str) -> dict[str, int]:
     """Return the size and modification time of a local file, which tell cheaply whether it changed.
 

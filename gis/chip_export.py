@@ -36,7 +36,7 @@ from qgis.core import (
 
 from ..core import get_logger
 from ..core.errors import CancelledError, LookalikeError, RasterError
-from ..core.raster import RasterSource
+from ..core.raster import RasterSource, is_missing_local_file
 from . import matches
 
 LOGGER = get_logger("gis.chip_export")
@@ -341,7 +341,7 @@ def export_chips(
 
 def _check_raster_present(path: str, feature_id: int) -> None:
     """Name a raster that was moved or deleted after the search that found the footprint."""
-    if os.path.exists(path) or path.startswith("/vsi") or (not os.path.isabs(path) and ":" in path):
+    if not is_missing_local_file(path):
         return
     raise LookalikeError(
         f"The raster {path} of feature {feature_id} is not found: it was moved, renamed or deleted after "

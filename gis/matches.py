@@ -168,10 +168,8 @@ def matches_to_memory_layer(
 # Files of one shapefile: writing matches.shp replaces matches.dbf, matches.prj and the others too.
 # QGIS's writer removes these spatial-index and projection sidecars as well, in any letter case.
 SHAPEFILE_MEMBER_SUFFIXES = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".qpj", ".sbn", ".sbx", ".idm", ".ind")
-# A GML file comes with the schema the writer creates beside it.
 # Formats that keep the fields of a layer as written, so that a field added later is visible.
-EXACT_SCHEMA_DRIVERS = frozenset({"GPKG", "SQLite", "ESRI Shapefile", "GeoJSON", "FlatGeobuf"})
-GML_SCHEMA_SUFFIX = ".xsd"
+EXACT_SCHEMA_DRIVERS = frozenset({"GPKG", "ESRI Shapefile", "GeoJSON", "FlatGeobuf"})
 
 
 def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) -> list[Path]:
@@ -186,17 +184,17 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
         # Compared without letter case: data.SHP and data.DBF go as well as data.shp.
         return sorted(entry for entry in folder.iterdir()
                       if entry.is_file() and entry.stem.lower() == stem.lower() and entry.suffix.lower() in suffixes)
-    candidates = [path]
-    if path.suffix.lower() == ".gml":
-        candidates.append(path.with_suffix(GML_SCHEMA_SUFFIX))
-    return [candidate for candidate in candidates if candidate.is_file()]
+    return [path] if path.is_file() else []
 
 
-def open_vector_quietly(path: Union[str, Path]) -> Optional[gdal.Dataset]:
-    """Open ``path`` read-only as a vector dataset, or return None; GDAL prints nothing either way."""
+def open_dataset_quietly(path: Union[str, Path], kinds: int = gdal.OF_VECTOR) -> Optional[gdal.Dataset]:
+    """Open ``path`` read-only as a dataset of ``kinds`` (GDAL's ``OF_*`` flags), or return None.
+
+    GDAL prints nothing either way.
+    """
     gdal.PushErrorHandler("CPLQuietErrorHandler")
     try:
-        return gdal.OpenEx(str(path), gdal.OF_VECTOR | gdal.OF_READONLY)
+        return gdal.OpenEx(str(path), kinds | gdal.OF_READONLY)
     except RuntimeError:
         # Raised instead of returning None when the caller has enabled gdal.UseExceptions().
         return None
@@ -213,7 +211,7 @@ def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> O
     as GeoPackage does, and an empty list means there is none. Returns None when ``path`` is not
     a vector file with layers (a raster, a text file, a damaged file).
     """
-    dataset = open_vector_quietly(path)
+    dataset = open_dataset_quietly(path)
     if dataset is None or dataset.GetLayerCount() == 0:
         return None
     exact_schema = dataset.GetDriver().ShortName in EXACT_SCHEMA_DRIVERS
@@ -228,12 +226,9 @@ def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> O
         field_names = {definition.GetFieldDefn(field).GetName().lower() for field in range(definition.GetFieldCount())}
         if not required_field_names <= field_names or (exact_schema and not field_names <= written_field_names):
             foreign.append(layer.GetName())
-    if not layer_name:
-        # OGR does not list the raster tables of a GeoPackage, which the file's replacement deletes too.
-        foreign.extend(_geopackage_raster_tables(path))
-        if dataset.GetDriver().ShortName == "GPKG":
-            layer_names = [dataset.GetLayer(position).GetName() for position in range(dataset.GetLayerCount())]
-            foreign.extend(name for name in _geopackage_extra_tables(path, layer_names) if name not in foreign)
+    if not layer_name and dataset.GetDriver().ShortName == "GPKG":
+        layer_names = [dataset.GetLayer(position).GetName() for position in range(dataset.GetLayerCount())]
+        foreign.extend(name for name in _geopackage_extra_tables(path, layer_names) if name not in foreign)
     return foreign
 
 
@@ -247,8 +242,9 @@ GEOPACKAGE_SYSTEM_TABLES = frozenset({
 def _geopackage_extra_tables(path: Union[str, Path], layer_names: Sequence[str]) -> list[str]:
     """Return the tables and views of a GeoPackage that are neither its layers nor GDAL's own tables.
 
-    Metadata (``gpkg_metadata``), styles and other extensions are found here, which OGR does not
-    list as layers. An unreadable file gives an empty list; the caller reads it through OGR first.
+    Raster tables, metadata (``gpkg_metadata``), styles and other extensions are found here, which
+    OGR does not list as layers, but which replacing the file deletes too. An unreadable file gives
+    an empty list, because the caller reads it through OGR first.
     """
     import sqlite3
 
@@ -265,24 +261,6 @@ def _geopackage_extra_tables(path: Union[str, Path], layer_names: Sequence[str])
     return [name for name in names
             if name.lower() not in GEOPACKAGE_SYSTEM_TABLES and name.lower() not in layers
             and not any(name.lower().startswith(f"rtree_{layer}_") for layer in layers)]
-
-
-def _geopackage_raster_tables(path: Union[str, Path]) -> list[str]:
-    """Return the names of the tiled raster tables of a GeoPackage; empty for any other file."""
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(str(path), gdal.OF_RASTER | gdal.OF_READONLY, allowed_drivers=["GPKG"])
-    except RuntimeError:
-        dataset = None
-    finally:
-        gdal.PopErrorHandler()
-    if dataset is None:
-        return []
-    subdatasets = [name for name, _description in dataset.GetSubDatasets()]
-    if not subdatasets:
-        # A GeoPackage with a single raster table opens as that table.
-        return [dataset.GetMetadataItem("IDENTIFIER") or "a raster table"]
-    return [name.rsplit(":", 1)[-1] for name in subdatasets]
 
 
 def write_matches(

@@ -520,7 +520,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
         if not replaced:
             return
         if not Path(output_path).is_file():
-            # Only other files of that name exist, such as a .dbf of a shapefile or a GML schema.
+            # Only other files of the shapefile exist, such as a .dbf of that name.
             names = ", ".join(str(path) for path in replaced)
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: writing {output_path} would replace {names}, which Lookalike did not write. Choose "
@@ -662,7 +662,7 @@ def _for_each_example(parameter_name: str, feature_ids: list[int], items: list, 
 
 def _first_layer_name(path: str) -> str:
     """Return the name of the layer QGIS opens for a vector file given without a layer name."""
-    dataset = match_layers.open_vector_quietly(path)
+    dataset = match_layers.open_dataset_quietly(path)
     if dataset is None or dataset.GetLayerCount() == 0:
         return ""
     return dataset.GetLayer(0).GetName()
@@ -708,24 +708,18 @@ def _destination_file(destination: str) -> _Destination:
 
 def _driver_name(path: str) -> str:
     """Return the GDAL driver of the existing file ``path``, vector or raster, or an empty string."""
-    gdal.PushErrorHandler("CPLQuietErrorHandler")
-    try:
-        dataset = gdal.OpenEx(path, gdal.OF_VECTOR | gdal.OF_RASTER | gdal.OF_READONLY)
-    except RuntimeError:
-        dataset = None
-    finally:
-        gdal.PopErrorHandler()
+    dataset = match_layers.open_dataset_quietly(path, gdal.OF_VECTOR | gdal.OF_RASTER)
     return dataset.GetDriver().ShortName if dataset is not None else ""
 
 
 def _free_layer_name(path: str) -> str:
     """Return "matches", or "matches_2" and on, whichever no layer of the file ``path`` has, without letter case."""
-    dataset = match_layers.open_vector_quietly(path)
-    taken = set()
+    dataset = match_layers.open_dataset_quietly(path)
+    existing_names = set()
     if dataset is not None:
-        taken = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+        existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
     name, number = "matches", 1
-    while name in taken:
+    while name in existing_names:
         number += 1
         name = f"matches_{number}"
     return name

@@ -420,13 +420,13 @@ def test_export_message_counts_filtered_matches(searched, qgis_iface, tmp_path):
     assert any(f"Exported 3 matches to {tmp_path / 'all.gpkg'}" in text for text in successes), successes
 
     searched.threshold_slider.setValue(searched.threshold_slider.maximum())
-    shown = searched.result_layer().featureCount()
-    assert shown < 3
+    shown_count = searched.result_layer().featureCount()
+    assert shown_count < 3
     qgis_iface.messageBar().clear_messages()
     searched.export_layer(str(tmp_path / "best.gpkg"), "GeoPackage")
 
     successes = messages(qgis_iface, Qgis.MessageLevel.Success)
-    assert any(f"Exported {shown} of the 3 matches, those at or above Min score" in text for text in successes), \
+    assert any(f"Exported {shown_count} of the 3 matches, those at or above Min score" in text for text in successes), \
         successes
 
 

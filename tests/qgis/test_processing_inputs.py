@@ -501,7 +501,7 @@ def test_search_keeps_upper_case_shapefile(tiny_index, tiny_encoder, tmp_path):
     ("matches.xml", ["matches/matches.csv"]),
 ])
 def test_search_rejects_other_formats(tiny_index, tiny_encoder, tmp_path, name, sidecars):
-    # QGIS writes these beside or instead of the file named, where a check of that name sees nothing.
+    # QGIS writes these beside or instead of the file named, so a check of that name alone misses them.
     for sidecar in sidecars:
         (tmp_path / sidecar).parent.mkdir(exist_ok=True)
         (tmp_path / sidecar).write_text("the analyst's file", encoding="utf-8")
