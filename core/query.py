@@ -34,6 +34,7 @@ from .raster import (
     RasterSource,
     _same_crs,
     chip_skip_reason,
+    is_missing_local_file,
     open_raster_quietly,
     vrt_member_files,
 )
@@ -152,7 +153,7 @@ def embed_query(
         )
     index_grid = TileGrid.from_dict(manifest["sources"][0]["grid"])
     if not isinstance(source, RasterSource):
-        _check_indexed_raster_present(manifest, os.fspath(source), index_or_manifest)
+        _check_indexed_raster_present(index_or_manifest, os.fspath(source))
     raster = source if isinstance(source, RasterSource) else RasterSource(os.fspath(source),
                                                                           _band_indexes_for(manifest, source))
     try:
@@ -213,14 +214,10 @@ def embed_query(
                       footprints_elsewhere=footprints_elsewhere)
 
 
-def _check_indexed_raster_present(
-    manifest: Mapping[str, Any], path: str, index_or_manifest: Union[TileIndex, Mapping[str, Any]]
-) -> None:
+def _check_indexed_raster_present(index_or_manifest: Union[TileIndex, Mapping[str, Any]], path: str) -> None:
     """Raise a SearchIndexError naming the index when ``path`` is one of its rasters and that file is gone."""
-    if os.path.exists(path) or not any(_same_source_path(record.get("path"), path) for record in manifest["sources"]):
-        return
-    if path.startswith("/vsi") or (not os.path.isabs(path) and ":" in path):
-        # A GDAL virtual path or a connection string: GDAL's own error is more precise.
+    sources = _manifest_of(index_or_manifest)["sources"]
+    if not is_missing_local_file(path) or not any(_same_source_path(record.get("path"), path) for record in sources):
         return
     index_name = f"index {index_or_manifest.folder}" if isinstance(index_or_manifest, TileIndex) else "index"
     raise SearchIndexError(
@@ -343,14 +340,17 @@ def changed_source_warnings(index: TileIndex) -> list[str]:
 
 def _changed_mosaic_warnings(path: str, recorded_members: Sequence[Any]) -> list[str]:
     """Return warnings for a VRT mosaic whose files changed, went missing or are others than when indexed."""
-    recorded_paths = [str(member.get("path") or "") for member in recorded_members if isinstance(member, dict)]
-    changed = [member_path for member_path, member in zip(recorded_paths, recorded_members)
-               if member_path and _file_changed(member_path, member)]
-    missing = [member_path for member_path in recorded_paths if member_path and not os.path.exists(member_path)]
+    # A hand-edited manifest may hold entries that are no records; they name no file to check.
+    records = [(str(member.get("path") or ""), member) for member in recorded_members if isinstance(member, dict)]
+    recorded_paths = [member_path for member_path, _ in records if member_path]
+    changed = [member_path for member_path, member in records if member_path and _file_changed(member_path, member)]
+    missing = [member_path for member_path in recorded_paths if not os.path.exists(member_path)]
+
     current = vrt_member_files(path) if os.path.isfile(path) else None
     added = [member_path for member_path in current or [] if member_path not in recorded_paths]
     no_longer_read = [member_path for member_path in recorded_paths
                       if current is not None and member_path not in current and member_path not in missing]
+
     warnings = []
     consequence = ("the index contains embeddings of the earlier pixels, while examples drawn over the mosaic are "
                    "read from the current ones. Build the index again to search the mosaic as it is now.")
@@ -358,15 +358,19 @@ def _changed_mosaic_warnings(path: str, recorded_members: Sequence[Any]) -> list
         warnings.append(f"{_count_files(changed)} of the VRT mosaic {path} changed after it was indexed "
                         f"({', '.join(changed)}): {consequence}")
     if missing:
-        subject = f"The file {missing[0]} of the VRT mosaic {path} is" if len(missing) == 1 else (
-            f"The files {', '.join(missing)} of the VRT mosaic {path} are")
+        if len(missing) == 1:
+            subject = f"The file {missing[0]} of the VRT mosaic {path} is"
+        else:
+            subject = f"The files {', '.join(missing)} of the VRT mosaic {path} are"
         warnings.append(f"{subject} missing, so examples and chips over them cannot be read. Put the files back, or "
                         "build the index again.")
     if added or no_longer_read:
-        details = "; ".join(part for part in (
-            f"now also {', '.join(added)}" if added else "",
-            f"no longer {', '.join(no_longer_read)}" if no_longer_read else "",
-        ) if part)
+        parts = []
+        if added:
+            parts.append(f"now also {', '.join(added)}")
+        if no_longer_read:
+            parts.append(f"no longer {', '.join(no_longer_read)}")
+        details = "; ".join(parts)
         warnings.append(f"The VRT mosaic {path} reads other files than when it was indexed ({details}): "
                         f"{consequence}")
     return warnings
@@ -784,7 +788,7 @@ def run_search(
     index.check_encoder(encoder.name, encoder.checksum)
     for warning in changed_source_warnings(index):
         LOGGER.warning(warning)
-    _check_indexed_raster_present(index.manifest, os.fspath(source), index)
+    _check_indexed_raster_present(index, os.fspath(source))
     raster = RasterSource(os.fspath(source), _band_indexes_for(index.manifest, source))
     try:
         query_crs_wkt = crs_wkt or raster.crs_wkt
@@ -814,8 +818,10 @@ def _check_geometry_list(geometries: Any, name: str) -> None:
         given_text = repr(geometries)
         if len(given_text) > 80:
             given_text = given_text[:77] + "..."
-        advice = (f"wrap a single geometry in a list, e.g. {name}=[geometry]" if is_one_box or isinstance(
-            geometries, (str, bytes)) else f"pass a list or tuple, e.g. {name}=list(geometries)")
+        if is_one_box or isinstance(geometries, (str, bytes)):
+            advice = f"wrap a single geometry in a list, e.g. {name}=[geometry]"
+        else:
+            advice = f"pass a list or tuple, e.g. {name}=list(geometries)"
         raise SearchError(
             f"{name} must be a list of geometries, each a (xmin, ymin, xmax, ymax) tuple or WKT, but got {given_text}; "
             f"{advice}."

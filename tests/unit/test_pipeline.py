@@ -1735,3 +1735,24 @@ def test_skip_counts_in_words():
         "5 mostly nodata or off the raster, 2 blank"
     )
     assert describe_skipped({"masked": 0, "mostly_invalid": 0, "blank": 0}) == ""
+
+
+def test_vrt_member_after_junk_entry_checked(shared_data, tmp_path):
+    # A hand-edited entry before the real one must not shift which record a file is compared with.
+    parts = mosaic_of_copies(shared_data, tmp_path / "parts", 2)
+    mosaic = tmp_path / "mosaic.vrt"
+    gdal.BuildVRT(str(mosaic), [str(path) for path in parts]).FlushCache()
+    index_folder = tmp_path / "index"
+    build_index(parameters([mosaic], index_folder, tile_size_source_px=64))
+    manifest_path = index_folder / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sources"][0]["member_files"].insert(0, "junk")
+    manifest_path.write_text(json.dumps(manifest))
+
+    dataset = gdal.Open(str(parts[0]), gdal.GA_Update)
+    band = dataset.GetRasterBand(1)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+
+    (warning,) = query_module.changed_source_warnings(TileIndex.open(index_folder))
+    assert f"A file of the VRT mosaic {mosaic} changed after it was indexed ({parts[0]})" in warning
