@@ -12,7 +12,12 @@ import pytest
 from make_tiny_encoder import TINY_SPEC, build_tiny_encoder
 from onnx import TensorProto
 
-from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder, input_gain_offset
+from lookalike.core.encoder import (
+    ALLOW_SPINNING_CONFIG_KEY,
+    X64_QUANT_PRECISION_CONFIG_KEY,
+    OnnxEncoder,
+    input_gain_offset,
+)
 from lookalike.core.errors import EncoderError
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,6 +48,12 @@ def test_encoder_loads_tiny_model():
     assert encoder.checksum == hashlib.sha256(TINY_MODEL.read_bytes()).hexdigest()
     assert encoder.execution_provider == "CPUExecutionProvider"
     assert encoder.embedding_dim == 16
+
+
+def test_session_asks_for_exact_int8_products():
+    options = OnnxEncoder(TINY_MODEL)._session.get_session_options()
+
+    assert options.get_session_config_entry(X64_QUANT_PRECISION_CONFIG_KEY) == "1"
 
 
 def test_encode_shape_and_norm():
