@@ -14,12 +14,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
 
 from . import get_logger
-from .errors import SearchIndexError
+from .errors import GridError, OtherBuildCheckpointsError, SearchIndexError
+from .grid import TileGrid
 from .parameters import SKIP_REASONS, PathLike
 
 LOGGER = get_logger("pipeline")
@@ -117,13 +118,22 @@ class _PartialBuild:
         self.discarded_other_build = False
 
     @classmethod
-    def open_or_create(cls, folder: Path, build_id: str, layout: Optional[_ChunkLayout] = None) -> _PartialBuild:
+    def open_or_create(
+        cls,
+        folder: Path,
+        build_id: str,
+        layout: Optional[_ChunkLayout] = None,
+        settings: Optional[Mapping[str, Any]] = None,
+        discard_other_build: bool = False,
+    ) -> _PartialBuild:
         """Reuse a checkpoint folder of the same build, or start a new one.
 
-        A checkpoint folder of a different build (other parameters, sources or encoder) is
-        removed. A folder at that path without the marker file is not ours and is never touched,
-        unless it is empty or contains nothing but the marker's temporary file, as a run stopped
-        while creating it leaves it.
+        ``settings`` are recorded in the marker, so that a later build with other settings can
+        name the ones that differ. A checkpoint folder of a different build is removed only with
+        ``discard_other_build``. Otherwise OtherBuildCheckpointsError names the differences,
+        because those tiles may have taken hours to embed. A folder at that path without the
+        marker file is not ours and is never touched, unless it is empty or contains nothing but
+        the marker's temporary file, as a run stopped while creating it leaves it.
         """
         marker = folder / PARTIAL_MARKER_NAME
         if _is_unstarted(folder):
@@ -131,28 +141,37 @@ class _PartialBuild:
             shutil.rmtree(folder)
         discarded = False
         if folder.exists():
-            stored_id = _read_partial_marker(marker)
-            if stored_id is None:
+            stored = _read_partial_marker(marker)
+            if stored is None:
                 state = "unreadable" if marker.exists() else "missing"
                 raise SearchIndexError(
                     f"{folder} exists but is not a Lookalike checkpoint folder ({PARTIAL_MARKER_NAME} is "
                     f"{state}); move it away or choose another index folder."
                 )
-            if stored_id == build_id:
+            if stored["build_id"] == build_id:
                 return cls(folder, build_id, layout)
+            if not discard_other_build:
+                raise _other_build_error(cls(folder, str(stored["build_id"])), stored.get("settings"), settings)
             LOGGER.warning("Discarding the checkpoints in %s: they belong to a build with other parameters, "
                            "sources or encoder, so their tiles are read again", folder)
             shutil.rmtree(folder)
             discarded = True
         folder.mkdir(parents=True)
-        _write_atomically(
-            marker,
-            json.dumps({"format": PARTIAL_FORMAT, "format_version": PARTIAL_FORMAT_VERSION,
-                        "build_id": build_id}).encode("utf-8"),
-        )
+        content = {"format": PARTIAL_FORMAT, "format_version": PARTIAL_FORMAT_VERSION, "build_id": build_id}
+        if settings is not None:
+            content["settings"] = settings
+        _write_atomically(marker, json.dumps(content, default=str).encode("utf-8"))
         partial = cls(folder, build_id, layout)
         partial.discarded_other_build = discarded
         return partial
+
+    def tiles_done(self) -> Optional[int]:
+        """Return the tile position where the checkpoints end, reading only the last chunk; None if unreadable."""
+        paths = self.chunk_paths()
+        if not paths:
+            return 0
+        chunk = _read_chunk(paths[-1], with_embeddings=False)
+        return None if chunk is None else chunk.end_position
 
     def chunk_paths(self) -> list[Path]:
         return sorted(self.folder.glob(f"{CHUNK_PREFIX}*{CHUNK_SUFFIX}"))
@@ -286,14 +305,98 @@ def _remove_path(path: Path) -> None:
         path.unlink()
 
 
-def _read_partial_marker(marker: Path) -> Optional[str]:
+def _read_partial_marker(marker: Path) -> Optional[dict[str, Any]]:
+    """Return the marker's content with its ``build_id`` as a string, or None when it is not our marker."""
     try:
         content = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     if not isinstance(content, dict) or content.get("format") != PARTIAL_FORMAT:
         return None
-    return str(content.get("build_id", ""))
+    return {**content, "build_id": str(content.get("build_id", ""))}
+
+
+def _other_build_error(
+    other: _PartialBuild, stored_settings: Any, settings: Optional[Mapping[str, Any]]
+) -> OtherBuildCheckpointsError:
+    """Return the error for a build that would discard the checkpoints of ``other``."""
+    if isinstance(stored_settings, dict) and settings is not None:
+        changes = describe_settings_changes(stored_settings, settings)
+        differences = f"it differs in {'; '.join(changes)}"
+    else:
+        # Markers written before the settings were recorded.
+        changes = []
+        differences = "its parameters, rasters or encoder differ"
+    tiles_done = other.tiles_done()
+    covered = f" (they cover {tiles_done} tiles)" if tiles_done else ""
+    message = (
+        f"{other.folder} contains the finished tiles of an interrupted build with other settings than this "
+        f"one{covered}: {differences}. To finish that build, run it again with its settings. To start this "
+        f"build instead, set discard_other_checkpoints, which deletes those tiles, or delete {other.folder}."
+    )
+    return OtherBuildCheckpointsError(message, str(other.folder), tiles_done, changes)
+
+
+def describe_settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """Name, in an analyst's words, each setting in which two ``planning._build_settings`` dicts differ."""
+    changes = []
+    if old.get("encoder_checksum") != new.get("encoder_checksum"):
+        changes.append("the encoder")
+    old_sources = old.get("sources") or []
+    new_sources = new.get("sources") or []
+    old_paths = [source.get("path") for source in old_sources]
+    new_paths = [source.get("path") for source in new_sources]
+    if old_paths != new_paths:
+        changes.append(f"the rasters (it indexed {', '.join(map(str, old_paths))})")
+    else:
+        for old_source, new_source in zip(old_sources, new_sources):
+            changes.extend(_source_changes(old_source, new_source))
+    if old.get("extent") != new.get("extent"):
+        changes.append("the extent")
+    if old.get("min_valid_fraction") != new.get("min_valid_fraction"):
+        changes.append(f"the minimum valid fraction (it used {old.get('min_valid_fraction')})")
+    if old.get("add_to_existing") != new.get("add_to_existing"):
+        changes.append("adding to the existing index" if old.get("add_to_existing") else "building a new index")
+    # A new extent changes both the extent and each source's tile selection.
+    return list(dict.fromkeys(changes)) or ["the format of the checkpoints or a setting this version cannot name"]
+
+
+def _source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    name = os.path.basename(str(new.get("path")))
+    changes = []
+    if old.get("checksum") != new.get("checksum"):
+        changes.append(f"the file {name} itself, which changed since")
+    if old.get("band_indexes") != new.get("band_indexes"):
+        changes.append(f"the bands of {name} (it read {old.get('band_indexes')})")
+    old_grid = old.get("grid") or {}
+    new_grid = new.get("grid") or {}
+    old_size_m = _tile_ground_size_m(old_grid)
+    new_size_m = _tile_ground_size_m(new_grid)
+    if old_grid.get("gsd") != new_grid.get("gsd") or old_grid.get("tile_size_px") != new_grid.get("tile_size_px"):
+        sizes = (f" ({_metres_text(old_size_m)} on the ground then, {_metres_text(new_size_m)} now)"
+                 if old_size_m is not None and new_size_m is not None else "")
+        changes.append(f"the tile size or GSD{sizes}")
+    elif old_grid.get("stride_px") != new_grid.get("stride_px"):
+        changes.append("the overlap")
+    if old.get("mask") != new.get("mask"):
+        changes.append("the mask")
+    if old.get("selected_tiles") != new.get("selected_tiles"):
+        changes.append("the extent")
+    elif old.get("stretch") != new.get("stretch") and old.get("checksum") == new.get("checksum"):
+        changes.append(f"the value stretch of {name}")
+    return changes
+
+
+def _metres_text(metres: float) -> str:
+    return f"{metres:,.0f} m" if metres >= 10 else f"{metres:.2g} m"
+
+
+def _tile_ground_size_m(grid_record: Mapping[str, Any]) -> Optional[float]:
+    try:
+        grid = TileGrid.from_dict(grid_record)
+    except (GridError, KeyError, TypeError, ValueError):
+        return None
+    return grid.gsd * grid.tile_size_px / grid.units_per_metre
 
 
 def _read_chunk(path: Path, with_embeddings: bool = True, layout: Optional[_ChunkLayout] = None) -> Optional[_Chunk]:

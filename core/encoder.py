@@ -35,11 +35,11 @@ DEFAULT_BATCH_SIZE = 16
 # onnxruntime's session option that lets idle intra-op worker threads spin instead of sleeping.
 ALLOW_SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
 
-# onnxruntime's session option for exact int8 products on x86 CPUs without VNNI (SSE4.1, AVX2,
-# AVX-512 without VNNI), whose fast u8 x s8 instruction saturates 16-bit pair sums. onnxruntime
-# then multiplies u8 x u8 instead; CPUs with VNNI are not affected. On an AVX2 AMD EPYC the
-# int8 encoder's cosine to the torch embeddings of tests/data/encoder_reference.npz was 0.73 to
-# 0.96 without it and 0.95 to 0.99 with it, at 6.0 instead of 4.2 ms per chip.
+# onnxruntime's session option for exact int8 products. Its session options header says that
+# u8 x s8 matrix products overflow on x86 with SSE4.1, AVX2 or AVX-512 without VNNI, and that
+# this option multiplies u8 x u8 there instead. On an AVX2 AMD EPYC the int8 encoder's cosine to
+# the torch embeddings of tests/data/encoder_reference.npz was 0.73 to 0.96 without it and 0.95
+# to 0.99 with it, at 6.0 instead of 4.2 ms per chip.
 X64_QUANT_PRECISION_CONFIG_KEY = "session.x64quantprecision"
 
 # Tried in this order; onnxruntime keeps only those that its build offers.

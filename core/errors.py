@@ -1,7 +1,7 @@
 """Exceptions raised by the core, each carrying a message an analyst can act on."""
 
 import re
-from typing import Mapping
+from typing import Mapping, Optional
 
 
 class LookalikeError(Exception):
@@ -26,6 +26,20 @@ class GridError(LookalikeError):
 
 class SearchIndexError(LookalikeError):
     """An index folder is missing, damaged, of another format version or built with another encoder."""
+
+
+class OtherBuildCheckpointsError(SearchIndexError):
+    """The checkpoint folder contains finished tiles of an interrupted build with other settings.
+
+    ``partial_folder`` is that folder, ``tiles_done`` the tiles its checkpoints cover (None when
+    unknown) and ``changes`` the settings that differ, in words.
+    """
+
+    def __init__(self, message: str, partial_folder: str, tiles_done: Optional[int], changes: list[str]) -> None:
+        super().__init__(message)
+        self.partial_folder = partial_folder
+        self.tiles_done = tiles_done
+        self.changes = changes
 
 
 class SearchError(LookalikeError):

@@ -997,6 +997,19 @@ def first_grid_in(folder: Path) -> Optional[TileGrid]:
         return None
 
 
+def enclosing_index_folder(path: PathLike) -> Optional[Path]:
+    """Return the nearest folder above ``path`` (symbolic links resolved) that contains an index, or None.
+
+    An index, a damaged one and a first save that stopped all count, because writing into any of
+    them could replace or hide one of its files.
+    """
+    index_states = (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED)
+    for folder in Path(os.path.realpath(os.fspath(path))).parents:
+        if index_folder_state(folder) in index_states:
+            return folder
+    return None
+
+
 def index_folder_state(folder: Path) -> str:
     """Classify ``folder`` before an index is written into it; return one of the ``FOLDER_*`` values.
 

@@ -148,6 +148,9 @@ class BuildParameters:
         overwrite_existing_index: replace an index already in ``index_folder``. Only a folder
             whose ``manifest.json`` is a Lookalike manifest is an index; other folders are never
             written, with or without this flag.
+        discard_other_checkpoints: delete the checkpoints of an interrupted build into
+            ``index_folder`` with other settings, and start this build. Without it such a build
+            stops with OtherBuildCheckpointsError, which names the settings that differ.
         max_tile_count: the build is rejected before any work when its plan has more tiles.
     """
 
@@ -168,6 +171,7 @@ class BuildParameters:
     hnsw_ef_construction: int = 200
     add_to_existing: bool = False
     overwrite_existing_index: bool = False
+    discard_other_checkpoints: bool = False
     max_tile_count: int = DEFAULT_MAX_TILE_COUNT
 
     def __post_init__(self) -> None:

@@ -60,6 +60,7 @@ from .index import (
     MANIFEST_NAME,
     IndexSavedElsewhereError,
     TileIndex,
+    enclosing_index_folder,
     index_damage,
     index_folder_state,
     make_tile_table,
@@ -84,7 +85,7 @@ from .parameters import (
     Region,
     transform_geometry_wkt,
 )
-from .planning import _build_id, _plan_sources, _SourcePlan
+from .planning import _build_id, _build_settings, _plan_sources, _SourcePlan
 from .query import (
     MAX_QUERY_TILES,
     QueryChips,
@@ -177,6 +178,12 @@ def _reject_unusable_folder(params: BuildParameters) -> None:
             f"index folder {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; create "
             "that folder or choose another path for the index."
         )
+    enclosing = enclosing_index_folder(folder)
+    if enclosing is not None:
+        raise SearchIndexError(
+            f"index folder {folder} is inside the Lookalike index folder {enclosing}, whose files a save "
+            "there could be mixed with; choose a folder outside that index."
+        )
     writable_place = next((place for place in (folder, *folder.parents) if place.exists()), None)
     if writable_place is not None and not os.access(writable_place, os.W_OK):
         # Found before any tile is read: the save at the end would fail after all the embedding.
@@ -233,12 +240,15 @@ def build_index(
     # ours. The checks run again under the lock, so two builds cannot both find the folder free.
     _reject_unusable_folder(params)
     folder = Path(params.index_folder)
+    # Checkpoints there before this build (of another build, or a folder that is not ours) are
+    # not its own writing, so a build that stops at them leaves no lock file either.
+    partial_existed = partial_folder_for(folder).exists()
 
     def wrote_nothing() -> bool:
-        # Rejected parameters or rasters: no checkpoints, and no folder or only the empty one the
-        # analyst made for the index.
+        # Rejected parameters or rasters: no checkpoints of this build, and no folder or only the
+        # empty one the analyst made for the index.
         folder_is_empty = not folder.exists() or (folder.is_dir() and not any(folder.iterdir()))
-        return folder_is_empty and not partial_folder_for(folder).exists()
+        return folder_is_empty and (partial_existed or not partial_folder_for(folder).exists())
 
     with index_lock(folder, discard_file_if=wrote_nothing):
         return _build_index_locked(params, progress, is_cancelled)
@@ -263,7 +273,8 @@ def _build_index_locked(
     existing_grid = _first_grid(existing_index)
     warnings: list[str] = []
     plans = _plan_sources(params, encoder.spec, existing_grid, warnings)
-    build_id = _build_id(params, encoder, plans)
+    settings = _build_settings(params, encoder, plans)
+    build_id = _build_id(settings)
     partial_folder = partial_folder_for(params.index_folder)
 
     finished = _finished_report(params, plans, build_id, partial_folder, encoder, started_at)
@@ -293,7 +304,8 @@ def _build_index_locked(
               else np.array([row * plan.grid.n_cols + col for row, col in plan.selected_tiles], dtype=np.int64)
               for plan in plans),
     )
-    partial = _PartialBuild.open_or_create(partial_folder, build_id, layout)
+    partial = _PartialBuild.open_or_create(partial_folder, build_id, layout, settings,
+                                           discard_other_build=params.discard_other_checkpoints)
     if partial.discarded_other_build:
         warnings.append(
             f"The checkpoints of an interrupted build in {partial_folder} were made with other parameters, rasters "
@@ -528,7 +540,7 @@ def _finished_report(
     if has_checkpoints:
         LOGGER.info("The build of %s was already committed; removing its checkpoints %s",
                     params.index_folder, partial_folder)
-        if _read_partial_marker(partial_folder / PARTIAL_MARKER_NAME) == build_id:
+        if (_read_partial_marker(partial_folder / PARTIAL_MARKER_NAME) or {}).get("build_id") == build_id:
             _PartialBuild(partial_folder, build_id).remove()
     else:
         LOGGER.info("%s already contains the tiles of this build; nothing to do", params.index_folder)

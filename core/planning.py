@@ -8,7 +8,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from . import get_logger
 from .checkpoints import PARTIAL_FORMAT_VERSION
@@ -405,8 +405,8 @@ def _clip_bounds(raster_bounds: Bounds, polygons_wkt: Sequence[str], path: str) 
     return xmin, ymin, xmax, ymax
 
 
-def _build_id(params: BuildParameters, encoder: OnnxEncoder, plans: Sequence[_SourcePlan]) -> str:
-    """Hash everything that decides which tiles get which embeddings.
+def _build_settings(params: BuildParameters, encoder: OnnxEncoder, plans: Sequence[_SourcePlan]) -> dict[str, Any]:
+    """Return everything that decides which tiles get which embeddings, as a JSON-safe dict.
 
     ``batch_size``, ``prefetch_batches`` and ``encoder_threads`` are left out: chunks are keyed
     by tile position, so a build can resume with another batch size or thread count. The HNSW
@@ -432,5 +432,11 @@ def _build_id(params: BuildParameters, encoder: OnnxEncoder, plans: Sequence[_So
         "blank_std_fraction": DEFAULT_BLANK_STD_FRACTION,
         "add_to_existing": params.add_to_existing,
     }
-    text = json.dumps(content, sort_keys=True, default=str)
+    return json.loads(json.dumps(content, default=str))
+
+
+def _build_id(settings: Mapping[str, Any]) -> str:
+    """Hash the settings of :func:`_build_settings` into the id that keys a build's checkpoints."""
+    text = json.dumps(settings, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+

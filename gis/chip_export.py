@@ -36,6 +36,7 @@ from qgis.core import (
 
 from ..core import get_logger
 from ..core.errors import CancelledError, LookalikeError, RasterError
+from ..core.files import open_temporary_beside
 from ..core.raster import RasterSource, is_missing_local_file
 from . import matches
 
@@ -640,11 +641,9 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     columns = list(CSV_COLUMNS)
     for row in rows:
         columns += [name for name in row if name not in columns]
-    # mkstemp creates a new file, never following a link that already has the temporary name.
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    temp_path = Path(temp_name)
+    stream, temp_path = open_temporary_beside(path)
     try:
-        with os.fdopen(descriptor, "w", newline="", encoding="utf-8") as stream:
+        with stream:
             writer = csv.DictWriter(stream, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)

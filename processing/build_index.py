@@ -63,6 +63,7 @@ PARAMETER_NAMES = {
     "band_indexes": "BANDS",
     "add_to_existing": "APPEND",
     "overwrite_existing_index": "OVERWRITE",
+    "discard_other_checkpoints": "DISCARD_CHECKPOINTS",
     "encoder_threads": "ENCODER_THREADS",
     "max_tile_count": "a limit this algorithm keeps; raise it only through build_index in Python",
 }
@@ -78,7 +79,8 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         "stores the embeddings in an HNSW index folder that 'Search similar tiles' queries. Tiles "
         "that are mostly nodata, blank or under the mask are skipped. A cancelled build keeps its "
         "finished batches in a folder named like the index folder with '.partial' appended, and "
-        "continues from there when it is run again with the same parameters."
+        "continues from there when it is run again with the same parameters. A build with other "
+        "parameters into that folder stops instead of deleting those tiles, unless DISCARD_CHECKPOINTS is set."
     )
 
     VALUE_HINTS = {
@@ -102,6 +104,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
     BANDS = "BANDS"
     APPEND = "APPEND"
     OVERWRITE = "OVERWRITE"
+    DISCARD_CHECKPOINTS = "DISCARD_CHECKPOINTS"
     ENCODER_THREADS = "ENCODER_THREADS"
     OUTPUT = "OUTPUT"
 
@@ -211,6 +214,18 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         overwrite = QgsProcessingParameterBoolean(self.OVERWRITE, tr("Replace an existing index"), False)
         overwrite.setHelp(tr("Replace the index already in the output folder. Cannot be combined with APPEND."))
         self.addParameter(overwrite)
+
+        discard = QgsProcessingParameterBoolean(
+            self.DISCARD_CHECKPOINTS, tr("Discard the tiles of an interrupted build with other settings"), False
+        )
+        discard.setHelp(tr(
+            "An interrupted build keeps its finished tiles in the folder named like the index folder with "
+            "'.partial' appended. A build with other settings into the same folder stops and names the "
+            "settings that differ, so that those tiles are not lost by mistake. Set this to delete them "
+            "and start the new build."
+        ))
+        discard.setFlags(discard.flags() | _advanced_flag())
+        self.addParameter(discard)
 
         threads = QgsProcessingParameterNumber(
             self.ENCODER_THREADS, tr("Encoder threads (0: one per physical core)"),
@@ -338,6 +353,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
                 band_indexes=parse_band_indexes(self.parameterAsString(parameters, self.BANDS, context), self.BANDS),
                 add_to_existing=self.parameterAsBool(parameters, self.APPEND, context),
                 overwrite_existing_index=self.parameterAsBool(parameters, self.OVERWRITE, context),
+                discard_other_checkpoints=self.parameterAsBool(parameters, self.DISCARD_CHECKPOINTS, context),
                 encoder_threads=self.parameterAsInt(parameters, self.ENCODER_THREADS, context) or None,
             )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import html
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -20,6 +19,7 @@ from qgis.core import (
     QgsProcessingParameterFileDestination,
 )
 
+from ..core.files import open_temporary_beside
 from ..core.grid import TileGrid
 from ..core.index import TileIndex
 from .support import (
@@ -224,14 +224,12 @@ def _crs_name(crs_wkt: str) -> str:
 
 def _write_text(path: str, text: str, parameter_name: str) -> None:
     # Written beside the target and renamed over it, so that a hard link to the old file, such as
-    # another index's manifest, keeps its content. mkstemp creates a new file, never following a
-    # link that already has the temporary name.
+    # another index's manifest, keeps its content.
     target = Path(path)
     temporary: Optional[Path] = None
     try:
-        descriptor, temporary_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        temporary = Path(temporary_name)
-        with os.fdopen(descriptor, "w", encoding="utf-8") as stream:
+        stream, temporary = open_temporary_beside(target)
+        with stream:
             stream.write(text)
         os.replace(temporary, target)
     except OSError as error:

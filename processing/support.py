@@ -295,22 +295,28 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
     """
     if not output_path:
         return
-    from ..core.index import FOLDER_DAMAGED_INDEX, FOLDER_INDEX, FOLDER_UNFINISHED, index_folder_state
+    from ..core.index import (
+        FOLDER_DAMAGED_INDEX,
+        FOLDER_INDEX,
+        FOLDER_UNFINISHED,
+        enclosing_index_folder,
+        index_folder_state,
+    )
 
-    index_states = (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED)
-    real_path = Path(os.path.realpath(output_path))
-    if is_folder and index_folder_state(real_path) in index_states:
+    if is_folder and index_folder_state(Path(os.path.realpath(output_path))) in (
+        FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED
+    ):
         raise QgsProcessingException(tr(
             f"{output_name}: {output_path} is a Lookalike index folder, where the outputs could replace its files. "
             "Choose another folder."
         ))
-    for folder in real_path.parents:
-        if index_folder_state(folder) in index_states:
-            raise QgsProcessingException(tr(
-                f"{output_name}: {output_path} is inside the Lookalike index folder {folder}, where writing it "
-                f"could replace a file of that index. Choose a {'folder' if is_folder else 'file'} outside that "
-                "folder."
-            ))
+    folder = enclosing_index_folder(output_path)
+    if folder is not None:
+        raise QgsProcessingException(tr(
+            f"{output_name}: {output_path} is inside the Lookalike index folder {folder}, where writing it "
+            f"could replace a file of that index. Choose a {'folder' if is_folder else 'file'} outside that "
+            "folder."
+        ))
 
 
 # Sidecar files GDAL and other GIS programs keep beside a raster, whatever GDAL's settings.

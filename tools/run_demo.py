@@ -40,6 +40,7 @@ from lookalike.core.index import (  # noqa: E402
     FOLDER_FOREIGN,
     FOLDER_INDEX,
     MANIFEST_NAME,
+    enclosing_index_folder,
     index_folder_state,
     read_manifest_json,
 )
@@ -102,6 +103,10 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if arguments.output_folder.exists() and not arguments.output_folder.is_dir():
         parser.error(f"--output-folder {arguments.output_folder} is not a folder; pass a folder path "
                      "(a missing folder is created)")
+    enclosing = enclosing_index_folder(arguments.output_folder / INDEX_FOLDER_NAME)
+    if enclosing is not None:
+        parser.error(f"--output-folder {arguments.output_folder} is inside the Lookalike index folder {enclosing}, "
+                     "whose files the demo's outputs could be mixed with; pass a folder outside that index")
     if arguments.encoder is None:
         arguments.encoder = default_model_path()
         if not arguments.encoder.is_file():

@@ -29,7 +29,7 @@ from qgis.PyQt.QtWidgets import (
 from ..core import get_logger
 from ..core.crs import grid_scale
 from ..core.encoder import MODELS_DIR, OnnxEncoder, default_model_path
-from ..core.errors import LookalikeError
+from ..core.errors import LookalikeError, OtherBuildCheckpointsError
 from ..core.grid import TileGrid, stride_from_overlap, tile_count
 from ..core.index import (
     FOLDER_DAMAGED_INDEX,
@@ -830,11 +830,35 @@ class BuildPanelMixin:
             )
             self._reopen_index_after_build(folder, task)
             return
+        if isinstance(task.error, OtherBuildCheckpointsError) and request is not None:
+            self._reopen_index_after_build(folder, task)
+            self._show_index_status()
+            self._offer_to_discard_checkpoints(request, task.error)
+            return
         self._report_failure("Building the index", task)
         self._reopen_index_after_build(folder, task)
         self._show_index_status()
         # The index open before the build stays open and searchable.
         self.status_label.setText(f"The build failed; see the message bar. {self.status_label.text()}")
+
+    def _offer_to_discard_checkpoints(self, request: jobs.BuildRequest, error: OtherBuildCheckpointsError) -> None:
+        """Ask before deleting the finished tiles of an interrupted build with other settings; build if agreed."""
+        folder = request.params.index_folder
+        covered = f" ({error.tiles_done} tiles)" if error.tiles_done else ""
+        differences = f" It differs in {'; '.join(error.changes)}." if error.changes else ""
+        question = (
+            f"{error.partial_folder} contains the finished tiles{covered} of an interrupted build of {folder} with "
+            f"other settings.{differences}\n\nDelete those tiles and build with the current settings? No keeps "
+            "them: building with that build's settings finishes it."
+        )
+        if self._confirmed(question):
+            self.run_build(replace(request, params=replace(request.params, discard_other_checkpoints=True)))
+            return
+        self.push_message(
+            f"The build did not start, and the finished tiles in {error.partial_folder} are kept. Build with that "
+            "build's settings to finish it, or choose another index folder.",
+            Qgis.MessageLevel.Info,
+        )
 
     def _on_closed_project_build_finished(self, folder: str) -> None:
         """Report a build started in a project since closed; reopen the open index if it came from that folder."""

@@ -282,6 +282,17 @@ def test_demo_rejects_file_as_output_folder(tmp_path, capsys):
     assert output_file.read_text(encoding="utf-8") == "not a folder"
 
 
+def test_demo_rejects_output_folder_in_an_index(tmp_path, capsys):
+    users_index = make_users_index(tmp_path / "field_index", tmp_path)
+
+    with pytest.raises(SystemExit) as raised:
+        run_tiny_demo(tmp_path / "field_index")
+
+    assert raised.value.code == 2
+    assert f"is inside the Lookalike index folder {tmp_path / 'field_index'}" in capsys.readouterr().err
+    assert folder_contents(tmp_path / "field_index") == users_index
+
+
 def hold_index_lock(index_folder: Path, locked: threading.Event, release: threading.Event) -> None:
     with index_lock(index_folder):
         locked.set()

@@ -199,6 +199,42 @@ def test_resume_names_the_settings_it_keeps(dock, ships_clip, tmp_path, qgis_ifa
     assert first_grid_in(tmp_path / "index").overlap_fraction == 0.5
 
 
+def test_other_settings_ask_before_discarding_tiles(dock, ships_clip, tmp_path, qgis_iface, questions,
+                                                    build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.overlap_spin.setValue(0)
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    dock.overlap_spin.setValue(50)
+
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    assert len(questions) == 1
+    assert "It differs in the overlap." in questions[0]
+    assert first_grid_in(tmp_path / "index").overlap_fraction == 0.5
+    assert not (tmp_path / "index.partial").exists()
+
+
+def test_declined_discard_keeps_tiles(dock, ships_clip, tmp_path, qgis_iface, questions, build_hold):
+    dock.raster_combo.setLayer(ships_clip)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+    dock.overlap_spin.setValue(0)
+    cancel_build_at(dock, FINE_GSD_M, build_hold)
+    chunks = sorted(path.name for path in (tmp_path / "index.partial").iterdir())
+    dock.overlap_spin.setValue(50)
+    questions.answer = QMessageBox.StandardButton.No
+
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    assert len(questions) == 1
+    assert sorted(path.name for path in (tmp_path / "index.partial").iterdir()) == chunks
+    assert dock.build_task is None
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("finished tiles in" in text and "are kept" in text for text in infos), infos
+
+
 def test_new_project_drops_resume(dock, ships_clip, tmp_path, qgis_iface, build_hold):
     dock.raster_combo.setLayer(ships_clip)
     dock.index_folder.setFilePath(str(tmp_path / "index"))
@@ -265,7 +301,8 @@ def test_newer_build_removes_stale_resume(dock, ships_clip, tmp_path, qgis_iface
     build_at(dock, folder, gsd_m=20.0)
     newer_count = dock.index.count
 
-    assert len(questions) == 2
+    assert len(questions) == 3
+    assert "Delete those tiles and build with the current settings?" in questions[2]
     assert message_is_gone(bar, resume_item)
     assert dock.index.count == newer_count
     assert TileIndex.open(folder).count == newer_count
@@ -307,6 +344,7 @@ def test_resume_asks_when_index_changed(dock, ships_clip, repo_root, tmp_path, q
         tile_ground_size_m=20.0 * 32,
         overlap_fraction=0.0,
         overwrite_existing_index=True,
+        discard_other_checkpoints=True,
     )
     replaced_count = build_index(params).tiles_embedded
     questions.clear()

@@ -655,6 +655,18 @@ def test_indexinfo_reports_manifest(tiny_index, tmp_path, ships_raster):
     assert written["tile_count"] == results["TILE_COUNT"]
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_indexinfo_outputs_readable_by_others(tiny_index, tmp_path):
+    folder, _ = tiny_index
+    previous_umask = os.umask(0o022)
+    try:
+        results = run_algorithm("indexinfo", {"INDEX": folder, "OUTPUT_HTML": str(tmp_path / "info.html")})
+    finally:
+        os.umask(previous_umask)
+
+    assert os.stat(results["OUTPUT_HTML"]).st_mode & 0o777 == 0o644
+
+
 def test_indexinfo_rejects_missing_folder(provider, tmp_path):
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("indexinfo", {"INDEX": str(tmp_path / "missing")})

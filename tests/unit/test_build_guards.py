@@ -367,7 +367,7 @@ def test_discarded_checkpoints_log_warning(shared_data, tmp_path, caplog):
     assert partial_folder_for(folder).exists()
 
     with caplog.at_level(logging.WARNING, logger="lookalike"):
-        build_index(parameters([source], folder, overlap_fraction=0.0))
+        build_index(parameters([source], folder, overlap_fraction=0.0, discard_other_checkpoints=True))
 
     warnings = [record for record in caplog.records if record.levelno == logging.WARNING]
     assert any(str(partial_folder_for(folder)) in record.getMessage() for record in warnings)

@@ -24,6 +24,7 @@ from lookalike.core.errors import (
     CancelledError,
     GridError,
     LookalikeError,
+    OtherBuildCheckpointsError,
     SearchError,
     SearchIndexError,
     with_field_names,
@@ -416,19 +417,88 @@ def test_resume_after_cancel_equals_uninterrupted(shared_data, tmp_path):
     np.testing.assert_array_equal(np.asarray(resumed_index.embeddings), np.asarray(reference_index.embeddings))
 
 
+def test_other_build_checkpoints_kept_and_named(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    progress = build_cancelled_after(parameters([source], tmp_path / "index"), 2)
+    partial = partial_folder_for(tmp_path / "index")
+    chunks_before = sorted(path.name for path in partial.iterdir())
+
+    with pytest.raises(OtherBuildCheckpointsError) as raised:
+        build_index(parameters([source], tmp_path / "index", tile_size_source_px=96))
+
+    assert sorted(path.name for path in partial.iterdir()) == chunks_before
+    assert "the tile size or GSD (19,203 m on the ground then, 28,804 m now)" in str(raised.value)
+    assert f"they cover {progress[-1].tiles_done} tiles" in str(raised.value)
+    assert "discard_other_checkpoints" in str(raised.value)
+    assert raised.value.tiles_done == progress[-1].tiles_done
+
+
 def test_discarded_checkpoints_reported(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
-    batches_seen = []
-    with pytest.raises(CancelledError):
-        build_index(parameters([source], tmp_path / "index"), progress=batches_seen.append,
-                    is_cancelled=lambda: len(batches_seen) >= 2)
+    build_cancelled_after(parameters([source], tmp_path / "index"), 2)
 
-    report = build_index(parameters([source], tmp_path / "index", tile_size_source_px=96))
+    report = build_index(parameters([source], tmp_path / "index", tile_size_source_px=96,
+                                    discard_other_checkpoints=True))
 
     assert report.tiles_resumed == 0
     partial = partial_folder_for(tmp_path / "index")
     assert any(f"The checkpoints of an interrupted build in {partial} were made with other parameters" in warning
                for warning in report.warnings), report.warnings
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"overlap_fraction": 0.0}, "the overlap"),
+        ({"band_indexes": (3, 2, 1)}, "the bands of RGB.byte.tif (it read [1, 2, 3])"),
+        ({"min_valid_fraction": 0.9}, "the minimum valid fraction (it used 0.5)"),
+    ],
+)
+def test_other_build_settings_named(shared_data, tmp_path, overrides, named):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
+
+    with pytest.raises(OtherBuildCheckpointsError) as raised:
+        build_index(parameters([source], tmp_path / "index", **overrides))
+
+    assert named in str(raised.value)
+
+
+def test_changed_raster_named_with_checkpoints(shared_data, tmp_path):
+    source = tmp_path / "scene.tif"
+    shutil.copy(geo(shared_data, "rasterio/RGB.byte.tif"), source)
+    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
+    dataset = gdal.Open(str(source), gdal.GA_Update)
+    band = dataset.GetRasterBand(1)
+    band.WriteArray(band.ReadAsArray() // 2)
+    dataset = None
+
+    with pytest.raises(OtherBuildCheckpointsError, match="the file scene.tif itself, which changed since"):
+        build_index(parameters([source], tmp_path / "index"))
+
+
+def test_old_checkpoint_marker_gets_general_message(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
+    marker = partial_folder_for(tmp_path / "index") / "partial_build.json"
+    content = json.loads(marker.read_text(encoding="utf-8"))
+    del content["settings"]
+    marker.write_text(json.dumps(content), encoding="utf-8")
+
+    with pytest.raises(OtherBuildCheckpointsError, match="its parameters, rasters or encoder differ"):
+        build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+
+
+def test_refused_checkpoints_leave_no_lock(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
+    lock = tmp_path / "index.lock"
+    lock.unlink()
+
+    with pytest.raises(OtherBuildCheckpointsError):
+        build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+
+    assert not lock.exists()
 
 
 def test_checkpoint_write_error_resumable(shared_data, tmp_path, monkeypatch):
@@ -777,7 +847,8 @@ def test_changed_parameters_discard_checkpoints(shared_data, tmp_path):
         build_index(parameters([source], tmp_path / "index"), progress=calls.append,
                     is_cancelled=lambda: len(calls) >= 2)
 
-    report = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+    report = build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0,
+                                    discard_other_checkpoints=True))
 
     assert report.tiles_resumed == 0
     assert report.tiles_embedded + report.tiles_skipped == report.tiles_total
@@ -927,6 +998,18 @@ def test_foreign_partial_folder_is_never_removed(shared_data, tmp_path):
         build_index(parameters([geo(shared_data, "rasterio/RGB.byte.tif")], tmp_path / "index"))
 
     assert (foreign / "data.bin").exists()
+    assert not (tmp_path / "index.lock").exists()
+
+
+def test_index_folder_inside_an_index_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([source], tmp_path / "outer"))
+    files_before = sorted(path.name for path in (tmp_path / "outer").iterdir())
+
+    with pytest.raises(SearchIndexError, match=f"inside the Lookalike index folder {tmp_path / 'outer'}"):
+        build_index(parameters([source], tmp_path / "outer" / "inner" / "index"))
+
+    assert sorted(path.name for path in (tmp_path / "outer").iterdir()) == files_before
 
 
 def test_unreadable_checkpoint_marker_named(shared_data, tmp_path):
