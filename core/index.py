@@ -846,6 +846,8 @@ class TileIndex:
         queries = _as_query_matrix(vectors, self.embedding_dim)
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise SearchError(f"k {k!r} is invalid; pass the number of neighbours as a positive integer")
+        if ef is not None and (isinstance(ef, bool) or not isinstance(ef, (int, np.integer)) or ef < 1):
+            raise SearchError(f"ef {ef!r} is invalid; pass a positive integer, or None for the index's ef_search")
         n_results = min(int(k), self.count)
         if n_results == 0:
             return np.empty((queries.shape[0], 0), dtype=np.int64), np.empty((queries.shape[0], 0), dtype=np.float32)

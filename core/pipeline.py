@@ -178,6 +178,12 @@ def _reject_unusable_folder(params: BuildParameters) -> None:
             f"index folder {folder} is a symbolic link to {os.readlink(folder)}, which does not exist; create "
             "that folder or choose another path for the index."
         )
+    nearest_existing = next((place for place in folder.parents if os.path.lexists(place)), None)
+    if nearest_existing is not None and not nearest_existing.is_dir():
+        raise SearchIndexError(
+            f"index folder {folder} cannot be created because {nearest_existing} is a file, not a folder; "
+            "choose another path for the index."
+        )
     enclosing = enclosing_index_folder(folder)
     if enclosing is not None:
         raise SearchIndexError(

@@ -32,7 +32,7 @@ from .parameters import (
     _normalised_path,
     _parse_geometry,
 )
-from .raster import DEFAULT_BLANK_STD_FRACTION, RasterSource
+from .raster import DEFAULT_BLANK_STD_FRACTION, RasterSource, vrt_member_files
 from .spec import ModelSpec
 
 LOGGER = get_logger("pipeline")
@@ -135,8 +135,22 @@ def _choose_gsd(
 
 def _pixel_size_in(source: RasterSource, crs_wkt: str) -> float:
     """Return the source's mean pixel size in ``crs_wkt`` units."""
-    xmin, ymin, xmax, ymax = source.bounds_in(crs_wkt)
-    return math.sqrt((xmax - xmin) / source.width * (ymax - ymin) / source.height)
+    return source.mean_pixel_size_in(crs_wkt)
+
+
+def _check_no_source_in_a_vrt(source_paths: Sequence[str]) -> None:
+    """Raise LookalikeError when one source is a file that a VRT among the sources also reads."""
+    real_paths = {os.path.realpath(path): path for path in source_paths if os.path.exists(path)}
+    for path in source_paths:
+        if not path.lower().endswith(".vrt"):
+            continue
+        for member in vrt_member_files(path) or []:
+            listed = real_paths.get(os.path.realpath(member))
+            if listed is not None and listed != path:
+                raise LookalikeError(
+                    f"source_paths lists {listed!r}, which the VRT {path!r} also reads, so its tiles would be "
+                    "indexed twice; pass the VRT or its files, not both."
+                )
 
 
 def _plan_sources(
@@ -154,9 +168,11 @@ def _plan_sources(
     first_gsd: Optional[float] = None
     first_units_per_metre = 1.0
     stride_px = stride_from_overlap(spec.input_size_px, overlap_fraction=params.overlap_fraction)
+    _check_no_source_in_a_vrt(params.source_paths)
     for position, path in enumerate(params.source_paths):
         source = RasterSource(path, params.band_indexes)
         try:
+            source.check_vrt_members_share_crs()
             if len(source.band_indexes) != spec.band_count:
                 raise LookalikeError(
                     f"raster {path!r} gives {len(source.band_indexes)} bands {list(source.band_indexes)} but "

@@ -38,7 +38,14 @@ from .raster import (
     open_raster_quietly,
     vrt_member_files,
 )
-from .search import DEFAULT_MAX_OVERLAP, DEFAULT_STRATEGY, Match, example_embeddings, search
+from .search import (
+    DEFAULT_MAX_OVERLAP,
+    DEFAULT_STRATEGY,
+    Match,
+    example_embeddings,
+    negative_example_warnings,
+    search,
+)
 
 LOGGER = get_logger("pipeline")
 
@@ -797,6 +804,12 @@ def run_search(
     finally:
         raster.close()
 
+    if negative_chips:
+        # Judged on the rows the search combines, as the dock and Processing do.
+        positive_rows = example_embeddings([chips.embeddings for chips in positive_chips])
+        negative_rows = example_embeddings([chips.embeddings for chips in negative_chips])
+        for warning in negative_example_warnings(positive_rows, negative_rows, strategy):
+            LOGGER.warning(warning)
     matches = search_query_chips(
         index, positive_chips, negative_chips, k=k, max_overlap=max_overlap, min_score=min_score, strategy=strategy
     )

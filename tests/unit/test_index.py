@@ -827,6 +827,14 @@ def test_knn_rejects_invalid_queries(tmp_path: Path) -> None:
         index.knn(unit_vectors(1), k=0)
 
 
+@pytest.mark.parametrize("ef", [0, -5, 2.5, True])
+def test_knn_rejects_invalid_ef(tmp_path: Path, ef) -> None:
+    index = filled_index(tmp_path / "index", n=3)
+
+    with pytest.raises(SearchError, match=f"ef {ef!r} is invalid"):
+        index.knn(unit_vectors(1), k=1, ef=ef)
+
+
 def test_exact_knn_orders_ties_by_id() -> None:
     vectors = unit_vectors(3)
     embeddings = np.stack([vectors[0], vectors[1], vectors[0], vectors[2], vectors[0]]).astype(np.float16)

@@ -25,6 +25,7 @@ from lookalike.core.errors import (
     GridError,
     LookalikeError,
     OtherBuildCheckpointsError,
+    RasterError,
     SearchError,
     SearchIndexError,
     with_field_names,
@@ -1001,6 +1002,65 @@ def test_foreign_partial_folder_is_never_removed(shared_data, tmp_path):
     assert not (tmp_path / "index.lock").exists()
 
 
+def test_rotated_raster_tile_size_in_its_pixels(tmp_path):
+    angle = math.radians(30.0)
+    pixel_m = 30.0
+    path = tmp_path / "rotated.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 200, 200, 3, gdal.GDT_Byte)
+    dataset.SetGeoTransform((500000.0, pixel_m * math.cos(angle), -pixel_m * math.sin(angle),
+                             4000000.0, -pixel_m * math.sin(angle), -pixel_m * math.cos(angle)))
+    spatial_ref = osr.SpatialReference()
+    spatial_ref.ImportFromEPSG(32618)
+    dataset.SetProjection(spatial_ref.ExportToWkt())
+    generator = np.random.default_rng(3)
+    for band_index in (1, 2, 3):
+        dataset.GetRasterBand(band_index).WriteArray(generator.integers(0, 255, (200, 200), dtype=np.uint8))
+    dataset = None
+
+    report = build_index(parameters([path], tmp_path / "index", tile_size_source_px=32, overlap_fraction=0.0))
+
+    grid = report.grids[0]
+    assert grid.gsd * grid.tile_size_px == pytest.approx(32 * pixel_m)
+
+
+def test_vrt_mixing_crs_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    gdal.Warp(str(tmp_path / "mercator.tif"), source, dstSRS="EPSG:3857")
+    gdal.BuildVRT(str(tmp_path / "mixed.vrt"), [source, str(tmp_path / "mercator.tif")],
+                  allowProjectionDifference=True)
+
+    with pytest.raises(RasterError, match=r"names rasters in another CRS than its own \(mercator.tif\)"):
+        build_index(parameters([tmp_path / "mixed.vrt"], tmp_path / "index"))
+
+    assert not (tmp_path / "index").exists()
+
+
+def test_warped_vrt_passes_crs_check(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    gdal.Warp(str(tmp_path / "warped.vrt"), source, format="VRT", dstSRS="EPSG:3857")
+    raster = RasterSource(str(tmp_path / "warped.vrt"))
+
+    raster.check_vrt_members_share_crs()
+
+    raster.close()
+
+
+def test_vrt_and_its_member_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    gdal.BuildVRT(str(tmp_path / "one.vrt"), [source])
+
+    with pytest.raises(LookalikeError, match="which the VRT .* also reads"):
+        build_index(parameters([tmp_path / "one.vrt", source], tmp_path / "index"))
+
+
+def test_index_folder_under_a_file_named(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    (tmp_path / "scene.tif").write_bytes(b"raster")
+
+    with pytest.raises(SearchIndexError, match=f"because {tmp_path / 'scene.tif'} is a file, not a folder"):
+        build_index(parameters([source], tmp_path / "scene.tif" / "idx"))
+
+
 def test_index_folder_inside_an_index_rejected(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_index(parameters([source], tmp_path / "outer"))
@@ -1543,6 +1603,18 @@ def test_query_with_other_encoder_is_rejected(rgb_index, shared_data):
 
     with pytest.raises(SearchIndexError, match="query with the index's encoder"):
         embed_query(rgb_index, other, source, "POINT (0 0)", source.crs_wkt)
+
+
+def test_run_search_warns_of_negatives_like_positives(rgb_index, shared_data, caplog):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    tile_id = rgb_index.count // 2
+    bounds = rgb_index.tile_bounds(tile_id)
+
+    with caplog.at_level(logging.WARNING, logger="lookalike"):
+        run_search(rgb_index.folder, source, [bounds], negatives=[bounds], k=5,
+                   crs_wkt=rgb_index.tile_crs_wkt(tile_id))
+
+    assert any("look like the positive ones" in record.getMessage() for record in caplog.records)
 
 
 def test_run_search_excludes_the_query_tile(rgb_index, shared_data):
