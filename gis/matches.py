@@ -171,6 +171,10 @@ SHAPEFILE_MEMBER_SUFFIXES = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".q
 # Formats that keep the fields of a layer as written, so that a field added later is visible.
 EXACT_SCHEMA_DRIVERS = frozenset({"GPKG", "ESRI Shapefile", "GeoJSON", "FlatGeobuf"})
 
+# A CSV keeps each tile footprint as WKT in a column, and its field types in a .csvt file beside
+# it, so that the file opens in QGIS as a polygon layer with numeric rank and score.
+CSV_LAYER_OPTIONS = ("GEOMETRY=AS_WKT", "CREATE_CSVT=YES")
+
 
 def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) -> list[Path]:
     """Return the existing files that writing matches to ``path`` would replace."""
@@ -184,7 +188,11 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
         # Compared without letter case: data.SHP and data.DBF go as well as data.shp.
         return sorted(entry for entry in folder.iterdir()
                       if entry.is_file() and entry.stem.lower() == stem.lower() and entry.suffix.lower() in suffixes)
-    return [path] if path.is_file() else []
+    candidates = [path]
+    if path.suffix.lower() == ".csv" or driver_name == "CSV":
+        # The field types written beside the table (CSV_LAYER_OPTIONS).
+        candidates.append(path.with_name(path.name + "t"))
+    return [candidate for candidate in candidates if candidate.is_file()]
 
 
 def open_dataset_quietly(path: Union[str, Path], kinds: int = gdal.OF_VECTOR) -> Optional[gdal.Dataset]:
@@ -318,6 +326,8 @@ def write_matches(
     options.fileEncoding = "UTF-8"
     options.layerName = layer_name or layer.name() or "matches"
     options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteFile
+    if driver_name == "CSV":
+        options.layerOptions = list(CSV_LAYER_OPTIONS)
     error_code, error_message, _written_path, _written_layer = QgsVectorFileWriter.writeAsVectorFormatV3(
         layer, str(path), QgsProject.instance().transformContext(), options
     )

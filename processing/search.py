@@ -295,8 +295,10 @@ class SearchAlgorithm(LookalikeAlgorithm):
             return {}
 
         fields = match_layers.match_fields()
+        output_path = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context)).path
+        layer_options = list(match_layers.CSV_LAYER_OPTIONS) if output_path.lower().endswith(".csv") else []
         sink, sink_id = self.parameterAsSink(
-            parameters, self.OUTPUT, context, fields, POLYGON_WKB_TYPE, grid_crs
+            parameters, self.OUTPUT, context, fields, POLYGON_WKB_TYPE, grid_crs, layerOptions=layer_options
         )
         if sink is None:
             raise QgsProcessingException(self.invalidSinkError(parameters, self.OUTPUT))
@@ -746,6 +748,12 @@ def _no_examples_message(name: str, source: QgsFeatureSource, feature_count: int
 def _fewer_than_k_message(found_count: int, k: int, max_overlap: float, min_score: Optional[float]) -> str:
     # The search widens until k matches survive, so fewer means that no tile is left to try.
     below_score = f", or scores below MIN_SCORE {min_score:g}" if min_score is not None else ""
+    if max_overlap >= 1.0:
+        # The overlap rule between matches is off, so only the examples' own tiles and the score are left.
+        return tr(
+            f"The search found {found_count} of the K={k} matches asked for: every other tile of the index "
+            f"overlaps an example, and tiles under an example are never returned{below_score}."
+        )
     return tr(
         f"The search found {found_count} of the K={k} matches asked for: every other tile of the index overlaps "
         f"an example, or a better-ranked match by more than MAX_OVERLAP {max_overlap:g}{below_score}. Raise "

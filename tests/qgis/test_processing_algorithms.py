@@ -340,6 +340,34 @@ def test_search_output_fields(tiny_index, tiny_encoder):
         assert len(list(feature.geometry().vertices())) == 5
 
 
+def test_search_csv_keeps_footprints_and_types(tiny_index, tiny_encoder, tmp_path):
+    folder, _results = tiny_index
+    run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "ENCODER": tiny_encoder,
+        "K": 3,
+        "OUTPUT": str(tmp_path / "matches.csv"),
+    })
+
+    layer = QgsVectorLayer(str(tmp_path / "matches.csv"), "matches", "ogr")
+    features = sorted(layer.getFeatures(), key=lambda feature: feature["rank"])
+    assert len(features) == 3
+    assert features[0]["rank"] == 1
+    assert features[0].geometry().boundingBox().width() == pytest.approx(160.0)
+
+
+def test_search_csv_rerun_replaces_own_file(tiny_index, tiny_encoder, tmp_path):
+    folder, _results = tiny_index
+    parameters = {"INDEX": folder, "POSITIVES": point_layer([SHIP_CENTRES[1]]), "ENCODER": tiny_encoder, "K": 3,
+                  "OUTPUT": str(tmp_path / "matches.csv")}
+    run_algorithm("search", parameters)
+
+    results = run_algorithm("search", {**parameters, "K": 4})
+
+    assert results["MATCH_COUNT"] == 4
+
+
 def test_search_takes_example_with_crossing_edges(tiny_index, tiny_encoder):
     # QGIS's default "invalid features filtering" stops an algorithm on such a polygon; the
     # search repairs it instead, keeping both lobes.
@@ -443,6 +471,26 @@ def test_fewer_than_k_explained(tiny_index, tiny_encoder):
     fewer_warnings = [text for text in feedback.warnings if f"found {found} of the K=10000 matches asked for" in text]
     assert fewer_warnings, feedback.warnings
     assert "MAX_OVERLAP 0.25" in fewer_warnings[0]
+
+
+def test_fewer_than_k_without_overlap_rule(tiny_index, tiny_encoder):
+    folder, _results = tiny_index
+    feedback = RecordingFeedback()
+
+    results = run_algorithm("search", {
+        "INDEX": folder,
+        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+        "ENCODER": tiny_encoder,
+        "K": 10000,
+        "MAX_OVERLAP": 1,
+        "OUTPUT": "memory:",
+    }, feedback)
+
+    found = results["MATCH_COUNT"]
+    fewer_warnings = [text for text in feedback.warnings if f"found {found} of the K=10000 matches asked for" in text]
+    assert fewer_warnings, feedback.warnings
+    assert "tiles under an example are never returned" in fewer_warnings[0]
+    assert "Raise MAX_OVERLAP" not in fewer_warnings[0]
 
 
 def test_search_rejects_missing_index(provider, tmp_path):
