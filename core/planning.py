@@ -373,10 +373,16 @@ def _resolve_gsd(
     gsd, _ = _choose_gsd(params, spec, source, grid_crs_wkt, units_per_metre)
     if not math.isclose(gsd, index_gsd, rel_tol=1e-6):
         index_tile_m = existing_grid.tile_ground_size_m
+        if params.tile_size_source_px is not None:
+            # Suggested in the unit the caller used.
+            pixel_m = _pixel_size_in(source, grid_crs_wkt) / units_per_metre
+            suggestion = f"tile_size_source_px={index_tile_m / pixel_m:.6g}"
+        else:
+            suggestion = f"tile_ground_size_m={index_tile_m:.6g}"
         raise GridError(
             f"the tile size gives a GSD of {gsd / units_per_metre:.6g} m but the index was built at "
             f"{existing_grid.gsd_m:.6g} m (tiles of {index_tile_m:.6g} m on the ground); leave the tile "
-            f"size unset to use the index's, or pass tile_ground_size_m={index_tile_m:.6g}."
+            f"size unset to use the index's, or pass {suggestion}."
         )
     return gsd, None
 

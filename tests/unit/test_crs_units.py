@@ -332,6 +332,15 @@ def test_other_tile_size_than_index_names_metres(tmp_path):
                                add_to_existing=True))
 
 
+def test_other_tile_size_in_pixels_suggests_pixels(tmp_path):
+    build_index(parameters([SAMPLE_CLIP], tmp_path / "index"))
+    source = feet_copy(tmp_path, pixel_size_ft=5.0)
+
+    # The index has tiles of 320 m: 210 pixels of 5 US survey feet (1.524 m) each.
+    with pytest.raises(LookalikeError, match=r"pass tile_size_source_px=209\.9"):
+        build_index(parameters([source], tmp_path / "index", tile_size_source_px=16, add_to_existing=True))
+
+
 def test_matching_ground_size_accepted_in_feet_crs(tmp_path):
     build_index(parameters([SAMPLE_CLIP], tmp_path / "index"))
     source = feet_copy(tmp_path, pixel_size_ft=5.0)
