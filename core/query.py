@@ -508,7 +508,8 @@ def indexed_source_for_geometry(
         return best_path
     raise SearchError(
         "The query lies outside every indexed raster; draw it over the imagery of the index "
-        f"({', '.join(Path(record['path']).name for record in sources)})."
+        f"({', '.join(Path(record['path']).name for record in sources)}). If it does lie there on the map, "
+        "check the CRS of its layer: coordinates read in another CRS than theirs land elsewhere."
     )
 
 

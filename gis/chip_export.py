@@ -137,7 +137,7 @@ def chip_requests_from_layer(
     if raster_path is None and matches.FIELD_SOURCE not in field_names:
         raise LookalikeError(
             f"Layer {layer.name()!r} has no {matches.FIELD_SOURCE!r} field naming the raster of each "
-            "match; choose the raster to read the chips from."
+            "match; pass raster_path, the raster to read the chips from."
         )
     if label_field and label_field not in field_names:
         raise LookalikeError(
@@ -162,7 +162,7 @@ def chip_requests_from_layer(
         if not source_path:
             raise LookalikeError(
                 f"Feature {feature.id()} of layer {layer.name()!r} has an empty {matches.FIELD_SOURCE!r} "
-                "field; choose the raster to read the chips from."
+                "field; pass raster_path, the raster to read the chips from."
             )
         if source_path not in crs_by_source:
             _check_raster_present(source_path, feature.id())
@@ -246,12 +246,32 @@ def export_chips(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LookalikeError(f"The chip folder {folder} is a file; choose a folder path for the chips and labels.csv.")
+    created_folder = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise LookalikeError(
             f"The chip folder {folder} cannot be created ({error}); choose a writable folder."
         ) from error
+    try:
+        return _export_into_folder(requests, folder, image_format, chip_size_px, band_indexes, progress, is_cancelled)
+    except BaseException:
+        # A failed export leaves no new empty folder behind either.
+        if created_folder and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _export_into_folder(
+    requests: Sequence[ChipRequest],
+    folder: Path,
+    image_format: str,
+    chip_size_px: Optional[int],
+    band_indexes: Optional[Sequence[int]],
+    progress: Optional[Callable[[int, int], None]],
+    is_cancelled: Optional[Callable[[], bool]],
+) -> ChipExportReport:
+    """Run :func:`export_chips` in the existing ``folder``."""
     if not os.access(folder, os.W_OK):
         raise LookalikeError(f"The chip folder {folder} is not writable; choose a folder you can write to.")
 

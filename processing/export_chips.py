@@ -145,7 +145,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
         chip_size_px = self.parameterAsInt(parameters, self.CHIP_SIZE_PX, context) or None
         feature_ids = layer.selectedFeatureIds() or None
 
-        with core_errors({"Chip format": self.FORMAT, "Chip size": self.CHIP_SIZE_PX}):
+        with core_errors({"Chip format": self.FORMAT, "Chip size": self.CHIP_SIZE_PX, "raster_path": self.RASTER}):
             requests = chip_export.chip_requests_from_layer(
                 layer,
                 raster_path=raster_path,

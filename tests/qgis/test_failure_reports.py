@@ -285,6 +285,25 @@ def test_export_without_chips_fails_in_new_folder(repo_root, tmp_path):
     assert not list(folder.glob("chip_*"))
 
 
+def test_failed_export_leaves_no_new_folder(repo_root, tmp_path):
+    folder = tmp_path / "new" / "chips"
+
+    with pytest.raises(LookalikeError, match="band index 5 is out of range"):
+        chip_export.export_chips([ships_request(repo_root)], folder, band_indexes=(5, 6, 7))
+
+    assert not folder.exists()
+
+
+def test_failed_export_keeps_existing_empty_folder(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    folder.mkdir()
+
+    with pytest.raises(LookalikeError, match="band index 5 is out of range"):
+        chip_export.export_chips([ships_request(repo_root)], folder, band_indexes=(5, 6, 7))
+
+    assert folder.is_dir()
+
+
 def test_export_names_moved_raster(repo_root, tmp_path):
     moved = replace(ships_request(repo_root), source_path=str(tmp_path / "ships_moved_away.tif"))
 

@@ -676,6 +676,7 @@ def test_export_needs_raster_without_source_field(provider, tmp_path):
             "OUTPUT": str(tmp_path / "chips"),
         })
     assert "'source'" in str(raised.value)
+    assert "raster_path is RASTER" in str(raised.value)
 
 
 # -- indexinfo ---------------------------------------------------------------------------------

@@ -882,6 +882,7 @@ def test_search_names_the_negative_off_every_raster(two_raster_index):
     })
 
     assert f"Feature with id {off_raster_id} in NEGATIVES: The query lies outside every indexed raster" in message
+    assert "check the CRS of its layer" in message
 
 
 def test_search_names_the_positive_that_is_a_line(two_raster_index):
