@@ -223,7 +223,7 @@ def test_plugin_toggle_creates_and_cleans_dock(qgis_iface):
 
 @pytest.mark.parametrize(
     ("format_name", "extension", "has_geometry"),
-    [("GeoJSON", "geojson", True), ("CSV", "csv", False), ("ESRI Shapefile", "shp", True)],
+    [("GeoJSON", "geojson", True), ("CSV", "csv", True), ("ESRI Shapefile", "shp", True)],
 )
 def test_dock_export_formats(dock, ships_layer, tmp_path, qgis_canvas, format_name, extension, has_geometry):
     dock.raster_combo.setLayer(ships_layer)
