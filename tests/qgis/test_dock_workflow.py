@@ -222,10 +222,10 @@ def test_plugin_toggle_creates_and_cleans_dock(qgis_iface):
 
 
 @pytest.mark.parametrize(
-    ("format_name", "extension", "has_geometry"),
-    [("GeoJSON", "geojson", True), ("CSV", "csv", True), ("ESRI Shapefile", "shp", True)],
+    ("format_name", "extension"),
+    [("GeoJSON", "geojson"), ("CSV", "csv"), ("ESRI Shapefile", "shp")],
 )
-def test_dock_export_formats(dock, ships_layer, tmp_path, qgis_canvas, format_name, extension, has_geometry):
+def test_dock_export_formats(dock, ships_layer, tmp_path, qgis_canvas, format_name, extension):
     dock.raster_combo.setLayer(ships_layer)
     build(dock, tmp_path / "index")
     dock.k_spin.setValue(3)
@@ -238,7 +238,7 @@ def test_dock_export_formats(dock, ships_layer, tmp_path, qgis_canvas, format_na
     assert written.isValid()
     assert written.featureCount() == 3
     assert "score" in written.fields().names()
-    assert written.isSpatial() is has_geometry
+    assert written.isSpatial()
 
 
 def test_drawing_without_index_is_not_kept(dock, ships_layer, qgis_canvas, qgis_iface):
