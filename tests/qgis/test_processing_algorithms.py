@@ -454,7 +454,14 @@ def test_max_negative_same_as_positive_warned(tiny_index, tiny_encoder):
     assert any("with the max strategy they lower every positive score" in text for text in feedback.warnings)
 
 
-def test_fewer_than_k_explained(tiny_index, tiny_encoder):
+@pytest.mark.parametrize(
+    ("overlap_parameters", "explained", "left_out"),
+    [
+        ({}, "MAX_OVERLAP 0.25", None),
+        ({"MAX_OVERLAP": 1}, "tiles under an example are never returned", "Raise MAX_OVERLAP"),
+    ],
+)
+def test_fewer_than_k_explained(tiny_index, tiny_encoder, overlap_parameters, explained, left_out):
     folder, _results = tiny_index
     feedback = RecordingFeedback()
 
@@ -464,33 +471,16 @@ def test_fewer_than_k_explained(tiny_index, tiny_encoder):
         "ENCODER": tiny_encoder,
         "K": 10000,
         "OUTPUT": "memory:",
+        **overlap_parameters,
     }, feedback)
 
     found = results["MATCH_COUNT"]
     assert 0 < found < 10000
     fewer_warnings = [text for text in feedback.warnings if f"found {found} of the K=10000 matches asked for" in text]
     assert fewer_warnings, feedback.warnings
-    assert "MAX_OVERLAP 0.25" in fewer_warnings[0]
-
-
-def test_fewer_than_k_without_overlap_rule(tiny_index, tiny_encoder):
-    folder, _results = tiny_index
-    feedback = RecordingFeedback()
-
-    results = run_algorithm("search", {
-        "INDEX": folder,
-        "POSITIVES": point_layer([SHIP_CENTRES[1]]),
-        "ENCODER": tiny_encoder,
-        "K": 10000,
-        "MAX_OVERLAP": 1,
-        "OUTPUT": "memory:",
-    }, feedback)
-
-    found = results["MATCH_COUNT"]
-    fewer_warnings = [text for text in feedback.warnings if f"found {found} of the K=10000 matches asked for" in text]
-    assert fewer_warnings, feedback.warnings
-    assert "tiles under an example are never returned" in fewer_warnings[0]
-    assert "Raise MAX_OVERLAP" not in fewer_warnings[0]
+    assert explained in fewer_warnings[0]
+    if left_out is not None:
+        assert left_out not in fewer_warnings[0]
 
 
 def test_search_rejects_missing_index(provider, tmp_path):
