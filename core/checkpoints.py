@@ -320,13 +320,15 @@ def _other_build_error(
     other: _PartialBuild, stored_settings: Any, settings: Optional[Mapping[str, Any]]
 ) -> OtherBuildCheckpointsError:
     """Return the error for a build that would discard the checkpoints of ``other``."""
+    changes: list[str] = []
     if isinstance(stored_settings, dict) and settings is not None:
-        changes = describe_settings_changes(stored_settings, settings)
-        differences = f"it differs in {'; '.join(changes)}"
-    else:
-        # Markers written before the settings were recorded.
-        changes = []
-        differences = "its parameters, rasters or encoder differ"
+        try:
+            changes = describe_settings_changes(stored_settings, settings)
+        except (AttributeError, TypeError, ValueError):
+            # A marker edited by hand: the build ids still differ, only the details are lost.
+            changes = []
+    # Markers written before the settings were recorded have none to compare.
+    differences = f"it differs in {'; '.join(changes)}" if changes else "its parameters, rasters or encoder differ"
     tiles_done = other.tiles_done()
     covered = f" (they cover {tiles_done} tiles)" if tiles_done else ""
     message = (

@@ -490,6 +490,18 @@ def test_old_checkpoint_marker_gets_general_message(shared_data, tmp_path):
         build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
 
 
+def test_hand_edited_checkpoint_settings_get_general_message(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
+    marker = partial_folder_for(tmp_path / "index") / "partial_build.json"
+    content = json.loads(marker.read_text(encoding="utf-8"))
+    content["settings"]["sources"] = ["not a record"]
+    marker.write_text(json.dumps(content), encoding="utf-8")
+
+    with pytest.raises(OtherBuildCheckpointsError, match="its parameters, rasters or encoder differ"):
+        build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
+
+
 def test_refused_checkpoints_leave_no_lock(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_cancelled_after(parameters([source], tmp_path / "index"), 1)
