@@ -830,7 +830,8 @@ class BuildPanelMixin:
             )
             self._reopen_index_after_build(folder, task)
             return
-        if isinstance(task.error, OtherBuildCheckpointsError) and request is not None:
+        if (isinstance(task.error, OtherBuildCheckpointsError) and request is not None
+                and not _started_in_closed_project(self, task)):
             self._reopen_index_after_build(folder, task)
             self._show_index_status()
             self._offer_to_discard_checkpoints(request, task.error)
