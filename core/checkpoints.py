@@ -368,8 +368,9 @@ def _source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     changes = []
     if old.get("checksum") != new.get("checksum"):
         changes.append(f"the file {name} itself, which changed since")
-    if old.get("band_indexes") != new.get("band_indexes"):
-        changes.append(f"the bands of {name} (it read {old.get('band_indexes')})")
+    bands_changed = old.get("band_indexes") != new.get("band_indexes")
+    if bands_changed:
+        changes.append(f"the bands of {name} (it read {old.get('band_indexes')}, now {new.get('band_indexes')})")
     old_grid = old.get("grid") or {}
     new_grid = new.get("grid") or {}
     old_size_m = _tile_ground_size_m(old_grid)
@@ -384,7 +385,8 @@ def _source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
         changes.append("the mask")
     if old.get("selected_tiles") != new.get("selected_tiles"):
         changes.append("the extent")
-    elif old.get("stretch") != new.get("stretch") and old.get("checksum") == new.get("checksum"):
+    elif old.get("stretch") != new.get("stretch") and old.get("checksum") == new.get("checksum") and not bands_changed:
+        # Other bands or a changed file bring their own stretch, which is named with them.
         changes.append(f"the value stretch of {name}")
     return changes
 

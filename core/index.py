@@ -36,6 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import get_logger
+from .checkpoints import PARTIAL_MARKER_NAME, _read_partial_marker
 from .crs import spatial_reference
 from .encoder import file_sha256
 from .errors import LookalikeError, SearchError, SearchIndexError
@@ -1000,16 +1001,30 @@ def first_grid_in(folder: Path) -> Optional[TileGrid]:
 
 
 def enclosing_index_folder(path: PathLike) -> Optional[Path]:
-    """Return the nearest folder above ``path`` (symbolic links resolved) that contains an index, or None.
+    """Return the nearest folder above ``path`` (symbolic links resolved) that Lookalike owns, or None.
 
     An index, a damaged one and a first save that stopped all count, because writing into any of
-    them could replace or hide one of its files.
+    them could replace or hide one of its files. So does the checkpoint folder of an interrupted
+    build, which is deleted whole when that build is saved. :func:`lookalike_folder_kind` names
+    the kind for messages.
     """
     index_states = (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED)
     for folder in Path(os.path.realpath(os.fspath(path))).parents:
-        if index_folder_state(folder) in index_states:
+        if index_folder_state(folder) in index_states or is_checkpoint_folder(folder):
             return folder
     return None
+
+
+def lookalike_folder_kind(folder: Path) -> str:
+    """Name what an :func:`enclosing_index_folder` result is, for a message: "the ... folder"."""
+    if is_checkpoint_folder(folder):
+        return "the checkpoint folder of an interrupted Lookalike build"
+    return "the Lookalike index folder"
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Tell whether ``folder`` is the checkpoint folder (``<index>.partial``) of a build."""
+    return folder.is_dir() and _read_partial_marker(folder / PARTIAL_MARKER_NAME) is not None
 
 
 def index_folder_state(folder: Path) -> str:

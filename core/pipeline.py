@@ -63,6 +63,7 @@ from .index import (
     enclosing_index_folder,
     index_damage,
     index_folder_state,
+    lookalike_folder_kind,
     make_tile_table,
     read_manifest_json,
 )
@@ -187,8 +188,8 @@ def _reject_unusable_folder(params: BuildParameters) -> None:
     enclosing = enclosing_index_folder(folder)
     if enclosing is not None:
         raise SearchIndexError(
-            f"index folder {folder} is inside the Lookalike index folder {enclosing}, whose files a save "
-            "there could be mixed with; choose a folder outside that index."
+            f"index folder {folder} is inside {lookalike_folder_kind(enclosing)} {enclosing}, whose files a save "
+            "there could be mixed with or which is deleted whole later; choose a folder outside it."
         )
     writable_place = next((place for place in (folder, *folder.parents) if place.exists()), None)
     if writable_place is not None and not os.access(writable_place, os.W_OK):

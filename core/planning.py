@@ -139,18 +139,20 @@ def _pixel_size_in(source: RasterSource, crs_wkt: str) -> float:
 
 
 def _check_no_source_in_a_vrt(source_paths: Sequence[str]) -> None:
-    """Raise LookalikeError when one source is a file that a VRT among the sources also reads."""
-    real_paths = {os.path.realpath(path): path for path in source_paths if os.path.exists(path)}
+    """Raise LookalikeError when two sources read one file: a file and a VRT that reads it, or two VRTs."""
+    reader_of: dict[str, str] = {}
     for path in source_paths:
-        if not path.lower().endswith(".vrt"):
-            continue
-        for member in vrt_member_files(path) or []:
-            listed = real_paths.get(os.path.realpath(member))
-            if listed is not None and listed != path:
+        is_vrt = path.lower().endswith(".vrt")
+        files = (vrt_member_files(path) or []) if is_vrt else ([path] if os.path.exists(path) else [])
+        for file in files:
+            real_path = os.path.realpath(file)
+            earlier = reader_of.get(real_path)
+            if earlier is not None and earlier != path:
                 raise LookalikeError(
-                    f"source_paths lists {listed!r}, which the VRT {path!r} also reads, so its tiles would be "
-                    "indexed twice; pass the VRT or its files, not both."
+                    f"source_paths lists {earlier!r} and {path!r}, which both read {file!r}, so its tiles would be "
+                    "indexed twice; pass each file once, either on its own or through one VRT."
                 )
+            reader_of[real_path] = path
 
 
 def _plan_sources(

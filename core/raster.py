@@ -849,23 +849,35 @@ class RasterSource:
         return vrt_member_files(self.path, self._dataset) or []
 
     def check_vrt_members_share_crs(self) -> None:
-        """Raise RasterError when a mosaic VRT names a raster in another CRS than its own.
+        """Raise RasterError when a mosaic VRT, or one it names, names a raster in another CRS than its own.
 
         BuildVRT with -allow_projection_difference places such a raster by its own coordinates,
         without reprojecting it, so the mosaic's extent can span thousands of kilometres of empty
-        tiles. A warped VRT (gdalwarp -of VRT) reprojects its source and is left alone, and so is
-        a nested VRT, whose own CRS is compared.
+        tiles. A warped VRT (gdalwarp -of VRT) reprojects its source and is left alone.
         """
-        if not self.is_vrt or "VRTWarpedDataset" in "".join(self._dataset.GetMetadata("xml:VRT") or []):
+        if not self.is_vrt:
             return
-        others = []
-        for listed in self._dataset.GetFileList() or []:
-            if listed.lower().endswith(".aux.xml") or os.path.abspath(listed) == os.path.abspath(self.path):
+        others: list[str] = []
+        pending = [(self.path, self._dataset)]
+        visited = {os.path.abspath(self.path)}
+        while pending:
+            vrt_path, vrt_dataset = pending.pop()
+            if "VRTWarpedDataset" in "".join(vrt_dataset.GetMetadata("xml:VRT") or []):
                 continue
-            member = open_raster_quietly(listed)
-            member_crs = member.GetProjection() if member is not None else ""
-            if member_crs and not _same_crs(member_crs, self.crs_wkt):
-                others.append(os.path.basename(listed))
+            vrt_crs = vrt_dataset.GetProjection()
+            for listed in vrt_dataset.GetFileList() or []:
+                absolute = os.path.abspath(listed)
+                if listed.lower().endswith(".aux.xml") or absolute in visited:
+                    continue
+                visited.add(absolute)
+                member = open_raster_quietly(listed)
+                if member is None:
+                    continue
+                member_crs = member.GetProjection()
+                if member_crs and vrt_crs and not _same_crs(member_crs, vrt_crs):
+                    others.append(os.path.basename(listed))
+                elif member.GetDriver().ShortName == "VRT":
+                    pending.append((listed, member))
         if others:
             raise RasterError(
                 f"the VRT {self.path!r} names rasters in another CRS than its own ({', '.join(others[:3])}"

@@ -246,7 +246,12 @@ def export_chips(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LookalikeError(f"The chip folder {folder} is a file; choose a folder path for the chips and labels.csv.")
-    created_folder = not folder.exists()
+    # The folders this export creates, deepest first, are removed again if it fails.
+    created_folders = []
+    for place in (folder, *folder.parents):
+        if place.exists():
+            break
+        created_folders.append(place)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -257,8 +262,10 @@ def export_chips(
         return _export_into_folder(requests, folder, image_format, chip_size_px, band_indexes, progress, is_cancelled)
     except BaseException:
         # A failed export leaves no new empty folder behind either.
-        if created_folder and folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
+        for place in created_folders:
+            if not place.is_dir() or any(place.iterdir()):
+                break
+            place.rmdir()
         raise
 
 

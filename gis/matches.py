@@ -181,18 +181,18 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
     path = Path(path)
     if path.suffix.lower() == ".shp" or driver_name == "ESRI Shapefile":
         suffixes = set(SHAPEFILE_MEMBER_SUFFIXES)
-        folder = path.parent
-        stem = path.stem
-        if not folder.is_dir():
-            return []
-        # Compared without letter case: data.SHP and data.DBF go as well as data.shp.
-        return sorted(entry for entry in folder.iterdir()
-                      if entry.is_file() and entry.stem.lower() == stem.lower() and entry.suffix.lower() in suffixes)
-    candidates = [path]
-    if path.suffix.lower() == ".csv" or driver_name == "CSV":
-        # The field types written beside the table (CSV_LAYER_OPTIONS).
-        candidates.append(path.with_name(path.name + "t"))
-    return [candidate for candidate in candidates if candidate.is_file()]
+    elif path.suffix.lower() == ".csv" or driver_name == "CSV":
+        # The field types and the CRS that GDAL writes beside the table (CSV_LAYER_OPTIONS).
+        suffixes = {".csv", ".csvt", ".prj"}
+    else:
+        return [path] if path.is_file() else []
+    folder = path.parent
+    if not folder.is_dir():
+        return []
+    # Compared without letter case: data.SHP and data.DBF go as well as data.shp, and GDAL
+    # writes m.csvt beside m.CSV.
+    return sorted(entry for entry in folder.iterdir()
+                  if entry.is_file() and entry.stem.lower() == path.stem.lower() and entry.suffix.lower() in suffixes)
 
 
 def open_dataset_quietly(path: Union[str, Path], kinds: int = gdal.OF_VECTOR) -> Optional[gdal.Dataset]:

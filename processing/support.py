@@ -301,6 +301,7 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
         FOLDER_UNFINISHED,
         enclosing_index_folder,
         index_folder_state,
+        lookalike_folder_kind,
     )
 
     if is_folder and index_folder_state(Path(os.path.realpath(output_path))) in (
@@ -313,8 +314,8 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
     folder = enclosing_index_folder(output_path)
     if folder is not None:
         raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is inside the Lookalike index folder {folder}, where writing it "
-            f"could replace a file of that index. Choose a {'folder' if is_folder else 'file'} outside that "
+            f"{output_name}: {output_path} is inside {lookalike_folder_kind(folder)} {folder}, where writing it "
+            f"could replace or lose a file of Lookalike's. Choose a {'folder' if is_folder else 'file'} outside that "
             "folder."
         ))
 

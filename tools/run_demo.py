@@ -42,6 +42,7 @@ from lookalike.core.index import (  # noqa: E402
     MANIFEST_NAME,
     enclosing_index_folder,
     index_folder_state,
+    lookalike_folder_kind,
     read_manifest_json,
 )
 from lookalike.core.pipeline import BuildParameters, BuildReport, Progress, build_index, run_search  # noqa: E402
@@ -105,8 +106,8 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      "(a missing folder is created)")
     enclosing = enclosing_index_folder(arguments.output_folder / INDEX_FOLDER_NAME)
     if enclosing is not None:
-        parser.error(f"--output-folder {arguments.output_folder} is inside the Lookalike index folder {enclosing}, "
-                     "whose files the demo's outputs could be mixed with; pass a folder outside that index")
+        parser.error(f"--output-folder {arguments.output_folder} is inside {lookalike_folder_kind(enclosing)} "
+                     f"{enclosing}, whose files the demo's outputs could be mixed with; pass a folder outside it")
     if arguments.encoder is None:
         arguments.encoder = default_model_path()
         if not arguments.encoder.is_file():

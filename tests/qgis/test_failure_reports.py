@@ -291,7 +291,7 @@ def test_failed_export_leaves_no_new_folder(repo_root, tmp_path):
     with pytest.raises(LookalikeError, match="band index 5 is out of range"):
         chip_export.export_chips([ships_request(repo_root)], folder, band_indexes=(5, 6, 7))
 
-    assert not folder.exists()
+    assert not (tmp_path / "new").exists()
 
 
 def test_failed_export_keeps_existing_empty_folder(repo_root, tmp_path):

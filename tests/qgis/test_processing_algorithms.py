@@ -368,6 +368,19 @@ def test_search_csv_rerun_replaces_own_file(tiny_index, tiny_encoder, tmp_path):
     assert results["MATCH_COUNT"] == 4
 
 
+@pytest.mark.parametrize(("output_name", "sidecar_name"), [("m.CSV", "m.csvt"), ("m.csv", "m.prj")])
+def test_search_csv_keeps_foreign_sidecar(tiny_index, tiny_encoder, tmp_path, output_name, sidecar_name):
+    folder, _results = tiny_index
+    sidecar = tmp_path / sidecar_name
+    sidecar.write_text("notes of mine\n", encoding="utf-8")
+
+    with pytest.raises(QgsProcessingException, match="which Lookalike did not write"):
+        run_algorithm("search", {"INDEX": folder, "POSITIVES": point_layer([SHIP_CENTRES[1]]),
+                                 "ENCODER": tiny_encoder, "K": 3, "OUTPUT": str(tmp_path / output_name)})
+
+    assert sidecar.read_text(encoding="utf-8") == "notes of mine\n"
+
+
 def test_search_takes_example_with_crossing_edges(tiny_index, tiny_encoder):
     # QGIS's default "invalid features filtering" stops an algorithm on such a polygon; the
     # search repairs it instead, keeping both lobes.

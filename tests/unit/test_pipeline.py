@@ -451,7 +451,7 @@ def test_discarded_checkpoints_reported(shared_data, tmp_path):
     ("overrides", "named"),
     [
         ({"overlap_fraction": 0.0}, "the overlap"),
-        ({"band_indexes": (3, 2, 1)}, "the bands of RGB.byte.tif (it read [1, 2, 3])"),
+        ({"band_indexes": (3, 2, 1)}, "it differs in the bands of RGB.byte.tif (it read [1, 2, 3], now [3, 2, 1])."),
         ({"min_valid_fraction": 0.9}, "the minimum valid fraction (it used 0.5)"),
     ],
 )
@@ -1047,6 +1047,29 @@ def test_vrt_mixing_crs_rejected(shared_data, tmp_path):
     assert not (tmp_path / "index").exists()
 
 
+def test_nested_vrt_mixing_crs_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    gdal.Warp(str(tmp_path / "mercator.tif"), source, dstSRS="EPSG:3857")
+    gdal.BuildVRT(str(tmp_path / "mixed.vrt"), [source, str(tmp_path / "mercator.tif")],
+                  allowProjectionDifference=True)
+    gdal.BuildVRT(str(tmp_path / "outer.vrt"), [str(tmp_path / "mixed.vrt")])
+    raster = RasterSource(str(tmp_path / "outer.vrt"))
+
+    with pytest.raises(RasterError, match=r"\(mercator.tif\)"):
+        raster.check_vrt_members_share_crs()
+
+    raster.close()
+
+
+def test_two_vrts_sharing_a_file_rejected(shared_data, tmp_path):
+    folder = Path(geo(shared_data, "rasterio/rgb1.tif")).parent
+    gdal.BuildVRT(str(tmp_path / "mosaic.vrt"), [str(folder / "rgb1.tif"), str(folder / "rgb2.tif")])
+    gdal.BuildVRT(str(tmp_path / "other.vrt"), [str(folder / "rgb1.tif"), str(folder / "rgb3.tif")])
+
+    with pytest.raises(LookalikeError, match="which both read .*rgb1.tif"):
+        build_index(parameters([tmp_path / "mosaic.vrt", tmp_path / "other.vrt"], tmp_path / "index"))
+
+
 def test_warped_vrt_passes_crs_check(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     gdal.Warp(str(tmp_path / "warped.vrt"), source, format="VRT", dstSRS="EPSG:3857")
@@ -1061,8 +1084,20 @@ def test_vrt_and_its_member_rejected(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     gdal.BuildVRT(str(tmp_path / "one.vrt"), [source])
 
-    with pytest.raises(LookalikeError, match="which the VRT .* also reads"):
+    with pytest.raises(LookalikeError, match="which both read"):
         build_index(parameters([tmp_path / "one.vrt", source], tmp_path / "index"))
+
+
+def test_index_folder_inside_checkpoints_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
+    partial = partial_folder_for(tmp_path / "index")
+
+    expected = f"inside the checkpoint folder of an interrupted Lookalike build {partial}"
+    with pytest.raises(SearchIndexError, match=expected):
+        build_index(parameters([source], partial / "mine"))
+
+    assert not (partial / "mine").exists()
 
 
 def test_index_folder_under_a_file_named(shared_data, tmp_path):
