@@ -142,8 +142,12 @@ def _check_no_source_in_a_vrt(source_paths: Sequence[str]) -> None:
     """Raise LookalikeError when two sources read one file: a file and a VRT that reads it, or two VRTs."""
     reader_of: dict[str, str] = {}
     for path in source_paths:
-        is_vrt = path.lower().endswith(".vrt")
-        files = (vrt_member_files(path) or []) if is_vrt else ([path] if os.path.exists(path) else [])
+        if path.lower().endswith(".vrt"):
+            files = vrt_member_files(path) or []
+        elif os.path.exists(path):
+            files = [path]
+        else:
+            files = []
         for file in files:
             real_path = os.path.realpath(file)
             earlier = reader_of.get(real_path)
