@@ -117,8 +117,10 @@ def _throughput_section(throughput: dict[str, Any]) -> list[str]:
         "and stretch planning, the reader thread's reads, encoding, one checkpoint file per batch, HNSW commit "
         "and atomic save). Bare encoder: `OnnxEncoder.encode`, one batch at a time, on the same chips, read "
         "beforehand with the index's grid and stretch. The pipeline opens its encoder with onnxruntime's idle "
-        "threads sleeping instead of spinning, because other threads of the build need the cores; the bare "
-        "encoder keeps onnxruntime's default, spinning, which is its faster setting when it runs alone. "
+        "threads sleeping instead of spinning, because other threads of the build need the cores, except for a "
+        "quantized model on an x86 CPU without VNNI, where spinning measured faster (`_encoder_should_spin` in "
+        "`core/pipeline.py`). The bare encoder keeps onnxruntime's default, spinning, which is its faster "
+        "setting when it runs alone. "
         f"The two alternate, {throughput['rounds']} round(s) each. The bare encoder runs first in odd rounds and "
         "the pipeline first in even ones, so that a machine that slows down or speeds up steadily favours neither. "
         "The ratio is the median of the per-round ratios. Goal: ratio >= 0.9.",

@@ -66,6 +66,37 @@ def load_encoder(path: Optional[PathLike] = None, **kwargs: Any) -> OnnxEncoder:
     return OnnxEncoder(path if path is not None else default_model_path(), **kwargs)
 
 
+# Operators that only quantized models contain. Their names are plain bytes in an ONNX file, so
+# they are found without the onnx package, which is not a runtime dependency.
+QUANTIZED_OPERATOR_NAMES = (b"QuantizeLinear", b"QLinearConv", b"ConvInteger", b"MatMulInteger")
+
+# CPU flags of the VNNI instructions that onnxruntime's fast int8 product uses without overflow.
+VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def is_quantized_model(path: PathLike) -> bool:
+    """Tell whether the ONNX file at ``path`` contains quantized operators."""
+    content = Path(path).read_bytes()
+    return any(name in content for name in QUANTIZED_OPERATOR_NAMES)
+
+
+def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo") -> Optional[bool]:
+    """Tell whether this x86 CPU lacks VNNI, from ``/proc/cpuinfo``; None where that file cannot tell."""
+    try:
+        text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            flags = set(value.split())
+            if "sse4_1" not in flags:
+                # Not an x86 CPU that onnxruntime's int8 kernels for x86 run on.
+                return None
+            return not (flags & VNNI_CPU_FLAGS)
+    return None
+
+
 def file_sha256(path: Path) -> str:
     """Return the SHA-256 hex digest of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()

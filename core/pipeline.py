@@ -50,7 +50,7 @@ from .checkpoints import (
     _read_partial_marker,
     partial_folder_for,
 )
-from .encoder import OnnxEncoder, default_model_path
+from .encoder import OnnxEncoder, cpu_lacks_vnni, default_model_path, is_quantized_model
 from .errors import CancelledError, LookalikeError, SearchIndexError
 from .grid import TileGrid
 from .index import (
@@ -163,6 +163,20 @@ def _encoder_info(encoder: OnnxEncoder) -> dict[str, Any]:
     }
 
 
+def _encoder_should_spin(encoder_path: PathLike) -> bool:
+    """Tell whether the build's encoder threads should spin between operators instead of sleeping.
+
+    The tile reader and the checkpoint writer share the cores with the encoder, and spinning
+    workers kept those cores busy. Measured on 2 CPUs (2,609 NAIP tiles, alternating builds): on a
+    Xeon with VNNI, int8 encoder, 6 of 8 builds were faster without spinning (median 246 against
+    223 tiles/s), and on an AMD EPYC without VNNI the fp32 encoder took a median 19.3 s without
+    against 20.4 s with spinning. But the int8 encoder's exact u8 x u8 products on that EPYC
+    (see X64_QUANT_PRECISION_CONFIG_KEY) took 17.8 s without and 16.0 s with spinning, faster in
+    each of 4 builds, so a quantized model spins on x86 CPUs without VNNI.
+    """
+    return cpu_lacks_vnni() is True and is_quantized_model(encoder_path)
+
+
 def _check_index_folder(params: BuildParameters) -> Optional[TileIndex]:
     """Check ``index_folder`` before any work; return the open index when adding to it."""
     _reject_unusable_folder(params)
@@ -267,13 +281,9 @@ def _build_index_locked(
     is_cancelled: Optional[CancelCheck],
 ) -> BuildReport:
     started_at = time.monotonic()
-    # The tile reader and the checkpoint writer share the cores with the encoder, and spinning
-    # workers kept those cores busy between operators. Measured on 2 CPUs (2,609 NAIP tiles, int8
-    # encoder, alternating builds): without spinning, 6 of 8 builds were faster, at a median of 246
-    # against 223 tiles/s and 7.8 instead of 8.8 ms of CPU per tile. In a second run, 6 of 10 were
-    # faster (265 against 247 tiles/s). Rounds on that machine vary by up to 30 %.
-    encoder = OnnxEncoder(params.encoder_path or default_model_path(), batch_size=params.batch_size,
-                          intra_op_threads=params.encoder_threads, spin_between_operators=False)
+    encoder_path = params.encoder_path or default_model_path()
+    encoder = OnnxEncoder(encoder_path, batch_size=params.batch_size, intra_op_threads=params.encoder_threads,
+                          spin_between_operators=_encoder_should_spin(encoder_path))
     existing_index = _check_index_folder(params)
     if existing_index is not None:
         existing_index.check_encoder(encoder.name, encoder.checksum, purpose="add")

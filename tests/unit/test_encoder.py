@@ -16,7 +16,11 @@ from lookalike.core.encoder import (
     ALLOW_SPINNING_CONFIG_KEY,
     X64_QUANT_PRECISION_CONFIG_KEY,
     OnnxEncoder,
+    cpu_lacks_vnni,
+    default_model_path,
+    fp32_model_path,
     input_gain_offset,
+    is_quantized_model,
 )
 from lookalike.core.errors import EncoderError
 
@@ -312,3 +316,31 @@ def test_missing_onnxruntime_message(monkeypatch):
     assert f"cannot be imported by {sys.executable}" in message
     assert "click Install in the Lookalike message bar" in message
     assert f"'numpy=={np.__version__}'" in message
+
+
+def test_bundled_int8_model_is_quantized():
+    assert is_quantized_model(default_model_path().with_name("efficientnet_lite0_int8.onnx"))
+
+
+def test_fp32_model_is_not_quantized():
+    assert not is_quantized_model(fp32_model_path())
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ("fpu sse4_1 sse4_2 avx avx2", True),
+        ("fpu sse4_1 avx2 avx512f avx512_vnni", False),
+        ("fpu sse4_1 avx2 avx_vnni", False),
+        ("fp asimd evtstrm", None),
+    ],
+)
+def test_cpu_vnni_read_from_cpuinfo(tmp_path, flags, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n", encoding="utf-8")
+
+    assert cpu_lacks_vnni(cpuinfo) is expected
+
+
+def test_cpu_vnni_unknown_without_cpuinfo(tmp_path):
+    assert cpu_lacks_vnni(tmp_path / "missing") is None

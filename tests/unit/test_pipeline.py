@@ -19,7 +19,7 @@ from lookalike.core import index as index_module
 from lookalike.core import pipeline as pipeline_module
 from lookalike.core import query as query_module
 from lookalike.core.checkpoints import _PartialBuild
-from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, OnnxEncoder
+from lookalike.core.encoder import ALLOW_SPINNING_CONFIG_KEY, MODELS_DIR, OnnxEncoder
 from lookalike.core.errors import (
     CancelledError,
     GridError,
@@ -102,6 +102,21 @@ def test_parameters_reject_full_overlap(tmp_path):
 def test_parameters_reject_bad_encoder_threads(tmp_path, threads):
     with pytest.raises(LookalikeError, match="encoder_threads"):
         parameters(["a.tif"], tmp_path / "index", encoder_threads=threads)
+
+
+@pytest.mark.parametrize(
+    ("lacks_vnni", "model_name", "spins"),
+    [
+        (True, "efficientnet_lite0_int8.onnx", True),
+        (True, "efficientnet_lite0.onnx", False),
+        (False, "efficientnet_lite0_int8.onnx", False),
+        (None, "efficientnet_lite0_int8.onnx", False),
+    ],
+)
+def test_build_encoder_spins_for_exact_int8(monkeypatch, lacks_vnni, model_name, spins):
+    monkeypatch.setattr(pipeline_module, "cpu_lacks_vnni", lambda: lacks_vnni)
+
+    assert pipeline_module._encoder_should_spin(MODELS_DIR / model_name) is spins
 
 
 def test_one_encoder_thread_same_embeddings(shared_data, tmp_path, monkeypatch):
