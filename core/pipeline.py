@@ -167,12 +167,12 @@ def _encoder_should_spin(encoder_path: PathLike) -> bool:
     """Tell whether the build's encoder threads should spin between operators instead of sleeping.
 
     The tile reader and the checkpoint writer share the cores with the encoder, and spinning
-    workers kept those cores busy. Measured on 2 CPUs (2,609 NAIP tiles, alternating builds): on a
-    Xeon with VNNI, int8 encoder, 6 of 8 builds were faster without spinning (median 246 against
-    223 tiles/s), and on an AMD EPYC without VNNI the fp32 encoder took a median 19.3 s without
-    against 20.4 s with spinning. But the int8 encoder's exact u8 x u8 products on that EPYC
-    (see X64_QUANT_PRECISION_CONFIG_KEY) took 17.8 s without and 16.0 s with spinning, faster in
-    each of 4 builds, so a quantized model spins on x86 CPUs without VNNI.
+    workers kept those cores busy. Measured on 2 CPUs, 2,609 NAIP tiles, alternating builds. On a
+    Xeon with VNNI, 6 of 8 int8 builds were faster without spinning (median 246 against 223
+    tiles/s). On an AMD EPYC without VNNI, fp32 builds took a median 19.3 s without and 20.4 s
+    with spinning. The int8 encoder's exact u8 x u8 products on that EPYC (see
+    X64_QUANT_PRECISION_CONFIG_KEY) took 17.8 s without and 16.0 s with spinning, faster in each of
+    4 builds. So a quantized model spins on x86 CPUs without VNNI.
     """
     return cpu_lacks_vnni() is True and is_quantized_model(encoder_path)
 

@@ -493,24 +493,22 @@ def test_changed_raster_named_with_checkpoints(shared_data, tmp_path):
         build_index(parameters([source], tmp_path / "index"))
 
 
-def test_old_checkpoint_marker_gets_general_message(shared_data, tmp_path):
-    source = geo(shared_data, "rasterio/RGB.byte.tif")
-    build_cancelled_after(parameters([source], tmp_path / "index"), 1)
-    marker = partial_folder_for(tmp_path / "index") / "partial_build.json"
-    content = json.loads(marker.read_text(encoding="utf-8"))
+def _drop_settings(content: dict) -> None:
+    # Markers written before the settings were recorded.
     del content["settings"]
-    marker.write_text(json.dumps(content), encoding="utf-8")
-
-    with pytest.raises(OtherBuildCheckpointsError, match="its parameters, rasters or encoder differ"):
-        build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
 
 
-def test_hand_edited_checkpoint_settings_get_general_message(shared_data, tmp_path):
+def _damage_settings(content: dict) -> None:
+    content["settings"]["sources"] = ["not a record"]
+
+
+@pytest.mark.parametrize("edit_marker", [_drop_settings, _damage_settings])
+def test_checkpoint_marker_without_usable_settings_gets_general_message(shared_data, tmp_path, edit_marker):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_cancelled_after(parameters([source], tmp_path / "index"), 1)
     marker = partial_folder_for(tmp_path / "index") / "partial_build.json"
     content = json.loads(marker.read_text(encoding="utf-8"))
-    content["settings"]["sources"] = ["not a record"]
+    edit_marker(content)
     marker.write_text(json.dumps(content), encoding="utf-8")
 
     with pytest.raises(OtherBuildCheckpointsError, match="its parameters, rasters or encoder differ"):
