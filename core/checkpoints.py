@@ -305,6 +305,11 @@ def _remove_path(path: Path) -> None:
         path.unlink()
 
 
+def is_checkpoint_folder(folder: Path) -> bool:
+    """Tell whether ``folder`` is the checkpoint folder (``<index>.partial``) of a build."""
+    return folder.is_dir() and _read_partial_marker(folder / PARTIAL_MARKER_NAME) is not None
+
+
 def _read_partial_marker(marker: Path) -> Optional[dict[str, Any]]:
     """Return the marker's content with its ``build_id`` as a string, or None when it is not our marker."""
     try:

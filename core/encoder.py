@@ -35,7 +35,7 @@ DEFAULT_BATCH_SIZE = 16
 # onnxruntime's session option that lets idle intra-op worker threads spin instead of sleeping.
 ALLOW_SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
 
-# onnxruntime's session option for exact int8 products. Its session options header says that
+# onnxruntime's session option for exact int8 products. Its session options header documents that
 # u8 x s8 matrix products overflow on x86 with SSE4.1, AVX2 or AVX-512 without VNNI, and that
 # this option multiplies u8 x u8 there instead. On an AVX2 AMD EPYC the int8 encoder's cosine to
 # the torch embeddings of tests/data/encoder_reference.npz was 0.73 to 0.96 without it and 0.95
@@ -81,7 +81,7 @@ def is_quantized_model(path: PathLike) -> bool:
 
 
 def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo") -> Optional[bool]:
-    """Tell whether this x86 CPU lacks VNNI, from ``/proc/cpuinfo``; None where that file cannot tell."""
+    """Tell whether this x86 CPU lacks VNNI, from ``/proc/cpuinfo``; None without that file or its x86 flags."""
     try:
         text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
     except OSError:

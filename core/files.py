@@ -8,7 +8,7 @@ import stat
 from pathlib import Path
 from typing import IO
 
-# Attempts at a free temporary name. Each name has 64 random bits, so a clash means a planted file.
+# Attempts at a free temporary name. Each name has 64 random bits, so repeated clashes point to planted files.
 TEMPORARY_NAME_ATTEMPTS = 100
 
 

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import get_logger
-from .checkpoints import PARTIAL_MARKER_NAME, _read_partial_marker
+from .checkpoints import is_checkpoint_folder
 from .crs import spatial_reference
 from .encoder import file_sha256
 from .errors import LookalikeError, SearchError, SearchIndexError
@@ -1016,15 +1016,10 @@ def enclosing_index_folder(path: PathLike) -> Optional[Path]:
 
 
 def lookalike_folder_kind(folder: Path) -> str:
-    """Name what an :func:`enclosing_index_folder` result is, for a message: "the ... folder"."""
+    """Return the words that name an :func:`enclosing_index_folder` result in a message."""
     if is_checkpoint_folder(folder):
         return "the checkpoint folder of an interrupted Lookalike build"
     return "the Lookalike index folder"
-
-
-def is_checkpoint_folder(folder: Path) -> bool:
-    """Tell whether ``folder`` is the checkpoint folder (``<index>.partial``) of a build."""
-    return folder.is_dir() and _read_partial_marker(folder / PARTIAL_MARKER_NAME) is not None
 
 
 def index_folder_state(folder: Path) -> str:

@@ -72,6 +72,14 @@ def parameters(sources, index_folder, **overrides) -> BuildParameters:
     return BuildParameters(**values)
 
 
+def invert_band(path, band_number: int = 1) -> None:
+    """Invert one band of the Byte raster at ``path`` in place, so its pixels and checksum change."""
+    dataset = gdal.Open(str(path), gdal.GA_Update)
+    band = dataset.GetRasterBand(band_number)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+
+
 def build_cancelled_after(params: BuildParameters, batch_count: int) -> list:
     """Run a build that is cancelled after ``batch_count`` batches; return its progress reports."""
     batches_seen = []
@@ -484,10 +492,7 @@ def test_changed_raster_named_with_checkpoints(shared_data, tmp_path):
     source = tmp_path / "scene.tif"
     shutil.copy(geo(shared_data, "rasterio/RGB.byte.tif"), source)
     build_cancelled_after(parameters([source], tmp_path / "index"), 1)
-    dataset = gdal.Open(str(source), gdal.GA_Update)
-    band = dataset.GetRasterBand(1)
-    band.WriteArray(band.ReadAsArray() // 2)
-    dataset = None
+    invert_band(str(source))
 
     with pytest.raises(OtherBuildCheckpointsError, match="the file scene.tif itself, which changed since"):
         build_index(parameters([source], tmp_path / "index"))
@@ -503,7 +508,7 @@ def _damage_settings(content: dict) -> None:
 
 
 @pytest.mark.parametrize("edit_marker", [_drop_settings, _damage_settings])
-def test_checkpoint_marker_without_usable_settings_gets_general_message(shared_data, tmp_path, edit_marker):
+def test_unusable_marker_settings_general_message(shared_data, tmp_path, edit_marker):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_cancelled_after(parameters([source], tmp_path / "index"), 1)
     marker = partial_folder_for(tmp_path / "index") / "partial_build.json"
@@ -515,7 +520,7 @@ def test_checkpoint_marker_without_usable_settings_gets_general_message(shared_d
         build_index(parameters([source], tmp_path / "index", overlap_fraction=0.0))
 
 
-def test_refused_checkpoints_leave_no_lock(shared_data, tmp_path):
+def test_rejected_checkpoints_leave_no_lock(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_cancelled_after(parameters([source], tmp_path / "index"), 1)
     lock = tmp_path / "index.lock"
@@ -1665,7 +1670,7 @@ def test_query_with_other_encoder_is_rejected(rgb_index, shared_data):
         embed_query(rgb_index, other, source, "POINT (0 0)", source.crs_wkt)
 
 
-def test_run_search_warns_of_negatives_like_positives(rgb_index, shared_data, caplog):
+def test_run_search_warns_negatives_like_positives(rgb_index, shared_data, caplog):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     tile_id = rgb_index.count // 2
     bounds = rgb_index.tile_bounds(tile_id)
@@ -1811,10 +1816,7 @@ def test_changed_raster_is_reported(shared_data, tmp_path):
     os.utime(raster, ns=(stamp.st_atime_ns, stamp.st_mtime_ns + 10**9))
     assert query_module.changed_source_warnings(index) == []
 
-    dataset = gdal.Open(str(raster), gdal.GA_Update)
-    band = dataset.GetRasterBand(1)
-    band.WriteArray(255 - band.ReadAsArray())
-    dataset = band = None
+    invert_band(str(raster))
 
     (warning,) = query_module.changed_source_warnings(index)
     assert f"Raster {raster} changed after it was indexed" in warning
@@ -1839,10 +1841,7 @@ def test_python_search_logs_changed_raster(shared_data, tmp_path, caplog):
     gdal.Translate(str(raster), geo(shared_data, "planet/1056417_2017-03-08_RE3_3A_Visual_clip.tif"))
     index_folder = tmp_path / "index"
     build_index(parameters([raster], index_folder, tile_size_source_px=64))
-    dataset = gdal.Open(str(raster), gdal.GA_Update)
-    band = dataset.GetRasterBand(3)
-    band.WriteArray(255 - band.ReadAsArray())
-    dataset = band = None
+    invert_band(str(raster), 3)
     xmin, ymin, xmax, ymax = RasterSource(str(raster)).bounds
     box = (xmin + 200, ymin + 200, xmin + 520, ymin + 520)
 
@@ -1866,10 +1865,7 @@ def test_changed_vrt_member_is_reported(shared_data, tmp_path):
     assert query_module.changed_source_warnings(index) == []
     checksum_before = RasterSource(str(mosaic)).checksum()
 
-    dataset = gdal.Open(str(member), gdal.GA_Update)
-    band = dataset.GetRasterBand(2)
-    band.WriteArray(255 - band.ReadAsArray())
-    dataset = band = None
+    invert_band(str(member), 2)
 
     (warning,) = query_module.changed_source_warnings(index)
     assert f"A file of the VRT mosaic {mosaic} changed after it was indexed ({member})" in warning
@@ -1915,10 +1911,7 @@ def test_nested_vrt_member_change_reported(shared_data, tmp_path):
     (record,) = TileIndex.open(index_folder).sources
     assert sorted(entry["path"] for entry in record["member_files"]) == sorted(str(path) for path in parts)
 
-    dataset = gdal.Open(str(parts[1]), gdal.GA_Update)
-    band = dataset.GetRasterBand(1)
-    band.WriteArray(255 - band.ReadAsArray())
-    dataset = band = None
+    invert_band(str(parts[1]))
 
     (warning,) = query_module.changed_source_warnings(TileIndex.open(index_folder))
     assert f"A file of the VRT mosaic {outer} changed after it was indexed ({parts[1]})" in warning
@@ -1964,10 +1957,7 @@ def test_vrt_member_after_junk_entry_checked(shared_data, tmp_path):
     manifest["sources"][0]["member_files"].insert(0, "junk")
     manifest_path.write_text(json.dumps(manifest))
 
-    dataset = gdal.Open(str(parts[0]), gdal.GA_Update)
-    band = dataset.GetRasterBand(1)
-    band.WriteArray(255 - band.ReadAsArray())
-    dataset = band = None
+    invert_band(str(parts[0]))
 
     (warning,) = query_module.changed_source_warnings(TileIndex.open(index_folder))
     assert f"A file of the VRT mosaic {mosaic} changed after it was indexed ({parts[0]})" in warning
