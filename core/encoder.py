@@ -7,10 +7,11 @@ package import on a Python without it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
@@ -26,7 +27,7 @@ INT8_MODEL_FILENAME = "efficientnet_lite0_int8.onnx"
 # The int8 copy is the default because, measured by tools/eval_encoder_aid.py on a 2-core Xeon with
 # AVX-512 VNNI, it ran about 1.7x faster than fp32 and its AID precision@10 stayed within 0.01.
 # On a 2-core AMD EPYC with AVX2 and no VNNI it ran at 6.0 against 6.6 ms per chip (batches of
-# 32), with X64_QUANT_PRECISION_CONFIG_KEY set. NOTE: ARM CPUs have not been measured.
+# 32), with X64_QUANT_PRECISION_CONFIG_KEY set there. NOTE: ARM CPUs have not been measured.
 DEFAULT_MODEL_FILENAME = INT8_MODEL_FILENAME
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -39,7 +40,9 @@ ALLOW_SPINNING_CONFIG_KEY = "session.intra_op.allow_spinning"
 # u8 x s8 matrix products overflow on x86 with SSE4.1, AVX2 or AVX-512 without VNNI, and that
 # this option multiplies u8 x u8 there instead. On an AVX2 AMD EPYC the int8 encoder's cosine to
 # the torch embeddings of tests/data/encoder_reference.npz was 0.73 to 0.96 without it and 0.95
-# to 0.99 with it, at 6.0 instead of 4.2 ms per chip.
+# to 0.99 with it, at 6.0 instead of 4.2 ms per chip. On a Xeon with AVX-512 VNNI and AMX the
+# option left the embeddings unchanged (largest difference 0.0) but took 9.7 instead of 3.1 ms
+# per chip, so it is set only where the CPU is not known to have VNNI.
 X64_QUANT_PRECISION_CONFIG_KEY = "session.x64quantprecision"
 
 # Tried in this order; onnxruntime keeps only those that its build offers.
@@ -73,6 +76,10 @@ QUANTIZED_OPERATOR_NAMES = (b"QuantizeLinear", b"QLinearConv", b"ConvInteger", b
 # CPU flags of the VNNI instructions that onnxruntime's fast int8 product uses without overflow.
 VNNI_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
+# The same instructions as numpy names them in its CPU feature table, which numpy fills on every
+# operating system. numpy has no name for AVX-VNNI, so such CPUs count as lacking VNNI there.
+NUMPY_VNNI_FEATURES = ("AVX512VNNI",)
+
 
 def is_quantized_model(path: PathLike) -> bool:
     """Tell whether the ONNX file at ``path`` contains quantized operators."""
@@ -80,8 +87,24 @@ def is_quantized_model(path: PathLike) -> bool:
     return any(name in content for name in QUANTIZED_OPERATOR_NAMES)
 
 
-def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo") -> Optional[bool]:
-    """Tell whether this x86 CPU lacks VNNI, from ``/proc/cpuinfo``; None without that file or its x86 flags."""
+def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo", numpy_features: Optional[Mapping[str, bool]] = None
+                   ) -> Optional[bool]:
+    """Tell whether this x86 CPU lacks VNNI; None for other CPUs or when neither source knows.
+
+    Linux's ``/proc/cpuinfo`` comes first because it names every VNNI form. Elsewhere numpy's CPU
+    feature table decides (``numpy_features`` replaces it in tests).
+    """
+    from_cpuinfo = _cpuinfo_lacks_vnni(cpuinfo_path)
+    if from_cpuinfo is not None:
+        return from_cpuinfo
+    features = _numpy_cpu_features() if numpy_features is None else numpy_features
+    if not features.get("SSE41"):
+        # Not an x86 CPU that onnxruntime's int8 kernels for x86 run on.
+        return None
+    return not any(features.get(name) for name in NUMPY_VNNI_FEATURES)
+
+
+def _cpuinfo_lacks_vnni(cpuinfo_path: PathLike) -> Optional[bool]:
     try:
         text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
     except OSError:
@@ -91,10 +114,22 @@ def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo") -> Optional[bool]:
         if name.strip() == "flags":
             flags = set(value.split())
             if "sse4_1" not in flags:
-                # Not an x86 CPU that onnxruntime's int8 kernels for x86 run on.
                 return None
             return not (flags & VNNI_CPU_FLAGS)
     return None
+
+
+def _numpy_cpu_features() -> Mapping[str, bool]:
+    # A private module, which moved to another package in numpy 2. An empty table means nothing is known.
+    for module_name in ("numpy._core._multiarray_umath", "numpy.core._multiarray_umath"):
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        features = getattr(module, "__cpu_features__", None)
+        if isinstance(features, Mapping):
+            return features
+    return {}
 
 
 def file_sha256(path: Path) -> str:
@@ -341,8 +376,9 @@ def _open_session(
     if not spin_between_operators:
         options.add_session_config_entry(ALLOW_SPINNING_CONFIG_KEY, "0")
     # The same embeddings on every x86 CPU matter more than speed: an index built on one machine
-    # is searched with queries embedded on another.
-    options.add_session_config_entry(X64_QUANT_PRECISION_CONFIG_KEY, "1")
+    # is searched with queries embedded on another. So only a CPU known to have VNNI goes without.
+    if cpu_lacks_vnni() is not False:
+        options.add_session_config_entry(X64_QUANT_PRECISION_CONFIG_KEY, "1")
     try:
         return onnxruntime.InferenceSession(str(path), sess_options=options, providers=list(providers))
     except _onnxruntime_load_errors(onnxruntime) as error:

@@ -336,14 +336,16 @@ def _as_embeddings(vectors: np.ndarray, embedding_dim: int, role: str, allow_emp
         )
     if not np.isfinite(matrix).all():
         raise SearchError(f"a {role} embedding contains NaN or infinity; check the query area for nodata values")
-    norms = np.linalg.norm(matrix, axis=1)
+    # float64 because the squares of large float32 values overflow, which would scale them to zero.
+    wide = matrix.astype(np.float64)
+    norms = np.linalg.norm(wide, axis=1)
     blank = np.flatnonzero(norms == 0)
     if blank.size:
         raise SearchError(
             f"{role} embedding {int(blank[0])} is all zeros, so its query area is blank or nodata; draw "
             "the query over imagery with content"
         )
-    return matrix / norms[:, None]
+    return (wide / norms[:, None]).astype(np.float32)
 
 
 # -- ranking ------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import pytest
 from make_tiny_encoder import TINY_SPEC, build_tiny_encoder
 from onnx import TensorProto
 
+from lookalike.core import encoder as encoder_module
 from lookalike.core.encoder import (
     ALLOW_SPINNING_CONFIG_KEY,
     X64_QUANT_PRECISION_CONFIG_KEY,
@@ -54,10 +55,17 @@ def test_encoder_loads_tiny_model():
     assert encoder.embedding_dim == 16
 
 
-def test_session_asks_for_exact_int8_products():
+@pytest.mark.parametrize(("lacks_vnni", "exact"), [(True, True), (None, True), (False, False)])
+def test_exact_int8_products_unless_vnni(monkeypatch, lacks_vnni, exact):
+    # On a Xeon with VNNI the option gave the same embeddings three times slower.
+    monkeypatch.setattr(encoder_module, "cpu_lacks_vnni", lambda: lacks_vnni)
     options = OnnxEncoder(TINY_MODEL)._session.get_session_options()
+    try:
+        value = options.get_session_config_entry(X64_QUANT_PRECISION_CONFIG_KEY)
+    except RuntimeError:  # raised for an entry never set
+        value = None
 
-    assert options.get_session_config_entry(X64_QUANT_PRECISION_CONFIG_KEY) == "1"
+    assert (value == "1") is exact
 
 
 def test_encode_shape_and_norm():
@@ -339,8 +347,28 @@ def test_cpu_vnni_read_from_cpuinfo(tmp_path, flags, expected):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n", encoding="utf-8")
 
-    assert cpu_lacks_vnni(cpuinfo) is expected
+    assert cpu_lacks_vnni(cpuinfo, numpy_features={}) is expected
 
 
-def test_cpu_vnni_unknown_without_cpuinfo(tmp_path):
-    assert cpu_lacks_vnni(tmp_path / "missing") is None
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        ({"SSE41": True, "AVX2": True, "AVX512VNNI": False}, True),
+        ({"SSE41": True, "AVX512F": True, "AVX512VNNI": True}, False),
+        ({"SSE41": False, "ASIMD": True}, None),
+        ({}, None),
+    ],
+)
+def test_cpu_vnni_from_numpy_without_cpuinfo(tmp_path, features, expected):
+    assert cpu_lacks_vnni(tmp_path / "missing", numpy_features=features) is expected
+
+
+def test_cpuinfo_wins_over_numpy(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("flags\t\t: fpu sse4_1 avx2 avx_vnni\n", encoding="utf-8")
+
+    assert cpu_lacks_vnni(cpuinfo, numpy_features={"SSE41": True, "AVX512VNNI": False}) is False
+
+
+def test_numpy_cpu_features_found():
+    assert encoder_module._numpy_cpu_features(), "numpy's CPU feature table was not found"

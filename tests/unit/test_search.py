@@ -454,6 +454,14 @@ def test_cancelling_negatives_rejected(tmp_path: Path) -> None:
         search(index, positive, positive, negative_weight=1.0, strategy="mean")
 
 
+def test_huge_query_values_keep_their_direction(tmp_path: Path) -> None:
+    index, positive, _ = negative_demotion_index(tmp_path / "index")
+    # Squares of these values overflow float32, which once scaled the query to zero.
+    huge = (positive / np.abs(positive).max() * 1e38).astype(np.float32)
+
+    assert [m.tile_id for m in search(index, huge, k=3)] == [m.tile_id for m in search(index, positive, k=3)]
+
+
 def test_max_strategy_serves_each_positive(tmp_path: Path) -> None:
     rng = np.random.default_rng(25)
     basis = np.linalg.qr(rng.standard_normal((EMBEDDING_DIM, EMBEDDING_DIM)))[0].astype(np.float32)
