@@ -195,6 +195,39 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
                   if entry.is_file() and entry.stem.lower() == path.stem.lower() and entry.suffix.lower() in suffixes)
 
 
+def dataset_sharing_files(path: Union[str, Path], driver_name: Optional[str] = None) -> Optional[Path]:
+    """Return the main file of another dataset that uses the ``.prj`` a write to ``path`` would replace.
+
+    A shapefile and a CSV of the same name share the ``.prj`` that GDAL writes beside each, so
+    exporting one would move the other to the new layer's CRS. None when no such dataset exists.
+    """
+    path = Path(path)
+    if not any(file.suffix.lower() == ".prj" for file in files_replaced(path, driver_name)):
+        return None
+    writes_shapefile = path.suffix.lower() == ".shp" or driver_name == "ESRI Shapefile"
+    other_suffix = ".csv" if writes_shapefile else ".shp"
+    for entry in sorted(path.parent.iterdir()):
+        if entry.is_file() and entry.stem.lower() == path.stem.lower() and entry.suffix.lower() == other_suffix:
+            return entry
+    return None
+
+
+def free_layer_name(path: Union[str, Path], base_name: str = "matches") -> str:
+    """Return ``base_name``, or ``base_name_2`` and on, whichever no layer of the file ``path`` has.
+
+    Layer names are compared without letter case, as GeoPackage does.
+    """
+    dataset = open_dataset_quietly(path)
+    existing_names = set()
+    if dataset is not None:
+        existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+    name, number = base_name, 1
+    while name.lower() in existing_names:
+        number += 1
+        name = f"{base_name}_{number}"
+    return name
+
+
 def open_dataset_quietly(path: Union[str, Path], kinds: int = gdal.OF_VECTOR) -> Optional[gdal.Dataset]:
     """Open ``path`` read-only as a dataset of ``kinds`` (GDAL's ``OF_*`` flags), or return None.
 
@@ -278,6 +311,7 @@ def write_matches(
     overwrite: bool = False,
     driver_name: Optional[str] = None,
     layer_name: Optional[str] = None,
+    add_to_file: bool = False,
 ) -> Path:
     """Write a match layer to a vector file and return its path.
 
@@ -285,15 +319,24 @@ def write_matches(
     ``driver_name`` is given. An existing file is replaced only with ``overwrite=True``, and
     then the whole file is replaced, not only the layer of that name. For a shapefile, each of
     its files counts (see :func:`files_replaced`): a ``.dbf`` of that name is not replaced
-    without ``overwrite`` either.
+    without ``overwrite`` either. With ``add_to_file`` the matches become the layer
+    ``layer_name`` of an existing GeoPackage, whose other layers stay.
 
     Raises:
-        LookalikeError: the file exists and ``overwrite`` is false, the extension names no
-            vector format, or the writer fails.
+        LookalikeError: the file exists and ``overwrite`` is false, the file shares its ``.prj``
+            with another dataset, the extension names no vector format, or the writer fails.
     """
     path = Path(path)
     if path.is_dir():
         raise LookalikeError(f"The output path {path} is a folder; choose a file name such as {path / 'matches.gpkg'}.")
+    if add_to_file:
+        return _add_layer_to_geopackage(layer, path, layer_name)
+    sharing = dataset_sharing_files(path, driver_name)
+    if sharing is not None:
+        raise LookalikeError(
+            f"Writing {path} would replace {path.with_suffix('.prj').name}, the CRS file that {sharing} uses too; "
+            "choose another file name."
+        )
     replaced = files_replaced(path, driver_name)
     if replaced and not overwrite:
         existing = ", ".join(str(file) for file in replaced)
@@ -337,6 +380,32 @@ def write_matches(
             f"{error_message or error_code}."
         )
     LOGGER.info("Wrote %d matches to %s", layer.featureCount(), path)
+    return path
+
+
+def _add_layer_to_geopackage(layer: QgsVectorLayer, path: Path, layer_name: Optional[str]) -> Path:
+    if not layer_name:
+        raise LookalikeError(f"Adding the matches to {path} needs the name of the new layer; pass layer_name.")
+    dataset = open_dataset_quietly(path)
+    if dataset is None or dataset.GetDriver().ShortName != "GPKG":
+        raise LookalikeError(f"{path} is not a GeoPackage, so the matches cannot be added to it as a layer; choose "
+                             "a .gpkg file or a new file name.")
+    existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+    dataset = None
+    if layer_name.lower() in existing_names:
+        raise LookalikeError(f"{path} already has a layer '{layer_name}'; choose another layer name.")
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = "GPKG"
+    options.fileEncoding = "UTF-8"
+    options.layerName = layer_name
+    # Writes the new layer into the existing file, leaving its other layers as they are.
+    options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
+    error_code, error_message, _written_path, _written_layer = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, str(path), QgsProject.instance().transformContext(), options
+    )
+    if error_code != QgsVectorFileWriter.NoError:
+        raise LookalikeError(f"Adding the match layer '{layer_name}' to {path} failed: {error_message or error_code}.")
+    LOGGER.info("Added %d matches to %s as the layer %s", layer.featureCount(), path, layer_name)
     return path
 
 

@@ -518,6 +518,12 @@ class SearchAlgorithm(LookalikeAlgorithm):
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} is a folder; give the name of a file to write the matches to."
             ))
+        sharing = match_layers.dataset_sharing_files(output_path)
+        if sharing is not None:
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: writing {output_path} would replace {Path(output_path).with_suffix('.prj').name}, "
+                f"the CRS file that {sharing} uses too. Choose another output file name."
+            ))
         replaced = match_layers.files_replaced(output_path)
         if not replaced:
             return
@@ -561,7 +567,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
             # QGIS 3.22 takes the driver from everything after the first dot, so a.b.gpkg fails as an ogr: URI.
             if adds_layers and Path(output_path).name.count(".") == 1:
                 advice = ("Choose another output file, or add the matches to this one as a new layer with this "
-                          f"OUTPUT: {_ogr_uri(output_path, _free_layer_name(output_path))}")
+                          f"OUTPUT: {_ogr_uri(output_path, match_layers.free_layer_name(output_path))}")
             raise QgsProcessingException(tr(
                 f"{self.OUTPUT}: {output_path} contains layers or fields that Lookalike did not write "
                 f"({', '.join(foreign)}), and writing the matches replaces the whole file. {advice}"
@@ -712,19 +718,6 @@ def _driver_name(path: str) -> str:
     """Return the GDAL driver of the existing file ``path``, vector or raster, or an empty string."""
     dataset = match_layers.open_dataset_quietly(path, gdal.OF_VECTOR | gdal.OF_RASTER)
     return dataset.GetDriver().ShortName if dataset is not None else ""
-
-
-def _free_layer_name(path: str) -> str:
-    """Return "matches", or "matches_2" and on, whichever no layer of the file ``path`` has, without letter case."""
-    dataset = match_layers.open_dataset_quietly(path)
-    existing_names = set()
-    if dataset is not None:
-        existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
-    name, number = "matches", 1
-    while name in existing_names:
-        number += 1
-        name = f"matches_{number}"
-    return name
 
 
 def _ogr_uri(path: str, table: str) -> str:

@@ -46,7 +46,7 @@ from ..core.parameters import (
     MIN_SOURCE_PIXELS_PER_TILE,
     MIN_TILE_SIZE_SOURCE_PX,
 )
-from ..core.pipeline import BuildParameters, Region
+from ..core.pipeline import BuildParameters, Region, describe_skipped
 from ..core.spec import ModelSpec
 from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
 from ..gis.tasks import LookalikeTask, TaskOutcome, TileProgress
@@ -793,7 +793,8 @@ class BuildPanelMixin:
                 self._on_closed_project_build_finished(report.index_folder)
                 return
             self.open_index(report.index_folder)
-            skipped = f", {report.tiles_skipped} skipped" if report.tiles_skipped else ""
+            skipped = (f", {report.tiles_skipped} skipped ({describe_skipped(report.skipped_by_reason)})"
+                       if report.tiles_skipped else "")
             # After a resume the time covers this run only, so the message names where it started.
             resumed = (f" (resumed at tile {report.tiles_resumed} of {report.tiles_total})"
                        if report.tiles_resumed and not report.already_complete else "")

@@ -194,6 +194,18 @@ class ResultsPanelMixin:
         typed_path = path
         if not path.lower().endswith(f".{extension}"):
             path = f"{path}.{extension}"
+        sharing = match_layers.dataset_sharing_files(path, driver)
+        if sharing is not None:
+            self.push_message(
+                f"Exporting to {path} would replace {Path(path).with_suffix('.prj').name}, the CRS file that "
+                f"{sharing} uses too; choose another file name.", Qgis.MessageLevel.Warning,
+            )
+            return
+        if driver == "GPKG" and Path(path).is_file():
+            foreign = match_layers.layers_not_from_lookalike(path)
+            if foreign:
+                self._offer_to_add_layer(path, format_name, foreign)
+                return
         # The dialog asked about the name as typed. Other files the export replaces (the name with
         # its extension, the .dbf and other files of a shapefile) are asked about here.
         unasked = [file for file in match_layers.files_replaced(path, driver) if str(file) != typed_path]
@@ -207,26 +219,48 @@ class ResultsPanelMixin:
                 return
         self.export_layer(path, format_name, overwrite=True)
 
-    def export_layer(self, path: str, format_name: str = "GeoPackage", overwrite: bool = False) -> Optional[Path]:
-        """Write the current result layer with QGIS's vector writer; returns the path or None on failure."""
+    def _offer_to_add_layer(self, path: str, format_name: str, foreign_layers: list[str]) -> None:
+        """Ask to add the matches to the GeoPackage ``path`` as a new layer, since replacing it loses its layers."""
+        layer = self.result_layer()
+        base_name = layer.name() if layer is not None and layer.name() else "matches"
+        layer_name = match_layers.free_layer_name(path, base_name)
+        question = (
+            f"{path} contains layers that Lookalike did not write ({', '.join(foreign_layers)}), which replacing the "
+            f"file would delete. Add the matches to it as the new layer '{layer_name}' instead? No leaves the file "
+            "as it is."
+        )
+        if self._confirmed(question):
+            self.export_layer(path, format_name, add_as_layer=layer_name)
+
+    def export_layer(self, path: str, format_name: str = "GeoPackage", overwrite: bool = False,
+                     add_as_layer: Optional[str] = None) -> Optional[Path]:
+        """Write the current result layer with QGIS's vector writer; returns the path or None on failure.
+
+        With ``add_as_layer`` the matches become a new layer of that name in the existing GeoPackage ``path``.
+        """
         layer = self.result_layer()
         if layer is None:
             self.push_message("There is no result layer to export; run a search first.", Qgis.MessageLevel.Info)
             return None
         driver, _extension = EXPORT_FORMATS[format_name]
         try:
-            written = match_layers.write_matches(layer, path, overwrite=overwrite, driver_name=driver)
+            written = match_layers.write_matches(layer, path, overwrite=overwrite, driver_name=driver,
+                                                 layer_name=add_as_layer, add_to_file=add_as_layer is not None)
         except LookalikeError as error:
             self.push_message(str(error), Qgis.MessageLevel.Critical)
             return None
         count = layer.featureCount()
-        # The layer's filter is the Min score slider: the matches below it are not written.
+        # The layer's filter is the Min score slider: the matches below it are not written. Features
+        # deleted from the layer are missing as well, and the slider does not explain those.
         total = len(self.matches)
-        if layer.subsetString() and count < total:
-            exported = f"{count} of the {total} matches, those at or above Min score {self.score_threshold():.3f},"
+        threshold = self.score_threshold()
+        above_threshold = sum(1 for match in self.matches if match.score >= threshold)
+        if layer.subsetString() and count < total and count == above_threshold:
+            exported = f"{count} of the {total} matches, those at or above Min score {threshold:.3f},"
         else:
             exported = f"{count} {'match' if count == 1 else 'matches'}"
-        self.push_message(f"Exported {exported} to {written}.", Qgis.MessageLevel.Success)
+        where = f"{written} as the layer '{add_as_layer}'" if add_as_layer is not None else str(written)
+        self.push_message(f"Exported {exported} to {where}.", Qgis.MessageLevel.Success)
         return written
 
     def export_chips_with_dialog(self) -> None:

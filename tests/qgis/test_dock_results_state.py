@@ -24,6 +24,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
 
+from lookalike.gis import matches as match_fields
 from lookalike.ui.result_layer import RESULTS_PROPERTY
 from lookalike.ui.results import Relevance
 
@@ -95,6 +96,72 @@ def test_export_asks_before_replacing_shapefile_table(searched, tmp_path, monkey
     monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
     QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
     assert QgsVectorLayer(str(tmp_path / "roads.shp"), "export", "ogr").featureCount() == 3
+
+
+def test_csv_export_keeps_shapefile_crs(searched, qgis_iface, tmp_path, monkeypatch):
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "ships.shp"), ""))
+    searched.export_format_combo.setCurrentText("ESRI Shapefile")
+    searched.export_layer_with_dialog()
+    shapefile_crs = (tmp_path / "ships.prj").read_text()
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "ships.csv"), ""))
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    searched.export_format_combo.setCurrentText("CSV")
+
+    searched.export_layer_with_dialog()
+
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("ships.prj" in text and "ships.shp" in text for text in warnings), warnings
+    assert not (tmp_path / "ships.csv").exists()
+    assert (tmp_path / "ships.prj").read_text() == shapefile_crs
+
+
+def users_geopackage(path: Path) -> None:
+    roads = QgsVectorLayer("LineString?crs=EPSG:32610&field=name:string", "my_roads", "memory")
+    feature = QgsFeature(roads.fields())
+    feature.setGeometry(QgsGeometry.fromWkt("LINESTRING(558300 4175000, 558400 4175100)"))
+    feature.setAttribute("name", "harbour road")
+    roads.dataProvider().addFeatures([feature])
+    match_fields.write_matches(roads, path, driver_name="GPKG")
+
+
+def geopackage_layers(path: Path) -> list:
+    dataset = match_fields.open_dataset_quietly(path)
+    return sorted(dataset.GetLayer(position).GetName() for position in range(dataset.GetLayerCount()))
+
+
+def test_export_adds_layer_to_users_geopackage(searched, tmp_path, monkeypatch):
+    target = tmp_path / "project_data.gpkg"
+    users_geopackage(target)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(target), ""))
+    searched.export_format_combo.setCurrentText("GeoPackage")
+    questions = answer_no(monkeypatch)
+
+    searched.export_layer_with_dialog()
+
+    assert len(questions) == 1
+    assert "my_roads" in questions[0]
+    assert geopackage_layers(target) == ["my_roads"]
+
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    searched.export_layer_with_dialog()
+
+    result_name = searched.result_layer().name()
+    assert geopackage_layers(target) == sorted(["my_roads", result_name])
+    assert QgsVectorLayer(f"{target}|layername={result_name}", "export", "ogr").featureCount() == 3
+    assert QgsVectorLayer(f"{target}|layername=my_roads", "roads", "ogr").featureCount() == 1
+
+
+def test_export_message_ignores_threshold_for_deleted(searched, qgis_iface, tmp_path):
+    layer = searched.result_layer()
+    layer.startEditing()
+    layer.deleteFeature(next(layer.getFeatures()).id())
+    layer.commitChanges()
+
+    searched.export_layer(str(tmp_path / "after_delete.gpkg"))
+
+    exported = [text for text in messages(qgis_iface, Qgis.MessageLevel.Success) if "Exported" in text]
+    assert len(exported) == 1
+    assert exported[0].endswith(f"Exported 2 matches to {tmp_path / 'after_delete.gpkg'}.")
 
 
 def test_export_to_folder_rejected(searched, qgis_iface, tmp_path, monkeypatch):

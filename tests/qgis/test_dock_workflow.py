@@ -53,6 +53,24 @@ def test_dock_build_shows_progress_and_opens_index(dock, ships_layer, tmp_path, 
     assert any("Index built" in text for text in messages(qgis_iface, Qgis.MessageLevel.Success))
 
 
+def test_build_message_names_skip_reasons(dock, ships_layer, tmp_path, qgis_iface):
+    extent = ships_layer.extent()
+    west_half = QgsRectangle(extent.xMinimum(), extent.yMinimum(), extent.center().x(), extent.yMaximum())
+    mask = QgsVectorLayer(f"Polygon?crs={ships_layer.crs().authid()}", "west half", "memory")
+    feature = QgsFeature()
+    feature.setGeometry(QgsGeometry.fromRect(west_half))
+    mask.dataProvider().addFeatures([feature])
+    QgsProject.instance().addMapLayer(mask)
+    dock.raster_combo.setLayer(ships_layer)
+    dock.mask_combo.setLayer(mask)
+
+    build(dock, tmp_path / "masked")
+
+    built = [text for text in messages(qgis_iface, Qgis.MessageLevel.Success) if "Index built" in text]
+    assert len(built) == 1
+    assert "skipped (" in built[0] and "masked" in built[0], built[0]
+
+
 def test_dock_rectangle_query_mark_rerun_export(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):
     dock.raster_combo.setLayer(ships_layer)
     build(dock, tmp_path / "index")

@@ -17,6 +17,7 @@ from lookalike.core.errors import LookalikeError
 from lookalike.core.search import Match
 from lookalike.gis.map_render import query_outline_layer, render_map_png
 from lookalike.gis.matches import (
+    free_layer_name,
     match_fields,
     matches_to_features,
     matches_to_memory_layer,
@@ -163,6 +164,33 @@ def test_write_rejects_existing_shapefile_table(utm_matches, tmp_path):
 
     assert table.read_bytes() == b"user table"
     assert not (tmp_path / "matches.shp").exists()
+
+
+@pytest.mark.parametrize(("first", "second"), [("m.shp", "m.csv"), ("m.csv", "m.shp")])
+def test_write_keeps_crs_file_of_other_format(utm_matches, tmp_path, first, second):
+    write_matches(matches_to_memory_layer(utm_matches, "matches", UTM_10N), tmp_path / first)
+    crs_file = (tmp_path / "m.prj").read_bytes()
+    in_wgs84 = matches_to_memory_layer(utm_matches, "matches", WGS84)
+
+    with pytest.raises(LookalikeError, match=f"m.prj, the CRS file that {tmp_path / first} uses too"):
+        write_matches(in_wgs84, tmp_path / second, overwrite=True)
+
+    assert (tmp_path / "m.prj").read_bytes() == crs_file
+    assert not (tmp_path / second).exists()
+
+
+def test_add_to_file_keeps_other_layers(utm_matches, tmp_path):
+    path = tmp_path / "project.gpkg"
+    write_matches(matches_to_memory_layer(utm_matches, "first", UTM_10N), path)
+    second = matches_to_memory_layer(utm_matches[:1], "second", UTM_10N)
+
+    write_matches(second, path, layer_name="second", add_to_file=True)
+
+    assert QgsVectorLayer(f"{path}|layername=first", "first", "ogr").featureCount() == 2
+    assert QgsVectorLayer(f"{path}|layername=second", "second", "ogr").featureCount() == 1
+    with pytest.raises(LookalikeError, match="already has a layer 'SECOND'"):
+        write_matches(second, path, layer_name="SECOND", add_to_file=True)
+    assert free_layer_name(path, "second") == "second_2"
 
 
 def test_write_overwrite_replaces_file(utm_matches, tmp_path):

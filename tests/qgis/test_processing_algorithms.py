@@ -381,6 +381,19 @@ def test_search_csv_keeps_foreign_sidecar(tiny_index, tiny_encoder, tmp_path, ou
     assert sidecar.read_text(encoding="utf-8") == "notes of mine\n"
 
 
+def test_search_csv_keeps_shapefile_crs_file(tiny_index, tiny_encoder, tmp_path):
+    folder, _results = tiny_index
+    parameters = {"INDEX": folder, "POSITIVES": point_layer([SHIP_CENTRES[1]]), "ENCODER": tiny_encoder, "K": 3}
+    run_algorithm("search", {**parameters, "OUTPUT": str(tmp_path / "m.shp")})
+    crs_file = (tmp_path / "m.prj").read_bytes()
+
+    with pytest.raises(QgsProcessingException, match="the CRS file that .*m.shp uses too"):
+        run_algorithm("search", {**parameters, "OUTPUT": str(tmp_path / "m.csv")})
+
+    assert (tmp_path / "m.prj").read_bytes() == crs_file
+    assert not (tmp_path / "m.csv").exists()
+
+
 def test_search_takes_example_with_crossing_edges(tiny_index, tiny_encoder):
     # QGIS's default "invalid features filtering" stops an algorithm on such a polygon; the
     # search repairs it instead, keeping both lobes.
