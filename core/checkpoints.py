@@ -116,6 +116,8 @@ class _PartialBuild:
         self.layout = layout
         # True when checkpoints of another build were in the folder and were removed.
         self.discarded_other_build = False
+        # Chunk files that resume_state removed because they were damaged or followed a gap.
+        self.discarded_chunk_count = 0
 
     @classmethod
     def open_or_create(
@@ -210,6 +212,7 @@ class _PartialBuild:
         for path in self.chunk_paths():
             if path not in resumable_paths:
                 _remove_path(path)
+                self.discarded_chunk_count += 1
         return position, embedded, skipped
 
     def chunk_path(self, start_position: int) -> Path:

@@ -1070,11 +1070,12 @@ def is_index_manifest(manifest_path: Path) -> bool:
     return content is not None and content.get("format") == FORMAT_NAME
 
 
-def index_damage(folder: Path) -> Optional[str]:
+def index_damage(folder: PathLike) -> Optional[str]:
     """Return why the index in ``folder`` cannot be opened, from its manifest and file sizes, or None.
 
     This reads no data file, so it is cheap even for a large index; ``TileIndex.open`` checks more.
     """
+    folder = Path(folder)
     try:
         _check_data_files(folder, _read_manifest(folder))
     except SearchIndexError as error:

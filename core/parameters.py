@@ -12,7 +12,7 @@ from osgeo import gdal, ogr, osr
 
 from .crs import spatial_reference
 from .errors import GridError, LookalikeError
-from .grid import Bounds, TileGrid, validate_bounds
+from .grid import Bounds, TileGrid, polygons_of, quiet_gdal, validate_bounds
 from .raster import SKIP_BLANK, SKIP_MOSTLY_INVALID
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -76,6 +76,13 @@ MAX_ENCODER_THREADS = 256
 # -- parameters ---------------------------------------------------------------------------------
 
 
+# A region whose envelope covers more than this many times a raster's surroundings (both in the
+# region's CRS) is cut to those surroundings before it goes into the raster's CRS. A box around
+# half the globe, drawn on a map in degrees, has no usable shape in a UTM zone far from it.
+# Smaller regions go whole, so that a box dragged past a raster's edge keeps its centre.
+FAR_REACHING_AREA_FACTOR = 100.0
+
+
 @dataclass(frozen=True)
 class Region:
     """An area given either as bounds or as polygons, in a stated CRS.
@@ -102,10 +109,25 @@ class Region:
         else:
             object.__setattr__(self, "polygons_wkt", tuple(self.polygons_wkt))
 
-    def polygons_in(self, target_crs_wkt: str) -> list[str]:
-        """Return the region as polygon WKT strings transformed to ``target_crs_wkt``."""
+    def polygons_in(self, target_crs_wkt: str, near_bounds: Optional[Bounds] = None) -> list[str]:
+        """Return the region as polygon WKT strings transformed to ``target_crs_wkt``.
+
+        With ``near_bounds`` (in ``target_crs_wkt``), polygons reaching far beyond them are first
+        cut to their surroundings (see :func:`cut_to_surroundings`), which keeps every part that
+        touches those bounds.
+        """
         wkts = [_bounds_to_wkt(self.bounds)] if self.bounds is not None else list(self.polygons_wkt)
-        return [transform_geometry_wkt(wkt, self.crs_wkt, target_crs_wkt) for wkt in wkts]
+        if near_bounds is None:
+            return [transform_geometry_wkt(wkt, self.crs_wkt, target_crs_wkt) for wkt in wkts]
+        polygons = []
+        for wkt in wkts:
+            near_wkt = cut_to_surroundings(wkt, self.crs_wkt, near_bounds, target_crs_wkt)
+            if near_wkt is None:
+                # The polygon covers all of the surroundings, which are already in the target CRS.
+                polygons.append(_bounds_to_wkt(_surroundings(near_bounds)))
+            else:
+                polygons.append(transform_geometry_wkt(near_wkt, self.crs_wkt, target_crs_wkt))
+        return polygons
 
     def to_dict(self) -> dict[str, Any]:
         return {"crs_wkt": self.crs_wkt, "bounds": self.bounds, "polygons_wkt": list(self.polygons_wkt)}
@@ -213,12 +235,16 @@ class BuildParameters:
             value = getattr(self, name)
             if value is not None and not (_is_number(value) and math.isfinite(value) and value > 0):
                 raise LookalikeError(f"{name} {value!r} is invalid; pass a positive number.")
-        if not (_is_number(self.overlap_fraction) and 0.0 <= self.overlap_fraction < 1.0):
+        for name in ("overlap_fraction", "min_valid_fraction"):
+            value = getattr(self, name)
+            if not (_is_number(value) and math.isfinite(value)):
+                raise LookalikeError(f"{name} {value!r} is not a number; pass a fraction such as 0.5.")
+        if not 0.0 <= self.overlap_fraction < 1.0:
             raise LookalikeError(
                 f"overlap_fraction {self.overlap_fraction!r} is out of range; pass a value in [0, 1), "
                 "e.g. 0.5 for half-overlapping tiles."
             )
-        if not (_is_number(self.min_valid_fraction) and 0.0 < self.min_valid_fraction <= 1.0):
+        if not 0.0 < self.min_valid_fraction <= 1.0:
             raise LookalikeError(
                 f"min_valid_fraction {self.min_valid_fraction!r} is out of range; pass a value in (0, 1]."
             )
@@ -341,12 +367,67 @@ def transform_geometry_wkt(wkt: str, source_crs: str, target_crs: str) -> str:
         if longest_side > 0:
             geometry.Segmentize(longest_side / 100.0)
     transformation = osr.CoordinateTransformation(source_ref, target_ref)
-    if geometry.Transform(transformation) != 0:
+    with quiet_gdal():
+        transformed = geometry.Transform(transformation)
+    if transformed != 0:
         raise GridError(
             f"the geometry cannot be transformed from {source_ref.GetName()} to {target_ref.GetName()}; "
             "check that it lies inside the area of use of both CRSs."
         )
     return geometry.ExportToWkt()
+
+
+def cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds_crs_wkt: str) -> Optional[str]:
+    """Return the region ``wkt`` (in ``crs_wkt``) cut to the surroundings of ``bounds`` when it reaches far beyond them.
+
+    A far-reaching region can have no usable shape in the CRS of ``bounds``, so queries, build
+    extents and masks are cut before they are transformed there.
+
+    The surroundings are ``bounds`` (in ``bounds_crs_wkt``) widened by half their size on every
+    side. Returns None when such a region covers all of the surroundings. Points, lines, regions
+    no larger than ``FAR_REACHING_AREA_FACTOR`` times the surroundings and regions that miss them
+    come back unchanged.
+    """
+    surroundings_bounds = _surroundings(bounds)
+    try:
+        surroundings = ogr.CreateGeometryFromWkt(
+            transform_geometry_wkt(_bounds_to_wkt(surroundings_bounds), bounds_crs_wkt, crs_wkt))
+        samples = ogr.CreateGeometryFromWkt(
+            transform_geometry_wkt(_sample_points_wkt(surroundings_bounds), bounds_crs_wkt, crs_wkt))
+    except GridError:
+        return wkt
+    geometry = ogr.CreateGeometryFromWkt(wkt)
+    if geometry is None or surroundings is None or geometry.GetDimension() < 2:
+        return wkt
+    if _envelope_area(geometry) <= FAR_REACHING_AREA_FACTOR * _envelope_area(surroundings):
+        return wkt
+    # Points are tested one by one, because across the antimeridian the surroundings are no
+    # valid polygon in degrees.
+    if all(geometry.Intersects(samples.GetGeometryRef(number)) for number in range(samples.GetGeometryCount())):
+        return None
+    if not surroundings.IsValid():
+        return wkt
+    cut = polygons_of(geometry.Intersection(surroundings))
+    return wkt if cut is None else cut.ExportToWkt()
+
+
+def _surroundings(bounds: Sequence[float]) -> Bounds:
+    """Return ``bounds`` widened by half their size on every side."""
+    xmin, ymin, xmax, ymax = bounds
+    pad_x, pad_y = (xmax - xmin) / 2.0, (ymax - ymin) / 2.0
+    return (xmin - pad_x, ymin - pad_y, xmax + pad_x, ymax + pad_y)
+
+
+def _sample_points_wkt(bounds: Sequence[float]) -> str:
+    """Return a MULTIPOINT of the corners, edge midpoints and centre of ``bounds``."""
+    xmin, ymin, xmax, ymax = bounds
+    xs, ys = (xmin, (xmin + xmax) / 2.0, xmax), (ymin, (ymin + ymax) / 2.0, ymax)
+    return "MULTIPOINT (" + ", ".join(f"({x!r} {y!r})" for x in xs for y in ys) + ")"
+
+
+def _envelope_area(geometry: ogr.Geometry) -> float:
+    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
+    return (xmax - xmin) * (ymax - ymin)
 
 
 def _bounds_to_wkt(bounds: Bounds) -> str:

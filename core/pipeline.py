@@ -329,6 +329,11 @@ def _build_index_locked(
             "or encoder than this build, so they were discarded and every tile is read again."
         )
     start_position, embedded, skipped = partial.resume_state(len(plans))
+    if partial.discarded_chunk_count:
+        warnings.append(
+            f"{partial.discarded_chunk_count} checkpoint file(s) in {partial.folder} were damaged or out of order, so "
+            f"the build resumes at tile {start_position} of {tiles_total} and reads the later tiles again."
+        )
     if start_position:
         LOGGER.info("Resuming the build of %s at tile %d of %d from %s", params.index_folder,
                     start_position, tiles_total, partial.folder)
@@ -442,6 +447,9 @@ def describe_skipped(skipped_by_reason: Mapping[str, int]) -> str:
 
 def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray) -> str:
     """Return why every tile of ``plan`` was skipped and what to change, from the main skip reason."""
+    if not counts.any():
+        # No tile was skipped either: the extent selected none of the raster's tiles.
+        return "the extent selects none of its tiles; draw the extent over the raster, or leave it unset"
     dominant = SKIP_REASONS[int(np.argmax(counts))]
     if dominant == SKIP_MASKED:
         return "the mask covers every tile; shrink the mask or leave it unset"

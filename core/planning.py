@@ -215,7 +215,8 @@ def _plan_sources(
                 if warning is not None:
                     LOGGER.warning("%s", warning)
                     warnings.append(warning)
-            extent_polygons = params.extent.polygons_in(grid_crs_wkt) if params.extent is not None else None
+            extent_polygons = (params.extent.polygons_in(grid_crs_wkt, near_bounds=raster_bounds)
+                               if params.extent is not None else None)
             grid_bounds = raster_bounds
             outside_extent = False
             if extent_polygons is not None:
@@ -241,7 +242,8 @@ def _plan_sources(
                 selected = ()
             elif extent_polygons is not None:
                 selected = tuple(grid.tiles_intersecting_polygons(extent_polygons))
-            mask_polygons = tuple(params.mask.polygons_in(grid_crs_wkt)) if params.mask is not None else ()
+            mask_polygons = (tuple(params.mask.polygons_in(grid_crs_wkt, near_bounds=raster_bounds))
+                             if params.mask is not None else ())
 
             stretch = source.value_stretch(spec.value_scale)
             record = source.to_dict()

@@ -26,6 +26,7 @@ from .parameters import (
     _geometry_to_wkt,
     _normalised_path,
     _parse_geometry,
+    cut_to_surroundings,
     transform_geometry_wkt,
 )
 from .raster import (
@@ -61,11 +62,6 @@ QUERY_TILE_SLACK = 0.02
 # A polygon's covering grid may hold this many times MAX_QUERY_TILES before its tiles are tested
 # against the polygon: a thin diagonal polygon covers few of its grid's tiles.
 MAX_QUERY_GRID_FACTOR = 16
-# A query region whose envelope covers more than this many times a raster's surroundings (both
-# in the query's CRS) is cut to those surroundings before it goes into the raster's CRS. A box
-# around half the globe, drawn on a map in degrees, has no usable shape in a UTM zone far from
-# it. Smaller regions go whole, so that a box dragged past a raster's edge keeps its centre.
-FAR_REACHING_AREA_FACTOR = 100.0
 
 
 # -- queries ------------------------------------------------------------------------------------
@@ -479,7 +475,7 @@ def indexed_source_for_geometry(
     best_path, best_area = "", 0.0
     for record in sources:
         xmin, ymin, xmax, ymax = record["bounds"]
-        near_wkt = _cut_to_surroundings(wkt, crs_wkt, record["bounds"], record["crs_wkt"])
+        near_wkt = cut_to_surroundings(wkt, crs_wkt, record["bounds"], record["crs_wkt"])
         if near_wkt is None:
             # The region covers the whole raster.
             area = (xmax - xmin) * (ymax - ymin)
@@ -513,39 +509,6 @@ def indexed_source_for_geometry(
     )
 
 
-def _cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds_crs_wkt: str) -> Optional[str]:
-    """Return the region ``wkt`` (in ``crs_wkt``) cut to the surroundings of ``bounds`` when it reaches far beyond them.
-
-    The surroundings are ``bounds`` (in ``bounds_crs_wkt``) widened by half their size on every
-    side. Returns None when such a region covers all of the surroundings. Points, lines, regions
-    no larger than ``FAR_REACHING_AREA_FACTOR`` times the surroundings and regions that miss them
-    come back unchanged.
-    """
-    xmin, ymin, xmax, ymax = bounds
-    pad_x, pad_y = (xmax - xmin) / 2.0, (ymax - ymin) / 2.0
-    surroundings_bounds = (xmin - pad_x, ymin - pad_y, xmax + pad_x, ymax + pad_y)
-    try:
-        surroundings = ogr.CreateGeometryFromWkt(
-            transform_geometry_wkt(_bounds_to_wkt(surroundings_bounds), bounds_crs_wkt, crs_wkt))
-        samples = ogr.CreateGeometryFromWkt(
-            transform_geometry_wkt(_sample_points_wkt(surroundings_bounds), bounds_crs_wkt, crs_wkt))
-    except GridError:
-        return wkt
-    geometry = ogr.CreateGeometryFromWkt(wkt)
-    if geometry is None or surroundings is None or geometry.GetDimension() < 2:
-        return wkt
-    if _envelope_area(geometry) <= FAR_REACHING_AREA_FACTOR * _envelope_area(surroundings):
-        return wkt
-    # Points are tested one by one, because across the antimeridian the surroundings are no
-    # valid polygon in degrees.
-    if all(geometry.Intersects(samples.GetGeometryRef(number)) for number in range(samples.GetGeometryCount())):
-        return None
-    if not surroundings.IsValid():
-        return wkt
-    cut = polygons_of(geometry.Intersection(surroundings))
-    return wkt if cut is None else cut.ExportToWkt()
-
-
 def valid_region_wkt(wkt: str) -> str:
     """Return ``wkt`` with a self-intersecting polygon replaced by the region its outline encloses.
 
@@ -568,18 +531,6 @@ def valid_region_wkt(wkt: str) -> str:
             "distinct points. Draw a polygon around the object, or click a point."
         )
     return wkt if repaired is geometry else repaired.ExportToWkt()
-
-
-def _sample_points_wkt(bounds: Sequence[float]) -> str:
-    """Return a MULTIPOINT of the corners, edge midpoints and centre of ``bounds``."""
-    xmin, ymin, xmax, ymax = bounds
-    xs, ys = (xmin, (xmin + xmax) / 2.0, xmax), (ymin, (ymin + ymax) / 2.0, ymax)
-    return "MULTIPOINT (" + ", ".join(f"({x!r} {y!r})" for x in xs for y in ys) + ")"
-
-
-def _envelope_area(geometry: ogr.Geometry) -> float:
-    xmin, xmax, ymin, ymax = geometry.GetEnvelope()
-    return (xmax - xmin) * (ymax - ymin)
 
 
 def _raster_bounds(raster: RasterSource, grid_crs_wkt: str) -> Optional[Bounds]:
@@ -689,7 +640,7 @@ def _query_footprints(
             ``MAX_QUERY_TILES`` tiles of the raster.
     """
     wkt = valid_region_wkt(wkt)
-    near_wkt = wkt if raster_bounds is None else _cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
+    near_wkt = wkt if raster_bounds is None else cut_to_surroundings(wkt, crs_wkt, raster_bounds, grid_crs_wkt)
     if near_wkt is None:
         # The region covers the whole raster, which is already in the grid CRS.
         geometry = _parse_geometry(_bounds_to_wkt(raster_bounds))

@@ -89,7 +89,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ``encoder`` is returned resolved to the default model when ``--encoder`` is not given.
     """
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output-folder", type=Path, default=REPO_ROOT / "output",
+    parser.add_argument("--output-folder", type=folder_path, default=REPO_ROOT / "output",
                         help="folder for matches.gpkg, matches.png, demo_index/ and demo_outputs.json; "
                              "created when missing (default: output/)")
     parser.add_argument("--encoder", type=Path, default=None,
@@ -101,9 +101,17 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                              "not write them; demo_index/ is still replaced only when it is empty or an index")
     arguments = parser.parse_args(argv)
 
-    if arguments.output_folder.exists() and not arguments.output_folder.is_dir():
-        parser.error(f"--output-folder {arguments.output_folder} is not a folder; pass a folder path "
-                     "(a missing folder is created)")
+    try:
+        if arguments.output_folder.exists() and not arguments.output_folder.is_dir():
+            parser.error(f"--output-folder {arguments.output_folder} is not a folder; pass a folder path "
+                         "(a missing folder is created)")
+        file_above = next((parent for parent in arguments.output_folder.parents if parent.is_file()), None)
+    except OSError as error:
+        parser.error(f"--output-folder {arguments.output_folder} cannot be used ({error.strerror}); pass "
+                     "another folder path")
+    if file_above is not None:
+        parser.error(f"--output-folder {arguments.output_folder} lies under {file_above}, which is a file; pass "
+                     "a folder path")
     enclosing = enclosing_index_folder(arguments.output_folder / INDEX_FOLDER_NAME)
     if enclosing is not None:
         parser.error(f"--output-folder {arguments.output_folder} is inside {lookalike_folder_kind(enclosing)} "
@@ -119,7 +127,20 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         load_encoder(arguments.encoder)
     except LookalikeError as error:
         parser.error(f"--encoder {arguments.encoder} cannot be used: {error}")
+    try:
+        arguments.output_folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--output-folder {arguments.output_folder} cannot be created ({error.strerror}); pass a "
+                     "folder you can write to")
     return arguments
+
+
+def folder_path(text: str) -> Path:
+    """Return ``text`` as a path; argparse turns the error for an empty name into a usage message."""
+    if not text.strip():
+        # Path("") is the current folder, which would put the outputs wherever the command ran.
+        raise argparse.ArgumentTypeError("the folder name is missing; pass a folder path such as output")
+    return Path(text)
 
 
 def match_count(text: str) -> int:

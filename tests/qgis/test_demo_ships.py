@@ -282,6 +282,33 @@ def test_demo_rejects_file_as_output_folder(tmp_path, capsys):
     assert output_file.read_text(encoding="utf-8") == "not a folder"
 
 
+def test_demo_rejects_empty_output_folder(capsys, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as raised:
+        run_demo.main(["--output-folder", ""])
+
+    assert raised.value.code == 2
+    assert "argument --output-folder: the folder name is missing" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("make_folder", "expected_message"), [
+    (lambda tmp_path: tmp_path / ("a" * 300), "cannot be used (File name too long)"),
+    (lambda tmp_path: tmp_path / "notes.txt" / "output", "which is a file; pass a folder path"),
+    (lambda tmp_path: Path("/proc/lookalike-demo"), "cannot be created ("),
+])
+def test_demo_rejects_unusable_output_folder(tmp_path, capsys, make_folder, expected_message):
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+
+    with pytest.raises(SystemExit) as raised:
+        run_tiny_demo(make_folder(tmp_path))
+
+    assert raised.value.code == 2
+    assert expected_message in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
 def test_demo_rejects_output_folder_in_an_index(tmp_path, capsys):
     users_index = make_users_index(tmp_path / "field_index", tmp_path)
 

@@ -12,7 +12,7 @@ from osgeo import osr
 from lookalike.core import index as index_module
 from lookalike.core.errors import GridError, SearchError, SearchIndexError
 from lookalike.core.grid import TileGrid
-from lookalike.core.index import TILE_TABLE_DTYPE, TileIndex, exact_knn, make_tile_table
+from lookalike.core.index import TILE_TABLE_DTYPE, TileIndex, exact_knn, index_damage, make_tile_table
 
 EMBEDDING_DIM = 16
 
@@ -228,6 +228,16 @@ def test_open_detects_truncated_file(tmp_path: Path, kind: str) -> None:
 
     with pytest.raises(SearchIndexError, match="truncated or replaced"):
         TileIndex.open(folder)
+
+
+def test_index_damage_takes_a_string_path(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=3)
+    assert index_damage(str(folder)) is None
+    path = folder / json.loads((folder / "manifest.json").read_text())["files"]["tiles"]["name"]
+    path.unlink()
+
+    assert f"{path.name} is missing" in index_damage(str(folder))
 
 
 @pytest.mark.parametrize(("field", "value", "message"), [

@@ -106,6 +106,13 @@ def test_parameters_reject_full_overlap(tmp_path):
         parameters(["a.tif"], tmp_path / "index", overlap_fraction=1.0)
 
 
+@pytest.mark.parametrize(("name", "value"), [("overlap_fraction", "0.5"), ("min_valid_fraction", float("nan")),
+                                           ("overlap_fraction", None)])
+def test_parameters_reject_fraction_not_a_number(tmp_path, name, value):
+    with pytest.raises(LookalikeError, match=f"{name} {value!r} is not a number; pass a fraction"):
+        parameters(["a.tif"], tmp_path / "index", **{name: value})
+
+
 @pytest.mark.parametrize("threads", [0, -2, 1.5, True, 10**9])
 def test_parameters_reject_bad_encoder_threads(tmp_path, threads):
     with pytest.raises(LookalikeError, match="encoder_threads"):
@@ -311,6 +318,40 @@ def test_build_extent_in_other_crs(shared_data, tmp_path):
 
     assert 0 < report.tiles_total < 30
     assert report.tiles_embedded > 0
+
+
+WORLD_IN_DEGREES = "POLYGON ((-179 -80, 179 -80, 179 80, -179 80, -179 -80))"
+
+
+def test_world_extent_indexes_whole_raster(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    whole = build_index(parameters([source], tmp_path / "whole"))
+
+    report = build_index(parameters([source], tmp_path / "index",
+                                    extent=Region(crs_wkt=epsg_wkt(4326), polygons_wkt=(WORLD_IN_DEGREES,))))
+
+    assert report.tiles_total == whole.tiles_total
+    assert report.tiles_embedded == whole.tiles_embedded
+
+
+def test_world_mask_masks_every_tile(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    # Most of this polygon has no shape in the raster's UTM zone, so it is cut to the raster first.
+    world = Region(crs_wkt=epsg_wkt(4326), polygons_wkt=(WORLD_IN_DEGREES,))
+
+    with pytest.raises(LookalikeError, match="the mask covers every tile"):
+        build_index(parameters([source], tmp_path / "index", mask=world))
+
+
+def test_empty_extent_selection_blames_extent(shared_data, tmp_path, monkeypatch):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    raster = RasterSource(source)
+    monkeypatch.setattr(TileGrid, "tiles_intersecting_polygons", lambda *args: iter(()))
+
+    with pytest.raises(LookalikeError, match="the extent selects none of its tiles") as caught:
+        build_index(parameters([source], tmp_path / "index", extent=Region(crs_wkt=raster.crs_wkt,
+                                                                           bounds=raster.bounds)))
+    assert "mask" not in str(caught.value)
 
 
 def _traditional(wkt: str) -> osr.SpatialReference:
@@ -606,6 +647,10 @@ def test_truncated_checkpoint_read_again(shared_data, tmp_path):
     resumed = build_index(params)
 
     assert resumed.tiles_resumed == batches_seen[0].tiles_done
+    discarded = [warning for warning in resumed.warnings if "checkpoint file(s)" in warning]
+    assert len(discarded) == 1
+    assert discarded[0].startswith("2 checkpoint file(s)")
+    assert f"resumes at tile {resumed.tiles_resumed} of" in discarded[0]
 
 
 def test_damaged_checkpoint_embedded_again(shared_data, tmp_path):
