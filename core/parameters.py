@@ -401,14 +401,26 @@ def cut_to_surroundings(wkt: str, crs_wkt: str, bounds: Sequence[float], bounds_
         return wkt
     if _envelope_area(geometry) <= FAR_REACHING_AREA_FACTOR * _envelope_area(surroundings):
         return wkt
-    # Points are tested one by one, because across the antimeridian the surroundings are no
-    # valid polygon in degrees.
+    if surroundings.IsValid():
+        # Contains() accounts for holes, which a test of sample points could miss.
+        with quiet_gdal():
+            if geometry.Contains(surroundings):
+                return None
+            cut = polygons_of(geometry.Intersection(surroundings))
+        return wkt if cut is None else cut.ExportToWkt()
+    # Across the antimeridian the surroundings are no valid polygon in degrees, so points are
+    # tested one by one. A hole could lie between them, so a polygon with holes stays whole.
+    if _has_holes(geometry):
+        return wkt
     if all(geometry.Intersects(samples.GetGeometryRef(number)) for number in range(samples.GetGeometryCount())):
         return None
-    if not surroundings.IsValid():
-        return wkt
-    cut = polygons_of(geometry.Intersection(surroundings))
-    return wkt if cut is None else cut.ExportToWkt()
+    return wkt
+
+
+def _has_holes(geometry: ogr.Geometry) -> bool:
+    if ogr.GT_Flatten(geometry.GetGeometryType()) == ogr.wkbPolygon:
+        return geometry.GetGeometryCount() > 1
+    return any(_has_holes(geometry.GetGeometryRef(number)) for number in range(geometry.GetGeometryCount()))
 
 
 def _surroundings(bounds: Sequence[float]) -> Bounds:

@@ -29,6 +29,7 @@ from .parameters import (
     MIN_SOURCE_PIXELS_PER_TILE,
     MIN_TILE_SIZE_SOURCE_PX,
     BuildParameters,
+    Region,
     _normalised_path,
     _parse_geometry,
 )
@@ -215,12 +216,12 @@ def _plan_sources(
                 if warning is not None:
                     LOGGER.warning("%s", warning)
                     warnings.append(warning)
-            extent_polygons = (params.extent.polygons_in(grid_crs_wkt, near_bounds=raster_bounds)
-                               if params.extent is not None else None)
+            extent_polygons = None if params.extent is None else ()
             grid_bounds = raster_bounds
             outside_extent = False
-            if extent_polygons is not None:
+            if params.extent is not None:
                 try:
+                    extent_polygons = _region_polygons(params.extent, "extent", grid_crs_wkt, raster_bounds, path)
                     grid_bounds = _clip_bounds(raster_bounds, extent_polygons, path)
                 except GridError as error:
                     if len(params.source_paths) == 1:
@@ -242,7 +243,7 @@ def _plan_sources(
                 selected = ()
             elif extent_polygons is not None:
                 selected = tuple(grid.tiles_intersecting_polygons(extent_polygons))
-            mask_polygons = (tuple(params.mask.polygons_in(grid_crs_wkt, near_bounds=raster_bounds))
+            mask_polygons = (tuple(_region_polygons(params.mask, "mask", grid_crs_wkt, raster_bounds, path))
                              if params.mask is not None else ())
 
             stretch = source.value_stretch(spec.value_scale)
@@ -418,6 +419,18 @@ def _ground_size_deviation_warning(
         "at its centre. Reproject it to a CRS made for the area (e.g. its UTM zone with gdalwarp -t_srs) "
         "for tiles of one ground size."
     )
+
+
+def _region_polygons(region: Region, role: str, grid_crs_wkt: str, raster_bounds: Bounds, path: str) -> list[str]:
+    """Return the polygons of the build's extent or mask (``role``) in the grid CRS of raster ``path``."""
+    try:
+        return region.polygons_in(grid_crs_wkt, near_bounds=raster_bounds)
+    except GridError as error:
+        # Points the raster's CRS cannot map lie far from the raster, beyond its CRS's area of use.
+        raise GridError(
+            f"the {role} cannot be brought into the grid CRS of raster {path!r} ({error}), so it lies far from "
+            f"the raster; choose a {role} over the raster, check the CRS of its layer, or leave it unset."
+        ) from error
 
 
 def _clip_bounds(raster_bounds: Bounds, polygons_wkt: Sequence[str], path: str) -> Bounds:

@@ -196,15 +196,17 @@ def files_replaced(path: Union[str, Path], driver_name: Optional[str] = None) ->
 
 
 def dataset_sharing_files(path: Union[str, Path], driver_name: Optional[str] = None) -> Optional[Path]:
-    """Return the main file of another dataset that uses the ``.prj`` a write to ``path`` would replace.
+    """Return the main file of another dataset that reads the ``.prj`` a write to ``path`` would write.
 
     A shapefile and a CSV of the same name share the ``.prj`` that GDAL writes beside each, so
-    exporting one would move the other to the new layer's CRS. None when no such dataset exists.
+    exporting one would give the other the new layer's CRS, also when it had no ``.prj`` before.
+    None when no such dataset exists.
     """
     path = Path(path)
-    if not any(file.suffix.lower() == ".prj" for file in files_replaced(path, driver_name)):
-        return None
     writes_shapefile = path.suffix.lower() == ".shp" or driver_name == "ESRI Shapefile"
+    writes_csv = path.suffix.lower() == ".csv" or driver_name == "CSV"
+    if not (writes_shapefile or writes_csv) or not path.parent.is_dir():
+        return None
     other_suffix = ".csv" if writes_shapefile else ".shp"
     for entry in sorted(path.parent.iterdir()):
         if entry.is_file() and entry.stem.lower() == path.stem.lower() and entry.suffix.lower() == other_suffix:
@@ -221,6 +223,8 @@ def free_layer_name(path: Union[str, Path], base_name: str = "matches") -> str:
     existing_names = set()
     if dataset is not None:
         existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+    # A GeoPackage's raster and attribute tables share the name space of its layers.
+    existing_names.update(name.lower() for name in _geopackage_extra_tables(path, []))
     name, number = base_name, 1
     while name.lower() in existing_names:
         number += 1
@@ -302,6 +306,31 @@ def _geopackage_extra_tables(path: Union[str, Path], layer_names: Sequence[str])
     return [name for name in names
             if name.lower() not in GEOPACKAGE_SYSTEM_TABLES and name.lower() not in layers
             and not any(name.lower().startswith(f"rtree_{layer}_") for layer in layers)]
+
+
+def geopackage_tables_not_from_lookalike(path: Union[str, Path]) -> Optional[list[str]]:
+    """Return the layers and tables of the GeoPackage ``path`` that Lookalike did not write, or None for another file.
+
+    Unlike :func:`layers_not_from_lookalike`, a GeoPackage that holds only raster or attribute
+    tables (which OGR does not list as layers) gives their names, not None.
+    """
+    foreign = layers_not_from_lookalike(path)
+    if foreign is not None:
+        return foreign
+    if _open_geopackage(path) is None:
+        return None
+    return _geopackage_extra_tables(path, [])
+
+
+def _open_geopackage(path: Union[str, Path]) -> Optional[gdal.Dataset]:
+    """Open ``path`` read-only as a GeoPackage of any content, or return None, quietly."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        return gdal.OpenEx(str(path), gdal.OF_RASTER | gdal.OF_VECTOR | gdal.OF_READONLY, allowed_drivers=["GPKG"])
+    except RuntimeError:
+        return None
+    finally:
+        gdal.PopErrorHandler()
 
 
 def write_matches(
@@ -386,11 +415,12 @@ def write_matches(
 def _add_layer_to_geopackage(layer: QgsVectorLayer, path: Path, layer_name: Optional[str]) -> Path:
     if not layer_name:
         raise LookalikeError(f"Adding the matches to {path} needs the name of the new layer; pass layer_name.")
-    dataset = open_dataset_quietly(path)
-    if dataset is None or dataset.GetDriver().ShortName != "GPKG":
+    dataset = _open_geopackage(path)
+    if dataset is None:
         raise LookalikeError(f"{path} is not a GeoPackage, so the matches cannot be added to it as a layer; choose "
                              "a .gpkg file or a new file name.")
     existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+    existing_names.update(name.lower() for name in _geopackage_extra_tables(path, []))
     dataset = None
     if layer_name.lower() in existing_names:
         raise LookalikeError(f"{path} already has a layer '{layer_name}'; choose another layer name.")

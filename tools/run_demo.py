@@ -127,9 +127,15 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         load_encoder(arguments.encoder)
     except LookalikeError as error:
         parser.error(f"--encoder {arguments.encoder} cannot be used: {error}")
+    missing = [folder for folder in (arguments.output_folder, *arguments.output_folder.parents)
+               if not os.path.exists(folder)]
     try:
         arguments.output_folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
+        # mkdir creates the parents before it fails on a later part, such as a name that is too long.
+        for folder in missing:
+            if os.path.isdir(folder):
+                folder.rmdir()
         parser.error(f"--output-folder {arguments.output_folder} cannot be created ({error.strerror}); pass a "
                      "folder you can write to")
     return arguments

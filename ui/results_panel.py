@@ -202,7 +202,15 @@ class ResultsPanelMixin:
             )
             return
         if driver == "GPKG" and Path(path).is_file():
-            foreign = match_layers.layers_not_from_lookalike(path)
+            foreign = match_layers.geopackage_tables_not_from_lookalike(path)
+            if foreign is None:
+                # A damaged file or another kind of file: replacing it could lose what it holds.
+                self.push_message(
+                    f"{path} exists but cannot be read as a GeoPackage (it may be damaged or another kind of file), "
+                    "so the matches are not written over it; choose another file name, or delete that file first.",
+                    Qgis.MessageLevel.Warning,
+                )
+                return
             if foreign:
                 self._offer_to_add_layer(path, format_name, foreign)
                 return
@@ -225,9 +233,9 @@ class ResultsPanelMixin:
         base_name = layer.name() if layer is not None and layer.name() else "matches"
         layer_name = match_layers.free_layer_name(path, base_name)
         question = (
-            f"{path} contains layers that Lookalike did not write ({', '.join(foreign_layers)}), which replacing the "
-            f"file would delete. Add the matches to it as the new layer '{layer_name}' instead? No leaves the file "
-            "as it is."
+            f"{path} contains layers or tables that Lookalike did not write ({', '.join(foreign_layers)}), which "
+            f"replacing the file would delete. Add the matches to it as the new layer '{layer_name}' instead? No "
+            "leaves the file as it is."
         )
         if self._confirmed(question):
             self.export_layer(path, format_name, add_as_layer=layer_name)

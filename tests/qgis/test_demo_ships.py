@@ -297,6 +297,7 @@ def test_demo_rejects_empty_output_folder(capsys, monkeypatch, tmp_path):
     (lambda tmp_path: tmp_path / ("a" * 300), "cannot be used (File name too long)"),
     (lambda tmp_path: tmp_path / "notes.txt" / "output", "which is a file; pass a folder path"),
     (lambda tmp_path: Path("/proc/lookalike-demo"), "cannot be created ("),
+    (lambda tmp_path: tmp_path / "new" / ("b" * 300), "cannot be created (File name too long)"),
 ])
 def test_demo_rejects_unusable_output_folder(tmp_path, capsys, make_folder, expected_message):
     (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
@@ -307,6 +308,7 @@ def test_demo_rejects_unusable_output_folder(tmp_path, capsys, make_folder, expe
     assert raised.value.code == 2
     assert expected_message in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
+    assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
 
 
 def test_demo_rejects_output_folder_in_an_index(tmp_path, capsys):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from dock_testing import build, drag_rectangle, messages, ship_query_bounds, wait_for_tasks, wait_until
+from osgeo import gdal
 from qgis.core import (
     Qgis,
     QgsCoordinateReferenceSystem,
@@ -149,6 +150,37 @@ def test_export_adds_layer_to_users_geopackage(searched, tmp_path, monkeypatch):
     assert geopackage_layers(target) == sorted(["my_roads", result_name])
     assert QgsVectorLayer(f"{target}|layername={result_name}", "export", "ogr").featureCount() == 3
     assert QgsVectorLayer(f"{target}|layername=my_roads", "roads", "ogr").featureCount() == 1
+
+
+def test_export_offers_layer_in_raster_geopackage(searched, tmp_path, monkeypatch):
+    target = tmp_path / "ortho.gpkg"
+    raster = gdal.GetDriverByName("MEM").Create("", 8, 8, 1, gdal.GDT_Byte)
+    raster.SetGeoTransform((558000.0, 10.0, 0.0, 4176000.0, 0.0, -10.0))
+    raster.SetProjection(QgsCoordinateReferenceSystem("EPSG:32610").toWkt())
+    gdal.Translate(str(target), raster, format="GPKG", creationOptions=["RASTER_TABLE=ortho"])
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(target), ""))
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    searched.export_format_combo.setCurrentText("GeoPackage")
+
+    searched.export_layer_with_dialog()
+
+    assert gdal.Open(str(target)).RasterXSize == 8
+    name = searched.result_layer().name()
+    assert QgsVectorLayer(f"{target}|layername={name}", "export", "ogr").featureCount() == 3
+
+
+def test_export_keeps_unreadable_geopackage(searched, qgis_iface, tmp_path, monkeypatch):
+    target = tmp_path / "notes.gpkg"
+    target.write_text("not a GeoPackage", encoding="utf-8")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(target), ""))
+    monkeypatch.setattr(QMessageBox, "question", lambda *args: QMessageBox.StandardButton.Yes)
+    searched.export_format_combo.setCurrentText("GeoPackage")
+
+    searched.export_layer_with_dialog()
+
+    assert target.read_text(encoding="utf-8") == "not a GeoPackage"
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("cannot be read as a GeoPackage" in text for text in warnings), warnings
 
 
 def test_export_message_ignores_threshold_for_deleted(searched, qgis_iface, tmp_path):

@@ -1,6 +1,7 @@
 """Match layers: the shared schema, CRS transforms, GeoPackage writing and the map image."""
 
 import pytest
+from osgeo import gdal
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
@@ -177,6 +178,35 @@ def test_write_keeps_crs_file_of_other_format(utm_matches, tmp_path, first, seco
 
     assert (tmp_path / "m.prj").read_bytes() == crs_file
     assert not (tmp_path / second).exists()
+
+
+def test_write_shapefile_beside_csv_without_crs_file(utm_matches, tmp_path):
+    users_csv = tmp_path / "m.csv"
+    users_csv.write_text("WKT,name\n\"POINT (1 2)\",well\n", encoding="utf-8")
+
+    with pytest.raises(LookalikeError, match=f"the CRS file that {users_csv} uses too"):
+        write_matches(matches_to_memory_layer(utm_matches, "matches", UTM_10N), tmp_path / "m.shp", overwrite=True)
+
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["m.csv"]
+
+
+def raster_geopackage(path, table: str) -> None:
+    driver = gdal.GetDriverByName("MEM")
+    raster = driver.Create("", 8, 8, 1, gdal.GDT_Byte)
+    raster.SetGeoTransform((558000.0, 10.0, 0.0, 4176000.0, 0.0, -10.0))
+    raster.SetProjection(UTM_10N.toWkt())
+    gdal.Translate(str(path), raster, format="GPKG", creationOptions=[f"RASTER_TABLE={table}"])
+
+
+def test_add_to_raster_geopackage_avoids_table_names(utm_matches, tmp_path):
+    path = tmp_path / "ortho.gpkg"
+    raster_geopackage(path, "Matches")
+
+    assert free_layer_name(path, "matches") == "matches_2"
+    write_matches(matches_to_memory_layer(utm_matches, "m", UTM_10N), path, layer_name="matches_2", add_to_file=True)
+
+    assert QgsVectorLayer(f"{path}|layername=matches_2", "added", "ogr").featureCount() == 2
+    assert gdal.Open(str(path)).RasterXSize == 8
 
 
 def test_add_to_file_keeps_other_layers(utm_matches, tmp_path):

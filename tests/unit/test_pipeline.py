@@ -343,6 +343,35 @@ def test_world_mask_masks_every_tile(shared_data, tmp_path):
         build_index(parameters([source], tmp_path / "index", mask=world))
 
 
+def test_world_mask_keeps_its_hole(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    raster = RasterSource(source)
+    to_degrees = osr.CoordinateTransformation(_traditional(raster.crs_wkt), _traditional(epsg_wkt(4326)))
+    xmin, ymin, xmax, ymax = raster.bounds
+    # A hole over the raster's west half, in a mask that covers the rest of the world.
+    corners = [to_degrees.TransformPoint(x, y)[:2] for x, y in
+               ((xmin - 1000, ymin - 1000), ((xmin + xmax) / 2, ymin - 1000), ((xmin + xmax) / 2, ymax + 1000),
+                (xmin - 1000, ymax + 1000))]
+    hole = ", ".join(f"{lon} {lat}" for lon, lat in corners + corners[:1])
+    world_with_hole = f"POLYGON ((-179 -80, 179 -80, 179 80, -179 80, -179 -80), ({hole}))"
+    whole = build_index(parameters([source], tmp_path / "whole"))
+
+    report = build_index(parameters([source], tmp_path / "index",
+                                    mask=Region(crs_wkt=epsg_wkt(4326), polygons_wkt=(world_with_hole,))))
+
+    assert 0 < report.skipped_by_reason[SKIP_MASKED] < whole.tiles_total
+    assert 0 < report.tiles_embedded < whole.tiles_embedded
+
+
+def test_extent_beyond_crs_area_named(shared_data, tmp_path):
+    # The raster is in degrees; its tile grid is in a UTM zone, where this box has no shape.
+    source = geo(shared_data, "landsat_timeseries/2020.tif")
+    far_box = Region(crs_wkt=epsg_wkt(4326), bounds=(170.0, -10.0, 190.0, 10.0))
+
+    with pytest.raises(GridError, match="the extent cannot be brought into the grid CRS of raster .*2020.tif"):
+        build_index(parameters([source], tmp_path / "index", extent=far_box))
+
+
 def test_empty_extent_selection_blames_extent(shared_data, tmp_path, monkeypatch):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     raster = RasterSource(source)
