@@ -51,8 +51,10 @@ DEFAULT_STRATEGY = "mean"
 # positives' direction, so that its negatives change nothing. NOTE: a judgement, not a measurement.
 PARALLEL_NEGATIVES_MIN_COSINE = 0.999
 NEGATIVES_LIKE_POSITIVES_MESSAGE = (
-    "{count} of the negative examples look like the positive ones to the encoder, as a negative drawn over the "
-    "example itself does, so they only weaken the other negatives; remove them (Remove last part in the panel)."
+    "{which} of {total} (counted in the order given) {verb} like the positive ones to the encoder, as a negative "
+    "drawn over the example itself does, so {pronoun} only {weaken} the other negatives. Remove {object}; Remove "
+    "last part in the panel removes the most recent part first, so when other parts came later, clear the query "
+    "and draw it again without {object}."
 )
 NEGATIVES_ONLY_SCALE_SCORES_MESSAGE = (
     "The negative examples look like the positive one to the encoder, so with the max strategy they lower every "
@@ -251,9 +253,16 @@ def negative_example_warnings(
     if negatives_only_scale_scores(positives, negatives, strategy):
         return [NEGATIVES_ONLY_SCALE_SCORES_MESSAGE]
     if strategy == "mean" and negatives is not None and len(negatives) > 1:
-        parallel = negatives_like_positives(positives, negatives)
+        parallel = negative_rows_like_positives(positives, negatives)
         if parallel:
-            return [NEGATIVES_LIKE_POSITIVES_MESSAGE.format(count=parallel)]
+            numbers = [str(row + 1) for row in parallel]
+            one = len(numbers) == 1
+            which = ("Negative example " + numbers[0] if one
+                     else "Negative examples " + ", ".join(numbers[:-1]) + " and " + numbers[-1])
+            return [NEGATIVES_LIKE_POSITIVES_MESSAGE.format(
+                which=which, total=len(negatives), verb="looks" if one else "look", pronoun="it" if one else "they",
+                weaken="weakens" if one else "weaken", object="it" if one else "them",
+            )]
     return []
 
 
@@ -263,13 +272,18 @@ def negatives_like_positives(positives: np.ndarray, negatives: Optional[np.ndarr
     Among other negatives such a row does change the query, because averaged in it weakens the
     others. ``negatives_without_effect`` covers a lone one.
     """
+    return len(negative_rows_like_positives(positives, negatives))
+
+
+def negative_rows_like_positives(positives: np.ndarray, negatives: Optional[np.ndarray]) -> list[int]:
+    """Return the positions of the negative rows that point the way of the positives' mean."""
     if negatives is None or not len(negatives) or not len(positives):
-        return 0
+        return []
     positive_mean = np.asarray(positives, dtype=np.float64).mean(axis=0)
     rows = np.asarray(negatives, dtype=np.float64)
     norms = np.linalg.norm(rows, axis=1) * np.linalg.norm(positive_mean)
     cosines = np.divide(rows @ positive_mean, norms, out=np.zeros(len(rows)), where=norms > 0)
-    return int((cosines >= PARALLEL_NEGATIVES_MIN_COSINE).sum())
+    return [int(row) for row in np.flatnonzero(cosines >= PARALLEL_NEGATIVES_MIN_COSINE)]
 
 
 def negatives_without_effect(

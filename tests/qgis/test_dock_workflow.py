@@ -304,7 +304,9 @@ def test_negative_over_the_example_among_others_warns(dock, ships_layer, tmp_pat
     wait_for_tasks(dock)
 
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
-    assert any("1 of the negative examples look like the positive ones" in text for text in warnings), warnings
+    # The water negative came first, so the one over the example is the second.
+    assert any("Negative example 2 of 2 (counted in the order given) looks like the positive ones" in text
+               for text in warnings), warnings
 
 
 def test_remove_last_part_searches_again(dock, ships_layer, tmp_path, qgis_canvas, qgis_iface):

@@ -17,6 +17,7 @@ from lookalike.core.search import (
     Match,
     compare_query_strategies,
     example_embeddings,
+    negative_example_warnings,
     negatives_like_positives,
     negatives_without_effect,
     overlap_fraction,
@@ -256,6 +257,20 @@ def test_negative_like_the_positives_among_others_is_counted() -> None:
     # Drawn over the example itself, the second negative equals the positive.
     assert negatives_like_positives(positive, np.concatenate([water, positive])) == 1
     assert negatives_like_positives(positive, water) == 0
+
+
+def test_negative_warning_names_which_negatives() -> None:
+    rng = np.random.default_rng(8)
+    positive = unit(rng.standard_normal((1, EMBEDDING_DIM)))
+    water = unit(rng.standard_normal((2, EMBEDDING_DIM)))
+
+    one = negative_example_warnings(positive, np.concatenate([water[:1], positive, water[1:]]))
+    two = negative_example_warnings(positive, np.concatenate([positive, water, positive]))
+
+    assert len(one) == 1
+    assert one[0].startswith("Negative example 2 of 3 (counted in the order given) looks like")
+    assert len(two) == 1
+    assert two[0].startswith("Negative examples 1 and 4 of 4 (counted in the order given) look like")
 
 
 def test_max_strategy_keeps_every_chip() -> None:
