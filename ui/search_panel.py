@@ -312,7 +312,7 @@ class SearchPanelMixin:
         elif self.query_parts:
             text = f"Query {self.query_number}: {positives} positive, {negatives} negative part(s)."
         elif self._query_emptied_by_removal:
-            text = f"Query {self.query_number}: no drawn part left; draw one to continue it."
+            text = f"Query {self.query_number}: no drawn part left; draw one to continue this query."
         else:
             text = "Draw on the map to search."
         # Marks steer every search of this query, also when their rows are no longer listed.
@@ -352,6 +352,11 @@ class SearchPanelMixin:
             # One search at a time; the latest query runs when the current one ends.
             self._search_again = True
             return None
+        if not self.query_parts and not self._query_emptied_by_removal:
+            # Marks made after Clear query start a new query, as a drawn part does, so the layer of
+            # the query before stays in the project.
+            self._next_query_number()
+            self._query_emptied_by_removal = True
 
         encoder = self._encoder_cache
         if encoder is not None and encoder.checksum != self.index.encoder_info.get("checksum"):

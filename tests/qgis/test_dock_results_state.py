@@ -296,6 +296,21 @@ def test_marks_kept_for_same_index(searched):
     assert searched.results_table.tiles_marked(Relevance.RELEVANT) == [marked]
 
 
+def test_marks_after_clear_start_new_query(searched):
+    first_layer_id = searched.result_layer_id
+    first_name = searched.result_layer().name()
+    searched.clear_query()
+    searched.results_table.set_relevance(searched.matches[0].tile_id, Relevance.RELEVANT)
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert QgsProject.instance().mapLayer(first_layer_id) is not None
+    assert searched.result_layer_id != first_layer_id
+    assert searched.result_layer().name() != first_name
+    assert searched.query_label.text().startswith(f"Query {searched.query_number}:")
+
+
 def test_stale_thumbnails_are_dropped(searched):
     from types import SimpleNamespace
 
