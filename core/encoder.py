@@ -6,6 +6,7 @@ package import on a Python without it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import re
@@ -89,7 +90,7 @@ def is_quantized_model(path: PathLike) -> bool:
 
 def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo", numpy_features: Optional[Mapping[str, bool]] = None
                    ) -> Optional[bool]:
-    """Tell whether this x86 CPU lacks VNNI; None for other CPUs or when neither source knows.
+    """Tell whether this x86 CPU lacks VNNI; None for other CPUs or when neither source lists its features.
 
     Linux's ``/proc/cpuinfo`` comes first because it names every VNNI form. Elsewhere numpy's CPU
     feature table decides (``numpy_features`` replaces it in tests).
@@ -104,7 +105,9 @@ def cpu_lacks_vnni(cpuinfo_path: PathLike = "/proc/cpuinfo", numpy_features: Opt
     return not any(features.get(name) for name in NUMPY_VNNI_FEATURES)
 
 
+@functools.lru_cache(maxsize=8)
 def _cpuinfo_lacks_vnni(cpuinfo_path: PathLike) -> Optional[bool]:
+    # Cached because every encoder session and every build reads it, and the CPU stays the same.
     try:
         text = Path(cpuinfo_path).read_text(encoding="utf-8", errors="replace")
     except OSError:

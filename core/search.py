@@ -50,11 +50,18 @@ DEFAULT_STRATEGY = "mean"
 # Cosine similarity of the mean negative to the mean positive from which a "mean" query keeps the
 # positives' direction, so that its negatives change nothing. NOTE: a judgement, not a measurement.
 PARALLEL_NEGATIVES_MIN_COSINE = 0.999
-NEGATIVES_LIKE_POSITIVES_MESSAGE = (
-    "{which} of {total} (counted in the order given) {verb} like the positive ones to the encoder, as a negative "
-    "drawn over the example itself does, so {pronoun} only {weaken} the other negatives. Remove {object}; Remove "
-    "last part in the panel removes the most recent part first, so when other parts came later, clear the query "
-    "and draw it again without {object}."
+# Remove last part removes the most recent part first, which is why the advice names positions.
+ONE_NEGATIVE_LIKE_POSITIVES_MESSAGE = (
+    "Negative example {positions} of {total} (counted in the order given) looks like the positive ones to the "
+    "encoder, as a negative drawn over the example itself does, so it only weakens the other negatives. Remove it; "
+    "Remove last part in the panel removes the most recent part first, so when other parts came later, clear the "
+    "query and draw it again without it."
+)
+SEVERAL_NEGATIVES_LIKE_POSITIVES_MESSAGE = (
+    "Negative examples {positions} of {total} (counted in the order given) look like the positive ones to the "
+    "encoder, as a negative drawn over the example itself does, so they only weaken the other negatives. Remove "
+    "them; Remove last part in the panel removes the most recent part first, so when other parts came later, clear "
+    "the query and draw it again without them."
 )
 NEGATIVES_ONLY_SCALE_SCORES_MESSAGE = (
     "The negative examples look like the positive one to the encoder, so with the max strategy they lower every "
@@ -253,16 +260,12 @@ def negative_example_warnings(
     if negatives_only_scale_scores(positives, negatives, strategy):
         return [NEGATIVES_ONLY_SCALE_SCORES_MESSAGE]
     if strategy == "mean" and negatives is not None and len(negatives) > 1:
-        parallel = negative_rows_like_positives(positives, negatives)
-        if parallel:
-            numbers = [str(row + 1) for row in parallel]
-            one = len(numbers) == 1
-            which = ("Negative example " + numbers[0] if one
-                     else "Negative examples " + ", ".join(numbers[:-1]) + " and " + numbers[-1])
-            return [NEGATIVES_LIKE_POSITIVES_MESSAGE.format(
-                which=which, total=len(negatives), verb="looks" if one else "look", pronoun="it" if one else "they",
-                weaken="weakens" if one else "weaken", object="it" if one else "them",
-            )]
+        positions = [str(row + 1) for row in negative_rows_like_positives(positives, negatives)]
+        if len(positions) == 1:
+            return [ONE_NEGATIVE_LIKE_POSITIVES_MESSAGE.format(positions=positions[0], total=len(negatives))]
+        if positions:
+            listed = ", ".join(positions[:-1]) + " and " + positions[-1]
+            return [SEVERAL_NEGATIVES_LIKE_POSITIVES_MESSAGE.format(positions=listed, total=len(negatives))]
     return []
 
 

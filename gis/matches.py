@@ -7,7 +7,7 @@ the dock's layer, Processing's output and the demo's GeoPackage carry the same f
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Optional, Sequence, Union
 
 from osgeo import gdal
 from qgis.core import (
@@ -219,17 +219,23 @@ def free_layer_name(path: Union[str, Path], base_name: str = "matches") -> str:
 
     Layer names are compared without letter case, as GeoPackage does.
     """
-    dataset = open_dataset_quietly(path)
-    existing_names = set()
-    if dataset is not None:
-        existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
-    # A GeoPackage's raster and attribute tables share the name space of its layers.
-    existing_names.update(name.lower() for name in _geopackage_extra_tables(path, []))
+    taken_names = _taken_layer_names(path)
     name, number = base_name, 1
-    while name.lower() in existing_names:
+    while name.lower() in taken_names:
         number += 1
         name = f"{base_name}_{number}"
     return name
+
+
+def _taken_layer_names(path: Union[str, Path]) -> set[str]:
+    """Return the lower-case names of the layers and tables of the file ``path``, none for a missing file."""
+    dataset = open_dataset_quietly(path)
+    names = set()
+    if dataset is not None:
+        names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
+    # A GeoPackage's raster and attribute tables share the name space of its layers.
+    names.update(name.lower() for name in _geopackage_extra_tables(path, []))
+    return names
 
 
 def open_dataset_quietly(path: Union[str, Path], kinds: int = gdal.OF_VECTOR) -> Optional[gdal.Dataset]:
@@ -393,15 +399,9 @@ def write_matches(
         file.unlink()
         LOGGER.info("Replacing the existing file %s", file)
 
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = driver_name
-    options.fileEncoding = "UTF-8"
-    options.layerName = layer_name or layer.name() or "matches"
-    options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteFile
-    if driver_name == "CSV":
-        options.layerOptions = list(CSV_LAYER_OPTIONS)
-    error_code, error_message, _written_path, _written_layer = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, str(path), QgsProject.instance().transformContext(), options
+    error_code, error_message = _run_vector_writer(
+        layer, path, driver_name, layer_name or layer.name() or "matches", QgsVectorFileWriter.CreateOrOverwriteFile,
+        CSV_LAYER_OPTIONS if driver_name == "CSV" else (),
     )
     if error_code != QgsVectorFileWriter.NoError:
         raise LookalikeError(
@@ -419,24 +419,38 @@ def _add_layer_to_geopackage(layer: QgsVectorLayer, path: Path, layer_name: Opti
     if dataset is None:
         raise LookalikeError(f"{path} is not a GeoPackage, so the matches cannot be added to it as a layer; choose "
                              "a .gpkg file or a new file name.")
-    existing_names = {dataset.GetLayer(position).GetName().lower() for position in range(dataset.GetLayerCount())}
-    existing_names.update(name.lower() for name in _geopackage_extra_tables(path, []))
     dataset = None
-    if layer_name.lower() in existing_names:
+    if layer_name.lower() in _taken_layer_names(path):
         raise LookalikeError(f"{path} already has a layer '{layer_name}'; choose another layer name.")
-    options = QgsVectorFileWriter.SaveVectorOptions()
-    options.driverName = "GPKG"
-    options.fileEncoding = "UTF-8"
-    options.layerName = layer_name
-    # Writes the new layer into the existing file, leaving its other layers as they are.
-    options.actionOnExistingFile = QgsVectorFileWriter.CreateOrOverwriteLayer
-    error_code, error_message, _written_path, _written_layer = QgsVectorFileWriter.writeAsVectorFormatV3(
-        layer, str(path), QgsProject.instance().transformContext(), options
+    # CreateOrOverwriteLayer writes the new layer into the existing file and keeps its other layers.
+    error_code, error_message = _run_vector_writer(
+        layer, path, "GPKG", layer_name, QgsVectorFileWriter.CreateOrOverwriteLayer
     )
     if error_code != QgsVectorFileWriter.NoError:
         raise LookalikeError(f"Adding the match layer '{layer_name}' to {path} failed: {error_message or error_code}.")
     LOGGER.info("Added %d matches to %s as the layer %s", layer.featureCount(), path, layer_name)
     return path
+
+
+def _run_vector_writer(
+    layer: QgsVectorLayer,
+    path: Path,
+    driver_name: str,
+    layer_name: str,
+    action: Any,
+    layer_options: Sequence[str] = (),
+) -> tuple[Any, str]:
+    """Write ``layer`` to ``path`` with QGIS's vector writer; return its error code and message."""
+    options = QgsVectorFileWriter.SaveVectorOptions()
+    options.driverName = driver_name
+    options.fileEncoding = "UTF-8"
+    options.layerName = layer_name
+    options.actionOnExistingFile = action
+    options.layerOptions = list(layer_options)
+    error_code, error_message, _written_path, _written_layer = QgsVectorFileWriter.writeAsVectorFormatV3(
+        layer, str(path), QgsProject.instance().transformContext(), options
+    )
+    return error_code, error_message
 
 
 def _transform_from_wkt(
