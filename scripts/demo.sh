@@ -5,9 +5,9 @@
 set -euo pipefail
 
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$repo_root"
 
-bash scripts/setup.sh
+# The working folder stays the caller's, so that a relative --output-folder is taken from it.
+bash "$repo_root/scripts/setup.sh"
 
 export QT_QPA_PLATFORM=offscreen
 # Without it Qt warns on every run that it falls back to a folder of its own choice.
@@ -15,4 +15,4 @@ if [ -z "${XDG_RUNTIME_DIR:-}" ]; then
   export XDG_RUNTIME_DIR="${TMPDIR:-/tmp}/lookalike-runtime-$(id -u)"
   mkdir -p -m 700 "$XDG_RUNTIME_DIR"
 fi
-exec .venv/bin/python tools/run_demo.py "$@"
+exec "$repo_root/.venv/bin/python" "$repo_root/tools/run_demo.py" "$@"

@@ -29,7 +29,8 @@ class QuerySession:
     """The dock's query: its number, parts ``(wkt, negative, crs_wkt)``, table layer and marks.
 
     ``results_index`` is the ``(folder, index id)`` of the build the table's matches and the
-    marks came from, or None when the table is empty.
+    marks came from, or None when the table is empty. ``emptied_by_removal`` is True when
+    Remove last part took the query's last part, so that the next drawing continues this query.
     """
 
     query_number: int = 0
@@ -37,6 +38,7 @@ class QuerySession:
     result_layer_id: str = ""
     results_index: Optional[tuple[str, str]] = None
     marks: dict[int, Relevance] = field(default_factory=dict)
+    emptied_by_removal: bool = False
 
 
 def write_session(session: QuerySession, project: QgsProject) -> None:
@@ -47,6 +49,7 @@ def write_session(session: QuerySession, project: QgsProject) -> None:
         "result_layer_id": session.result_layer_id,
         "results_index": list(session.results_index) if session.results_index else None,
         "marks": [[tile_id, relevance.value] for tile_id, relevance in session.marks.items()],
+        "emptied_by_removal": session.emptied_by_removal,
     }
     project.writeEntry(SCOPE, SESSION_KEY, json.dumps(record))
 
@@ -70,6 +73,8 @@ def read_session(project: QgsProject, problems: Optional[list[str]] = None) -> O
             result_layer_id=str(record.get("result_layer_id") or ""),
             results_index=(str(results_index[0]), str(results_index[1])) if results_index else None,
             marks={_whole_number(tile_id): Relevance(value) for tile_id, value in record.get("marks", [])},
+            # Projects saved before this entry existed lack it.
+            emptied_by_removal=_flag(record.get("emptied_by_removal", False)),
         )
     except (ValueError, TypeError, KeyError, IndexError, AttributeError) as error:
         # A project edited by hand, or written by a later version: the rest of the project still opens.

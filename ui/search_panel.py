@@ -204,6 +204,7 @@ class SearchPanelMixin:
                 "out; draw them again.",
                 Qgis.MessageLevel.Warning,
             )
+        self._query_emptied_by_removal = session.emptied_by_removal and not self.query_parts
         self._update_query_label()
 
     def query_session(self) -> QuerySession:
@@ -214,6 +215,7 @@ class SearchPanelMixin:
             result_layer_id=self.result_layer_id,
             results_index=self._results_index_identity,
             marks=self.results_table.marks(),
+            emptied_by_removal=self._query_emptied_by_removal,
         )
 
     def add_selected_features(self) -> None:

@@ -7,6 +7,7 @@ overlap and query box are what is tested.
 
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -309,6 +310,18 @@ def test_demo_rejects_unusable_output_folder(tmp_path, capsys, make_folder, expe
     assert expected_message in capsys.readouterr().err
     assert (tmp_path / "notes.txt").read_text(encoding="utf-8") == "mine"
     assert [path.name for path in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_demo_script_takes_relative_folder_from_caller(tmp_path, repo_root):
+    # A file at the relative path in the caller's folder, so that the demo stops at once when it
+    # looks there, and would run elsewhere if it looked in the repository.
+    (tmp_path / "ships_output").write_text("mine", encoding="utf-8")
+
+    finished = subprocess.run(["bash", str(repo_root / "scripts" / "demo.sh"), "--output-folder", "ships_output"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+
+    assert finished.returncode == 2
+    assert "--output-folder ships_output is not a folder" in finished.stderr
 
 
 def test_demo_rejects_output_folder_in_an_index(tmp_path, capsys):

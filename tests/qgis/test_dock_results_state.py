@@ -666,6 +666,22 @@ def test_saved_project_continues_query(searched, qgis_canvas, ships_layer, tmp_p
     assert not_relevant not in [match.tile_id for match in searched.matches]
 
 
+def test_saved_project_keeps_emptied_query(searched, qgis_canvas, ships_layer, tmp_path):
+    searched.results_table.set_relevance(searched.matches[0].tile_id, Relevance.RELEVANT)
+    searched.remove_last_query_part()
+    wait_for_tasks(searched)
+    # The project's layers are new objects once it is read again.
+    box = ship_query_bounds(ships_layer)
+
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+
+    assert searched.query_label.text().startswith("Query 1: no drawn part left")
+    # A drawing continues query 1 and its marks, as it would have before the project was saved.
+    search_box(searched, qgis_canvas, box)
+    assert searched.result_layer().name() == "Lookalike query 1"
+    assert QgsProject.instance().mapLayersByName("Lookalike query 2") == []
+
+
 def test_saved_project_exports_restored_layer(searched, tmp_path):
     save_and_reopen(searched, tmp_path / "survey.qgz")
 
