@@ -525,11 +525,20 @@ def _check_not_indexed_yet(index: TileIndex, plans: Sequence[_SourcePlan]) -> No
     for plan in plans:
         for record in index.sources:
             if record.get("checksum") == plan.record["checksum"] and record.get("grid") == plan.grid.to_dict():
+                indexed_path = str(record.get("path", ""))
+                what = f"raster {plan.path!r} is already in index {index.folder}"
+                if not _same_file_path(indexed_path, plan.path):
+                    # The checksum covers the pixels, so a copy under another name is the same raster.
+                    what = (f"raster {plan.path!r} has the same content as {indexed_path!r}, which is already in "
+                            f"index {index.folder}")
                 raise SearchIndexError(
-                    f"raster {plan.path!r} is already in index {index.folder} with the same grid (source "
-                    f"{record['id']}), with bands {record.get('band_indexes')}. Leave it out of the rasters to add; "
-                    "to index it with other bands, build a separate index."
+                    f"{what} with the same grid (source {record['id']}), with bands {record.get('band_indexes')}. "
+                    "Leave it out of the rasters to add; to index it with other bands, build a separate index."
                 )
+
+
+def _same_file_path(first: str, second: str) -> bool:
+    return os.path.normcase(os.path.abspath(first)) == os.path.normcase(os.path.abspath(second))
 
 
 def _finished_report(

@@ -214,6 +214,21 @@ def dataset_sharing_files(path: Union[str, Path], driver_name: Optional[str] = N
     return None
 
 
+def other_files_of_prj(path: Union[str, Path], driver_name: Optional[str] = None) -> list[Path]:
+    """Return the files beside ``path`` of its name that a write there leaves, when the write replaces a ``.prj``.
+
+    Rasters with a world file and ASCII grids, for example, read the ``.prj`` of their name as
+    their CRS, so the analyst decides whether it may be replaced. Empty when no ``.prj`` would be replaced.
+    """
+    replaced = files_replaced(path, driver_name)
+    if not any(file.suffix.lower() == ".prj" for file in replaced):
+        return []
+    path = Path(path)
+    return sorted(entry for entry in path.parent.iterdir()
+                  if entry.is_file() and entry.stem.lower() == path.stem.lower() and entry not in replaced
+                  and entry != path)
+
+
 def free_layer_name(path: Union[str, Path], base_name: str = "matches") -> str:
     """Return ``base_name``, or ``base_name_2`` and on, whichever no layer of the file ``path`` has.
 

@@ -1025,9 +1025,9 @@ class BuildPanelMixin:
             return
         self.index = task.result
         self._follow_index_grid()
-        restored = restore_result_layers(self.project, self.index)
+        restored = restore_result_layers(self.project, self.index, self.watch_result_layer)
         if restored.filled:
-            LOGGER.info("Filled %d result layer(s) of the project from the index in %s", restored.filled, folder)
+            LOGGER.info("Filled %d result layer(s) of the project from the index in %s", len(restored.filled), folder)
         if restored.earlier_build_names:
             names = ", ".join(f"'{name}'" for name in restored.earlier_build_names)
             self.push_message(

@@ -78,8 +78,13 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.index: Optional[TileIndex] = None
         self.matches: list = []
         self.result_layer_id = ""
+        # Tile id of each feature of the result layers, by layer id and feature id, so that the
+        # matches of features the analyst deletes can be left out (the deleted features are gone).
+        self._result_feature_tiles: Dict[str, Dict[int, int]] = {}
         self.query_parts: List[Tuple[QgsGeometry, bool, str]] = []
         self.query_number = 0
+        # The number before the current query began, for a query whose only part is rejected.
+        self._query_number_before_new = 0
         # True while the query's parts were all removed with Remove last part: the next part
         # continues that query (same number, layer and marks) instead of starting a new one.
         self._query_emptied_by_removal = False
@@ -311,9 +316,11 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.progress_bar.setTextVisible(False)
         # Query layers of the next project are named from 1 again.
         self.query_number = 0
+        self._query_number_before_new = 0
         self.index = None
         self.matches = []
         self.result_layer_id = ""
+        self._result_feature_tiles.clear()
         self._results_index_identity = None
         self._saved_query = None
         self.results_table.set_matches([])
@@ -370,6 +377,11 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         ]
         if hasattr(self, "_on_layer_will_be_removed"):
             connections.append((self.project.layerWillBeRemoved, self._on_layer_will_be_removed))
+        for layer_id in self._result_feature_tiles:
+            layer = self.project.mapLayer(layer_id)
+            if layer is not None:
+                connections.append((layer.committedFeaturesRemoved, self._on_result_features_removed))
+        self._result_feature_tiles.clear()
         for signal, slot in connections:
             try:
                 signal.disconnect(slot)

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import json
 import math
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
-from qgis.core import QgsProject, QgsVectorLayer
+from qgis.core import QgsFeatureRequest, QgsProject, QgsVectorLayer
 
 from ..core import get_logger
 from ..core.errors import LookalikeError
 from ..core.index import TileIndex
 from ..core.search import Match, matches_for_tiles
 from ..gis.map_render import style_match_layer
-from ..gis.matches import FIELD_SCORE, matches_to_features
+from ..gis.matches import FIELD_SCORE, FIELD_TILE_ID, matches_to_features
 
 LOGGER = get_logger("ui.result_layer")
 
@@ -42,10 +42,39 @@ def apply_score_threshold(layer: QgsVectorLayer, min_score: float) -> None:
 
 
 class RestoredLayers(NamedTuple):
-    """The outcome of :func:`restore_result_layers`: the number of layers filled, and the names of layers left empty."""
+    """The outcome of :func:`restore_result_layers`: the layers filled, and the names of layers left empty."""
 
-    filled: int
+    filled: list[QgsVectorLayer]
     earlier_build_names: list[str]
+
+
+def tile_ids_by_feature_id(layer: QgsVectorLayer) -> dict[int, int]:
+    """Return the tile id of each feature of a match layer, by feature id.
+
+    Call it before a score threshold is applied: the memory provider leaves out the features
+    the subset string hides.
+    """
+    request = QgsFeatureRequest().setFlags(QgsFeatureRequest.Flag.NoGeometry).setSubsetOfAttributes(
+        [FIELD_TILE_ID], layer.fields())
+    return {feature.id(): int(feature[FIELD_TILE_ID]) for feature in layer.dataProvider().getFeatures(request)}
+
+
+def forget_matches(layer: QgsVectorLayer, tile_ids: set[int]) -> None:
+    """Leave the matches of ``tile_ids`` out of the matches stored with ``layer``.
+
+    Features the analyst deleted from a result layer then stay deleted when the project is
+    opened again and the layer is filled from the index.
+    """
+    stored = layer.customProperty(RESULTS_PROPERTY)
+    if not stored:
+        return
+    try:
+        record = json.loads(stored)
+        record["matches"] = [entry for entry in record["matches"] if entry[1] not in tile_ids]
+    except (ValueError, TypeError, KeyError, IndexError) as error:
+        LOGGER.warning("The matches saved with the result layer %s cannot be updated: %s", layer.name(), error)
+        return
+    layer.setCustomProperty(RESULTS_PROPERTY, json.dumps(record))
 
 
 def remember_matches(
@@ -62,14 +91,18 @@ def remember_matches(
     }))
 
 
-def restore_result_layers(project: QgsProject, index: TileIndex) -> RestoredLayers:
+def restore_result_layers(
+    project: QgsProject, index: TileIndex, watch: Callable[[QgsVectorLayer], None]
+) -> RestoredLayers:
     """Fill the empty result layers of ``project`` whose matches came from ``index``.
+
+    ``watch`` is called with each layer once it is filled and before its score threshold applies.
 
     Layers whose matches came from an earlier build in the same folder stay empty, because their
     tile ids may now name other tiles. The result lists their names.
     """
     index_folder, index_id = index.identity
-    restored = 0
+    restored = []
     earlier_build_names = []
     for layer in project.mapLayers().values():
         if not isinstance(layer, QgsVectorLayer) or layer.providerType() != "memory":
@@ -94,11 +127,12 @@ def restore_result_layers(project: QgsProject, index: TileIndex) -> RestoredLaye
             continue
         layer.dataProvider().addFeatures(features)
         layer.updateExtents()
+        watch(layer)
         min_score = stored_min_score(layer)
         if min_score is not None:
             apply_score_threshold(layer, min_score)
         layer.triggerRepaint()
-        restored += 1
+        restored.append(layer)
     return RestoredLayers(restored, sorted(earlier_build_names))
 
 

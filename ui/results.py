@@ -128,6 +128,18 @@ class ResultsTable(QTableWidget):
             self.setItem(row, self.COLUMN_RELEVANCE, _SortKeyItem("", (0, 0)))
             self._show_relevance(tile_id, self.relevance(tile_id), row)
 
+    def remove_tiles(self, tile_ids: Iterable[int]) -> None:
+        """Remove the rows of ``tile_ids``; their marks stay."""
+        tile_ids = set(tile_ids)
+        rows = self._rows_by_tile()
+        for tile_id in tile_ids:
+            self._item_of_tile.pop(tile_id, None)
+            self._scores.pop(tile_id, None)
+            self._ranks.pop(tile_id, None)
+        # From the bottom up, so that the rows still to remove keep their numbers.
+        for row in sorted((rows[tile_id] for tile_id in tile_ids if tile_id in rows), reverse=True):
+            self.removeRow(row)
+
     def tile_ids(self) -> List[int]:
         """Return the listed tiles in rank order, whatever order the rows are sorted in."""
         return list(self._item_of_tile)

@@ -6,7 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from qgis.core import Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry
+from qgis.core import Qgis, QgsCoordinateTransform, QgsFeatureRequest, QgsGeometry, QgsVectorLayer
 from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -25,6 +25,7 @@ from ..gis import matches as match_layers
 from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs
 from .dock_constants import CHIP_FORMATS, EXPORT_FORMATS, THRESHOLD_STEPS
+from .result_layer import forget_matches, stored_min_score, tile_ids_by_feature_id
 from .results import Relevance, ResultsTable, ScoreHistogram
 
 LOGGER = get_logger("ui.dock")
@@ -121,8 +122,31 @@ class ResultsPanelMixin:
         for tile_id, image in task.result.items():
             self.results_table.set_thumbnail(tile_id, image)
 
+    def watch_result_layer(self, layer: QgsVectorLayer) -> None:
+        """Follow the features the analyst deletes from a result layer just filled with matches."""
+        self._result_feature_tiles[layer.id()] = tile_ids_by_feature_id(layer)
+        layer.committedFeaturesRemoved.connect(self._on_result_features_removed)
+
+    def _on_result_features_removed(self, layer_id: str, feature_ids) -> None:
+        """Leave deleted features out of the layer's saved matches and, for the table's layer, out of the table."""
+        tiles = self._result_feature_tiles.get(layer_id)
+        if not tiles:
+            return
+        removed = {tiles.pop(feature_id) for feature_id in feature_ids if feature_id in tiles}
+        layer = self.project.mapLayer(layer_id)
+        if not removed or not isinstance(layer, QgsVectorLayer):
+            return
+        forget_matches(layer, removed)
+        if layer_id != self.result_layer_id:
+            return
+        self.matches = [match for match in self.matches if match.tile_id not in removed]
+        # Marks stay: they steer the query's searches also for tiles no longer listed.
+        self.results_table.remove_tiles(removed)
+        self._fill_result_views(self.matches, stored_min_score(layer), keep_rows=True)
+
     def _on_layer_will_be_removed(self, layer_id: str) -> None:
         """Empty the table when the analyst removes the result layer, whose rows it lists."""
+        self._result_feature_tiles.pop(layer_id, None)
         if not layer_id or layer_id != self.result_layer_id:
             return
         self.result_layer_id = ""
@@ -133,6 +157,10 @@ class ResultsPanelMixin:
         self.results_table.set_matches([])
         self.histogram.set_scores([])
         self._on_threshold_changed(0)
+        if self.search_task is not None:
+            # The running search uses the marks just cleared, so the query runs again without them.
+            self._search_again = any(not negative for _geometry, negative, _crs in self.query_parts)
+            self.search_task.cancel()
         self._update_query_label()
 
     def match_geometry(self, tile_id: int) -> Optional[QgsGeometry]:
@@ -140,7 +168,6 @@ class ResultsPanelMixin:
         if layer is None:
             return None
         request = QgsFeatureRequest().setFilterExpression(f'"{match_layers.FIELD_TILE_ID}" = {int(tile_id)}')
-        # The subset string may hide the feature; it still exists in the provider.
         for feature in layer.dataProvider().getFeatures(request):
             return QgsGeometry(feature.geometry())
         return None
@@ -223,6 +250,12 @@ class ResultsPanelMixin:
                 else f"Exporting to {path} replaces {', '.join(str(file) for file in unasked)}. "
                      "Replace them with the result layer?"
             )
+            prj_readers = match_layers.other_files_of_prj(path, driver)
+            if prj_readers:
+                replace_question += (
+                    f" {Path(path).with_suffix('.prj').name} may also be the CRS of "
+                    f"{', '.join(file.name for file in prj_readers)}, which would then take the matches' CRS."
+                )
             if not self._confirmed(replace_question):
                 return
         self.export_layer(path, format_name, overwrite=True)

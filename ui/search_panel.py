@@ -169,6 +169,7 @@ class SearchPanelMixin:
         self._update_query_label()
 
     def _next_query_number(self) -> None:
+        self._query_number_before_new = self.query_number
         self.query_number += 1
         # A project saved with results brings their layers back (empty, as memory layers are
         # not saved), so a new query takes a name no layer of the project has.
@@ -456,6 +457,10 @@ class SearchPanelMixin:
                     self._search_again = True
                 else:
                     self.push_message("That query part was removed; draw a new one to search.", Qgis.MessageLevel.Info)
+                    if not self.project.mapLayersByName(self.query_layer_name()) and not self.results_table.marks():
+                        # The query never had a match or a mark, so the next drawing takes its number.
+                        self.query_number = self._query_number_before_new
+                        self._update_query_label()
         if self._search_again:
             self._search_again = False
             self.start_search()
@@ -482,6 +487,7 @@ class SearchPanelMixin:
             return
         style_result_layer(layer)
         remember_matches(layer, found, self._results_index_identity or ("", ""), encoder_name)
+        self.watch_result_layer(layer)
         self.project.addMapLayer(layer)
         self.result_layer_id = layer.id()
 
@@ -495,9 +501,13 @@ class SearchPanelMixin:
             )
         self._load_thumbnails(found)
 
-    def _fill_result_views(self, found: list, min_score: Optional[float] = None) -> None:
-        """Show ``found`` in the table and histogram, with the slider at ``min_score`` (None: every match)."""
-        self.results_table.set_matches(found)
+    def _fill_result_views(self, found: list, min_score: Optional[float] = None, keep_rows: bool = False) -> None:
+        """Show ``found`` in the table and histogram, with the slider at ``min_score`` (None: every match).
+
+        With ``keep_rows`` the table already lists ``found``, and its rows keep their thumbnails.
+        """
+        if not keep_rows:
+            self.results_table.set_matches(found)
         self.histogram.set_scores([match.score for match in found])
         position = 0
         if min_score is not None and found:

@@ -208,6 +208,20 @@ def test_export_to_folder_rejected(searched, qgis_iface, tmp_path, monkeypatch):
     assert (tmp_path / "matches.gpkg").is_dir()
 
 
+def test_shapefile_export_names_raster_of_its_prj(searched, tmp_path, monkeypatch):
+    (tmp_path / "scene.asc").write_text("ncols 1\nnrows 1\nxllcorner 0\nyllcorner 0\ncellsize 1\n7\n")
+    (tmp_path / "scene.prj").write_text("PROJCS[the grid's CRS]")
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(tmp_path / "scene.shp"), ""))
+    questions = answer_no(monkeypatch)
+    searched.export_format_combo.setCurrentText("ESRI Shapefile")
+
+    QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
+
+    assert len(questions) == 1
+    assert "scene.prj may also be the CRS of scene.asc" in questions[0]
+    assert (tmp_path / "scene.prj").read_text() == "PROJCS[the grid's CRS]"
+
+
 # -- result layer and marks --------------------------------------------------------------------
 
 
@@ -221,6 +235,18 @@ def test_removing_result_layer_empties_table(searched):
     assert searched.results_table.tiles_marked(Relevance.NOT_RELEVANT) == []
     assert searched.matches == []
     assert searched.histogram.bin_counts() == [0] * len(searched.histogram.bin_counts())
+
+
+def test_removing_result_layer_reruns_search_without_marks(searched):
+    tile_ids = [match.tile_id for match in searched.matches]
+    searched.results_table.set_relevance(tile_ids[0], Relevance.NOT_RELEVANT)
+    searched.start_search()
+
+    QgsProject.instance().removeMapLayer(searched.result_layer_id)
+    wait_for_tasks(searched)
+
+    # The search that ran uses no mark, as the label and table show none.
+    assert [match.tile_id for match in searched.matches] == tile_ids
 
 
 def test_other_index_sets_results_and_marks_aside(searched, qgis_iface, qgis_canvas, ships_layer, tmp_path):
@@ -350,6 +376,18 @@ def test_rejected_part_leaves_query(searched, qgis_iface, ships_layer):
     searched.start_search()
     wait_for_tasks(searched)
     assert not messages(qgis_iface, Qgis.MessageLevel.Critical)
+
+
+def test_rejected_first_part_leaves_query_number(dock, ships_layer, qgis_canvas, tmp_path):
+    dock.raster_combo.setLayer(ships_layer)
+    build(dock, tmp_path / "index")
+    extent = ships_layer.extent()
+    dock.add_query_geometry(QgsGeometry.fromWkt(f"POINT({extent.xMaximum() + 5000} {extent.yMaximum()})"), False)
+    wait_for_tasks(dock)
+
+    search_box(dock, qgis_canvas, ship_query_bounds(ships_layer))
+
+    assert dock.result_layer().name() == "Lookalike query 1"
 
 
 def test_negative_only_query_keeps_its_part(searched, qgis_iface, qgis_canvas, ships_layer):
@@ -680,6 +718,54 @@ def test_saved_project_keeps_emptied_query(searched, qgis_canvas, ships_layer, t
     search_box(searched, qgis_canvas, box)
     assert searched.result_layer().name() == "Lookalike query 1"
     assert QgsProject.instance().mapLayersByName("Lookalike query 2") == []
+
+
+def delete_features_by_hand(layer, tile_ids) -> None:
+    """Delete the features of ``tile_ids`` in an edit session, as the attribute table's Delete does."""
+    layer.startEditing()
+    layer.deleteFeatures([feature.id() for feature in layer.getFeatures() if feature["tile_id"] in tile_ids])
+    assert layer.commitChanges()
+
+
+def shown_tile_ids(dock) -> list:
+    table = dock.results_table
+    return sorted(table.item(row, table.COLUMN_THUMBNAIL).data(Qt.ItemDataRole.UserRole)
+                  for row in range(table.rowCount()) if not table.isRowHidden(row))
+
+
+def test_table_follows_deleted_features(searched):
+    best = searched.matches[0].tile_id
+    kept = sorted(match.tile_id for match in searched.matches[1:])
+
+    delete_features_by_hand(searched.result_layer(), {best})
+
+    assert shown_tile_ids(searched) == kept
+    assert searched.threshold_label.text().endswith(f"({len(kept)} shown)")
+    assert sorted(match.tile_id for match in searched.matches) == kept
+
+
+def test_deleted_features_stay_deleted_after_reopen(searched, tmp_path):
+    best = searched.matches[0].tile_id
+    kept = sorted(match.tile_id for match in searched.matches[1:])
+    delete_features_by_hand(searched.result_layer(), {best})
+
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+
+    (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
+    assert sorted(feature["tile_id"] for feature in restored.getFeatures()) == kept
+    assert shown_tile_ids(searched) == kept
+
+
+def test_deletion_after_reopen_is_kept(searched, tmp_path):
+    kept = sorted(match.tile_id for match in searched.matches[:-1])
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+    (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
+    delete_features_by_hand(restored, {searched.matches[-1].tile_id})
+
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+
+    (reopened,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
+    assert sorted(feature["tile_id"] for feature in reopened.getFeatures()) == kept
 
 
 def test_saved_project_exports_restored_layer(searched, tmp_path):

@@ -1284,6 +1284,16 @@ def test_add_same_raster_twice_is_rejected(shared_data, tmp_path):
         build_index(parameters([source], tmp_path / "index", add_to_existing=True))
 
 
+def test_add_copy_of_indexed_raster_names_both(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/rgb1.tif")
+    copy = tmp_path / "second_date.tif"
+    shutil.copyfile(source, copy)
+    build_index(parameters([source], tmp_path / "index"))
+
+    with pytest.raises(SearchIndexError, match=f"has the same content as '{source}'"):
+        build_index(parameters([str(copy)], tmp_path / "index", add_to_existing=True))
+
+
 def test_two_sources_in_one_build(shared_data, tmp_path):
     sources = [geo(shared_data, "rasterio/rgb1.tif"), geo(shared_data, "rasterio/rgb2.tif")]
     report = build_index(parameters(sources, tmp_path / "index"))
