@@ -339,12 +339,19 @@ def _other_build_error(
     differences = f"it differs in {'; '.join(changes)}" if changes else "its parameters, rasters or encoder differ"
     tiles_done = other.tiles_done()
     covered = f" (they cover {tiles_done} tiles)" if tiles_done else ""
+    finish = "To finish that build, run it again with its settings."
+    if any(change.endswith(RASTER_CHANGED_SUFFIX) for change in changes):
+        finish = "That build can be finished only with its rasters as they were."
     message = (
         f"{other.folder} contains the finished tiles of an interrupted build with other settings than this "
-        f"one{covered}: {differences}. To finish that build, run it again with its settings. To start this "
-        f"build instead, set discard_other_checkpoints, which deletes those tiles, or delete {other.folder}."
+        f"one{covered}: {differences}. {finish} To start this build instead, set discard_other_checkpoints, "
+        f"which deletes those tiles, or delete {other.folder}."
     )
     return OtherBuildCheckpointsError(message, str(other.folder), tiles_done, changes)
+
+
+# Ends the description of a raster whose content changed since the interrupted build read it.
+RASTER_CHANGED_SUFFIX = ", which changed since"
 
 
 def describe_settings_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
@@ -375,7 +382,7 @@ def _source_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]
     name = os.path.basename(str(new.get("path")))
     changes = []
     if old.get("checksum") != new.get("checksum"):
-        changes.append(f"the file {name} itself, which changed since")
+        changes.append(f"the file {name} itself{RASTER_CHANGED_SUFFIX}")
     bands_changed = old.get("band_indexes") != new.get("band_indexes")
     if bands_changed:
         changes.append(f"the bands of {name} (it read {old.get('band_indexes')}, now {new.get('band_indexes')})")
@@ -528,3 +535,16 @@ def partial_folder_for(index_folder: PathLike) -> Path:
     # link) finds the same checkpoints.
     folder = Path(os.path.realpath(os.fspath(index_folder)))
     return folder.with_name(folder.name + PARTIAL_SUFFIX)
+
+
+def index_folder_of_checkpoint_name(path: PathLike) -> Optional[Path]:
+    """Return the existing folder whose builds would keep their checkpoints at ``path``, or None.
+
+    That is ``<folder>.partial`` beside ``<folder>``. A build stops when that path is taken by a
+    folder that is not its checkpoints, so other outputs must not be written there.
+    """
+    resolved = Path(os.path.realpath(os.fspath(path)))
+    if not resolved.name.endswith(PARTIAL_SUFFIX) or resolved.name == PARTIAL_SUFFIX:
+        return None
+    index_folder = resolved.with_name(resolved.name[: -len(PARTIAL_SUFFIX)])
+    return index_folder if index_folder.is_dir() else None

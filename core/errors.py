@@ -50,15 +50,20 @@ class CancelledError(LookalikeError):
     """The user cancelled a long-running job."""
 
 
+def mentioned_name_pattern(core_name: str) -> re.Pattern:
+    """Return the pattern of ``core_name`` where a message names that argument."""
+    # A name inside a path or a longer word (a folder called my_index_folder) is not the argument.
+    return re.compile(rf"(?<![\w/\\.'\"-]){re.escape(core_name)}(?![\w/\\.'\"-])")
+
+
 def with_field_names(message: str, field_names: Mapping[str, str], where: str) -> str:
     """Append to a core message which field of ``where`` each core argument it names is.
 
     Core messages name the engine's arguments (``band_indexes``); the dock and Processing show
     them with a sentence such as "(In this panel band_indexes is the Bands row.)".
     """
-    # A name inside a path or a longer word (a folder called my_index_folder) is not the argument.
     mentioned = [f"{core_name} is {field}" for core_name, field in field_names.items()
-                 if re.search(rf"(?<![\w/\\.'\"-]){re.escape(core_name)}(?![\w/\\.'\"-])", message)]
+                 if mentioned_name_pattern(core_name).search(message)]
     if not mentioned:
         return message
     # Core messages may end without a full stop; the added sentence needs one before it.

@@ -524,15 +524,22 @@ def _first_grid(index: Optional[TileIndex]) -> Optional[TileGrid]:
 def _check_not_indexed_yet(index: TileIndex, plans: Sequence[_SourcePlan]) -> None:
     for plan in plans:
         for record in index.sources:
+            indexed_path = str(record.get("path", ""))
+            if _same_file_path(indexed_path, plan.path) and record.get("checksum") != plan.record["checksum"]:
+                # Its earlier tiles stay in the index, so adding it again would list each place twice.
+                raise SearchIndexError(
+                    f"raster {plan.path!r} is already in index {index.folder} (source {record['id']}) and has "
+                    "changed since it was indexed. To search its new content, build the index again with "
+                    "overwrite_existing_index, or save the new content under another file name and add that."
+                )
             if record.get("checksum") == plan.record["checksum"] and record.get("grid") == plan.grid.to_dict():
-                indexed_path = str(record.get("path", ""))
-                what = f"raster {plan.path!r} is already in index {index.folder}"
+                subject = f"raster {plan.path!r} is already in index {index.folder}"
                 if not _same_file_path(indexed_path, plan.path):
                     # The checksum covers the pixels, so a copy under another name is the same raster.
-                    what = (f"raster {plan.path!r} has the same content as {indexed_path!r}, which is already in "
+                    subject = (f"raster {plan.path!r} has the same content as {indexed_path!r}, which is already in "
                             f"index {index.folder}")
                 raise SearchIndexError(
-                    f"{what} with the same grid (source {record['id']}), with bands {record.get('band_indexes')}. "
+                    f"{subject} with the same grid (source {record['id']}), with bands {record.get('band_indexes')}. "
                     "Leave it out of the rasters to add; to index it with other bands, build a separate index."
                 )
 
@@ -586,7 +593,8 @@ def _finished_report(
         tiles_total=tiles_total,
         tiles_embedded=embedded,
         skipped_by_reason=_skips_by_reason(skipped),
-        tiles_resumed=tiles_total,
+        # Only checkpoints left behind mean that an earlier run was interrupted.
+        tiles_resumed=tiles_total if has_checkpoints else 0,
         elapsed_s=time.monotonic() - started_at,
         rate_tiles_per_s=0.0,
         peak_batches_in_memory=0,

@@ -35,6 +35,7 @@ from qgis.core import (
 )
 
 from ..core import get_logger
+from ..core.checkpoints import index_folder_of_checkpoint_name
 from ..core.errors import CancelledError, LookalikeError, RasterError
 from ..core.files import open_temporary_beside
 from ..core.raster import RasterSource, is_missing_local_file
@@ -246,6 +247,12 @@ def export_chips(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LookalikeError(f"The chip folder {folder} is a file; choose a folder path for the chips and labels.csv.")
+    index_folder = index_folder_of_checkpoint_name(folder)
+    if index_folder is not None:
+        raise LookalikeError(
+            f"The chip folder {folder} has the name of the checkpoint folder of builds into {index_folder}, and "
+            "chips there would stop every later build of that index; choose a folder of another name."
+        )
     # The folders this export creates, deepest first, are removed again if it fails.
     created_folders = []
     for place in (folder, *folder.parents):
@@ -341,6 +348,7 @@ def _export_into_folder(
                 f"it{earlier_export_note}. Export footprints that lie over that raster, or choose the raster they "
                 "were found in."
             )
+        _check_no_notes_dropped(report.csv_path, earlier_by_footprint)
         try:
             _move_into_place(staging, folder)
         except OSError as error:
@@ -512,6 +520,27 @@ def _with_analyst_columns(
     if not merged.get("label") and earlier.get("label"):
         merged["label"] = earlier["label"]
     return merged
+
+
+def _check_no_notes_dropped(csv_path: Path, unused_rows: dict[Any, list[Mapping[str, Any]]]) -> None:
+    """Raise when earlier rows that this export leaves out contain values in columns the analyst added.
+
+    ``unused_rows`` contains the earlier rows that no chip of this export took the columns of. Their
+    chips are removed with them, and so would their notes be.
+    """
+    with_notes = sorted(
+        str(row.get("chip"))
+        for rows in unused_rows.values()
+        for row in rows
+        if any(name not in CSV_COLUMNS and not _is_null(value) and str(value).strip() for name, value in row.items())
+    )
+    if with_notes:
+        listed = ", ".join(with_notes[:5]) + (f" and {len(with_notes) - 5} more" if len(with_notes) > 5 else "")
+        raise LookalikeError(
+            f"{csv_path} has notes in columns you added for {listed}, whose footprints this export does not "
+            "contain, so replacing the earlier export would delete them. Export into another folder, or delete "
+            "those rows from the file first."
+        )
 
 
 def _listed_chip_rows(csv_path: Path) -> dict[str, dict[str, Any]]:

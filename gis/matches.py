@@ -169,7 +169,9 @@ def matches_to_memory_layer(
 # QGIS's writer removes these spatial-index and projection sidecars as well, in any letter case.
 SHAPEFILE_MEMBER_SUFFIXES = (".shp", ".shx", ".dbf", ".prj", ".cpg", ".qix", ".qpj", ".sbn", ".sbx", ".idm", ".ind")
 # Formats that keep the fields of a layer as written, so that a field added later is visible.
-EXACT_SCHEMA_DRIVERS = frozenset({"GPKG", "ESRI Shapefile", "GeoJSON", "FlatGeobuf"})
+EXACT_SCHEMA_DRIVERS = frozenset({"GPKG", "ESRI Shapefile", "GeoJSON", "FlatGeobuf", "CSV"})
+# GDAL lists a CSV's geometry column (GEOMETRY=AS_WKT) among its fields.
+CSV_GEOMETRY_FIELD = "wkt"
 
 # A CSV keeps each tile footprint as WKT in a column, and its field types in a .csvt file beside
 # it, so that the file opens in QGIS as a polygon layer with numeric rank and score.
@@ -282,6 +284,8 @@ def layers_not_from_lookalike(path: Union[str, Path], layer_name: str = "") -> O
         return None
     exact_schema = dataset.GetDriver().ShortName in EXACT_SCHEMA_DRIVERS
     written_field_names = {name.lower() for name in match_fields().names()}
+    if dataset.GetDriver().ShortName == "CSV":
+        written_field_names.add(CSV_GEOMETRY_FIELD)
     required_field_names = {FIELD_RANK, FIELD_SCORE, FIELD_TILE_ID}
     foreign = []
     for layer_position in range(dataset.GetLayerCount()):

@@ -84,6 +84,9 @@ def _number_message(
         if acceptable and not isinstance(value, str):
             return None
         return tr(f"{name}={value!r} is not a number; give {_allowed_numbers(definition, positive)}.")
+    if math.isnan(number):
+        # NaN compares false with both bounds, so QGIS's range check lets it through.
+        return tr(f"{name}={value} is not a number; give {_allowed_numbers(definition, positive)}.")
     whole = definition.dataType() != QgsProcessingParameterNumber.Integer or number.is_integer()
     below = _below_minimum(definition, number, positive)
     above = number > definition.maximum()

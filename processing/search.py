@@ -20,6 +20,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingFeatureSourceDefinition,
     QgsProcessingFeedback,
+    QgsProcessingOutputLayerDefinition,
     QgsProcessingOutputNumber,
     QgsProcessingParameterEnum,
     QgsProcessingParameterFeatureSink,
@@ -317,7 +318,10 @@ class SearchAlgorithm(LookalikeAlgorithm):
         set_progress(feedback, 100, 100)
 
         if found:
-            feedback.pushInfo(tr(f"{len(found)} matches, scores {found[0].score:.3f} to {found[-1].score:.3f}."))
+            if len(found) == 1:
+                feedback.pushInfo(tr(f"1 match, score {found[0].score:.3f}."))
+            else:
+                feedback.pushInfo(tr(f"{len(found)} matches, scores {found[0].score:.3f} to {found[-1].score:.3f}."))
             k = self.parameterAsInt(parameters, self.K, context)
             if len(found) < k:
                 feedback.pushWarning(_fewer_than_k_message(
@@ -447,6 +451,15 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
     def _check_output(self, parameters: dict, context: QgsProcessingContext, index_folder: str) -> None:
         """Reject an OUTPUT file that would replace the file of POSITIVES or NEGATIVES, or an index file."""
+        typed_output = parameters.get(self.OUTPUT)
+        if isinstance(typed_output, QgsProcessingOutputLayerDefinition):
+            typed_output = typed_output.sink.staticValue()
+        if isinstance(typed_output, str) and typed_output and _is_folder(typed_output):
+            # QGIS would add .gpkg and write beside the folder instead of into it.
+            raise QgsProcessingException(tr(
+                f"{self.OUTPUT}: {typed_output} is a folder; give the name of a file to write the matches to, such "
+                f"as {Path(typed_output) / 'matches.gpkg'}."
+            ))
         destination = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context))
         output_path = destination.path
         if not output_path:
@@ -777,3 +790,11 @@ def _query_label(
     if negatives is not None and negative_count:
         label += f", {negative_count} counter-example(s) from {negatives.sourceName()}"
     return label
+
+
+def _is_folder(path: str) -> bool:
+    """Return whether ``path`` is an existing folder; a path the system cannot check is left to later checks."""
+    try:
+        return Path(path).is_dir()
+    except OSError:
+        return False

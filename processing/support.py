@@ -8,6 +8,7 @@ arguments and the core's results into Processing outputs.
 from __future__ import annotations
 
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -27,7 +28,7 @@ from qgis.core import (
 from qgis.PyQt.QtCore import QCoreApplication
 
 from ..core import dependencies as core_dependencies
-from ..core.errors import LookalikeError, with_field_names
+from ..core.errors import LookalikeError, mentioned_name_pattern, with_field_names
 from ..core.raster import open_raster_quietly
 from ..gis import dependencies
 from ..gis.raster_layers import crs_to_wkt, gdal_path_of
@@ -140,6 +141,10 @@ def require_packages(import_names: Sequence[str]) -> None:
     )
 
 
+# A Processing parameter's name, such as INPUT_RASTERS.
+PARAMETER_NAME_PATTERN = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
 @contextmanager
 def core_errors(parameter_names: Optional[Mapping[str, str]] = None) -> Iterator[None]:
     """Re-raise the core's LookalikeError (cancellation included) as QgsProcessingException.
@@ -155,8 +160,19 @@ def core_errors(parameter_names: Optional[Mapping[str, str]] = None) -> Iterator
 
 
 def with_parameter_names(message: str, parameter_names: Optional[Mapping[str, str]] = None) -> str:
-    """Append to a core message which algorithm parameter each core argument it names is."""
-    return with_field_names(message, parameter_names or {}, tr("this algorithm"))
+    """Name the algorithm's parameters in a core message instead of the core's arguments.
+
+    A core argument that one parameter sets is replaced by that parameter's name, as
+    ``qgis_process`` takes it. For the others, such as a tile size given in one of two units,
+    a sentence that explains how to set them is appended.
+    """
+    explained = {}
+    for core_name, parameter in (parameter_names or {}).items():
+        if PARAMETER_NAME_PATTERN.fullmatch(parameter):
+            message = mentioned_name_pattern(core_name).sub(parameter, message)
+        else:
+            explained[core_name] = parameter
+    return with_field_names(message, explained, tr("this algorithm"))
 
 
 def cancel_check(feedback: Optional[QgsProcessingFeedback]) -> Callable[[], bool]:

@@ -235,6 +235,9 @@ def test_reexport_notes_follow_footprints(repo_root, tmp_path):
     folder = tmp_path / "chips"
     first, second, third, new = ships_requests(repo_root, 4)
     labels = export_with_notes([first, second, third], folder)
+    rows = read_labels(labels)
+    rows[1]["notes"] = ""
+    write_labels(labels, rows)
 
     # Only two of the earlier matches are exported again, under other chip numbers, with a new one.
     chip_export.export_chips([third, first, new], folder)
@@ -242,6 +245,28 @@ def test_reexport_notes_follow_footprints(repo_root, tmp_path):
     assert csv_notes(labels) == {"chip_00001.tif": "checked chip_00003.tif by hand",
                      "chip_00002.tif": "checked chip_00001.tif by hand",
                      "chip_00003.tif": ""}
+
+
+def test_reexport_keeps_notes_of_left_out_chips(repo_root, tmp_path):
+    folder = tmp_path / "chips"
+    first, second, third = ships_requests(repo_root, 3)
+    export_with_notes([first, second, third], folder)
+    before = folder_files(folder)
+
+    with pytest.raises(LookalikeError, match="has notes in columns you added for chip_00002.tif") as raised:
+        chip_export.export_chips([third, first], folder)
+
+    assert "Export into another folder" in str(raised.value)
+    assert folder_files(folder) == before
+
+
+def test_export_into_checkpoint_name_stops(repo_root, tmp_path):
+    (tmp_path / "harbour_index").mkdir()
+
+    with pytest.raises(LookalikeError, match="checkpoint folder of builds into"):
+        chip_export.export_chips(ships_requests(repo_root, 1), tmp_path / "harbour_index.partial")
+
+    assert not (tmp_path / "harbour_index.partial").exists()
 
 
 def test_labels_with_nul_bytes_stop_export(repo_root, tmp_path):

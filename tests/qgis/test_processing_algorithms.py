@@ -154,7 +154,8 @@ def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder)
         "OUTPUT": str(folder),
     }, feedback)
     # NAIP bands carry no red, green and blue interpretation, so the warning names the bands read.
-    assert any("bands [1, 2, 3] are read as" in text and "band_indexes is BANDS" in text for text in feedback.warnings)
+    assert any("bands [1, 2, 3] are read as" in text and "choose the bands to read (BANDS)" in text
+               for text in feedback.warnings)
     index = TileIndex.open(folder)
     assert len(index.sources) == 2
     assert index.count == first["TILES_EMBEDDED"] + second["TILES_EMBEDDED"]
@@ -204,7 +205,8 @@ def test_build_append_takes_index_overlap(provider, tmp_path, shared_data, tiny_
     repeated = [text for text in feedback.warnings if "already contains this build" in text]
     assert repeated, feedback.warnings
     assert "nothing was embedded or added" in repeated[0]
-    assert again["TILES_EMBEDDED"] == again["TILES_RESUMED"]
+    # No run was interrupted, so no tile came from checkpoints.
+    assert again["TILES_RESUMED"] == 0
     grids = [source["grid"] for source in TileIndex.open(folder).sources]
     assert len(grids) == 2
     assert grids[1]["stride_px"] == grids[0]["stride_px"] == grids[0]["tile_size_px"] // 2
@@ -685,6 +687,19 @@ def test_second_export_removes_earlier_chips(provider, tmp_path, ships_raster):
     ]
 
 
+def test_export_into_checkpoint_name_leaves_no_folder(provider, tmp_path, ships_raster):
+    (tmp_path / "ships_index").mkdir()
+
+    with pytest.raises(QgsProcessingException, match="checkpoint folder of builds into"):
+        run_algorithm("exportchips", {
+            "INPUT": polygon_layer([(558505.0, 4176040.0, 558665.0, 4176200.0)]),
+            "RASTER": ships_raster,
+            "OUTPUT": str(tmp_path / "ships_index.partial"),
+        })
+
+    assert not (tmp_path / "ships_index.partial").exists()
+
+
 def test_export_needs_raster_without_source_field(provider, tmp_path):
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("exportchips", {
@@ -692,7 +707,7 @@ def test_export_needs_raster_without_source_field(provider, tmp_path):
             "OUTPUT": str(tmp_path / "chips"),
         })
     assert "'source'" in str(raised.value)
-    assert "raster_path is RASTER" in str(raised.value)
+    assert "pass RASTER, the raster to read the chips from" in str(raised.value)
 
 
 # -- indexinfo ---------------------------------------------------------------------------------

@@ -326,6 +326,19 @@ def test_search_output_named_like_raster(tiny_index, tiny_encoder, tmp_path):
     assert (tmp_path / "scene.tif.gpkg").is_file()
 
 
+def test_search_output_folder_without_extension_rejected(tiny_index, tiny_encoder, tmp_path):
+    folder = tmp_path / "results"
+    folder.mkdir()
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(folder),
+    })
+
+    assert f"OUTPUT: {folder} is a folder; give the name of a file to write the matches to, such as" in message
+    assert not (tmp_path / "results.gpkg").exists()
+
+
 def test_search_output_folder_rejected(tiny_index, tiny_encoder, tmp_path):
     folder = tmp_path / "matches.gpkg"
     folder.mkdir()
@@ -437,6 +450,22 @@ def test_search_keeps_fields_added_to_matches(tiny_index, tiny_encoder, tmp_path
 
     assert "contains layers or fields that Lookalike did not write (reviewed)" in message
     assert geopackage.read_bytes() == before
+
+
+def test_search_keeps_column_added_to_csv(tiny_index, tiny_encoder, tmp_path):
+    table = tmp_path / "reviewed.csv"
+    parameters = {"INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+                  "OUTPUT": str(table)}
+    run_algorithm("search", parameters)
+    lines = table.read_text(encoding="utf-8").splitlines()
+    table.write_text("\n".join([lines[0] + ",my_notes"] + [line + ",checked by hand" for line in lines[1:]]) + "\n",
+                     encoding="utf-8")
+    before = table.read_bytes()
+
+    message = run_failure("search", parameters)
+
+    assert "contains layers or fields that Lookalike did not write (reviewed)" in message
+    assert table.read_bytes() == before
 
 
 def test_search_layer_name_compared_without_case(tiny_index, tiny_encoder, tmp_path):
@@ -704,6 +733,16 @@ def test_search_rejects_text_min_score(tiny_index, tiny_encoder, min_score):
     })
 
     assert f"MIN_SCORE={min_score!r} is not a number; give a number from -2 to 1." in message
+
+
+@pytest.mark.parametrize("name", ["MIN_SCORE", "MAX_OVERLAP"])
+def test_search_rejects_nan(tiny_index, tiny_encoder, name):
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        name: "nan", "OUTPUT": "memory:",
+    })
+
+    assert f"{name}=nan is not a number; give a number from" in message
 
 
 @pytest.mark.parametrize(("name", "value"), [("OVERLAP_PERCENT", "50%"), ("TILE_SIZE", "abc"), ("GSD", "0,5")])
@@ -1043,21 +1082,30 @@ def test_build_positive_bound_stated(provider, tmp_path, ships_raster, tiny_enco
     assert "at least 0" not in message
 
 
-def test_core_error_full_stop_added():
+def test_core_error_names_parameter():
     with pytest.raises(QgsProcessingException) as raised, core_errors({"index_folder": "INDEX"}):
-        raise SearchError("index_folder /data/x is not an index; pass the folder of a built index")
+        raise SearchError("index_folder /data/index_folder is not an index; pass the folder of a built index")
+
+    assert str(raised.value) == "INDEX /data/index_folder is not an index; pass the folder of a built index"
+
+
+def test_core_error_full_stop_added():
+    with pytest.raises(QgsProcessingException) as raised, core_errors({"tile_size_source_px": "TILE_SIZE in pixels"}):
+        raise SearchError("tile_size_source_px 3 is too small; pass at least 8")
 
     assert str(raised.value) == (
-        "index_folder /data/x is not an index; pass the folder of a built index. "
-        "(In this algorithm index_folder is INDEX.)"
+        "tile_size_source_px 3 is too small; pass at least 8. (In this algorithm tile_size_source_px is TILE_SIZE "
+        "in pixels.)"
     )
 
 
 def test_core_error_full_stop_kept():
-    with pytest.raises(QgsProcessingException) as raised, core_errors({"index_folder": "INDEX"}):
-        raise SearchError("index_folder /data/x is not an index.")
+    with pytest.raises(QgsProcessingException) as raised, core_errors({"tile_size_source_px": "TILE_SIZE in pixels"}):
+        raise SearchError("tile_size_source_px 3 is too small.")
 
-    assert str(raised.value) == "index_folder /data/x is not an index. (In this algorithm index_folder is INDEX.)"
+    assert str(raised.value) == (
+        "tile_size_source_px 3 is too small. (In this algorithm tile_size_source_px is TILE_SIZE in pixels.)"
+    )
 
 
 @pytest.mark.parametrize("name", ["buildindex", "search", "exportchips", "indexinfo"])

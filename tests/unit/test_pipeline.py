@@ -564,8 +564,11 @@ def test_changed_raster_named_with_checkpoints(shared_data, tmp_path):
     build_cancelled_after(parameters([source], tmp_path / "index"), 1)
     invert_band(str(source))
 
-    with pytest.raises(OtherBuildCheckpointsError, match="the file scene.tif itself, which changed since"):
+    with pytest.raises(OtherBuildCheckpointsError, match="the file scene.tif itself, which changed since") as raised:
         build_index(parameters([source], tmp_path / "index"))
+
+    assert "can be finished only with its rasters as they were" in str(raised.value)
+    assert "run it again with its settings" not in str(raised.value)
 
 
 def _drop_settings(content: dict) -> None:
@@ -972,6 +975,7 @@ def test_rerun_after_commit_only_cleans_up(shared_data, tmp_path):
     again = build_index(params)
 
     assert again.already_complete
+    assert again.tiles_resumed == again.tiles_total
     assert again.tiles_embedded == first.tiles_embedded
     assert again.skipped_by_reason == first.skipped_by_reason
     assert TileIndex.open(tmp_path / "index").count == first.tiles_embedded
@@ -1008,6 +1012,7 @@ def test_finished_build_rerun_keeps_index(shared_data, tmp_path):
 
     after = TileIndex.open(tmp_path / "index")
     assert again.already_complete
+    assert again.tiles_resumed == 0
     assert again.tiles_embedded == first.tiles_embedded
     assert len(after.sources) == 2
     assert after.count == before.count
@@ -1292,6 +1297,21 @@ def test_add_copy_of_indexed_raster_names_both(shared_data, tmp_path):
 
     with pytest.raises(SearchIndexError, match=f"has the same content as '{source}'"):
         build_index(parameters([str(copy)], tmp_path / "index", add_to_existing=True))
+
+
+def test_add_changed_raster_is_rejected(shared_data, tmp_path):
+    raster = tmp_path / "harbour.tif"
+    shutil.copyfile(geo(shared_data, "rasterio/rgb1.tif"), raster)
+    build_index(parameters([str(raster)], tmp_path / "index"))
+    dataset = gdal.Open(str(raster), gdal.GA_Update)
+    band = dataset.GetRasterBand(1)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = None
+
+    with pytest.raises(SearchIndexError, match="has changed since it was indexed"):
+        build_index(parameters([str(raster)], tmp_path / "index", add_to_existing=True))
+
+    assert len(TileIndex.open(tmp_path / "index").sources) == 1
 
 
 def test_two_sources_in_one_build(shared_data, tmp_path):
