@@ -446,9 +446,29 @@ def _add_layer_to_geopackage(layer: QgsVectorLayer, path: Path, layer_name: Opti
         layer, path, "GPKG", layer_name, QgsVectorFileWriter.CreateOrOverwriteLayer
     )
     if error_code != QgsVectorFileWriter.NoError:
+        # A write that stopped half way (a full disk) may have left part of the new layer behind.
+        _delete_layer_quietly(path, layer_name)
         raise LookalikeError(f"Adding the match layer '{layer_name}' to {path} failed: {error_message or error_code}.")
     LOGGER.info("Added %d matches to %s as the layer %s", layer.featureCount(), path, layer_name)
     return path
+
+
+def _delete_layer_quietly(path: Path, layer_name: str) -> None:
+    """Delete the layer ``layer_name`` from the GeoPackage ``path`` where it exists; log a failure."""
+    gdal.PushErrorHandler("CPLQuietErrorHandler")
+    try:
+        dataset = gdal.OpenEx(str(path), gdal.OF_VECTOR | gdal.OF_UPDATE)
+        if dataset is None:
+            return
+        for position in range(dataset.GetLayerCount()):
+            if dataset.GetLayer(position).GetName().lower() == layer_name.lower():
+                dataset.DeleteLayer(position)
+                break
+        dataset = None
+    except RuntimeError as error:
+        LOGGER.warning("The unfinished layer %s could not be removed from %s: %s", layer_name, path, error)
+    finally:
+        gdal.PopErrorHandler()
 
 
 def _run_vector_writer(

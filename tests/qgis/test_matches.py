@@ -9,6 +9,7 @@ from qgis.core import (
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
+    QgsVectorFileWriter,
     QgsVectorLayer,
 )
 from qgis.PyQt.QtCore import QVariant
@@ -16,6 +17,7 @@ from qgis.PyQt.QtGui import QImage
 
 from lookalike.core.errors import LookalikeError
 from lookalike.core.search import Match
+from lookalike.gis import matches as matches_module
 from lookalike.gis.map_render import query_outline_layer, render_map_png
 from lookalike.gis.matches import (
     free_layer_name,
@@ -221,6 +223,25 @@ def test_add_to_file_keeps_other_layers(utm_matches, tmp_path):
     with pytest.raises(LookalikeError, match="already has a layer 'SECOND'"):
         write_matches(second, path, layer_name="SECOND", add_to_file=True)
     assert free_layer_name(path, "second") == "second_2"
+
+
+def test_failed_add_leaves_no_partial_layer(utm_matches, tmp_path, monkeypatch):
+    path = tmp_path / "project.gpkg"
+    write_matches(matches_to_memory_layer(utm_matches, "first", UTM_10N), path)
+    real_writer = matches_module._run_vector_writer
+
+    def writer_stopping_half_way(*args, **kwargs):
+        real_writer(*args, **kwargs)
+        return QgsVectorFileWriter.ErrFeatureWriteFailed, "No space left on device"
+
+    monkeypatch.setattr(matches_module, "_run_vector_writer", writer_stopping_half_way)
+
+    with pytest.raises(LookalikeError, match="No space left on device"):
+        write_matches(matches_to_memory_layer(utm_matches, "second", UTM_10N), path, layer_name="second",
+                      add_to_file=True)
+
+    dataset = gdal.OpenEx(str(path), gdal.OF_VECTOR)
+    assert [dataset.GetLayer(position).GetName() for position in range(dataset.GetLayerCount())] == ["first"]
 
 
 def test_write_overwrite_replaces_file(utm_matches, tmp_path):
