@@ -103,7 +103,7 @@ class LookalikePlugin:
             # Opened and closed, not visible: a dock covered by another panel's tab is hidden but
             # stays open, and unchecking the action would close it from under that tab.
             self.dock.openedStateChanged.connect(self.actions[0].setChecked)
-            self.iface.addDockWidget(Qt.RightDockWidgetArea, self.dock)
+            self.iface.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
         if self.dock is None:
             return
         if visible:
@@ -128,7 +128,7 @@ class LookalikePlugin:
         install_button.setObjectName("lookalikeInstallDependencies")
         install_button.clicked.connect(lambda: self.install_dependencies(missing))
         message.layout().addWidget(install_button)
-        self.dependency_message = bar.pushWidget(message, Qgis.Warning)
+        self.dependency_message = bar.pushWidget(message, Qgis.MessageLevel.Warning)
         return missing
 
     def install_dependencies(self, import_names: List[str], python: Optional[str] = None) -> None:
@@ -143,7 +143,7 @@ class LookalikePlugin:
         )
         QgsApplication.taskManager().addTask(self.install_task)
         self.iface.messageBar().pushMessage(
-            PLUGIN_TITLE, "Installing Python packages in the background…", Qgis.Info, 5
+            PLUGIN_TITLE, "Installing Python packages in the background…", Qgis.MessageLevel.Info, 5
         )
 
     def on_install_finished(self, succeeded: bool, task) -> None:
@@ -151,12 +151,13 @@ class LookalikePlugin:
         bar = self.iface.messageBar()
         still_missing = dependencies.missing_packages(task.import_names)
         if succeeded and not still_missing:
-            bar.pushMessage(PLUGIN_TITLE, "Python packages installed; Lookalike is ready.", Qgis.Success, 10)
+            bar.pushMessage(PLUGIN_TITLE, "Python packages installed; Lookalike is ready.",
+                            Qgis.MessageLevel.Success, 10)
             return
         reason = task.error_message or f"{', '.join(still_missing)} still cannot be imported"
         bar.pushMessage(
             PLUGIN_TITLE,
             f"Installing Python packages failed: {reason}. See the Lookalike log panel for pip's output.",
-            Qgis.Critical,
+            Qgis.MessageLevel.Critical,
             0,
         )

@@ -420,7 +420,17 @@ class TileIndex:
                 if _file_identity(folder / MANIFEST_NAME) == manifest_identity:
                     raise
                 logger.info("The index in %s was saved while it was being opened; opening it again", folder)
-        return cls._load_translating_errors(folder)
+        manifest_identity = _file_identity(folder / MANIFEST_NAME)
+        try:
+            return cls._load_translating_errors(folder)
+        except SearchIndexError as error:
+            if _file_identity(folder / MANIFEST_NAME) == manifest_identity:
+                raise
+            # Saved again during every attempt: the files are likely whole, only still changing.
+            raise SearchIndexError(
+                f"the index in {folder} was saved by another build or program {OPEN_ATTEMPTS} times while it was "
+                "being opened; open it again when that build has finished"
+            ) from error
 
     @classmethod
     def _load_translating_errors(cls, folder: Path) -> TileIndex:
@@ -573,6 +583,14 @@ class TileIndex:
         index_encoder = (f"index {self._folder} was built with encoder '{built_with['name']}' "
                          f"(sha256 {built_with['checksum'][:12]})")
         other_encoder = f"'{name}' (sha256 {str(checksum)[:12]})"
+        if name == built_with["name"]:
+            # Same name, other weights: the model file changed since the build (a plugin update,
+            # or a model exported again), so no encoder at hand matches the index.
+            raise SearchIndexError(
+                f"{index_encoder}, and the encoder file of that name now has other weights (sha256 "
+                f"{str(checksum)[:12]}), whose embeddings cannot be compared with the index's; build the index "
+                "again with this encoder, or use the encoder file the index was built with"
+            )
         if purpose == "add":
             raise SearchIndexError(
                 f"{index_encoder}, but this build uses encoder {other_encoder}, and embeddings of two encoders "

@@ -360,9 +360,9 @@ def transform_geometry_wkt(wkt: str, source_crs: str, target_crs: str) -> str:
     geometry = _parse_geometry(wkt)
     if source_ref.IsSame(target_ref):
         return geometry.ExportToWkt()
+    envelope = geometry.GetEnvelope()
     if ogr.GT_Flatten(geometry.GetGeometryType()) != ogr.wkbPoint:
         # Straight edges in one CRS are curves in another; 100 segments per edge follow them.
-        envelope = geometry.GetEnvelope()
         longest_side = max(envelope[1] - envelope[0], envelope[3] - envelope[2])
         if longest_side > 0:
             geometry.Segmentize(longest_side / 100.0)
@@ -371,8 +371,10 @@ def transform_geometry_wkt(wkt: str, source_crs: str, target_crs: str) -> str:
         transformed = geometry.Transform(transformation)
     if transformed != 0:
         raise GridError(
-            f"the geometry cannot be transformed from {source_ref.GetName()} to {target_ref.GetName()}; "
-            "check that it lies inside the area of use of both CRSs."
+            f"the geometry cannot be transformed from {source_ref.GetName()} to {target_ref.GetName()} (it spans x "
+            f"{envelope[0]:.6g} to {envelope[1]:.6g} and y {envelope[2]:.6g} to {envelope[3]:.6g} in "
+            f"{source_ref.GetName()}); check that its coordinates are in that CRS and that it lies inside the area "
+            "of use of both CRSs."
         )
     return geometry.ExportToWkt()
 

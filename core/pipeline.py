@@ -467,8 +467,9 @@ def _skip_advice(params: BuildParameters, plan: _SourcePlan, counts: np.ndarray)
     if dominant == SKIP_BLANK:
         return "most tiles are uniform (a fill value or cloud); check the band selection and the nodata value"
     return (
-        f"most tiles have less than {100 * params.min_valid_fraction:.0f} % valid pixels; use smaller tiles so that "
-        "more of them fit inside the valid area, or check that the raster's nodata value does not mark image pixels"
+        f"most tiles have less than {100 * params.min_valid_fraction:.0f} % valid pixels; check that the raster's "
+        "nodata value does not mark image pixels (a raster of nodata only has nothing to index), or use smaller "
+        "tiles so that more of them fit inside the valid area"
     )
 
 

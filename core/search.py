@@ -178,7 +178,7 @@ def search(
     else:
         scorer = _MaxScorer(index, positive_matrix, negative_matrix, negative_weight, ef)
     footprints = _FootprintIndex(index)
-    excluded = [(tuple(float(value) for value in bounds), crs_wkt) for bounds, crs_wkt in exclude]
+    excluded = _excluded_footprints(exclude)
 
     n_candidates = min(index.count, INITIAL_CANDIDATES_PER_MATCH * k)
     while True:
@@ -449,6 +449,24 @@ class _MaxScorer(_Scorer):
 
 
 # -- overlap suppression ------------------------------------------------------------------------
+
+
+def _excluded_footprints(exclude: Sequence[tuple[Sequence[float], str]]) -> list[tuple[Bounds, str]]:
+    """Return ``exclude`` as ``((xmin, ymin, xmax, ymax), crs_wkt)`` pairs; raise SearchError for another shape."""
+    excluded = []
+    for position, item in enumerate(exclude):
+        try:
+            bounds, crs_wkt = item
+            bounds = tuple(float(value) for value in bounds)
+            valid = len(bounds) == 4 and isinstance(crs_wkt, str)
+        except (TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise SearchError(
+                f"exclude item {position} {item!r} is not a footprint; pass each as ((xmin, ymin, xmax, ymax), crs_wkt)"
+            )
+        excluded.append((bounds, crs_wkt))
+    return excluded
 
 
 def _suppress(

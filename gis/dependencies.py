@@ -42,7 +42,7 @@ class InstallDependenciesTask(QgsTask):
     """Background task that runs pip for QGIS's interpreter and keeps the outcome for ``finished``."""
 
     def __init__(self, import_names: Sequence[str], on_finished=None, python: Optional[str] = None):
-        super().__init__("Lookalike: installing Python packages", QgsTask.CanCancel)
+        super().__init__("Lookalike: installing Python packages", QgsTask.Flag.CanCancel)
         self.import_names = list(import_names)
         self.on_finished = on_finished
         self.python = python

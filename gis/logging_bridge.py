@@ -9,9 +9,9 @@ from ..core import LOGGER_NAME
 MESSAGE_LOG_TAG = "Lookalike"
 
 _QGIS_LEVELS = (
-    (logging.ERROR, Qgis.Critical),
-    (logging.WARNING, Qgis.Warning),
-    (logging.INFO, Qgis.Info),
+    (logging.ERROR, Qgis.MessageLevel.Critical),
+    (logging.WARNING, Qgis.MessageLevel.Warning),
+    (logging.INFO, Qgis.MessageLevel.Info),
 )
 
 
@@ -26,7 +26,7 @@ class QgsMessageLogHandler(logging.Handler):
         try:
             message = self.format(record)
             level = next((qgis_level for python_level, qgis_level in _QGIS_LEVELS
-                          if record.levelno >= python_level), Qgis.Info)
+                          if record.levelno >= python_level), Qgis.MessageLevel.Info)
             QgsMessageLog.logMessage(message, MESSAGE_LOG_TAG, level, notifyUser=False)
         except RecursionError:
             raise

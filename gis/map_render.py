@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsFeature,
     QgsFillSymbol,
@@ -203,8 +204,8 @@ def render_map_png(
     settings.setOutputSize(QSize(*size_px))
     settings.setBackgroundColor(QColor("white"))
     settings.setExtent(extent if extent is not None else raster_layer.extent())
-    settings.setFlag(QgsMapSettings.Antialiasing, True)
-    settings.setFlag(QgsMapSettings.DrawLabeling, True)
+    settings.setFlag(Qgis.MapSettingsFlag.Antialiasing, True)
+    settings.setFlag(Qgis.MapSettingsFlag.DrawLabeling, True)
 
     job = QgsMapRendererParallelJob(settings)
     job.start()

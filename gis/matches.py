@@ -24,10 +24,10 @@ from qgis.core import (
     QgsVectorFileWriter,
     QgsVectorLayer,
 )
-from qgis.PyQt.QtCore import QVariant
 
 from ..core import get_logger
 from ..core.errors import LookalikeError
+from .compat import FIELD_DOUBLE, FIELD_INT, FIELD_LONG, FIELD_STRING
 
 LOGGER = get_logger("gis.matches")
 
@@ -53,14 +53,14 @@ def match_fields() -> QgsFields:
     name and ``query`` a free-text label of the query that produced the match.
     """
     fields = QgsFields()
-    fields.append(QgsField(FIELD_RANK, QVariant.Int))
-    fields.append(QgsField(FIELD_SCORE, QVariant.Double))
-    fields.append(QgsField(FIELD_TILE_ID, QVariant.LongLong))
-    fields.append(QgsField(FIELD_SOURCE, QVariant.String))
-    fields.append(QgsField(FIELD_ROW, QVariant.Int))
-    fields.append(QgsField(FIELD_COL, QVariant.Int))
-    fields.append(QgsField(FIELD_ENCODER, QVariant.String))
-    fields.append(QgsField(FIELD_QUERY, QVariant.String))
+    fields.append(QgsField(FIELD_RANK, FIELD_INT))
+    fields.append(QgsField(FIELD_SCORE, FIELD_DOUBLE))
+    fields.append(QgsField(FIELD_TILE_ID, FIELD_LONG))
+    fields.append(QgsField(FIELD_SOURCE, FIELD_STRING))
+    fields.append(QgsField(FIELD_ROW, FIELD_INT))
+    fields.append(QgsField(FIELD_COL, FIELD_INT))
+    fields.append(QgsField(FIELD_ENCODER, FIELD_STRING))
+    fields.append(QgsField(FIELD_QUERY, FIELD_STRING))
     return fields
 
 
@@ -419,10 +419,11 @@ def write_matches(
         LOGGER.info("Replacing the existing file %s", file)
 
     error_code, error_message = _run_vector_writer(
-        layer, path, driver_name, layer_name or layer.name() or "matches", QgsVectorFileWriter.CreateOrOverwriteFile,
+        layer, path, driver_name, layer_name or layer.name() or "matches",
+        QgsVectorFileWriter.ActionOnExistingFile.CreateOrOverwriteFile,
         CSV_LAYER_OPTIONS if driver_name == "CSV" else (),
     )
-    if error_code != QgsVectorFileWriter.NoError:
+    if error_code != QgsVectorFileWriter.WriterError.NoError:
         raise LookalikeError(
             f"Writing the match layer to {path} with the {driver_name} driver failed: "
             f"{error_message or error_code}."
@@ -443,9 +444,9 @@ def _add_layer_to_geopackage(layer: QgsVectorLayer, path: Path, layer_name: Opti
         raise LookalikeError(f"{path} already has a layer '{layer_name}'; choose another layer name.")
     # CreateOrOverwriteLayer writes the new layer into the existing file and keeps its other layers.
     error_code, error_message = _run_vector_writer(
-        layer, path, "GPKG", layer_name, QgsVectorFileWriter.CreateOrOverwriteLayer
+        layer, path, "GPKG", layer_name, QgsVectorFileWriter.ActionOnExistingFile.CreateOrOverwriteLayer
     )
-    if error_code != QgsVectorFileWriter.NoError:
+    if error_code != QgsVectorFileWriter.WriterError.NoError:
         # A write that stopped half way (a full disk) may have left part of the new layer behind.
         _delete_layer_quietly(path, layer_name)
         raise LookalikeError(f"Adding the match layer '{layer_name}' to {path} failed: {error_message or error_code}.")

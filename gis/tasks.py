@@ -65,7 +65,7 @@ class LookalikeTask(QgsTask):
         on_finished: Optional[Callable[[LookalikeTask], None]] = None,
         can_cancel: bool = True,
     ) -> None:
-        flags = QgsTask.Flag.CanCancel if can_cancel else QgsTask.Flags()
+        flags = QgsTask.Flag.CanCancel if can_cancel else QgsTask.Flag(0)
         super().__init__(description, flags)
         self.work = work
         self.on_finished = on_finished

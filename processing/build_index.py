@@ -6,15 +6,12 @@ from pathlib import Path
 from typing import Any, Optional
 
 from qgis.core import (
-    Qgis,
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBoolean,
-    QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSource,
@@ -30,6 +27,7 @@ from ..core.grid import stride_from_overlap
 from ..core.index import first_grid_in
 from ..core.parameters import MAX_ENCODER_THREADS, MAX_OVERLAP_PERCENT
 from ..core.pipeline import BuildParameters, Progress, Region, build_index, describe_skipped
+from .compat import NUMBER_DOUBLE, NUMBER_INTEGER, PARAMETER_ADVANCED, SOURCE_RASTER, SOURCE_VECTOR_POLYGON
 from .support import (
     ENCODER_FILE_FILTER,
     ENCODER_PACKAGES,
@@ -118,7 +116,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
         rasters = QgsProcessingParameterMultipleLayers(
-            self.INPUT_RASTERS, tr("Rasters to index"), QgsProcessing.TypeRaster
+            self.INPUT_RASTERS, tr("Rasters to index"), SOURCE_RASTER
         )
         rasters.setHelp(tr(
             "One or more rasters read by GDAL (GeoTIFF, COG, VRT...). All of them share the tile "
@@ -139,7 +137,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addParameter(encoder)
 
         tile_size = QgsProcessingParameterNumber(
-            self.TILE_SIZE, tr("Tile size"), QgsProcessingParameterNumber.Double, optional=True, minValue=0.0
+            self.TILE_SIZE, tr("Tile size"), NUMBER_DOUBLE, optional=True, minValue=0.0
         )
         tile_size.setHelp(tr(
             "Side of one square tile, in the unit chosen below. Empty uses the encoder's suggested "
@@ -161,7 +159,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addParameter(unit)
 
         overlap = QgsProcessingParameterNumber(
-            self.OVERLAP_PERCENT, tr("Tile overlap (%)"), QgsProcessingParameterNumber.Double,
+            self.OVERLAP_PERCENT, tr("Tile overlap (%)"), NUMBER_DOUBLE,
             defaultValue=None, optional=True, minValue=0.0, maxValue=float(MAX_OVERLAP_PERCENT),
         )
         overlap.setHelp(tr(
@@ -173,7 +171,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
 
         gsd = QgsProcessingParameterNumber(
             self.GSD, tr("Ground sample distance override (metres per encoder pixel)"),
-            QgsProcessingParameterNumber.Double, optional=True, minValue=0.0,
+            NUMBER_DOUBLE, optional=True, minValue=0.0,
         )
         gsd.setHelp(tr(
             "Ground size of one encoder input pixel, in metres on the ground, converted to each grid "
@@ -187,7 +185,7 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
         self.addParameter(extent)
 
         mask = QgsProcessingParameterFeatureSource(
-            self.MASK, tr("Mask polygons (areas to leave out)"), [QgsProcessing.TypeVectorPolygon], optional=True
+            self.MASK, tr("Mask polygons (areas to leave out)"), [SOURCE_VECTOR_POLYGON], optional=True
         )
         mask.setHelp(tr(
             "Polygons over areas that must not be indexed, such as clouds or the query area itself. "
@@ -224,18 +222,18 @@ class BuildIndexAlgorithm(LookalikeAlgorithm):
             "settings that differ, so that those tiles are not lost by mistake. Set this to delete them "
             "and start the new build."
         ))
-        discard.setFlags(discard.flags() | _advanced_flag())
+        discard.setFlags(discard.flags() | PARAMETER_ADVANCED)
         self.addParameter(discard)
 
         threads = QgsProcessingParameterNumber(
             self.ENCODER_THREADS, tr("Encoder threads (0: one per physical core)"),
-            QgsProcessingParameterNumber.Integer, defaultValue=0, minValue=0, maxValue=MAX_ENCODER_THREADS,
+            NUMBER_INTEGER, defaultValue=0, minValue=0, maxValue=MAX_ENCODER_THREADS,
         )
         threads.setHelp(tr(
             "Threads the encoder runs on. 0 uses one per physical CPU core, the fastest build. One "
             "fewer than the cores keeps a core free for reading tiles and for QGIS, at some cost in speed."
         ))
-        threads.setFlags(threads.flags() | _advanced_flag())
+        threads.setFlags(threads.flags() | PARAMETER_ADVANCED)
         self.addParameter(threads)
 
         output = QgsProcessingParameterFolderDestination(self.OUTPUT, tr("Index folder"))
@@ -429,15 +427,6 @@ def parse_band_indexes(text: str, parameter_name: str) -> Optional[tuple[int, ..
             f"{parameter_name}={text!r} contains a band number below 1; band numbers start at 1."
         ))
     return band_indexes
-
-
-def _advanced_flag() -> Any:
-    # Newer QGIS releases name the flag in Qgis.ProcessingParameterFlag, older ones only on
-    # QgsProcessingParameterDefinition.
-    flags = getattr(Qgis, "ProcessingParameterFlag", None)
-    if flags is not None:
-        return flags.Advanced
-    return QgsProcessingParameterDefinition.FlagAdvanced
 
 
 def _optional_number(

@@ -6,7 +6,6 @@ import os
 from typing import Any, Optional
 
 from qgis.core import (
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeedback,
@@ -24,6 +23,7 @@ from qgis.core import (
 from ..gis import chip_export
 from ..gis import matches as match_layers
 from .build_index import parse_band_indexes
+from .compat import NUMBER_INTEGER, SOURCE_VECTOR_POLYGON
 from .support import (
     LookalikeAlgorithm,
     cancel_check,
@@ -70,7 +70,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
         layer = QgsProcessingParameterVectorLayer(
-            self.INPUT, tr("Matches"), [QgsProcessing.TypeVectorPolygon]
+            self.INPUT, tr("Matches"), [SOURCE_VECTOR_POLYGON]
         )
         layer.setHelp(tr(
             "Polygon layer of footprints, usually the output of 'Search similar tiles'. Only selected "
@@ -95,7 +95,7 @@ class ExportChipsAlgorithm(LookalikeAlgorithm):
         self.addParameter(image_format)
 
         chip_size = QgsProcessingParameterNumber(
-            self.CHIP_SIZE_PX, tr("Chip size (pixels, long side)"), QgsProcessingParameterNumber.Integer,
+            self.CHIP_SIZE_PX, tr("Chip size (pixels, long side)"), NUMBER_INTEGER,
             defaultValue=0, minValue=0, maxValue=chip_export.MAX_NATIVE_CHIP_SIZE_PX,
         )
         chip_size.setHelp(tr(

@@ -22,6 +22,7 @@ from qgis.core import (
 from ..core.files import open_temporary_beside
 from ..core.grid import TileGrid
 from ..core.index import TileIndex
+from .compat import FILE_FOLDER
 from .support import (
     INDEX_PACKAGES,
     LookalikeAlgorithm,
@@ -72,7 +73,7 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
     UPDATED_AT = "UPDATED_AT"
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
-        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder"), QgsProcessingParameterFile.Folder)
+        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder"), FILE_FOLDER)
         index.setHelp(tr("Folder written by 'Build similarity index' (it contains manifest.json)."))
         self.addParameter(index)
 

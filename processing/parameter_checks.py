@@ -16,7 +16,6 @@ from typing import Any, Optional
 
 from qgis.core import (
     QgsMapLayer,
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingParameterDefinition,
     QgsProcessingParameterEnum,
@@ -31,6 +30,16 @@ from qgis.core import (
 )
 
 from ..core.raster import open_raster_quietly
+from .compat import (
+    FILE_FOLDER,
+    NUMBER_INTEGER,
+    SOURCE_RASTER,
+    SOURCE_VECTOR,
+    SOURCE_VECTOR_ANY_GEOMETRY,
+    SOURCE_VECTOR_LINE,
+    SOURCE_VECTOR_POINT,
+    SOURCE_VECTOR_POLYGON,
+)
 from .support import tr
 
 
@@ -87,7 +96,7 @@ def _number_message(
     if math.isnan(number):
         # NaN compares false with both bounds, so QGIS's range check lets it through.
         return tr(f"{name}={value} is not a number; give {_allowed_numbers(definition, positive)}.")
-    whole = definition.dataType() != QgsProcessingParameterNumber.Integer or number.is_integer()
+    whole = definition.dataType() != NUMBER_INTEGER or number.is_integer()
     below = _below_minimum(definition, number, positive)
     above = number > definition.maximum()
     if acceptable and whole and not below and not above:
@@ -119,7 +128,7 @@ def _enum_message(definition: QgsProcessingParameterEnum, value: Any, context: Q
 
 
 def _allowed_numbers(definition: QgsProcessingParameterNumber, positive: bool, minimum_only: bool = False) -> str:
-    kind = "a whole number" if definition.dataType() == QgsProcessingParameterNumber.Integer else "a number"
+    kind = "a whole number" if definition.dataType() == NUMBER_INTEGER else "a number"
     has_minimum = definition.minimum() > -sys.float_info.max
     has_maximum = definition.maximum() < sys.float_info.max
     if has_minimum and (minimum_only or not has_maximum):
@@ -143,7 +152,7 @@ def _file_message(definition: QgsProcessingParameterFile, value: Any) -> Optiona
     if not isinstance(value, str):
         return None
     name = definition.name()
-    wants_folder = definition.behavior() == QgsProcessingParameterFile.Folder
+    wants_folder = definition.behavior() == FILE_FOLDER
     if not os.path.exists(value):
         kind = "folder" if wants_folder else "file"
         return tr(f"{name}: the {kind} {value} does not exist; {_path_advice(value)}.")
@@ -186,11 +195,11 @@ def _gdal_opens_raster(path: str) -> bool:
 
 
 def _layer_hint(layer_type: int) -> QgsProcessingUtils.LayerHint:
-    if layer_type == QgsProcessing.TypeRaster:
+    if layer_type == SOURCE_RASTER:
         return QgsProcessingUtils.LayerHint.Raster
     if layer_type in (
-        QgsProcessing.TypeVector, QgsProcessing.TypeVectorAnyGeometry, QgsProcessing.TypeVectorPoint,
-        QgsProcessing.TypeVectorLine, QgsProcessing.TypeVectorPolygon,
+        SOURCE_VECTOR, SOURCE_VECTOR_ANY_GEOMETRY, SOURCE_VECTOR_POINT,
+        SOURCE_VECTOR_LINE, SOURCE_VECTOR_POLYGON,
     ):
         return QgsProcessingUtils.LayerHint.Vector
     return QgsProcessingUtils.LayerHint.UnknownType

@@ -15,7 +15,6 @@ from qgis.core import (
     QgsDataSourceUri,
     QgsFeatureSink,
     QgsFeatureSource,
-    QgsProcessing,
     QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingFeatureSourceDefinition,
@@ -55,6 +54,7 @@ from ..core.search import (
     negative_example_warnings,
 )
 from ..gis import matches as match_layers
+from .compat import FILE_FOLDER, NUMBER_DOUBLE, NUMBER_INTEGER, SOURCE_VECTOR_POINT, SOURCE_VECTOR_POLYGON
 from .support import (
     ENCODER_FILE_FILTER,
     ENCODER_PACKAGES,
@@ -159,11 +159,11 @@ class SearchAlgorithm(LookalikeAlgorithm):
     BEST_SCORE = "BEST_SCORE"
 
     def initAlgorithm(self, config: Optional[dict] = None) -> None:  # noqa: N802 - QGIS API
-        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder"), QgsProcessingParameterFile.Folder)
+        index = QgsProcessingParameterFile(self.INDEX, tr("Index folder"), FILE_FOLDER)
         index.setHelp(tr("Folder written by 'Build similarity index' (it contains manifest.json)."))
         self.addParameter(index)
 
-        geometry_types = [QgsProcessing.TypeVectorPolygon, QgsProcessing.TypeVectorPoint]
+        geometry_types = [SOURCE_VECTOR_POLYGON, SOURCE_VECTOR_POINT]
         positives = QgsProcessingParameterFeatureSource(self.POSITIVES, tr("Examples to find"), geometry_types)
         positives.setHelp(tr(
             "Points or polygons over objects like the ones to find; every feature is an example (use "
@@ -199,7 +199,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
         self.addParameter(encoder)
 
         k = QgsProcessingParameterNumber(
-            self.K, tr("Number of matches (k)"), QgsProcessingParameterNumber.Integer,
+            self.K, tr("Number of matches (k)"), NUMBER_INTEGER,
             defaultValue=DEFAULT_K, minValue=1, maxValue=MAX_K,
         )
         k.setHelp(tr(
@@ -210,7 +210,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
         self.addParameter(k)
 
         min_score = QgsProcessingParameterNumber(
-            self.MIN_SCORE, tr("Minimum score"), QgsProcessingParameterNumber.Double, optional=True,
+            self.MIN_SCORE, tr("Minimum score"), NUMBER_DOUBLE, optional=True,
             minValue=-2.0, maxValue=1.0,
         )
         min_score.setHelp(tr(
@@ -221,7 +221,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
         self.addParameter(min_score)
 
         max_overlap = QgsProcessingParameterNumber(
-            self.MAX_OVERLAP, tr("Maximum overlap between matches (fraction)"), QgsProcessingParameterNumber.Double,
+            self.MAX_OVERLAP, tr("Maximum overlap between matches (fraction)"), NUMBER_DOUBLE,
             defaultValue=DEFAULT_MAX_OVERLAP, minValue=0.0, maxValue=1.0,
         )
         max_overlap.setHelp(tr(
@@ -244,7 +244,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
         ))
         self.addParameter(strategy)
 
-        output = QgsProcessingParameterFeatureSink(self.OUTPUT, tr("Matches"), QgsProcessing.TypeVectorPolygon)
+        output = QgsProcessingParameterFeatureSink(self.OUTPUT, tr("Matches"), SOURCE_VECTOR_POLYGON)
         output.setHelp(tr(
             "Tile footprints, best first, with the fields rank, score, tile_id, source (raster path), "
             "row, col, encoder and query, in the CRS of the index's first tile grid. Written as GeoPackage, "
@@ -314,7 +314,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
                 transform_context=context.transformContext(),
             )
         for feature in features:
-            sink.addFeature(feature, QgsFeatureSink.FastInsert)
+            sink.addFeature(feature, QgsFeatureSink.Flag.FastInsert)
         set_progress(feedback, 100, 100)
 
         if found:

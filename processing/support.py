@@ -32,6 +32,7 @@ from ..core.errors import LookalikeError, mentioned_name_pattern, with_field_nam
 from ..core.raster import open_raster_quietly
 from ..gis import dependencies
 from ..gis.raster_layers import crs_to_wkt, gdal_path_of
+from .compat import SKIP_GEOMETRY_CHECKS
 
 GROUP_ID = "similarity"
 GROUP_NAME = "Similarity search"
@@ -251,7 +252,7 @@ def features_of(source: QgsFeatureSource):
     such a feature when it runs from the toolbox or from processing.run.
     """
     if isinstance(source, QgsProcessingFeatureSource):
-        return source.getFeatures(QgsFeatureRequest(), QgsProcessingFeatureSource.FlagSkipGeometryValidityChecks)
+        return source.getFeatures(QgsFeatureRequest(), SKIP_GEOMETRY_CHECKS)
     return source.getFeatures()
 
 

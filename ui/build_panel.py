@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from qgis.core import Qgis, QgsGeometry, QgsMapLayer, QgsRasterDataProvider, QgsRasterLayer, QgsVectorLayer
+from qgis.core import Qgis, QgsGeometry, QgsMapLayer, QgsRasterLayer, QgsVectorLayer
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBarItem, QgsRasterBandComboBox
 from qgis.PyQt import sip
 from qgis.PyQt.QtWidgets import (
@@ -48,6 +48,7 @@ from ..core.parameters import (
 )
 from ..core.pipeline import BuildParameters, Region, describe_skipped
 from ..core.spec import ModelSpec
+from ..gis.compat import RASTER_SIZE_CAPABILITY
 from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
 from ..gis.tasks import LookalikeTask, TaskOutcome, TileProgress
 from . import jobs
@@ -654,7 +655,7 @@ class BuildPanelMixin:
             source_paths = (source.gdal_path,)
         else:
             if bounds_and_crs is None:
-                if not layer.dataProvider().capabilities() & QgsRasterDataProvider.Size:
+                if not layer.dataProvider().capabilities() & RASTER_SIZE_CAPABILITY:
                     raise LookalikeError(
                         f"Layer {layer.name()!r} is a tile or web service that covers the whole world; set the "
                         "extent to the current map view or to polygons."
@@ -1176,7 +1177,7 @@ def _native_pixel_size_m(layer: Optional[QgsMapLayer]) -> Optional[float]:
     """Return a raster layer's pixel size in metres, or None for tile services and other layers."""
     if not isinstance(layer, QgsRasterLayer) or not layer.isValid():
         return None
-    if not layer.dataProvider().capabilities() & QgsRasterDataProvider.Size or layer.width() <= 0:
+    if not layer.dataProvider().capabilities() & RASTER_SIZE_CAPABILITY or layer.width() <= 0:
         return None
     return default_gsd_m(layer, None)
 
@@ -1202,7 +1203,7 @@ def suggested_gsd_m(layer: QgsRasterLayer, canvas, spec: Optional[ModelSpec]) ->
 def default_gsd_m(layer: QgsRasterLayer, canvas) -> float:
     """Return the layer's native pixel size in metres, or the map view's for tile services."""
     provider = layer.dataProvider()
-    if provider.capabilities() & QgsRasterDataProvider.Size and layer.width() > 0:
+    if provider.capabilities() & RASTER_SIZE_CAPABILITY and layer.width() > 0:
         width, height = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
         if layer.crs().isGeographic():
             # A degree of longitude shrinks with latitude and one of latitude does not. The geometric

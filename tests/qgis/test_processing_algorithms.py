@@ -29,7 +29,7 @@ from qgis.core import (
 from lookalike.core.index import MANIFEST_NAME, TileIndex
 from lookalike.core.pipeline import partial_folder_for
 from lookalike.gis import matches as match_layers
-from lookalike.processing.build_index import _advanced_flag
+from lookalike.processing.compat import PARAMETER_ADVANCED
 
 ALGORITHM_IDS = ("buildindex", "search", "exportchips", "indexinfo")
 
@@ -131,7 +131,7 @@ def test_build_encoder_threads_is_advanced(provider):
     definition = provider.algorithm("buildindex").parameterDefinition("ENCODER_THREADS")
 
     assert definition.defaultValue() == 0
-    assert definition.flags() & _advanced_flag()
+    assert definition.flags() & PARAMETER_ADVANCED
 
 
 def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder):

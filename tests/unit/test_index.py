@@ -524,6 +524,17 @@ def test_check_encoder_mismatch_names_both(tmp_path: Path) -> None:
     assert "ffffffffffff" in message
 
 
+def test_check_encoder_same_name_other_weights(tmp_path: Path) -> None:
+    index = TileIndex.create(tmp_path / "index", encoder_info(name="resnet-rgb"))
+
+    with pytest.raises(SearchIndexError) as raised:
+        index.check_encoder("resnet-rgb", "f" * 64)
+
+    message = str(raised.value)
+    assert "the encoder file of that name now has other weights (sha256 ffffffffffff)" in message
+    assert "query with 'resnet-rgb'" not in message
+
+
 def test_add_source_rejects_bad_records(tmp_path: Path) -> None:
     index = TileIndex.create(tmp_path / "index", encoder_info())
     with pytest.raises(SearchIndexError, match="grid"):
@@ -990,6 +1001,29 @@ def test_open_during_save_elsewhere_retries(tmp_path: Path, monkeypatch: pytest.
 
     assert saves == [True]
     assert opened.count == 25
+
+
+def test_open_during_every_save_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another process saves during each attempt to open, so every attempt reads deleted files.
+    folder = tmp_path / "index"
+    writer = filled_index(folder, n=20)
+    real_check = index_module._check_data_files
+    saves = []
+
+    def save_meanwhile(index_folder: Path, manifest: dict) -> dict:
+        paths = real_check(index_folder, manifest)
+        writer.add(unit_vectors(1, seed=len(saves)), first_tiles(0, 21 + len(saves))[20 + len(saves):])
+        writer.save()
+        saves.append(True)
+        return paths
+
+    monkeypatch.setattr(index_module, "_check_data_files", save_meanwhile)
+
+    with pytest.raises(SearchIndexError, match="was saved by another build or program") as raised:
+        TileIndex.open(folder)
+
+    assert "rebuild" not in str(raised.value)
+    assert len(saves) == index_module.OPEN_ATTEMPTS
 
 
 def test_open_unreadable_file_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

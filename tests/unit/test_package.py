@@ -13,7 +13,7 @@ def test_zip_has_runtime_files_only(repo_root, tmp_path):
 
     assert all(name.startswith("lookalike/") for name in names)
     for required in ("lookalike/metadata.txt", "lookalike/__init__.py", "lookalike/plugin.py",
-                     "lookalike/core/__init__.py", "lookalike/LICENSE"):
+                     "lookalike/core/__init__.py", "lookalike/LICENSE", "lookalike/models/LICENSE-weights.txt"):
         assert required in names
     for excluded in ("tests/", "bench/", "tools/", "docs/", "scripts/", "__pycache__", ".pyc", ".venv"):
         assert not any(excluded in name for name in names), excluded

@@ -41,6 +41,7 @@ from lookalike.core.pipeline import (
     indexed_source_for_geometry,
     partial_folder_for,
     run_search,
+    transform_geometry_wkt,
 )
 from lookalike.core.raster import SKIP_BLANK, SKIP_MOSTLY_INVALID, RasterSource
 from lookalike.core.tile_reader import _BatchSlots
@@ -2065,3 +2066,13 @@ def test_vrt_member_after_junk_entry_checked(shared_data, tmp_path):
 
     (warning,) = query_module.changed_source_warnings(TileIndex.open(index_folder))
     assert f"A file of the VRT mosaic {mosaic} changed after it was indexed ({parts[0]})" in warning
+
+
+def test_untransformable_geometry_names_its_coordinates():
+    # Metres of UTM zone 10N given as degrees: no latitude is 3,999,900.
+    box = "POLYGON ((500010 3999900, 500100 3999900, 500100 3999990, 500010 3999990, 500010 3999900))"
+
+    with pytest.raises(GridError) as raised:
+        transform_geometry_wkt(box, epsg_wkt(4326), epsg_wkt(32610))
+
+    assert "it spans x 500010 to 500100 and y 3.9999e+06 to 3.99999e+06 in WGS 84" in str(raised.value)

@@ -215,6 +215,15 @@ def test_query_footprint_excluded(tmp_path: Path) -> None:
         assert intersection_over_smaller(match.bounds, query_footprint) <= 0.25
 
 
+@pytest.mark.parametrize("item", [(500000.0, 4000000.0, 500100.0, 3999900.0), ((1.0, 2.0, 3.0), UTM_WKT), "POLYGON"])
+def test_exclude_of_other_shape_named(tmp_path: Path, item) -> None:
+    query = random_unit_vectors(1, seed=12)[0]
+    index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
+
+    with pytest.raises(SearchError, match=r"exclude item 0 .* is not a footprint; pass each as \(\(xmin"):
+        search(index, query, k=5, exclude=[item])
+
+
 def test_query_over_every_tile_says_why_nothing_matches(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     query = random_unit_vectors(1, seed=12)[0]
     index = build_index(tmp_path / "index", smooth_field_embeddings(query, seed=13))
