@@ -523,26 +523,53 @@ def _first_grid(index: Optional[TileIndex]) -> Optional[TileGrid]:
 
 
 def _check_not_indexed_yet(index: TileIndex, plans: Sequence[_SourcePlan]) -> None:
+    """Raise when a raster to add is already in ``index`` where its tiles would repeat places indexed before."""
     for plan in plans:
         for record in index.sources:
             indexed_path = str(record.get("path", ""))
-            if _same_file_path(indexed_path, plan.path) and record.get("checksum") != plan.record["checksum"]:
+            same_path = _same_file_path(indexed_path, plan.path)
+            same_content = record.get("checksum") == plan.record["checksum"]
+            if same_path and not same_content:
                 # Its earlier tiles stay in the index, so adding it again would list each place twice.
                 raise SearchIndexError(
                     f"raster {plan.path!r} is already in index {index.folder} (source {record['id']}) and has "
                     "changed since it was indexed. To search its new content, build the index again with "
                     "overwrite_existing_index, or save the new content under another file name and add that."
                 )
-            if record.get("checksum") == plan.record["checksum"] and record.get("grid") == plan.grid.to_dict():
-                subject = f"raster {plan.path!r} is already in index {index.folder}"
-                if not _same_file_path(indexed_path, plan.path):
-                    # The checksum covers the pixels, so a copy under another name is the same raster.
-                    subject = (f"raster {plan.path!r} has the same content as {indexed_path!r}, which is already in "
-                            f"index {index.folder}")
+            if not same_content:
+                continue
+            subject = f"raster {plan.path!r} is already in index {index.folder}"
+            if not same_path:
+                # The checksum covers the pixels, so a copy under another name is the same raster.
+                subject = (f"raster {plan.path!r} has the same content as {indexed_path!r}, which is already in "
+                           f"index {index.folder}")
+            if record.get("grid") == plan.grid.to_dict():
                 raise SearchIndexError(
                     f"{subject} with the same grid (source {record['id']}), with bands {record.get('band_indexes')}. "
                     "Leave it out of the rasters to add; to index it with other bands, build a separate index."
                 )
+            if _grids_overlap(TileGrid.from_dict(record["grid"]), plan.grid):
+                # Another extent of the same raster: a part of it is indexed already, on a shifted grid.
+                raise SearchIndexError(
+                    f"{subject} (source {record['id']}), and the extent to add overlaps the part indexed then, so "
+                    "those places would be indexed twice. Choose an extent that leaves that part out, or build the "
+                    "index again with overwrite_existing_index and an extent that covers every part you need."
+                )
+
+
+def _grids_overlap(first: TileGrid, second: TileGrid) -> bool:
+    """Return whether the areas of two grids share room for a whole tile; grids in other CRSs count as overlapping.
+
+    Each grid reaches up to a tile past its extent, so the grids of two neighbouring extents of
+    one raster share a strip narrower than a tile, which is not counted.
+    """
+    if first.crs_wkt != second.crs_wkt:
+        return True
+    first_bounds, second_bounds = first.bounds, second.bounds
+    width = min(first_bounds[2], second_bounds[2]) - max(first_bounds[0], second_bounds[0])
+    height = min(first_bounds[3], second_bounds[3]) - max(first_bounds[1], second_bounds[1])
+    tile_size = max(first.tile_ground_size, second.tile_ground_size)
+    return width > tile_size and height > tile_size
 
 
 def _same_file_path(first: str, second: str) -> bool:

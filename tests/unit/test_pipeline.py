@@ -1315,6 +1315,36 @@ def test_add_changed_raster_is_rejected(shared_data, tmp_path):
     assert len(TileIndex.open(tmp_path / "index").sources) == 1
 
 
+def half_extent(path: str, half: str) -> Region:
+    """Return the west or east half of the raster at ``path`` as a build extent."""
+    raster = RasterSource(path)
+    xmin, ymin, xmax, ymax = raster.bounds
+    middle = (xmin + xmax) / 2.0
+    bounds = (xmin, ymin, middle, ymax) if half == "west" else (middle, ymin, xmax, ymax)
+    return Region(crs_wkt=raster.crs_wkt, bounds=bounds)
+
+
+def test_add_raster_again_over_its_indexed_part_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([source], tmp_path / "index"))
+
+    with pytest.raises(SearchIndexError, match="overlaps the part indexed then"):
+        build_index(parameters([source], tmp_path / "index", add_to_existing=True,
+                               extent=half_extent(source, "west")))
+
+    assert len(TileIndex.open(tmp_path / "index").sources) == 1
+
+
+def test_add_other_part_of_raster(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([source], tmp_path / "index", extent=half_extent(source, "west"), overlap_fraction=0.0))
+
+    build_index(parameters([source], tmp_path / "index", add_to_existing=True, extent=half_extent(source, "east"),
+                           overlap_fraction=0.0))
+
+    assert len(TileIndex.open(tmp_path / "index").sources) == 2
+
+
 def test_two_sources_in_one_build(shared_data, tmp_path):
     sources = [geo(shared_data, "rasterio/rgb1.tif"), geo(shared_data, "rasterio/rgb2.tif")]
     report = build_index(parameters(sources, tmp_path / "index"))
