@@ -52,8 +52,9 @@ class CancelledError(LookalikeError):
 
 def mentioned_name_pattern(core_name: str) -> re.Pattern:
     """Return the pattern of ``core_name`` where a message names that argument."""
-    # A name inside a path or a longer word (a folder called my_index_folder) is not the argument.
-    return re.compile(rf"(?<![\w/\\.'\"-]){re.escape(core_name)}(?![\w/\\.'\"-])")
+    # A name inside a path or a longer word (a folder called my_index_folder) is not the argument,
+    # while a name that ends a sentence is.
+    return re.compile(rf"(?<![\w/\\.'\"-]){re.escape(core_name)}(?![\w/\\'\"-])(?!\.[\w/\\])")
 
 
 def with_field_names(message: str, field_names: Mapping[str, str], where: str) -> str:

@@ -134,6 +134,7 @@ __all__ = [
     "QueryChips",
     "Region",
     "build_index",
+    "discarded_checkpoints_warning",
     "embed_query",
     "index_encoder_path",
     "indexed_source_for_geometry",
@@ -324,10 +325,7 @@ def _build_index_locked(
     partial = _PartialBuild.open_or_create(partial_folder, build_id, layout, settings,
                                            discard_other_build=params.discard_other_checkpoints)
     if partial.discarded_other_build:
-        warnings.append(
-            f"The checkpoints of an interrupted build in {partial_folder} were made with other parameters, rasters "
-            "or encoder than this build, so they were discarded and every tile is read again."
-        )
+        warnings.append(discarded_checkpoints_warning(partial_folder))
     start_position, embedded, skipped = partial.resume_state(len(plans))
     if partial.discarded_chunk_count:
         warnings.append(
@@ -407,6 +405,14 @@ def _build_index_locked(
         elapsed_s, report.rate_tiles_per_s,
     )
     return report
+
+
+def discarded_checkpoints_warning(partial_folder: PathLike) -> str:
+    """Return the build warning for checkpoints of another build that discard_other_checkpoints discarded."""
+    return (
+        f"The checkpoints of an interrupted build in {partial_folder} were made with other parameters, rasters "
+        "or encoder than this build, so they were discarded and every tile is read again."
+    )
 
 
 def _remove_empty_checkpoints(partial: _PartialBuild) -> None:

@@ -12,8 +12,9 @@ def _moved(enum_name: str, member_name: str, old_value: Any) -> Any:
     return getattr(enum, member_name, old_value) if enum is not None else old_value
 
 
-# QgsField takes QMetaType types from QGIS 3.38 on, and only those under Qt 6, where QVariant has
-# no type enum. Earlier releases take QVariant types only.
+# Under Qt 6 QVariant has no type enum, so QgsField needs QMetaType types there. Earlier releases
+# take QVariant types. NOTE: only the QVariant branch runs here (QGIS 3.22); the 3.38 boundary,
+# where QGIS moved its field types to QMetaType, is untested.
 if Qgis.QGIS_VERSION_INT >= 33800:
     FIELD_INT, FIELD_LONG, FIELD_DOUBLE, FIELD_STRING = (
         QMetaType.Type.Int, QMetaType.Type.LongLong, QMetaType.Type.Double, QMetaType.Type.QString)

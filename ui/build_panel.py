@@ -8,7 +8,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
-from qgis.core import Qgis, QgsGeometry, QgsMapLayer, QgsRasterLayer, QgsVectorLayer
+from qgis.core import (
+    Qgis,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsCsException,
+    QgsGeometry,
+    QgsMapLayer,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsVectorLayer,
+)
 from qgis.gui import QgsFileWidget, QgsMapLayerComboBox, QgsMessageBarItem, QgsRasterBandComboBox
 from qgis.PyQt import sip
 from qgis.PyQt.QtWidgets import (
@@ -46,7 +56,13 @@ from ..core.parameters import (
     MIN_SOURCE_PIXELS_PER_TILE,
     MIN_TILE_SIZE_SOURCE_PX,
 )
-from ..core.pipeline import BuildParameters, Region, describe_skipped
+from ..core.pipeline import (
+    BuildParameters,
+    Region,
+    describe_skipped,
+    discarded_checkpoints_warning,
+    partial_folder_for,
+)
 from ..core.spec import ModelSpec
 from ..gis.compat import RASTER_SIZE_CAPABILITY
 from ..gis.raster_layers import crs_to_wkt, source_spec_for_layer, target_crs_wkt, written_raster_path
@@ -523,7 +539,9 @@ class BuildPanelMixin:
             return None, None
         if mode == EXTENT_MAP_VIEW:
             extent = self.canvas.extent()
-            crs_wkt = crs_to_wkt(self.canvas.mapSettings().destinationCrs())
+            canvas_crs = self.canvas.mapSettings().destinationCrs()
+            self._check_map_view_covers_raster(extent, canvas_crs)
+            crs_wkt = crs_to_wkt(canvas_crs)
             bounds = (extent.xMinimum(), extent.yMinimum(), extent.xMaximum(), extent.yMaximum())
             return Region(crs_wkt=crs_wkt, bounds=bounds), (bounds, crs_wkt)
         wkts, layer = self._extent_polygons()
@@ -532,12 +550,33 @@ class BuildPanelMixin:
         bounds = (envelope.xMinimum(), envelope.yMinimum(), envelope.xMaximum(), envelope.yMaximum())
         return Region(crs_wkt=crs_wkt, polygons_wkt=tuple(wkts)), (bounds, crs_wkt)
 
+    def _check_map_view_covers_raster(self, extent: QgsRectangle, canvas_crs: QgsCoordinateReferenceSystem) -> None:
+        """Raise LookalikeError when the map view lies beside the chosen raster, where the build would find no tile."""
+        layer = self.raster_combo.currentLayer()
+        if not isinstance(layer, QgsRasterLayer):
+            return
+        try:
+            view = QgsCoordinateTransform(canvas_crs, layer.crs(), self.project).transformBoundingBox(extent)
+        except QgsCsException:
+            # The view cannot be brought into the raster's CRS here; the build names that case.
+            return
+        if not view.intersects(layer.extent()):
+            raise LookalikeError(
+                f"The map view does not cover the raster {layer.name()!r}, so the build would find no tile; pan or "
+                "zoom the map to the raster, or set the extent to Whole layer."
+            )
+
     def _mask_region(self) -> Optional[Region]:
         layer = self.mask_combo.currentLayer()
         if not isinstance(layer, QgsVectorLayer):
             return None
         wkts = [feature.geometry().asWkt() for feature in layer.getFeatures() if feature.hasGeometry()]
         if not wkts:
+            self.push_message(
+                f"The mask layer {layer.name()!r} has no polygons, so this build masks nothing; draw the areas to "
+                "leave out in it, or set the mask to none.",
+                Qgis.MessageLevel.Warning,
+            )
             return None
         return Region(crs_wkt=crs_to_wkt(layer.crs()), polygons_wkt=tuple(wkts))
 
@@ -794,18 +833,29 @@ class BuildPanelMixin:
                 self._on_closed_project_build_finished(report.index_folder)
                 return
             self.open_index(report.index_folder)
+            if report.already_complete and not report.tiles_resumed:
+                self.push_message(
+                    f"The index in {report.index_folder} already contains this build (the same rasters and "
+                    f"settings), so nothing was embedded or added; its {_tile_count_text(report.tiles_embedded)} "
+                    "from these rasters stay as they were. Draw on the map to search.",
+                    Qgis.MessageLevel.Info,
+                )
+                for warning in report.warnings:
+                    self.push_message(warning, Qgis.MessageLevel.Warning)
+                return
             skipped = (f", {report.tiles_skipped} skipped ({describe_skipped(report.skipped_by_reason)})"
                        if report.tiles_skipped else "")
             # After a resume the time covers this run only, so the message names where it started.
             resumed = (f" (resumed at tile {report.tiles_resumed} of {report.tiles_total})"
                        if report.tiles_resumed and not report.already_complete else "")
             self.push_message(
-                f"Index built{resumed}: {report.tiles_embedded} tiles embedded{skipped} in "
+                f"Index built{resumed}: {_tile_count_text(report.tiles_embedded)} embedded{skipped} in "
                 f"{_format_duration(report.elapsed_s)}. Draw on the map to search.",
                 Qgis.MessageLevel.Success,
             )
             for warning in report.warnings:
-                self.push_message(warning, Qgis.MessageLevel.Warning)
+                if warning != _chosen_discard_warning(request):
+                    self.push_message(warning, Qgis.MessageLevel.Warning)
             return
         folder = request.params.index_folder if request is not None else ""
         if task.outcome is TaskOutcome.CANCELLED and _started_in_closed_project(self, task):
@@ -1143,6 +1193,17 @@ def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
     except OSError:
         return None
     return info.st_ino, info.st_size, info.st_mtime_ns
+
+
+def _chosen_discard_warning(request: Optional[jobs.BuildRequest]) -> Optional[str]:
+    """Return the warning about discarded checkpoints when the analyst chose to discard them, else None."""
+    if request is None or not request.params.discard_other_checkpoints:
+        return None
+    return discarded_checkpoints_warning(partial_folder_for(request.params.index_folder))
+
+
+def _tile_count_text(count: int) -> str:
+    return "1 tile" if count == 1 else f"{count} tiles"
 
 
 def _build_settings_text(request: jobs.BuildRequest) -> str:

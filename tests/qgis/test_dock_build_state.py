@@ -214,6 +214,9 @@ def test_other_settings_ask_before_discarding_tiles(dock, ships_clip, tmp_path, 
     assert "It differs in the overlap." in questions[0]
     assert first_grid_in(tmp_path / "index").overlap_fraction == 0.5
     assert not (tmp_path / "index.partial").exists()
+    # The analyst chose to discard those tiles, so no warning repeats it.
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert not any("were discarded" in text for text in warnings), warnings
 
 
 def test_declined_discard_keeps_tiles(dock, ships_clip, tmp_path, qgis_iface, questions, build_hold):
@@ -606,6 +609,30 @@ def test_append_keeps_finer_index_gsd(dock, ships_clip, repo_root, tmp_path):
     sources = TileIndex.open(folder).sources
     assert len(sources) == 2
     assert sources[1]["grid"]["gsd"] == sources[0]["grid"]["gsd"]
+
+
+def test_append_built_again_adds_nothing_and_says_so(dock, ships_clip, repo_root, tmp_path, qgis_iface):
+    folder = tmp_path / "index"
+    dock.raster_combo.setLayer(ships_clip)
+    build_at(dock, folder, gsd_m=20.0)
+    corner = tmp_path / "corner.tif"
+    gdal.Translate(str(corner), str(repo_root / SHIPS_CLIP), srcWin=[0, 0, 200, 200])
+    corner_layer = QgsRasterLayer(str(corner), "corner")
+    QgsProject.instance().addMapLayer(corner_layer)
+    dock.raster_combo.setLayer(corner_layer)
+    dock.add_to_index_check.setChecked(True)
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+    count = TileIndex.open(folder).count
+    qgis_iface.messageBar().clear_messages()
+
+    QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
+    wait_for_tasks(dock)
+
+    assert TileIndex.open(folder).count == count
+    assert not qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
+    infos = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Info)
+    assert any("already contains this build" in text and "nothing was embedded or added" in text for text in infos)
 
 
 def test_settings_changed_after_open_are_saved(dock, ships_clip, tmp_path):

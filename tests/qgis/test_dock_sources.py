@@ -12,7 +12,7 @@ from typing import Optional
 import pytest
 from dock_testing import wait_for_tasks, wait_until
 from osgeo import gdal, osr
-from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer
+from qgis.core import Qgis, QgsApplication, QgsProject, QgsRasterLayer, QgsRectangle, QgsVectorLayer
 from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 
@@ -178,6 +178,38 @@ def test_build_without_folder_warns(dock, shared_data, qgis_canvas, qgis_iface):
     assert dock.start_build() is None
     warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
     assert any("No index folder is set" in text for text in warnings)
+
+
+def test_map_view_beside_raster_warns_before_build(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    layer = QgsRasterLayer(str(shared_data / SHIPS_RASTER), "ships")
+    extent = layer.extent()
+    show_layer(qgis_canvas, layer, QgsRectangle(extent.xMaximum() + 5000, extent.yMinimum(),
+                                                extent.xMaximum() + 8000, extent.yMaximum()))
+    dock.raster_combo.setLayer(layer)
+    dock.extent_combo.setCurrentIndex(dock.extent_combo.findData(EXTENT_MAP_VIEW))
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+
+    assert dock.start_build() is None
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("The map view does not cover the raster 'ships'" in text for text in warnings), warnings
+    assert not (tmp_path / "index").exists()
+
+
+def test_empty_mask_layer_warns(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):
+    layer = QgsRasterLayer(str(shared_data / SHIPS_RASTER), "ships")
+    show_layer(qgis_canvas, layer)
+    dock.raster_combo.setLayer(layer)
+    mask = QgsVectorLayer("Polygon?crs=EPSG:32610", "clouds", "memory")
+    QgsProject.instance().addMapLayer(mask)
+    dock.mask_combo.setLayer(mask)
+    dock.gsd_spin.setValue(20.0)
+    dock.index_folder.setFilePath(str(tmp_path / "index"))
+
+    assert dock.start_build() is not None
+    wait_for_tasks(dock)
+
+    warnings = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Warning)
+    assert any("The mask layer 'clouds' has no polygons, so this build masks nothing" in text for text in warnings)
 
 
 def test_relative_index_folder_needs_a_project_folder(dock, shared_data, tmp_path, qgis_canvas, qgis_iface):

@@ -216,6 +216,9 @@ def test_parameters_reject_huge_integers(tmp_path, name, value, largest):
     ("The folder /data/my_band_indexes contains other files", False),
     ("The folder '/data/band_indexes' contains other files", False),
     ("band_indexes_extra is unknown", False),
+    ("pass a smaller tile size or other band_indexes.", True),
+    ("The file /data/band_indexes.json is missing", False),
+    ("The file band_indexes.json is missing", False),
 ])
 def test_field_names_note_only_the_argument(message, noted):
     text = with_field_names(message, {"band_indexes": "the Bands row"}, "this panel")
