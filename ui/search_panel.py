@@ -18,6 +18,7 @@ from qgis.PyQt.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QMenu,
     QPushButton,
     QSpinBox,
     QToolButton,
@@ -102,10 +103,19 @@ class SearchPanelMixin:
         layout.addLayout(run_row)
         # Editing the query has its own row, which keeps the panel narrow enough to dock at a side.
         edit_row = QHBoxLayout()
-        self.remove_part_button = QPushButton("Remove last part")
+        # A click removes the last part; the arrow lists every part, to remove another one.
+        self.remove_part_button = QToolButton()
+        self.remove_part_button.setText("Remove last part")
         self.remove_part_button.setObjectName("lookalikeRemoveLastPart")
-        self.remove_part_button.setToolTip("Remove the part added last, positive or negative, and search again")
+        self.remove_part_button.setToolTip(
+            "Remove the part added last, positive or negative, and search again; the arrow lists every part"
+        )
+        self.remove_part_button.setPopupMode(QToolButton.ToolButtonPopupMode.MenuButtonPopup)
         self.remove_part_button.clicked.connect(self.remove_last_query_part)
+        self.query_parts_menu = QMenu(self.remove_part_button)
+        self.query_parts_menu.setObjectName("lookalikeQueryPartsMenu")
+        self.query_parts_menu.aboutToShow.connect(self._fill_query_parts_menu)
+        self.remove_part_button.setMenu(self.query_parts_menu)
         edit_row.addWidget(self.remove_part_button)
         self.clear_query_button = QPushButton("Clear query")
         self.clear_query_button.setObjectName("lookalikeClearQuery")
@@ -268,20 +278,48 @@ class SearchPanelMixin:
         self._marks_set_aside.clear()
         self._update_query_label()
 
+    def query_part_labels(self) -> list[str]:
+        """Return a label per query part, counting positives and negatives apart as the search's warnings do."""
+        labels = []
+        counts = {False: 0, True: 0}
+        for position, (_geometry, negative, _crs) in enumerate(self.query_parts, start=1):
+            counts[negative] += 1
+            kind = "negative" if negative else "positive"
+            labels.append(f"Part {position}: {kind} example {counts[negative]}")
+        return labels
+
+    def _fill_query_parts_menu(self) -> None:
+        self.query_parts_menu.clear()
+        for position, label in enumerate(self.query_part_labels()):
+            action = self.query_parts_menu.addAction(f"Remove {label[0].lower()}{label[1:]}")
+            action.hovered.connect(lambda index=position: self._flash_query_part(index))
+            action.triggered.connect(lambda _checked=False, index=position: self.remove_query_part(index))
+
+    def _flash_query_part(self, position: int) -> None:
+        if 0 <= position < len(self.query_parts):
+            geometry, _negative, crs_wkt = self.query_parts[position]
+            self.canvas.flashGeometries([geometry], QgsCoordinateReferenceSystem.fromWkt(crs_wkt))
+
     def remove_last_query_part(self) -> None:
-        """Remove the part added last and search again with the rest; the query and its marks stay.
+        """Remove the part added last and search again with the rest; the query and its marks stay."""
+        if not self.query_parts:
+            self.push_message("The query has no part to remove; draw one on the map.", Qgis.MessageLevel.Info)
+            return
+        self.remove_query_part(len(self.query_parts) - 1)
+
+    def remove_query_part(self, position: int) -> None:
+        """Remove the part at ``position`` and search again with the rest; the query and its marks stay.
 
         Without a positive part or a relevant mark left there is nothing to search for, so the
         matches shown stay those of the query before, and the message bar explains that.
         """
-        if not self.query_parts:
-            self.push_message("The query has no part to remove; draw one on the map.", Qgis.MessageLevel.Info)
+        if not 0 <= position < len(self.query_parts):
             return
         if self.search_task is not None:
             # The running search may include the removed part, so its matches must not be shown.
             self._search_again = False
             self.search_task.cancel()
-        self._remove_query_part(len(self.query_parts) - 1)
+        self._remove_query_part(position)
         self._query_emptied_by_removal = not self.query_parts
         self._update_query_label()
         self._store_state()

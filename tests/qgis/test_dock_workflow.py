@@ -360,6 +360,20 @@ def test_remove_last_positive_says_no_search_ran(dock, ships_layer, tmp_path, qg
     assert any("No positive part or relevant mark is left, so no search ran" in text for text in infos)
 
 
+def test_parts_menu_removes_a_chosen_part(dock, ships_layer, tmp_path, qgis_canvas):
+    search_ship_then_water_negative(dock, ships_layer, tmp_path / "index", qgis_canvas)
+    negative_wkt = dock.query_parts[1][0].asWkt()
+    dock.query_parts_menu.aboutToShow.emit()
+    labels = [action.text() for action in dock.query_parts_menu.actions()]
+
+    dock.query_parts_menu.actions()[0].trigger()
+    wait_for_tasks(dock)
+
+    assert labels == ["Remove part 1: positive example 1", "Remove part 2: negative example 1"]
+    assert [(geometry.asWkt(), negative) for geometry, negative, _crs in dock.query_parts] == [(negative_wkt, True)]
+    assert len(dock.overlay) == 1
+
+
 def start_ship_search(dock, ships_layer, folder, canvas) -> None:
     """Build the ships index and draw a box around a ship, leaving its search running."""
     dock.raster_combo.setLayer(ships_layer)
