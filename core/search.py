@@ -50,18 +50,16 @@ DEFAULT_STRATEGY = "mean"
 # Cosine similarity of the mean negative to the mean positive from which a "mean" query keeps the
 # positives' direction, so that its negatives change nothing. NOTE: a judgement, not a measurement.
 PARALLEL_NEGATIVES_MIN_COSINE = 0.999
-# Remove last part removes the most recent part first, which is why the advice names positions.
+# The dock's list of query parts numbers negatives the same way, so the analyst finds the one meant.
 ONE_NEGATIVE_LIKE_POSITIVES_MESSAGE = (
     "Negative example {positions} of {total} (counted in the order given) looks like the positive ones to the "
-    "encoder, as a negative drawn over the example itself does, so it only weakens the other negatives. Remove it; "
-    "Remove last part in the panel removes the most recent part first, so when other parts came later, clear the "
-    "query and draw it again without it."
+    "encoder, as a negative drawn over the example itself does, so it only weakens the other negatives. Remove it: "
+    "in the panel, the arrow beside Remove last part lists the parts with these numbers."
 )
 SEVERAL_NEGATIVES_LIKE_POSITIVES_MESSAGE = (
     "Negative examples {positions} of {total} (counted in the order given) look like the positive ones to the "
     "encoder, as a negative drawn over the example itself does, so they only weaken the other negatives. Remove "
-    "them; Remove last part in the panel removes the most recent part first, so when other parts came later, clear "
-    "the query and draw it again without them."
+    "them: in the panel, the arrow beside Remove last part lists the parts with these numbers."
 )
 NEGATIVES_ONLY_SCALE_SCORES_MESSAGE = (
     "The negative examples look like the positive one to the encoder, so with the max strategy they lower every "
