@@ -538,13 +538,16 @@ def partial_folder_for(index_folder: PathLike) -> Path:
 
 
 def index_folder_of_checkpoint_name(path: PathLike) -> Optional[Path]:
-    """Return the existing folder whose builds would keep their checkpoints at ``path``, or None.
+    """Return the existing folder whose builds would keep their checkpoints at ``path`` or above it, or None.
 
     That is ``<folder>.partial`` beside ``<folder>``. A build stops when that path is taken by a
-    folder that is not its checkpoints, so other outputs must not be written there.
+    folder that is not its checkpoints, so other outputs must not be written there or inside it.
     """
     resolved = Path(os.path.realpath(os.fspath(path)))
-    if not resolved.name.endswith(PARTIAL_SUFFIX) or resolved.name == PARTIAL_SUFFIX:
-        return None
-    index_folder = resolved.with_name(resolved.name[: -len(PARTIAL_SUFFIX)])
-    return index_folder if index_folder.is_dir() else None
+    for place in (resolved, *resolved.parents):
+        if not place.name.endswith(PARTIAL_SUFFIX) or place.name == PARTIAL_SUFFIX:
+            continue
+        index_folder = place.with_name(place.name[: -len(PARTIAL_SUFFIX)])
+        if index_folder.is_dir():
+            return index_folder
+    return None

@@ -146,6 +146,10 @@ __all__ = [
 
 LOGGER = get_logger("pipeline")
 
+# Share of the smaller grid's area above which a raster added again counts as covering a part
+# indexed before. Neighbouring extents share only the strip where their edge tiles reach across.
+GRID_OVERLAP_MAX_SHARE = 0.5
+
 # Tiles per graph insert at commit. hnswlib spreads each insert over every core, so larger inserts
 # wait less: 2,609 NAIP tiles took 0.45 s in inserts of 32 and 0.34 s in inserts of 1,024 (2 cores).
 COMMIT_ADD_TILES = 1024
@@ -564,18 +568,24 @@ def _check_not_indexed_yet(index: TileIndex, plans: Sequence[_SourcePlan]) -> No
 
 
 def _grids_overlap(first: TileGrid, second: TileGrid) -> bool:
-    """Return whether the areas of two grids share room for a whole tile; grids in other CRSs count as overlapping.
+    """Return whether two grids share more than half of the smaller one's area; other CRSs count as overlapping.
 
-    Each grid reaches up to a tile past its extent, so the grids of two neighbouring extents of
-    one raster share a strip narrower than a tile, which is not counted.
+    Each grid reaches up to a tile past its extent, so the grids of two neighbouring extents of one
+    raster share a strip up to a tile wide, which counts only when one of the grids is that narrow.
     """
     if first.crs_wkt != second.crs_wkt:
         return True
     first_bounds, second_bounds = first.bounds, second.bounds
     width = min(first_bounds[2], second_bounds[2]) - max(first_bounds[0], second_bounds[0])
     height = min(first_bounds[3], second_bounds[3]) - max(first_bounds[1], second_bounds[1])
-    tile_size = max(first.tile_ground_size, second.tile_ground_size)
-    return width > tile_size and height > tile_size
+    if width <= 0 or height <= 0:
+        return False
+    smaller_area = min(_bounds_area(first_bounds), _bounds_area(second_bounds))
+    return width * height > GRID_OVERLAP_MAX_SHARE * smaller_area
+
+
+def _bounds_area(bounds: Sequence[float]) -> float:
+    return (bounds[2] - bounds[0]) * (bounds[3] - bounds[1])
 
 
 def _same_file_path(first: str, second: str) -> bool:

@@ -250,8 +250,8 @@ def export_chips(
     index_folder = index_folder_of_checkpoint_name(folder)
     if index_folder is not None:
         raise LookalikeError(
-            f"The chip folder {folder} has the name of the checkpoint folder of builds into {index_folder}, and "
-            "chips there would stop every later build of that index; choose a folder of another name."
+            f"The chip folder {folder} is or lies in the checkpoint folder of builds into {index_folder}, and chips "
+            "there would stop every later build of that index; choose a folder elsewhere."
         )
     # The folders this export creates, deepest first, are removed again if it fails.
     created_folders = []

@@ -138,7 +138,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
 
     VALUE_HINTS = {
         "K": "K is the maximum number of matches returned.",
-        "MIN_SCORE": "The score is the cosine similarity of embeddings: 1 is identical, 0 unrelated.",
+        "MIN_SCORE": ("The score is the cosine similarity of embeddings: 1 is identical. Unrelated tiles score well "
+                      "above 0, so take a threshold from the scores of a first search."),
         "MAX_OVERLAP": (
             "It is a fraction of the smaller footprint, not a percentage: 0 allows no overlap "
             "between matches and 1 turns the suppression off."
@@ -215,8 +216,10 @@ class SearchAlgorithm(LookalikeAlgorithm):
         )
         min_score.setHelp(tr(
             "Matches scoring below this are dropped. The score is the cosine similarity of embeddings "
-            "(1 is identical, 0 unrelated); with counter-examples and the 'max' strategy it can drop "
-            "below -1. Empty keeps the k best whatever their score."
+            "(1 is identical). The bundled encoder's embeddings have no negative values, so unrelated tiles "
+            "still score well above 0, and how far depends on the imagery: take a threshold from the scores "
+            "of a first search. With counter-examples and the 'max' strategy the score can drop below -1. "
+            "Empty keeps the k best whatever their score."
         ))
         self.addParameter(min_score)
 

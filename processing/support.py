@@ -312,6 +312,7 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
     """
     if not output_path:
         return
+    from ..core.checkpoints import index_folder_of_checkpoint_name, partial_folder_for
     from ..core.index import (
         FOLDER_DAMAGED_INDEX,
         FOLDER_INDEX,
@@ -334,6 +335,13 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
             f"{output_name}: {output_path} is inside {lookalike_folder_kind(folder)} {folder}, where writing it "
             f"could replace or lose a file of Lookalike's. Choose a {'folder' if is_folder else 'file'} outside that "
             "folder."
+        ))
+    index_folder = index_folder_of_checkpoint_name(output_path)
+    if index_folder is not None:
+        raise QgsProcessingException(tr(
+            f"{output_name}: {output_path} is in {partial_folder_for(index_folder)}, the checkpoint folder of builds "
+            f"into {index_folder}, and an output there would stop every later build of that index. Choose a "
+            f"{'folder' if is_folder else 'file'} elsewhere."
         ))
 
 

@@ -161,6 +161,12 @@ class ResultsPanelMixin:
             # The running search uses the marks just cleared, so the query runs again without them.
             self._search_again = any(not negative for _geometry, negative, _crs in self.query_parts)
             self.search_task.cancel()
+            if not self._search_again:
+                self.push_message(
+                    "The running search used the relevance marks of the removed layer, so it was cancelled, and the "
+                    "query has no positive part to search with; draw one to search again.",
+                    Qgis.MessageLevel.Info,
+                )
         self._update_query_label()
 
     def match_geometry(self, tile_id: int) -> Optional[QgsGeometry]:

@@ -498,7 +498,10 @@ class SearchPanelMixin:
                     if not self.project.mapLayersByName(self.query_layer_name()) and not self.results_table.marks():
                         # The query never had a match or a mark, so the next drawing takes its number.
                         self.query_number = self._query_number_before_new
-                        self._update_query_label()
+                    else:
+                        # The query keeps its layer and marks, and the next drawing continues it.
+                        self._query_emptied_by_removal = True
+                    self._update_query_label()
         if self._search_again:
             self._search_again = False
             self.start_search()

@@ -390,6 +390,22 @@ def test_rejected_first_part_leaves_query_number(dock, ships_layer, qgis_canvas,
     assert dock.result_layer().name() == "Lookalike query 1"
 
 
+def test_rejected_part_keeps_emptied_query(searched, qgis_canvas, ships_layer):
+    marked = searched.matches[0].tile_id
+    searched.results_table.set_relevance(marked, Relevance.NOT_RELEVANT)
+    searched.remove_last_query_part()
+    wait_for_tasks(searched)
+    extent = ships_layer.extent()
+
+    searched.add_query_geometry(QgsGeometry.fromWkt(f"POINT({extent.xMaximum() + 5000} {extent.yMaximum()})"), False)
+    wait_for_tasks(searched)
+
+    assert searched.query_label.text().startswith("Query 1: no drawn part left")
+    search_box(searched, qgis_canvas, ship_query_bounds(ships_layer))
+    assert searched.result_layer().name() == "Lookalike query 1"
+    assert searched.results_table.relevance(marked) is Relevance.NOT_RELEVANT
+
+
 def test_negative_only_query_keeps_its_part(searched, qgis_iface, qgis_canvas, ships_layer):
     searched.clear_query()
     searched.negative_button.setChecked(True)

@@ -263,8 +263,9 @@ def test_reexport_keeps_notes_of_left_out_chips(repo_root, tmp_path):
 def test_export_into_checkpoint_name_stops(repo_root, tmp_path):
     (tmp_path / "harbour_index").mkdir()
 
-    with pytest.raises(LookalikeError, match="checkpoint folder of builds into"):
-        chip_export.export_chips(ships_requests(repo_root, 1), tmp_path / "harbour_index.partial")
+    for folder in (tmp_path / "harbour_index.partial", tmp_path / "harbour_index.partial" / "chips"):
+        with pytest.raises(LookalikeError, match="checkpoint folder of builds into"):
+            chip_export.export_chips(ships_requests(repo_root, 1), folder)
 
     assert not (tmp_path / "harbour_index.partial").exists()
 

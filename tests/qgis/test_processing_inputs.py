@@ -326,6 +326,19 @@ def test_search_output_named_like_raster(tiny_index, tiny_encoder, tmp_path):
     assert (tmp_path / "scene.tif.gpkg").is_file()
 
 
+def test_search_output_in_checkpoint_folder_rejected(tiny_index, tiny_encoder, tmp_path):
+    (tmp_path / "harbour").mkdir()
+    (tmp_path / "harbour.partial").mkdir()
+    output = tmp_path / "harbour.partial" / "matches.gpkg"
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "OUTPUT": str(output),
+    })
+
+    assert f"the checkpoint folder of builds into {tmp_path / 'harbour'}" in message
+    assert list((tmp_path / "harbour.partial").iterdir()) == []
+
+
 def test_search_output_folder_without_extension_rejected(tiny_index, tiny_encoder, tmp_path):
     folder = tmp_path / "results"
     folder.mkdir()

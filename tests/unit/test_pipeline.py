@@ -1338,6 +1338,19 @@ def test_add_raster_again_over_its_indexed_part_rejected(shared_data, tmp_path):
     assert len(TileIndex.open(tmp_path / "index").sources) == 1
 
 
+def test_add_strip_of_indexed_raster_rejected(shared_data, tmp_path):
+    source = geo(shared_data, "rasterio/RGB.byte.tif")
+    build_index(parameters([source], tmp_path / "index"))
+    raster = RasterSource(source)
+    xmin, ymin, xmax, ymax = raster.bounds
+    middle_y = (ymin + ymax) / 2.0
+    # Narrower than one tile, inside the part indexed before.
+    strip = Region(crs_wkt=raster.crs_wkt, bounds=(xmin, middle_y, xmax, middle_y + 10.0))
+
+    with pytest.raises(SearchIndexError, match="overlaps the part indexed then"):
+        build_index(parameters([source], tmp_path / "index", add_to_existing=True, extent=strip))
+
+
 def test_add_other_part_of_raster(shared_data, tmp_path):
     source = geo(shared_data, "rasterio/RGB.byte.tif")
     build_index(parameters([source], tmp_path / "index", extent=half_extent(source, "west"), overlap_fraction=0.0))
