@@ -339,21 +339,10 @@ def test_search_output_in_checkpoint_folder_rejected(tiny_index, tiny_encoder, t
     assert list((tmp_path / "harbour.partial").iterdir()) == []
 
 
-def test_search_output_folder_without_extension_rejected(tiny_index, tiny_encoder, tmp_path):
-    folder = tmp_path / "results"
-    folder.mkdir()
-
-    message = run_failure("search", {
-        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
-        "OUTPUT": str(folder),
-    })
-
-    assert f"OUTPUT: {folder} is a folder; give the name of a file to write the matches to, such as" in message
-    assert not (tmp_path / "results.gpkg").exists()
-
-
-def test_search_output_folder_rejected(tiny_index, tiny_encoder, tmp_path):
-    folder = tmp_path / "matches.gpkg"
+@pytest.mark.parametrize("folder_name", ["results", "matches.gpkg"])
+def test_search_output_folder_rejected(tiny_index, tiny_encoder, tmp_path, folder_name):
+    # QGIS adds .gpkg to a path without an extension, which would write results.gpkg beside the folder.
+    folder = tmp_path / folder_name
     folder.mkdir()
 
     message = run_failure("search", {
@@ -362,6 +351,7 @@ def test_search_output_folder_rejected(tiny_index, tiny_encoder, tmp_path):
     })
 
     assert f"OUTPUT: {folder} is a folder; give the name of a file" in message
+    assert sorted(path.name for path in tmp_path.iterdir()) == [folder_name]
 
 
 @pytest.mark.parametrize("name, driver", [("roads.shp", "ESRI Shapefile"), ("roads.geojson", "GeoJSON")])

@@ -980,44 +980,40 @@ def test_short_graph_write_keeps_old_index(tmp_path: Path) -> None:
     assert data_file_names(folder) == files_before
 
 
-def test_open_during_save_elsewhere_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Another process saves right after this open read the manifest, deleting the files it names.
-    folder = tmp_path / "index"
-    writer = filled_index(folder, n=20)
+def save_during_open(monkeypatch: pytest.MonkeyPatch, writer: TileIndex, every_attempt: bool) -> list:
+    """Make another writer add a tile and save right after an open reads the manifest; return one entry per save.
+
+    The save deletes the files the open is about to read, as a save in another process does.
+    """
     real_check = index_module._check_data_files
-    saves = []
+    saves: list = []
 
     def save_meanwhile(index_folder: Path, manifest: dict) -> dict:
         paths = real_check(index_folder, manifest)
-        if not saves:
-            writer.add(unit_vectors(5, seed=9), first_tiles(0, 25)[20:])
+        if every_attempt or not saves:
+            count = writer.count
+            writer.add(unit_vectors(1, seed=len(saves)), first_tiles(0, count + 1)[count:])
             writer.save()
             saves.append(True)
         return paths
 
     monkeypatch.setattr(index_module, "_check_data_files", save_meanwhile)
+    return saves
+
+
+def test_open_during_save_elsewhere_retries(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "index"
+    saves = save_during_open(monkeypatch, filled_index(folder, n=20), every_attempt=False)
 
     opened = TileIndex.open(folder)
 
     assert saves == [True]
-    assert opened.count == 25
+    assert opened.count == 21
 
 
 def test_open_during_every_save_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # Another process saves during each attempt to open, so every attempt reads deleted files.
     folder = tmp_path / "index"
-    writer = filled_index(folder, n=20)
-    real_check = index_module._check_data_files
-    saves = []
-
-    def save_meanwhile(index_folder: Path, manifest: dict) -> dict:
-        paths = real_check(index_folder, manifest)
-        writer.add(unit_vectors(1, seed=len(saves)), first_tiles(0, 21 + len(saves))[20 + len(saves):])
-        writer.save()
-        saves.append(True)
-        return paths
-
-    monkeypatch.setattr(index_module, "_check_data_files", save_meanwhile)
+    saves = save_during_open(monkeypatch, filled_index(folder, n=20), every_attempt=True)
 
     with pytest.raises(SearchIndexError, match="was saved by another build or program") as raised:
         TileIndex.open(folder)
