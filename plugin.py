@@ -73,6 +73,10 @@ class LookalikePlugin:
     def unload(self) -> None:
         if self.install_task is not None:
             self.install_task.on_finished = None
+        if self.dependency_message is not None:
+            # Its Install button would start pip for a plugin that is gone, once per reload.
+            self.iface.messageBar().popWidget(self.dependency_message)
+            self.dependency_message = None
         if self.dock is not None:
             self.dock.close()
             self.iface.removeDockWidget(self.dock)
@@ -157,7 +161,7 @@ class LookalikePlugin:
         reason = task.error_message or f"{', '.join(still_missing)} still cannot be imported"
         bar.pushMessage(
             PLUGIN_TITLE,
-            f"Installing Python packages failed: {reason}. See the Lookalike log panel for pip's output.",
+            f"Installing Python packages failed: {reason}.",
             Qgis.MessageLevel.Critical,
             0,
         )

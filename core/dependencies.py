@@ -19,6 +19,14 @@ RUNTIME_REQUIREMENTS: Dict[str, str] = {
 SUPPORT_REQUIREMENTS = ("flatbuffers", "packaging", "protobuf")
 
 
+def requirements_for(import_names: Sequence[str]) -> List[str]:
+    """Return the pip requirements that install ``import_names``, with onnxruntime's own dependencies when needed."""
+    requirements = [RUNTIME_REQUIREMENTS[name] for name in import_names]
+    if "onnxruntime" in import_names:
+        requirements.extend(SUPPORT_REQUIREMENTS)
+    return requirements
+
+
 def missing_packages(import_names: Optional[Sequence[str]] = None) -> List[str]:
     """Return the import names among the runtime requirements that cannot be imported."""
     names = list(RUNTIME_REQUIREMENTS) if import_names is None else list(import_names)
@@ -62,12 +70,11 @@ def install_command(
     unknown = [name for name in import_names if name not in RUNTIME_REQUIREMENTS]
     if unknown:
         raise ValueError(f"Unknown runtime package(s) {unknown}; expected some of {list(RUNTIME_REQUIREMENTS)}.")
-    requirements = [RUNTIME_REQUIREMENTS[name] for name in import_names]
     return [
         python or qgis_python_executable(), "-m", "pip", "install",
         "--disable-pip-version-check", "--no-input", "--upgrade",
         "--target", str(target),
         "--constraint", str(constraints_file),
         "--no-deps",
-        *requirements, *SUPPORT_REQUIREMENTS,
+        *requirements_for(import_names),
     ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib
+import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -340,6 +341,20 @@ def _import_onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError as error:
+        try:
+            spec = importlib.util.find_spec("onnxruntime")
+        except (ImportError, ValueError, AttributeError):
+            # Blocked in sys.modules, as a Python without it behaves.
+            spec = None
+        if spec is not None:
+            # Installed but broken (a missing system library, a build for another Python): the
+            # import error names the cause, which reinstalling the pinned version usually fixes.
+            raise EncoderError(
+                f"The Python package onnxruntime is installed at {spec.origin} but fails to import in "
+                f"{sys.executable} ({error}); install the pinned version again, for that Python: "
+                f"python -m pip install --force-reinstall '{RUNTIME_REQUIREMENTS['onnxruntime']}' "
+                f"'numpy=={np.__version__}'."
+            ) from error
         raise EncoderError(
             f"The Python package onnxruntime cannot be imported by {sys.executable}. In QGIS, click Install in the "
             "Lookalike message bar. Elsewhere, install it for that Python with pip, naming the numpy it has so that "

@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import get_logger
-from .checkpoints import is_checkpoint_folder
+from .checkpoints import is_checkpoint_folder, partial_folder_for
 from .crs import spatial_reference
 from .encoder import file_sha256
 from .errors import LookalikeError, SearchError, SearchIndexError
@@ -479,6 +479,7 @@ class TileIndex:
         _check_tile_table_digest(paths["tiles"], manifest["files"]["tiles"])
 
         _check_graph_links(paths["graph"], count, embeddings, paths["embeddings"])
+        _follow_moved_sources(manifest, folder)
         graph = hnswlib.Index(space=manifest["hnsw"]["space"], dim=embedding_dim)
         try:
             graph.load_index(str(paths["graph"]), max_elements=max(count, 1))
@@ -1146,14 +1147,61 @@ def _file_identity(path: Path) -> Optional[tuple[int, int, int]]:
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 
+def path_from_index(raster_path: str, index_folder: PathLike) -> Optional[str]:
+    """Return ``raster_path`` relative to ``index_folder`` for a source record, or None where there is none.
+
+    A folder that contains both the index and its rasters can then move as a whole (a project
+    folder copied to another computer), and the index still finds its rasters.
+    """
+    if not os.path.isfile(raster_path):
+        return None
+    try:
+        return os.path.relpath(os.path.realpath(raster_path), os.path.realpath(os.fspath(index_folder)))
+    except ValueError:
+        # On Windows, a raster on another drive than the index has no relative path.
+        return None
+
+
+def _follow_moved_sources(manifest: dict[str, Any], folder: Path) -> None:
+    """Point each source whose raster is missing at its path relative to ``folder``, when a file of its size is there.
+
+    The recorded path is kept as ``recorded_path``; nothing is written to disk.
+    """
+    build_folder = (manifest.get("build_parameters") or {}).get("index_folder")
+    for record in manifest["sources"]:
+        path = record.get("path")
+        if not isinstance(path, str) or os.path.exists(path):
+            continue
+        relative = record.get("path_from_index")
+        if not isinstance(relative, str) and isinstance(build_folder, str) and os.path.isabs(build_folder):
+            # Indexes built before path_from_index was recorded: their build's folder gives it.
+            relative = os.path.relpath(path, build_folder)
+        if not isinstance(relative, str):
+            continue
+        candidate = os.path.normpath(os.path.join(os.path.realpath(folder), relative))
+        size = record.get("file_size_bytes")
+        if not os.path.isfile(candidate) or (isinstance(size, int) and os.path.getsize(candidate) != size):
+            continue
+        logger.info("Raster %s of index %s is missing; reading %s, found at the same place relative to the index",
+                    path, folder, candidate)
+        record["recorded_path"] = path
+        record["path"] = candidate
+
+
 def _read_manifest(folder: Path) -> dict[str, Any]:
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
-        if index_folder_state(folder) == FOLDER_UNFINISHED:
+        if index_folder_state(folder) == FOLDER_UNFINISHED and partial_folder_for(folder).is_dir():
             raise SearchIndexError(
                 f"{folder} contains the files of an index whose first save stopped before it finished; run the "
                 "build again with the same settings to finish it (it continues from its checkpoints), or choose "
                 "the folder of a finished index"
+            )
+        if index_folder_state(folder) == FOLDER_UNFINISHED:
+            raise SearchIndexError(
+                f"{folder} contains index data files but no {MANIFEST_NAME}: its first save stopped before it "
+                "finished, or the manifest was deleted, and no checkpoints are left to finish it from. Restore "
+                f"{MANIFEST_NAME} from a backup, or build the index again"
             )
         raise SearchIndexError(
             f"{manifest_path} not found, so {folder} is not a Lookalike index; choose the index folder "

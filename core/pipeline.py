@@ -65,6 +65,7 @@ from .index import (
     index_folder_state,
     lookalike_folder_kind,
     make_tile_table,
+    path_from_index,
     read_manifest_json,
 )
 from .lock import index_lock
@@ -845,7 +846,11 @@ class _GrowingIndex:
                 save_empty=False,
             )
         self._plans = plans
-        self.source_ids = [self.index.add_source({**plan.record, "build_id": build_id}) for plan in plans]
+        self.source_ids = [
+            self.index.add_source({**plan.record, "build_id": build_id,
+                                   "path_from_index": path_from_index(plan.record["path"], params.index_folder)})
+            for plan in plans
+        ]
         self._source_id_array = np.asarray(self.source_ids, dtype=np.int32)
         self.embedded_by_source = np.zeros(len(plans), dtype=np.int64)
         self.skipped = np.zeros((len(plans), len(SKIP_REASONS)), dtype=np.int64)

@@ -82,8 +82,8 @@ class InstallDependenciesTask(QgsTask):
         if process.returncode != 0:
             LOGGER.error("pip failed with exit code %s:\n%s", process.returncode, self.output)
             self.error_message = (
-                f"pip exited with code {process.returncode}; the output is in the Lookalike log panel. "
-                f"Command: {subprocess.list2cmdline(self.command)}"
+                f"pip exited with code {process.returncode}; its output is in the Lookalike log panel "
+                f"(View > Panels > Log Messages). Command: {subprocess.list2cmdline(self.command)}"
             )
             return False
         LOGGER.info("pip finished:\n%s", self.output)

@@ -22,6 +22,8 @@ from qgis.core import (
 from ..core.files import open_temporary_beside
 from ..core.grid import TileGrid
 from ..core.index import TileIndex
+from ..core.query import changed_source_warnings
+from ..core.raster import is_missing_local_file
 from .compat import FILE_FOLDER
 from .support import (
     INDEX_PACKAGES,
@@ -106,7 +108,7 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         for name, description in numbers:
             self.addOutput(QgsProcessingOutputNumber(name, tr(description)))
         strings = (
-            (self.SOURCE_PATHS, "Raster paths, separated by ';'"),
+            (self.SOURCE_PATHS, "Raster paths, separated by ';' (OUTPUT_JSON lists them one by one)"),
             (self.ENCODER_NAME, "Encoder name"),
             (self.ENCODER_CHECKSUM, "Encoder SHA-256"),
             (self.METRIC, "Similarity metric"),
@@ -152,6 +154,14 @@ class IndexInfoAlgorithm(LookalikeAlgorithm):
         index_id = str(index.manifest.get("index_id") or "")
         _reject_foreign_file(json_path, self.OUTPUT_JSON, lambda path: _is_manifest_copy(path, index_id),
                              "a copy of this index's manifest")
+
+        # The report lists what the manifest records, and these warnings name the rasters that no longer match it.
+        for path in source_paths:
+            if is_missing_local_file(path):
+                feedback.pushWarning(tr(f"Raster {path} of this index is missing; search cannot read queries from it "
+                                        "until it is back at that path."))
+        for warning in changed_source_warnings(index):
+            feedback.pushWarning(tr(warning))
 
         results: dict[str, Any] = {
             self.TILE_COUNT: index.count,
@@ -227,6 +237,11 @@ def _write_text(path: str, text: str, parameter_name: str) -> None:
     # Written beside the target and renamed over it, so that a hard link to the old file, such as
     # another index's manifest, keeps its content.
     target = Path(path)
+    if not target.parent.is_dir():
+        raise QgsProcessingException(tr(
+            f"{parameter_name}: the folder {target.parent} does not exist; create it or choose a file in another "
+            "folder."
+        ))
     temporary: Optional[Path] = None
     try:
         stream, temporary = open_temporary_beside(target)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
@@ -130,14 +131,14 @@ def require_packages(import_names: Sequence[str]) -> None:
     missing = core_dependencies.missing_packages(import_names)
     if not missing:
         return
-    requirements = " ".join(core_dependencies.RUNTIME_REQUIREMENTS[name] for name in missing)
+    requirements = " ".join(shlex.quote(requirement) for requirement in core_dependencies.requirements_for(missing))
     raise QgsProcessingException(
         tr(
             f"Lookalike needs the Python package(s) {', '.join(missing)}, which QGIS's Python "
             "cannot import. In QGIS, click Install in the Lookalike message bar (shown when the "
             "plugin starts), or install them into the folder the plugin reads with: "
-            f"python3 -m pip install --target {dependencies.packages_folder()} --no-deps "
-            f"{requirements} {' '.join(core_dependencies.SUPPORT_REQUIREMENTS)}"
+            f"python3 -m pip install --target {shlex.quote(str(dependencies.packages_folder()))} --no-deps "
+            f"{requirements}"
         )
     )
 

@@ -1079,6 +1079,13 @@ class BuildPanelMixin:
         restored = restore_result_layers(self.project, self.index, self.watch_result_layer)
         if restored.filled:
             LOGGER.info("Filled %d result layer(s) of the project from the index in %s", len(restored.filled), folder)
+        for other_folder, names in restored.other_index_names.items():
+            quoted = ", ".join(f"'{name}'" for name in names)
+            self.push_message(
+                f"The result layer(s) {quoted} came from the index in {other_folder}, so they stay empty while the "
+                f"index in {folder} is open; choose that index folder to fill them again.",
+                Qgis.MessageLevel.Info,
+            )
         if restored.earlier_build_names:
             names = ", ".join(f"'{name}'" for name in restored.earlier_build_names)
             self.push_message(

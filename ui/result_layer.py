@@ -42,10 +42,14 @@ def apply_score_threshold(layer: QgsVectorLayer, min_score: float) -> None:
 
 
 class RestoredLayers(NamedTuple):
-    """The outcome of :func:`restore_result_layers`: the layers filled, and the names of layers left empty."""
+    """The outcome of :func:`restore_result_layers`: the layers filled, and the names of layers left empty.
+
+    ``other_index_names`` maps the folder of each other index to the names of its empty layers.
+    """
 
     filled: list[QgsVectorLayer]
     earlier_build_names: list[str]
+    other_index_names: dict[str, list[str]]
 
 
 def tile_ids_by_feature_id(layer: QgsVectorLayer) -> dict[int, int]:
@@ -104,6 +108,7 @@ def restore_result_layers(
     index_folder, index_id = index.identity
     restored = []
     earlier_build_names = []
+    other_index_names: dict[str, list[str]] = {}
     for layer in project.mapLayers().values():
         if not isinstance(layer, QgsVectorLayer) or layer.providerType() != "memory":
             continue
@@ -115,6 +120,8 @@ def restore_result_layers(
             if record["index_id"] != index_id:
                 if record.get("index_folder") == index_folder:
                     earlier_build_names.append(layer.name())
+                elif record.get("index_folder"):
+                    other_index_names.setdefault(str(record["index_folder"]), []).append(layer.name())
                 continue
             matches = _matches_of_record(record, index)
             features = matches_to_features(
@@ -133,7 +140,8 @@ def restore_result_layers(
             apply_score_threshold(layer, min_score)
         layer.triggerRepaint()
         restored.append(layer)
-    return RestoredLayers(restored, sorted(earlier_build_names))
+    return RestoredLayers(restored, sorted(earlier_build_names),
+                          {folder: sorted(names) for folder, names in sorted(other_index_names.items())})
 
 
 def stored_matches(layer: QgsVectorLayer, index: TileIndex) -> Optional[list[Match]]:

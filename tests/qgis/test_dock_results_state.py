@@ -784,6 +784,20 @@ def test_deletion_after_reopen_is_kept(searched, tmp_path):
     assert sorted(feature["tile_id"] for feature in reopened.getFeatures()) == kept
 
 
+def test_layer_of_other_index_named_after_reopen(searched, tmp_path, qgis_iface):
+    layer = searched.result_layer()
+    record = json.loads(layer.customProperty(RESULTS_PROPERTY))
+    record.update(index_id="another build", index_folder=str(tmp_path / "harbour_index"))
+    layer.setCustomProperty(RESULTS_PROPERTY, json.dumps(record))
+    qgis_iface.messageBar().clear_messages()
+
+    save_and_reopen(searched, tmp_path / "survey.qgz")
+
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any(f"'Lookalike query 1' came from the index in {tmp_path / 'harbour_index'}" in text
+               for text in infos), infos
+
+
 def test_saved_project_exports_restored_layer(searched, tmp_path):
     save_and_reopen(searched, tmp_path / "survey.qgz")
 

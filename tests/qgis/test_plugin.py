@@ -118,6 +118,17 @@ def test_missing_package_shows_install_button(plugin, qgis_iface, monkeypatch):
     assert len(buttons) == 1
 
 
+def test_unload_removes_install_button(plugin, qgis_iface, monkeypatch):
+    monkeypatch.setattr(plugin_module.dependencies, "missing_packages", lambda names=None: ["hnswlib"])
+    plugin.initGui()
+
+    plugin.unload()
+
+    item = qgis_iface.messageBar().currentItem()
+    assert item is None or not [button for button in item.findChildren(QPushButton)
+                                if button.objectName() == "lookalikeInstallDependencies"]
+
+
 def test_install_task_runs_pip_command_and_reports(plugin, qgis_iface, monkeypatch, tmp_path):
     # A stand-in interpreter records the command it gets, so no package is really installed.
     recorded = tmp_path / "arguments.txt"

@@ -736,6 +736,36 @@ def test_indexinfo_reports_manifest(tiny_index, tmp_path, ships_raster):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_indexinfo_warns_about_missing_and_changed_rasters(provider, tiny_encoder, tmp_path, ships_raster):
+    kept, removed = tmp_path / "kept.tif", tmp_path / "removed.tif"
+    shutil.copyfile(ships_raster, kept)
+    gdal.Translate(str(removed), ships_raster, srcWin=[0, 0, 300, 300])
+    folder = tmp_path / "index"
+    run_algorithm("buildindex", {"INPUT_RASTERS": [str(kept), str(removed)], "ENCODER": tiny_encoder,
+                                 "TILE_SIZE": 32, "OUTPUT": str(folder)})
+    removed.unlink()
+    dataset = gdal.Open(str(kept), gdal.GA_Update)
+    band = dataset.GetRasterBand(1)
+    band.WriteArray(255 - band.ReadAsArray())
+    dataset = band = None
+    feedback = RecordingFeedback()
+
+    run_algorithm("indexinfo", {"INDEX": str(folder)}, feedback)
+
+    assert any(f"Raster {removed} of this index is missing" in text for text in feedback.warnings), feedback.warnings
+    assert any(f"Raster {kept} changed after it was indexed" in text for text in feedback.warnings)
+
+
+def test_indexinfo_output_in_missing_folder_named(tiny_index, tmp_path):
+    folder, _results = tiny_index
+    missing = tmp_path / "reports" / "2026"
+
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("indexinfo", {"INDEX": folder, "OUTPUT_HTML": str(missing / "index.html")})
+
+    assert f"OUTPUT_HTML: the folder {missing} does not exist" in str(raised.value)
+
+
 def test_indexinfo_outputs_readable_by_others(tiny_index, tmp_path):
     folder, _ = tiny_index
     previous_umask = os.umask(0o022)

@@ -44,6 +44,14 @@ def test_install_command_pins_numpy_and_skips_dependencies(tmp_path):
     assert not any(part.startswith("numpy") for part in command)
 
 
+def test_install_command_adds_onnxruntime_dependencies_only_for_it(tmp_path):
+    hnswlib_only = dependencies.install_command(["hnswlib"], tmp_path, tmp_path / "c.txt", python="python3")
+    with_onnxruntime = dependencies.install_command(["onnxruntime"], tmp_path, tmp_path / "c.txt", python="python3")
+
+    assert "protobuf" not in hnswlib_only
+    assert "protobuf" in with_onnxruntime
+
+
 def test_numpy_constraint_is_installed_version():
     assert dependencies.numpy_constraint() == f"numpy=={numpy.__version__}"
 

@@ -326,6 +326,30 @@ def test_missing_onnxruntime_message(monkeypatch):
     assert f"'numpy=={np.__version__}'" in message
 
 
+def test_broken_onnxruntime_message(monkeypatch):
+    import builtins
+
+    from lookalike.core import encoder as encoder_module
+
+    real_import = builtins.__import__
+
+    def failing_import(name, *args, **kwargs):
+        if name == "onnxruntime":
+            raise ImportError("libonnxruntime.so.1: cannot open shared object file")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "onnxruntime", raising=False)
+    monkeypatch.setattr(builtins, "__import__", failing_import)
+
+    with pytest.raises(EncoderError) as raised:
+        encoder_module._import_onnxruntime()
+
+    message = str(raised.value)
+    assert "onnxruntime is installed at" in message
+    assert "(libonnxruntime.so.1: cannot open shared object file)" in message
+    assert "--force-reinstall" in message
+
+
 def test_bundled_int8_model_is_quantized():
     assert is_quantized_model(default_model_path().with_name("efficientnet_lite0_int8.onnx"))
 

@@ -354,9 +354,23 @@ def test_open_unfinished_first_save(tmp_path: Path) -> None:
     folder = tmp_path / "index"
     folder.mkdir()
     (folder / "graph.000001.hnsw.tmp").write_bytes(b"left by a killed first save")
+    # The build removes its checkpoints only after the save, so a killed first save leaves them.
+    (tmp_path / "index.partial").mkdir()
 
     with pytest.raises(SearchIndexError, match="first save stopped before it finished; run the build again"):
         TileIndex.open(folder)
+
+
+def test_open_data_files_without_manifest_or_checkpoints(tmp_path: Path) -> None:
+    folder = tmp_path / "index"
+    filled_index(folder, n=5)
+    (folder / "manifest.json").unlink()
+
+    with pytest.raises(SearchIndexError) as raised:
+        TileIndex.open(folder)
+
+    assert "no checkpoints are left to finish it from" in str(raised.value)
+    assert "continues from its checkpoints" not in str(raised.value)
 
 
 def graph_file(folder: Path) -> Path:

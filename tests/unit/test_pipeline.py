@@ -2122,3 +2122,27 @@ def test_untransformable_geometry_names_its_coordinates():
         transform_geometry_wkt(box, epsg_wkt(4326), epsg_wkt(32610))
 
     assert "it spans x 500010 to 500100 and y 3.9999e+06 to 3.99999e+06 in WGS 84" in str(raised.value)
+
+
+@pytest.mark.parametrize("built_before_relative_paths", [False, True])
+def test_index_moved_with_its_rasters_finds_them(shared_data, tmp_path, built_before_relative_paths):
+    project = tmp_path / "survey"
+    project.mkdir()
+    raster = project / "scene.tif"
+    shutil.copyfile(geo(shared_data, "rasterio/RGB.byte.tif"), raster)
+    build_index(parameters([raster], project / "index"))
+    if built_before_relative_paths:
+        manifest_path = project / "index" / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        del manifest["sources"][0]["path_from_index"]
+        manifest_path.write_text(json.dumps(manifest))
+    moved = tmp_path / "survey_moved"
+    project.rename(moved)
+
+    index = TileIndex.open(moved / "index")
+    bounds = index.tile_bounds(index.count // 2)
+    matches = run_search(moved / "index", moved / "scene.tif", [bounds], k=3, crs_wkt=index.tile_crs_wkt(0))
+
+    assert index.sources[0]["path"] == str(moved / "scene.tif")
+    assert index.sources[0]["recorded_path"] == str(raster)
+    assert [match.source_path for match in matches] == [str(moved / "scene.tif")] * 3
