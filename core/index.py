@@ -1163,9 +1163,11 @@ def path_from_index(raster_path: str, index_folder: PathLike) -> Optional[str]:
 
 
 def _follow_moved_sources(manifest: dict[str, Any], folder: Path) -> None:
-    """Point each source whose raster is missing at its path relative to ``folder``, when a file of its size is there.
+    """Point each source whose raster is missing at its path relative to ``folder``, when the same file is there.
 
-    The recorded path is kept as ``recorded_path``; nothing is written to disk.
+    A file counts as the same when its size and SHA-256 equal the recorded ones (a VRT, whose own
+    bytes QGIS rewrites, records neither, so its members are checked where they are read). The
+    recorded path is kept as ``recorded_path``; nothing is written to disk.
     """
     build_folder = (manifest.get("build_parameters") or {}).get("index_folder")
     for record in manifest["sources"]:
@@ -1179,8 +1181,11 @@ def _follow_moved_sources(manifest: dict[str, Any], folder: Path) -> None:
         if not isinstance(relative, str):
             continue
         candidate = os.path.normpath(os.path.join(os.path.realpath(folder), relative))
+        if not os.path.isfile(candidate):
+            continue
         size = record.get("file_size_bytes")
-        if not os.path.isfile(candidate) or (isinstance(size, int) and os.path.getsize(candidate) != size):
+        if isinstance(size, int) and (os.path.getsize(candidate) != size
+                                      or file_sha256(Path(candidate)) != record.get("checksum")):
             continue
         logger.info("Raster %s of index %s is missing; reading %s, found at the same place relative to the index",
                     path, folder, candidate)

@@ -2146,3 +2146,20 @@ def test_index_moved_with_its_rasters_finds_them(shared_data, tmp_path, built_be
     assert index.sources[0]["path"] == str(moved / "scene.tif")
     assert index.sources[0]["recorded_path"] == str(raster)
     assert [match.source_path for match in matches] == [str(moved / "scene.tif")] * 3
+
+
+def test_moved_index_ignores_other_file_at_raster_place(shared_data, tmp_path):
+    project = tmp_path / "survey"
+    project.mkdir()
+    raster = project / "scene.tif"
+    shutil.copyfile(geo(shared_data, "rasterio/RGB.byte.tif"), raster)
+    build_index(parameters([raster], project / "index"))
+    moved = tmp_path / "survey_moved"
+    project.rename(moved)
+    # Another image of the same size in the same place: its bytes differ.
+    invert_band(moved / "scene.tif")
+
+    index = TileIndex.open(moved / "index")
+
+    assert index.sources[0]["path"] == str(raster)
+
