@@ -36,7 +36,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import get_logger
-from .checkpoints import is_checkpoint_folder, partial_folder_for
+from .checkpoints import index_folder_of_checkpoint_name, is_checkpoint_folder, partial_folder_for
 from .crs import spatial_reference
 from .encoder import file_sha256
 from .errors import LookalikeError, SearchError, SearchIndexError
@@ -1039,6 +1039,27 @@ def lookalike_folder_kind(folder: Path) -> str:
     if is_checkpoint_folder(folder):
         return "the checkpoint folder of an interrupted Lookalike build"
     return "the Lookalike index folder"
+
+
+def check_output_outside_lookalike_folders(path: PathLike, is_folder: bool = False) -> None:
+    """Raise SearchIndexError when an output at ``path`` would go into a folder Lookalike owns.
+
+    That is an index folder (the output itself, for a folder), any folder inside one, or the
+    checkpoint folder of a build, whose next run deletes it with everything in it.
+    """
+    resolved = Path(os.path.realpath(os.fspath(path)))
+    kind = "folder" if is_folder else "file"
+    if is_folder and index_folder_state(resolved) in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED):
+        raise SearchIndexError(f"{path} is a Lookalike index folder, where the output could replace its files; "
+                               "choose another folder")
+    folder = enclosing_index_folder(resolved)
+    if folder is not None:
+        raise SearchIndexError(f"{path} is inside {lookalike_folder_kind(folder)} {folder}, where the output could "
+                               f"replace or lose a file of Lookalike's; choose a {kind} outside that folder")
+    index_folder = index_folder_of_checkpoint_name(resolved)
+    if index_folder is not None:
+        raise SearchIndexError(f"{path} is in the checkpoint folder of builds into {index_folder}, and an output "
+                               f"there would stop every later build of that index; choose a {kind} elsewhere")
 
 
 def index_folder_state(folder: Path) -> str:

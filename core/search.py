@@ -206,10 +206,13 @@ def search(
 def example_embeddings(examples: Sequence[np.ndarray], strategy: str = DEFAULT_STRATEGY) -> np.ndarray:
     """Return the query rows for ``examples``, each an ``(n_i, dim)`` array of one example's chip embeddings.
 
-    With ``"mean"`` each example gives one row, the unit-length mean of its chips; with ``"max"``
-    every chip is a row. No examples give an empty ``(0, 0)`` array.
+    An example may also be the ``QueryChips`` that ``embed_query`` returns, whose embeddings are
+    taken. With ``"mean"`` each example gives one row, the unit-length mean of its chips; with
+    ``"max"`` every chip is a row. No examples give an empty ``(0, 0)`` array.
     """
-    blocks = [np.asarray(example, dtype=np.float32).reshape(-1, np.shape(example)[-1]) for example in examples
+    # QueryChips lives in core.query, which imports this module, so it is recognised by its field.
+    arrays = [getattr(example, "embeddings", example) for example in examples]
+    blocks = [np.asarray(example, dtype=np.float32).reshape(-1, np.shape(example)[-1]) for example in arrays
               if np.size(example)]
     if not blocks:
         return np.empty((0, 0), dtype=np.float32)

@@ -35,9 +35,9 @@ from qgis.core import (
 )
 
 from ..core import get_logger
-from ..core.checkpoints import index_folder_of_checkpoint_name
 from ..core.errors import CancelledError, LookalikeError, RasterError
 from ..core.files import open_temporary_beside
+from ..core.index import check_output_outside_lookalike_folders
 from ..core.raster import RasterSource, is_missing_local_file
 from . import matches
 
@@ -247,12 +247,7 @@ def export_chips(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise LookalikeError(f"The chip folder {folder} is a file; choose a folder path for the chips and labels.csv.")
-    index_folder = index_folder_of_checkpoint_name(folder)
-    if index_folder is not None:
-        raise LookalikeError(
-            f"The chip folder {folder} is or lies in the checkpoint folder of builds into {index_folder}, and chips "
-            "there would stop every later build of that index; choose a folder elsewhere."
-        )
+    check_output_outside_lookalike_folders(folder, is_folder=True)
     # The folders this export creates, deepest first, are removed again if it fails.
     created_folders = []
     for place in (folder, *folder.parents):
@@ -632,11 +627,13 @@ def _csv_delimiter(first_line: str) -> str:
 def check_chip_folder(folder: os.PathLike | str, chip_count: int, image_format: str = FORMAT_GEOTIFF) -> None:
     """Raise LookalikeError when an export of ``chip_count`` chips into ``folder`` would stop at its checks.
 
-    Those are the checks :func:`export_chips` runs before it writes anything: an unreadable or
-    foreign ``labels.csv``, and chip-named files that no earlier ``labels.csv`` lists. A caller
+    Those are the checks :func:`export_chips` runs before it writes anything: a folder of
+    Lookalike's, an unreadable or foreign ``labels.csv``, and chip-named files that no earlier
+    ``labels.csv`` lists. A caller
     runs them before asking the analyst to confirm a non-empty folder.
     """
     folder = Path(folder)
+    check_output_outside_lookalike_folders(folder, is_folder=True)
     if not folder.is_dir():
         return
     earlier_rows = _listed_chip_rows(folder / LABELS_CSV_NAME)

@@ -26,8 +26,8 @@ from qgis.core import (
 )
 
 from ..core import get_logger
-from ..core.checkpoints import index_folder_of_checkpoint_name
 from ..core.errors import LookalikeError
+from ..core.index import check_output_outside_lookalike_folders
 from .compat import FIELD_DOUBLE, FIELD_INT, FIELD_LONG, FIELD_STRING
 
 LOGGER = get_logger("gis.matches")
@@ -384,12 +384,7 @@ def write_matches(
     path = Path(path)
     if path.is_dir():
         raise LookalikeError(f"The output path {path} is a folder; choose a file name such as {path / 'matches.gpkg'}.")
-    index_folder = index_folder_of_checkpoint_name(path)
-    if index_folder is not None:
-        raise LookalikeError(
-            f"The output path {path} is in the checkpoint folder of builds into {index_folder}, and a file there "
-            "would stop every later build of that index; choose a file elsewhere."
-        )
+    check_output_outside_lookalike_folders(path)
     if add_to_file:
         return _add_layer_to_geopackage(layer, path, layer_name)
     sharing = dataset_sharing_files(path, driver_name)

@@ -23,6 +23,8 @@ SCOPE = "lookalike"
 INT_FIELDS = ("overlap_percent", "k")
 FLOAT_FIELDS = ("gsd",)
 PATH_FIELDS = ("index_folder", "encoder_path")
+# Each path field is also stored as an absolute path, under its key with this suffix.
+ABSOLUTE_SUFFIX = "_absolute"
 
 
 @dataclass
@@ -73,6 +75,9 @@ def write_state(state: DockState, project: Optional[QgsProject] = None) -> None:
             project.removeEntry(SCOPE, key)
         elif field.name in PATH_FIELDS:
             project.writeEntry(SCOPE, key, _relative(project, value))
+            # Read back when the relative path does not lead to a file: a file outside a project
+            # folder that moved stays where it was.
+            project.writeEntry(SCOPE, f"{key}{ABSOLUTE_SUFFIX}", value)
         elif field.name in INT_FIELDS:
             project.writeEntry(SCOPE, key, int(value))
         elif field.name in FLOAT_FIELDS:
@@ -96,5 +101,8 @@ def read_state(project: Optional[QgsProject] = None) -> DockState:
             value, found = project.readEntry(SCOPE, key, defaults[field.name])
             if found and field.name in PATH_FIELDS:
                 value = _absolute(project, value)
+                stored_absolute, has_absolute = project.readEntry(SCOPE, f"{key}{ABSOLUTE_SUFFIX}", "")
+                if value and not Path(value).exists() and has_absolute and Path(stored_absolute).exists():
+                    value = stored_absolute
         values[field.name] = value if found else defaults[field.name]
     return DockState(**values)

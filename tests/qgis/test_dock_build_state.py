@@ -624,6 +624,8 @@ def test_append_built_again_adds_nothing_and_says_so(dock, ships_clip, repo_root
     QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
     wait_for_tasks(dock)
     count = TileIndex.open(folder).count
+    successes = qgis_iface.messageBar().get_messages(Qgis.MessageLevel.Success)
+    assert any("Added to the index" in text and f"the index now holds {count} tiles" in text for text in successes)
     qgis_iface.messageBar().clear_messages()
 
     QTest.mouseClick(dock.build_button, Qt.MouseButton.LeftButton)
@@ -717,6 +719,29 @@ def test_bundled_encoder_survives_a_project_move(qgis_new_project, tmp_path):
     QgsProject.instance().clear()
     assert QgsProject.instance().read(str(tmp_path / "deeper" / "still" / "survey.qgz"))
     assert project_state.read_state(QgsProject.instance()).encoder_path == str(default_model_path())
+
+
+def test_encoder_outside_moved_project_still_found(qgis_new_project, tmp_path):
+    from lookalike.ui import project_state
+
+    encoder = tmp_path / "models" / "custom.onnx"
+    encoder.parent.mkdir()
+    encoder.write_bytes(b"stands in for a model")
+    project_folder = tmp_path / "survey"
+    project_folder.mkdir()
+    project = QgsProject.instance()
+    assert project.write(str(project_folder / "survey.qgz"))
+    project_state.write_state(project_state.DockState(encoder_path=str(encoder)), project)
+    assert project.write(str(project_folder / "survey.qgz"))
+    # The project folder moves one level deeper; the encoder stays where it was.
+    moved = tmp_path / "archive" / "survey"
+    moved.parent.mkdir()
+    project_folder.rename(moved)
+    QgsProject.instance().clear()
+
+    assert QgsProject.instance().read(str(moved / "survey.qgz"))
+
+    assert project_state.read_state(QgsProject.instance()).encoder_path == str(encoder)
 
 
 def test_unusable_encoder_named_at_build(dock, ships_clip, tmp_path, qgis_iface):

@@ -222,6 +222,35 @@ def test_shapefile_export_names_raster_of_its_prj(searched, tmp_path, monkeypatc
     assert (tmp_path / "scene.prj").read_text() == "PROJCS[the grid's CRS]"
 
 
+def test_export_into_checkpoints_of_interrupted_build_refused(searched, tmp_path, monkeypatch, qgis_iface):
+    checkpoints = tmp_path / "harbour_index.partial"
+    checkpoints.mkdir()
+    (checkpoints / "partial_build.json").write_text(json.dumps(
+        {"format": "lookalike-partial-build", "format_version": 1, "build_id": "an interrupted build"}))
+    target = checkpoints / "my matches.gpkg"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *args, **kwargs: (str(target), ""))
+
+    QTest.mouseClick(searched.export_button, Qt.MouseButton.LeftButton)
+
+    assert not target.exists()
+    errors = messages(qgis_iface, Qgis.MessageLevel.Critical)
+    assert any("is inside the checkpoint folder of an interrupted Lookalike build" in text for text in errors), errors
+
+
+def test_chip_export_into_index_folder_refused(searched, monkeypatch, qgis_iface):
+    index_folder = Path(searched.index.folder)
+    files_before = sorted(path.name for path in index_folder.iterdir())
+    monkeypatch.setattr(QFileDialog, "getExistingDirectory", lambda *args, **kwargs: str(index_folder))
+    questions = answer_no(monkeypatch)
+
+    QTest.mouseClick(searched.export_chips_button, Qt.MouseButton.LeftButton)
+
+    assert questions == []
+    assert sorted(path.name for path in index_folder.iterdir()) == files_before
+    warnings = messages(qgis_iface, Qgis.MessageLevel.Warning)
+    assert any("is a Lookalike index folder" in text for text in warnings), warnings
+
+
 # -- result layer and marks --------------------------------------------------------------------
 
 

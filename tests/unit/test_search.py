@@ -13,6 +13,7 @@ from lookalike.core import search as search_module
 from lookalike.core.errors import SearchError
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex, make_tile_table
+from lookalike.core.query import QueryChips
 from lookalike.core.search import (
     Match,
     compare_query_strategies,
@@ -617,3 +618,11 @@ def test_invalid_wkt_rejected_quietly(shared_data, tmp_path, capfd):
         run_search(tmp_path / "index", raster, ["POINT (bad"])
 
     assert "OGR Error" not in capfd.readouterr().err
+
+
+def test_example_embeddings_take_query_chips():
+    chips = random_unit_vectors(3, seed=21)
+    query_chips = QueryChips(embeddings=chips, footprints=[(0.0, 0.0, 1.0, 1.0)] * 3, crs_wkt=UTM_WKT)
+
+    np.testing.assert_array_equal(example_embeddings([query_chips]), example_embeddings([chips]))
+
