@@ -849,13 +849,14 @@ class BuildPanelMixin:
             # After a resume the time covers this run only, so the message names where it started.
             resumed = (f" (resumed at tile {report.tiles_resumed} of {report.tiles_total})"
                        if report.tiles_resumed and not report.already_complete else "")
-            done = f"Index built{resumed}: {_tile_count_text(report.tiles_embedded)} embedded{skipped}"
+            action, index_size = "Index built", ""
             if request is not None and request.params.add_to_existing:
                 total = (read_manifest_json(Path(report.index_folder) / MANIFEST_NAME) or {}).get("tile_count")
-                held = f"; the index now holds {_tile_count_text(total)}" if isinstance(total, int) else ""
-                done = f"Added to the index{resumed}: {_tile_count_text(report.tiles_embedded)} embedded{skipped}{held}"
+                action = "Added to the index"
+                index_size = f"; the index now holds {_tile_count_text(total)}" if isinstance(total, int) else ""
             self.push_message(
-                f"{done}, in {_format_duration(report.elapsed_s)}. Draw on the map to search.",
+                f"{action}{resumed}: {_tile_count_text(report.tiles_embedded)} embedded{skipped} in "
+                f"{_format_duration(report.elapsed_s)}{index_size}. Draw on the map to search.",
                 Qgis.MessageLevel.Success,
             )
             for warning in report.warnings:
