@@ -333,7 +333,7 @@ class SearchAlgorithm(LookalikeAlgorithm):
         else:
             feedback.pushWarning(_no_match_message(index.count, min_score, best_score))
         return {
-            self.OUTPUT: sink_id,
+            self.OUTPUT: _written_spelling(sink_id),
             self.MATCH_COUNT: len(found),
             self.BEST_SCORE: found[0].score if found else None,
         }
@@ -801,3 +801,20 @@ def _is_folder(path: str) -> bool:
         return Path(path).is_dir()
     except OSError:
         return False
+
+
+def _written_spelling(sink_id: str) -> str:
+    """Return ``sink_id`` with the file name as it was written, where the writer changed its letter case.
+
+    QGIS's writer turns a shapefile named X.SHP into X.shp, so the name given would not open on a
+    file system that tells letter case apart.
+    """
+    path = Path(sink_id)
+    try:
+        if not path.parent.is_dir() or path.exists():
+            return sink_id
+        same_name = [entry for entry in path.parent.iterdir() if entry.name.lower() == path.name.lower()]
+    except OSError:
+        return sink_id
+    return str(same_name[0]) if len(same_name) == 1 else sink_id
+

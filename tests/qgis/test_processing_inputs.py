@@ -339,6 +339,15 @@ def test_search_output_in_checkpoint_folder_rejected(tiny_index, tiny_encoder, t
     assert list((tmp_path / "harbour.partial").iterdir()) == []
 
 
+def test_search_reports_shapefile_as_written(tiny_index, tiny_encoder, tmp_path):
+    results = run_algorithm("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder,
+        "OUTPUT": str(tmp_path / "SHIPS.SHP"),
+    })
+
+    assert Path(results["OUTPUT"]).is_file()
+
+
 @pytest.mark.parametrize("folder_name", ["results", "matches.gpkg"])
 def test_search_output_folder_rejected(tiny_index, tiny_encoder, tmp_path, folder_name):
     # QGIS adds .gpkg to a path without an extension, which would write results.gpkg beside the folder.
