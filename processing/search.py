@@ -298,6 +298,8 @@ class SearchAlgorithm(LookalikeAlgorithm):
         if feedback.isCanceled():
             return {}
 
+        # Checked again: another program may have written that file while the search ran.
+        self._check_output(parameters, context, index_folder)
         fields = match_layers.match_fields()
         output_path = _destination_file(self.parameterAsOutputLayer(parameters, self.OUTPUT, context)).path
         layer_options = list(match_layers.CSV_LAYER_OPTIONS) if output_path.lower().endswith(".csv") else []

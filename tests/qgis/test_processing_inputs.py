@@ -32,7 +32,7 @@ from lookalike.core.encoder import default_model_path
 from lookalike.core.errors import SearchError
 from lookalike.core.grid import TileGrid
 from lookalike.core.index import TileIndex
-from lookalike.processing.search import MAX_K
+from lookalike.processing.search import MAX_K, SearchAlgorithm
 from lookalike.processing.support import core_errors
 
 # The north-middle ship of SHIPS_RASTER, and a box around the whole raster (EPSG:32610).
@@ -216,6 +216,24 @@ def user_vector_file(path: Path, driver: str, layer_name: str = "") -> Path:
 def user_geopackage(path: Path) -> Path:
     """Write a GeoPackage with one point layer of the analyst's own, 'parcels'."""
     return user_vector_file(path, "GPKG", "parcels")
+
+
+def test_search_keeps_geopackage_written_while_it_ran(tiny_index, tiny_encoder, tmp_path, monkeypatch):
+    output = tmp_path / "shared.gpkg"
+    real_rank_tiles = SearchAlgorithm._rank_tiles
+
+    def rank_while_another_program_writes(self, *args, **kwargs):
+        user_geopackage(output)
+        return real_rank_tiles(self, *args, **kwargs)
+
+    monkeypatch.setattr(SearchAlgorithm, "_rank_tiles", rank_while_another_program_writes)
+
+    message = run_failure("search", {
+        "INDEX": tiny_index, "POSITIVES": point_layer([SHIP_CENTRE]), "ENCODER": tiny_encoder, "OUTPUT": str(output),
+    })
+
+    assert "did not write (parcels)" in message
+    assert QgsVectorLayer(f"{output}|layername=parcels", "parcels", "ogr").isValid()
 
 
 def test_search_output_folder_missing(tiny_index, tiny_encoder, tmp_path):
