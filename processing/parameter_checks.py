@@ -29,6 +29,7 @@ from qgis.core import (
     QgsProperty,
 )
 
+from ..core.checkpoints import PARTIAL_SUFFIX
 from ..core.raster import open_raster_quietly
 from .compat import (
     FILE_FOLDER,
@@ -155,6 +156,11 @@ def _file_message(definition: QgsProcessingParameterFile, value: Any) -> Optiona
     wants_folder = definition.behavior() == FILE_FOLDER
     if not os.path.exists(value):
         kind = "folder" if wants_folder else "file"
+        checkpoints = f"{value.rstrip('/' + os.sep)}{PARTIAL_SUFFIX}"
+        if wants_folder and os.path.isdir(checkpoints):
+            return tr(f"{name}: the folder {value} does not exist yet: a build into it is running or was "
+                      f"interrupted (its finished tiles are in {checkpoints}); wait for it to finish, or run it again "
+                      "to resume it.")
         return tr(f"{name}: the {kind} {value} does not exist; {_path_advice(value)}.")
     if wants_folder and not os.path.isdir(value):
         return tr(f"{name}: {value} is a file, but {name} takes a folder; choose the folder itself (for an index, "

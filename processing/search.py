@@ -808,8 +808,8 @@ def _is_folder(path: str) -> bool:
 def _written_spelling(sink_id: str) -> str:
     """Return ``sink_id`` with the file name as it was written, where the writer changed its letter case.
 
-    QGIS's writer turns a shapefile named X.SHP into X.shp, so the name given would not open on a
-    file system that tells letter case apart.
+    QGIS's writer turns a shapefile named X.SHP into X.shp, and on a case-sensitive file system
+    the name given would not open.
     """
     path = Path(sink_id)
     try:

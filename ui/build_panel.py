@@ -1070,6 +1070,7 @@ class BuildPanelMixin:
             # The analyst chose another folder while this one was loading.
             return
         self._index_opening = False
+        search_after_open, self._search_after_open = self._search_after_open, False
         if task.outcome is not TaskOutcome.SUCCEEDED:
             self.index = None
             self.status_label.setText("No index open.")
@@ -1109,6 +1110,8 @@ class BuildPanelMixin:
         self.restore_marks_set_aside()
         self._show_index_status()
         self._store_state()
+        if search_after_open:
+            self.start_search()
 
     def locate_index(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Locate the Lookalike index folder")

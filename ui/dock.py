@@ -103,6 +103,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self.build_task: Optional[LookalikeTask] = None
         self.search_task: Optional[LookalikeTask] = None
         self._search_again = False
+        # Set when a search found the index changed on disk: it runs once the index is open again.
+        self._search_after_open = False
         self._restoring = False
         self._opening_index_folder = ""
         self._index_opening = False
@@ -305,6 +307,7 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         if self.search_task is not None:
             self._discard_task(self.search_task)
         self._search_again = False
+        self._search_after_open = False
         self._opening_index_folder = ""
         self._index_opening = False
         self.project_epoch += 1

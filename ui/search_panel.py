@@ -27,6 +27,7 @@ from qgis.PyQt.QtWidgets import (
 
 from ..core import get_logger
 from ..core.errors import LookalikeError
+from ..core.index import MANIFEST_NAME, read_manifest_json
 from ..gis import matches as match_layers
 from ..gis.raster_layers import crs_to_wkt
 from ..gis.tasks import LookalikeTask, TaskOutcome
@@ -366,6 +367,18 @@ class SearchPanelMixin:
         self.remove_part_button.setEnabled(bool(self.query_parts))
         self.clear_query_button.setEnabled(bool(self.query_parts) or bool(relevant or not_relevant))
 
+    def _index_changed_on_disk(self) -> bool:
+        """Return whether the open index's folder now contains another save than the one opened."""
+        try:
+            saved = read_manifest_json(Path(self.index.folder) / MANIFEST_NAME)
+        except LookalikeError:
+            saved = None
+        if saved is None:
+            # A missing or unreadable manifest is reported where the index is read.
+            return False
+        opened = self.index.manifest
+        return (saved.get("generation"), saved.get("index_id")) != (opened.get("generation"), opened.get("index_id"))
+
     def query_layer_name(self) -> str:
         return f"Lookalike query {self.query_number}"
 
@@ -392,6 +405,17 @@ class SearchPanelMixin:
         if self.search_task is not None:
             # One search at a time; the latest query runs when the current one ends.
             self._search_again = True
+            return None
+        if self._index_changed_on_disk():
+            # Another build added or replaced tiles: tile ids of the copy in memory may now name
+            # other tiles, so the search waits for the index as it is on disk.
+            self.push_message(
+                f"The index in {self.index.folder} was changed by another build or program since it was opened, "
+                "so it is opened again, and the search runs on it.",
+                Qgis.MessageLevel.Info,
+            )
+            self._search_after_open = True
+            self.open_index(str(self.index.folder))
             return None
         if not self.query_parts and not self._query_emptied_by_removal:
             # Marks made after Clear query start a new query, as a drawn part does, so the layer of

@@ -25,6 +25,7 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QFileDialog, QMessageBox
 
+from lookalike.core.pipeline import BuildParameters, build_index
 from lookalike.gis import matches as match_fields
 from lookalike.ui.result_layer import RESULTS_PROPERTY
 from lookalike.ui.results import Relevance
@@ -825,6 +826,24 @@ def test_layer_of_other_index_named_after_reopen(searched, tmp_path, qgis_iface)
     infos = messages(qgis_iface, Qgis.MessageLevel.Info)
     assert any(f"'Lookalike query 1' came from the index in {tmp_path / 'harbour_index'}" in text
                for text in infos), infos
+
+
+def test_search_reopens_index_changed_elsewhere(searched, tmp_path, qgis_iface, ships_layer):
+    index = searched.index
+    corner = tmp_path / "corner.tif"
+    gdal.Translate(str(corner), ships_layer.source(), srcWin=[0, 0, 200, 200])
+    # Another program adds a raster to the open index, as qgis_process would.
+    build_index(BuildParameters(source_paths=(str(corner),), index_folder=str(index.folder),
+                                encoder_path=searched.encoder_path(), overlap_fraction=0.5, add_to_existing=True))
+    qgis_iface.messageBar().clear_messages()
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert searched.index.count > index.count
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any("was changed by another build or program since it was opened" in text for text in infos), infos
+    assert searched.matches
 
 
 def test_saved_project_exports_restored_layer(searched, tmp_path):

@@ -777,6 +777,15 @@ def test_indexinfo_outputs_readable_by_others(tiny_index, tmp_path):
     assert os.stat(results["OUTPUT_HTML"]).st_mode & 0o777 == 0o644
 
 
+def test_indexinfo_of_unfinished_first_build_says_so(provider, tmp_path):
+    (tmp_path / "harbour_index.partial").mkdir()
+
+    with pytest.raises(QgsProcessingException) as raised:
+        run_algorithm("indexinfo", {"INDEX": str(tmp_path / "harbour_index")})
+
+    assert "does not exist yet: a build into it is running or was interrupted" in str(raised.value)
+
+
 def test_indexinfo_rejects_missing_folder(provider, tmp_path):
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("indexinfo", {"INDEX": str(tmp_path / "missing")})
