@@ -1052,6 +1052,9 @@ def check_output_outside_lookalike_folders(path: PathLike, is_folder: bool = Fal
     if is_folder and index_folder_state(resolved) in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED):
         raise SearchIndexError(f"{path} is a Lookalike index folder, where the output could replace its files; "
                                "choose another folder")
+    if is_folder and is_checkpoint_folder(resolved):
+        raise SearchIndexError(f"{path} is the checkpoint folder of an interrupted Lookalike build, which the next "
+                               "run of that build deletes with everything in it; choose another folder")
     folder = enclosing_index_folder(resolved)
     if folder is not None:
         raise SearchIndexError(f"{path} is inside {lookalike_folder_kind(folder)} {folder}, where the output could "
@@ -1186,9 +1189,10 @@ def path_from_index(raster_path: str, index_folder: PathLike) -> Optional[str]:
 def _follow_moved_sources(manifest: dict[str, Any], folder: Path) -> None:
     """Point each source whose raster is missing at its path relative to ``folder``, when the same file is there.
 
-    A file counts as the same when its size and SHA-256 equal the recorded ones (a VRT, whose own
-    bytes QGIS rewrites, records neither, so its members are checked where they are read). The
-    recorded path is kept as ``recorded_path``; nothing is written to disk.
+    A file counts as the same when its size and SHA-256 equal the recorded ones. A VRT, whose own
+    bytes QGIS rewrites, records neither, so it is followed without that check. The recorded path
+    is kept as ``recorded_path``; nothing is written here, and a later save of the index writes
+    both paths.
     """
     build_folder = (manifest.get("build_parameters") or {}).get("index_folder")
     for record in manifest["sources"]:

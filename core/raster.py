@@ -963,7 +963,8 @@ def vrt_member_files(path: str, dataset: Optional[gdal.Dataset] = None) -> Optio
             if nested is not None and nested.GetDriver().ShortName == "VRT":
                 pending.append((listed, nested))
             else:
-                members.append(listed)
+                # GDAL lists a member relative to the working folder when the VRT was named so.
+                members.append(absolute)
     return members
 
 

@@ -313,7 +313,7 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
     """
     if not output_path:
         return
-    from ..core.checkpoints import index_folder_of_checkpoint_name, partial_folder_for
+    from ..core.checkpoints import index_folder_of_checkpoint_name, is_checkpoint_folder, partial_folder_for
     from ..core.index import (
         FOLDER_DAMAGED_INDEX,
         FOLDER_INDEX,
@@ -323,12 +323,16 @@ def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bo
         lookalike_folder_kind,
     )
 
-    if is_folder and index_folder_state(Path(os.path.realpath(output_path))) in (
-        FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED
-    ):
+    resolved = Path(os.path.realpath(output_path))
+    if is_folder and index_folder_state(resolved) in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED):
         raise QgsProcessingException(tr(
             f"{output_name}: {output_path} is a Lookalike index folder, where the outputs could replace its files. "
             "Choose another folder."
+        ))
+    if is_folder and is_checkpoint_folder(resolved):
+        raise QgsProcessingException(tr(
+            f"{output_name}: {output_path} is the checkpoint folder of an interrupted Lookalike build, which the "
+            "next run of that build deletes with everything in it. Choose another folder."
         ))
     folder = enclosing_index_folder(output_path)
     if folder is not None:

@@ -247,9 +247,18 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         write_session(self.query_session(), self.project)
 
     def restore_from_project(self) -> None:
-        state = project_state.read_state(self.project)
+        fallbacks: list[tuple[str, str]] = []
+        state = project_state.read_state(self.project, fallbacks)
         if not state.index_folder and not state.raster_layer_id:
             return
+        for relative_path, absolute_path in fallbacks:
+            # A project copied without its index would otherwise build into the original project's index.
+            self.push_message(
+                f"{relative_path} (the path saved relative to the project) does not exist, so Lookalike uses "
+                f"{absolute_path}, where it was when the project was saved. Choose another folder or file in the "
+                "panel to work elsewhere.",
+                Qgis.MessageLevel.Info,
+            )
         problems: list[str] = []
         self._saved_query = read_session(self.project, problems)
         if self._saved_query is not None:

@@ -86,8 +86,12 @@ def write_state(state: DockState, project: Optional[QgsProject] = None) -> None:
             project.writeEntry(SCOPE, key, str(value))
 
 
-def read_state(project: Optional[QgsProject] = None) -> DockState:
-    """Read the stored state; missing entries keep the dataclass defaults."""
+def read_state(project: Optional[QgsProject] = None, fallbacks: Optional[list[tuple[str, str]]] = None) -> DockState:
+    """Read the stored state; missing entries keep the dataclass defaults.
+
+    Each path taken from its absolute entry, because its relative one leads nowhere, is appended
+    to ``fallbacks`` as ``(relative path resolved, absolute path)``.
+    """
     project = project or QgsProject.instance()
     defaults = asdict(DockState())
     values = {}
@@ -103,6 +107,8 @@ def read_state(project: Optional[QgsProject] = None) -> DockState:
                 value = _absolute(project, value)
                 stored_absolute, has_absolute = project.readEntry(SCOPE, f"{key}{ABSOLUTE_SUFFIX}", "")
                 if value and not Path(value).exists() and has_absolute and Path(stored_absolute).exists():
+                    if fallbacks is not None:
+                        fallbacks.append((value, stored_absolute))
                     value = stored_absolute
         values[field.name] = value if found else defaults[field.name]
     return DockState(**values)

@@ -374,8 +374,8 @@ class SearchPanelMixin:
         except LookalikeError:
             saved = None
         if saved is None:
-            # A missing or unreadable manifest is reported where the index is read.
-            return False
+            # The folder or its manifest is gone or damaged: opening it again reports that.
+            return True
         opened = self.index.manifest
         return (saved.get("generation"), saved.get("index_id")) != (opened.get("generation"), opened.get("index_id"))
 
@@ -410,8 +410,8 @@ class SearchPanelMixin:
             # Another build added or replaced tiles: tile ids of the copy in memory may now name
             # other tiles, so the search waits for the index as it is on disk.
             self.push_message(
-                f"The index in {self.index.folder} was changed by another build or program since it was opened, "
-                "so it is opened again, and the search runs on it.",
+                f"The index in {self.index.folder} was changed, moved or deleted by another build or program since "
+                "it was opened, so it is opened again before the search runs.",
                 Qgis.MessageLevel.Info,
             )
             self._search_after_open = True

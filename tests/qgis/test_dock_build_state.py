@@ -740,8 +740,10 @@ def test_encoder_outside_moved_project_still_found(qgis_new_project, tmp_path):
     QgsProject.instance().clear()
 
     assert QgsProject.instance().read(str(moved / "survey.qgz"))
+    fallbacks = []
 
-    assert project_state.read_state(QgsProject.instance()).encoder_path == str(encoder)
+    assert project_state.read_state(QgsProject.instance(), fallbacks).encoder_path == str(encoder)
+    assert [absolute for _relative, absolute in fallbacks] == [str(encoder)]
 
 
 def test_unusable_encoder_named_at_build(dock, ships_clip, tmp_path, qgis_iface):

@@ -5,6 +5,7 @@ Runs the real dock offscreen on the RapidEye clip with the tiny test encoder.
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -842,8 +843,40 @@ def test_search_reopens_index_changed_elsewhere(searched, tmp_path, qgis_iface, 
 
     assert searched.index.count > index.count
     infos = messages(qgis_iface, Qgis.MessageLevel.Info)
-    assert any("was changed by another build or program since it was opened" in text for text in infos), infos
+    assert any("was changed, moved or deleted by another build or program" in text for text in infos), infos
     assert searched.matches
+
+
+def test_search_after_index_deleted_says_so(searched, qgis_iface):
+    shutil.rmtree(searched.index.folder)
+    qgis_iface.messageBar().clear_messages()
+
+    searched.start_search()
+    wait_for_tasks(searched)
+
+    assert searched.index is None
+    assert searched.search_task is None
+    assert searched.status_label.text() == "No index open."
+
+
+def test_project_moved_away_from_index_names_the_fallback(searched, tmp_path, qgis_iface):
+    project_folder = tmp_path / "survey"
+    project_folder.mkdir()
+    assert QgsProject.instance().write(str(project_folder / "survey.qgz"))
+    moved = tmp_path / "archive" / "survey"
+    moved.parent.mkdir()
+    project_folder.rename(moved)
+    QgsProject.instance().clear()
+    qgis_iface.messageBar().clear_messages()
+
+    assert QgsProject.instance().read(str(moved / "survey.qgz"))
+    wait_for_tasks(searched)
+
+    assert searched.index is not None
+    assert Path(searched.index.folder) == tmp_path / "index"
+    infos = messages(qgis_iface, Qgis.MessageLevel.Info)
+    assert any(f"Lookalike uses {tmp_path / 'index'}, where it was when the project was saved" in text
+               for text in infos), infos
 
 
 def test_saved_project_exports_restored_layer(searched, tmp_path):

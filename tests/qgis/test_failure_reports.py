@@ -2,6 +2,7 @@
 exports whose first error is the one reported."""
 
 import csv
+import json
 import logging
 from dataclasses import replace
 
@@ -268,6 +269,18 @@ def test_export_into_checkpoint_name_stops(repo_root, tmp_path):
             chip_export.export_chips(ships_requests(repo_root, 1), folder)
 
     assert not (tmp_path / "harbour_index.partial").exists()
+
+
+def test_export_into_checkpoints_of_interrupted_first_build_stops(repo_root, tmp_path):
+    checkpoints = tmp_path / "harbour_index.partial"
+    checkpoints.mkdir()
+    (checkpoints / "partial_build.json").write_text(json.dumps(
+        {"format": "lookalike-partial-build", "format_version": 1, "build_id": "an interrupted build"}))
+
+    with pytest.raises(LookalikeError, match="is the checkpoint folder of an interrupted Lookalike build"):
+        chip_export.export_chips(ships_requests(repo_root, 1), checkpoints)
+
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["partial_build.json"]
 
 
 def test_labels_with_nul_bytes_stop_export(repo_root, tmp_path):

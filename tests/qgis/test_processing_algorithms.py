@@ -700,6 +700,22 @@ def test_export_into_checkpoint_name_leaves_no_folder(provider, tmp_path, ships_
     assert not (tmp_path / "ships_index.partial").exists()
 
 
+def test_export_into_checkpoints_of_interrupted_first_build_refused(provider, tmp_path, ships_raster):
+    checkpoints = tmp_path / "harbour_index.partial"
+    checkpoints.mkdir()
+    (checkpoints / "partial_build.json").write_text(json.dumps(
+        {"format": "lookalike-partial-build", "format_version": 1, "build_id": "an interrupted build"}))
+
+    with pytest.raises(QgsProcessingException, match="is the checkpoint folder of an interrupted Lookalike build"):
+        run_algorithm("exportchips", {
+            "INPUT": polygon_layer([(558505.0, 4176040.0, 558665.0, 4176200.0)]),
+            "RASTER": ships_raster,
+            "OUTPUT": str(checkpoints),
+        })
+
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["partial_build.json"]
+
+
 def test_export_needs_raster_without_source_field(provider, tmp_path):
     with pytest.raises(QgsProcessingException) as raised:
         run_algorithm("exportchips", {
