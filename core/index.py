@@ -1180,7 +1180,8 @@ def path_from_index(raster_path: str, index_folder: PathLike) -> Optional[str]:
     if not os.path.isfile(raster_path):
         return None
     try:
-        return os.path.relpath(os.path.realpath(raster_path), os.path.realpath(os.fspath(index_folder)))
+        # Without resolving symbolic links: a link inside a project folder moves with the folder.
+        return os.path.relpath(os.path.abspath(raster_path), os.path.abspath(os.fspath(index_folder)))
     except ValueError:
         # On Windows, a raster on another drive than the index has no relative path.
         return None
@@ -1205,7 +1206,7 @@ def _follow_moved_sources(manifest: dict[str, Any], folder: Path) -> None:
             relative = os.path.relpath(path, build_folder)
         if not isinstance(relative, str):
             continue
-        candidate = os.path.normpath(os.path.join(os.path.realpath(folder), relative))
+        candidate = os.path.normpath(os.path.join(os.path.abspath(folder), relative))
         if not os.path.isfile(candidate):
             continue
         size = record.get("file_size_bytes")

@@ -2163,3 +2163,20 @@ def test_moved_index_ignores_other_file_at_raster_place(shared_data, tmp_path):
 
     assert index.sources[0]["path"] == str(raster)
 
+
+def test_moved_project_follows_raster_link_inside_it(shared_data, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copyfile(geo(shared_data, "rasterio/RGB.byte.tif"), data / "scene.tif")
+    project = tmp_path / "survey"
+    project.mkdir()
+    (project / "scene.tif").symlink_to(data / "scene.tif")
+    build_index(parameters([project / "scene.tif"], project / "index"))
+    moved = tmp_path / "archive" / "survey"
+    moved.parent.mkdir()
+    project.rename(moved)
+
+    index = TileIndex.open(moved / "index")
+
+    assert index.sources[0]["path"] == str(moved / "scene.tif")
+
