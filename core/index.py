@@ -1222,13 +1222,13 @@ def _follow_moved_sources(manifest: dict[str, Any], folder: Path) -> None:
 def _read_manifest(folder: Path) -> dict[str, Any]:
     manifest_path = folder / MANIFEST_NAME
     if not manifest_path.is_file():
-        if index_folder_state(folder) == FOLDER_UNFINISHED and partial_folder_for(folder).is_dir():
-            raise SearchIndexError(
-                f"{folder} contains the files of an index whose first save stopped before it finished; run the "
-                "build again with the same settings to finish it (it continues from its checkpoints), or choose "
-                "the folder of a finished index"
-            )
         if index_folder_state(folder) == FOLDER_UNFINISHED:
+            if partial_folder_for(folder).is_dir():
+                raise SearchIndexError(
+                    f"{folder} contains the files of an index whose first save stopped before it finished; run the "
+                    "build again with the same settings to finish it (it continues from its checkpoints), or "
+                    "choose the folder of a finished index"
+                )
             raise SearchIndexError(
                 f"{folder} contains index data files but no {MANIFEST_NAME}: its first save stopped before it "
                 "finished, or the manifest was deleted, and no checkpoints are left to finish it from. Restore "

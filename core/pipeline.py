@@ -98,6 +98,7 @@ from .query import (
     search_query_chips,
 )
 from .raster import SKIP_BLANK, SKIP_MOSTLY_INVALID
+from .search import overlap_fraction
 from .tile_reader import (
     _END_OF_TILES,
     MAX_TILES_PER_BATCH_FACTOR,
@@ -576,17 +577,7 @@ def _grids_overlap(first: TileGrid, second: TileGrid) -> bool:
     """
     if first.crs_wkt != second.crs_wkt:
         return True
-    first_bounds, second_bounds = first.bounds, second.bounds
-    width = min(first_bounds[2], second_bounds[2]) - max(first_bounds[0], second_bounds[0])
-    height = min(first_bounds[3], second_bounds[3]) - max(first_bounds[1], second_bounds[1])
-    if width <= 0 or height <= 0:
-        return False
-    smaller_area = min(_bounds_area(first_bounds), _bounds_area(second_bounds))
-    return width * height > GRID_OVERLAP_MAX_SHARE * smaller_area
-
-
-def _bounds_area(bounds: Sequence[float]) -> float:
-    return (bounds[2] - bounds[0]) * (bounds[3] - bounds[1])
+    return overlap_fraction(first.bounds, second.bounds) > GRID_OVERLAP_MAX_SHARE
 
 
 def _same_file_path(first: str, second: str) -> bool:

@@ -6,7 +6,7 @@ from qgis.core import Qgis, QgsRasterInterface
 from qgis.PyQt.QtCore import QMetaType, QVariant
 
 
-def _moved(enum_name: str, member_name: str, old_value: Any) -> Any:
+def moved_enum_value(enum_name: str, member_name: str, old_value: Any) -> Any:
     """Return ``Qgis.<enum_name>.<member_name>`` where this QGIS has it, else ``old_value``."""
     enum = getattr(Qgis, enum_name, None)
     return getattr(enum, member_name, old_value) if enum is not None else old_value
@@ -23,4 +23,4 @@ else:
         QVariant.Int, QVariant.LongLong, QVariant.Double, QVariant.String)
 
 # QGIS 3.38 moved the raster interface capabilities to Qgis.RasterInterfaceCapability.
-RASTER_SIZE_CAPABILITY = _moved("RasterInterfaceCapability", "Size", QgsRasterInterface.Capability.Size)
+RASTER_SIZE_CAPABILITY = moved_enum_value("RasterInterfaceCapability", "Size", QgsRasterInterface.Capability.Size)

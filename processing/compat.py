@@ -4,10 +4,7 @@ QGIS 3.36 moved the Processing enums to ``Qgis`` (``Qgis.ProcessingSourceType`` 
 built on Qt 6, drops the unscoped names, while 3.22 has only the enums of the classes.
 """
 
-from typing import Any
-
 from qgis.core import (
-    Qgis,
     QgsProcessing,
     QgsProcessingFeatureSource,
     QgsProcessingParameterDefinition,
@@ -15,25 +12,22 @@ from qgis.core import (
     QgsProcessingParameterNumber,
 )
 
+from ..gis.compat import moved_enum_value
 
-def _moved(enum_name: str, member_name: str, old_value: Any) -> Any:
-    """Return ``Qgis.<enum_name>.<member_name>`` where this QGIS has it, else ``old_value``."""
-    enum = getattr(Qgis, enum_name, None)
-    return getattr(enum, member_name, old_value) if enum is not None else old_value
+NUMBER_INTEGER = moved_enum_value("ProcessingNumberParameterType", "Integer", QgsProcessingParameterNumber.Type.Integer)
+NUMBER_DOUBLE = moved_enum_value("ProcessingNumberParameterType", "Double", QgsProcessingParameterNumber.Type.Double)
 
+SOURCE_VECTOR = moved_enum_value("ProcessingSourceType", "Vector", QgsProcessing.SourceType.TypeVector)
+SOURCE_VECTOR_ANY_GEOMETRY = moved_enum_value("ProcessingSourceType", "VectorAnyGeometry",
+                                              QgsProcessing.SourceType.TypeVectorAnyGeometry)
+SOURCE_VECTOR_POINT = moved_enum_value("ProcessingSourceType", "VectorPoint", QgsProcessing.SourceType.TypeVectorPoint)
+SOURCE_VECTOR_LINE = moved_enum_value("ProcessingSourceType", "VectorLine", QgsProcessing.SourceType.TypeVectorLine)
+SOURCE_VECTOR_POLYGON = moved_enum_value("ProcessingSourceType", "VectorPolygon",
+                                         QgsProcessing.SourceType.TypeVectorPolygon)
+SOURCE_RASTER = moved_enum_value("ProcessingSourceType", "Raster", QgsProcessing.SourceType.TypeRaster)
 
-NUMBER_INTEGER = _moved("ProcessingNumberParameterType", "Integer", QgsProcessingParameterNumber.Type.Integer)
-NUMBER_DOUBLE = _moved("ProcessingNumberParameterType", "Double", QgsProcessingParameterNumber.Type.Double)
-
-SOURCE_VECTOR = _moved("ProcessingSourceType", "Vector", QgsProcessing.SourceType.TypeVector)
-SOURCE_VECTOR_ANY_GEOMETRY = _moved("ProcessingSourceType", "VectorAnyGeometry",
-                                    QgsProcessing.SourceType.TypeVectorAnyGeometry)
-SOURCE_VECTOR_POINT = _moved("ProcessingSourceType", "VectorPoint", QgsProcessing.SourceType.TypeVectorPoint)
-SOURCE_VECTOR_LINE = _moved("ProcessingSourceType", "VectorLine", QgsProcessing.SourceType.TypeVectorLine)
-SOURCE_VECTOR_POLYGON = _moved("ProcessingSourceType", "VectorPolygon", QgsProcessing.SourceType.TypeVectorPolygon)
-SOURCE_RASTER = _moved("ProcessingSourceType", "Raster", QgsProcessing.SourceType.TypeRaster)
-
-FILE_FOLDER = _moved("ProcessingFileParameterBehavior", "Folder", QgsProcessingParameterFile.Behavior.Folder)
-PARAMETER_ADVANCED = _moved("ProcessingParameterFlag", "Advanced", QgsProcessingParameterDefinition.Flag.FlagAdvanced)
-SKIP_GEOMETRY_CHECKS = _moved("ProcessingFeatureSourceFlag", "SkipGeometryValidityChecks",
-                              QgsProcessingFeatureSource.Flag.FlagSkipGeometryValidityChecks)
+FILE_FOLDER = moved_enum_value("ProcessingFileParameterBehavior", "Folder", QgsProcessingParameterFile.Behavior.Folder)
+PARAMETER_ADVANCED = moved_enum_value("ProcessingParameterFlag", "Advanced",
+                                      QgsProcessingParameterDefinition.Flag.FlagAdvanced)
+SKIP_GEOMETRY_CHECKS = moved_enum_value("ProcessingFeatureSourceFlag", "SkipGeometryValidityChecks",
+                                        QgsProcessingFeatureSource.Flag.FlagSkipGeometryValidityChecks)

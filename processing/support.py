@@ -11,7 +11,6 @@ import os
 import re
 import shlex
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, Mapping, Optional, Sequence
 
 from qgis.core import (
@@ -305,49 +304,20 @@ def reject_output_in_folder(output_path: str, output_name: str, folder: str, fol
 
 
 def reject_output_in_any_index(output_path: str, output_name: str, is_folder: bool = False) -> None:
-    """Raise QgsProcessingException when an output path is in a Lookalike index folder, or is one.
+    """Raise QgsProcessingException when an output path is in a folder Lookalike owns, or is one.
 
     This covers the indexes not given to the algorithm, such as another index's manifest.json
-    given as OUTPUT_JSON. Symlinks are resolved first. ``is_folder`` marks an output folder,
-    which must not be an index folder either.
+    given as OUTPUT_JSON, and checkpoint folders (see ``check_output_outside_lookalike_folders``).
+    ``is_folder`` marks an output folder, which must not be such a folder either.
     """
     if not output_path:
         return
-    from ..core.checkpoints import index_folder_of_checkpoint_name, is_checkpoint_folder, partial_folder_for
-    from ..core.index import (
-        FOLDER_DAMAGED_INDEX,
-        FOLDER_INDEX,
-        FOLDER_UNFINISHED,
-        enclosing_index_folder,
-        index_folder_state,
-        lookalike_folder_kind,
-    )
+    from ..core.index import check_output_outside_lookalike_folders
 
-    resolved = Path(os.path.realpath(output_path))
-    if is_folder and index_folder_state(resolved) in (FOLDER_INDEX, FOLDER_DAMAGED_INDEX, FOLDER_UNFINISHED):
-        raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is a Lookalike index folder, where the outputs could replace its files. "
-            "Choose another folder."
-        ))
-    if is_folder and is_checkpoint_folder(resolved):
-        raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is the checkpoint folder of an interrupted Lookalike build, which the "
-            "next run of that build deletes with everything in it. Choose another folder."
-        ))
-    folder = enclosing_index_folder(output_path)
-    if folder is not None:
-        raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is inside {lookalike_folder_kind(folder)} {folder}, where writing it "
-            f"could replace or lose a file of Lookalike's. Choose a {'folder' if is_folder else 'file'} outside that "
-            "folder."
-        ))
-    index_folder = index_folder_of_checkpoint_name(output_path)
-    if index_folder is not None:
-        raise QgsProcessingException(tr(
-            f"{output_name}: {output_path} is in {partial_folder_for(index_folder)}, the checkpoint folder of builds "
-            f"into {index_folder}, and an output there would stop every later build of that index. Choose a "
-            f"{'folder' if is_folder else 'file'} elsewhere."
-        ))
+    try:
+        check_output_outside_lookalike_folders(output_path, is_folder)
+    except LookalikeError as error:
+        raise QgsProcessingException(tr(f"{output_name}: {error}.")) from error
 
 
 # Sidecar files GDAL and other GIS programs keep beside a raster, whatever GDAL's settings.

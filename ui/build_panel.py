@@ -56,6 +56,7 @@ from ..core.parameters import (
     MIN_DEFAULT_TILE_SIZE_SOURCE_PX,
     MIN_SOURCE_PIXELS_PER_TILE,
     MIN_TILE_SIZE_SOURCE_PX,
+    PathLike,
 )
 from ..core.pipeline import (
     BuildParameters,
@@ -878,7 +879,7 @@ class BuildPanelMixin:
             # The index open before the build stays open and searchable, and the line still names it.
             still_open = f" {self.status_label.text()}" if self.index is not None else ""
             self.status_label.setText(f"Build cancelled; Resume continues where it stopped.{still_open}")
-            manifest_stamp = _manifest_stamp(folder)
+            manifest_stamp = read_manifest_stamp(folder)
             self._resume_items[_folder_key(folder)] = self._push_with_button(
                 f"The build of {folder} was cancelled. Its finished tiles are kept; click Resume to continue it "
                 f"with the settings it started with ({_build_settings_text(request)}).",
@@ -969,7 +970,7 @@ class BuildPanelMixin:
     ) -> Optional[LookalikeTask]:
         """Rerun a cancelled build from its checkpoints when its Resume button is clicked.
 
-        ``manifest_stamp`` is ``_manifest_stamp()`` of the folder when the build was cancelled.
+        ``manifest_stamp`` is ``read_manifest_stamp()`` of the folder when the build was cancelled.
         A newer build of the same folder makes the request stale, because resuming would undo
         that build. An index that changed on disk since the cancel is confirmed again.
         """
@@ -988,7 +989,7 @@ class BuildPanelMixin:
                 Qgis.MessageLevel.Warning,
             )
             return None
-        if _manifest_stamp(folder) != manifest_stamp:
+        if read_manifest_stamp(folder) != manifest_stamp:
             try:
                 check_index_folder(Path(folder))
             except LookalikeError as error:
@@ -1057,9 +1058,14 @@ class BuildPanelMixin:
         self._opening_index_folder = str(folder)
         self._index_opening = True
         self.status_label.setText(f"Opening the index in {folder}…")
+        def open_with_stamp(running: LookalikeTask) -> TileIndex:
+            # Taken before the open, so that a save during it shows as a change at the next search.
+            running.manifest_stamp = read_manifest_stamp(folder)
+            return TileIndex.open(folder)
+
         task = LookalikeTask(
             f"Lookalike: open index {Path(folder).name}",
-            lambda _running: TileIndex.open(folder),
+            open_with_stamp,
             lambda done: self._on_index_opened(str(folder), done),
             can_cancel=False,
         )
@@ -1082,6 +1088,7 @@ class BuildPanelMixin:
             )
             return
         self.index = task.result
+        self._opened_manifest_stamp = getattr(task, "manifest_stamp", None)
         self._follow_index_grid()
         restored = restore_result_layers(self.project, self.index, self.watch_result_layer)
         if restored.filled:
@@ -1199,7 +1206,7 @@ def _folder_key(folder: str) -> str:
     return os.path.normcase(os.path.abspath(folder))
 
 
-def _manifest_stamp(folder: str) -> Optional[Tuple[int, int, int]]:
+def read_manifest_stamp(folder: PathLike) -> Optional[Tuple[int, int, int]]:
     """Return the inode, size and modification time of the folder's manifest, or None without one.
 
     Every save of an index replaces its manifest, so a different stamp means the index changed.

@@ -105,6 +105,8 @@ class LookalikeDockWidget(BuildPanelMixin, SearchPanelMixin, ResultsPanelMixin, 
         self._search_again = False
         # Set when a search found the index changed on disk: it runs once the index is open again.
         self._search_after_open = False
+        # The manifest file stamp taken when the open index was read, to notice saves by others.
+        self._opened_manifest_stamp = None
         self._restoring = False
         self._opening_index_folder = ""
         self._index_opening = False

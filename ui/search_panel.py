@@ -32,6 +32,7 @@ from ..gis import matches as match_layers
 from ..gis.raster_layers import crs_to_wkt
 from ..gis.tasks import LookalikeTask, TaskOutcome
 from . import jobs
+from .build_panel import read_manifest_stamp
 from .compat import POINT_GEOMETRY, POLYGON_GEOMETRY, VECTOR_LAYER_FILTER
 from .dock_constants import DEFAULT_K, THRESHOLD_STEPS
 from .query_session import QuerySession
@@ -279,20 +280,14 @@ class SearchPanelMixin:
         self._marks_set_aside.clear()
         self._update_query_label()
 
-    def query_part_labels(self) -> list[str]:
-        """Return a label per query part, counting positives and negatives apart as the search's warnings do."""
-        labels = []
+    def _fill_query_parts_menu(self) -> None:
+        """List a Remove action per query part, counting positives and negatives apart as the search's warnings do."""
+        self.query_parts_menu.clear()
         counts = {False: 0, True: 0}
-        for position, (_geometry, negative, _crs) in enumerate(self.query_parts, start=1):
+        for position, (_geometry, negative, _crs) in enumerate(self.query_parts):
             counts[negative] += 1
             kind = "negative" if negative else "positive"
-            labels.append(f"Part {position}: {kind} example {counts[negative]}")
-        return labels
-
-    def _fill_query_parts_menu(self) -> None:
-        self.query_parts_menu.clear()
-        for position, label in enumerate(self.query_part_labels()):
-            action = self.query_parts_menu.addAction(f"Remove {label[0].lower()}{label[1:]}")
+            action = self.query_parts_menu.addAction(f"Remove part {position + 1}: {kind} example {counts[negative]}")
             action.hovered.connect(lambda index=position: self._flash_query_part(index))
             action.triggered.connect(lambda _checked=False, index=position: self.remove_query_part(index))
 
@@ -369,6 +364,10 @@ class SearchPanelMixin:
 
     def _index_changed_on_disk(self) -> bool:
         """Return whether the open index's folder now contains another save than the one opened."""
+        stamp = read_manifest_stamp(self.index.folder)
+        if stamp is not None and stamp == self._opened_manifest_stamp:
+            # The manifest file is the one opened, so it is not read again on every search.
+            return False
         try:
             saved = read_manifest_json(Path(self.index.folder) / MANIFEST_NAME)
         except LookalikeError:
@@ -377,7 +376,11 @@ class SearchPanelMixin:
             # The folder or its manifest is gone or damaged: opening it again reports that.
             return True
         opened = self.index.manifest
-        return (saved.get("generation"), saved.get("index_id")) != (opened.get("generation"), opened.get("index_id"))
+        if (saved.get("generation"), saved.get("index_id")) != (opened.get("generation"), opened.get("index_id")):
+            return True
+        # The same save with a new file stamp (copied back, touched): the next search compares with it.
+        self._opened_manifest_stamp = stamp
+        return False
 
     def query_layer_name(self) -> str:
         return f"Lookalike query {self.query_number}"

@@ -782,29 +782,29 @@ def shown_tile_ids(dock) -> list:
 
 def test_table_follows_deleted_features(searched):
     best = searched.matches[0].tile_id
-    kept = sorted(match.tile_id for match in searched.matches[1:])
+    remaining = sorted(match.tile_id for match in searched.matches[1:])
 
     delete_features_by_hand(searched.result_layer(), {best})
 
-    assert shown_tile_ids(searched) == kept
-    assert searched.threshold_label.text().endswith(f"({len(kept)} shown)")
-    assert sorted(match.tile_id for match in searched.matches) == kept
+    assert shown_tile_ids(searched) == remaining
+    assert searched.threshold_label.text().endswith(f"({len(remaining)} shown)")
+    assert sorted(match.tile_id for match in searched.matches) == remaining
 
 
 def test_deleted_features_stay_deleted_after_reopen(searched, tmp_path):
     best = searched.matches[0].tile_id
-    kept = sorted(match.tile_id for match in searched.matches[1:])
+    remaining = sorted(match.tile_id for match in searched.matches[1:])
     delete_features_by_hand(searched.result_layer(), {best})
 
     save_and_reopen(searched, tmp_path / "survey.qgz")
 
     (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
-    assert sorted(feature["tile_id"] for feature in restored.getFeatures()) == kept
-    assert shown_tile_ids(searched) == kept
+    assert sorted(feature["tile_id"] for feature in restored.getFeatures()) == remaining
+    assert shown_tile_ids(searched) == remaining
 
 
 def test_deletion_after_reopen_is_kept(searched, tmp_path):
-    kept = sorted(match.tile_id for match in searched.matches[:-1])
+    remaining = sorted(match.tile_id for match in searched.matches[:-1])
     save_and_reopen(searched, tmp_path / "survey.qgz")
     (restored,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
     delete_features_by_hand(restored, {searched.matches[-1].tile_id})
@@ -812,7 +812,7 @@ def test_deletion_after_reopen_is_kept(searched, tmp_path):
     save_and_reopen(searched, tmp_path / "survey.qgz")
 
     (reopened,) = QgsProject.instance().mapLayersByName("Lookalike query 1")
-    assert sorted(feature["tile_id"] for feature in reopened.getFeatures()) == kept
+    assert sorted(feature["tile_id"] for feature in reopened.getFeatures()) == remaining
 
 
 def test_layer_of_other_index_named_after_reopen(searched, tmp_path, qgis_iface):

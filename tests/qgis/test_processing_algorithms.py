@@ -154,8 +154,9 @@ def test_build_append_adds_raster(provider, tmp_path, shared_data, tiny_encoder)
         "OUTPUT": str(folder),
     }, feedback)
     # NAIP bands carry no red, green and blue interpretation, so the warning names the bands read.
-    assert any("bands [1, 2, 3] are read as" in text and "choose the bands to read (BANDS)" in text
-               for text in feedback.warnings)
+    band_warnings = [text for text in feedback.warnings if "bands [1, 2, 3] are read as" in text]
+    assert band_warnings, feedback.warnings
+    assert "choose the bands to read (BANDS)" in band_warnings[0]
     index = TileIndex.open(folder)
     assert len(index.sources) == 2
     assert index.count == first["TILES_EMBEDDED"] + second["TILES_EMBEDDED"]
@@ -753,14 +754,14 @@ def test_indexinfo_reports_manifest(tiny_index, tmp_path, ships_raster):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_indexinfo_warns_about_missing_and_changed_rasters(provider, tiny_encoder, tmp_path, ships_raster):
-    kept, removed = tmp_path / "kept.tif", tmp_path / "removed.tif"
-    shutil.copyfile(ships_raster, kept)
+    edited, removed = tmp_path / "edited.tif", tmp_path / "removed.tif"
+    shutil.copyfile(ships_raster, edited)
     gdal.Translate(str(removed), ships_raster, srcWin=[0, 0, 300, 300])
     folder = tmp_path / "index"
-    run_algorithm("buildindex", {"INPUT_RASTERS": [str(kept), str(removed)], "ENCODER": tiny_encoder,
+    run_algorithm("buildindex", {"INPUT_RASTERS": [str(edited), str(removed)], "ENCODER": tiny_encoder,
                                  "TILE_SIZE": 32, "OUTPUT": str(folder)})
     removed.unlink()
-    dataset = gdal.Open(str(kept), gdal.GA_Update)
+    dataset = gdal.Open(str(edited), gdal.GA_Update)
     band = dataset.GetRasterBand(1)
     band.WriteArray(255 - band.ReadAsArray())
     dataset = band = None
@@ -769,7 +770,7 @@ def test_indexinfo_warns_about_missing_and_changed_rasters(provider, tiny_encode
     run_algorithm("indexinfo", {"INDEX": str(folder)}, feedback)
 
     assert any(f"Raster {removed} of this index is missing" in text for text in feedback.warnings), feedback.warnings
-    assert any(f"Raster {kept} changed after it was indexed" in text for text in feedback.warnings)
+    assert any(f"Raster {edited} changed after it was indexed" in text for text in feedback.warnings)
 
 
 def test_indexinfo_output_in_missing_folder_named(tiny_index, tmp_path):
